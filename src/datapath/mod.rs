@@ -1,0 +1,33 @@
+//! The frame path: guest virtqueues ⇄ host queue fd, with no vhost-user types.
+//!
+//! Everything here works on a `virtio_queue::Queue`, a `vm_memory::GuestMemory` and a
+//! [`HostQueue`], so it can be unit-tested with `virtio_queue::mock`, fuzzed and benched without a
+//! socket. The worker (`crate::worker`) owns the vhost-user side: locking vrings, eventfds.
+//!
+//! - [`iovec`]: iovec lists over guest memory and the `readv`/`writev` calls (the only `unsafe`).
+//! - [`vnet`]: the 12-byte `virtio_net_hdr_v1`, feature → tap offload mapping.
+//! - [`tx`]: guest → host, one `writev` per frame.
+//! - [`rx`]: host → guest, one `readv` per frame, MRG_RXBUF across chains.
+//! - [`stats`]: per-queue-pair counters, one per drop reason.
+
+pub mod iovec;
+pub mod rx;
+pub mod stats;
+pub mod tx;
+pub mod vnet;
+
+use std::io;
+use std::os::fd::AsRawFd;
+
+pub use iovec::IoVecBuf;
+pub use stats::{QueueStats, StatsSnapshot};
+
+/// One host queue (a tap or macvtap queue fd opened with a vnet header): one frame per call.
+///
+/// The real implementation is `host::TapQueue`; unit tests use a socketpair with fault injection.
+pub trait HostQueue: AsRawFd + Send + Sync {
+    /// Writes one frame (12-byte vnet header + Ethernet frame) gathered from `frame`.
+    fn send_frame(&self, frame: &IoVecBuf<'_>) -> io::Result<usize>;
+    /// Reads one frame (vnet header + Ethernet frame) scattered into `bufs`. Returns its length.
+    fn recv_frame(&self, bufs: &IoVecBuf<'_>) -> io::Result<usize>;
+}

@@ -1,0 +1,1 @@
+//! Host → guest: one `readv` per frame. (Being written: see the datapath contract.)

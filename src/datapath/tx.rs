@@ -1,0 +1,1 @@
+//! Guest → host: one `writev` per frame. (Being written: see the datapath contract.)

@@ -15,3 +15,25 @@
 
 pub mod datapath;
 pub mod host;
+pub mod backend;
+pub mod config;
+pub mod server;
+pub mod vring;
+pub mod worker;
+
+/// The vhost-user.json capabilities object printed by `--print-capabilities`.
+pub fn capabilities_json() -> String {
+    serde_json::json!({ "type": "net" }).to_string()
+}
+
+/// Installs the stderr log subscriber with the `--log-level` filter.
+pub fn init_logging(filter: &str) -> Result<(), String> {
+    let filter = tracing_subscriber::EnvFilter::try_new(filter)
+        .map_err(|e| format!("'{filter}' is not a log filter: {e}"))?;
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .try_init()
+        .map_err(|e| e.to_string())
+}

@@ -1,3 +1,34 @@
-fn main() {
-    println!("macvhost: under construction");
+//! `macvhost`: parse the command line, validate it, run the server.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use macvhost::config::{Args, Config};
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    if args.print_capabilities {
+        // vhost-user.json: the frontend (libvirt) learns what this backend is.
+        println!("{}", macvhost::capabilities_json());
+        return ExitCode::SUCCESS;
+    }
+    if let Err(e) = macvhost::init_logging(&args.log_level) {
+        eprintln!("macvhost: --log-level: {e}");
+        return ExitCode::from(2);
+    }
+    let config = match Config::try_from(args) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("macvhost: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    match macvhost::server::run(config) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e}");
+            eprintln!("macvhost: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }

@@ -1,0 +1,300 @@
+//! The `VhostUserBackend` implementation: features, config space, and dispatch to workers.
+//!
+//! It holds no datapath logic. Each queue pair is served by its own worker thread
+//! (`queues_per_thread`), and `handle_event` only forwards to that pair's [`PairWorker`].
+//! A new `NetBackend` is built for every frontend connection, so per-connection state
+//! (vrings, memory, acked features) starts fresh while the host queues and counters persist.
+
+use std::io;
+use std::sync::atomic::{AtomicU16, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use vhost::vhost_user::message::VhostUserProtocolFeatures;
+use vhost::vhost_user::Backend;
+use vhost_user_backend::{VhostUserBackend, VringEpollHandler};
+use virtio_bindings::virtio_config::{VIRTIO_F_NOTIFY_ON_EMPTY, VIRTIO_F_VERSION_1};
+use virtio_bindings::virtio_net::*;
+use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
+use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::event::{new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier};
+
+use crate::config::MacAddr;
+use crate::datapath::{vnet, QueueStats};
+use crate::host::HostDevice;
+use crate::vring::NetVring;
+use crate::worker::{PairSettings, PairWorker};
+
+/// Guest memory as the workers see it (swapped atomically on memory-table updates).
+pub type GuestMem = GuestMemoryAtomic<GuestMemoryMmap<()>>;
+/// The vring type every queue uses.
+pub type Vring = NetVring<GuestMem>;
+/// The epoll handler of one worker thread.
+pub type EpollHandler = VringEpollHandler<Arc<NetBackend>>;
+
+/// Link status bit in the config space (`VIRTIO_NET_S_LINK_UP`).
+pub const LINK_UP: u16 = 1;
+
+/// Guest-visible device identity.
+#[derive(Debug, Clone, Copy)]
+pub struct DeviceIdentity {
+    /// The guest's MAC.
+    pub mac: MacAddr,
+    /// The MTU offered to the guest.
+    pub mtu: u16,
+    /// Queue pairs offered.
+    pub queue_pairs: u16,
+    /// Largest virtqueue size.
+    pub queue_size: u16,
+}
+
+/// One frontend connection's device.
+pub struct NetBackend {
+    identity: DeviceIdentity,
+    offered_features: u64,
+    host: Arc<HostDevice>,
+    workers: Vec<PairWorker>,
+    status: AtomicU16,
+    acked_features: AtomicU64,
+    backend_req: Mutex<Option<Backend>>,
+}
+
+impl std::fmt::Debug for NetBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NetBackend")
+            .field("identity", &self.identity)
+            .field("offered_features", &format_args!("{:#x}", self.offered_features))
+            .finish_non_exhaustive()
+    }
+}
+
+/// The virtio features macvhost offers, given the TUN_F_* bits the host queue accepted.
+pub fn offered_features(tun_offloads: u32, queue_pairs: u16) -> u64 {
+    let bit = |b: u32| 1u64 << b;
+    let mut f = bit(VIRTIO_F_VERSION_1)
+        | bit(VIRTIO_NET_F_MRG_RXBUF)
+        | bit(VIRTIO_RING_F_EVENT_IDX)
+        | bit(VIRTIO_RING_F_INDIRECT_DESC)
+        | bit(VIRTIO_F_NOTIFY_ON_EMPTY)
+        | bit(VIRTIO_NET_F_MAC)
+        | bit(VIRTIO_NET_F_MTU)
+        | bit(VIRTIO_NET_F_STATUS)
+        // The control queue is served by the frontend (QEMU, virtio-user), never by us; it is
+        // what lets a guest change queue pairs (`ethtool -L`) and announce itself.
+        | bit(VIRTIO_NET_F_CTRL_VQ)
+        | bit(VIRTIO_NET_F_GUEST_ANNOUNCE)
+        | u64::from(vhost::vhost_user::message::VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits());
+    if queue_pairs > 1 {
+        f |= bit(VIRTIO_NET_F_MQ);
+    }
+    if tun_offloads & vnet::TUN_F_CSUM != 0 {
+        f |= bit(VIRTIO_NET_F_CSUM) | bit(VIRTIO_NET_F_GUEST_CSUM);
+        let pairs = [
+            (vnet::TUN_F_TSO4, VIRTIO_NET_F_HOST_TSO4, VIRTIO_NET_F_GUEST_TSO4),
+            (vnet::TUN_F_TSO6, VIRTIO_NET_F_HOST_TSO6, VIRTIO_NET_F_GUEST_TSO6),
+            (vnet::TUN_F_TSO_ECN, VIRTIO_NET_F_HOST_ECN, VIRTIO_NET_F_GUEST_ECN),
+            (vnet::TUN_F_UFO, VIRTIO_NET_F_HOST_UFO, VIRTIO_NET_F_GUEST_UFO),
+        ];
+        for (tun, host, guest) in pairs {
+            if tun_offloads & tun != 0 {
+                f |= bit(host) | bit(guest);
+            }
+        }
+    }
+    f
+}
+
+impl NetBackend {
+    /// Builds the device for one connection over persistent host queues and counters.
+    pub fn new(
+        identity: DeviceIdentity,
+        host: Arc<HostDevice>,
+        stats: &[Arc<QueueStats>],
+    ) -> io::Result<NetBackend> {
+        let offered_features = offered_features(host.supported_offloads(), identity.queue_pairs);
+        let nq = usize::from(identity.queue_pairs) * 2;
+        let workers = host
+            .queues()
+            .iter()
+            .zip(stats)
+            .enumerate()
+            .map(|(i, (q, s))| PairWorker::new(i, nq, q.clone(), s.clone(), identity.mtu))
+            .collect::<io::Result<Vec<_>>>()?;
+        let status = if host.carrier() { LINK_UP } else { 0 };
+        Ok(NetBackend {
+            identity,
+            offered_features,
+            host,
+            workers,
+            status: AtomicU16::new(status),
+            acked_features: AtomicU64::new(0),
+            backend_req: Mutex::new(None),
+        })
+    }
+
+    /// Gives each worker its thread's epoll handler (needed to watch the host queue fd).
+    pub fn set_epoll_handlers(&self, handlers: Vec<Arc<EpollHandler>>) {
+        for (w, h) in self.workers.iter().zip(handlers) {
+            w.set_epoll_handler(h);
+        }
+    }
+
+    /// Ends the connection: detaches host queues and drops the worker ↔ handler cycle.
+    pub fn teardown(&self) {
+        for w in &self.workers {
+            w.teardown();
+        }
+    }
+
+    /// The features the guest acked on this connection (0 before SET_FEATURES).
+    pub fn acked_features(&self) -> u64 {
+        self.acked_features.load(Ordering::Relaxed)
+    }
+
+    /// Updates the link-up bit; returns true when it changed.
+    pub fn set_link_up(&self, up: bool) -> bool {
+        let new = if up { LINK_UP } else { 0 };
+        self.status.swap(new, Ordering::Relaxed) != new
+    }
+
+    fn config_space(&self) -> [u8; 12] {
+        // struct virtio_net_config { mac[6]; le16 status; le16 max_virtqueue_pairs; le16 mtu; }
+        let mut c = [0u8; 12];
+        c[..6].copy_from_slice(&self.identity.mac.0);
+        c[6..8].copy_from_slice(&self.status.load(Ordering::Relaxed).to_le_bytes());
+        c[8..10].copy_from_slice(&self.identity.queue_pairs.to_le_bytes());
+        c[10..12].copy_from_slice(&self.identity.mtu.to_le_bytes());
+        c
+    }
+}
+
+impl VhostUserBackend for NetBackend {
+    type Bitmap = ();
+    type Vring = Vring;
+
+    fn num_queues(&self) -> usize {
+        usize::from(self.identity.queue_pairs) * 2
+    }
+
+    fn max_queue_size(&self) -> usize {
+        usize::from(self.identity.queue_size)
+    }
+
+    fn features(&self) -> u64 {
+        self.offered_features
+    }
+
+    fn acked_features(&self, features: u64) {
+        self.acked_features.store(features, Ordering::Relaxed);
+        let settings = PairSettings::from_features(features, self.identity.mtu);
+        let offloads = vnet::tap_offloads_for(features);
+        for (i, q) in self.host.queues().iter().enumerate() {
+            // The tap must produce exactly what the guest acked, nothing more (GUEST_* bits).
+            if let Err(e) = q.set_offload(offloads) {
+                tracing::error!(queue_pair = i, "TUNSETOFFLOAD {offloads:#x} failed: {e}");
+            }
+            if let Err(e) = q.set_vnet_hdr_len(settings.hdr_len as i32) {
+                tracing::error!(queue_pair = i, "TUNSETVNETHDRSZ failed: {e}");
+            }
+        }
+        for w in &self.workers {
+            w.set_settings(settings);
+        }
+        tracing::info!(
+            features = format_args!("{features:#x}"),
+            mrg_rxbuf = settings.mrg_rxbuf,
+            event_idx = features & (1 << VIRTIO_RING_F_EVENT_IDX) != 0,
+            hdr_len = settings.hdr_len,
+            tap_offloads = format_args!("{offloads:#x}"),
+            "frontend acked features"
+        );
+    }
+
+    fn protocol_features(&self) -> VhostUserProtocolFeatures {
+        VhostUserProtocolFeatures::MQ
+            | VhostUserProtocolFeatures::REPLY_ACK
+            | VhostUserProtocolFeatures::CONFIG
+            | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+            | VhostUserProtocolFeatures::BACKEND_REQ
+    }
+
+    fn reset_device(&self) {
+        for w in &self.workers {
+            w.reset();
+        }
+    }
+
+    fn set_event_idx(&self, enabled: bool) {
+        for w in &self.workers {
+            w.set_event_idx(enabled);
+        }
+    }
+
+    fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
+        let space = self.config_space();
+        let start = (offset as usize).min(space.len());
+        let end = (offset as usize).saturating_add(size as usize).min(space.len());
+        let mut out = space[start..end].to_vec();
+        // Reads past our fields (speed, duplex, rss...) see zeros, as on real hardware.
+        out.resize(size as usize, 0);
+        out
+    }
+
+    fn update_memory(&self, mem: GuestMem) -> io::Result<()> {
+        for w in &self.workers {
+            w.set_memory(mem.clone());
+        }
+        Ok(())
+    }
+
+    fn set_backend_req_fd(&self, backend: Backend) {
+        *self.backend_req.lock().unwrap_or_else(|e| e.into_inner()) = Some(backend);
+    }
+
+    fn queues_per_thread(&self) -> Vec<u64> {
+        // One thread per queue pair: RX = 2i, TX = 2i+1.
+        (0..u64::from(self.identity.queue_pairs))
+            .map(|i| 0b11u64 << (2 * i))
+            .collect()
+    }
+
+    fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
+        new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC).ok()
+    }
+
+    fn handle_event(
+        &self,
+        device_event: u16,
+        evset: EventSet,
+        vrings: &[Vring],
+        thread_id: usize,
+    ) -> io::Result<()> {
+        let worker = self.workers.get(thread_id).ok_or_else(|| {
+            io::Error::other(format!("event for unknown worker thread {thread_id}"))
+        })?;
+        worker.handle_event(device_event, evset, vrings)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn offloads_follow_what_the_tap_accepts() {
+        let bit = |b: u32| 1u64 << b;
+        let none = offered_features(0, 1);
+        assert_eq!(none & bit(VIRTIO_NET_F_CSUM), 0);
+        assert_eq!(none & bit(VIRTIO_NET_F_GUEST_TSO4), 0);
+        assert_eq!(none & bit(VIRTIO_NET_F_MQ), 0);
+        assert_ne!(none & bit(VIRTIO_NET_F_MRG_RXBUF), 0);
+        let csum_tso4 = offered_features(vnet::TUN_F_CSUM | vnet::TUN_F_TSO4, 2);
+        assert_ne!(csum_tso4 & bit(VIRTIO_NET_F_HOST_TSO4), 0);
+        assert_ne!(csum_tso4 & bit(VIRTIO_NET_F_GUEST_TSO4), 0);
+        assert_eq!(csum_tso4 & bit(VIRTIO_NET_F_GUEST_TSO6), 0);
+        assert_ne!(csum_tso4 & bit(VIRTIO_NET_F_MQ), 0);
+        // TSO without checksum offload is meaningless; the tap would reject it too.
+        let tso_only = offered_features(vnet::TUN_F_TSO4, 1);
+        assert_eq!(tso_only & bit(VIRTIO_NET_F_HOST_TSO4), 0);
+    }
+}

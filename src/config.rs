@@ -1,0 +1,355 @@
+//! Command line → validated configuration.
+//!
+//! `Args` is what clap parses; `Config` is what the rest of the program trusts. Every refusal
+//! names the flag and the reason (the operator is at fault), and `main` exits with status 2.
+
+use std::os::fd::RawFd;
+use std::path::PathBuf;
+
+use clap::Parser;
+
+use crate::host::HostSpec;
+
+/// Most queue pairs a tap or macvtap supports (the kernel's MAX_TAP_QUEUES).
+pub const MAX_QUEUE_PAIRS: u16 = 256;
+/// Largest virtqueue size accepted (virtio-net in QEMU allows 1024).
+pub const MAX_QUEUE_SIZE: u16 = 1024;
+
+/// A vhost-user virtio-net backend on a macvtap or tap device.
+#[derive(Parser, Debug, Clone)]
+#[command(name = "macvhost", version, about, long_about = None)]
+pub struct Args {
+    /// Listen on this vhost-user socket (or connect to it with --client).
+    #[arg(long, value_name = "PATH")]
+    pub socket_path: Option<PathBuf>,
+
+    /// Serve on an already-listening unix socket inherited from a manager.
+    #[arg(long, value_name = "N")]
+    pub fd: Option<RawFd>,
+
+    /// Connect to --socket-path instead of listening, retrying until the frontend appears.
+    #[arg(long)]
+    pub client: bool,
+
+    /// Print the vhost-user.json capabilities object and exit.
+    #[arg(long)]
+    pub print_capabilities: bool,
+
+    /// Host side: an existing macvtap interface (opened once per queue pair).
+    #[arg(long, value_name = "IFACE")]
+    pub macvtap: Option<String>,
+
+    /// Host side: a tap interface, created when absent.
+    #[arg(long, value_name = "IFACE")]
+    pub tap: Option<String>,
+
+    /// Host side: tap/macvtap queue fds opened by a manager, one per queue pair.
+    #[arg(long, value_name = "FD[,FD...]", value_delimiter = ',')]
+    pub tap_fd: Vec<RawFd>,
+
+    /// Queue pairs (RX+TX virtqueues), one worker thread each.
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    pub queues: u16,
+
+    /// Largest virtqueue size the frontend may set (a power of two).
+    #[arg(long, value_name = "S", default_value_t = 256)]
+    pub queue_size: u16,
+
+    /// Guest MAC (default: the macvtap's own MAC; for tap, a random local MAC).
+    #[arg(long, value_name = "MAC")]
+    pub mac: Option<String>,
+
+    /// MTU offered to the guest (default: the link's MTU).
+    #[arg(long, value_name = "M")]
+    pub mtu: Option<u16>,
+
+    /// Log filter: error, warn, info, debug, trace (or a tracing EnvFilter directive).
+    #[arg(long, value_name = "LEVEL", default_value = "info")]
+    pub log_level: String,
+}
+
+/// How the vhost-user socket is reached.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SocketMode {
+    /// Bind and listen on a path.
+    Listen(PathBuf),
+    /// Serve on an inherited listening fd.
+    ListenFd(RawFd),
+    /// Connect to a frontend that listens on a path.
+    Connect(PathBuf),
+}
+
+/// A MAC address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MacAddr(pub [u8; 6]);
+
+impl MacAddr {
+    /// Parses `aa:bb:cc:dd:ee:ff` (or `-` separated).
+    pub fn parse(s: &str) -> Result<MacAddr, String> {
+        let parts: Vec<&str> = s.split([':', '-']).collect();
+        if parts.len() != 6 {
+            return Err(format!("'{s}' is not six hex octets like 52:54:00:12:34:56"));
+        }
+        let mut mac = [0u8; 6];
+        for (byte, part) in mac.iter_mut().zip(&parts) {
+            if part.len() != 2 {
+                return Err(format!("'{s}': octet '{part}' is not two hex digits"));
+            }
+            *byte = u8::from_str_radix(part, 16)
+                .map_err(|_| format!("'{s}': octet '{part}' is not hex"))?;
+        }
+        if mac[0] & 1 == 1 {
+            return Err(format!("'{s}' is a multicast address; a NIC needs a unicast one"));
+        }
+        if mac == [0; 6] {
+            return Err(format!("'{s}' is all zeros"));
+        }
+        Ok(MacAddr(mac))
+    }
+
+    /// A random locally administered unicast address.
+    pub fn random_local() -> MacAddr {
+        let mut mac = [0u8; 6];
+        // getrandom(2) cannot fail for 6 bytes once the pool is initialised; fall back to time.
+        if nix::errno::Errno::result(
+            // SAFETY: the buffer is 6 writable bytes owned by this frame.
+            unsafe { libc::getrandom(mac.as_mut_ptr().cast(), mac.len(), 0) },
+        )
+        .is_err()
+        {
+            let t = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos())
+                .unwrap_or(0);
+            mac.copy_from_slice(&t.to_le_bytes()[..6]);
+        }
+        mac[0] = (mac[0] & 0xfe) | 0x02;
+        MacAddr(mac)
+    }
+}
+
+impl std::fmt::Display for MacAddr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let m = self.0;
+        write!(
+            f,
+            "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+            m[0], m[1], m[2], m[3], m[4], m[5]
+        )
+    }
+}
+
+/// Validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// How frontends reach us.
+    pub socket: SocketMode,
+    /// Which host device to open.
+    pub host: HostSpec,
+    /// Queue pairs.
+    pub queue_pairs: u16,
+    /// Largest virtqueue size.
+    pub queue_size: u16,
+    /// Guest MAC, when given; otherwise taken from the host device at start.
+    pub mac: Option<MacAddr>,
+    /// MTU, when given; otherwise the link's.
+    pub mtu: Option<u16>,
+}
+
+/// A command-line value the operator got wrong.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("{flag}: {reason}")]
+pub struct ConfigError {
+    /// The flag at fault, e.g. `--queues`.
+    pub flag: &'static str,
+    /// Why it was refused.
+    pub reason: String,
+}
+
+fn bad(flag: &'static str, reason: impl Into<String>) -> ConfigError {
+    ConfigError {
+        flag,
+        reason: reason.into(),
+    }
+}
+
+impl TryFrom<Args> for Config {
+    type Error = ConfigError;
+
+    fn try_from(args: Args) -> Result<Self, Self::Error> {
+        let socket = match (&args.socket_path, args.fd, args.client) {
+            (Some(_), Some(_), _) => {
+                return Err(bad("--fd", "give either --socket-path or --fd, not both"))
+            }
+            (None, None, _) => {
+                return Err(bad(
+                    "--socket-path",
+                    "required (or --fd N for an inherited listening socket)",
+                ))
+            }
+            (None, Some(_), true) => {
+                return Err(bad("--client", "needs --socket-path to connect to"))
+            }
+            (None, Some(fd), false) => {
+                if fd < 0 {
+                    return Err(bad("--fd", format!("{fd} is not a file descriptor")));
+                }
+                SocketMode::ListenFd(fd)
+            }
+            (Some(p), None, true) => SocketMode::Connect(p.clone()),
+            (Some(p), None, false) => SocketMode::Listen(p.clone()),
+        };
+
+        if args.queues == 0 || args.queues > MAX_QUEUE_PAIRS {
+            return Err(bad(
+                "--queues",
+                format!("must be 1..={MAX_QUEUE_PAIRS} (got {})", args.queues),
+            ));
+        }
+        if !args.queue_size.is_power_of_two() || !(2..=MAX_QUEUE_SIZE).contains(&args.queue_size)
+        {
+            return Err(bad(
+                "--queue-size",
+                format!(
+                    "must be a power of two in 2..={MAX_QUEUE_SIZE} (got {})",
+                    args.queue_size
+                ),
+            ));
+        }
+
+        let host_count = usize::from(args.macvtap.is_some())
+            + usize::from(args.tap.is_some())
+            + usize::from(!args.tap_fd.is_empty());
+        if host_count != 1 {
+            return Err(bad(
+                "--macvtap",
+                "give exactly one host side: --macvtap IFACE, --tap IFACE or --tap-fd FD[,FD...]",
+            ));
+        }
+        let host = if let Some(iface) = args.macvtap {
+            check_ifname("--macvtap", &iface)?;
+            HostSpec::Macvtap { iface }
+        } else if let Some(iface) = args.tap {
+            check_ifname("--tap", &iface)?;
+            HostSpec::Tap { iface }
+        } else {
+            if args.tap_fd.len() != usize::from(args.queues) {
+                return Err(bad(
+                    "--tap-fd",
+                    format!(
+                        "needs one fd per queue pair: {} fds for --queues {}",
+                        args.tap_fd.len(),
+                        args.queues
+                    ),
+                ));
+            }
+            if let Some(fd) = args.tap_fd.iter().find(|fd| **fd < 0) {
+                return Err(bad("--tap-fd", format!("{fd} is not a file descriptor")));
+            }
+            HostSpec::TapFds { fds: args.tap_fd }
+        };
+
+        let mac = args
+            .mac
+            .as_deref()
+            .map(MacAddr::parse)
+            .transpose()
+            .map_err(|r| bad("--mac", r))?;
+
+        if let Some(mtu) = args.mtu {
+            if !(68..=65535).contains(&mtu) {
+                return Err(bad("--mtu", format!("must be 68..=65535 (got {mtu})")));
+            }
+        }
+
+        Ok(Config {
+            socket,
+            host,
+            queue_pairs: args.queues,
+            queue_size: args.queue_size,
+            mac,
+            mtu: args.mtu,
+        })
+    }
+}
+
+fn check_ifname(flag: &'static str, name: &str) -> Result<(), ConfigError> {
+    // IFNAMSIZ is 16 including the NUL; '/' and whitespace cannot appear in a netdev name.
+    if name.is_empty() || name.len() > 15 {
+        return Err(bad(flag, format!("'{name}' is not 1..=15 characters")));
+    }
+    if name.contains(['/', ' ', ':']) || name == "." || name == ".." {
+        return Err(bad(flag, format!("'{name}' is not a valid interface name")));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(argv: &[&str]) -> Result<Config, ConfigError> {
+        let mut full = vec!["macvhost"];
+        full.extend_from_slice(argv);
+        Config::try_from(Args::try_parse_from(full).expect("clap accepts the shape"))
+    }
+
+    #[test]
+    fn minimal_macvtap_listen_config() {
+        let c = parse(&["--socket-path", "/tmp/s", "--macvtap", "mvt0"]).unwrap();
+        assert_eq!(c.socket, SocketMode::Listen("/tmp/s".into()));
+        assert_eq!(c.queue_pairs, 1);
+        assert_eq!(c.queue_size, 256);
+        assert!(matches!(c.host, HostSpec::Macvtap { ref iface } if iface == "mvt0"));
+    }
+
+    #[test]
+    fn client_mode_and_fd_mode() {
+        let c = parse(&["--socket-path", "/s", "--client", "--tap", "t0"]).unwrap();
+        assert_eq!(c.socket, SocketMode::Connect("/s".into()));
+        let c = parse(&["--fd", "3", "--tap", "t0"]).unwrap();
+        assert_eq!(c.socket, SocketMode::ListenFd(3));
+    }
+
+    #[test]
+    fn errors_name_the_flag() {
+        let cases: &[(&[&str], &str)] = &[
+            (&["--macvtap", "m"], "--socket-path"),
+            (&["--socket-path", "/s", "--fd", "3", "--tap", "t"], "--fd"),
+            (&["--fd", "3", "--client", "--tap", "t"], "--client"),
+            (&["--socket-path", "/s", "--tap", "t", "--queues", "0"], "--queues"),
+            (&["--socket-path", "/s", "--tap", "t", "--queues", "300"], "--queues"),
+            (&["--socket-path", "/s", "--tap", "t", "--queue-size", "100"], "--queue-size"),
+            (&["--socket-path", "/s", "--tap", "t", "--queue-size", "2048"], "--queue-size"),
+            (&["--socket-path", "/s"], "--macvtap"),
+            (&["--socket-path", "/s", "--tap", "a", "--macvtap", "b"], "--macvtap"),
+            (&["--socket-path", "/s", "--tap-fd", "3,4"], "--tap-fd"),
+            (&["--socket-path", "/s", "--tap", "t", "--mac", "01:00:00:00:00:01"], "--mac"),
+            (&["--socket-path", "/s", "--tap", "t", "--mac", "zz:00:00:00:00:01"], "--mac"),
+            (&["--socket-path", "/s", "--tap", "t", "--mtu", "10"], "--mtu"),
+            (&["--socket-path", "/s", "--tap", "a/b"], "--tap"),
+            (&["--socket-path", "/s", "--macvtap", "waytoolonginterfacename"], "--macvtap"),
+        ];
+        for (argv, flag) in cases {
+            let err = parse(argv).expect_err(&format!("{argv:?} must be refused"));
+            assert_eq!(err.flag, *flag, "{argv:?}: {err}");
+            assert!(err.to_string().starts_with(flag));
+        }
+    }
+
+    #[test]
+    fn tap_fd_count_must_match_queues() {
+        let c = parse(&["--socket-path", "/s", "--tap-fd", "3,4", "--queues", "2"]).unwrap();
+        assert!(matches!(c.host, HostSpec::TapFds { ref fds } if fds == &[3, 4]));
+    }
+
+    #[test]
+    fn mac_parsing_and_random_mac_is_local_unicast() {
+        assert_eq!(
+            MacAddr::parse("52:54:00:12:34:56").unwrap().to_string(),
+            "52:54:00:12:34:56"
+        );
+        let r = MacAddr::random_local();
+        assert_eq!(r.0[0] & 0x03, 0x02);
+    }
+}

@@ -1,0 +1,270 @@
+//! Serving frontends: listen (or connect), serve one connection, tear it down, serve the next.
+//!
+//! The host queues and counters live for the whole process; everything a frontend negotiates
+//! lives in a `NetBackend` made for its connection. The one listener is kept across
+//! connections, so a frontend reconnecting never races a re-created socket.
+
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::net::UnixListener;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use nix::sys::signal::{SigSet, Signal};
+use vhost::vhost_user::Listener;
+use vhost_user_backend::{ShutdownHandle, VhostUserDaemon};
+use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+
+use crate::backend::{DeviceIdentity, NetBackend};
+use crate::config::{Config, MacAddr, SocketMode};
+use crate::datapath::QueueStats;
+use crate::host::{HostDevice, HostError, HostKind};
+
+/// Why the server could not start or keep going.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    /// The host device could not be opened or queried (host or operator).
+    #[error("host device: {0}")]
+    Host(#[from] HostError),
+    /// The socket could not be bound (operator: path, permissions).
+    #[error("cannot listen on {path}: {source}")]
+    Listen {
+        /// Socket path.
+        path: PathBuf,
+        /// Cause.
+        source: vhost::vhost_user::Error,
+    },
+    /// `--fd` is not a listening unix socket (operator).
+    #[error("--fd {fd}: {reason}")]
+    BadFd {
+        /// The fd.
+        fd: RawFd,
+        /// Why it was refused.
+        reason: String,
+    },
+    /// Building the per-connection device failed (host).
+    #[error("cannot set up the device: {0}")]
+    Device(std::io::Error),
+    /// vhost-user-backend refused to build the daemon (host).
+    #[error("vhost-user daemon: {0}")]
+    Daemon(String),
+    /// Signal handling could not be installed (host).
+    #[error("signal handling: {0}")]
+    Signals(nix::Error),
+}
+
+/// What the signal thread needs to stop whatever the server is doing.
+#[derive(Default)]
+struct Stopper {
+    requested: AtomicBool,
+    connection: Mutex<Option<ShutdownHandle>>,
+    listener_fd: Mutex<Option<RawFd>>,
+}
+
+impl Stopper {
+    fn stop(&self) {
+        self.requested.store(true, Ordering::SeqCst);
+        if let Some(h) = self.connection.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
+            h.shutdown();
+        }
+        if let Some(fd) = *self.listener_fd.lock().unwrap_or_else(|e| e.into_inner()) {
+            // Wakes a blocked accept() with EINVAL; the fd itself stays valid until main drops it.
+            let _ = nix::sys::socket::shutdown(fd, nix::sys::socket::Shutdown::Both);
+        }
+    }
+
+    fn stopping(&self) -> bool {
+        self.requested.load(Ordering::SeqCst)
+    }
+}
+
+/// Blocks SIGTERM/SIGINT in every thread and waits for them on a dedicated one.
+/// Must run before any other thread is spawned so all threads inherit the mask.
+fn install_signal_thread(stopper: Arc<Stopper>) -> Result<(), ServerError> {
+    let mut set = SigSet::empty();
+    set.add(Signal::SIGTERM);
+    set.add(Signal::SIGINT);
+    set.thread_block().map_err(ServerError::Signals)?;
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            if let Ok(sig) = set.wait() {
+                tracing::info!("{sig:?}: stopping");
+                stopper.stop();
+            }
+        })
+        .map_err(|e| ServerError::Signals(nix::Error::from_raw(e.raw_os_error().unwrap_or(0))))?;
+    Ok(())
+}
+
+fn listener_from_fd(fd: RawFd) -> Result<Listener, ServerError> {
+    let bad = |reason: &str| ServerError::BadFd {
+        fd,
+        reason: reason.to_string(),
+    };
+    nix::fcntl::fcntl(
+        // SAFETY: F_GETFD only probes the descriptor number; a closed fd fails with EBADF.
+        unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) },
+        nix::fcntl::FcntlArg::F_GETFD,
+    )
+    .map_err(|_| bad("is not an open file descriptor"))?;
+    // SAFETY: the fd is open (checked above) and the operator handed it to us to own (--fd);
+    // nothing else in this process uses it.
+    let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+    let listening = nix::sys::socket::getsockopt(&owned, nix::sys::socket::sockopt::AcceptConn)
+        .map_err(|_| bad("is not a socket"))?;
+    if !listening {
+        return Err(bad("is a socket but not listening"));
+    }
+    let addr = nix::sys::socket::getsockname::<nix::sys::socket::UnixAddr>(owned.as_raw_fd())
+        .map_err(|_| bad("is not a unix socket"))?;
+    let _ = addr;
+    Ok(Listener::from(UnixListener::from(owned)))
+}
+
+fn device_identity(config: &Config, host: &HostDevice) -> Result<DeviceIdentity, ServerError> {
+    let link_mac = host.mac()?;
+    let mac = match (config.mac, host.kind()) {
+        (Some(m), HostKind::Macvtap) if m.0 != link_mac => {
+            tracing::warn!(
+                "--mac {m} differs from the macvtap's MAC {}: macvtap only delivers frames \
+                 addressed to its own MAC, so the guest will not receive unicast replies",
+                MacAddr(link_mac)
+            );
+            m
+        }
+        (Some(m), _) => m,
+        (None, HostKind::Macvtap) => MacAddr(link_mac),
+        (None, HostKind::Tap) => MacAddr::random_local(),
+    };
+    let link_mtu = host.mtu()?;
+    let mtu = config.mtu.unwrap_or(link_mtu);
+    if mtu > link_mtu {
+        tracing::warn!("--mtu {mtu} is above the link's MTU {link_mtu}: larger frames will drop");
+    }
+    Ok(DeviceIdentity {
+        mac,
+        mtu,
+        queue_pairs: config.queue_pairs,
+        queue_size: config.queue_size,
+    })
+}
+
+/// Runs until SIGTERM/SIGINT. Returns Ok on a clean stop.
+pub fn run(config: Config) -> Result<(), ServerError> {
+    let stopper = Arc::new(Stopper::default());
+    install_signal_thread(stopper.clone())?;
+
+    let host = Arc::new(HostDevice::open(&config.host, config.queue_pairs)?);
+    // No frontend yet: keep the kernel from queueing frames nobody will read.
+    for q in host.queues() {
+        let _ = q.detach();
+    }
+    let identity = device_identity(&config, &host)?;
+    let stats: Vec<Arc<QueueStats>> = (0..config.queue_pairs)
+        .map(|_| Arc::new(QueueStats::default()))
+        .collect();
+    tracing::info!(
+        iface = host.ifname(),
+        kind = ?host.kind(),
+        mac = %identity.mac,
+        mtu = identity.mtu,
+        queue_pairs = identity.queue_pairs,
+        offloads = format_args!("{:#x}", host.supported_offloads()),
+        "host device open"
+    );
+
+    let mut listener = match &config.socket {
+        SocketMode::Listen(path) => Some(Listener::new(path, true).map_err(|source| {
+            ServerError::Listen {
+                path: path.clone(),
+                source,
+            }
+        })?),
+        SocketMode::ListenFd(fd) => Some(listener_from_fd(*fd)?),
+        SocketMode::Connect(_) => None,
+    };
+    if let Some(l) = &listener {
+        *stopper.listener_fd.lock().unwrap_or_else(|e| e.into_inner()) = Some(l.as_raw_fd());
+        tracing::info!(socket = ?config.socket, "listening for a vhost-user frontend");
+    }
+
+    while !stopper.stopping() {
+        let backend = Arc::new(
+            NetBackend::new(identity, host.clone(), &stats).map_err(ServerError::Device)?,
+        );
+        let mut daemon = VhostUserDaemon::new(
+            "macvhost".to_string(),
+            backend.clone(),
+            GuestMemoryAtomic::new(GuestMemoryMmap::new()),
+        )
+        .map_err(|e| ServerError::Daemon(e.to_string()))?;
+        backend.set_epoll_handlers(daemon.get_epoll_handlers());
+
+        let started = match (&mut listener, &config.socket) {
+            (Some(l), _) => daemon.start(l).map_err(|e| e.to_string()),
+            (None, SocketMode::Connect(path)) => connect_with_backoff(&mut daemon, path, &stopper),
+            (None, _) => unreachable!("listening modes always have a listener"),
+        };
+        match started {
+            Ok(()) => {
+                *stopper.connection.lock().unwrap_or_else(|e| e.into_inner()) =
+                    daemon.shutdown_handle();
+                // A stop that raced the accept must still end this connection.
+                if stopper.stopping() {
+                    daemon.request_shutdown();
+                }
+                tracing::info!("frontend connected");
+                match daemon.wait() {
+                    Ok(()) => tracing::info!("frontend disconnected"),
+                    Err(e) if stopper.stopping() => tracing::debug!("connection ended: {e}"),
+                    Err(e) => tracing::warn!("frontend connection ended with an error: {e}"),
+                }
+                *stopper.connection.lock().unwrap_or_else(|e| e.into_inner()) = None;
+            }
+            Err(e) if stopper.stopping() => tracing::debug!("accept interrupted: {e}"),
+            Err(e) => {
+                tracing::error!("accepting a frontend failed: {e}");
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+        backend.teardown();
+        for h in daemon.get_epoll_handlers() {
+            h.send_exit_event();
+        }
+    }
+    *stopper.listener_fd.lock().unwrap_or_else(|e| e.into_inner()) = None;
+    // Dropping the listener removes the socket path it created.
+    drop(listener);
+    tracing::info!("stopped");
+    Ok(())
+}
+
+fn connect_with_backoff(
+    daemon: &mut VhostUserDaemon<Arc<NetBackend>>,
+    path: &Path,
+    stopper: &Stopper,
+) -> Result<(), String> {
+    let path_str = path
+        .to_str()
+        .ok_or_else(|| format!("{} is not valid UTF-8", path.display()))?;
+    let mut delay = Duration::from_millis(50);
+    let mut logged = false;
+    loop {
+        if stopper.stopping() {
+            return Err("stopping".into());
+        }
+        match daemon.start_client(path_str) {
+            Ok(()) => return Ok(()),
+            Err(e) => {
+                if !logged {
+                    tracing::info!("waiting for a frontend at {} ({e})", path.display());
+                    logged = true;
+                }
+                std::thread::sleep(delay);
+                delay = (delay * 2).min(Duration::from_secs(2));
+            }
+        }
+    }
+}

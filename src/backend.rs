@@ -83,7 +83,7 @@ pub fn offered_features(tun_offloads: u32, queue_pairs: u16) -> u64 {
         // what lets a guest change queue pairs (`ethtool -L`) and announce itself.
         | bit(VIRTIO_NET_F_CTRL_VQ)
         | bit(VIRTIO_NET_F_GUEST_ANNOUNCE)
-        | u64::from(vhost::vhost_user::message::VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits());
+        | vhost::vhost_user::message::VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
     if queue_pairs > 1 {
         f |= bit(VIRTIO_NET_F_MQ);
     }

@@ -17,7 +17,9 @@ use virtio_bindings::virtio_net::*;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
-use vmm_sys_util::event::{new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier};
+use vmm_sys_util::event::{
+    new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
+};
 
 use crate::config::MacAddr;
 use crate::datapath::{vnet, QueueStats};
@@ -63,7 +65,10 @@ impl std::fmt::Debug for NetBackend {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("NetBackend")
             .field("identity", &self.identity)
-            .field("offered_features", &format_args!("{:#x}", self.offered_features))
+            .field(
+                "offered_features",
+                &format_args!("{:#x}", self.offered_features),
+            )
             .finish_non_exhaustive()
     }
 }
@@ -90,10 +95,26 @@ pub fn offered_features(tun_offloads: u32, queue_pairs: u16) -> u64 {
     if tun_offloads & vnet::TUN_F_CSUM != 0 {
         f |= bit(VIRTIO_NET_F_CSUM) | bit(VIRTIO_NET_F_GUEST_CSUM);
         let pairs = [
-            (vnet::TUN_F_TSO4, VIRTIO_NET_F_HOST_TSO4, VIRTIO_NET_F_GUEST_TSO4),
-            (vnet::TUN_F_TSO6, VIRTIO_NET_F_HOST_TSO6, VIRTIO_NET_F_GUEST_TSO6),
-            (vnet::TUN_F_TSO_ECN, VIRTIO_NET_F_HOST_ECN, VIRTIO_NET_F_GUEST_ECN),
-            (vnet::TUN_F_UFO, VIRTIO_NET_F_HOST_UFO, VIRTIO_NET_F_GUEST_UFO),
+            (
+                vnet::TUN_F_TSO4,
+                VIRTIO_NET_F_HOST_TSO4,
+                VIRTIO_NET_F_GUEST_TSO4,
+            ),
+            (
+                vnet::TUN_F_TSO6,
+                VIRTIO_NET_F_HOST_TSO6,
+                VIRTIO_NET_F_GUEST_TSO6,
+            ),
+            (
+                vnet::TUN_F_TSO_ECN,
+                VIRTIO_NET_F_HOST_ECN,
+                VIRTIO_NET_F_GUEST_ECN,
+            ),
+            (
+                vnet::TUN_F_UFO,
+                VIRTIO_NET_F_HOST_UFO,
+                VIRTIO_NET_F_GUEST_UFO,
+            ),
         ];
         for (tun, host, guest) in pairs {
             if tun_offloads & tun != 0 {
@@ -233,7 +254,9 @@ impl VhostUserBackend for NetBackend {
     fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
         let space = self.config_space();
         let start = (offset as usize).min(space.len());
-        let end = (offset as usize).saturating_add(size as usize).min(space.len());
+        let end = (offset as usize)
+            .saturating_add(size as usize)
+            .min(space.len());
         let mut out = space[start..end].to_vec();
         // Reads past our fields (speed, duplex, rss...) see zeros, as on real hardware.
         out.resize(size as usize, 0);

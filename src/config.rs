@@ -18,7 +18,12 @@ pub const MAX_QUEUE_SIZE: u16 = 1024;
 /// A vhost-user virtio-net backend on a macvtap or tap device.
 #[derive(Parser, Debug, Clone)]
 #[command(name = "macvhost", version, about, long_about = None)]
+#[command(args_conflicts_with_subcommands = true)]
 pub struct Args {
+    /// Subcommands (`macvhost stats PATH`); without one, macvhost runs the backend.
+    #[command(subcommand)]
+    pub command: Option<Command>,
+
     /// Listen on this vhost-user socket (or connect to it with --client).
     #[arg(long, value_name = "PATH")]
     pub socket_path: Option<PathBuf>,
@@ -66,6 +71,27 @@ pub struct Args {
     /// Log filter: error, warn, info, debug, trace (or a tracing EnvFilter directive).
     #[arg(long, value_name = "LEVEL", default_value = "info")]
     pub log_level: String,
+
+    /// Serve per-queue counters on this unix socket (read them with `macvhost stats PATH`).
+    #[arg(long, value_name = "PATH")]
+    pub control_socket: Option<PathBuf>,
+
+    /// Serve Prometheus metrics over HTTP on this address, e.g. 127.0.0.1:9464.
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub metrics_addr: Option<std::net::SocketAddr>,
+}
+
+/// Subcommands.
+#[derive(clap::Subcommand, Debug, Clone)]
+pub enum Command {
+    /// Print a running macvhost's per-queue counters.
+    Stats {
+        /// The running macvhost's --control-socket.
+        path: PathBuf,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 /// How the vhost-user socket is reached.
@@ -88,7 +114,9 @@ impl MacAddr {
     pub fn parse(s: &str) -> Result<MacAddr, String> {
         let parts: Vec<&str> = s.split([':', '-']).collect();
         if parts.len() != 6 {
-            return Err(format!("'{s}' is not six hex octets like 52:54:00:12:34:56"));
+            return Err(format!(
+                "'{s}' is not six hex octets like 52:54:00:12:34:56"
+            ));
         }
         let mut mac = [0u8; 6];
         for (byte, part) in mac.iter_mut().zip(&parts) {
@@ -99,7 +127,9 @@ impl MacAddr {
                 .map_err(|_| format!("'{s}': octet '{part}' is not hex"))?;
         }
         if mac[0] & 1 == 1 {
-            return Err(format!("'{s}' is a multicast address; a NIC needs a unicast one"));
+            return Err(format!(
+                "'{s}' is a multicast address; a NIC needs a unicast one"
+            ));
         }
         if mac == [0; 6] {
             return Err(format!("'{s}' is all zeros"));
@@ -154,6 +184,10 @@ pub struct Config {
     pub mac: Option<MacAddr>,
     /// MTU, when given; otherwise the link's.
     pub mtu: Option<u16>,
+    /// Control socket path.
+    pub control_socket: Option<PathBuf>,
+    /// Prometheus endpoint.
+    pub metrics_addr: Option<std::net::SocketAddr>,
 }
 
 /// A command-line value the operator got wrong.
@@ -206,8 +240,7 @@ impl TryFrom<Args> for Config {
                 format!("must be 1..={MAX_QUEUE_PAIRS} (got {})", args.queues),
             ));
         }
-        if !args.queue_size.is_power_of_two() || !(2..=MAX_QUEUE_SIZE).contains(&args.queue_size)
-        {
+        if !args.queue_size.is_power_of_two() || !(2..=MAX_QUEUE_SIZE).contains(&args.queue_size) {
             return Err(bad(
                 "--queue-size",
                 format!(
@@ -269,6 +302,8 @@ impl TryFrom<Args> for Config {
             queue_size: args.queue_size,
             mac,
             mtu: args.mtu,
+            control_socket: args.control_socket,
+            metrics_addr: args.metrics_addr,
         })
     }
 }
@@ -317,18 +352,64 @@ mod tests {
             (&["--macvtap", "m"], "--socket-path"),
             (&["--socket-path", "/s", "--fd", "3", "--tap", "t"], "--fd"),
             (&["--fd", "3", "--client", "--tap", "t"], "--client"),
-            (&["--socket-path", "/s", "--tap", "t", "--queues", "0"], "--queues"),
-            (&["--socket-path", "/s", "--tap", "t", "--queues", "300"], "--queues"),
-            (&["--socket-path", "/s", "--tap", "t", "--queue-size", "100"], "--queue-size"),
-            (&["--socket-path", "/s", "--tap", "t", "--queue-size", "2048"], "--queue-size"),
+            (
+                &["--socket-path", "/s", "--tap", "t", "--queues", "0"],
+                "--queues",
+            ),
+            (
+                &["--socket-path", "/s", "--tap", "t", "--queues", "300"],
+                "--queues",
+            ),
+            (
+                &["--socket-path", "/s", "--tap", "t", "--queue-size", "100"],
+                "--queue-size",
+            ),
+            (
+                &["--socket-path", "/s", "--tap", "t", "--queue-size", "2048"],
+                "--queue-size",
+            ),
             (&["--socket-path", "/s"], "--macvtap"),
-            (&["--socket-path", "/s", "--tap", "a", "--macvtap", "b"], "--macvtap"),
+            (
+                &["--socket-path", "/s", "--tap", "a", "--macvtap", "b"],
+                "--macvtap",
+            ),
             (&["--socket-path", "/s", "--tap-fd", "3,4"], "--tap-fd"),
-            (&["--socket-path", "/s", "--tap", "t", "--mac", "01:00:00:00:00:01"], "--mac"),
-            (&["--socket-path", "/s", "--tap", "t", "--mac", "zz:00:00:00:00:01"], "--mac"),
-            (&["--socket-path", "/s", "--tap", "t", "--mtu", "10"], "--mtu"),
+            (
+                &[
+                    "--socket-path",
+                    "/s",
+                    "--tap",
+                    "t",
+                    "--mac",
+                    "01:00:00:00:00:01",
+                ],
+                "--mac",
+            ),
+            (
+                &[
+                    "--socket-path",
+                    "/s",
+                    "--tap",
+                    "t",
+                    "--mac",
+                    "zz:00:00:00:00:01",
+                ],
+                "--mac",
+            ),
+            (
+                &["--socket-path", "/s", "--tap", "t", "--mtu", "10"],
+                "--mtu",
+            ),
             (&["--socket-path", "/s", "--tap", "a/b"], "--tap"),
-            (&["--socket-path", "/s", "--macvtap", "waytoolonginterfacename"], "--macvtap"),
+            (
+                &[
+                    "--socket-path",
+                    "/s",
+                    "--macvtap",
+                    "waytoolonginterfacename",
+                ],
+                "--macvtap",
+            ),
         ];
         for (argv, flag) in cases {
             let err = parse(argv).expect_err(&format!("{argv:?} must be refused"));

@@ -10,13 +10,16 @@
 //! - [`backend`]: the `VhostUserBackend` impl: features, config space, dispatch to workers.
 //! - [`worker`]: per-queue-pair state and event handling (owns the datapath calls).
 //! - [`server`]: listening / connecting, serving one frontend after another, signals.
+//! - [`control`]: the stats control socket and the Prometheus endpoint.
+//! - [`vring`]: a vring wrapper that tells workers about enable/disable.
 
 #![deny(missing_debug_implementations)]
 
-pub mod datapath;
-pub mod host;
 pub mod backend;
 pub mod config;
+pub mod control;
+pub mod datapath;
+pub mod host;
 pub mod server;
 pub mod vring;
 pub mod worker;

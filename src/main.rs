@@ -3,10 +3,29 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use macvhost::config::{Args, Config};
+use macvhost::config::{Args, Command, Config};
 
 fn main() -> ExitCode {
     let args = Args::parse();
+    if let Some(Command::Stats { path, json }) = &args.command {
+        return match macvhost::control::fetch_stats(path) {
+            Ok(report) if *json => {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&report).unwrap_or_default()
+                );
+                ExitCode::SUCCESS
+            }
+            Ok(report) => {
+                print!("{}", macvhost::control::render_table(&report));
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("macvhost stats: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     if args.print_capabilities {
         // vhost-user.json: the frontend (libvirt) learns what this backend is.
         println!("{}", macvhost::capabilities_json());

@@ -49,6 +49,9 @@ pub enum ServerError {
     /// vhost-user-backend refused to build the daemon (host).
     #[error("vhost-user daemon: {0}")]
     Daemon(String),
+    /// The control socket or metrics endpoint could not start (operator).
+    #[error(transparent)]
+    Control(#[from] crate::control::ControlError),
     /// Signal handling could not be installed (host).
     #[error("signal handling: {0}")]
     Signals(nix::Error),
@@ -65,7 +68,12 @@ struct Stopper {
 impl Stopper {
     fn stop(&self) {
         self.requested.store(true, Ordering::SeqCst);
-        if let Some(h) = self.connection.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
+        if let Some(h) = self
+            .connection
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+        {
             h.shutdown();
         }
         if let Some(fd) = *self.listener_fd.lock().unwrap_or_else(|e| e.into_inner()) {
@@ -175,25 +183,40 @@ pub fn run(config: Config) -> Result<(), ServerError> {
         "host device open"
     );
 
+    let source = crate::control::StatsSource::new(host.ifname(), stats.clone());
+    let _control = config
+        .control_socket
+        .as_deref()
+        .map(|p| crate::control::serve_control_socket(p, source.clone()))
+        .transpose()?;
+    if let Some(addr) = config.metrics_addr {
+        let bound = crate::control::serve_metrics(addr, source)?;
+        tracing::info!("Prometheus metrics on http://{bound}/metrics");
+    }
+
     let mut listener = match &config.socket {
-        SocketMode::Listen(path) => Some(Listener::new(path, true).map_err(|source| {
-            ServerError::Listen {
-                path: path.clone(),
-                source,
-            }
-        })?),
+        SocketMode::Listen(path) => {
+            Some(
+                Listener::new(path, true).map_err(|source| ServerError::Listen {
+                    path: path.clone(),
+                    source,
+                })?,
+            )
+        }
         SocketMode::ListenFd(fd) => Some(listener_from_fd(*fd)?),
         SocketMode::Connect(_) => None,
     };
     if let Some(l) = &listener {
-        *stopper.listener_fd.lock().unwrap_or_else(|e| e.into_inner()) = Some(l.as_raw_fd());
+        *stopper
+            .listener_fd
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = Some(l.as_raw_fd());
         tracing::info!(socket = ?config.socket, "listening for a vhost-user frontend");
     }
 
     while !stopper.stopping() {
-        let backend = Arc::new(
-            NetBackend::new(identity, host.clone(), &stats).map_err(ServerError::Device)?,
-        );
+        let backend =
+            Arc::new(NetBackend::new(identity, host.clone(), &stats).map_err(ServerError::Device)?);
         let mut daemon = VhostUserDaemon::new(
             "macvhost".to_string(),
             backend.clone(),
@@ -234,7 +257,10 @@ pub fn run(config: Config) -> Result<(), ServerError> {
             h.send_exit_event();
         }
     }
-    *stopper.listener_fd.lock().unwrap_or_else(|e| e.into_inner()) = None;
+    *stopper
+        .listener_fd
+        .lock()
+        .unwrap_or_else(|e| e.into_inner()) = None;
     // Dropping the listener removes the socket path it created.
     drop(listener);
     tracing::info!("stopped");

@@ -18,6 +18,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use vhost_user_backend::VringT;
 use virtio_bindings::virtio_net::VIRTIO_NET_F_MRG_RXBUF;
+use virtio_queue::QueueT;
 use vm_memory::GuestAddressSpace;
 use vmm_sys_util::epoll::EventSet;
 
@@ -301,7 +302,11 @@ impl PairWorker {
                 }
             }
             other => {
-                tracing::warn!(queue_pair = self.index, event = other, "unexpected event id");
+                tracing::warn!(
+                    queue_pair = self.index,
+                    event = other,
+                    "unexpected event id"
+                );
                 return Ok(());
             }
         }

@@ -1,0 +1,293 @@
+//! Runtime observability: the control socket (`macvhost stats PATH`) and Prometheus metrics.
+//!
+//! Both read the per-queue-pair counters without touching the workers (the counters are
+//! single-writer atomics), so asking for stats never slows the datapath.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpListener};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::datapath::{QueueStats, StatsSnapshot};
+
+/// Errors of the control endpoints and of the `stats` client.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    /// The socket or port could not be opened (operator: path or address).
+    #[error("cannot listen on {what}: {source}")]
+    Listen {
+        /// Path or address.
+        what: String,
+        /// Cause.
+        source: std::io::Error,
+    },
+    /// The stats client could not reach a running macvhost (operator: wrong path?).
+    #[error("cannot read stats from {path}: {source}")]
+    Connect {
+        /// Control socket path.
+        path: PathBuf,
+        /// Cause.
+        source: std::io::Error,
+    },
+    /// The answer was not what macvhost sends (a different program on that socket?).
+    #[error("{path} did not answer with macvhost stats: {reason}")]
+    BadAnswer {
+        /// Control socket path.
+        path: PathBuf,
+        /// Why.
+        reason: String,
+    },
+}
+
+/// Everything `macvhost stats` shows.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct StatsReport {
+    /// Host interface name.
+    pub iface: String,
+    /// Per-queue-pair counters, index = queue pair.
+    pub queues: Vec<QueueReport>,
+}
+
+/// One queue pair's counters.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct QueueReport {
+    /// Queue pair index.
+    pub queue_pair: usize,
+    /// Counter name → value.
+    pub counters: std::collections::BTreeMap<String, u64>,
+}
+
+/// Shared view of the counters.
+#[derive(Debug, Clone)]
+pub struct StatsSource {
+    iface: String,
+    stats: Vec<Arc<QueueStats>>,
+}
+
+impl StatsSource {
+    /// A view over `stats` for interface `iface`.
+    pub fn new(iface: &str, stats: Vec<Arc<QueueStats>>) -> StatsSource {
+        StatsSource {
+            iface: iface.to_string(),
+            stats,
+        }
+    }
+
+    /// Snapshots every queue pair.
+    pub fn snapshots(&self) -> Vec<StatsSnapshot> {
+        self.stats.iter().map(|s| s.snapshot()).collect()
+    }
+
+    /// The report served on the control socket.
+    pub fn report(&self) -> StatsReport {
+        StatsReport {
+            iface: self.iface.clone(),
+            queues: self
+                .snapshots()
+                .iter()
+                .enumerate()
+                .map(|(i, s)| QueueReport {
+                    queue_pair: i,
+                    counters: s
+                        .fields()
+                        .into_iter()
+                        .map(|(k, v)| (k.to_string(), v))
+                        .collect(),
+                })
+                .collect(),
+        }
+    }
+
+    /// Prometheus text exposition (version 0.0.4).
+    pub fn prometheus(&self) -> String {
+        let snaps = self.snapshots();
+        let mut out = String::new();
+        let Some(first) = snaps.first() else {
+            return out;
+        };
+        for (name, _) in first.fields() {
+            out.push_str(&format!("# TYPE macvhost_{name} counter\n"));
+            for (i, s) in snaps.iter().enumerate() {
+                let v = s
+                    .fields()
+                    .into_iter()
+                    .find(|(n, _)| *n == name)
+                    .map_or(0, |(_, v)| v);
+                out.push_str(&format!(
+                    "macvhost_{name}{{iface=\"{}\",queue_pair=\"{i}\"}} {v}\n",
+                    self.iface
+                ));
+            }
+        }
+        out
+    }
+}
+
+/// Serves one JSON report per connection on a unix socket at `path` (removed on drop).
+#[derive(Debug)]
+pub struct ControlSocket {
+    path: PathBuf,
+}
+
+impl Drop for ControlSocket {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// Starts the control socket thread.
+pub fn serve_control_socket(path: &Path, src: StatsSource) -> Result<ControlSocket, ControlError> {
+    let _ = std::fs::remove_file(path);
+    let listener = UnixListener::bind(path).map_err(|source| ControlError::Listen {
+        what: path.display().to_string(),
+        source,
+    })?;
+    std::thread::Builder::new()
+        .name("control".into())
+        .spawn(move || {
+            for conn in listener.incoming() {
+                let Ok(mut conn) = conn else { continue };
+                let body = serde_json::to_string(&src.report()).unwrap_or_default();
+                let _ = conn.write_all(body.as_bytes());
+                let _ = conn.write_all(b"\n");
+            }
+        })
+        .map_err(|source| ControlError::Listen {
+            what: path.display().to_string(),
+            source,
+        })?;
+    Ok(ControlSocket {
+        path: path.to_path_buf(),
+    })
+}
+
+/// Starts the Prometheus endpoint thread (plain HTTP/1.0, any path answers the metrics).
+pub fn serve_metrics(addr: SocketAddr, src: StatsSource) -> Result<SocketAddr, ControlError> {
+    let listener = TcpListener::bind(addr).map_err(|source| ControlError::Listen {
+        what: addr.to_string(),
+        source,
+    })?;
+    let bound = listener.local_addr().unwrap_or(addr);
+    std::thread::Builder::new()
+        .name("metrics".into())
+        .spawn(move || {
+            for conn in listener.incoming() {
+                let Ok(mut conn) = conn else { continue };
+                let _ = conn.set_read_timeout(Some(Duration::from_secs(2)));
+                // Read the request head so well-behaved clients see a complete exchange.
+                let mut reader = BufReader::new(&mut conn);
+                let mut line = String::new();
+                while reader.read_line(&mut line).map(|n| n > 2).unwrap_or(false) {
+                    line.clear();
+                }
+                let body = src.prometheus();
+                let _ = write!(
+                    conn,
+                    "HTTP/1.0 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\n\r\n{body}",
+                    body.len()
+                );
+            }
+        })
+        .map_err(|source| ControlError::Listen {
+            what: addr.to_string(),
+            source,
+        })?;
+    Ok(bound)
+}
+
+/// Client side of `macvhost stats PATH`.
+pub fn fetch_stats(path: &Path) -> Result<StatsReport, ControlError> {
+    let mut conn = UnixStream::connect(path).map_err(|source| ControlError::Connect {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let _ = conn.set_read_timeout(Some(Duration::from_secs(5)));
+    let mut body = String::new();
+    conn.read_to_string(&mut body)
+        .map_err(|source| ControlError::Connect {
+            path: path.to_path_buf(),
+            source,
+        })?;
+    serde_json::from_str(&body).map_err(|e| ControlError::BadAnswer {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    })
+}
+
+/// Renders a report as a table: one row per counter, one column per queue pair, plus a total.
+pub fn render_table(r: &StatsReport) -> String {
+    let mut out = format!("macvhost on {}\n", r.iface);
+    let Some(first) = r.queues.first() else {
+        return out;
+    };
+    out.push_str(&format!("{:<26}", "counter"));
+    for q in &r.queues {
+        out.push_str(&format!("{:>14}", format!("qp{}", q.queue_pair)));
+    }
+    out.push_str(&format!("{:>14}\n", "total"));
+    for name in first.counters.keys() {
+        out.push_str(&format!("{name:<26}"));
+        let mut total = 0u64;
+        for q in &r.queues {
+            let v = q.counters.get(name).copied().unwrap_or(0);
+            total += v;
+            out.push_str(&format!("{v:>14}"));
+        }
+        out.push_str(&format!("{total:>14}\n"));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn source() -> StatsSource {
+        let a = Arc::new(QueueStats::default());
+        let b = Arc::new(QueueStats::default());
+        QueueStats::add(&a.tx_frames, 5);
+        QueueStats::add(&b.tx_frames, 7);
+        QueueStats::inc(&b.tx_drop_bad_chain);
+        StatsSource::new("mvt0", vec![a, b])
+    }
+
+    #[test]
+    fn control_socket_round_trip_and_table() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ctl.sock");
+        let _guard = serve_control_socket(&path, source()).unwrap();
+        let report = fetch_stats(&path).unwrap();
+        assert_eq!(report.iface, "mvt0");
+        assert_eq!(report.queues.len(), 2);
+        assert_eq!(report.queues[1].counters["tx_frames"], 7);
+        assert_eq!(report.queues[1].counters["tx_drop_bad_chain"], 1);
+        let table = render_table(&report);
+        let row = table.lines().find(|l| l.starts_with("tx_frames")).unwrap();
+        assert_eq!(
+            row.split_whitespace().collect::<Vec<_>>(),
+            ["tx_frames", "5", "7", "12"]
+        );
+    }
+
+    #[test]
+    fn stats_client_names_the_path_when_nothing_listens() {
+        let err = fetch_stats(Path::new("/nonexistent/macvhost.sock")).unwrap_err();
+        assert!(err.to_string().contains("/nonexistent/macvhost.sock"));
+    }
+
+    #[test]
+    fn prometheus_exposition_has_per_queue_series() {
+        let addr = serve_metrics("127.0.0.1:0".parse().unwrap(), source()).unwrap();
+        let mut conn = std::net::TcpStream::connect(addr).unwrap();
+        conn.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").unwrap();
+        let mut body = String::new();
+        conn.read_to_string(&mut body).unwrap();
+        assert!(body.starts_with("HTTP/1.0 200 OK"));
+        assert!(body.contains("# TYPE macvhost_tx_frames counter"));
+        assert!(body.contains("macvhost_tx_frames{iface=\"mvt0\",queue_pair=\"1\"} 7"));
+    }
+}

@@ -22,8 +22,7 @@ use vmm_sys_util::event::{
 };
 
 use crate::config::MacAddr;
-use crate::datapath::{vnet, QueueStats};
-use crate::host::HostDevice;
+use crate::datapath::{vnet, HostQueue, QueueStats};
 use crate::vring::NetVring;
 use crate::worker::{PairSettings, PairWorker};
 
@@ -32,7 +31,46 @@ pub type GuestMem = GuestMemoryAtomic<GuestMemoryMmap<()>>;
 /// The vring type every queue uses.
 pub type Vring = NetVring<GuestMem>;
 /// The epoll handler of one worker thread.
-pub type EpollHandler = VringEpollHandler<Arc<NetBackend>>;
+pub type EpollHandler<Q> = VringEpollHandler<Arc<NetBackend<Q>>>;
+
+/// Control of one host queue beyond moving frames: what the backend and workers need from a
+/// tap/macvtap queue. `host::TapQueue` is the real one; tests use a fake.
+pub trait QueueControl: HostQueue + std::os::fd::AsFd + std::fmt::Debug + 'static {
+    /// Programs the offloads the host may hand us (TUNSETOFFLOAD, TUN_F_* bits).
+    fn set_offload(&self, tun_flags: u32) -> io::Result<()>;
+    /// Sets the vnet header length (TUNSETVNETHDRSZ).
+    fn set_vnet_hdr_len(&self, len: usize) -> io::Result<()>;
+    /// Lets the kernel steer frames to this queue again (TUNSETQUEUE attach).
+    fn attach(&self) -> io::Result<()>;
+    /// Stops the kernel from steering frames to this queue (TUNSETQUEUE detach).
+    fn detach(&self) -> io::Result<()>;
+}
+
+impl QueueControl for crate::host::TapQueue {
+    fn set_offload(&self, tun_flags: u32) -> io::Result<()> {
+        crate::host::TapQueue::set_offload(self, tun_flags).map_err(io::Error::other)
+    }
+    fn set_vnet_hdr_len(&self, len: usize) -> io::Result<()> {
+        crate::host::TapQueue::set_vnet_hdr_len(self, len as i32).map_err(io::Error::other)
+    }
+    fn attach(&self) -> io::Result<()> {
+        crate::host::TapQueue::attach(self).map_err(io::Error::other)
+    }
+    fn detach(&self) -> io::Result<()> {
+        crate::host::TapQueue::detach(self).map_err(io::Error::other)
+    }
+}
+
+/// What a connection's device needs to know about the host side.
+#[derive(Debug, Clone)]
+pub struct HostSide<Q> {
+    /// One queue per queue pair.
+    pub queues: Vec<Arc<Q>>,
+    /// TUN_F_* offload bits the queues accept.
+    pub supported_offloads: u32,
+    /// Whether the link has carrier now.
+    pub carrier: bool,
+}
 
 /// Link status bit in the config space (`VIRTIO_NET_S_LINK_UP`).
 pub const LINK_UP: u16 = 1;
@@ -51,17 +89,17 @@ pub struct DeviceIdentity {
 }
 
 /// One frontend connection's device.
-pub struct NetBackend {
+pub struct NetBackend<Q: QueueControl = crate::host::TapQueue> {
     identity: DeviceIdentity,
     offered_features: u64,
-    host: Arc<HostDevice>,
-    workers: Vec<PairWorker>,
+    queues: Vec<Arc<Q>>,
+    workers: Vec<PairWorker<Q>>,
     status: AtomicU16,
     acked_features: AtomicU64,
     backend_req: Mutex<Option<Backend>>,
 }
 
-impl std::fmt::Debug for NetBackend {
+impl<Q: QueueControl> std::fmt::Debug for NetBackend<Q> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("NetBackend")
             .field("identity", &self.identity)
@@ -125,27 +163,34 @@ pub fn offered_features(tun_offloads: u32, queue_pairs: u16) -> u64 {
     f
 }
 
-impl NetBackend {
+impl<Q: QueueControl> NetBackend<Q> {
     /// Builds the device for one connection over persistent host queues and counters.
     pub fn new(
         identity: DeviceIdentity,
-        host: Arc<HostDevice>,
+        host: HostSide<Q>,
         stats: &[Arc<QueueStats>],
-    ) -> io::Result<NetBackend> {
-        let offered_features = offered_features(host.supported_offloads(), identity.queue_pairs);
+    ) -> io::Result<NetBackend<Q>> {
+        if host.queues.len() != usize::from(identity.queue_pairs)
+            || stats.len() != host.queues.len()
+        {
+            return Err(io::Error::other(
+                "one host queue and one counter set per queue pair",
+            ));
+        }
+        let offered_features = offered_features(host.supported_offloads, identity.queue_pairs);
         let nq = usize::from(identity.queue_pairs) * 2;
         let workers = host
-            .queues()
+            .queues
             .iter()
             .zip(stats)
             .enumerate()
             .map(|(i, (q, s))| PairWorker::new(i, nq, q.clone(), s.clone(), identity.mtu))
             .collect::<io::Result<Vec<_>>>()?;
-        let status = if host.carrier() { LINK_UP } else { 0 };
+        let status = if host.carrier { LINK_UP } else { 0 };
         Ok(NetBackend {
             identity,
             offered_features,
-            host,
+            queues: host.queues,
             workers,
             status: AtomicU16::new(status),
             acked_features: AtomicU64::new(0),
@@ -154,7 +199,7 @@ impl NetBackend {
     }
 
     /// Gives each worker its thread's epoll handler (needed to watch the host queue fd).
-    pub fn set_epoll_handlers(&self, handlers: Vec<Arc<EpollHandler>>) {
+    pub fn set_epoll_handlers(&self, handlers: Vec<Arc<EpollHandler<Q>>>) {
         for (w, h) in self.workers.iter().zip(handlers) {
             w.set_epoll_handler(h);
         }
@@ -189,7 +234,7 @@ impl NetBackend {
     }
 }
 
-impl VhostUserBackend for NetBackend {
+impl<Q: QueueControl> VhostUserBackend for NetBackend<Q> {
     type Bitmap = ();
     type Vring = Vring;
 
@@ -209,12 +254,12 @@ impl VhostUserBackend for NetBackend {
         self.acked_features.store(features, Ordering::Relaxed);
         let settings = PairSettings::from_features(features, self.identity.mtu);
         let offloads = vnet::tap_offloads_for(features);
-        for (i, q) in self.host.queues().iter().enumerate() {
+        for (i, q) in self.queues.iter().enumerate() {
             // The tap must produce exactly what the guest acked, nothing more (GUEST_* bits).
             if let Err(e) = q.set_offload(offloads) {
                 tracing::error!(queue_pair = i, "TUNSETOFFLOAD {offloads:#x} failed: {e}");
             }
-            if let Err(e) = q.set_vnet_hdr_len(settings.hdr_len as i32) {
+            if let Err(e) = q.set_vnet_hdr_len(settings.hdr_len) {
                 tracing::error!(queue_pair = i, "TUNSETVNETHDRSZ failed: {e}");
             }
         }

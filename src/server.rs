@@ -16,7 +16,7 @@ use vhost::vhost_user::Listener;
 use vhost_user_backend::{ShutdownHandle, VhostUserDaemon};
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 
-use crate::backend::{DeviceIdentity, NetBackend};
+use crate::backend::{DeviceIdentity, HostSide, NetBackend};
 use crate::config::{Config, MacAddr, SocketMode};
 use crate::datapath::QueueStats;
 use crate::host::{HostDevice, HostError, HostKind};
@@ -215,8 +215,13 @@ pub fn run(config: Config) -> Result<(), ServerError> {
     }
 
     while !stopper.stopping() {
+        let side = HostSide {
+            queues: host.queues().to_vec(),
+            supported_offloads: host.supported_offloads(),
+            carrier: host.carrier(),
+        };
         let backend =
-            Arc::new(NetBackend::new(identity, host.clone(), &stats).map_err(ServerError::Device)?);
+            Arc::new(NetBackend::new(identity, side, &stats).map_err(ServerError::Device)?);
         let mut daemon = VhostUserDaemon::new(
             "macvhost".to_string(),
             backend.clone(),

@@ -22,11 +22,10 @@ use virtio_queue::QueueT;
 use vm_memory::GuestAddressSpace;
 use vmm_sys_util::epoll::EventSet;
 
-use crate::backend::{EpollHandler, GuestMem, Vring};
+use crate::backend::{EpollHandler, GuestMem, QueueControl, Vring};
 use crate::datapath::rx::{process_rx, RxOptions, RxScratch};
 use crate::datapath::tx::{process_tx, TxOptions, TxScratch};
 use crate::datapath::{vnet, QueueStats};
-use crate::host::TapQueue;
 
 /// Per-thread vring index of the RX queue.
 pub const RX_QUEUE: usize = 0;
@@ -64,8 +63,8 @@ impl PairSettings {
     }
 }
 
-struct PairState {
-    epoll: Option<Arc<EpollHandler>>,
+struct PairState<Q: QueueControl> {
+    epoll: Option<Arc<EpollHandler<Q>>>,
     mem: Option<GuestMem>,
     settings: PairSettings,
     tx_scratch: TxScratch,
@@ -83,17 +82,17 @@ struct PairState {
 }
 
 /// One queue pair (see the module doc).
-pub struct PairWorker {
+pub struct PairWorker<Q: QueueControl> {
     index: usize,
     /// First event id above the vring ids (`num_queues`, reserved for exit); ours follow it.
     event_base: u64,
-    tap: Arc<TapQueue>,
+    tap: Arc<Q>,
     tap_out: OwnedFd,
     stats: Arc<QueueStats>,
-    state: Mutex<PairState>,
+    state: Mutex<PairState<Q>>,
 }
 
-impl std::fmt::Debug for PairWorker {
+impl<Q: QueueControl> std::fmt::Debug for PairWorker<Q> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("PairWorker")
             .field("index", &self.index)
@@ -106,15 +105,15 @@ fn vring_live(v: &Vring) -> bool {
     s.get_queue().ready() && s.is_enabled()
 }
 
-impl PairWorker {
+impl<Q: QueueControl> PairWorker<Q> {
     /// A worker for queue pair `index` over host queue `tap`.
     pub fn new(
         index: usize,
         num_queues: usize,
-        tap: Arc<TapQueue>,
+        tap: Arc<Q>,
         stats: Arc<QueueStats>,
         mtu: u16,
-    ) -> io::Result<PairWorker> {
+    ) -> io::Result<PairWorker<Q>> {
         let tap_out = nix::unistd::dup(&*tap).map_err(io::Error::from)?;
         Ok(PairWorker {
             index,
@@ -139,14 +138,14 @@ impl PairWorker {
         })
     }
 
-    fn lock(&self) -> MutexGuard<'_, PairState> {
+    fn lock(&self) -> MutexGuard<'_, PairState<Q>> {
         // A panic while holding the lock would already have taken the worker down; the state
         // itself stays consistent, so keep serving.
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Hands over the worker thread's epoll handler.
-    pub fn set_epoll_handler(&self, h: Arc<EpollHandler>) {
+    pub fn set_epoll_handler(&self, h: Arc<EpollHandler<Q>>) {
         self.lock().epoll = Some(h);
     }
 
@@ -179,7 +178,7 @@ impl PairWorker {
         st.mem = None;
     }
 
-    fn register(&self, st: &PairState, fd: i32, ev: EventSet, id: u64) {
+    fn register(&self, st: &PairState<Q>, fd: i32, ev: EventSet, id: u64) {
         if let Some(ep) = &st.epoll {
             if let Err(e) = ep.register_listener(fd, ev, id) {
                 if e.kind() != io::ErrorKind::AlreadyExists {
@@ -189,13 +188,13 @@ impl PairWorker {
         }
     }
 
-    fn unregister(&self, st: &PairState, fd: i32, ev: EventSet, id: u64) {
+    fn unregister(&self, st: &PairState<Q>, fd: i32, ev: EventSet, id: u64) {
         if let Some(ep) = &st.epoll {
             let _ = ep.unregister_listener(fd, ev, id);
         }
     }
 
-    fn activate(&self, st: &mut PairState, base: u64) {
+    fn activate(&self, st: &mut PairState<Q>, base: u64) {
         if st.active {
             return;
         }
@@ -208,7 +207,7 @@ impl PairWorker {
         tracing::debug!(queue_pair = self.index, "queue pair active");
     }
 
-    fn deactivate(&self, st: &mut PairState) {
+    fn deactivate(&self, st: &mut PairState<Q>) {
         if !st.active {
             return;
         }
@@ -228,14 +227,14 @@ impl PairWorker {
         tracing::debug!(queue_pair = self.index, "queue pair inactive");
     }
 
-    fn watch_rx(&self, st: &mut PairState, base: u64) {
+    fn watch_rx(&self, st: &mut PairState<Q>, base: u64) {
         if !st.rx_watch && st.active {
             self.register(st, self.tap.as_raw_fd(), EventSet::IN, base + TAP_IN);
             st.rx_watch = true;
         }
     }
 
-    fn reconcile(&self, st: &mut PairState, vrings: &[Vring], base: u64) {
+    fn reconcile(&self, st: &mut PairState<Q>, vrings: &[Vring], base: u64) {
         if !st.state_fds_registered {
             for v in vrings {
                 self.register(st, v.state_fd(), EventSet::IN, base + VRING_STATE);
@@ -316,7 +315,7 @@ impl PairWorker {
         Ok(())
     }
 
-    fn host_rx_failure(&self, st: &mut PairState, base: u64, why: &str) {
+    fn host_rx_failure(&self, st: &mut PairState<Q>, base: u64, why: &str) {
         if st.rx_watch {
             self.unregister(st, self.tap.as_raw_fd(), EventSet::IN, base + TAP_IN);
             st.rx_watch = false;
@@ -328,7 +327,7 @@ impl PairWorker {
         }
     }
 
-    fn service(&self, st: &mut PairState, vrings: &[Vring], base: u64, mut run_tx: bool) {
+    fn service(&self, st: &mut PairState<Q>, vrings: &[Vring], base: u64, mut run_tx: bool) {
         let Some(atomic) = st.mem.clone() else {
             return;
         };

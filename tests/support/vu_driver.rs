@@ -1,0 +1,335 @@
+//! A minimal virtio-net "guest driver" over a real vhost-user connection, for tests.
+//!
+//! It plays QEMU's part (the vhost-user frontend, through the `vhost` crate's `Frontend`) and
+//! the guest driver's part (split rings in memfd-backed shared memory), so tests can drive
+//! macvhost over its real socket without a VM and can also misbehave on purpose.
+#![allow(dead_code)]
+
+use std::fs::File;
+use std::os::fd::AsRawFd;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+use vhost::vhost_user::{Frontend, VhostUserFrontend};
+use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
+use vm_memory::{
+    Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
+};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+/// virtio descriptor flags.
+pub const VIRTQ_DESC_F_NEXT: u16 = 1;
+pub const VIRTQ_DESC_F_WRITE: u16 = 2;
+pub const VIRTQ_DESC_F_INDIRECT: u16 = 4;
+/// vnet header length with VERSION_1.
+pub const HDR_LEN: usize = 12;
+/// Where the frontend pretends guest memory lives in its own address space (translated by
+/// the backend from vring addresses).
+const VMM_BASE: u64 = 0x7f00_0000_0000;
+
+/// One split virtqueue laid out in guest memory.
+#[derive(Debug, Clone)]
+pub struct Ring {
+    pub size: u16,
+    pub desc: u64,
+    pub avail: u64,
+    pub used: u64,
+    /// Buffer area: descriptor i owns [bufs + i*buf_size, +buf_size).
+    pub bufs: u64,
+    pub buf_size: u64,
+    pub avail_idx: u16,
+    pub used_seen: u16,
+    pub free: Vec<u16>,
+    pub kick: std::sync::Arc<EventFd>,
+    pub call: std::sync::Arc<EventFd>,
+}
+
+/// The fake guest.
+pub struct VuGuest {
+    pub frontend: Frontend,
+    pub mem: GuestMemoryMmap,
+    pub memfd: File,
+    pub rings: Vec<Ring>,
+    pub acked_features: u64,
+}
+
+pub const MEM_SIZE: usize = 64 << 20;
+
+fn memfd(size: usize) -> File {
+    let fd = nix::sys::memfd::memfd_create(
+        c"vu-guest",
+        nix::sys::memfd::MFdFlags::MFD_CLOEXEC,
+    )
+    .expect("memfd_create");
+    let f = File::from(fd);
+    f.set_len(size as u64).expect("ftruncate memfd");
+    f
+}
+
+impl VuGuest {
+    /// Connects to `sock` (retrying up to `timeout`), negotiates `features & offered`, maps
+    /// memory and sets up `pairs` queue pairs of `qsize` entries, all enabled.
+    pub fn connect(sock: &Path, pairs: usize, qsize: u16, features: u64, timeout: Duration) -> VuGuest {
+        let deadline = Instant::now() + timeout;
+        let frontend = loop {
+            match Frontend::connect(sock, (pairs * 2) as u64) {
+                Ok(f) => break f,
+                Err(e) if Instant::now() < deadline => {
+                    let _ = e;
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                Err(e) => panic!("cannot connect to {}: {e}", sock.display()),
+            }
+        };
+        let file = memfd(MEM_SIZE);
+        let mem = GuestMemoryMmap::from_ranges_with_files([(
+            GuestAddress(0),
+            MEM_SIZE,
+            Some(FileOffset::new(file.try_clone().unwrap(), 0)),
+        )])
+        .expect("map guest memory");
+        let mut g = VuGuest {
+            frontend,
+            mem,
+            memfd: file,
+            rings: Vec::new(),
+            acked_features: 0,
+        };
+        g.handshake(pairs, qsize, features);
+        g
+    }
+
+    fn handshake(&mut self, pairs: usize, qsize: u16, want: u64) {
+        let fe = &mut self.frontend;
+        fe.set_owner().expect("SET_OWNER");
+        let offered = fe.get_features().expect("GET_FEATURES");
+        assert!(offered & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() != 0);
+        let pf = fe.get_protocol_features().expect("GET_PROTOCOL_FEATURES");
+        let pf_want = pf
+            & (VhostUserProtocolFeatures::MQ
+                | VhostUserProtocolFeatures::REPLY_ACK
+                | VhostUserProtocolFeatures::CONFIG
+                | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS);
+        fe.set_protocol_features(pf_want).expect("SET_PROTOCOL_FEATURES");
+        let qn = fe.get_queue_num().expect("GET_QUEUE_NUM");
+        assert!(qn as usize >= pairs * 2, "backend offers {qn} queues");
+        let acked = offered & (want | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits());
+        fe.set_features(acked).expect("SET_FEATURES");
+        self.acked_features = acked;
+        self.set_mem_table();
+
+        // Layout: rings from 1 MiB, buffers from 4 MiB, 64 KiB+ per descriptor slot.
+        let buf_size = 0x1_0000u64 + 0x100;
+        let mut next_ring = 0x10_0000u64;
+        let mut next_buf = 0x40_0000u64;
+        for q in 0..pairs * 2 {
+            let size = u64::from(qsize);
+            let desc = next_ring;
+            let avail = desc + 16 * size;
+            let used = (avail + 6 + 2 * size + 3) & !3;
+            next_ring = (used + 6 + 8 * size + 0xfff) & !0xfff;
+            let bufs = next_buf;
+            next_buf += buf_size * size;
+            assert!(next_buf as usize <= MEM_SIZE, "guest memory too small");
+            let ring = Ring {
+                size: qsize,
+                desc,
+                avail,
+                used,
+                bufs,
+                buf_size,
+                avail_idx: 0,
+                used_seen: 0,
+                free: (0..qsize).rev().collect(),
+                kick: std::sync::Arc::new(EventFd::new(EFD_NONBLOCK).unwrap()),
+                call: std::sync::Arc::new(EventFd::new(EFD_NONBLOCK).unwrap()),
+            };
+            // Zero ring memory (a reconnect may reuse it).
+            self.mem
+                .write_slice(&vec![0u8; (next_ring - desc) as usize], GuestAddress(desc))
+                .unwrap();
+            let fe = &mut self.frontend;
+            fe.set_vring_num(q, qsize).expect("SET_VRING_NUM");
+            fe.set_vring_addr(
+                q,
+                &VringConfigData {
+                    queue_max_size: qsize,
+                    queue_size: qsize,
+                    flags: 0,
+                    desc_table_addr: VMM_BASE + desc,
+                    used_ring_addr: VMM_BASE + used,
+                    avail_ring_addr: VMM_BASE + avail,
+                    log_addr: None,
+                },
+            )
+            .expect("SET_VRING_ADDR");
+            fe.set_vring_base(q, 0).expect("SET_VRING_BASE");
+            fe.set_vring_call(q, &ring.call).expect("SET_VRING_CALL");
+            fe.set_vring_kick(q, &ring.kick).expect("SET_VRING_KICK");
+            self.rings.push(ring);
+        }
+        for q in 0..pairs * 2 {
+            self.frontend.set_vring_enable(q, true).expect("SET_VRING_ENABLE");
+        }
+    }
+
+    /// (Re)sends SET_MEM_TABLE for the one memfd region.
+    pub fn set_mem_table(&mut self) {
+        let region = self.mem.iter().next().unwrap();
+        let info = VhostUserMemoryRegionInfo {
+            guest_phys_addr: 0,
+            memory_size: region.len(),
+            userspace_addr: VMM_BASE,
+            mmap_offset: 0,
+            mmap_handle: self.memfd.as_raw_fd(),
+        };
+        self.frontend.set_mem_table(&[info]).expect("SET_MEM_TABLE");
+    }
+
+    pub fn rx(&self, pair: usize) -> usize {
+        pair * 2
+    }
+    pub fn tx(&self, pair: usize) -> usize {
+        pair * 2 + 1
+    }
+
+    /// Writes descriptor `i` of queue `q`.
+    pub fn write_desc(&self, q: usize, i: u16, addr: u64, len: u32, flags: u16, next: u16) {
+        let r = &self.rings[q];
+        let base = GuestAddress(r.desc + 16 * u64::from(i));
+        self.mem.write_obj(addr.to_le(), base).unwrap();
+        self.mem.write_obj(len.to_le(), base.unchecked_add(8)).unwrap();
+        self.mem.write_obj(flags.to_le(), base.unchecked_add(12)).unwrap();
+        self.mem.write_obj(next.to_le(), base.unchecked_add(14)).unwrap();
+    }
+
+    /// Makes `head` available on queue `q` (without kicking).
+    pub fn push_avail(&mut self, q: usize, head: u16) {
+        let r = &mut self.rings[q];
+        let slot = r.avail + 4 + 2 * u64::from(r.avail_idx % r.size);
+        self.mem.write_obj(head.to_le(), GuestAddress(slot)).unwrap();
+        r.avail_idx = r.avail_idx.wrapping_add(1);
+        std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+        self.mem
+            .write_obj(r.avail_idx.to_le(), GuestAddress(r.avail + 2))
+            .unwrap();
+    }
+
+    /// Overwrites the avail index (for hostile-ring tests).
+    pub fn set_avail_idx(&mut self, q: usize, idx: u16) {
+        self.rings[q].avail_idx = idx;
+        self.mem
+            .write_obj(idx.to_le(), GuestAddress(self.rings[q].avail + 2))
+            .unwrap();
+    }
+
+    pub fn kick(&self, q: usize) {
+        self.rings[q].kick.write(1).unwrap();
+    }
+
+    /// Queues one TX frame (a zeroed 12-byte vnet header is prepended), in `segments` pieces.
+    pub fn send(&mut self, pair: usize, frame: &[u8]) -> bool {
+        let q = self.tx(pair);
+        let Some(i) = self.rings[q].free.pop() else {
+            return false;
+        };
+        let addr = self.rings[q].bufs + u64::from(i) * self.rings[q].buf_size;
+        self.mem.write_slice(&[0u8; HDR_LEN], GuestAddress(addr)).unwrap();
+        self.mem
+            .write_slice(frame, GuestAddress(addr + HDR_LEN as u64))
+            .unwrap();
+        self.write_desc(q, i, addr, (HDR_LEN + frame.len()) as u32, 0, 0);
+        self.push_avail(q, i);
+        true
+    }
+
+    /// Posts up to `n` RX buffers of `len` bytes on `pair`. Returns how many were posted.
+    pub fn post_rx(&mut self, pair: usize, n: usize, len: u32) -> usize {
+        let q = self.rx(pair);
+        let mut posted = 0;
+        while posted < n {
+            let Some(i) = self.rings[q].free.pop() else {
+                break;
+            };
+            let addr = self.rings[q].bufs + u64::from(i) * self.rings[q].buf_size;
+            self.write_desc(q, i, addr, len.min(self.rings[q].buf_size as u32), VIRTQ_DESC_F_WRITE, 0);
+            self.push_avail(q, i);
+            posted += 1;
+        }
+        posted
+    }
+
+    /// New used entries of queue `q` as (head, len); frees their slots.
+    pub fn take_used(&mut self, q: usize) -> Vec<(u16, u32)> {
+        let r = &self.rings[q];
+        let used_idx: u16 = u16::from_le(self.mem.read_obj(GuestAddress(r.used + 2)).unwrap());
+        let mut out = Vec::new();
+        let mut seen = r.used_seen;
+        while seen != used_idx {
+            let e = r.used + 4 + 8 * u64::from(seen % r.size);
+            let id: u32 = u32::from_le(self.mem.read_obj(GuestAddress(e)).unwrap());
+            let len: u32 = u32::from_le(self.mem.read_obj(GuestAddress(e + 4)).unwrap());
+            out.push((id as u16, len));
+            seen = seen.wrapping_add(1);
+        }
+        let r = &mut self.rings[q];
+        r.used_seen = seen;
+        for (id, _) in &out {
+            if *id < r.size {
+                r.free.push(*id);
+            }
+        }
+        out
+    }
+
+    /// Bytes of RX buffer `head` on `pair`.
+    pub fn rx_buffer(&self, pair: usize, head: u16, len: u32) -> Vec<u8> {
+        let r = &self.rings[self.rx(pair)];
+        let mut v = vec![0u8; len as usize];
+        self.mem
+            .read_slice(&mut v, GuestAddress(r.bufs + u64::from(head) * r.buf_size))
+            .unwrap();
+        v
+    }
+
+    /// Collects received frames on `pair` (vnet header stripped; MRG_RXBUF frames are merged).
+    pub fn recv_frames(&mut self, pair: usize) -> Vec<Vec<u8>> {
+        let used = self.take_used(self.rx(pair));
+        let mut frames = Vec::new();
+        let mut it = used.into_iter();
+        while let Some((head, len)) = it.next() {
+            let first = self.rx_buffer(pair, head, len);
+            if first.len() < HDR_LEN {
+                continue;
+            }
+            let nbuf = u16::from_le_bytes([first[10], first[11]]).max(1);
+            let mut frame = first[HDR_LEN..].to_vec();
+            for _ in 1..nbuf {
+                if let Some((h, l)) = it.next() {
+                    frame.extend(self.rx_buffer(pair, h, l));
+                }
+            }
+            frames.push(frame);
+        }
+        frames
+    }
+
+    /// Waits until `cond` holds, polling every millisecond, up to `timeout`.
+    pub fn wait_until(&mut self, timeout: Duration, mut cond: impl FnMut(&mut VuGuest) -> bool) -> bool {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if cond(self) {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        cond(self)
+    }
+}
+
+/// A socket path for one test, in a fresh temp dir.
+pub fn socket_in(dir: &tempfile::TempDir, name: &str) -> std::path::PathBuf {
+    dir.path().join(name)
+}
+

@@ -62,7 +62,7 @@ impl QueueControl for crate::host::TapQueue {
 }
 
 /// What a connection's device needs to know about the host side.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct HostSide<Q> {
     /// One queue per queue pair.
     pub queues: Vec<Arc<Q>>,
@@ -161,6 +161,16 @@ pub fn offered_features(tun_offloads: u32, queue_pairs: u16) -> u64 {
         }
     }
     f
+}
+
+impl<Q> Clone for HostSide<Q> {
+    fn clone(&self) -> Self {
+        HostSide {
+            queues: self.queues.clone(),
+            supported_offloads: self.supported_offloads,
+            carrier: self.carrier,
+        }
+    }
 }
 
 impl<Q: QueueControl> NetBackend<Q> {

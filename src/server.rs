@@ -16,7 +16,7 @@ use vhost::vhost_user::Listener;
 use vhost_user_backend::{ShutdownHandle, VhostUserDaemon};
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 
-use crate::backend::{DeviceIdentity, HostSide, NetBackend};
+use crate::backend::{DeviceIdentity, HostSide, NetBackend, QueueControl};
 use crate::config::{Config, MacAddr, SocketMode};
 use crate::datapath::QueueStats;
 use crate::host::{HostDevice, HostError, HostKind};
@@ -161,14 +161,10 @@ fn device_identity(config: &Config, host: &HostDevice) -> Result<DeviceIdentity,
 
 /// Runs until SIGTERM/SIGINT. Returns Ok on a clean stop.
 pub fn run(config: Config) -> Result<(), ServerError> {
-    let stopper = Arc::new(Stopper::default());
-    install_signal_thread(stopper.clone())?;
+    let stopper = StopHandle::default();
+    install_signal_thread(stopper.0.clone())?;
 
-    let host = Arc::new(HostDevice::open(&config.host, config.queue_pairs)?);
-    // No frontend yet: keep the kernel from queueing frames nobody will read.
-    for q in host.queues() {
-        let _ = q.detach();
-    }
+    let host = HostDevice::open(&config.host, config.queue_pairs)?;
     let identity = device_identity(&config, &host)?;
     let stats: Vec<Arc<QueueStats>> = (0..config.queue_pairs)
         .map(|_| Arc::new(QueueStats::default()))
@@ -194,7 +190,50 @@ pub fn run(config: Config) -> Result<(), ServerError> {
         tracing::info!("Prometheus metrics on http://{bound}/metrics");
     }
 
-    let mut listener = match &config.socket {
+    let side = HostSide {
+        queues: host.queues().to_vec(),
+        supported_offloads: host.supported_offloads(),
+        carrier: host.carrier(),
+    };
+    serve(&config.socket, identity, side, &stats, &stopper)
+}
+
+/// Stops a running [`serve`] loop from another thread (signals, tests).
+#[derive(Clone, Default)]
+pub struct StopHandle(Arc<Stopper>);
+
+impl std::fmt::Debug for StopHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StopHandle")
+            .field("stopping", &self.0.stopping())
+            .finish()
+    }
+}
+
+impl StopHandle {
+    /// Ends the current connection and the loop; `serve` then returns Ok.
+    pub fn stop(&self) {
+        self.0.stop()
+    }
+}
+
+/// Serves frontends one after another over `host` until `stop` is triggered.
+///
+/// The host queues and `stats` outlive every connection; each connection gets a fresh
+/// `NetBackend`. Generic over the queue type so tests can run it over fake host queues.
+pub fn serve<Q: QueueControl>(
+    socket: &SocketMode,
+    identity: DeviceIdentity,
+    host: HostSide<Q>,
+    stats: &[Arc<QueueStats>],
+    stop: &StopHandle,
+) -> Result<(), ServerError> {
+    let stopper = &stop.0;
+    // No frontend yet: keep the kernel from queueing frames nobody will read.
+    for q in &host.queues {
+        let _ = q.detach();
+    }
+    let mut listener = match socket {
         SocketMode::Listen(path) => {
             Some(
                 Listener::new(path, true).map_err(|source| ServerError::Listen {
@@ -211,17 +250,12 @@ pub fn run(config: Config) -> Result<(), ServerError> {
             .listener_fd
             .lock()
             .unwrap_or_else(|e| e.into_inner()) = Some(l.as_raw_fd());
-        tracing::info!(socket = ?config.socket, "listening for a vhost-user frontend");
+        tracing::info!(socket = ?socket, "listening for a vhost-user frontend");
     }
 
     while !stopper.stopping() {
-        let side = HostSide {
-            queues: host.queues().to_vec(),
-            supported_offloads: host.supported_offloads(),
-            carrier: host.carrier(),
-        };
         let backend =
-            Arc::new(NetBackend::new(identity, side, &stats).map_err(ServerError::Device)?);
+            Arc::new(NetBackend::new(identity, host.clone(), stats).map_err(ServerError::Device)?);
         let mut daemon = VhostUserDaemon::new(
             "macvhost".to_string(),
             backend.clone(),
@@ -230,9 +264,9 @@ pub fn run(config: Config) -> Result<(), ServerError> {
         .map_err(|e| ServerError::Daemon(e.to_string()))?;
         backend.set_epoll_handlers(daemon.get_epoll_handlers());
 
-        let started = match (&mut listener, &config.socket) {
+        let started = match (&mut listener, socket) {
             (Some(l), _) => daemon.start(l).map_err(|e| e.to_string()),
-            (None, SocketMode::Connect(path)) => connect_with_backoff(&mut daemon, path, &stopper),
+            (None, SocketMode::Connect(path)) => connect_with_backoff(&mut daemon, path, stopper),
             (None, _) => unreachable!("listening modes always have a listener"),
         };
         match started {
@@ -272,8 +306,8 @@ pub fn run(config: Config) -> Result<(), ServerError> {
     Ok(())
 }
 
-fn connect_with_backoff(
-    daemon: &mut VhostUserDaemon<Arc<NetBackend>>,
+fn connect_with_backoff<Q: QueueControl>(
+    daemon: &mut VhostUserDaemon<Arc<NetBackend<Q>>>,
     path: &Path,
     stopper: &Stopper,
 ) -> Result<(), String> {

@@ -14,7 +14,8 @@ use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatu
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
 use vm_memory::{
-    Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
+    Address, Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap,
+    GuestMemoryRegion,
 };
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
@@ -57,11 +58,8 @@ pub struct VuGuest {
 pub const MEM_SIZE: usize = 64 << 20;
 
 fn memfd(size: usize) -> File {
-    let fd = nix::sys::memfd::memfd_create(
-        c"vu-guest",
-        nix::sys::memfd::MFdFlags::MFD_CLOEXEC,
-    )
-    .expect("memfd_create");
+    let fd = nix::sys::memfd::memfd_create(c"vu-guest", nix::sys::memfd::MFdFlags::MFD_CLOEXEC)
+        .expect("memfd_create");
     let f = File::from(fd);
     f.set_len(size as u64).expect("ftruncate memfd");
     f
@@ -70,7 +68,13 @@ fn memfd(size: usize) -> File {
 impl VuGuest {
     /// Connects to `sock` (retrying up to `timeout`), negotiates `features & offered`, maps
     /// memory and sets up `pairs` queue pairs of `qsize` entries, all enabled.
-    pub fn connect(sock: &Path, pairs: usize, qsize: u16, features: u64, timeout: Duration) -> VuGuest {
+    pub fn connect(
+        sock: &Path,
+        pairs: usize,
+        qsize: u16,
+        features: u64,
+        timeout: Duration,
+    ) -> VuGuest {
         let deadline = Instant::now() + timeout;
         let frontend = loop {
             match Frontend::connect(sock, (pairs * 2) as u64) {
@@ -111,7 +115,8 @@ impl VuGuest {
                 | VhostUserProtocolFeatures::REPLY_ACK
                 | VhostUserProtocolFeatures::CONFIG
                 | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS);
-        fe.set_protocol_features(pf_want).expect("SET_PROTOCOL_FEATURES");
+        fe.set_protocol_features(pf_want)
+            .expect("SET_PROTOCOL_FEATURES");
         let qn = fe.get_queue_num().expect("GET_QUEUE_NUM");
         assert!(qn as usize >= pairs * 2, "backend offers {qn} queues");
         let acked = offered & (want | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits());
@@ -170,7 +175,9 @@ impl VuGuest {
             self.rings.push(ring);
         }
         for q in 0..pairs * 2 {
-            self.frontend.set_vring_enable(q, true).expect("SET_VRING_ENABLE");
+            self.frontend
+                .set_vring_enable(q, true)
+                .expect("SET_VRING_ENABLE");
         }
     }
 
@@ -199,16 +206,24 @@ impl VuGuest {
         let r = &self.rings[q];
         let base = GuestAddress(r.desc + 16 * u64::from(i));
         self.mem.write_obj(addr.to_le(), base).unwrap();
-        self.mem.write_obj(len.to_le(), base.unchecked_add(8)).unwrap();
-        self.mem.write_obj(flags.to_le(), base.unchecked_add(12)).unwrap();
-        self.mem.write_obj(next.to_le(), base.unchecked_add(14)).unwrap();
+        self.mem
+            .write_obj(len.to_le(), base.unchecked_add(8))
+            .unwrap();
+        self.mem
+            .write_obj(flags.to_le(), base.unchecked_add(12))
+            .unwrap();
+        self.mem
+            .write_obj(next.to_le(), base.unchecked_add(14))
+            .unwrap();
     }
 
     /// Makes `head` available on queue `q` (without kicking).
     pub fn push_avail(&mut self, q: usize, head: u16) {
         let r = &mut self.rings[q];
         let slot = r.avail + 4 + 2 * u64::from(r.avail_idx % r.size);
-        self.mem.write_obj(head.to_le(), GuestAddress(slot)).unwrap();
+        self.mem
+            .write_obj(head.to_le(), GuestAddress(slot))
+            .unwrap();
         r.avail_idx = r.avail_idx.wrapping_add(1);
         std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
         self.mem
@@ -235,7 +250,9 @@ impl VuGuest {
             return false;
         };
         let addr = self.rings[q].bufs + u64::from(i) * self.rings[q].buf_size;
-        self.mem.write_slice(&[0u8; HDR_LEN], GuestAddress(addr)).unwrap();
+        self.mem
+            .write_slice(&[0u8; HDR_LEN], GuestAddress(addr))
+            .unwrap();
         self.mem
             .write_slice(frame, GuestAddress(addr + HDR_LEN as u64))
             .unwrap();
@@ -253,7 +270,14 @@ impl VuGuest {
                 break;
             };
             let addr = self.rings[q].bufs + u64::from(i) * self.rings[q].buf_size;
-            self.write_desc(q, i, addr, len.min(self.rings[q].buf_size as u32), VIRTQ_DESC_F_WRITE, 0);
+            self.write_desc(
+                q,
+                i,
+                addr,
+                len.min(self.rings[q].buf_size as u32),
+                VIRTQ_DESC_F_WRITE,
+                0,
+            );
             self.push_avail(q, i);
             posted += 1;
         }
@@ -316,7 +340,11 @@ impl VuGuest {
     }
 
     /// Waits until `cond` holds, polling every millisecond, up to `timeout`.
-    pub fn wait_until(&mut self, timeout: Duration, mut cond: impl FnMut(&mut VuGuest) -> bool) -> bool {
+    pub fn wait_until(
+        &mut self,
+        timeout: Duration,
+        mut cond: impl FnMut(&mut VuGuest) -> bool,
+    ) -> bool {
         let deadline = Instant::now() + timeout;
         while Instant::now() < deadline {
             if cond(self) {
@@ -332,4 +360,3 @@ impl VuGuest {
 pub fn socket_in(dir: &tempfile::TempDir, name: &str) -> std::path::PathBuf {
     dir.path().join(name)
 }
-

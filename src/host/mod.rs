@@ -33,6 +33,9 @@ pub const VNET_HDR_LEN: i32 = 12;
 /// vnet header length for legacy guests without VERSION_1 and MRG_RXBUF.
 pub const VNET_HDR_LEN_LEGACY: i32 = 10;
 
+/// Most queues one tap or macvtap can have (`MAX_TAP_QUEUES` in tun.c and tap.c).
+pub const MAX_QUEUE_PAIRS: u16 = 256;
+
 /// All `TUN_F_*` offload bits we know and probe.
 pub const TUN_F_ALL: u32 = libc::TUN_F_CSUM
     | libc::TUN_F_TSO4
@@ -70,6 +73,8 @@ pub enum HostError {
     BadTapFd { fd: RawFd, reason: String },
     #[error("at least one queue pair is needed")]
     NoQueues,
+    #[error("{0} queue pairs asked for; tap and macvtap take at most {MAX_QUEUE_PAIRS}")]
+    TooManyQueues(u16),
     #[error("interface {name:?} is not Ethernet (ARPHRD {arphrd})")]
     NotEthernet { name: String, arphrd: u16 },
 
@@ -132,6 +137,7 @@ impl HostError {
                 | HostError::FdCount { .. }
                 | HostError::BadTapFd { .. }
                 | HostError::NoQueues
+                | HostError::TooManyQueues(_)
                 | HostError::NotEthernet { .. }
         )
     }
@@ -186,6 +192,9 @@ impl HostDevice {
     pub fn open(spec: &HostSpec, queue_pairs: u16) -> Result<HostDevice, HostError> {
         if queue_pairs == 0 {
             return Err(HostError::NoQueues);
+        }
+        if queue_pairs > MAX_QUEUE_PAIRS {
+            return Err(HostError::TooManyQueues(queue_pairs));
         }
         let link = link::Link::new()?;
         let opened = match spec {

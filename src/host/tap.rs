@@ -46,12 +46,12 @@ pub fn open(link: &Link, iface: &str, queues: u16) -> Result<Opened, HostError> 
         }
         None => queues > 1,
     };
-    let flags = QUEUE_FLAGS
-        | if multi_queue {
-            libc::IFF_MULTI_QUEUE
-        } else {
-            0
-        };
+    let mq_flag = if multi_queue {
+        libc::IFF_MULTI_QUEUE
+    } else {
+        0
+    };
+    let flags = QUEUE_FLAGS | mq_flag;
 
     // The kernel may rename on creation (`tap%d`); later queues must use the real name.
     let mut name = iface.to_owned();

@@ -62,6 +62,27 @@ fn send_via_queue(q: &TapQueue, frame: &[u8]) -> usize {
     q.send_frame(&buf).unwrap()
 }
 
+/// Like `send_via_queue`, but returns the kernel's answer instead of unwrapping it.
+fn try_send(q: &TapQueue, frame: &[u8]) -> std::io::Result<usize> {
+    let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x1000)]).unwrap();
+    mem.write_slice(frame, GuestAddress(VNET_HDR_LEN as u64))
+        .unwrap();
+    let mut buf = IoVecBuf::with_capacity(1);
+    buf.push(
+        &mem.get_slice(GuestAddress(0), VNET_HDR_LEN as usize + frame.len())
+            .unwrap(),
+    );
+    q.send_frame(&buf)
+}
+
+fn sysfs_counter(iface: &str, name: &str) -> u64 {
+    fs::read_to_string(format!("/sys/class/net/{iface}/statistics/{name}"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap()
+}
+
 /// Reads one frame from `q` through the datapath entry point, waiting up to `timeout`.
 /// Returns the frame without its vnet header.
 fn recv_via_queue(q: &TapQueue, timeout: Duration) -> Option<Vec<u8>> {
@@ -161,9 +182,12 @@ fn raw_tun(name: &str, flags: i32) -> OwnedFd {
 // Unprivileged
 
 #[test]
-fn zero_queue_pairs_is_refused() {
+fn queue_pair_count_is_bounded() {
     let err = HostDevice::open(&tap("tap0"), 0).unwrap_err();
     assert!(matches!(err, HostError::NoQueues));
+    assert!(err.is_operator_error());
+    let err = HostDevice::open(&tap("tap0"), 257).unwrap_err();
+    assert!(matches!(err, HostError::TooManyQueues(257)), "{err}");
     assert!(err.is_operator_error());
 }
 
@@ -774,5 +798,120 @@ fn macvtap_fds_from_a_manager_are_accepted() {
         assert!(OFlag::from_bits_retain(fl).contains(OFlag::O_NONBLOCK));
         dev.queues()[1].detach().unwrap();
         dev.queues()[1].attach().unwrap();
+    });
+}
+
+// ---------------------------------------------------------------------------------------------
+// Kernel behaviour the worker has to live with (privileged)
+
+#[test]
+fn writes_on_down_and_deleted_links() {
+    need_root!("writes_on_down_and_deleted_links");
+    let ns = NetNs::new();
+    ns.with_macvtap(free_ifindex());
+    ns.run(|| {
+        let frame = eth_frame([0xff; 6], [0x02, 0, 0, 0, 0, 1], b"down");
+
+        // macvtap down: the write "succeeds" and the macvtap counts the frame as tx_dropped.
+        let mv = HostDevice::open(&macvtap("mvt0"), 1).unwrap();
+        let q = &mv.queues()[0];
+        let dropped = sysfs_counter("mvt0", "tx_dropped");
+        assert_eq!(try_send(q, &frame).unwrap(), 12 + frame.len());
+        assert_eq!(sysfs_counter("mvt0", "tx_dropped"), dropped + 1);
+
+        // macvtap deleted: writes still "succeed", reads say EAGAIN, poll never reports an error;
+        // only TUNGETIFF (ENOLINK) and the link facts tell.
+        testns::ip(&["link", "del", "mvt0"]);
+        assert_eq!(try_send(q, &frame).unwrap(), 12 + frame.len());
+        let mut fds = [PollFd::new(q.as_fd(), PollFlags::POLLIN)];
+        poll(&mut fds, PollTimeout::ZERO).unwrap();
+        let revents = fds[0].revents().unwrap();
+        assert!(!revents.intersects(PollFlags::POLLERR | PollFlags::POLLHUP | PollFlags::POLLIN));
+        let err = sys::tun_get_iff(q.as_fd()).unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::ENOLINK));
+        assert!(!mv.carrier());
+
+        // tap down: the write fails with EIO.
+        let tp = HostDevice::open(&tap("mvhtap9"), 1).unwrap();
+        let q = &tp.queues()[0];
+        testns::ip(&["link", "set", "mvhtap9", "down"]);
+        let err = try_send(q, &frame).unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::EIO));
+
+        // tap deleted: EBADFD, and poll reports POLLERR.
+        testns::ip(&["link", "del", "mvhtap9"]);
+        let err = try_send(q, &frame).unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::EBADFD));
+        let mut fds = [PollFd::new(q.as_fd(), PollFlags::POLLIN)];
+        poll(&mut fds, PollTimeout::ZERO).unwrap();
+        assert!(fds[0].revents().unwrap().contains(PollFlags::POLLERR));
+    });
+}
+
+#[test]
+fn tap_name_template_is_resolved() {
+    need_root!("tap_name_template_is_resolved");
+    let ns = NetNs::new();
+    ns.run(|| {
+        // The kernel expands `%d` on creation; every queue must join that one tap.
+        let dev = HostDevice::open(&tap("mvh%d"), 2).unwrap();
+        assert_eq!(dev.ifname(), "mvh0");
+        assert_eq!(dev.ifindex(), ifindex_in_ns("mvh0"));
+        for q in dev.queues() {
+            assert_eq!(queue_flags(q).0, "mvh0");
+        }
+    });
+}
+
+#[test]
+fn fds_of_a_same_named_link_in_another_namespace_are_refused() {
+    need_root!("fds_of_a_same_named_link_in_another_namespace_are_refused");
+    // Namespace A holds the devices behind the fds; B has links with the same names (and, for
+    // the macvtap, the same ifindex) and is where the backend runs.
+    let (a, b) = (NetNs::new(), NetNs::new());
+    let index = free_ifindex();
+    a.with_macvtap(index);
+    b.with_macvtap(index);
+    b.ip(&[
+        "tuntap",
+        "add",
+        "dev",
+        "twin0",
+        "mode",
+        "tap",
+        "multi_queue",
+    ]);
+    let (tun_fd, mvt_fd) = a.run(|| {
+        let tun = raw_tun("twin0", TAP_FLAGS | libc::IFF_MULTI_QUEUE);
+        // /dev/tapN is A's or B's node, whichever devtmpfs made first: open A's by its number.
+        let dev = macvtap::char_dev(&link::Link::new().unwrap(), "mvt0", index).unwrap();
+        let node = macvtap::DevNode::resolve(std::path::Path::new("/dev"), index, dev).unwrap();
+        let mvt: OwnedFd = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(node.path())
+            .unwrap()
+            .into();
+        (tun, mvt)
+    });
+    b.run(|| {
+        let open = |fd: &OwnedFd| {
+            HostDevice::open(
+                &HostSpec::TapFds {
+                    fds: vec![fd.as_raw_fd()],
+                },
+                1,
+            )
+        };
+        let err = open(&tun_fd).unwrap_err();
+        assert!(
+            matches!(&err, HostError::BadTapFd { reason, .. } if reason.contains("another network namespace")),
+            "{err}"
+        );
+        let err = open(&mvt_fd).unwrap_err();
+        assert!(
+            matches!(&err, HostError::BadTapFd { reason, .. } if reason.contains("not a queue of macvtap")),
+            "{err}"
+        );
     });
 }

@@ -3,9 +3,9 @@
 //! [`HostDevice::open`] turns a [`HostSpec`] (from the command line) into one nonblocking queue
 //! fd per queue pair, each with `IFF_VNET_HDR` and a 12-byte header, and probes which
 //! `TUNSETOFFLOAD` bits the device takes. Each [`TapQueue`] is the datapath's
-//! [`HostQueue`](crate::datapath::HostQueue).
+//! [`HostQueue`].
 //!
-//! - [`sys`]: every `unsafe` (ioctls, fd duplication).
+//! - `sys`: every `unsafe` (ioctls, fd duplication).
 //! - `macvtap`: `/dev/tapN` lookup by ifindex and char-device number, stale-node handling.
 //! - `tap`: `/dev/net/tun` taps by name, and manager-passed fds.
 //! - `link`: ifindex/MAC/MTU/carrier through a control socket; sysfs only where unavoidable.

@@ -1,1 +1,456 @@
-//! The host side: tap and macvtap queue fds. (Being written: see the host contract.)
+//! The host side: macvtap and tap queue fds with a vnet header, and facts about their link.
+//!
+//! [`HostDevice::open`] turns a [`HostSpec`] (from the command line) into one nonblocking queue
+//! fd per queue pair, each with `IFF_VNET_HDR` and a 12-byte header, and probes which
+//! `TUNSETOFFLOAD` bits the device takes. Each [`TapQueue`] is the datapath's
+//! [`HostQueue`].
+//!
+//! - `sys`: every `unsafe` (ioctls, fd duplication).
+//! - `macvtap`: `/dev/tapN` lookup by ifindex and char-device number, stale-node handling.
+//! - `tap`: `/dev/net/tun` taps by name, and manager-passed fds.
+//! - `link`: ifindex/MAC/MTU/carrier through a control socket; sysfs only where unavoidable.
+
+mod link;
+mod macvtap;
+mod sys;
+mod tap;
+
+#[cfg(test)]
+mod testns;
+
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use crate::datapath::iovec::{readv_fd, writev_fd};
+use crate::datapath::{HostQueue, IoVecBuf};
+
+pub use link::validate_ifname;
+
+/// vnet header length set at open: `virtio_net_hdr_v1` (VERSION_1 or MRG_RXBUF guests).
+pub const VNET_HDR_LEN: i32 = 12;
+/// vnet header length for legacy guests without VERSION_1 and MRG_RXBUF.
+pub const VNET_HDR_LEN_LEGACY: i32 = 10;
+
+/// Most queues one tap or macvtap can have (`MAX_TAP_QUEUES` in tun.c and tap.c).
+pub const MAX_QUEUE_PAIRS: u16 = 256;
+
+/// All `TUN_F_*` offload bits we know and probe.
+pub const TUN_F_ALL: u32 = libc::TUN_F_CSUM
+    | libc::TUN_F_TSO4
+    | libc::TUN_F_TSO6
+    | libc::TUN_F_TSO_ECN
+    | libc::TUN_F_UFO
+    | libc::TUN_F_USO4
+    | libc::TUN_F_USO6;
+
+/// Errors of the host module. Operator errors (the command line names something unusable) are
+/// the ones [`HostError::is_operator_error`] returns true for; the rest are host failures.
+#[derive(Debug, thiserror::Error)]
+pub enum HostError {
+    // --- Operator errors ---
+    #[error("invalid interface name {name:?}: {reason}")]
+    InvalidIfName { name: String, reason: &'static str },
+    #[error("no network interface named {name:?} in this network namespace")]
+    NoSuchInterface { name: String },
+    #[error("interface {name:?} is not a macvtap")]
+    NotMacvtap { name: String },
+    #[error("interface {name:?} exists but is not a tap")]
+    NotTap { name: String },
+    #[error("interface {name:?} is a tun (layer 3) device; a tap (Ethernet) is needed")]
+    TunNotTap { name: String },
+    #[error(
+        "tap {name:?} exists without multi-queue support and cannot serve {queue_pairs} queue \
+         pairs; recreate it with `ip tuntap add dev {name} mode tap multi_queue` or use 1 pair"
+    )]
+    TapNotMultiQueue { name: String, queue_pairs: u16 },
+    #[error("tap {name:?} is already in use by another process")]
+    TapBusy { name: String },
+    #[error("{got} tap fds given for {expected} queue pairs; pass exactly one per queue pair")]
+    FdCount { expected: u16, got: usize },
+    #[error("tap fd {fd}: {reason}")]
+    BadTapFd { fd: RawFd, reason: String },
+    #[error("at least one queue pair is needed")]
+    NoQueues,
+    #[error("{0} queue pairs asked for; tap and macvtap take at most {MAX_QUEUE_PAIRS}")]
+    TooManyQueues(u16),
+    #[error("interface {name:?} is not Ethernet (ARPHRD {arphrd})")]
+    NotEthernet { name: String, arphrd: u16 },
+
+    // --- Caller (programming) errors ---
+    #[error("vnet header length {0} is not 10 (legacy) or 12 (VERSION_1 / MRG_RXBUF)")]
+    BadVnetHdrLen(i32),
+    #[error("queue {index} of {name:?} cannot be detached: the tap is not multi-queue")]
+    DetachUnsupported { name: String, index: usize },
+
+    // --- Host errors ---
+    #[error(
+        "/sys/class/net/{name} does not describe the interface this process sees: sysfs is \
+         mounted for another network namespace (enter it with `ip netns exec`, which remounts \
+         /sys)"
+    )]
+    SysfsOtherNetns { name: String },
+    #[error("reading {path}: {source}", path = path.display())]
+    Sysfs { path: PathBuf, source: io::Error },
+    #[error("{path} is not a character device; refusing to use it", path = path.display())]
+    DevNodeNotChar { path: PathBuf },
+    #[error("{path} opened device {got}, expected {want}", path = path.display())]
+    DevNodeChanged {
+        path: PathBuf,
+        want: String,
+        got: String,
+    },
+    #[error("cannot create device node {path}: {source}", path = path.display())]
+    Mknod { path: PathBuf, source: io::Error },
+    #[error("cannot open {path}: {source}", path = path.display())]
+    Open { path: PathBuf, source: io::Error },
+    #[error("{op} on {name:?} failed: {source}")]
+    Ioctl {
+        op: &'static str,
+        name: String,
+        source: io::Error,
+    },
+    #[error("{what}: {source}")]
+    Io {
+        what: &'static str,
+        source: io::Error,
+    },
+    #[error("kernel state of {name:?} is not what was set: {detail}")]
+    Verify { name: String, detail: String },
+    #[error("interface #{ifindex} no longer exists")]
+    LinkGone { ifindex: u32 },
+}
+
+impl HostError {
+    /// True when the operator's configuration is at fault rather than the host.
+    pub fn is_operator_error(&self) -> bool {
+        matches!(
+            self,
+            HostError::InvalidIfName { .. }
+                | HostError::NoSuchInterface { .. }
+                | HostError::NotMacvtap { .. }
+                | HostError::NotTap { .. }
+                | HostError::TunNotTap { .. }
+                | HostError::TapNotMultiQueue { .. }
+                | HostError::TapBusy { .. }
+                | HostError::FdCount { .. }
+                | HostError::BadTapFd { .. }
+                | HostError::NoQueues
+                | HostError::TooManyQueues(_)
+                | HostError::NotEthernet { .. }
+        )
+    }
+}
+
+/// What the operator asked for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HostSpec {
+    /// `--macvtap IFACE`: an existing macvtap, opened through `/dev/tapN`.
+    Macvtap { iface: String },
+    /// `--tap IFACE`: a tap, created when absent.
+    Tap { iface: String },
+    /// `--tap-fd FD[,FD...]`: queue fds (tap or macvtap) opened by a manager, one per pair.
+    TapFds { fds: Vec<RawFd> },
+}
+
+/// What kind of device the queues belong to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HostKind {
+    Macvtap,
+    Tap,
+}
+
+/// What `macvtap`/`tap` hand back: configured queue fds and the link they belong to.
+#[derive(Debug)]
+struct Opened {
+    kind: HostKind,
+    ifname: String,
+    ifindex: u32,
+    fds: Vec<OwnedFd>,
+    /// Queues can be detached (macvtap always; tun only with `IFF_MULTI_QUEUE`).
+    multi_queue: bool,
+}
+
+/// A host link with one queue fd per queue pair. Dropping it closes the queues (and removes a
+/// tap that [`HostDevice::open`] created).
+#[derive(Debug)]
+pub struct HostDevice {
+    kind: HostKind,
+    ifname: String,
+    ifindex: u32,
+    /// Control socket in the link's network namespace, so facts stay right from any thread.
+    link: link::Link,
+    queues: Vec<Arc<TapQueue>>,
+    offloads: u32,
+}
+
+impl HostDevice {
+    /// Opens `queue_pairs` queue fds (nonblocking, CLOEXEC, IFF_VNET_HDR, vnet hdr size 12).
+    ///
+    /// Runs in the calling thread's network namespace; see `link` for how sysfs is used.
+    pub fn open(spec: &HostSpec, queue_pairs: u16) -> Result<HostDevice, HostError> {
+        if queue_pairs == 0 {
+            return Err(HostError::NoQueues);
+        }
+        if queue_pairs > MAX_QUEUE_PAIRS {
+            return Err(HostError::TooManyQueues(queue_pairs));
+        }
+        let link = link::Link::new()?;
+        let opened = match spec {
+            HostSpec::Macvtap { iface } => {
+                validate_ifname(iface)?;
+                macvtap::open(&link, iface, queue_pairs)?
+            }
+            HostSpec::Tap { iface } => {
+                validate_ifname(iface)?;
+                tap::open(&link, iface, queue_pairs)?
+            }
+            HostSpec::TapFds { fds } => tap::from_fds(&link, fds, queue_pairs)?,
+        };
+        let name: Arc<str> = opened.ifname.as_str().into();
+        let queues: Vec<Arc<TapQueue>> = opened
+            .fds
+            .into_iter()
+            .enumerate()
+            .map(|(index, fd)| {
+                Arc::new(TapQueue {
+                    fd,
+                    index,
+                    ifname: name.clone(),
+                    kind: opened.kind,
+                    multi_queue: opened.multi_queue,
+                })
+            })
+            .collect();
+        let offloads = probe_offloads(|bits| sys::tun_set_offload(queues[0].fd.as_fd(), bits))
+            .map_err(|source| HostError::Ioctl {
+                op: "TUNSETOFFLOAD",
+                name: opened.ifname.clone(),
+                source,
+            })?;
+        tracing::debug!(iface = %opened.ifname, offloads = format_args!("{offloads:#x}"),
+            "probed tap offloads");
+        Ok(HostDevice {
+            kind: opened.kind,
+            ifname: opened.ifname,
+            ifindex: opened.ifindex,
+            link,
+            queues,
+            offloads,
+        })
+    }
+
+    pub fn queues(&self) -> &[Arc<TapQueue>] {
+        &self.queues
+    }
+
+    /// The interface name at open time.
+    pub fn ifname(&self) -> &str {
+        &self.ifname
+    }
+
+    pub fn ifindex(&self) -> u32 {
+        self.ifindex
+    }
+
+    pub fn kind(&self) -> HostKind {
+        self.kind
+    }
+
+    /// The link's current MAC (looked up by ifindex, so a rename does not matter).
+    pub fn mac(&self) -> Result<[u8; 6], HostError> {
+        let name = self.link.name_of(self.ifindex)?;
+        self.link.mac(&name)
+    }
+
+    /// The link's MTU.
+    pub fn mtu(&self) -> Result<u16, HostError> {
+        let name = self.link.name_of(self.ifindex)?;
+        let mtu = self.link.mtu(&name)?;
+        // Ethernet MTUs stop at 65535 (ETH_MAX_MTU); anything above means a bogus reply.
+        u16::try_from(mtu).map_err(|_| HostError::Verify {
+            name,
+            detail: format!("MTU {mtu} does not fit 16 bits"),
+        })
+    }
+
+    /// The link is administratively up and has carrier (for macvtap: its lower link too).
+    /// A link that vanished, or whose flags cannot be read, has no carrier.
+    pub fn carrier(&self) -> bool {
+        self.link
+            .name_of(self.ifindex)
+            .and_then(|name| self.link.carrier(&name))
+            .unwrap_or(false)
+    }
+
+    /// `TUN_F_*` bits that `TUNSETOFFLOAD` accepted on queue 0 when probed at open (CSUM, TSO4,
+    /// TSO6, TSO_ECN, UFO, USO4, USO6). Offloads are reset to 0 after probing.
+    ///
+    /// Both drivers take USO only as the pair USO4|USO6, and TSO_ECN only with a TSO bit, so
+    /// callers should set them that way (tun rejects USO4 alone with EINVAL; macvtap accepts it
+    /// and ignores it). UFO is accepted for compatibility but the kernel no longer produces UFO.
+    pub fn supported_offloads(&self) -> u32 {
+        self.offloads
+    }
+}
+
+/// Finds which offload bits the device accepts by trying combinations on one queue.
+///
+/// Every GSO bit needs CSUM. The kernel rejects unknown bits with EINVAL (how older kernels say
+/// "no USO"). tun also rejects TSO_ECN without a TSO bit and USO4 or USO6 alone, so those are
+/// probed in the combinations that mean something; macvtap accepts any known bit. Offloads end
+/// at 0: the datapath sets them from what the guest acks.
+fn probe_offloads(mut set: impl FnMut(u32) -> io::Result<()>) -> io::Result<u32> {
+    use libc::{
+        TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, TUN_F_TSO_ECN, TUN_F_UFO, TUN_F_USO4, TUN_F_USO6,
+    };
+    // (bits to try, bits credited when accepted)
+    const PROBES: [(u32, u32); 5] = [
+        (TUN_F_CSUM | TUN_F_TSO4, TUN_F_TSO4),
+        (TUN_F_CSUM | TUN_F_TSO6, TUN_F_TSO6),
+        (
+            TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6 | TUN_F_TSO_ECN,
+            TUN_F_TSO_ECN,
+        ),
+        (TUN_F_CSUM | TUN_F_UFO, TUN_F_UFO),
+        (
+            TUN_F_CSUM | TUN_F_USO4 | TUN_F_USO6,
+            TUN_F_USO4 | TUN_F_USO6,
+        ),
+    ];
+    let mut accepted = 0;
+    let mut try_set = |bits| match set(bits) {
+        Ok(()) => Ok(true),
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => Ok(false),
+        Err(e) => Err(e),
+    };
+    if try_set(TUN_F_CSUM)? {
+        accepted |= TUN_F_CSUM;
+        for (bits, credit) in PROBES {
+            if try_set(bits)? {
+                accepted |= credit;
+            }
+        }
+    }
+    set(0)?;
+    Ok(accepted)
+}
+
+/// One queue fd of a tap or macvtap.
+#[derive(Debug)]
+pub struct TapQueue {
+    fd: OwnedFd,
+    index: usize,
+    ifname: Arc<str>,
+    kind: HostKind,
+    multi_queue: bool,
+}
+
+impl TapQueue {
+    fn ioctl_err(&self, op: &'static str, source: io::Error) -> HostError {
+        HostError::Ioctl {
+            op,
+            name: self.ifname.to_string(),
+            source,
+        }
+    }
+
+    /// `TUNSETOFFLOAD`: the `TUN_F_*` offloads the reader of this queue accepts. Offloads are
+    /// per device, so this affects every queue of the link.
+    pub fn set_offload(&self, tun_flags: u32) -> Result<(), HostError> {
+        sys::tun_set_offload(self.fd.as_fd(), tun_flags)
+            .map_err(|e| self.ioctl_err("TUNSETOFFLOAD", e))
+    }
+
+    /// `TUNSETVNETHDRSZ`: 12 for VERSION_1 or MRG_RXBUF guests, 10 for legacy ones.
+    pub fn set_vnet_hdr_len(&self, len: i32) -> Result<(), HostError> {
+        if len != VNET_HDR_LEN && len != VNET_HDR_LEN_LEGACY {
+            return Err(HostError::BadVnetHdrLen(len));
+        }
+        sys::tun_set_vnet_hdr_sz(self.fd.as_fd(), len)
+            .map_err(|e| self.ioctl_err("TUNSETVNETHDRSZ", e))
+    }
+
+    /// `TUNGETVNETHDRSZ`.
+    pub fn vnet_hdr_len(&self) -> Result<i32, HostError> {
+        sys::tun_get_vnet_hdr_sz(self.fd.as_fd()).map_err(|e| self.ioctl_err("TUNGETVNETHDRSZ", e))
+    }
+
+    /// Whether the kernel currently steers frames to this queue: `Some` for tun (TUNGETIFF
+    /// reports `IFF_DETACH_QUEUE`), `None` for macvtap, which does not report it.
+    pub fn is_attached(&self) -> Result<Option<bool>, HostError> {
+        let req = sys::tun_get_iff(self.fd.as_fd()).map_err(|e| self.ioctl_err("TUNGETIFF", e))?;
+        Ok(match self.kind {
+            HostKind::Tap => Some(i32::from(req.flags() as u16) & libc::IFF_DETACH_QUEUE == 0),
+            HostKind::Macvtap => None,
+        })
+    }
+
+    /// `TUNSETQUEUE IFF_ATTACH_QUEUE`; succeeds without change if already attached.
+    pub fn attach(&self) -> Result<(), HostError> {
+        self.set_queue(libc::IFF_ATTACH_QUEUE, true)
+    }
+
+    /// `TUNSETQUEUE IFF_DETACH_QUEUE`: the kernel stops steering frames to this queue;
+    /// succeeds without change if already detached.
+    pub fn detach(&self) -> Result<(), HostError> {
+        if !self.multi_queue {
+            return Err(HostError::DetachUnsupported {
+                name: self.ifname.to_string(),
+                index: self.index,
+            });
+        }
+        self.set_queue(libc::IFF_DETACH_QUEUE, false)
+    }
+
+    fn set_queue(&self, flag: i32, attach: bool) -> Result<(), HostError> {
+        let err = match sys::tun_set_queue(self.fd.as_fd(), flag) {
+            Ok(()) => return Ok(()),
+            Err(e) => e,
+        };
+        // Both drivers answer EINVAL when the queue is already in the wanted state (and when
+        // the link is gone); ask the kernel which one it is.
+        if err.raw_os_error() == Some(libc::EINVAL) {
+            match self.is_attached() {
+                // tun says where the queue is.
+                Ok(Some(now)) if now == attach => return Ok(()),
+                // macvtap answers TUNGETIFF while its link exists, and then EINVAL can only mean
+                // the queue is already enabled/disabled.
+                Ok(None) => return Ok(()),
+                _ => {}
+            }
+        }
+        Err(self.ioctl_err("TUNSETQUEUE", err))
+    }
+
+    /// Position of this queue among the device's queues (= queue pair index).
+    pub fn index(&self) -> usize {
+        self.index
+    }
+}
+
+impl HostQueue for TapQueue {
+    fn send_frame(&self, frame: &IoVecBuf<'_>) -> io::Result<usize> {
+        writev_fd(self.fd.as_raw_fd(), frame)
+    }
+
+    fn recv_frame(&self, bufs: &IoVecBuf<'_>) -> io::Result<usize> {
+        readv_fd(self.fd.as_raw_fd(), bufs)
+    }
+}
+
+impl AsRawFd for TapQueue {
+    fn as_raw_fd(&self) -> RawFd {
+        self.fd.as_raw_fd()
+    }
+}
+
+impl AsFd for TapQueue {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+}
+
+#[cfg(test)]
+mod tests;

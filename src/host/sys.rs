@@ -1,0 +1,233 @@
+//! Every `unsafe` of the host module: tun/tap ioctls, interface ioctls and fd duplication.
+//!
+//! Each function is a thin, safe wrapper over one syscall. Callers pass `BorrowedFd`s, so an fd
+//! cannot be closed while the ioctl runs; the argument structs live on the stack for the call.
+
+use std::io;
+use std::os::fd::{BorrowedFd, FromRawFd, OwnedFd, RawFd};
+
+use vmm_sys_util::ioctl::{ioctl, ioctl_with_mut_ref, ioctl_with_ref, ioctl_with_val};
+
+/// `IFNAMSIZ`: interface names are at most 15 bytes plus the NUL.
+pub const IFNAMSIZ: usize = libc::IFNAMSIZ;
+
+/// `struct ifreq` as plain bytes: the name, then the 24-byte union read through accessors.
+///
+/// Keeping the union as bytes means no union field is ever read (which would be `unsafe`): every
+/// ioctl used here exchanges a `short`, an `int` or a `struct sockaddr` at offset 0 of the union.
+#[repr(C, align(8))]
+#[derive(Clone, Copy, Debug)]
+pub struct IfReq {
+    name: [u8; IFNAMSIZ],
+    data: [u8; 24],
+}
+
+// The kernel copies exactly `sizeof(struct ifreq)` bytes; ours must match libc's layout.
+const _: () = assert!(std::mem::size_of::<IfReq>() == std::mem::size_of::<libc::ifreq>());
+
+impl IfReq {
+    /// An all-zero request naming `name`. Names longer than 15 bytes are cut; callers validate
+    /// names first (`link::validate_ifname`).
+    pub fn new(name: &str) -> Self {
+        let mut req = IfReq {
+            name: [0; IFNAMSIZ],
+            data: [0; 24],
+        };
+        let n = name.len().min(IFNAMSIZ - 1);
+        req.name[..n].copy_from_slice(&name.as_bytes()[..n]);
+        req
+    }
+
+    /// The NUL-terminated name the kernel wrote back.
+    pub fn name(&self) -> String {
+        let end = self.name.iter().position(|&b| b == 0).unwrap_or(IFNAMSIZ);
+        String::from_utf8_lossy(&self.name[..end]).into_owned()
+    }
+
+    /// `ifr_flags` (a C `short`; interface flags above bit 15 are not reported through it).
+    pub fn flags(&self) -> i16 {
+        i16::from_ne_bytes([self.data[0], self.data[1]])
+    }
+
+    pub fn set_flags(&mut self, flags: i16) {
+        self.data[..2].copy_from_slice(&flags.to_ne_bytes());
+    }
+
+    /// `ifr_ifindex` / `ifr_mtu` (both a C `int` at offset 0).
+    pub fn int(&self) -> i32 {
+        i32::from_ne_bytes([self.data[0], self.data[1], self.data[2], self.data[3]])
+    }
+
+    pub fn set_int(&mut self, v: i32) {
+        self.data[..4].copy_from_slice(&v.to_ne_bytes());
+    }
+
+    /// `ifr_hwaddr`: (`sa_family`, first six bytes of `sa_data`).
+    pub fn hwaddr(&self) -> (u16, [u8; 6]) {
+        let family = u16::from_ne_bytes([self.data[0], self.data[1]]);
+        let mut mac = [0u8; 6];
+        mac.copy_from_slice(&self.data[2..8]);
+        (family, mac)
+    }
+}
+
+fn check(ret: libc::c_int) -> io::Result<libc::c_int> {
+    if ret < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(ret)
+    }
+}
+
+/// `TUNSETIFF`: binds a `/dev/net/tun` fd to (or creates) interface `req.name` with `req.flags`;
+/// on macvtap it only changes the queue's flags. The kernel writes the final name back into `req`.
+pub fn tun_set_iff(fd: BorrowedFd<'_>, req: &mut IfReq) -> io::Result<()> {
+    // SAFETY: `fd` is open for the call (borrowed); `req` is a valid, writable `struct ifreq`
+    // (size checked above) that outlives the call. The kernel reads and writes only that struct.
+    check(unsafe { ioctl_with_mut_ref(&fd, libc::TUNSETIFF as _, req) }).map(drop)
+}
+
+/// `TUNGETIFF`: the interface name and `IFF_*` flags of a tun or macvtap queue fd.
+pub fn tun_get_iff(fd: BorrowedFd<'_>) -> io::Result<IfReq> {
+    let mut req = IfReq::new("");
+    // SAFETY: as in `tun_set_iff`; the kernel only writes into `req`.
+    check(unsafe { ioctl_with_mut_ref(&fd, libc::TUNGETIFF as _, &mut req) })?;
+    Ok(req)
+}
+
+/// `TUNSETVNETHDRSZ`: the vnet header length prepended to every frame.
+pub fn tun_set_vnet_hdr_sz(fd: BorrowedFd<'_>, len: i32) -> io::Result<()> {
+    // SAFETY: `fd` is open for the call; the kernel reads one `int` from `&len`, which lives on
+    // the stack for the duration of the call.
+    check(unsafe { ioctl_with_ref(&fd, libc::TUNSETVNETHDRSZ as _, &len) }).map(drop)
+}
+
+/// `TUNGETVNETHDRSZ`.
+pub fn tun_get_vnet_hdr_sz(fd: BorrowedFd<'_>) -> io::Result<i32> {
+    let mut len: libc::c_int = 0;
+    // SAFETY: `fd` is open for the call; the kernel writes one `int` into `len`.
+    check(unsafe { ioctl_with_mut_ref(&fd, libc::TUNGETVNETHDRSZ as _, &mut len) })?;
+    Ok(len)
+}
+
+/// `TUNSETOFFLOAD`: the `TUN_F_*` offloads the reader of this fd accepts. The argument is passed
+/// by value, not by pointer.
+pub fn tun_set_offload(fd: BorrowedFd<'_>, tun_flags: u32) -> io::Result<()> {
+    // SAFETY: `fd` is open for the call; the argument is an integer, no memory is shared.
+    check(unsafe { ioctl_with_val(&fd, libc::TUNSETOFFLOAD as _, tun_flags.into()) }).map(drop)
+}
+
+/// `TUNSETQUEUE` with `IFF_ATTACH_QUEUE` or `IFF_DETACH_QUEUE`.
+pub fn tun_set_queue(fd: BorrowedFd<'_>, flags: i32) -> io::Result<()> {
+    let mut req = IfReq::new("");
+    // Flag values are below 0x8000, so they fit the C short.
+    req.set_flags(flags as i16);
+    // SAFETY: `fd` is open for the call; the kernel reads the `struct ifreq` at `&req`.
+    check(unsafe { ioctl_with_ref(&fd, libc::TUNSETQUEUE as _, &req) }).map(drop)
+}
+
+/// `TUNGETDEVNETNS` (tun only, Linux 5.2+): an fd for the network namespace of the tap.
+pub fn tun_get_dev_netns(fd: BorrowedFd<'_>) -> io::Result<OwnedFd> {
+    // SAFETY: `fd` is open for the call; this ioctl takes no argument and returns a new fd.
+    let ns = check(unsafe { ioctl(&fd, libc::TUNGETDEVNETNS as _) })?;
+    // SAFETY: on success the return value is a fresh fd installed for us and owned by nobody
+    // else, so taking ownership of it is sound.
+    Ok(unsafe { OwnedFd::from_raw_fd(ns) })
+}
+
+/// A close-on-exec duplicate of `raw`, an fd number handed to us by a manager.
+///
+/// We duplicate rather than take ownership: the number came from the command line, so nothing
+/// proves we are its only owner, and a duplicate can never be closed twice.
+pub fn dup_cloexec(raw: RawFd) -> io::Result<OwnedFd> {
+    // SAFETY: `fcntl(F_DUPFD_CLOEXEC)` takes integers only and touches no memory; if `raw` is
+    // not an open fd the kernel returns EBADF and nothing happens.
+    let new = check(unsafe { libc::fcntl(raw, libc::F_DUPFD_CLOEXEC, 0) })?;
+    // SAFETY: `new` is a fresh fd the kernel just installed; no one else owns it.
+    Ok(unsafe { OwnedFd::from_raw_fd(new) })
+}
+
+/// An interface ioctl (`SIOC*IF*`) on a control socket; the socket's network namespace decides
+/// which interfaces are visible.
+fn if_ioctl(sock: BorrowedFd<'_>, req: libc::c_ulong, ifr: &mut IfReq) -> io::Result<()> {
+    // SAFETY: `sock` is an open socket for the call; `ifr` is a valid, writable `struct ifreq`
+    // that outlives the call, and every request passed here exchanges only that struct.
+    check(unsafe { ioctl_with_mut_ref(&sock, req, ifr) }).map(drop)
+}
+
+/// `SIOCGIFINDEX`.
+pub fn if_index(sock: BorrowedFd<'_>, name: &str) -> io::Result<i32> {
+    let mut ifr = IfReq::new(name);
+    if_ioctl(sock, libc::SIOCGIFINDEX as _, &mut ifr)?;
+    Ok(ifr.int())
+}
+
+/// `SIOCGIFNAME`: the current name of interface `index` (follows renames).
+pub fn if_name(sock: BorrowedFd<'_>, index: i32) -> io::Result<String> {
+    let mut ifr = IfReq::new("");
+    ifr.set_int(index);
+    if_ioctl(sock, libc::SIOCGIFNAME as _, &mut ifr)?;
+    Ok(ifr.name())
+}
+
+/// `SIOCGIFHWADDR`: (`ARPHRD_*` type, first six address bytes).
+pub fn if_hwaddr(sock: BorrowedFd<'_>, name: &str) -> io::Result<(u16, [u8; 6])> {
+    let mut ifr = IfReq::new(name);
+    if_ioctl(sock, libc::SIOCGIFHWADDR as _, &mut ifr)?;
+    Ok(ifr.hwaddr())
+}
+
+/// `SIOCGIFMTU`.
+pub fn if_mtu(sock: BorrowedFd<'_>, name: &str) -> io::Result<i32> {
+    let mut ifr = IfReq::new(name);
+    if_ioctl(sock, libc::SIOCGIFMTU as _, &mut ifr)?;
+    Ok(ifr.int())
+}
+
+/// `SIOCGIFFLAGS` (the low 16 `IFF_*` bits: `IFF_UP`, `IFF_RUNNING`, ...).
+pub fn if_flags(sock: BorrowedFd<'_>, name: &str) -> io::Result<i16> {
+    let mut ifr = IfReq::new(name);
+    if_ioctl(sock, libc::SIOCGIFFLAGS as _, &mut ifr)?;
+    Ok(ifr.flags())
+}
+
+/// `SIOCSIFFLAGS`.
+pub fn if_set_flags(sock: BorrowedFd<'_>, name: &str, flags: i16) -> io::Result<()> {
+    let mut ifr = IfReq::new(name);
+    ifr.set_flags(flags);
+    if_ioctl(sock, libc::SIOCSIFFLAGS as _, &mut ifr)
+}
+
+/// Test helper: an `AF_PACKET` raw socket bound to interface `ifindex`, for all ethertypes, so
+/// plain `read`/`write` receive from and send on that one interface.
+#[cfg(test)]
+pub fn packet_socket(ifindex: i32) -> io::Result<OwnedFd> {
+    use std::os::fd::AsRawFd;
+
+    let proto = (libc::ETH_P_ALL as u16).to_be();
+    // SAFETY: integer-only syscall; on success it returns a fresh fd.
+    let raw = check(unsafe {
+        libc::socket(
+            libc::AF_PACKET,
+            libc::SOCK_RAW | libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK,
+            proto.into(),
+        )
+    })?;
+    // SAFETY: `raw` was just returned by socket(2) and is owned by no one else.
+    let sock = unsafe { OwnedFd::from_raw_fd(raw) };
+    // SAFETY: `sockaddr_ll` is plain old data; all-zero is a valid value.
+    let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+    sll.sll_family = libc::AF_PACKET as u16;
+    sll.sll_protocol = proto;
+    sll.sll_ifindex = ifindex;
+    // SAFETY: `sock` is open; the kernel reads `size_of::<sockaddr_ll>()` bytes from `&sll`,
+    // which lives on the stack for the call.
+    check(unsafe {
+        libc::bind(
+            sock.as_raw_fd(),
+            std::ptr::addr_of!(sll).cast(),
+            std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t,
+        )
+    })?;
+    Ok(sock)
+}

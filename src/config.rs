@@ -10,8 +10,7 @@ use clap::Parser;
 
 use crate::host::HostSpec;
 
-/// Most queue pairs a tap or macvtap supports (the kernel's MAX_TAP_QUEUES).
-pub const MAX_QUEUE_PAIRS: u16 = 256;
+pub use crate::host::MAX_QUEUE_PAIRS;
 /// Largest virtqueue size accepted (virtio-net in QEMU allows 1024).
 pub const MAX_QUEUE_SIZE: u16 = 1024;
 
@@ -309,14 +308,7 @@ impl TryFrom<Args> for Config {
 }
 
 fn check_ifname(flag: &'static str, name: &str) -> Result<(), ConfigError> {
-    // IFNAMSIZ is 16 including the NUL; '/' and whitespace cannot appear in a netdev name.
-    if name.is_empty() || name.len() > 15 {
-        return Err(bad(flag, format!("'{name}' is not 1..=15 characters")));
-    }
-    if name.contains(['/', ' ', ':']) || name == "." || name == ".." {
-        return Err(bad(flag, format!("'{name}' is not a valid interface name")));
-    }
-    Ok(())
+    crate::host::validate_ifname(name).map_err(|e| bad(flag, e.to_string()))
 }
 
 #[cfg(test)]

@@ -23,6 +23,7 @@ use std::io;
 use std::os::fd::AsRawFd;
 
 pub use iovec::IoVecBuf;
+pub use rx::{process_rx, RxOptions, RxOutcome, RxScratch};
 pub use stats::{QueueStats, StatsSnapshot};
 pub use tx::{process_tx, TxOptions, TxOutcome, TxScratch};
 

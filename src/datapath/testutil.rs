@@ -401,6 +401,11 @@ impl<'m> GuestQueue<'m> {
         out
     }
 
+    /// Every head published so far, in avail order.
+    pub fn avail_log(&self) -> &[u16] {
+        &self.avail_log
+    }
+
     /// Every used entry seen so far, in order.
     pub fn used_log(&self) -> &[(u16, u32)] {
         &self.used_log

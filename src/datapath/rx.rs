@@ -54,7 +54,7 @@
 //!
 //! # Broken ring policy
 //! As for TX (see `tx`): an avail index more than the queue size ahead, or rings outside guest
-//! memory, set [`RxOutcome::broken`] and count `queue_broken`; nothing more is read or used. The
+//! memory (an announced avail entry unreadable, the used ring unwritable), set [`RxOutcome::broken`] and count `queue_broken`; nothing more is read or used. The
 //! queue stays stopped until the frontend resets it; the worker logs it once.
 
 use std::io;
@@ -188,6 +188,7 @@ pub fn process_rx<M: GuestMemory, H: HostQueue>(
         win_descs: 0,
         work: 0,
         used: 0,
+        recheck: false,
         out: RxOutcome::default(),
     };
     rx.run();
@@ -229,6 +230,8 @@ struct Rx<'a, 'm, M: GuestMemory, H> {
     win_descs: usize,
     work: usize,
     used: usize,
+    /// Kicks were re-enabled and the guest's index said "more": the next gather must pop.
+    recheck: bool,
     out: RxOutcome,
 }
 
@@ -245,11 +248,17 @@ impl<'m, M: GuestMemory, H: HostQueue> Rx<'_, 'm, M, H> {
             match self.gather() {
                 Gather::Ready => {}
                 Gather::Stop => break,
+                Gather::RingEmpty if self.recheck => {
+                    // The avail index announced chains that cannot be read: do not spin.
+                    self.out.broken = true;
+                    break;
+                }
                 Gather::RingEmpty => {
                     // Ask for a kick while `next_avail` still covers the held chains, so that
                     // with EVENT_IDX `avail_event` is the guest's current avail index.
                     match self.queue.enable_notification(self.mem) {
                         Ok(true) => {
+                            self.recheck = true;
                             if self.queue.disable_notification(self.mem).is_err() {
                                 self.out.broken = true;
                             }
@@ -336,7 +345,10 @@ impl<'m, M: GuestMemory, H: HostQueue> Rx<'_, 'm, M, H> {
                 return Gather::Stop;
             }
             match pop(self.queue, self.mem) {
-                Pop::Chain(c) => self.hold(c),
+                Pop::Chain(c) => {
+                    self.recheck = false;
+                    self.hold(c);
+                }
                 Pop::Empty => {
                     // The guest cannot post more than the ring holds: use what there is.
                     if self.win_good > 0 && self.win_descs >= usize::from(self.queue.size()) {
@@ -1351,6 +1363,38 @@ mod tests {
         assert_eq!(gq.used_idx(), 0);
         assert_eq!(fx.host.recv_calls(), 0);
         assert!(fx.host.has_pending_rx());
+        expect_counters(fx.snap(), &[("queue_broken", 1)]);
+    }
+
+    #[test]
+    fn rx_unreadable_avail_entry_marks_broken_instead_of_spinning() {
+        for mrg in [false, true] {
+            let (mem, mut q) = queue_with_unreadable_avail_entry();
+            let mut fx = Fx::new(mrg, SMALL_MAX);
+            fx.host.inject_frame(&pattern_frame(HDR, 64, 3));
+
+            let out = fx.run(&mut q, &mem);
+
+            assert!(out.broken && !out.no_buffers, "mrg {mrg}");
+            assert_eq!(q.next_avail(), 200);
+            assert_eq!(fx.host.recv_calls(), 0);
+            expect_counters(fx.snap(), &[("queue_broken", 1)]);
+        }
+    }
+
+    #[test]
+    fn rx_used_ring_outside_memory_marks_broken() {
+        let mem = test_memory();
+        let mut gq = GuestQueue::new(&mem, 16);
+        post(&mut gq, 2, 2048, DATA_BASE);
+        let q0 = gq.create_queue();
+        let mut q = raw_queue(16, q0.desc_table(), q0.avail_ring(), HOLE_START);
+        let mut fx = Fx::new(false, SMALL_MAX);
+        fx.host.inject_frame(&pattern_frame(HDR, 64, 3));
+
+        let out = fx.run(&mut q, &mem);
+
+        assert!(out.broken);
         expect_counters(fx.snap(), &[("queue_broken", 1)]);
     }
 

@@ -81,6 +81,32 @@ pub fn read_guest(mem: &GuestMemoryMmap, addr: u64, len: usize) -> Vec<u8> {
     v
 }
 
+/// A ready `Queue` with arbitrary ring addresses, not validated (for rings outside memory).
+pub fn raw_queue(size: u16, desc_table: u64, avail: u64, used: u64) -> Queue {
+    let mut q = Queue::new(size).expect("queue size");
+    q.set_size(size);
+    q.try_set_desc_table_address(GuestAddress(desc_table))
+        .expect("desc table address");
+    q.try_set_avail_ring_address(GuestAddress(avail))
+        .expect("avail ring address");
+    q.try_set_used_ring_address(GuestAddress(used))
+        .expect("used ring address");
+    q.set_ready(true);
+    q
+}
+
+/// Guest memory and a 256-entry queue whose avail ring runs off the end of memory after slot
+/// 125, with `next_avail` = 200 and `avail.idx` = 201: the index announces a chain whose ring
+/// entry cannot be read.
+pub fn queue_with_unreadable_avail_entry() -> (GuestMemoryMmap, Queue) {
+    let mem = memory_of(&[(0, 0x2000), (0x1_0000, 0x1_0000)]);
+    let mut q = raw_queue(256, 0, 0x1f00, 0x1_0000);
+    q.set_next_avail(200);
+    mem.write_obj(201u16.to_le(), GuestAddress(0x1f02))
+        .expect("avail idx");
+    (mem, q)
+}
+
 /// A [`HostQueue`] over a datagram socketpair, with fault injection.
 #[derive(Debug)]
 pub struct FakeHostQueue {

@@ -38,8 +38,9 @@
 //! when something was put in the used ring.
 //!
 //! # Broken ring policy
-//! If the avail index is more than the queue size ahead of `next_avail` (or the ring is not in
-//! guest memory) the driver is broken or malicious: [`TxOutcome::broken`] is set, `queue_broken` is
+//! If the avail index is more than the queue size ahead of `next_avail`, or the rings are not in
+//! guest memory (an avail entry the index announces cannot be read, the used ring cannot be
+//! written), the driver is broken or malicious: [`TxOutcome::broken`] is set, `queue_broken` is
 //! counted and nothing more is touched. The worker must stop the queue until the frontend resets
 //! it, and log it once. Chains completed earlier in the same call are still notified.
 
@@ -177,10 +178,18 @@ fn tx_batch<'m, M: GuestMemory, H: HostQueue>(
     if queue.disable_notification(mem).is_err() {
         out.broken = true;
     }
+    // Set when the guest's avail index said "more" after kicks were re-enabled: the next pass
+    // must then pop something, or the ring entry is unreadable and we would spin.
+    let mut recheck = false;
     'batch: while !out.broken {
+        let mut popped = 0usize;
         while done < budget {
             let chain = match pop(queue, mem) {
                 Pop::Chain(c) => c,
+                Pop::Empty if recheck && popped == 0 => {
+                    out.broken = true;
+                    break 'batch;
+                }
                 Pop::Empty => break,
                 Pop::NotReady => break 'batch,
                 Pop::Broken => {
@@ -189,6 +198,7 @@ fn tx_batch<'m, M: GuestMemory, H: HostQueue>(
                 }
             };
             done += 1;
+            popped += 1;
             let head = chain.head_index();
             if head >= queue.size() {
                 QueueStats::inc(&stats.tx_drop_bad_chain);
@@ -236,6 +246,7 @@ fn tx_batch<'m, M: GuestMemory, H: HostQueue>(
         match queue.enable_notification(mem) {
             Ok(false) => break,
             Ok(true) => {
+                recheck = true;
                 if queue.disable_notification(mem).is_err() {
                     out.broken = true;
                 }
@@ -824,6 +835,34 @@ mod tests {
         assert!(!out.notify);
         assert_eq!(q.next_avail(), 0);
         assert_eq!(gq.used_idx(), 0, "used ring untouched");
+        assert_eq!(fx.host.send_calls(), 0);
+        expect_counters(fx.snap(), &[("queue_broken", 1)]);
+    }
+
+    #[test]
+    fn tx_unreadable_avail_entry_marks_broken_instead_of_spinning() {
+        let (mem, mut q) = queue_with_unreadable_avail_entry();
+        let mut fx = Fx::new();
+
+        let out = fx.run(&mut q, &mem, 64);
+
+        assert!(out.broken);
+        assert_eq!(q.next_avail(), 200);
+        expect_counters(fx.snap(), &[("queue_broken", 1)]);
+    }
+
+    #[test]
+    fn tx_used_ring_outside_memory_marks_broken() {
+        let mem = test_memory();
+        let mut gq = GuestQueue::new(&mem, 16);
+        gq.add_desc_chain(&[(DATA_BASE, 100, 0)]);
+        let q0 = gq.create_queue();
+        let mut q = raw_queue(16, q0.desc_table(), q0.avail_ring(), HOLE_START);
+        let mut fx = Fx::new();
+
+        let out = fx.run(&mut q, &mem, 64);
+
+        assert!(out.broken);
         assert_eq!(fx.host.send_calls(), 0);
         expect_counters(fx.snap(), &[("queue_broken", 1)]);
     }

@@ -92,10 +92,7 @@ impl QueueStats {
     /// Adds `n` to a counter. Only the queue pair's worker may call this.
     #[inline]
     pub fn add(counter: &AtomicU64, n: u64) {
-        counter.store(
-            counter.load(Ordering::Relaxed).wrapping_add(n),
-            Ordering::Relaxed,
-        );
+        counter.store(counter.load(Ordering::Relaxed).wrapping_add(n), Ordering::Relaxed);
     }
 
     /// Adds one to a counter. Only the queue pair's worker may call this.

@@ -313,7 +313,7 @@ impl<'m, M: GuestMemory, H: HostQueue> Rx<'_, 'm, M, H> {
         let mut out = self.out;
         let unused = self.held.len() - self.front;
         if unused > 0 {
-            // `unused` <= queue size <= 32768.
+            // `unused` <= queue size <= 32768 (see `gather`).
             let back = self.queue.next_avail().wrapping_sub(unused as u16);
             self.queue.set_next_avail(back);
         }
@@ -343,6 +343,12 @@ impl<'m, M: GuestMemory, H: HostQueue> Rx<'_, 'm, M, H> {
             if self.work >= self.budget {
                 self.out.more = true;
                 return Gather::Stop;
+            }
+            // Never hold more chains than the ring has entries: a driver re-publishing heads
+            // while we gather cannot grow the window (or the rewind) past the queue size. The
+            // window is not empty here (its front is live), so read into what there is.
+            if self.held.len() - self.front >= usize::from(self.queue.size()) {
+                return Gather::Ready;
             }
             match pop(self.queue, self.mem) {
                 Pop::Chain(c) => {

@@ -9,10 +9,13 @@
 //! - [`tx`]: guest → host, one `writev` per frame.
 //! - [`rx`]: host → guest, one `readv` per frame, MRG_RXBUF across chains.
 //! - [`stats`]: per-queue-pair counters, one per drop reason.
+//! - `testutil` (tests and feature `test-utils`): fake host queue, mock guest queues.
 
 pub mod iovec;
 pub mod rx;
 pub mod stats;
+#[cfg(any(test, feature = "test-utils"))]
+pub mod testutil;
 pub mod tx;
 pub mod vnet;
 
@@ -20,7 +23,9 @@ use std::io;
 use std::os::fd::AsRawFd;
 
 pub use iovec::IoVecBuf;
+pub use rx::{process_rx, RxOptions, RxOutcome, RxScratch};
 pub use stats::{QueueStats, StatsSnapshot};
+pub use tx::{process_tx, TxOptions, TxOutcome, TxScratch};
 
 /// One host queue (a tap or macvtap queue fd opened with a vnet header): one frame per call.
 ///

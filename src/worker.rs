@@ -58,7 +58,7 @@ impl PairSettings {
         PairSettings {
             hdr_len: vnet::vnet_hdr_len(features),
             mrg_rxbuf: features & (1 << VIRTIO_NET_F_MRG_RXBUF) != 0,
-            rx_max_frame_len: vnet::rx_max_frame_len(features, mtu),
+            rx_max_frame_len: vnet::rx_max_frame_len(features, usize::from(mtu)),
         }
     }
 }
@@ -404,8 +404,14 @@ impl<Q: QueueControl> PairWorker<Q> {
                     self.unregister(st, self.tap.as_raw_fd(), EventSet::IN, base + TAP_IN);
                     st.rx_watch = false;
                 }
-                if let Some(err) = out.host_error {
-                    self.host_rx_failure(st, base, &err.to_string());
+                match out.host_error {
+                    // One frame was lost (too big for the buffers); the queue is fine.
+                    Some(_) if out.more => {}
+                    Some(errno) => {
+                        let err = io::Error::from_raw_os_error(errno);
+                        self.host_rx_failure(st, base, &err.to_string());
+                    }
+                    None => {}
                 }
                 more |= out.more;
             }

@@ -279,7 +279,11 @@ pub fn serve<Q: QueueControl>(
                 }
                 tracing::info!("frontend connected");
                 match daemon.wait() {
-                    Ok(()) => tracing::info!("frontend disconnected"),
+                    Ok(())
+                    | Err(vhost_user_backend::Error::HandleRequest(
+                        vhost::vhost_user::Error::Disconnected
+                        | vhost::vhost_user::Error::PartialMessage,
+                    )) => tracing::info!("frontend disconnected"),
                     Err(e) if stopper.stopping() => tracing::debug!("connection ended: {e}"),
                     Err(e) => tracing::warn!("frontend connection ended with an error: {e}"),
                 }

@@ -86,6 +86,11 @@ impl VuGuest {
                 Err(e) => panic!("cannot connect to {}: {e}", sock.display()),
             }
         };
+        VuGuest::over(frontend, pairs, qsize, features)
+    }
+
+    /// Like [`VuGuest::connect`] over an already-connected frontend (backend in client mode).
+    pub fn over(frontend: Frontend, pairs: usize, qsize: u16, features: u64) -> VuGuest {
         let file = memfd(MEM_SIZE);
         let mem = GuestMemoryMmap::from_ranges_with_files([(
             GuestAddress(0),

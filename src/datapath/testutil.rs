@@ -195,6 +195,12 @@ impl FakeHostQueue {
     }
 }
 
+impl std::os::fd::AsFd for FakeHostQueue {
+    fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        self.dev.as_fd()
+    }
+}
+
 impl AsRawFd for FakeHostQueue {
     fn as_raw_fd(&self) -> RawFd {
         self.dev.as_raw_fd()

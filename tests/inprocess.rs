@@ -1,164 +1,19 @@
 //! The whole backend over a real vhost-user socket, with fake host queues (datagram
 //! socketpairs) instead of taps: runs without root. The frontend is `support::vu_driver`.
 
-#[path = "support/vu_driver.rs"]
-mod vu_driver;
+mod support {
+    #[path = "rig.rs"]
+    pub mod rig;
+    #[path = "vu_driver.rs"]
+    pub mod vu_driver;
+}
 
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
-use std::os::unix::net::UnixDatagram;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use macvhost::backend::{DeviceIdentity, HostSide, QueueControl};
-use macvhost::config::{MacAddr, SocketMode};
-use macvhost::datapath::iovec::{readv_fd, writev_fd};
-use macvhost::datapath::{HostQueue, IoVecBuf, QueueStats};
-use macvhost::server::{serve, StopHandle};
-use vu_driver::{VuGuest, HDR_LEN};
-
-#[derive(Debug)]
-struct FakeQueue {
-    ours: UnixDatagram,
-    attached: AtomicBool,
-    offloads: AtomicU32,
-    hdr_len: AtomicUsize,
-}
-
-impl AsRawFd for FakeQueue {
-    fn as_raw_fd(&self) -> RawFd {
-        self.ours.as_raw_fd()
-    }
-}
-impl AsFd for FakeQueue {
-    fn as_fd(&self) -> BorrowedFd<'_> {
-        self.ours.as_fd()
-    }
-}
-impl HostQueue for FakeQueue {
-    fn send_frame(&self, frame: &IoVecBuf<'_>) -> std::io::Result<usize> {
-        writev_fd(self.ours.as_raw_fd(), frame)
-    }
-    fn recv_frame(&self, bufs: &IoVecBuf<'_>) -> std::io::Result<usize> {
-        readv_fd(self.ours.as_raw_fd(), bufs)
-    }
-}
-impl QueueControl for FakeQueue {
-    fn set_offload(&self, f: u32) -> std::io::Result<()> {
-        self.offloads.store(f, Ordering::SeqCst);
-        Ok(())
-    }
-    fn set_vnet_hdr_len(&self, len: usize) -> std::io::Result<()> {
-        self.hdr_len.store(len, Ordering::SeqCst);
-        Ok(())
-    }
-    fn attach(&self) -> std::io::Result<()> {
-        self.attached.store(true, Ordering::SeqCst);
-        Ok(())
-    }
-    fn detach(&self) -> std::io::Result<()> {
-        self.attached.store(false, Ordering::SeqCst);
-        Ok(())
-    }
-}
-
-struct Rig {
-    dir: tempfile::TempDir,
-    sock: std::path::PathBuf,
-    queues: Vec<Arc<FakeQueue>>,
-    peers: Vec<UnixDatagram>,
-    stats: Vec<Arc<QueueStats>>,
-    stop: StopHandle,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl Rig {
-    fn start(pairs: u16) -> Rig {
-        let dir = tempfile::tempdir().unwrap();
-        let sock = dir.path().join("vu.sock");
-        Rig::start_with(pairs, dir, SocketMode::Listen(sock.clone()), sock)
-    }
-
-    fn start_with(
-        pairs: u16,
-        dir: tempfile::TempDir,
-        mode: SocketMode,
-        sock: std::path::PathBuf,
-    ) -> Rig {
-        let mut queues = Vec::new();
-        let mut peers = Vec::new();
-        for _ in 0..pairs {
-            let (a, b) = UnixDatagram::pair().unwrap();
-            a.set_nonblocking(true).unwrap();
-            b.set_read_timeout(Some(Duration::from_millis(2000)))
-                .unwrap();
-            queues.push(Arc::new(FakeQueue {
-                ours: a,
-                attached: AtomicBool::new(true),
-                offloads: AtomicU32::new(0),
-                hdr_len: AtomicUsize::new(12),
-            }));
-            peers.push(b);
-        }
-        let stats: Vec<_> = (0..pairs)
-            .map(|_| Arc::new(QueueStats::default()))
-            .collect();
-        let stop = StopHandle::default();
-        let identity = DeviceIdentity {
-            mac: MacAddr([0x52, 0x54, 0, 0x12, 0x34, 0x56]),
-            mtu: 1500,
-            queue_pairs: pairs,
-            queue_size: 256,
-        };
-        let side = HostSide {
-            queues: queues.clone(),
-            supported_offloads: 0x1f,
-            carrier: true,
-        };
-        let (s2, st2) = (stop.clone(), stats.clone());
-        let thread = std::thread::spawn(move || {
-            serve(&mode, identity, side, &st2, &s2).expect("serve");
-        });
-        Rig {
-            dir,
-            sock,
-            queues,
-            peers,
-            stats,
-            stop,
-            thread: Some(thread),
-        }
-    }
-
-    fn guest(&self, pairs: usize, features: u64) -> VuGuest {
-        VuGuest::connect(&self.sock, pairs, 256, features, Duration::from_secs(5))
-    }
-}
-
-impl Drop for Rig {
-    fn drop(&mut self) {
-        self.stop.stop();
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-        let _ = &self.dir;
-    }
-}
-
-const ALL: u64 = u64::MAX;
-const MRG_RXBUF: u64 = 1 << 15;
-
-fn frame(seq: u32, len: usize) -> Vec<u8> {
-    let mut f = vec![0u8; len];
-    f[..6].copy_from_slice(&[0x52, 0x54, 0, 0x12, 0x34, 0x56]);
-    f[6..12].copy_from_slice(&[0x02, 0, 0, 0, 0, 1]);
-    f[12..14].copy_from_slice(&0x88b5u16.to_be_bytes());
-    for (i, b) in f[14..].iter_mut().enumerate() {
-        *b = (seq as usize * 31 + i * 7) as u8;
-    }
-    f[14..18].copy_from_slice(&seq.to_be_bytes());
-    f
-}
+use macvhost::config::SocketMode;
+use support::rig::*;
+use support::vu_driver::{VuGuest, HDR_LEN};
 
 #[test]
 fn tx_frames_reach_the_host_queue_byte_exact() {
@@ -230,28 +85,6 @@ fn a_second_frontend_is_served_after_the_first_disconnects() {
     }
     // The worker bumps the counter just after the write the peer already saw.
     assert!(eventually(|| rig.stats[0].snapshot().tx_frames == 3));
-}
-
-fn eventually(mut cond: impl FnMut() -> bool) -> bool {
-    let deadline = std::time::Instant::now() + Duration::from_secs(2);
-    while std::time::Instant::now() < deadline {
-        if cond() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(1));
-    }
-    cond()
-}
-
-fn tx_one_and_check(rig: &Rig, g: &mut VuGuest, seq: u32) {
-    let f = frame(seq, 300);
-    assert!(g.send(0, &f));
-    g.kick(g.tx(0));
-    let mut buf = vec![0u8; 2048];
-    let n = rig.peers[0]
-        .recv(&mut buf)
-        .expect("frame on the host queue");
-    assert_eq!(&buf[HDR_LEN..n], &f[..]);
 }
 
 #[test]

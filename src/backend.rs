@@ -15,7 +15,7 @@ use vhost_user_backend::{VhostUserBackend, VringEpollHandler};
 use virtio_bindings::virtio_config::{VIRTIO_F_NOTIFY_ON_EMPTY, VIRTIO_F_VERSION_1};
 use virtio_bindings::virtio_net::*;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
-use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
@@ -336,6 +336,15 @@ impl<Q: QueueControl> VhostUserBackend for NetBackend<Q> {
     }
 
     fn update_memory(&self, mem: GuestMem) -> io::Result<()> {
+        // vhost-user-backend has already swapped the table in; if it is unsafe to touch, the
+        // workers get no memory at all (the datapath pauses) and the frontend gets an error.
+        if let Err(e) = check_regions_fit_files(&mem.memory()) {
+            tracing::error!("frontend sent a bad memory table: {e}");
+            for w in &self.workers {
+                w.clear_memory();
+            }
+            return Err(e);
+        }
         for w in &self.workers {
             w.set_memory(mem.clone());
         }
@@ -371,6 +380,40 @@ impl<Q: QueueControl> VhostUserBackend for NetBackend<Q> {
     }
 }
 
+/// Refuses regions that extend past the end of their backing file: touching such a page raises
+/// SIGBUS in the backend, so a frontend could kill us with one descriptor (fault class F3).
+/// A frontend shrinking its file later is not caught here; QEMU's memfd backend seals it.
+pub fn check_regions_fit_files(mem: &GuestMemoryMmap<()>) -> io::Result<()> {
+    use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+    for region in mem.iter() {
+        let Some(fo) = region.file_offset() else {
+            continue;
+        };
+        let meta = fo.file().metadata()?;
+        // Only regular files (memfd, tmpfs, hugetlbfs) have a meaningful length.
+        if !meta.file_type().is_file() {
+            continue;
+        }
+        let end = fo.start().checked_add(region.len()).ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "region offset + size overflows",
+            )
+        })?;
+        if end > meta.len() {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "region at guest address {:#x} needs {end} bytes of its file, which has {}",
+                    region.start_addr().0,
+                    meta.len()
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -391,5 +434,31 @@ mod tests {
         // TSO without checksum offload is meaningless; the tap would reject it too.
         let tso_only = offered_features(vnet::TUN_F_TSO4, 1);
         assert_eq!(tso_only & bit(VIRTIO_NET_F_HOST_TSO4), 0);
+    }
+
+    #[test]
+    fn memory_region_past_the_end_of_its_file_is_refused() {
+        use std::fs::File;
+        use vm_memory::{FileOffset, GuestAddress};
+        let file = File::from(
+            nix::sys::memfd::memfd_create(c"t", nix::sys::memfd::MFdFlags::empty()).unwrap(),
+        );
+        file.set_len(0x1000).unwrap();
+        let fits = GuestMemoryMmap::<()>::from_ranges_with_files([(
+            GuestAddress(0),
+            0x1000,
+            Some(FileOffset::new(file.try_clone().unwrap(), 0)),
+        )])
+        .unwrap();
+        assert!(check_regions_fit_files(&fits).is_ok());
+        // mmap happily maps past EOF; the first access would SIGBUS.
+        let too_big = GuestMemoryMmap::<()>::from_ranges_with_files([(
+            GuestAddress(0),
+            0x10_0000,
+            Some(FileOffset::new(file, 0)),
+        )])
+        .unwrap();
+        let err = check_regions_fit_files(&too_big).unwrap_err();
+        assert!(err.to_string().contains("needs 1048576 bytes"), "{err}");
     }
 }

@@ -154,6 +154,11 @@ impl<Q: QueueControl> PairWorker<Q> {
         self.lock().mem = Some(mem);
     }
 
+    /// The memory table is unusable: stop touching guest memory until a good one arrives.
+    pub fn clear_memory(&self) {
+        self.lock().mem = None;
+    }
+
     /// New acked features.
     pub fn set_settings(&self, settings: PairSettings) {
         self.lock().settings = settings;

@@ -114,6 +114,27 @@ pub struct NetBackend<Q: QueueControl = crate::host::TapQueue> {
     status: AtomicU16,
     acked_features: AtomicU64,
     backend_req: Mutex<Option<Backend>>,
+    /// Exit-event fds handed to vhost-user-backend, which registers them with `into_raw_fd()`
+    /// and never closes them (one leaked fd per worker per connection). Closed in `Drop`.
+    exit_consumer_fds: Mutex<Vec<std::os::fd::RawFd>>,
+}
+
+impl<Q: QueueControl> Drop for NetBackend<Q> {
+    fn drop(&mut self) {
+        // Every `VringEpollHandler` holds an `Arc` of this backend, so by now they are all
+        // gone, their epoll fds closed and their threads finished: nobody uses these fds.
+        let fds = std::mem::take(
+            self.exit_consumer_fds
+                .get_mut()
+                .unwrap_or_else(|e| e.into_inner()),
+        );
+        for fd in fds {
+            // SAFETY: `fd` came from an EventConsumer we created in `exit_event`; the epoll
+            // handler took it with `into_raw_fd()` and never closes it, so this is its only
+            // owner, and (see above) no thread can still be using it.
+            drop(unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) });
+        }
+    }
 }
 
 impl<Q: QueueControl> std::fmt::Debug for NetBackend<Q> {
@@ -222,6 +243,7 @@ impl<Q: QueueControl> NetBackend<Q> {
             status: AtomicU16::new(status),
             acked_features: AtomicU64::new(0),
             backend_req: Mutex::new(None),
+            exit_consumer_fds: Mutex::new(Vec::new()),
         })
     }
 
@@ -363,7 +385,13 @@ impl<Q: QueueControl> VhostUserBackend for NetBackend<Q> {
     }
 
     fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
-        new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC).ok()
+        let (consumer, notifier) =
+            new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC).ok()?;
+        self.exit_consumer_fds
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(std::os::fd::AsRawFd::as_raw_fd(&consumer));
+        Some((consumer, notifier))
     }
 
     fn handle_event(

@@ -115,9 +115,17 @@ impl Rig {
             carrier: true,
         };
         let (s2, st2) = (stop.clone(), stats.clone());
+        let listening = matches!(mode, SocketMode::Listen(_));
         let thread = std::thread::spawn(move || {
             serve(&mode, identity, side, &st2, &s2).expect("serve");
         });
+        if listening {
+            assert!(
+                eventually(|| sock.exists()),
+                "backend never bound {}",
+                sock.display()
+            );
+        }
         Rig {
             dir,
             sock,

@@ -130,7 +130,10 @@ impl VuGuest {
         self.set_mem_table();
 
         // Layout: rings from 1 MiB, buffers from 4 MiB, 64 KiB+ per descriptor slot.
-        let buf_size = 0x1_0000u64 + 0x100;
+        // 64 KiB + header per descriptor when it fits (non-MRG GSO guests need it), less with
+        // many queues.
+        let per_slot = (MEM_SIZE as u64 - 0x40_0000) / (pairs as u64 * 2 * u64::from(qsize));
+        let buf_size = (per_slot & !0xff).min(0x1_0000 + 0x100);
         let mut next_ring = 0x10_0000u64;
         let mut next_buf = 0x40_0000u64;
         for q in 0..pairs * 2 {

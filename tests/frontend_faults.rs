@@ -61,6 +61,9 @@ fn exchange(rig: &Rig, bytes: &[u8], fds: &[i32]) -> Vec<u8> {
     answer
 }
 
+/// One handshake step of a frontend.
+type Step = Box<dyn Fn(&mut Frontend)>;
+
 fn still_serving(rig: &Rig, seq: u32) {
     let mut g = rig.guest(1, ALL);
     tx_one_and_check(rig, &mut g, seq);
@@ -73,7 +76,7 @@ fn disconnect_at_every_handshake_stage_leaves_the_backend_serving() {
     for stage in 0..=12 {
         {
             let mut fe = Frontend::connect(&rig.sock, 2).expect("connect");
-            let steps: Vec<Box<dyn Fn(&mut Frontend)>> = vec![
+            let steps: Vec<Step> = vec![
                 Box::new(|fe| fe.set_owner().unwrap()),
                 Box::new(|fe| {
                     fe.get_features().unwrap();

@@ -578,7 +578,13 @@ pub struct Macvhost {
 }
 
 impl Macvhost {
-    pub const BINARY: &'static str = env!("CARGO_BIN_EXE_macvhost");
+    /// The binary under test: `$MACVHOST_BIN` if set (e.g. an installed build), else the one
+    /// cargo built for this test run.
+    pub fn binary() -> PathBuf {
+        std::env::var_os("MACVHOST_BIN")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_macvhost")))
+    }
 
     /// Spawns `ip netns exec NS macvhost --socket-path DIR/vhost.sock ARGS... --log-level debug`
     /// and waits until the socket file exists.
@@ -593,7 +599,7 @@ impl Macvhost {
         let log = dir.join(format!("{name}.log"));
         let out = File::create(&log).expect("create macvhost log");
         let child = ns
-            .command(Self::BINARY)
+            .command(Self::binary())
             .arg("--socket-path")
             .arg(&socket)
             .args(args)
@@ -786,6 +792,7 @@ impl Testpmd {
             &format!("--txq={q}"),
             "--auto-start",
             "--stats-period=1",
+            "--no-mlockall",
         ]
         .iter()
         .map(|s| s.to_string())

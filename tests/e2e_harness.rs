@@ -221,3 +221,49 @@ fn harness_testpmd_reconnect_over_dpdk_vhost_standin() {
     assert_eq!(standin.pid(), standin_pid);
     println!("{NAME}: {}; {:.2?}", reports.join("; "), t0.elapsed());
 }
+
+/// The macvtap half of the topology with the queue fds opened by the harness itself: frames for
+/// the macvtap's MAC reach its queues, writes come back out through `lower0` to `peer0`, UDP
+/// flows spread over all queues (flow hash), a single raw ethertype sticks to one queue.
+#[test]
+fn harness_macvtap_queues_reflect_and_spread_udp_flows() {
+    const NAME: &str = "harness_macvtap_queues_reflect_and_spread_udp_flows";
+    if !require_root(NAME) {
+        return;
+    }
+    let t0 = Instant::now();
+    let dir = tempfile::tempdir().unwrap();
+    let ns = Netns::new();
+    let topo = MacvtapTopo::create(&ns, "bridge");
+    let peer = Peer::open(&ns, topo.peer, topo.peer_mac, topo.macvtap_mac);
+
+    let refl = MacvtapReflector::start(&ns, &topo, dir.path(), 4);
+    peer.wait_for_echo(FrameKind::Raw, Duration::from_secs(5), || {});
+    let m0 = ns.stats(topo.macvtap);
+    let raw = peer.roundtrip(&Traffic::raw(2000));
+    raw.assert_lossless_byte_exact();
+    let raw_q = refl.stop();
+
+    let refl = MacvtapReflector::start(&ns, &topo, dir.path(), 4);
+    peer.wait_for_echo(FrameKind::Udp, Duration::from_secs(5), || {});
+    let udp = peer.roundtrip(&Traffic::udp(4000, 64));
+    udp.assert_lossless_byte_exact();
+    let udp_q = refl.stop();
+    let m = ns.stats(topo.macvtap).since(&m0);
+
+    assert_eq!(
+        raw_q.iter().filter(|&&n| n > 0).count(),
+        1,
+        "raw frames should all use one queue: {raw_q:?}"
+    );
+    assert!(
+        udp_q.iter().all(|&n| n > 0),
+        "UDP flows should reach every queue: {udp_q:?}"
+    );
+    assert!(m.rx_packets >= 6000 && m.tx_packets >= 6000, "mvt0 {m}");
+    println!(
+        "{NAME}: raw [{raw}] per-queue {raw_q:?}; udp [{udp}] per-queue {udp_q:?}; mvt0 [{m}]; \
+         {:.2?}",
+        t0.elapsed()
+    );
+}

@@ -1417,7 +1417,9 @@ impl Peer {
             len: t.len_of(seq),
         };
         loop {
-            while rep.sent < t.count && rep.sent - rep.received - written_off < t.window {
+            while rep.sent < t.count
+                && rep.sent.saturating_sub(rep.received + written_off) < t.window
+            {
                 let frame = self.frame_out(&tag_of(rep.sent));
                 self.send(&frame).expect("send");
                 rep.sent += 1;

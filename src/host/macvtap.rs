@@ -251,7 +251,9 @@ mod tests {
     #[test]
     fn missing_node_is_created_with_the_right_number() {
         if !is_root() {
-            eprintln!("skipped: missing_node_is_created_with_the_right_number needs root (mknod)");
+            crate::host::testns::print_skip(
+                "skipped: missing_node_is_created_with_the_right_number needs root (mknod)",
+            );
             return;
         }
         let dir = tempfile::tempdir().unwrap();
@@ -274,8 +276,8 @@ mod tests {
     #[test]
     fn stale_node_is_left_alone_and_a_private_one_is_used() {
         if !is_root() {
-            eprintln!(
-                "skipped: stale_node_is_left_alone_and_a_private_one_is_used needs root (mknod)"
+            crate::host::testns::print_skip(
+                "skipped: stale_node_is_left_alone_and_a_private_one_is_used needs root (mknod)",
             );
             return;
         }

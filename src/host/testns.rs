@@ -141,3 +141,10 @@ impl Drop for RemoveOnDrop {
         let _ = std::fs::remove_file(&self.0);
     }
 }
+
+/// Writes a skip notice straight to stderr (libtest captures `eprintln!` of passing tests, and a
+/// skip must be visible in a plain `cargo test`).
+pub(crate) fn print_skip(msg: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "{msg}");
+}

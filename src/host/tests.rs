@@ -17,7 +17,7 @@ use super::*;
 macro_rules! need_root {
     ($name:literal) => {
         if !is_root() {
-            eprintln!(concat!(
+            testns::print_skip(concat!(
                 "skipped: ",
                 $name,
                 " needs root (creates netns/macvtap)"

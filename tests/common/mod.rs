@@ -89,8 +89,15 @@ pub fn require_root(test_name: &str) -> bool {
     if std::env::var(REQUIRE_ENV).as_deref() == Ok("1") {
         panic!("{msg} [{REQUIRE_ENV}=1: root={root} tools={tools}]");
     }
-    eprintln!("{msg}");
+    print_skip(&msg);
     false
+}
+
+/// Writes a skip notice straight to the process's stderr: libtest captures `eprintln!` of
+/// passing tests, and a skip must be visible in a plain `cargo test`.
+pub fn print_skip(msg: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "{msg}");
 }
 
 /// Looks `program` up on `PATH`.

@@ -344,3 +344,49 @@ fn tap_backend_end_to_end() {
     t.add("total", vm.uptime(), "");
     t.write();
 }
+
+/// The vhost-user command line is accepted by QEMU and QEMU opens the
+/// vhost-user conversation on the socket (first request GET_FEATURES). No
+/// backend is needed for that; the guest never gets to boot.
+#[test]
+fn vhost_user_command_line_reaches_backend_socket() {
+    use std::io::Read;
+    use std::os::unix::net::UnixListener;
+    if guest::skip_unless_qemu("vhost_user_command_line_reaches_backend_socket") {
+        return;
+    }
+    let _one = one_guest_at_a_time();
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("vhost.sock");
+    let listener = UnixListener::bind(&sock).unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let vm = Qemu::spawn(&QemuConfig::vhost_user("vhost-user-cmdline", &sock, 2))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let deadline = Instant::now() + secs(30);
+    let mut conn = loop {
+        match listener.accept() {
+            Ok((c, _)) => break c,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                assert!(
+                    vm.wait_exit(Duration::from_millis(20)).is_none(),
+                    "QEMU exited: {}",
+                    vm.log_text()
+                );
+                assert!(Instant::now() < deadline, "QEMU never connected");
+            }
+            Err(e) => panic!("accept: {e}"),
+        }
+    };
+    conn.set_nonblocking(false).unwrap();
+    conn.set_read_timeout(Some(secs(30))).unwrap();
+    let mut hdr = [0u8; 12];
+    conn.read_exact(&mut hdr).expect("vhost-user header");
+    let request = u32::from_le_bytes(hdr[0..4].try_into().unwrap());
+    let flags = u32::from_le_bytes(hdr[4..8].try_into().unwrap());
+    assert_eq!(
+        request, 1,
+        "first request should be VHOST_USER_GET_FEATURES"
+    );
+    assert_eq!(flags & 0x3, 1, "vhost-user protocol version 1");
+    println!("qemu: {}", vm.command_string());
+}

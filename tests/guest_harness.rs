@@ -390,3 +390,24 @@ fn vhost_user_command_line_reaches_backend_socket() {
     assert_eq!(flags & 0x3, 1, "vhost-user protocol version 1");
     println!("qemu: {}", vm.command_string());
 }
+
+/// The macvtap topology helper (used by the macvhost end-to-end tests).
+#[test]
+fn netns_macvtap_topology() {
+    if guest::skip_unless_root("netns_macvtap_topology") {
+        return;
+    }
+    let ns = NetNs::new("mvt").expect("create netns");
+    ns.add_veth_macvtap(&format!("{}/24", guest::PEER_IP), guest::GUEST_MAC)
+        .expect("veth + macvtap");
+    let link = ns.ip(&["-o", "link", "show", "mvt0"]).unwrap();
+    assert!(link.contains(guest::GUEST_MAC), "{link}");
+    assert!(link.contains("mvt0@mvh-lower"), "{link}");
+    let (maj, min) = ns.macvtap_devno("mvt0").expect("macvtap devno");
+    assert!(maj > 0, "{maj}:{min}");
+    // A socket bound in the namespace sees the peer address.
+    let l = ns
+        .tcp_listener(format!("{}:0", guest::PEER_IP).parse().unwrap())
+        .expect("bind inside the namespace");
+    assert_eq!(l.local_addr().unwrap().ip().to_string(), guest::PEER_IP);
+}

@@ -21,6 +21,7 @@
 #   MVH-READY iface=eth0 mac=.. link=up uptime=S   network is configured
 #   MVH-RESULT name=value                  printed by scripts via `result`
 #   MVH-ERROR text                         something in /init went wrong
+# shellcheck disable=SC1091,SC2013
 export PATH=/bin:/sbin:/usr/bin:/usr/sbin
 export HOME=/root
 umask 022
@@ -96,7 +97,7 @@ if [ -n "$MVH_IFACE" ]; then
         sleep 0.05
     done
 elif [ $have_nic = 1 ]; then
-    echo "MVH-ERROR no network interface (mac=${MVH_MAC:-any}); have: $(ls /sys/class/net | tr '\n' ' ')"
+    echo "MVH-ERROR no network interface (mac=${MVH_MAC:-any}); have: $(echo /sys/class/net/* | sed 's|/sys/class/net/||g')"
 fi
 
 cat >/etc/mvh/env <<EOF

@@ -1,5 +1,5 @@
 # Helpers sourced by /init before every guest script or interactive command.
-# shellcheck shell=sh
+# shellcheck shell=sh disable=SC1091
 . /etc/mvh/env
 export MVH_IFACE MVH_MAC MVH_IP MVH_PEER
 

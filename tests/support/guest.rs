@@ -1138,6 +1138,61 @@ impl NetNs {
         Ok(())
     }
 
+    /// The standard macvtap topology used by the guest tests and
+    /// `scripts/quickstart.sh`: a veth pair `mvh-peer` (with `peer_cidr`) <->
+    /// `mvh-lower`, and macvtap `mvt0` (bridge mode, MAC `mac` = the guest's)
+    /// on `mvh-lower`; everything up.
+    pub fn add_veth_macvtap(&self, peer_cidr: &str, mac: &str) -> io::Result<()> {
+        self.ip(&[
+            "link",
+            "add",
+            "mvh-peer",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "mvh-lower",
+        ])?;
+        self.ip(&["addr", "add", peer_cidr, "dev", "mvh-peer"])?;
+        self.ip(&[
+            "link",
+            "add",
+            "link",
+            "mvh-lower",
+            "name",
+            "mvt0",
+            "type",
+            "macvtap",
+            "mode",
+            "bridge",
+        ])?;
+        self.ip(&["link", "set", "mvt0", "address", mac])?;
+        for dev in ["mvh-peer", "mvh-lower", "mvt0"] {
+            self.ip(&["link", "set", dev, "up"])?;
+        }
+        Ok(())
+    }
+
+    /// `(major, minor)` of a macvtap's character device. Open the device by
+    /// these numbers (e.g. a private `mknod`), not as `/dev/tapIFINDEX`: the
+    /// ifindex is per namespace, so another namespace's macvtap can own that
+    /// name.
+    pub fn macvtap_devno(&self, ifname: &str) -> io::Result<(u32, u32)> {
+        let out = run_checked(self.command("sh").args([
+            "-c",
+            &format!("cat /sys/class/net/{ifname}/macvtap/tap*/dev"),
+        ]))?;
+        let (maj, min) = out
+            .trim()
+            .split_once(':')
+            .ok_or_else(|| io::Error::other(format!("bad macvtap dev {out:?}")))?;
+        let num = |s: &str| {
+            s.parse::<u32>()
+                .map_err(|e| io::Error::other(format!("bad macvtap dev {out:?}: {e}")))
+        };
+        Ok((num(maj)?, num(min)?))
+    }
+
     /// Runs `f` on a new thread that has entered this namespace. Sockets
     /// created there stay in the namespace wherever they are used later.
     pub fn spawn<F, T>(&self, f: F) -> JoinHandle<io::Result<T>>

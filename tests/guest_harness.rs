@@ -84,20 +84,20 @@ exit 3
 "#;
     let cfg = QemuConfig::no_net("batch").with_script(script);
     let vm = Qemu::spawn(&cfg).unwrap_or_else(|e| panic!("{e}"));
-    let ready = vm.wait_ready(secs(120)).unwrap_or_else(|e| panic!("{e}"));
+    let ready = vm.wait_ready(secs(300)).unwrap_or_else(|e| panic!("{e}"));
     t.add(
         "spawn to MVH-READY",
         ready.wall,
         format!("(guest uptime {:.2} s)", ready.guest_uptime),
     );
-    let rc = vm.wait_done(secs(60)).unwrap_or_else(|e| panic!("{e}"));
+    let rc = vm.wait_done(secs(120)).unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(rc, 3, "script exit status");
     let res = vm.results();
     assert_eq!(res.get("answer").map(String::as_str), Some("42"));
     assert_eq!(res.get("words").map(String::as_str), Some("two words"));
     assert!(res.get("kernel").is_some_and(|k| !k.is_empty()));
     let st = vm
-        .wait_exit(secs(30))
+        .wait_exit(secs(120))
         .expect("guest did not power off after MVH-DONE");
     assert!(st.success(), "qemu exit status {st}");
     t.add("spawn to QEMU exit", vm.uptime(), "");
@@ -111,9 +111,9 @@ fn interactive_commands_over_serial() {
     }
     let _one = one_guest_at_a_time();
     let vm = Qemu::spawn(&QemuConfig::no_net("interactive")).unwrap_or_else(|e| panic!("{e}"));
-    vm.wait_ready(secs(120)).unwrap_or_else(|e| panic!("{e}"));
+    vm.wait_ready(secs(300)).unwrap_or_else(|e| panic!("{e}"));
 
-    let o = vm.exec_ok("echo hello; result a 1", secs(30));
+    let o = vm.exec_ok("echo hello; result a 1", secs(120));
     assert_eq!(o.output.trim(), "hello\nMVH-RESULT a=1");
     assert_eq!(o.result("a"), Some("1"));
 
@@ -121,7 +121,7 @@ fn interactive_commands_over_serial() {
     let o = vm
         .exec(
             "x='it'\"'\"'s'\nfor i in 1 2 3; do\n  printf '%s ' \"$x-$i\"\ndone\necho oops >&2\nprintf 'no-newline'\nfalse",
-            secs(30),
+            secs(120),
         )
         .unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(o.rc, 1);
@@ -130,22 +130,22 @@ fn interactive_commands_over_serial() {
     assert!(o.output.ends_with("no-newline"), "{:?}", o.output);
 
     let o = vm
-        .exec("exit 7", secs(30))
+        .exec("exit 7", secs(120))
         .unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(o.rc, 7);
 
     // State persists across commands through the filesystem.
-    vm.exec_ok("echo persisted > /tmp/state", secs(30));
-    let o = vm.exec_ok("cat /tmp/state", secs(30));
+    vm.exec_ok("echo persisted > /tmp/state", secs(120));
+    let o = vm.exec_ok("cat /tmp/state", secs(120));
     assert_eq!(o.output.trim(), "persisted");
 
     // A long script (> 4 KiB, beyond the tty's canonical line limit).
     let long = format!("v={}\necho ${{#v}}", "y".repeat(6000));
-    let o = vm.exec_ok(&long, secs(60));
+    let o = vm.exec_ok(&long, secs(180));
     assert_eq!(o.output.trim(), "6000");
 
     assert!(vm.results().contains_key("a"));
-    let st = vm.shutdown(secs(30)).expect("guest did not power off");
+    let st = vm.shutdown(secs(120)).expect("guest did not power off");
     assert!(st.success(), "qemu exit status {st}");
 }
 
@@ -174,7 +174,7 @@ fn tap_backend_end_to_end() {
     println!("qemu: {}", vm.command_string());
 
     // Boot; NIC up with the requested MAC.
-    let ready = vm.wait_ready(secs(120)).unwrap_or_else(|e| panic!("{e}"));
+    let ready = vm.wait_ready(secs(300)).unwrap_or_else(|e| panic!("{e}"));
     t.add(
         "boot: spawn to MVH-READY",
         ready.wall,
@@ -185,13 +185,13 @@ fn tap_backend_end_to_end() {
     assert_eq!(ready.link, "up");
     let o = vm.exec_ok(
         "cat /sys/class/net/$MVH_IFACE/address; cat /sys/class/net/$MVH_IFACE/operstate",
-        secs(30),
+        secs(120),
     );
     assert_eq!(o.output.trim(), format!("{}\nup", guest::GUEST_MAC));
     t.add("first command round trip", o.elapsed, "");
 
     // Offloads negotiated and on.
-    let o = vm.exec_ok("ethtool -k $MVH_IFACE", secs(30));
+    let o = vm.exec_ok("ethtool -k $MVH_IFACE", secs(120));
     for k in [
         "rx-checksumming:",
         "tx-checksumming:",
@@ -202,7 +202,7 @@ fn tap_backend_end_to_end() {
     }
 
     // Ping both ways.
-    let o = vm.exec_ok("ping -c 3 -W 5 $MVH_PEER", secs(60));
+    let o = vm.exec_ok("ping -c 3 -W 5 $MVH_PEER", secs(180));
     t.add("ping guest->peer (3 packets)", o.elapsed, "");
     let t0 = Instant::now();
     let out = ns
@@ -301,15 +301,15 @@ fn tap_backend_end_to_end() {
          ethtool -L $MVH_IFACE combined 2\n\
          result combined_after_2 $(ethtool -l $MVH_IFACE | awk '/Current/ {c=1} c && /Combined/ {print $2}')\n\
          result combined_max $(ethtool -l $MVH_IFACE | awk '/maximums/ {c=1} /Current/ {c=0} c && /Combined/ {print $2}')",
-        secs(60),
+        secs(180),
     );
     t.add("ethtool -L 1 then 2", o.elapsed, "");
     assert_eq!(o.expect_result("combined_max"), "2");
     assert_eq!(o.expect_result("combined_after_1"), "1");
     assert_eq!(o.expect_result("combined_after_2"), "2");
     // Some traffic on the re-enabled queues, then read the per-queue counters.
-    vm.exec_ok("ping -c 2 -W 5 $MVH_PEER", secs(60));
-    let o = vm.exec_ok("ethtool -S $MVH_IFACE", secs(30));
+    vm.exec_ok("ping -c 2 -W 5 $MVH_PEER", secs(180));
+    let o = vm.exec_ok("ethtool -S $MVH_IFACE", secs(120));
     let stats: BTreeMap<&str, u64> = o
         .output
         .lines()
@@ -339,7 +339,7 @@ fn tap_backend_end_to_end() {
     assert!(rx_total > 0, "no rx packets counted:\n{}", o.output);
     t.add("ethtool -S", o.elapsed, per_queue.join(", "));
 
-    let st = vm.shutdown(secs(30)).expect("guest did not power off");
+    let st = vm.shutdown(secs(120)).expect("guest did not power off");
     assert!(st.success(), "qemu exit status {st}");
     t.add("total", vm.uptime(), "");
     t.write();
@@ -362,7 +362,7 @@ fn vhost_user_command_line_reaches_backend_socket() {
     listener.set_nonblocking(true).unwrap();
     let vm = Qemu::spawn(&QemuConfig::vhost_user("vhost-user-cmdline", &sock, 2))
         .unwrap_or_else(|e| panic!("{e}"));
-    let deadline = Instant::now() + secs(30);
+    let deadline = Instant::now() + secs(120);
     let mut conn = loop {
         match listener.accept() {
             Ok((c, _)) => break c,
@@ -378,7 +378,7 @@ fn vhost_user_command_line_reaches_backend_socket() {
         }
     };
     conn.set_nonblocking(false).unwrap();
-    conn.set_read_timeout(Some(secs(30))).unwrap();
+    conn.set_read_timeout(Some(secs(120))).unwrap();
     let mut hdr = [0u8; 12];
     conn.read_exact(&mut hdr).expect("vhost-user header");
     let request = u32::from_le_bytes(hdr[0..4].try_into().unwrap());

@@ -1,0 +1,1411 @@
+//! Real-guest test harness.
+//!
+//! Boots the tiny busybox guest built by `tests/guest/build-guest.sh` under
+//! QEMU (TCG by default) with a virtio-net-pci NIC, and talks to it over its
+//! serial line. Include it from an integration test with
+//!
+//! ```ignore
+//! #[path = "support/guest.rs"]
+//! mod guest;
+//! ```
+//!
+//! # Serial channel
+//!
+//! QEMU's first serial port is a chardev socket *client* that connects to a
+//! unix socket the harness listens on, so no byte of output is lost and the
+//! harness can also type into the guest. Everything the guest prints is
+//! appended to `target/guest/logs/NAME.log`. The guest's `/init`
+//! (`tests/guest/init.sh`) prints, at the start of a line:
+//!
+//! * `MVH-READY iface=eth0 mac=.. link=up uptime=S` once the NIC is
+//!   configured and has carrier (waits up to 10 s for it),
+//! * `MVH-RESULT name=value` from scripts (shell helper `result name value`),
+//! * `MVH-DONE rc=N` after a batch script (then it powers off),
+//! * `MVH-PROMPT` when the interactive loop waits for a command.
+//!
+//! Two modes:
+//!
+//! * **batch**: [`QemuConfig::script`] is passed with
+//!   `-fw_cfg name=opt/macvhost/script,file=F`; the guest runs it and powers
+//!   off. Use [`Qemu::wait_done`].
+//! * **interactive** (no script): [`Qemu::exec`] sends
+//!   `MVH-CMD id\n<script>\nMVH-EOF id\n`; the guest runs it with `sh`
+//!   (stdin `/dev/null`, `lib.sh` helpers sourced) and answers with its
+//!   output followed by `MVH-END id rc=N`. Any number of phases can be run,
+//!   interleaved with host-side actions.
+//!
+//! Guest scripts see `$MVH_IFACE`, `$MVH_MAC`, `$MVH_IP`, `$MVH_PEER` and the
+//! helpers `result`, `fail`, `now_ms`, `sha256` (see `tests/guest/lib.sh`).
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::os::fd::AsRawFd;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
+
+/// Default guest MAC address used by the tests.
+pub const GUEST_MAC: &str = "52:54:00:4d:56:48";
+/// Host-side peer address inside the test network namespace.
+pub const PEER_IP: &str = "10.199.0.1";
+/// Guest address (with prefix) inside the test network namespace.
+pub const GUEST_CIDR: &str = "10.199.0.2/24";
+/// Guest address without prefix.
+pub const GUEST_IP: &str = "10.199.0.2";
+
+// ------------------------------------------------------------------ misc ---
+
+/// The crate root (where `Cargo.toml` lives).
+pub fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// `target/` of this checkout (honours `CARGO_TARGET_DIR`).
+pub fn target_dir() -> PathBuf {
+    match std::env::var_os("CARGO_TARGET_DIR") {
+        Some(d) => {
+            let d = PathBuf::from(d);
+            if d.is_absolute() {
+                d
+            } else {
+                repo_root().join(d)
+            }
+        }
+        None => repo_root().join("target"),
+    }
+}
+
+/// Whether we run as root.
+pub fn is_root() -> bool {
+    nix::unistd::Uid::effective().is_root()
+}
+
+/// Returns `true` (and prints why) when a test must be skipped because it
+/// needs root. Use as `if guest::skip_unless_root("name") { return; }`.
+pub fn skip_unless_root(test: &str) -> bool {
+    if is_root() {
+        false
+    } else {
+        println!("skipped: {test} needs root");
+        true
+    }
+}
+
+/// Returns `true` (and prints why) when QEMU is not installed.
+pub fn skip_unless_qemu(test: &str) -> bool {
+    if which("qemu-system-x86_64").is_some() {
+        false
+    } else {
+        println!("skipped: {test} needs qemu-system-x86_64 (apt-get install qemu-system-x86)");
+        true
+    }
+}
+
+/// Finds an executable in `PATH` (plus the sbin directories).
+pub fn which(prog: &str) -> Option<PathBuf> {
+    let path = std::env::var("PATH").unwrap_or_default();
+    let found = path
+        .split(':')
+        .chain(["/usr/sbin", "/sbin", "/usr/bin", "/bin"])
+        .map(|d| Path::new(d).join(prog))
+        .find(|p| p.is_file());
+    found
+}
+
+/// Multiplies test timeouts by `MACVHOST_TIMEOUT_SCALE` (default 1; useful
+/// on very slow CI machines).
+pub fn scaled(d: Duration) -> Duration {
+    let f: f64 = std::env::var("MACVHOST_TIMEOUT_SCALE")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .filter(|f: &f64| *f > 0.0)
+        .unwrap_or(1.0);
+    d.mul_f64(f)
+}
+
+fn run_checked(cmd: &mut Command) -> io::Result<String> {
+    let out = cmd.stdin(Stdio::null()).output()?;
+    if !out.status.success() {
+        return Err(io::Error::other(format!(
+            "{cmd:?} failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+// ----------------------------------------------------------- guest image ---
+
+/// Paths of the built guest.
+#[derive(Clone, Debug)]
+pub struct GuestImage {
+    pub dir: PathBuf,
+    pub kernel: PathBuf,
+    pub initrd: PathBuf,
+}
+
+impl GuestImage {
+    /// The image in `dir` (as produced by `build-guest.sh dir`).
+    pub fn in_dir(dir: &Path) -> GuestImage {
+        GuestImage {
+            dir: dir.to_path_buf(),
+            kernel: dir.join("vmlinuz"),
+            initrd: dir.join("initrd.img"),
+        }
+    }
+}
+
+/// Builds (or reuses) the guest image in `target/guest/` and returns that
+/// directory. Panics with the build script's output when it fails.
+pub fn ensure_guest_image() -> PathBuf {
+    static BUILT: OnceLock<PathBuf> = OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            let out = target_dir().join("guest");
+            let script = repo_root().join("tests/guest/build-guest.sh");
+            let res = Command::new("bash")
+                .arg(&script)
+                .arg(&out)
+                .stdin(Stdio::null())
+                .output()
+                .unwrap_or_else(|e| panic!("cannot run {}: {e}", script.display()));
+            if !res.status.success() {
+                panic!(
+                    "{} failed ({}):\n{}{}",
+                    script.display(),
+                    res.status,
+                    String::from_utf8_lossy(&res.stdout),
+                    String::from_utf8_lossy(&res.stderr)
+                );
+            }
+            out
+        })
+        .clone()
+}
+
+/// [`ensure_guest_image`] as a [`GuestImage`].
+pub fn guest_image() -> GuestImage {
+    GuestImage::in_dir(&ensure_guest_image())
+}
+
+// ---------------------------------------------------------- acceleration ---
+
+/// QEMU accelerator.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Accel {
+    /// `-accel kvm -cpu host`
+    Kvm,
+    /// `-accel tcg -cpu max`
+    Tcg,
+}
+
+impl Accel {
+    fn args(self) -> [&'static str; 4] {
+        match self {
+            Accel::Kvm => ["-accel", "kvm", "-cpu", "host"],
+            Accel::Tcg => ["-accel", "tcg", "-cpu", "max"],
+        }
+    }
+}
+
+/// The accelerator to use: `MACVHOST_ACCEL=kvm|tcg` forces one; otherwise
+/// (`auto`, the default) KVM is used only when a probe boot with KVM
+/// completes (cached per host boot in `target/guest/kvm-probe`). Nested KVM
+/// that hangs or aborts falls back to TCG.
+pub fn accel() -> Accel {
+    static ACCEL: OnceLock<Accel> = OnceLock::new();
+    *ACCEL.get_or_init(|| {
+        match std::env::var("MACVHOST_ACCEL").as_deref() {
+            Ok("kvm") => return Accel::Kvm,
+            Ok("tcg") => return Accel::Tcg,
+            Ok("auto") | Ok("") | Err(_) => {}
+            Ok(other) => panic!("MACVHOST_ACCEL={other}: expected kvm, tcg or auto"),
+        }
+        if probe_kvm(&guest_image()) {
+            Accel::Kvm
+        } else {
+            Accel::Tcg
+        }
+    })
+}
+
+/// Boots the guest once with KVM (no NIC) and reports whether it finished a
+/// trivial batch script within 20 s.
+pub fn probe_kvm(image: &GuestImage) -> bool {
+    let kvm_usable = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_ok();
+    if !kvm_usable {
+        return false;
+    }
+    let boot_id = fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap_or_default();
+    let cache = image.dir.join("kvm-probe");
+    if let Ok(c) = fs::read_to_string(&cache) {
+        if let Some((id, verdict)) = c.trim().rsplit_once(' ') {
+            if id == boot_id.trim() {
+                return verdict == "yes";
+            }
+        }
+    }
+    let ok = (|| -> io::Result<bool> {
+        let dir = tempfile::tempdir()?;
+        let script = dir.path().join("probe.sh");
+        fs::write(&script, "result probe ok\n")?;
+        let log = dir.path().join("serial.log");
+        let mut child = Command::new("qemu-system-x86_64")
+            .args(Accel::Kvm.args())
+            .args(["-machine", "q35", "-m", "256", "-smp", "1", "-nodefaults"])
+            .args(["-display", "none", "-monitor", "none", "-no-reboot"])
+            .arg("-kernel")
+            .arg(&image.kernel)
+            .arg("-initrd")
+            .arg(&image.initrd)
+            .args(["-append", "console=ttyS0 quiet loglevel=3"])
+            .arg("-serial")
+            .arg(format!("file:{}", log.display()))
+            .arg("-fw_cfg")
+            .arg(format!(
+                "name=opt/macvhost/script,file={}",
+                script.display()
+            ))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()?;
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(st) = child.try_wait()? {
+                let text = fs::read_to_string(&log).unwrap_or_default();
+                return Ok(st.success() && text.contains("MVH-RESULT probe=ok"));
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Ok(false);
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+    })()
+    .unwrap_or(false);
+    let _ = fs::write(
+        &cache,
+        format!("{} {}\n", boot_id.trim(), if ok { "yes" } else { "no" }),
+    );
+    ok
+}
+
+// --------------------------------------------------------------- config ---
+
+/// How the guest's virtio-net-pci NIC is backed.
+#[derive(Clone, Debug)]
+pub enum NetBackend {
+    /// `-netdev vhost-user` on the unix socket `socket` (macvhost listens).
+    VhostUser { socket: PathBuf, queues: u16 },
+    /// QEMU's own userspace virtio-net backend on a tap device (`vhost=off`).
+    /// The tap must exist (multi_queue when `queues > 1`) in the namespace
+    /// QEMU runs in ([`QemuConfig::netns`]).
+    Tap { ifname: String, queues: u16 },
+    /// No NIC at all.
+    None,
+}
+
+/// Everything needed to boot one guest.
+#[derive(Clone, Debug)]
+pub struct QemuConfig {
+    /// Used for the log file name `target/guest/logs/NAME.log`.
+    pub name: String,
+    pub net: NetBackend,
+    pub mac: String,
+    /// `mvh.ip=`: address with prefix for the guest NIC.
+    pub guest_cidr: Option<String>,
+    /// `mvh.peer=`: exported to guest scripts as `$MVH_PEER`.
+    pub peer_ip: Option<String>,
+    /// Batch script (passed with `-fw_cfg`); `None` = interactive mode.
+    pub script: Option<String>,
+    /// Run QEMU inside this network namespace (`ip netns exec`).
+    pub netns: Option<String>,
+    pub mem_mib: u32,
+    pub smp: u32,
+    /// `None` = [`accel()`].
+    pub accel: Option<Accel>,
+    /// Appended to the kernel command line.
+    pub extra_append: Vec<String>,
+    /// Appended to the QEMU command line.
+    pub extra_args: Vec<String>,
+    /// Copy guest output to stderr as it arrives (also `MACVHOST_GUEST_ECHO=1`).
+    pub echo: bool,
+}
+
+impl QemuConfig {
+    fn base(name: &str, net: NetBackend) -> QemuConfig {
+        QemuConfig {
+            name: name.to_string(),
+            net,
+            mac: GUEST_MAC.to_string(),
+            guest_cidr: Some(GUEST_CIDR.to_string()),
+            peer_ip: Some(PEER_IP.to_string()),
+            script: None,
+            netns: None,
+            mem_mib: 512,
+            smp: 2,
+            accel: None,
+            extra_append: Vec::new(),
+            extra_args: Vec::new(),
+            echo: std::env::var_os("MACVHOST_GUEST_ECHO").is_some_and(|v| v != "0"),
+        }
+    }
+
+    /// A guest on a vhost-user socket (the macvhost case).
+    pub fn vhost_user(name: &str, socket: &Path, queues: u16) -> QemuConfig {
+        Self::base(
+            name,
+            NetBackend::VhostUser {
+                socket: socket.to_path_buf(),
+                queues,
+            },
+        )
+    }
+
+    /// A guest on QEMU's own tap backend, with QEMU started in `netns`.
+    pub fn tap(name: &str, netns: &str, ifname: &str, queues: u16) -> QemuConfig {
+        let mut c = Self::base(
+            name,
+            NetBackend::Tap {
+                ifname: ifname.to_string(),
+                queues,
+            },
+        );
+        c.netns = Some(netns.to_string());
+        c
+    }
+
+    /// A guest without a NIC.
+    pub fn no_net(name: &str) -> QemuConfig {
+        let mut c = Self::base(name, NetBackend::None);
+        c.guest_cidr = None;
+        c.peer_ip = None;
+        c
+    }
+
+    /// Sets a batch script (builder style).
+    pub fn with_script(mut self, script: &str) -> QemuConfig {
+        self.script = Some(script.to_string());
+        self
+    }
+
+    /// The kernel command line.
+    pub fn append(&self) -> String {
+        let mut a = vec![
+            "console=ttyS0".to_string(),
+            "quiet".to_string(),
+            "loglevel=3".to_string(),
+            "mitigations=off".to_string(),
+            "panic=-1".to_string(),
+            format!("mvh.mac={}", self.mac),
+        ];
+        if let Some(ip) = &self.guest_cidr {
+            a.push(format!("mvh.ip={ip}"));
+        }
+        if let Some(p) = &self.peer_ip {
+            a.push(format!("mvh.peer={p}"));
+        }
+        a.extend(self.extra_append.iter().cloned());
+        a.join(" ")
+    }
+
+    /// The full argv (program first) for the given image, serial socket and
+    /// batch script file.
+    pub fn command_line(
+        &self,
+        image: &GuestImage,
+        serial: &Path,
+        script_file: Option<&Path>,
+    ) -> Vec<String> {
+        let mut v: Vec<String> = Vec::new();
+        if let Some(ns) = &self.netns {
+            v.extend(["ip", "netns", "exec", ns].map(String::from));
+        }
+        v.push("qemu-system-x86_64".into());
+        v.extend(self.accel.unwrap_or_else(accel).args().map(String::from));
+        let mem = self.mem_mib;
+        v.extend([
+            "-machine".into(),
+            "q35".into(),
+            "-smp".into(),
+            self.smp.to_string(),
+            "-m".into(),
+            mem.to_string(),
+            "-object".into(),
+            format!("memory-backend-memfd,id=mem,size={mem}M,share=on"),
+            "-numa".into(),
+            "node,memdev=mem".into(),
+            "-nodefaults".into(),
+            "-display".into(),
+            "none".into(),
+            "-monitor".into(),
+            "none".into(),
+            "-no-reboot".into(),
+            "-kernel".into(),
+            image.kernel.display().to_string(),
+            "-initrd".into(),
+            image.initrd.display().to_string(),
+            "-append".into(),
+            self.append(),
+            "-chardev".into(),
+            format!("socket,id=ser0,path={}", serial.display()),
+            "-serial".into(),
+            "chardev:ser0".into(),
+        ]);
+        let queues = match &self.net {
+            NetBackend::VhostUser { socket, queues } => {
+                v.push("-chardev".into());
+                v.push(format!(
+                    "socket,id=c0,path={},reconnect=1",
+                    socket.display()
+                ));
+                v.push("-netdev".into());
+                v.push(format!("vhost-user,id=n0,chardev=c0,queues={queues}"));
+                Some(*queues)
+            }
+            NetBackend::Tap { ifname, queues } => {
+                v.push("-netdev".into());
+                v.push(format!(
+                    "tap,id=n0,ifname={ifname},script=no,downscript=no,vhost=off,queues={queues}"
+                ));
+                Some(*queues)
+            }
+            NetBackend::None => None,
+        };
+        if let Some(q) = queues {
+            let mq = if q > 1 {
+                format!(",mq=on,vectors={}", 2 * q as u32 + 2)
+            } else {
+                String::new()
+            };
+            v.push("-device".into());
+            v.push(format!(
+                "virtio-net-pci,netdev=n0,mac={}{mq},romfile=",
+                self.mac
+            ));
+        }
+        if let Some(f) = script_file {
+            v.push("-fw_cfg".into());
+            v.push(format!("name=opt/macvhost/script,file={}", f.display()));
+        }
+        v.extend(self.extra_args.iter().cloned());
+        v
+    }
+}
+
+// ----------------------------------------------------------------- errors ---
+
+/// A failed wait or command, with the tail of the serial log for context.
+#[derive(Debug)]
+pub struct GuestError {
+    pub msg: String,
+    pub log_tail: String,
+}
+
+impl fmt::Display for GuestError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{}\n--- last guest serial lines ---\n{}",
+            self.msg, self.log_tail
+        )
+    }
+}
+
+impl std::error::Error for GuestError {}
+
+// ----------------------------------------------------------------- serial ---
+
+#[derive(Default)]
+struct SerialState {
+    lines: Vec<String>,
+    partial: Vec<u8>,
+    prompts: usize,
+    eof: bool,
+}
+
+struct Shared {
+    state: Mutex<SerialState>,
+    cond: Condvar,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, SerialState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// The text from the first `MVH-` on (strips escape sequences and other
+/// junk that firmware or the kernel left on the same line).
+fn marker(line: &str) -> Option<&str> {
+    line.find("MVH-").map(|i| &line[i..])
+}
+
+fn push_line(st: &mut SerialState, raw: &[u8], echo: bool) {
+    let text = String::from_utf8_lossy(raw);
+    let text = text.trim_end_matches('\r').to_string();
+    if echo {
+        eprintln!("guest| {text}");
+    }
+    if marker(&text) == Some("MVH-PROMPT") {
+        st.prompts += 1;
+    }
+    st.lines.push(text);
+}
+
+fn serial_reader(mut stream: UnixStream, mut log: File, shared: Arc<Shared>, echo: bool) {
+    let mut buf = vec![0u8; 16384];
+    loop {
+        let n = stream.read(&mut buf).unwrap_or(0);
+        let mut st = shared.lock();
+        if n == 0 {
+            if !st.partial.is_empty() {
+                let p = std::mem::take(&mut st.partial);
+                push_line(&mut st, &p, echo);
+            }
+            st.eof = true;
+            shared.cond.notify_all();
+            return;
+        }
+        let _ = log.write_all(&buf[..n]);
+        for &b in &buf[..n] {
+            if b == b'\n' {
+                let p = std::mem::take(&mut st.partial);
+                push_line(&mut st, &p, echo);
+            } else {
+                st.partial.push(b);
+            }
+        }
+        shared.cond.notify_all();
+    }
+}
+
+// ------------------------------------------------------------------- qemu ---
+
+/// What `MVH-READY` said.
+#[derive(Clone, Debug)]
+pub struct Ready {
+    pub iface: String,
+    pub mac: String,
+    /// `operstate` of the NIC (`up`, `down`, `none` without a NIC).
+    pub link: String,
+    /// Guest uptime (seconds) when the NIC was up.
+    pub guest_uptime: f64,
+    /// Wall-clock time from spawning QEMU to `MVH-READY`.
+    pub wall: Duration,
+}
+
+/// The result of one interactive command.
+#[derive(Clone, Debug)]
+pub struct CmdOutput {
+    pub rc: i32,
+    /// Everything the command printed (stdout + stderr), `\n`-separated.
+    pub output: String,
+    /// Its `MVH-RESULT name=value` lines.
+    pub results: BTreeMap<String, String>,
+    /// Wall-clock time from sending the command to `MVH-END`.
+    pub elapsed: Duration,
+}
+
+impl CmdOutput {
+    /// A result by name.
+    pub fn result(&self, name: &str) -> Option<&str> {
+        self.results.get(name).map(String::as_str)
+    }
+
+    /// A result by name, panicking with the output when it is missing.
+    pub fn expect_result(&self, name: &str) -> &str {
+        self.result(name).unwrap_or_else(|| {
+            panic!(
+                "guest printed no MVH-RESULT {name}=..; output:\n{}",
+                self.output
+            )
+        })
+    }
+}
+
+fn parse_results<'a>(lines: impl Iterator<Item = &'a String>) -> BTreeMap<String, String> {
+    let mut m = BTreeMap::new();
+    for l in lines {
+        if let Some(rest) = marker(l).and_then(|s| s.strip_prefix("MVH-RESULT ")) {
+            if let Some((k, v)) = rest.split_once('=') {
+                m.insert(k.trim().to_string(), v.trim().to_string());
+            }
+        }
+    }
+    m
+}
+
+struct Writer {
+    stream: UnixStream,
+    sent: usize,
+}
+
+/// A running guest. QEMU is killed when this is dropped.
+pub struct Qemu {
+    child: Mutex<Child>,
+    shared: Arc<Shared>,
+    writer: Mutex<Writer>,
+    reader: Option<JoinHandle<()>>,
+    started: Instant,
+    log_path: PathBuf,
+    stderr_path: PathBuf,
+    argv: Vec<String>,
+    _dir: tempfile::TempDir,
+}
+
+static SEQ: AtomicUsize = AtomicUsize::new(0);
+
+impl Qemu {
+    /// Builds the image if needed and boots a guest. Returns once QEMU has
+    /// connected its serial line (the guest is still booting: use
+    /// [`Qemu::wait_ready`]).
+    pub fn spawn(cfg: &QemuConfig) -> Result<Qemu, GuestError> {
+        Self::spawn_with_image(cfg, &guest_image())
+    }
+
+    /// Like [`Qemu::spawn`] with an explicit image.
+    pub fn spawn_with_image(cfg: &QemuConfig, image: &GuestImage) -> Result<Qemu, GuestError> {
+        let err = |msg: String| GuestError {
+            msg,
+            log_tail: String::new(),
+        };
+        let dir = tempfile::Builder::new()
+            .prefix("mvh-guest-")
+            .tempdir()
+            .map_err(|e| err(format!("tempdir: {e}")))?;
+        let logs = target_dir().join("guest/logs");
+        fs::create_dir_all(&logs).map_err(|e| err(format!("mkdir {}: {e}", logs.display())))?;
+        let seq = SEQ.fetch_add(1, Ordering::Relaxed);
+        let stem = if seq == 0 {
+            cfg.name.clone()
+        } else {
+            format!("{}-{seq}", cfg.name)
+        };
+        let log_path = logs.join(format!("{stem}.log"));
+        let stderr_path = logs.join(format!("{stem}.qemu-stderr"));
+
+        let serial_path = dir.path().join("serial.sock");
+        let listener = UnixListener::bind(&serial_path)
+            .map_err(|e| err(format!("bind {}: {e}", serial_path.display())))?;
+        listener
+            .set_nonblocking(true)
+            .map_err(|e| err(format!("nonblocking: {e}")))?;
+
+        let script_file = match &cfg.script {
+            Some(s) => {
+                let f = dir.path().join("script.sh");
+                fs::write(&f, s).map_err(|e| err(format!("write script: {e}")))?;
+                Some(f)
+            }
+            None => None,
+        };
+        let argv = cfg.command_line(image, &serial_path, script_file.as_deref());
+        let stderr =
+            File::create(&stderr_path).map_err(|e| err(format!("create stderr log: {e}")))?;
+        let log = File::create(&log_path).map_err(|e| err(format!("create serial log: {e}")))?;
+
+        let mut cmd = Command::new(&argv[0]);
+        cmd.args(&argv[1..])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(stderr));
+        // SAFETY: prctl(PR_SET_PDEATHSIG) is async-signal-safe and touches no
+        // memory of the parent; it makes QEMU die with the test thread that
+        // spawned it, so an aborted test leaves no guest behind.
+        unsafe {
+            cmd.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong) != 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let started = Instant::now();
+        let mut child = cmd
+            .spawn()
+            .map_err(|e| err(format!("spawn {}: {e}", argv[0])))?;
+
+        // Wait for QEMU to connect its serial chardev.
+        let deadline = started + scaled(Duration::from_secs(30));
+        let stream = loop {
+            match listener.accept() {
+                Ok((s, _)) => break s,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => return Err(err(format!("accept serial: {e}"))),
+            }
+            if let Ok(Some(st)) = child.try_wait() {
+                return Err(err(format!(
+                    "QEMU exited ({st}) before connecting its serial line: {}\ncommand: {}",
+                    fs::read_to_string(&stderr_path).unwrap_or_default().trim(),
+                    shell_words(&argv)
+                )));
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(err(format!(
+                    "QEMU did not connect its serial line within 30 s; command: {}",
+                    shell_words(&argv)
+                )));
+            }
+            thread::sleep(Duration::from_millis(10));
+        };
+        stream
+            .set_nonblocking(false)
+            .map_err(|e| err(format!("blocking: {e}")))?;
+        let writer = stream
+            .try_clone()
+            .map_err(|e| err(format!("clone serial stream: {e}")))?;
+        let shared = Arc::new(Shared {
+            state: Mutex::new(SerialState::default()),
+            cond: Condvar::new(),
+        });
+        let sh = shared.clone();
+        let echo = cfg.echo;
+        let reader = thread::Builder::new()
+            .name(format!("serial-{stem}"))
+            .spawn(move || serial_reader(stream, log, sh, echo))
+            .map_err(|e| err(format!("spawn reader: {e}")))?;
+        Ok(Qemu {
+            child: Mutex::new(child),
+            shared,
+            writer: Mutex::new(Writer {
+                stream: writer,
+                sent: 0,
+            }),
+            reader: Some(reader),
+            started,
+            log_path,
+            stderr_path,
+            argv,
+            _dir: dir,
+        })
+    }
+
+    /// The QEMU argv, for messages.
+    pub fn argv(&self) -> &[String] {
+        &self.argv
+    }
+
+    /// The QEMU command line as one shell-quoted string.
+    pub fn command_string(&self) -> String {
+        shell_words(&self.argv)
+    }
+
+    /// Where the serial output is logged.
+    pub fn log_path(&self) -> &Path {
+        &self.log_path
+    }
+
+    /// Everything the guest printed so far.
+    pub fn log_text(&self) -> String {
+        self.shared.lock().lines.join("\n")
+    }
+
+    /// Number of serial lines so far (a mark for [`Qemu::wait_for_line_from`]).
+    pub fn mark(&self) -> usize {
+        self.shared.lock().lines.len()
+    }
+
+    /// Time since QEMU was spawned.
+    pub fn uptime(&self) -> Duration {
+        self.started.elapsed()
+    }
+
+    fn tail(&self, n: usize) -> String {
+        let mut s = {
+            let st = self.shared.lock();
+            let from = st.lines.len().saturating_sub(n);
+            let mut s = st.lines[from..].join("\n");
+            if !st.partial.is_empty() {
+                s.push('\n');
+                s.push_str(&String::from_utf8_lossy(&st.partial));
+            }
+            s
+        };
+        let stderr = fs::read_to_string(&self.stderr_path).unwrap_or_default();
+        if !stderr.trim().is_empty() {
+            s.push_str("\n--- qemu stderr ---\n");
+            s.push_str(stderr.trim());
+        }
+        s
+    }
+
+    fn error(&self, msg: String) -> GuestError {
+        GuestError {
+            msg: format!("{msg} (serial log: {})", self.log_path.display()),
+            log_tail: self.tail(40),
+        }
+    }
+
+    fn wait_until<T>(
+        &self,
+        timeout: Duration,
+        what: &str,
+        mut f: impl FnMut(&SerialState) -> Option<T>,
+    ) -> Result<T, GuestError> {
+        let deadline = Instant::now() + timeout;
+        let mut st = self.shared.lock();
+        loop {
+            if let Some(v) = f(&st) {
+                return Ok(v);
+            }
+            if st.eof {
+                drop(st);
+                let status = self.wait_exit(Duration::from_secs(5));
+                return Err(self.error(format!(
+                    "guest stopped ({}) while waiting for {what}",
+                    status.map_or("still running".into(), |s| s.to_string())
+                )));
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                drop(st);
+                return Err(self.error(format!("timed out after {timeout:?} waiting for {what}")));
+            }
+            st = self
+                .shared
+                .cond
+                .wait_timeout(st, deadline - now)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+    }
+
+    /// Waits for the first line (since boot) containing `pattern`.
+    pub fn wait_for_line(&self, pattern: &str, timeout: Duration) -> Result<String, GuestError> {
+        self.wait_for_line_from(0, pattern, timeout)
+    }
+
+    /// Waits for the first line at or after `mark` containing `pattern`.
+    pub fn wait_for_line_from(
+        &self,
+        mark: usize,
+        pattern: &str,
+        timeout: Duration,
+    ) -> Result<String, GuestError> {
+        self.wait_until(timeout, &format!("a line containing {pattern:?}"), |st| {
+            st.lines
+                .iter()
+                .skip(mark)
+                .find(|l| l.contains(pattern))
+                .cloned()
+        })
+    }
+
+    /// Waits for `MVH-READY` (the NIC is configured).
+    pub fn wait_ready(&self, timeout: Duration) -> Result<Ready, GuestError> {
+        let line = self.wait_for_line("MVH-READY ", timeout)?;
+        let wall = self.started.elapsed();
+        let line = marker(&line).unwrap_or(&line);
+        let mut r = Ready {
+            iface: String::new(),
+            mac: String::new(),
+            link: String::new(),
+            guest_uptime: 0.0,
+            wall,
+        };
+        for kv in line.split_whitespace().skip(1) {
+            match kv.split_once('=') {
+                Some(("iface", v)) => r.iface = v.to_string(),
+                Some(("mac", v)) => r.mac = v.to_string(),
+                Some(("link", v)) => r.link = v.to_string(),
+                Some(("uptime", v)) => r.guest_uptime = v.parse().unwrap_or(0.0),
+                _ => {}
+            }
+        }
+        Ok(r)
+    }
+
+    /// Batch mode: waits for `MVH-DONE rc=N` and returns N.
+    pub fn wait_done(&self, timeout: Duration) -> Result<i32, GuestError> {
+        let line = self.wait_for_line("MVH-DONE rc=", timeout)?;
+        let rc = marker(&line)
+            .and_then(|s| s.strip_prefix("MVH-DONE rc="))
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(-1);
+        Ok(rc)
+    }
+
+    /// All `MVH-RESULT` lines so far (later ones win).
+    pub fn results(&self) -> BTreeMap<String, String> {
+        parse_results(self.shared.lock().lines.iter())
+    }
+
+    /// Interactive mode: runs `script` (any number of lines) in the guest and
+    /// waits up to `timeout` for it to finish. Commands are serialised.
+    pub fn exec(&self, script: &str, timeout: Duration) -> Result<CmdOutput, GuestError> {
+        let mut w = self.writer.lock().unwrap_or_else(|e| e.into_inner());
+        let want_prompts = w.sent + 1;
+        self.wait_until(timeout, "the guest's command prompt", |st| {
+            (st.prompts >= want_prompts).then_some(())
+        })?;
+        w.sent += 1;
+        let id = w.sent;
+        let eof = format!("MVH-EOF {id}");
+        if script.lines().any(|l| l == eof) {
+            return Err(self.error(format!("script contains the terminator line {eof:?}")));
+        }
+        let start_line = self.mark();
+        let msg = format!(
+            "MVH-CMD {id}\n{}{}{eof}\n",
+            script,
+            if script.ends_with('\n') { "" } else { "\n" }
+        );
+        let sent_at = Instant::now();
+        w.stream
+            .write_all(msg.as_bytes())
+            .map_err(|e| self.error(format!("writing to the serial line: {e}")))?;
+        let end = format!("MVH-END {id} rc=");
+        let (idx, rc, prefix) =
+            self.wait_until(timeout, &format!("command {id} to finish"), |st| {
+                st.lines
+                    .iter()
+                    .enumerate()
+                    .skip(start_line)
+                    .find_map(|(i, l)| {
+                        l.find(&end).map(|p| {
+                            let rc = l[p + end.len()..].trim().parse().unwrap_or(-1);
+                            (i, rc, l[..p].to_string())
+                        })
+                    })
+            })?;
+        let elapsed = sent_at.elapsed();
+        let st = self.shared.lock();
+        let mut lines: Vec<String> = st.lines[start_line..idx].to_vec();
+        drop(st);
+        if !prefix.is_empty() {
+            lines.push(prefix);
+        }
+        let results = parse_results(lines.iter());
+        Ok(CmdOutput {
+            rc,
+            output: lines.join("\n"),
+            results,
+            elapsed,
+        })
+    }
+
+    /// [`Qemu::exec`], panicking (with the output) unless it succeeds.
+    pub fn exec_ok(&self, script: &str, timeout: Duration) -> CmdOutput {
+        match self.exec(script, timeout) {
+            Ok(o) if o.rc == 0 => o,
+            Ok(o) => panic!(
+                "guest command failed (rc={}):\n{script}\n--- output ---\n{}",
+                o.rc, o.output
+            ),
+            Err(e) => panic!("guest command failed:\n{script}\n{e}"),
+        }
+    }
+
+    /// Asks the guest to power off (interactive mode) and waits for QEMU.
+    pub fn shutdown(&self, timeout: Duration) -> Option<ExitStatus> {
+        let mut w = self.writer.lock().unwrap_or_else(|e| e.into_inner());
+        w.sent += 1;
+        let id = w.sent;
+        let _ = w
+            .stream
+            .write_all(format!("MVH-CMD {id}\nsync; poweroff -f\nMVH-EOF {id}\n").as_bytes());
+        drop(w);
+        self.wait_exit(timeout)
+    }
+
+    /// Waits for QEMU to exit by itself.
+    pub fn wait_exit(&self, timeout: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Ok(Some(st)) = self
+                .child
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .try_wait()
+            {
+                return Some(st);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// QEMU's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.lock().unwrap_or_else(|e| e.into_inner()).id()
+    }
+
+    /// Kills QEMU now.
+    pub fn kill(&self) {
+        let mut c = self.child.lock().unwrap_or_else(|e| e.into_inner());
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+}
+
+impl Drop for Qemu {
+    fn drop(&mut self) {
+        self.kill();
+        if let Some(r) = self.reader.take() {
+            let _ = r.join();
+        }
+    }
+}
+
+fn shell_words(argv: &[String]) -> String {
+    argv.iter()
+        .map(|a| {
+            if !a.is_empty()
+                && a.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-_./=,:@+%".contains(c))
+            {
+                a.clone()
+            } else {
+                format!("'{}'", a.replace('\'', "'\\''"))
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+// ------------------------------------------------------ network namespace ---
+
+/// A network namespace made for one test, deleted on drop. Names are
+/// `mvhg-TAG-PID-N`; namespaces left behind by dead test processes are
+/// removed when the next one is made.
+pub struct NetNs {
+    name: String,
+}
+
+impl NetNs {
+    /// Creates `mvhg-TAG-PID-N` with `lo` up.
+    pub fn new(tag: &str) -> io::Result<NetNs> {
+        static N: AtomicUsize = AtomicUsize::new(0);
+        cleanup_stale_netns();
+        let name = format!(
+            "mvhg-{tag}-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        );
+        run_checked(Command::new("ip").args(["netns", "add", &name]))?;
+        let ns = NetNs { name };
+        ns.ip(&["link", "set", "lo", "up"])?;
+        Ok(ns)
+    }
+
+    /// The namespace's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Runs `ip -n NAME ARGS...`.
+    pub fn ip(&self, args: &[&str]) -> io::Result<String> {
+        run_checked(Command::new("ip").arg("-n").arg(&self.name).args(args))
+    }
+
+    /// A command that runs `prog` inside the namespace.
+    pub fn command(&self, prog: &str) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.name, prog]);
+        c
+    }
+
+    /// Creates a tap device (multi_queue if asked), addresses and enables it.
+    pub fn add_tap(&self, ifname: &str, multi_queue: bool, cidr: &str) -> io::Result<()> {
+        let mut args = vec!["tuntap", "add", "dev", ifname, "mode", "tap"];
+        if multi_queue {
+            args.push("multi_queue");
+        }
+        self.ip(&args)?;
+        self.ip(&["addr", "add", cidr, "dev", ifname])?;
+        self.ip(&["link", "set", ifname, "up"])?;
+        Ok(())
+    }
+
+    /// The standard macvtap topology used by the guest tests and
+    /// `scripts/quickstart.sh`: a veth pair `mvh-peer` (with `peer_cidr`) <->
+    /// `mvh-lower`, and macvtap `mvt0` (bridge mode, MAC `mac` = the guest's)
+    /// on `mvh-lower`; everything up.
+    pub fn add_veth_macvtap(&self, peer_cidr: &str, mac: &str) -> io::Result<()> {
+        self.ip(&[
+            "link",
+            "add",
+            "mvh-peer",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "mvh-lower",
+        ])?;
+        self.ip(&["addr", "add", peer_cidr, "dev", "mvh-peer"])?;
+        self.ip(&[
+            "link",
+            "add",
+            "link",
+            "mvh-lower",
+            "name",
+            "mvt0",
+            "type",
+            "macvtap",
+            "mode",
+            "bridge",
+        ])?;
+        self.ip(&["link", "set", "mvt0", "address", mac])?;
+        for dev in ["mvh-peer", "mvh-lower", "mvt0"] {
+            self.ip(&["link", "set", dev, "up"])?;
+        }
+        Ok(())
+    }
+
+    /// `(major, minor)` of a macvtap's character device. Open the device by
+    /// these numbers (e.g. a private `mknod`), not as `/dev/tapIFINDEX`: the
+    /// ifindex is per namespace, so another namespace's macvtap can own that
+    /// name.
+    pub fn macvtap_devno(&self, ifname: &str) -> io::Result<(u32, u32)> {
+        let out = run_checked(self.command("sh").args([
+            "-c",
+            &format!("cat /sys/class/net/{ifname}/macvtap/tap*/dev"),
+        ]))?;
+        let (maj, min) = out
+            .trim()
+            .split_once(':')
+            .ok_or_else(|| io::Error::other(format!("bad macvtap dev {out:?}")))?;
+        let num = |s: &str| {
+            s.parse::<u32>()
+                .map_err(|e| io::Error::other(format!("bad macvtap dev {out:?}: {e}")))
+        };
+        Ok((num(maj)?, num(min)?))
+    }
+
+    /// Runs `f` on a new thread that has entered this namespace. Sockets
+    /// created there stay in the namespace wherever they are used later.
+    pub fn spawn<F, T>(&self, f: F) -> JoinHandle<io::Result<T>>
+    where
+        F: FnOnce() -> io::Result<T> + Send + 'static,
+        T: Send + 'static,
+    {
+        let path = format!("/run/netns/{}", self.name);
+        thread::spawn(move || {
+            let fd = File::open(&path)?;
+            // SAFETY: setns(2) with a valid namespace fd only switches the
+            // network namespace of the calling thread (this new thread).
+            let r = unsafe { libc::setns(fd.as_raw_fd(), libc::CLONE_NEWNET) };
+            if r != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            f()
+        })
+    }
+
+    /// A TCP listener bound inside the namespace.
+    pub fn tcp_listener(&self, addr: SocketAddr) -> io::Result<TcpListener> {
+        self.spawn(move || TcpListener::bind(addr))
+            .join()
+            .map_err(|_| io::Error::other("netns thread panicked"))?
+    }
+
+    /// A TCP connection made from inside the namespace.
+    pub fn tcp_connect(&self, addr: SocketAddr, timeout: Duration) -> io::Result<TcpStream> {
+        self.spawn(move || TcpStream::connect_timeout(&addr, timeout))
+            .join()
+            .map_err(|_| io::Error::other("netns thread panicked"))?
+    }
+}
+
+impl Drop for NetNs {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
+fn cleanup_stale_netns() {
+    let Ok(list) = run_checked(Command::new("ip").args(["netns", "list"])) else {
+        return;
+    };
+    for line in list.lines() {
+        let name = line.split_whitespace().next().unwrap_or("");
+        let Some(rest) = name.strip_prefix("mvhg-") else {
+            continue;
+        };
+        let parts: Vec<&str> = rest.rsplitn(3, '-').collect();
+        if parts.len() != 3 {
+            continue;
+        }
+        let Ok(pid) = parts[1].parse::<u32>() else {
+            continue;
+        };
+        if !Path::new(&format!("/proc/{pid}")).exists() {
+            let _ = run_checked(Command::new("ip").args(["netns", "del", name]));
+        }
+    }
+}
+
+// ------------------------------------------------------------- traffic ---
+
+/// SHA-256 (hex) of `data`, computed by `sha256sum`.
+pub fn sha256_hex(data: &[u8]) -> io::Result<String> {
+    let mut h = Sha256Sum::new()?;
+    h.update(data)?;
+    h.finish()
+}
+
+/// A streaming `sha256sum` child process.
+pub struct Sha256Sum {
+    child: Child,
+}
+
+impl Sha256Sum {
+    pub fn new() -> io::Result<Sha256Sum> {
+        let child = Command::new("sha256sum")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()?;
+        Ok(Sha256Sum { child })
+    }
+
+    pub fn update(&mut self, data: &[u8]) -> io::Result<()> {
+        self.child
+            .stdin
+            .as_mut()
+            .ok_or_else(|| io::Error::other("sha256sum stdin closed"))?
+            .write_all(data)
+    }
+
+    pub fn finish(mut self) -> io::Result<String> {
+        drop(self.child.stdin.take());
+        let mut out = String::new();
+        self.child
+            .stdout
+            .take()
+            .ok_or_else(|| io::Error::other("sha256sum stdout"))?
+            .read_to_string(&mut out)?;
+        self.child.wait()?;
+        out.split_whitespace()
+            .next()
+            .map(str::to_string)
+            .ok_or_else(|| io::Error::other("sha256sum printed nothing"))
+    }
+}
+
+/// `len` random bytes (from `/dev/urandom`).
+pub fn random_blob(len: usize) -> io::Result<Vec<u8>> {
+    let mut v = vec![0u8; len];
+    File::open("/dev/urandom")?.read_exact(&mut v)?;
+    Ok(v)
+}
+
+fn accept_timeout(listener: &TcpListener, timeout: Duration) -> io::Result<TcpStream> {
+    listener.set_nonblocking(true)?;
+    let deadline = Instant::now() + timeout;
+    loop {
+        match listener.accept() {
+            Ok((s, _)) => {
+                s.set_nonblocking(false)?;
+                s.set_read_timeout(Some(timeout))?;
+                s.set_write_timeout(Some(timeout))?;
+                return Ok(s);
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                if Instant::now() > deadline {
+                    return Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        "no connection from the guest",
+                    ));
+                }
+                thread::sleep(Duration::from_millis(5));
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// What one side of a transfer saw.
+#[derive(Clone, Debug)]
+pub struct Transfer {
+    pub bytes: u64,
+    pub sha256: String,
+    /// From accepting the connection to the end of the data.
+    pub elapsed: Duration,
+}
+
+impl Transfer {
+    /// Throughput in Mbit/s.
+    pub fn mbit_per_s(&self) -> f64 {
+        self.bytes as f64 * 8.0 / self.elapsed.as_secs_f64().max(1e-9) / 1e6
+    }
+}
+
+/// Accepts one connection on `listener` (within `timeout`), sends `data`,
+/// closes. Returns what was sent (its sha256 is computed beforehand).
+pub fn serve_blob(
+    listener: TcpListener,
+    data: Arc<Vec<u8>>,
+    timeout: Duration,
+) -> JoinHandle<io::Result<Transfer>> {
+    thread::spawn(move || {
+        let sha256 = sha256_hex(&data)?;
+        let mut s = accept_timeout(&listener, timeout)?;
+        let t0 = Instant::now();
+        s.write_all(&data)?;
+        s.shutdown(Shutdown::Write)?;
+        // Wait for the peer to close so that "elapsed" covers delivery.
+        let mut sink = [0u8; 64];
+        while s.read(&mut sink).map(|n| n > 0).unwrap_or(false) {}
+        Ok(Transfer {
+            bytes: data.len() as u64,
+            sha256,
+            elapsed: t0.elapsed(),
+        })
+    })
+}
+
+/// Accepts one connection on `listener` (within `timeout`) and hashes
+/// everything received until the peer closes.
+pub fn receive_sha256(
+    listener: TcpListener,
+    timeout: Duration,
+) -> JoinHandle<io::Result<Transfer>> {
+    thread::spawn(move || {
+        let mut s = accept_timeout(&listener, timeout)?;
+        let t0 = Instant::now();
+        let mut h = Sha256Sum::new()?;
+        let mut buf = vec![0u8; 1 << 16];
+        let mut bytes = 0u64;
+        loop {
+            let n = s.read(&mut buf)?;
+            if n == 0 {
+                break;
+            }
+            bytes += n as u64;
+            h.update(&buf[..n])?;
+        }
+        let elapsed = t0.elapsed();
+        Ok(Transfer {
+            bytes,
+            sha256: h.finish()?,
+            elapsed,
+        })
+    })
+}

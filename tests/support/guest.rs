@@ -346,6 +346,8 @@ pub struct QemuConfig {
     pub extra_args: Vec<String>,
     /// Copy guest output to stderr as it arrives (also `MACVHOST_GUEST_ECHO=1`).
     pub echo: bool,
+    /// Exit QEMU when the guest reboots (`-no-reboot`); false lets a guest reboot in place.
+    pub no_reboot: bool,
 }
 
 impl QemuConfig {
@@ -364,6 +366,7 @@ impl QemuConfig {
             extra_append: Vec::new(),
             extra_args: Vec::new(),
             echo: std::env::var_os("MACVHOST_GUEST_ECHO").is_some_and(|v| v != "0"),
+            no_reboot: true,
         }
     }
 
@@ -456,7 +459,6 @@ impl QemuConfig {
             "none".into(),
             "-monitor".into(),
             "none".into(),
-            "-no-reboot".into(),
             "-kernel".into(),
             image.kernel.display().to_string(),
             "-initrd".into(),
@@ -503,6 +505,9 @@ impl QemuConfig {
         if let Some(f) = script_file {
             v.push("-fw_cfg".into());
             v.push(format!("name=opt/macvhost/script,file={}", f.display()));
+        }
+        if self.no_reboot {
+            v.push("-no-reboot".into());
         }
         v.extend(self.extra_args.iter().cloned());
         v

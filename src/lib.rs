@@ -10,6 +10,7 @@
 //! - [`backend`]: the `VhostUserBackend` impl: features, config space, dispatch to workers.
 //! - [`worker`]: per-queue-pair state and event handling (owns the datapath calls).
 //! - [`server`]: listening / connecting, serving one frontend after another, signals.
+//! - [`shim`]: a vhost-user message relay that fixes one QEMU/crate incompatibility.
 //! - [`control`]: the stats control socket and the Prometheus endpoint.
 //! - [`vring`]: a vring wrapper that tells workers about enable/disable.
 
@@ -21,6 +22,7 @@ pub mod control;
 pub mod datapath;
 pub mod host;
 pub mod server;
+pub mod shim;
 pub mod vring;
 pub mod worker;
 

@@ -5,7 +5,7 @@
 //! connections, so a frontend reconnecting never races a re-created socket.
 
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::os::unix::net::UnixListener;
+use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -233,7 +233,7 @@ pub fn serve<Q: QueueControl>(
     for q in &host.queues {
         let _ = q.detach();
     }
-    let mut listener = match socket {
+    let listener = match socket {
         SocketMode::Listen(path) => {
             Some(
                 Listener::new(path, true).map_err(|source| ServerError::Listen {
@@ -253,6 +253,15 @@ pub fn serve<Q: QueueControl>(
         tracing::info!(socket = ?socket, "listening for a vhost-user frontend");
     }
 
+    // The daemon serves connections relayed by the shim (`crate::shim`) from a private socket.
+    let private = PrivateDir::new().map_err(ServerError::Device)?;
+    let private_path = private.0.join("handler.sock");
+    let mut private_listener =
+        Listener::new(&private_path, true).map_err(|source| ServerError::Listen {
+            path: private_path.clone(),
+            source,
+        })?;
+
     while !stopper.stopping() {
         let backend =
             Arc::new(NetBackend::new(identity, host.clone(), stats).map_err(ServerError::Device)?);
@@ -264,13 +273,27 @@ pub fn serve<Q: QueueControl>(
         .map_err(|e| ServerError::Daemon(e.to_string()))?;
         backend.set_epoll_handlers(daemon.get_epoll_handlers());
 
-        let started = match (&mut listener, socket) {
-            (Some(l), _) => daemon.start(l).map_err(|e| e.to_string()),
-            (None, SocketMode::Connect(path)) => connect_with_backoff(&mut daemon, path, stopper),
+        let frontend = match (&listener, socket) {
+            (Some(l), _) => accept_frontend(l),
+            (None, SocketMode::Connect(path)) => connect_with_backoff(path, stopper),
             (None, _) => unreachable!("listening modes always have a listener"),
         };
+        let started = frontend.and_then(|front| {
+            let inner = UnixStream::connect(&private_path).map_err(|e| e.to_string())?;
+            daemon
+                .start(&mut private_listener)
+                .map_err(|e| e.to_string())?;
+            std::thread::Builder::new()
+                .name("vu-shim".into())
+                .spawn(move || {
+                    if let Err(e) = crate::shim::relay(front, inner) {
+                        tracing::debug!("vhost-user relay ended: {e}");
+                    }
+                })
+                .map_err(|e| e.to_string())
+        });
         match started {
-            Ok(()) => {
+            Ok(relay) => {
                 *stopper.connection.lock().unwrap_or_else(|e| e.into_inner()) =
                     daemon.shutdown_handle();
                 // A stop that raced the accept must still end this connection.
@@ -287,6 +310,8 @@ pub fn serve<Q: QueueControl>(
                     Err(e) if stopper.stopping() => tracing::debug!("connection ended: {e}"),
                     Err(e) => tracing::warn!("frontend connection ended with an error: {e}"),
                 }
+                daemon.request_shutdown();
+                let _ = relay.join();
                 *stopper.connection.lock().unwrap_or_else(|e| e.into_inner()) = None;
             }
             Err(e) if stopper.stopping() => tracing::debug!("accept interrupted: {e}"),
@@ -310,22 +335,15 @@ pub fn serve<Q: QueueControl>(
     Ok(())
 }
 
-fn connect_with_backoff<Q: QueueControl>(
-    daemon: &mut VhostUserDaemon<Arc<NetBackend<Q>>>,
-    path: &Path,
-    stopper: &Stopper,
-) -> Result<(), String> {
-    let path_str = path
-        .to_str()
-        .ok_or_else(|| format!("{} is not valid UTF-8", path.display()))?;
+fn connect_with_backoff(path: &Path, stopper: &Stopper) -> Result<UnixStream, String> {
     let mut delay = Duration::from_millis(50);
     let mut logged = false;
     loop {
         if stopper.stopping() {
             return Err("stopping".into());
         }
-        match daemon.start_client(path_str) {
-            Ok(()) => return Ok(()),
+        match UnixStream::connect(path) {
+            Ok(s) => return Ok(s),
             Err(e) => {
                 if !logged {
                     tracing::info!("waiting for a frontend at {} ({e})", path.display());
@@ -335,5 +353,37 @@ fn connect_with_backoff<Q: QueueControl>(
                 delay = (delay * 2).min(Duration::from_secs(2));
             }
         }
+    }
+}
+
+fn accept_frontend(listener: &Listener) -> Result<UnixStream, String> {
+    loop {
+        match listener.accept() {
+            Ok(Some(s)) => return Ok(s),
+            // A client that connected and left before we accepted: wait for the next.
+            Ok(None) => continue,
+            Err(e) => return Err(e.to_string()),
+        }
+    }
+}
+
+/// A 0700 directory for the shim's private socket, removed on drop.
+struct PrivateDir(PathBuf);
+
+impl PrivateDir {
+    fn new() -> std::io::Result<PrivateDir> {
+        use std::os::unix::fs::DirBuilderExt;
+        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = N.fetch_add(1, Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!("macvhost-{}-{n}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::DirBuilder::new().mode(0o700).create(&dir)?;
+        Ok(PrivateDir(dir))
+    }
+}
+
+impl Drop for PrivateDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
     }
 }

@@ -74,7 +74,11 @@ impl Macvhost {
         self.child = Some(child);
         let t = Instant::now();
         while !self.socket.exists() {
-            assert!(t.elapsed() < secs(20), "macvhost never listened:\n{}", self.log_text());
+            assert!(
+                t.elapsed() < secs(20),
+                "macvhost never listened:\n{}",
+                self.log_text()
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -199,20 +203,26 @@ fn guest_comes_up_with_the_macvtap_mac_and_pings_the_peer() {
         return;
     }
     let s = setup("ping", 2, false);
-    let macvtap_mac = s
-        .ns
-        .command("cat")
-        .arg("/sys/class/net/mvt0/address")
-        .output()
-        .unwrap();
-    let macvtap_mac = String::from_utf8_lossy(&macvtap_mac.stdout).trim().to_string();
+    let macvtap_mac =
+        s.ns.command("cat")
+            .arg("/sys/class/net/mvt0/address")
+            .output()
+            .unwrap();
+    let macvtap_mac = String::from_utf8_lossy(&macvtap_mac.stdout)
+        .trim()
+        .to_string();
     let o = s.vm.exec_ok(
         "cat /sys/class/net/$MVH_IFACE/address /sys/class/net/$MVH_IFACE/operstate \
          /sys/class/net/$MVH_IFACE/carrier /sys/class/net/$MVH_IFACE/mtu",
         secs(120),
     );
     let lines: Vec<&str> = o.output.lines().map(str::trim).collect();
-    assert_eq!(lines, [macvtap_mac.as_str(), "up", "1", "1500"], "{}", o.output);
+    assert_eq!(
+        lines,
+        [macvtap_mac.as_str(), "up", "1", "1500"],
+        "{}",
+        o.output
+    );
     let o = timed("ping guest->peer", || {
         s.vm.exec_ok("ping -c 3 -W 5 $MVH_PEER", secs(180))
     });
@@ -223,7 +233,11 @@ fn guest_comes_up_with_the_macvtap_mac_and_pings_the_peer() {
             .output()
             .unwrap()
     });
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
     let total: u64 = s.mvh.stats().iter().map(|q| q["rx_frames"]).sum();
     assert!(total >= 6, "macvhost delivered {total} frames to the guest");
     println!("boot {:.2} s", s.boot.as_secs_f64());
@@ -248,10 +262,9 @@ fn tcp_64mib_each_way_arrives_intact_with_checksum_and_tso_offloads() {
 
     // Host -> guest.
     let blob = Arc::new(guest::random_blob(BLOB).unwrap());
-    let listener = s
-        .ns
-        .tcp_listener(format!("{}:5001", guest::PEER_IP).parse().unwrap())
-        .unwrap();
+    let listener =
+        s.ns.tcp_listener(format!("{}:5001", guest::PEER_IP).parse().unwrap())
+            .unwrap();
     let sender = guest::serve_blob(listener, blob, secs(300));
     let o = timed("64 MiB host->guest", || {
         s.vm.exec_ok(
@@ -262,7 +275,11 @@ fn tcp_64mib_each_way_arrives_intact_with_checksum_and_tso_offloads() {
     });
     let sent = sender.join().unwrap().unwrap();
     assert_eq!(o.expect_result("rx_bytes"), BLOB.to_string());
-    assert_eq!(o.expect_result("rx_sha"), sent.sha256, "host->guest corrupted");
+    assert_eq!(
+        o.expect_result("rx_sha"),
+        sent.sha256,
+        "host->guest corrupted"
+    );
     println!("host->guest {:.0} Mbit/s", sent.mbit_per_s());
 
     // Guest -> host.
@@ -274,10 +291,9 @@ fn tcp_64mib_each_way_arrives_intact_with_checksum_and_tso_offloads() {
         secs(300),
     );
     let tx_sha = o.expect_result("tx_sha").to_string();
-    let listener = s
-        .ns
-        .tcp_listener(format!("{}:5002", guest::PEER_IP).parse().unwrap())
-        .unwrap();
+    let listener =
+        s.ns.tcp_listener(format!("{}:5002", guest::PEER_IP).parse().unwrap())
+            .unwrap();
     let receiver = guest::receive_sha256(listener, secs(300));
     timed("64 MiB guest->host", || {
         s.vm.exec_ok("nc $MVH_PEER 5002 < /tmp/tx; rm -f /tmp/tx", secs(300))
@@ -294,7 +310,10 @@ fn tcp_64mib_each_way_arrives_intact_with_checksum_and_tso_offloads() {
         .fold((0, 0), |(f, b), q| (f + q["tx_frames"], b + q["tx_bytes"]));
     let avg = bytes / frames.max(1);
     println!("guest TX through macvhost: {frames} frames, {bytes} B, {avg} B/frame");
-    assert!(avg > 1514, "no TSO frames crossed macvhost (average {avg} B)");
+    assert!(
+        avg > 1514,
+        "no TSO frames crossed macvhost (average {avg} B)"
+    );
     let (rframes, rbytes): (u64, u64) = st
         .iter()
         .fold((0, 0), |(f, b), q| (f + q["rx_frames"], b + q["rx_bytes"]));
@@ -349,7 +368,9 @@ fn two_queue_pairs_carry_flows_and_going_back_to_one_keeps_traffic_flowing() {
     );
     assert_eq!(o.expect_result("combined"), "2");
     let before = s.mvh.stats();
-    timed("iperf3 8 flows each way on 2 pairs", || iperf_both_ways(&s, 8));
+    timed("iperf3 8 flows each way on 2 pairs", || {
+        iperf_both_ways(&s, 8)
+    });
     let after = s.mvh.stats();
     let delta = |q: usize, k: &str| after[q][k] - before[q][k];
     println!(
@@ -360,7 +381,10 @@ fn two_queue_pairs_carry_flows_and_going_back_to_one_keeps_traffic_flowing() {
         delta(1, "tx_frames")
     );
     // macvtap steers by flow hash: with 8 flows both queue fds get frames.
-    assert!(delta(0, "rx_frames") > 0 && delta(1, "rx_frames") > 0, "RX not spread");
+    assert!(
+        delta(0, "rx_frames") > 0 && delta(1, "rx_frames") > 0,
+        "RX not spread"
+    );
     assert!(delta(0, "tx_frames") + delta(1, "tx_frames") > 0);
 
     // Back to one pair: QEMU disables pair 1; macvhost detaches its queue, so the kernel stops
@@ -368,7 +392,9 @@ fn two_queue_pairs_carry_flows_and_going_back_to_one_keeps_traffic_flowing() {
     s.vm.exec_ok("ethtool -L $MVH_IFACE combined 1", secs(120));
     std::thread::sleep(Duration::from_millis(500));
     let before = s.mvh.stats();
-    timed("iperf3 8 flows each way on 1 pair", || iperf_both_ways(&s, 8));
+    timed("iperf3 8 flows each way on 1 pair", || {
+        iperf_both_ways(&s, 8)
+    });
     let o = s.vm.exec_ok("ping -c 3 -W 5 $MVH_PEER", secs(120));
     assert!(o.output.contains("3 packets received"), "{}", o.output);
     let after = s.mvh.stats();
@@ -385,10 +411,7 @@ fn macvhost_killed_and_restarted_under_ping_the_guest_recovers() {
         return;
     }
     let mut s = setup("restart", 2, false);
-    s.vm.exec_ok(
-        "ping -i 0.2 $MVH_PEER > /tmp/ping.log 2>&1 &",
-        secs(60),
-    );
+    s.vm.exec_ok("ping -i 0.2 $MVH_PEER > /tmp/ping.log 2>&1 &", secs(60));
     std::thread::sleep(Duration::from_secs(2));
     s.mvh.kill9();
     let killed = Instant::now();
@@ -397,10 +420,9 @@ fn macvhost_killed_and_restarted_under_ping_the_guest_recovers() {
     // QEMU (reconnect=1) redoes the handshake; pings must come back without a guest reboot.
     let mut resumed = None;
     while killed.elapsed() < secs(60) {
-        let o = s
-            .vm
-            .exec("ping -c 1 -W 1 $MVH_PEER >/dev/null && echo back", secs(30))
-            .unwrap();
+        let o =
+            s.vm.exec("ping -c 1 -W 1 $MVH_PEER >/dev/null && echo back", secs(30))
+                .unwrap();
         if o.output.contains("back") {
             resumed = Some(killed.elapsed());
             break;
@@ -424,8 +446,7 @@ fn a_rebooted_guest_is_served_again() {
     // The guest resets its virtio device; QEMU stops and restarts the rings on macvhost.
     let _ = s.vm.exec("reboot -f", secs(5));
     let t = Instant::now();
-    s.vm
-        .wait_for_line_from(mark, "MVH-READY", secs(300))
+    s.vm.wait_for_line_from(mark, "MVH-READY", secs(300))
         .unwrap_or_else(|e| panic!("{e}\n{}", s.mvh.log_text()));
     println!("reboot to ready {:.2} s", t.elapsed().as_secs_f64());
     let o = s.vm.exec_ok("ping -c 3 -W 5 $MVH_PEER", secs(180));

@@ -491,8 +491,17 @@ impl QemuConfig {
             NetBackend::None => None,
         };
         if let Some(q) = queues {
-            let mq = if q > 1 {
+            // QEMU 7.2 segfaults in vhost_net_start -> msix_set_vector_notifiers when a
+            // vhost(-user) device uses MSI-X without KVM's irqchip (TCG); INTx works. With KVM
+            // (a user's host) MSI-X vectors are used as usual.
+            let vhost_under_tcg = matches!(self.net, NetBackend::VhostUser { .. })
+                && self.accel.unwrap_or_else(accel) == Accel::Tcg;
+            let mq = if q > 1 && !vhost_under_tcg {
                 format!(",mq=on,vectors={}", 2 * q as u32 + 2)
+            } else if q > 1 {
+                ",mq=on,vectors=0".to_string()
+            } else if vhost_under_tcg {
+                ",vectors=0".to_string()
             } else {
                 String::new()
             };

@@ -20,6 +20,8 @@ pub mod config;
 pub mod control;
 pub mod datapath;
 pub mod host;
+pub mod netlink;
+pub mod ratelimit;
 pub mod server;
 pub mod vring;
 pub mod worker;

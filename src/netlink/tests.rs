@@ -6,6 +6,7 @@
 //! and/or on the veth peer (captured with an `AF_PACKET` socket).
 
 use std::os::fd::{AsFd, AsRawFd};
+use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
@@ -434,4 +435,121 @@ fn mode_bridge_behind_a_hairpin_switch_is_unchanged() {
     let (uni, bc) = deliveries(MacvtapMode::Bridge, true);
     assert_eq!(uni, d(true, false), "unicast");
     assert_eq!(bc, d(true, true), "broadcast");
+}
+
+// --- Link watcher ---
+
+/// Waits up to `within` until every event of `want` arrived (in any order), returning how long
+/// that took; other events are skipped (`ip link set` can cause several notifications).
+fn expect_events(rx: &mpsc::Receiver<LinkEvent>, want: &[LinkEvent], within: Duration) -> Duration {
+    let start = Instant::now();
+    let mut missing = want.to_vec();
+    let mut seen = Vec::new();
+    while !missing.is_empty() {
+        let left = within.saturating_sub(start.elapsed());
+        match rx.recv_timeout(left) {
+            Ok(e) => {
+                missing.retain(|w| *w != e);
+                seen.push(e);
+            }
+            Err(_) => panic!("no {missing:?} within {within:?}; saw {seen:?}"),
+        }
+    }
+    start.elapsed()
+}
+
+/// No event at all for `quiet`.
+fn expect_quiet(rx: &mpsc::Receiver<LinkEvent>, quiet: Duration) {
+    if let Ok(e) = rx.recv_timeout(quiet) {
+        panic!("unexpected {e:?}");
+    }
+}
+
+#[test]
+fn watcher_reports_carrier_of_macvtap_and_parent_and_deletion() {
+    need_root!("watcher_reports_carrier_of_macvtap_and_parent_and_deletion");
+    let ns = veth_ns();
+    ns.run(|| {
+        let mut link = create_macvtap(&spec("veth0", Some("mvtW"), MacvtapMode::Bridge)).unwrap();
+        link.keep(); // the test deletes it with `ip`
+        let (m, p) = (link.ifindex(), link.parent_ifindex());
+        let (tx, rx) = mpsc::channel();
+        let watcher = watch_links(vec![m, p], move |e| {
+            let _ = tx.send(e);
+        })
+        .unwrap();
+        assert_eq!(watcher.ifindexes(), [m, p]);
+        let second = Duration::from_secs(1);
+        let up = |ifindex| LinkEvent::Carrier { ifindex, up: true };
+        let down = |ifindex| LinkEvent::Carrier { ifindex, up: false };
+
+        // The first report is each link's current state (operstate may still be settling, in
+        // which case "down" comes first and "up" follows).
+        expect_events(&rx, &[up(p), up(m)], second);
+        expect_quiet(&rx, Duration::from_millis(200));
+
+        // Each step: run `ip -n NS ...` (another process) and wait for the events, timing both.
+        let step = |args: &[&str], want: &[LinkEvent]| {
+            let t = Instant::now();
+            ns.ip(args);
+            expect_events(&rx, want, second);
+            t.elapsed()
+        };
+        let mut took = Vec::new();
+        // Parent administratively down: the macvtap stays IFF_UP but loses IFF_RUNNING.
+        took.push(step(&["link", "set", "veth0", "down"], &[down(p), down(m)]));
+        took.push(step(&["link", "set", "veth0", "up"], &[up(p), up(m)]));
+
+        // The parent's peer down: the parent loses carrier, and so does the macvtap.
+        took.push(step(&["link", "set", "veth1", "down"], &[down(p), down(m)]));
+        took.push(step(&["link", "set", "veth1", "up"], &[up(p), up(m)]));
+
+        // The macvtap alone: the parent is not reported.
+        took.push(step(&["link", "set", "mvtW", "down"], &[down(m)]));
+        took.push(step(&["link", "set", "mvtW", "up"], &[up(m)]));
+        expect_quiet(&rx, Duration::from_millis(200));
+
+        took.push(step(
+            &["link", "del", "mvtW"],
+            &[LinkEvent::Deleted { ifindex: m }],
+        ));
+        eprintln!("watcher: ip command + events took {took:?}");
+        assert!(took.iter().all(|t| *t < second), "{took:?}");
+
+        let t = Instant::now();
+        drop(watcher);
+        assert!(
+            t.elapsed() < Duration::from_millis(200),
+            "stopping took {:?}",
+            t.elapsed()
+        );
+    });
+}
+
+#[test]
+fn watcher_reports_missing_links_and_ignores_others() {
+    need_root!("watcher_reports_missing_links_and_ignores_others");
+    let ns = veth_ns();
+    ns.run(|| {
+        let parent = ifindex_of("veth0");
+        let (tx, rx) = mpsc::channel();
+        let _w = watch_links(vec![parent, 999_999], move |e| {
+            let _ = tx.send(e);
+        })
+        .unwrap();
+        let second = Duration::from_secs(1);
+        let initial = [
+            LinkEvent::Carrier {
+                ifindex: parent,
+                up: true,
+            },
+            LinkEvent::Deleted { ifindex: 999_999 },
+        ];
+        expect_events(&rx, &initial, second);
+        // Links nobody watches come and go silently.
+        let other = create_macvtap(&spec("veth0", None, MacvtapMode::Bridge)).unwrap();
+        ns.ip(&["link", "set", other.name(), "down"]);
+        drop(other);
+        expect_quiet(&rx, Duration::from_millis(300));
+    });
 }

@@ -495,24 +495,25 @@ fn watcher_reports_carrier_of_macvtap_and_parent_and_deletion() {
             expect_events(&rx, want, second);
             t.elapsed()
         };
-        let mut took = Vec::new();
-        // Parent administratively down: the macvtap stays IFF_UP but loses IFF_RUNNING.
-        took.push(step(&["link", "set", "veth0", "down"], &[down(p), down(m)]));
-        took.push(step(&["link", "set", "veth0", "up"], &[up(p), up(m)]));
-
-        // The parent's peer down: the parent loses carrier, and so does the macvtap.
-        took.push(step(&["link", "set", "veth1", "down"], &[down(p), down(m)]));
-        took.push(step(&["link", "set", "veth1", "up"], &[up(p), up(m)]));
-
-        // The macvtap alone: the parent is not reported.
-        took.push(step(&["link", "set", "mvtW", "down"], &[down(m)]));
-        took.push(step(&["link", "set", "mvtW", "up"], &[up(m)]));
-        expect_quiet(&rx, Duration::from_millis(200));
-
-        took.push(step(
-            &["link", "del", "mvtW"],
-            &[LinkEvent::Deleted { ifindex: m }],
-        ));
+        let took = [
+            // Parent administratively down: the macvtap stays IFF_UP but loses IFF_RUNNING
+            // (operstate LOWERLAYERDOWN) and gets its own notification.
+            step(&["link", "set", "veth0", "down"], &[down(p), down(m)]),
+            step(&["link", "set", "veth0", "up"], &[up(p), up(m)]),
+            // The parent's peer down: the parent loses carrier, and so does the macvtap.
+            step(&["link", "set", "veth1", "down"], &[down(p), down(m)]),
+            step(&["link", "set", "veth1", "up"], &[up(p), up(m)]),
+            // The macvtap alone: the parent is not reported (checked by the quiet period).
+            step(&["link", "set", "mvtW", "down"], &[down(m)]),
+            step(&["link", "set", "mvtW", "up"], &[up(m)]),
+            {
+                expect_quiet(&rx, Duration::from_millis(200));
+                step(
+                    &["link", "del", "mvtW"],
+                    &[LinkEvent::Deleted { ifindex: m }],
+                )
+            },
+        ];
         eprintln!("watcher: ip command + events took {took:?}");
         assert!(took.iter().all(|t| *t < second), "{took:?}");
 

@@ -440,8 +440,13 @@ fn mode_bridge_behind_a_hairpin_switch_is_unchanged() {
 // --- Link watcher ---
 
 /// Waits up to `within` until every event of `want` arrived (in any order), returning how long
-/// that took; other events are skipped (`ip link set` can cause several notifications).
-fn expect_events(rx: &mpsc::Receiver<LinkEvent>, want: &[LinkEvent], within: Duration) -> Duration {
+/// that took. With `strict`, any other event fails the test; without, it is skipped.
+fn expect_events(
+    rx: &mpsc::Receiver<LinkEvent>,
+    want: &[LinkEvent],
+    within: Duration,
+    strict: bool,
+) -> Duration {
     let start = Instant::now();
     let mut missing = want.to_vec();
     let mut seen = Vec::new();
@@ -449,6 +454,10 @@ fn expect_events(rx: &mpsc::Receiver<LinkEvent>, want: &[LinkEvent], within: Dur
         let left = within.saturating_sub(start.elapsed());
         match rx.recv_timeout(left) {
             Ok(e) => {
+                assert!(
+                    !strict || missing.contains(&e),
+                    "unexpected {e:?} while waiting for {missing:?}"
+                );
                 missing.retain(|w| *w != e);
                 seen.push(e);
             }
@@ -485,14 +494,14 @@ fn watcher_reports_carrier_of_macvtap_and_parent_and_deletion() {
 
         // The first report is each link's current state (operstate may still be settling, in
         // which case "down" comes first and "up" follows).
-        expect_events(&rx, &[up(p), up(m)], second);
+        expect_events(&rx, &[up(p), up(m)], second, false);
         expect_quiet(&rx, Duration::from_millis(200));
 
         // Each step: run `ip -n NS ...` (another process) and wait for the events, timing both.
         let step = |args: &[&str], want: &[LinkEvent]| {
             let t = Instant::now();
             ns.ip(args);
-            expect_events(&rx, want, second);
+            expect_events(&rx, want, second, true);
             t.elapsed()
         };
         let took = [
@@ -503,14 +512,15 @@ fn watcher_reports_carrier_of_macvtap_and_parent_and_deletion() {
             // The parent's peer down: the parent loses carrier, and so does the macvtap.
             step(&["link", "set", "veth1", "down"], &[down(p), down(m)]),
             step(&["link", "set", "veth1", "up"], &[up(p), up(m)]),
-            // The macvtap alone: the parent is not reported (checked by the quiet period).
+            // The macvtap alone: the parent is not reported.
             step(&["link", "set", "mvtW", "down"], &[down(m)]),
             step(&["link", "set", "mvtW", "up"], &[up(m)]),
             {
                 expect_quiet(&rx, Duration::from_millis(200));
+                // Deleting an up link closes it first: down, then gone.
                 step(
                     &["link", "del", "mvtW"],
-                    &[LinkEvent::Deleted { ifindex: m }],
+                    &[down(m), LinkEvent::Deleted { ifindex: m }],
                 )
             },
         ];
@@ -546,7 +556,7 @@ fn watcher_reports_missing_links_and_ignores_others() {
             },
             LinkEvent::Deleted { ifindex: 999_999 },
         ];
-        expect_events(&rx, &initial, second);
+        expect_events(&rx, &initial, second, true);
         // Links nobody watches come and go silently.
         let other = create_macvtap(&spec("veth0", None, MacvtapMode::Bridge)).unwrap();
         ns.ip(&["link", "set", other.name(), "down"]);

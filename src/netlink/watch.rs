@@ -40,6 +40,8 @@ pub enum LinkEvent {
     /// The link is (`up: true`) or is not administratively and operationally up.
     Carrier { ifindex: u32, up: bool },
     /// The link was deleted (or moved to another network namespace); it is no longer watched.
+    /// Deleting a link that was up reports `Carrier { up: false }` first (it is closed before
+    /// it is unregistered).
     Deleted { ifindex: u32 },
 }
 

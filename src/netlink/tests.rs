@@ -564,3 +564,59 @@ fn watcher_reports_missing_links_and_ignores_others() {
         expect_quiet(&rx, Duration::from_millis(300));
     });
 }
+
+/// From the outside (a macvtap on veth1, the parent's peer): is a frame to the macvtap's own
+/// MAC, and one to a foreign unicast MAC, delivered to a `mode` macvtap on veth0?
+fn from_outside(mode: MacvtapMode) -> (bool, bool) {
+    let ns = veth_ns();
+    ns.run(|| {
+        let m = create_macvtap(&spec("veth0", Some("mvtM"), mode)).unwrap();
+        let inj = create_macvtap(&spec("veth1", Some("inj"), MacvtapMode::Bridge)).unwrap();
+        let qm = HostDevice::open(
+            &HostSpec::Macvtap {
+                iface: "mvtM".into(),
+            },
+            1,
+        )
+        .unwrap();
+        let qi = HostDevice::open(
+            &HostSpec::Macvtap {
+                iface: "inj".into(),
+            },
+            1,
+        )
+        .unwrap();
+        let pkt = socket(
+            AddressFamily::Packet,
+            SockType::Raw,
+            SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC,
+            SockProtocol::EthAll,
+        )
+        .unwrap();
+        let veth0 = ifindex_of("veth0");
+        let window = Duration::from_millis(400);
+        let mut arrived = [false; 2];
+        for (i, (dst, marker)) in [
+            (m.mac(), &b"to-own-mac"[..]),
+            ([0x02, 0xaa, 0xbb, 0xcc, 0xdd, 0xee], &b"to-foreign-mac"[..]),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            nix::unistd::write(qi.queues()[0].as_fd(), &eth_frame(dst, inj.mac(), marker)).unwrap();
+            let seen = observe(&qm.queues()[0], &pkt, veth0, marker, window);
+            assert!(seen.at_peer, "{mode}: {marker:?} never reached veth0");
+            arrived[i] = seen.at_b;
+        }
+        (arrived[0], arrived[1])
+    })
+}
+
+#[test]
+fn mode_passthru_receives_everything_the_parent_does() {
+    need_root!("mode_passthru_receives_everything_the_parent_does");
+    // Passthru puts the parent in promiscuous mode and hands the macvtap every frame;
+    // the other modes take only frames for their own MAC (or broadcast/multicast).
+    assert_eq!(from_outside(MacvtapMode::Passthru), (true, true));
+    assert_eq!(from_outside(MacvtapMode::Bridge), (true, false));
+}

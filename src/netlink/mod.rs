@@ -397,24 +397,24 @@ pub fn create_macvtap(spec: &MacvtapSpec) -> Result<CreatedLink, NetlinkError> {
     };
 
     // From here on the link exists: a failure must not leak it.
-    let mut link = CreatedLink {
-        name: created_name,
-        ifindex: 0,
-        mac: [0; 6],
-        parent_ifindex,
-        mode: spec.mode,
-        keep: true,
-        rtnl,
-    };
-    let msg = match get_link_by_name(&mut link.rtnl, &link.name) {
+    let msg = match get_link_by_name(&mut rtnl, &created_name) {
         Ok(m) => m,
         Err(e) => {
-            tracing::warn!(iface = %link.name, "created macvtap vanished or unreadable: {e}");
+            tracing::warn!(iface = %created_name, "created macvtap unreadable, deleting it: {e}");
+            let _ = del_link_by_name(&mut rtnl, &created_name);
             return Err(e);
         }
     };
-    link.ifindex = msg.header.index;
-    link.keep = false;
+    let mut link = CreatedLink {
+        name: created_name,
+        ifindex: msg.header.index,
+        mac: [0; 6],
+        parent_ifindex,
+        mode: spec.mode,
+        keep: false,
+        rtnl,
+    };
+    // Dropping `link` on error deletes it.
     link.mac = mac_of(&msg).ok_or_else(|| NetlinkError::Protocol {
         op: format!("RTM_GETLINK {}", link.name),
         detail: "no 6-byte IFLA_ADDRESS".into(),
@@ -689,13 +689,15 @@ fn macvlan_children(
             link_kind(&m).0,
             Some(InfoKind::MacVtap) | Some(InfoKind::MacVlan)
         );
-        let on_parent = m.attributes.iter().any(|a| {
-            matches!(a, LinkAttribute::Link(l) if *l == parent_ifindex)
-                && !m
-                    .attributes
-                    .iter()
-                    .any(|a| matches!(a, LinkAttribute::LinkNetNsId(_)))
-        });
+        // IFLA_LINK_NETNSID set: IFLA_LINK is an index in another namespace.
+        let on_parent = m
+            .attributes
+            .iter()
+            .any(|a| matches!(a, LinkAttribute::Link(l) if *l == parent_ifindex))
+            && !m
+                .attributes
+                .iter()
+                .any(|a| matches!(a, LinkAttribute::LinkNetNsId(_)));
         if is_macvlan && on_parent {
             let name = name_of(&m).unwrap_or("?").to_owned();
             out.push((name, macvlan_mode(&m)));
@@ -726,6 +728,14 @@ fn get_link_by_name(rtnl: &mut Rtnl, name: &str) -> Result<LinkMessage, NetlinkE
         }
         Err(e) => Err(NetlinkError::kernel(op(), e)),
     }
+}
+
+fn del_link_by_name(rtnl: &mut Rtnl, name: &str) -> Result<(), NetlinkError> {
+    let mut msg = LinkMessage::default();
+    msg.attributes.push(LinkAttribute::IfName(name.to_owned()));
+    rtnl.request(RouteNetlinkMessage::DelLink(msg), NLM_F_REQUEST | NLM_F_ACK)
+        .map(|_| ())
+        .map_err(|e| NetlinkError::kernel(format!("deleting link {name:?}"), e))
 }
 
 fn del_link(rtnl: &mut Rtnl, ifindex: u32) -> Result<(), NetlinkError> {

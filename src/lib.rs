@@ -21,6 +21,8 @@ pub mod config;
 pub mod control;
 pub mod datapath;
 pub mod host;
+pub mod netlink;
+pub mod ratelimit;
 pub mod server;
 pub mod shim;
 pub mod vring;

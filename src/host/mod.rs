@@ -16,7 +16,7 @@ mod sys;
 mod tap;
 
 #[cfg(test)]
-mod testns;
+pub(crate) mod testns;
 
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};

@@ -23,7 +23,9 @@ use vmm_sys_util::event::{
 
 use crate::config::MacAddr;
 use crate::datapath::{vnet, HostQueue, QueueStats};
+use crate::ratelimit::{RateLimiter, RateSpec};
 use crate::vring::NetVring;
+use crate::worker::Limits;
 use crate::worker::{PairSettings, PairWorker};
 
 /// Guest memory as the workers see it (swapped atomically on memory-table updates).
@@ -103,6 +105,10 @@ pub struct DeviceIdentity {
     pub queue_pairs: u16,
     /// Largest virtqueue size.
     pub queue_size: u16,
+    /// Limit on guest → host traffic (libvirt's `<outbound>`).
+    pub tx_rate: Option<RateSpec>,
+    /// Limit on host → guest traffic (libvirt's `<inbound>`).
+    pub rx_rate: Option<RateSpec>,
 }
 
 /// One frontend connection's device.
@@ -227,12 +233,24 @@ impl<Q: QueueControl> NetBackend<Q> {
         }
         let offered_features = offered_features(host.supported_offloads, identity.queue_pairs);
         let nq = usize::from(identity.queue_pairs) * 2;
+        // One limiter per direction for the whole device, shared by the pairs (libvirt's
+        // <bandwidth> is per interface); a pair takes its lock only when a limit is set.
+        let limits = Limits {
+            tx: identity
+                .tx_rate
+                .map(|s| Arc::new(Mutex::new(RateLimiter::new(s)))),
+            rx: identity
+                .rx_rate
+                .map(|s| Arc::new(Mutex::new(RateLimiter::new(s)))),
+        };
         let workers = host
             .queues
             .iter()
             .zip(stats)
             .enumerate()
-            .map(|(i, (q, s))| PairWorker::new(i, nq, q.clone(), s.clone(), identity.mtu))
+            .map(|(i, (q, s))| {
+                PairWorker::new(i, nq, q.clone(), s.clone(), identity.mtu, limits.clone())
+            })
             .collect::<io::Result<Vec<_>>>()?;
         let status = if host.carrier { LINK_UP } else { 0 };
         Ok(NetBackend {

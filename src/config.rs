@@ -75,6 +75,14 @@ pub struct Args {
     #[arg(long, value_name = "PATH")]
     pub control_socket: Option<PathBuf>,
 
+    /// Limit guest → host traffic: average=BYTES/S[,peak=BYTES/S][,burst=BYTES][,pps=N].
+    #[arg(long, value_name = "SPEC")]
+    pub tx_rate: Option<String>,
+
+    /// Limit host → guest traffic (same syntax as --tx-rate).
+    #[arg(long, value_name = "SPEC")]
+    pub rx_rate: Option<String>,
+
     /// Serve Prometheus metrics over HTTP on this address, e.g. 127.0.0.1:9464.
     #[arg(long, value_name = "ADDR:PORT")]
     pub metrics_addr: Option<std::net::SocketAddr>,
@@ -187,6 +195,10 @@ pub struct Config {
     pub control_socket: Option<PathBuf>,
     /// Prometheus endpoint.
     pub metrics_addr: Option<std::net::SocketAddr>,
+    /// Guest → host rate limit.
+    pub tx_rate: Option<crate::ratelimit::RateSpec>,
+    /// Host → guest rate limit.
+    pub rx_rate: Option<crate::ratelimit::RateSpec>,
 }
 
 /// A command-line value the operator got wrong.
@@ -294,7 +306,17 @@ impl TryFrom<Args> for Config {
             }
         }
 
+        let rate = |flag: &'static str, v: Option<String>| {
+            v.map(|s| s.parse::<crate::ratelimit::RateSpec>())
+                .transpose()
+                .map_err(|e| bad(flag, e.to_string()))
+        };
+        let tx_rate = rate("--tx-rate", args.tx_rate)?;
+        let rx_rate = rate("--rx-rate", args.rx_rate)?;
+
         Ok(Config {
+            tx_rate,
+            rx_rate,
             socket,
             host,
             queue_pairs: args.queues,
@@ -393,6 +415,21 @@ mod tests {
                 "--mtu",
             ),
             (&["--socket-path", "/s", "--tap", "a/b"], "--tap"),
+            (
+                &["--socket-path", "/s", "--tap", "t", "--tx-rate", "peak=5"],
+                "--tx-rate",
+            ),
+            (
+                &[
+                    "--socket-path",
+                    "/s",
+                    "--tap",
+                    "t",
+                    "--rx-rate",
+                    "average=x",
+                ],
+                "--rx-rate",
+            ),
             (
                 &[
                     "--socket-path",

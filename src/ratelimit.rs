@@ -299,6 +299,21 @@ impl RateLimiter {
         ok
     }
 
+    /// Charges a frame of `bytes` that already passed (the RX side learns a frame's size only
+    /// after reading it), going into debt if need be; later frames wait the debt off.
+    pub fn consume(&mut self, now_ns: u64, bytes: u64) {
+        let now = now_ns.max(self.last_ns);
+        let dt = now - self.last_ns;
+        self.last_ns = now;
+        self.bytes.tokens = self.bytes.level_after(dt) - i128::from(bytes) * i128::from(NS_PER_SEC);
+        if let Some(b) = &mut self.peak {
+            b.tokens = b.level_after(dt) - i128::from(bytes) * i128::from(NS_PER_SEC);
+        }
+        if let Some(b) = &mut self.packets {
+            b.tokens = b.level_after(dt) - i128::from(NS_PER_SEC);
+        }
+    }
+
     /// Nanoseconds from `now_ns` until a frame of `bytes` passes; 0 when it would pass now.
     /// `try_consume(now_ns + wait_ns(now_ns, bytes), bytes)` succeeds (with no other
     /// `try_consume` in between), and fails at any earlier time.
@@ -328,6 +343,24 @@ fn time_at_rate(rate: u64, ns: u64) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn consume_after_the_fact_keeps_the_long_term_rate() {
+        // RX style: admit while not in debt, charge the real size afterwards.
+        let spec: RateSpec = "average=1000000".parse().unwrap();
+        let mut l = RateLimiter::new(spec);
+        let (mut now, mut sent) = (0u64, 0u64);
+        while now < 10 * NS_PER_SEC {
+            if l.wait_ns(now, 1) == 0 {
+                l.consume(now, 1500);
+                sent += 1500;
+            } else {
+                now += l.wait_ns(now, 1);
+            }
+        }
+        let rate = sent as f64 / 10.0;
+        assert!((rate - 1e6).abs() / 1e6 < 0.01, "rate {rate}");
+    }
 
     const SEC: u64 = NS_PER_SEC;
 

@@ -156,6 +156,8 @@ fn device_identity(config: &Config, host: &HostDevice) -> Result<DeviceIdentity,
         mtu,
         queue_pairs: config.queue_pairs,
         queue_size: config.queue_size,
+        tx_rate: config.tx_rate,
+        rx_rate: config.rx_rate,
     })
 }
 

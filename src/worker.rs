@@ -14,7 +14,9 @@
 
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 use vhost_user_backend::VringT;
 use virtio_bindings::virtio_net::VIRTIO_NET_F_MRG_RXBUF;
@@ -25,7 +27,8 @@ use vmm_sys_util::epoll::EventSet;
 use crate::backend::{EpollHandler, GuestMem, QueueControl, Vring};
 use crate::datapath::rx::{process_rx, RxOptions, RxScratch};
 use crate::datapath::tx::{process_tx, TxOptions, TxScratch};
-use crate::datapath::{vnet, QueueStats};
+use crate::datapath::{vnet, HostQueue, IoVecBuf, QueueStats};
+use crate::ratelimit::RateLimiter;
 
 /// Per-thread vring index of the RX queue.
 pub const RX_QUEUE: usize = 0;
@@ -37,6 +40,76 @@ pub const TAP_IN: u64 = 1;
 pub const TAP_OUT: u64 = 2;
 /// A vring was enabled, disabled or stopped.
 pub const VRING_STATE: u64 = 3;
+/// The rate limiter's wait is over.
+pub const THROTTLE_TIMER: u64 = 4;
+
+/// The device's rate limiters, one per direction, shared by every queue pair.
+#[derive(Debug, Clone, Default)]
+pub struct Limits {
+    /// Guest → host.
+    pub tx: Option<Arc<Mutex<RateLimiter>>>,
+    /// Host → guest.
+    pub rx: Option<Arc<Mutex<RateLimiter>>>,
+}
+
+impl Limits {
+    fn any(&self) -> bool {
+        self.tx.is_some() || self.rx.is_some()
+    }
+}
+
+/// The host queue seen through the rate limiters. A frame over the TX limit is refused with
+/// EAGAIN, which the datapath treats as "keep the chain, try later"; RX refuses to read while
+/// the RX bucket is in debt and charges each frame's real size after reading it. The waits
+/// it records tell the worker to arm its timer instead of waiting for epoll.
+struct Throttle<'a, Q> {
+    q: &'a Q,
+    limits: &'a Limits,
+    now_ns: u64,
+    hdr_len: usize,
+    tx_wait_ns: AtomicU64,
+    rx_wait_ns: AtomicU64,
+}
+
+fn lock_limiter(m: &Mutex<RateLimiter>) -> MutexGuard<'_, RateLimiter> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl<Q: HostQueue> AsRawFd for Throttle<'_, Q> {
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        self.q.as_raw_fd()
+    }
+}
+
+impl<Q: HostQueue> HostQueue for Throttle<'_, Q> {
+    fn send_frame(&self, frame: &IoVecBuf<'_>) -> io::Result<usize> {
+        if let Some(l) = &self.limits.tx {
+            let bytes = frame.total_len().saturating_sub(self.hdr_len) as u64;
+            let mut l = lock_limiter(l);
+            if !l.try_consume(self.now_ns, bytes) {
+                let wait = l.wait_ns(self.now_ns, bytes).max(1);
+                self.tx_wait_ns.store(wait, Ordering::Relaxed);
+                return Err(io::Error::from_raw_os_error(libc::EAGAIN));
+            }
+        }
+        self.q.send_frame(frame)
+    }
+
+    fn recv_frame(&self, bufs: &IoVecBuf<'_>) -> io::Result<usize> {
+        if let Some(l) = &self.limits.rx {
+            let wait = lock_limiter(l).wait_ns(self.now_ns, 1);
+            if wait > 0 {
+                self.rx_wait_ns.store(wait, Ordering::Relaxed);
+                return Err(io::Error::from_raw_os_error(libc::EAGAIN));
+            }
+        }
+        let n = self.q.recv_frame(bufs)?;
+        if let Some(l) = &self.limits.rx {
+            lock_limiter(l).consume(self.now_ns, n.saturating_sub(self.hdr_len) as u64);
+        }
+        Ok(n)
+    }
+}
 
 /// Chains handled per direction before the other direction gets a turn.
 pub const BATCH: usize = 64;
@@ -79,6 +152,12 @@ struct PairState<Q: QueueControl> {
     rx_broken: bool,
     tx_broken: bool,
     host_rx_failed: bool,
+    /// TX held by the rate limiter until the timer fires.
+    tx_throttled: bool,
+    /// RX held (host queue unwatched) by the rate limiter until the timer fires.
+    rx_throttled: bool,
+    /// Wakes the worker when a rate-limit wait is over (watched only when limits are set).
+    timer: vmm_sys_util::timerfd::TimerFd,
 }
 
 /// One queue pair (see the module doc).
@@ -89,6 +168,8 @@ pub struct PairWorker<Q: QueueControl> {
     tap: Arc<Q>,
     tap_out: OwnedFd,
     stats: Arc<QueueStats>,
+    limits: Limits,
+    epoch: Instant,
     state: Mutex<PairState<Q>>,
 }
 
@@ -113,6 +194,7 @@ impl<Q: QueueControl> PairWorker<Q> {
         tap: Arc<Q>,
         stats: Arc<QueueStats>,
         mtu: u16,
+        limits: Limits,
     ) -> io::Result<PairWorker<Q>> {
         let tap_out = nix::unistd::dup(&*tap).map_err(io::Error::from)?;
         Ok(PairWorker {
@@ -121,6 +203,8 @@ impl<Q: QueueControl> PairWorker<Q> {
             tap,
             tap_out,
             stats,
+            limits,
+            epoch: Instant::now(),
             state: Mutex::new(PairState {
                 epoll: None,
                 mem: None,
@@ -134,6 +218,9 @@ impl<Q: QueueControl> PairWorker<Q> {
                 rx_broken: false,
                 tx_broken: false,
                 host_rx_failed: false,
+                tx_throttled: false,
+                rx_throttled: false,
+                timer: vmm_sys_util::timerfd::TimerFd::new()?,
             }),
         })
     }
@@ -208,6 +295,14 @@ impl<Q: QueueControl> PairWorker<Q> {
         }
         st.active = true;
         st.rx_watch = false;
+        if self.limits.any() {
+            self.register(
+                st,
+                st.timer.as_raw_fd(),
+                EventSet::IN,
+                base + THROTTLE_TIMER,
+            );
+        }
         self.watch_rx(st, base);
         tracing::debug!(queue_pair = self.index, "queue pair active");
     }
@@ -224,6 +319,16 @@ impl<Q: QueueControl> PairWorker<Q> {
         if st.tx_wait_out {
             self.unregister(st, self.tap_out.as_raw_fd(), EventSet::OUT, base + TAP_OUT);
             st.tx_wait_out = false;
+        }
+        if self.limits.any() {
+            self.unregister(
+                st,
+                st.timer.as_raw_fd(),
+                EventSet::IN,
+                base + THROTTLE_TIMER,
+            );
+            st.tx_throttled = false;
+            st.rx_throttled = false;
         }
         if let Err(e) = self.tap.detach() {
             tracing::warn!(queue_pair = self.index, "detaching host queue failed: {e}");
@@ -276,7 +381,7 @@ impl<Q: QueueControl> PairWorker<Q> {
         let mut st = self.lock();
         QueueStats::inc(&self.stats.wakeups);
         let ev = u64::from(device_event);
-        let mut run_tx = !st.tx_wait_out;
+        let mut run_tx = !st.tx_wait_out && !st.tx_throttled;
         match ev {
             e if e == RX_QUEUE as u64 => {
                 // The guest posted RX buffers: watch the host queue again.
@@ -295,6 +400,15 @@ impl<Q: QueueControl> PairWorker<Q> {
                 self.unregister(&st, self.tap_out.as_raw_fd(), EventSet::OUT, base + TAP_OUT);
                 st.tx_wait_out = false;
                 run_tx = true;
+            }
+            e if e == base + THROTTLE_TIMER => {
+                let _ = st.timer.wait();
+                run_tx = !st.tx_wait_out;
+                st.tx_throttled = false;
+                if st.rx_throttled {
+                    st.rx_throttled = false;
+                    self.watch_rx(&mut st, base);
+                }
             }
             e if e == base + VRING_STATE => {
                 for v in vrings {
@@ -332,7 +446,37 @@ impl<Q: QueueControl> PairWorker<Q> {
         }
     }
 
-    fn service(&self, st: &mut PairState<Q>, vrings: &[Vring], base: u64, mut run_tx: bool) {
+    fn service(&self, st: &mut PairState<Q>, vrings: &[Vring], base: u64, run_tx: bool) {
+        if !self.limits.any() {
+            // The common case: the datapath talks to the host queue directly.
+            return self.service_with(st, vrings, base, run_tx, &*self.tap, None);
+        }
+        let throttle = Throttle {
+            q: &*self.tap,
+            limits: &self.limits,
+            now_ns: u64::try_from(self.epoch.elapsed().as_nanos()).unwrap_or(u64::MAX),
+            hdr_len: st.settings.hdr_len,
+            tx_wait_ns: AtomicU64::new(0),
+            rx_wait_ns: AtomicU64::new(0),
+        };
+        self.service_with(st, vrings, base, run_tx, &throttle, Some(&throttle));
+    }
+
+    fn arm_throttle_timer(&self, st: &mut PairState<Q>, wait_ns: u64) {
+        if let Err(e) = st.timer.reset(Duration::from_nanos(wait_ns.max(1)), None) {
+            tracing::error!(queue_pair = self.index, "arming the rate-limit timer: {e}");
+        }
+    }
+
+    fn service_with<H: HostQueue>(
+        &self,
+        st: &mut PairState<Q>,
+        vrings: &[Vring],
+        base: u64,
+        mut run_tx: bool,
+        host: &H,
+        throttle: Option<&Throttle<'_, Q>>,
+    ) {
         let Some(atomic) = st.mem.clone() else {
             return;
         };
@@ -346,7 +490,7 @@ impl<Q: QueueControl> PairWorker<Q> {
                 let out = process_tx(
                     vs.get_queue_mut(),
                     &*mem,
-                    &*self.tap,
+                    host,
                     &self.stats,
                     &mut st.tx_scratch,
                     &TxOptions {
@@ -368,7 +512,14 @@ impl<Q: QueueControl> PairWorker<Q> {
                         "guest broke the TX ring (avail index out of range); TX stopped until reset"
                     );
                 }
-                if out.blocked {
+                let limited = throttle.map_or(0, |t| t.tx_wait_ns.swap(0, Ordering::Relaxed));
+                if out.blocked && limited > 0 {
+                    // Over --tx-rate: the frame stays in the ring until the timer fires.
+                    QueueStats::inc(&self.stats.tx_throttled);
+                    st.tx_throttled = true;
+                    self.arm_throttle_timer(st, limited);
+                    run_tx = false;
+                } else if out.blocked {
                     self.register(st, self.tap_out.as_raw_fd(), EventSet::OUT, base + TAP_OUT);
                     st.tx_wait_out = true;
                     run_tx = false;
@@ -380,7 +531,7 @@ impl<Q: QueueControl> PairWorker<Q> {
                 let out = process_rx(
                     vs.get_queue_mut(),
                     &*mem,
-                    &*self.tap,
+                    host,
                     &self.stats,
                     &mut st.rx_scratch,
                     &RxOptions {
@@ -404,7 +555,17 @@ impl<Q: QueueControl> PairWorker<Q> {
                         "guest broke the RX ring (avail index out of range); RX stopped until reset"
                     );
                 }
-                if out.no_buffers {
+                let limited = throttle.map_or(0, |t| t.rx_wait_ns.swap(0, Ordering::Relaxed));
+                if limited > 0 && st.rx_watch {
+                    // Over --rx-rate: frames wait in the host queue; stop watching it (it stays
+                    // readable, so watching would spin) until the timer fires.
+                    QueueStats::inc(&self.stats.rx_throttled);
+                    self.unregister(st, self.tap.as_raw_fd(), EventSet::IN, base + TAP_IN);
+                    st.rx_watch = false;
+                    st.rx_throttled = true;
+                    self.arm_throttle_timer(st, limited);
+                }
+                if out.no_buffers && st.rx_watch {
                     // Stop watching the host queue until the guest kicks RX (no spin).
                     self.unregister(st, self.tap.as_raw_fd(), EventSet::IN, base + TAP_IN);
                     st.rx_watch = false;

@@ -70,6 +70,10 @@ counters! {
     tx_eagain,
     /// RX rounds stopped because the guest had posted no buffer (not a drop).
     rx_no_buffers,
+    /// TX rounds held by the --tx-rate limiter (frames wait in the ring, not dropped).
+    tx_throttled,
+    /// RX rounds held by the --rx-rate limiter (frames wait in the host queue).
+    rx_throttled,
     /// Drop: TX descriptor chain malformed (bad address, loop, writable descriptor...). Guest fault.
     tx_drop_bad_chain,
     /// Drop: TX frame shorter than the vnet header. Guest fault.

@@ -84,6 +84,35 @@ impl Rig {
         mode: SocketMode,
         sock: std::path::PathBuf,
     ) -> Rig {
+        Rig::start_full(pairs, dir, mode, sock, None, None)
+    }
+
+    /// A rig whose device has `--tx-rate` / `--rx-rate` limits.
+    pub fn start_limited(
+        pairs: u16,
+        tx_rate: Option<macvhost::ratelimit::RateSpec>,
+        rx_rate: Option<macvhost::ratelimit::RateSpec>,
+    ) -> Rig {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("vu.sock");
+        Rig::start_full(
+            pairs,
+            dir,
+            SocketMode::Listen(sock.clone()),
+            sock,
+            tx_rate,
+            rx_rate,
+        )
+    }
+
+    fn start_full(
+        pairs: u16,
+        dir: tempfile::TempDir,
+        mode: SocketMode,
+        sock: std::path::PathBuf,
+        tx_rate: Option<macvhost::ratelimit::RateSpec>,
+        rx_rate: Option<macvhost::ratelimit::RateSpec>,
+    ) -> Rig {
         let mut queues = Vec::new();
         let mut peers = Vec::new();
         for _ in 0..pairs {
@@ -108,6 +137,8 @@ impl Rig {
             mtu: 1500,
             queue_pairs: pairs,
             queue_size: 256,
+            tx_rate,
+            rx_rate,
         };
         let side = HostSide {
             queues: queues.clone(),

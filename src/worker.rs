@@ -279,8 +279,9 @@ impl<Q: QueueControl> PairWorker<Q> {
         let mut run_tx = !st.tx_wait_out;
         match ev {
             e if e == RX_QUEUE as u64 => {
-                // The guest posted RX buffers: watch the host queue again.
-                st.host_rx_failed = false;
+                // The guest posted RX buffers: watch the host queue again. A failed host queue is
+                // retried too, but `host_rx_failed` stays set until a read works: clearing it
+                // here let every guest kick log the same failure again.
                 self.reconcile(&mut st, vrings, base);
                 self.watch_rx(&mut st, base);
             }
@@ -326,7 +327,8 @@ impl<Q: QueueControl> PairWorker<Q> {
             st.rx_watch = false;
         }
         if !st.host_rx_failed {
-            // Logged once; the next guest RX kick retries, so a failing fd never spins us.
+            // Logged once per failure (until a read works again); the next guest RX kick
+            // retries, so a failing fd never spins us, and a kicking guest cannot flood the log.
             tracing::error!(queue_pair = self.index, "host queue read failed: {why}");
             st.host_rx_failed = true;
         }
@@ -415,6 +417,10 @@ impl<Q: QueueControl> PairWorker<Q> {
                     Some(errno) => {
                         let err = io::Error::from_raw_os_error(errno);
                         self.host_rx_failure(st, base, &err.to_string());
+                    }
+                    None if st.host_rx_failed && (out.frames > 0 || out.host_empty) => {
+                        tracing::info!(queue_pair = self.index, "host queue reads work again");
+                        st.host_rx_failed = false;
                     }
                     None => {}
                 }

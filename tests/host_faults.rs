@@ -585,6 +585,103 @@ fn macvtap_deleted_while_running_keeps_serving_the_socket() {
     );
 }
 
+/// Deleting a tap under macvhost turns its queue fds into dead ends: writes fail with EBADFD and
+/// the fd polls EPOLLERR. Every frame must be dropped and counted, the EPOLLERR must be handled
+/// once (the fd unwatched, one log line) instead of waking the worker forever, and the socket
+/// must keep serving frontends until SIGTERM.
+#[test]
+fn tap_deleted_while_running_drops_and_keeps_serving() {
+    const NAME: &str = "tap_deleted_while_running_drops_and_keeps_serving";
+    if !require_root(NAME) {
+        return;
+    }
+    let t0 = Instant::now();
+    let dir = tempfile::tempdir().unwrap();
+    let ctl = dir.path().join("ctl.sock");
+    let ns = Netns::new();
+    let mut mvh = Macvhost::spawn(
+        &ns,
+        dir.path(),
+        &["--tap", "tap0", "--control-socket", path_arg(&ctl)],
+    );
+    let tap = TapTopo::attach(&ns, "tap0", Duration::from_secs(15));
+    let peer = Peer::open(&ns, &tap.tap, PEER_MAC, GUEST_MAC);
+    let mut g = connect_guest(mvh.socket());
+    guest_to_peer_ok(&mut g, &peer, 200);
+    drop(peer);
+
+    let c0 = counters(&ctl);
+    let burst = frames(PEER_MAC, GUEST_MAC, new_run(), 0, 1000);
+    guest_send_all(&mut g, &burst[..500]);
+    ns.ip(&["link", "del", "tap0"]);
+    guest_send_all(&mut g, &burst[500..]);
+    let d = delta(&c0, &counters(&ctl));
+    mvh.check_alive();
+    assert_eq!(
+        get(&d, "tx_frames") + get(&d, "tx_drop_host_error"),
+        1000,
+        "{d:?}"
+    );
+    assert!(get(&d, "tx_drop_host_error") >= 500, "{d:?}");
+    // The guest keeps posting RX buffers and kicking: each kick may re-arm the dead fd once,
+    // but nothing may keep the worker awake on its own.
+    let c1 = counters(&ctl);
+    for _ in 0..50 {
+        g.kick(g.rx(0));
+        thread::sleep(Duration::from_millis(2));
+    }
+    let kicked = delta(&c1, &counters(&ctl));
+    assert!(
+        get(&kicked, "wakeups") <= 2 * 50 + 2,
+        "50 RX kicks woke the worker {} times",
+        get(&kicked, "wakeups")
+    );
+    let (wakeups, idle1) = idle_window(&ctl, mvh.pid(), Duration::from_secs(2));
+    assert!(wakeups <= 1, "{wakeups} wake-ups after the tap was deleted");
+    assert!(
+        idle1 < 0.05,
+        "{idle1:.3} of a core after the tap was deleted"
+    );
+
+    drop(g);
+    thread::sleep(Duration::from_millis(200));
+    mvh.check_alive();
+    let mut g2 = connect_guest(mvh.socket());
+    let c2 = counters(&ctl);
+    guest_send_all(&mut g2, &frames(PEER_MAC, GUEST_MAC, new_run(), 0, 100));
+    let d2 = delta(&c2, &counters(&ctl));
+    assert_eq!(get(&d2, "tx_drop_host_error"), 100, "{d2:?}");
+    let (wakeups2, idle2) = idle_window(&ctl, mvh.pid(), Duration::from_secs(2));
+    assert!(
+        wakeups2 <= 1,
+        "{wakeups2} wake-ups on the second connection"
+    );
+    assert!(
+        idle2 < 0.05,
+        "{idle2:.3} of a core on the second connection"
+    );
+    drop(g2);
+    let log = mvh.log_text();
+    mvh.shutdown_clean();
+    let rx_failed = log.matches("host queue read failed").count();
+    assert!(
+        (1..=2).contains(&rx_failed),
+        "expected the dead host queue logged once per connection, got {rx_failed}"
+    );
+    println!(
+        "{NAME}: 1000 frames across the deletion: tx_frames +{} tx_drop_host_error +{}; 50 RX \
+         kicks → {} wake-ups; idle {wakeups} wake-ups {:.2}% CPU; 2nd frontend: 100/100 \
+         dropped and returned, idle {wakeups2} wake-ups {:.2}% CPU; 'host queue read failed' \
+         logged {rx_failed}×; SIGTERM → exit 0; total {:.2?}",
+        get(&d, "tx_frames"),
+        get(&d, "tx_drop_host_error"),
+        get(&kicked, "wakeups"),
+        idle1 * 100.0,
+        idle2 * 100.0,
+        t0.elapsed()
+    );
+}
+
 /// The `status` field of `virtio_net_config` (offset 6) as GET_CONFIG reports it.
 fn link_status(g: &mut VuGuest) -> u16 {
     use vhost::vhost_user::message::VhostUserConfigFlags;

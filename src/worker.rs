@@ -79,6 +79,8 @@ struct PairState<Q: QueueControl> {
     rx_broken: bool,
     tx_broken: bool,
     host_rx_failed: bool,
+    /// TX writes to the host queue are failing (logged once per failure, like RX).
+    host_tx_failed: bool,
 }
 
 /// One queue pair (see the module doc).
@@ -134,6 +136,7 @@ impl<Q: QueueControl> PairWorker<Q> {
                 rx_broken: false,
                 tx_broken: false,
                 host_rx_failed: false,
+                host_tx_failed: false,
             }),
         })
     }
@@ -369,6 +372,23 @@ impl<Q: QueueControl> PairWorker<Q> {
                         queue_pair = self.index,
                         "guest broke the TX ring (avail index out of range); TX stopped until reset"
                     );
+                }
+                match out.host_error {
+                    // Frames are dropped and counted per frame; the log says it once.
+                    Some(errno) if !st.host_tx_failed => {
+                        tracing::warn!(
+                            queue_pair = self.index,
+                            "host queue write failed: {}; dropping TX frames until it works \
+                             again (counted in tx_drop_host_error)",
+                            io::Error::from_raw_os_error(errno)
+                        );
+                        st.host_tx_failed = true;
+                    }
+                    None if st.host_tx_failed && out.frames > 0 => {
+                        tracing::info!(queue_pair = self.index, "host queue writes work again");
+                        st.host_tx_failed = false;
+                    }
+                    _ => {}
                 }
                 if out.blocked {
                     self.register(st, self.tap_out.as_raw_fd(), EventSet::OUT, base + TAP_OUT);

@@ -383,7 +383,15 @@ fn tap_link_down_and_up_under_traffic_drops_counts_and_recovers() {
     guest_to_peer_ok(&mut g, &peer, 300);
     mvh.check_alive();
     drop(g);
+    let log = mvh.log_text();
     mvh.shutdown_clean();
+    // The operator is told once that writes fail, and once that they work again.
+    assert_eq!(log.matches("host queue write failed").count(), 1, "{log}");
+    assert_eq!(
+        log.matches("host queue writes work again").count(),
+        1,
+        "{log}"
+    );
     println!(
         "{NAME}: {DOWN} frames while down → tx_drop_host_error +{}, CPU {:.0} ms for them; \
          idle down 2 s: {wakeups} wake-ups, {:.2}% of a core; traffic back {back:.2?} after up; \
@@ -664,15 +672,17 @@ fn tap_deleted_while_running_drops_and_keeps_serving() {
     let log = mvh.log_text();
     mvh.shutdown_clean();
     let rx_failed = log.matches("host queue read failed").count();
+    let tx_failed = log.matches("host queue write failed").count();
     assert!(
-        (1..=2).contains(&rx_failed),
-        "expected the dead host queue logged once per connection, got {rx_failed}"
+        (1..=2).contains(&rx_failed) && tx_failed == 2,
+        "expected the dead host queue logged once per connection and direction, got \
+         {rx_failed} read and {tx_failed} write failures"
     );
     println!(
         "{NAME}: 1000 frames across the deletion: tx_frames +{} tx_drop_host_error +{}; 50 RX \
          kicks → {} wake-ups; idle {wakeups} wake-ups {:.2}% CPU; 2nd frontend: 100/100 \
-         dropped and returned, idle {wakeups2} wake-ups {:.2}% CPU; 'host queue read failed' \
-         logged {rx_failed}×; SIGTERM → exit 0; total {:.2?}",
+         dropped and returned, idle {wakeups2} wake-ups {:.2}% CPU; read/write failure \
+         logged {rx_failed}×/{tx_failed}×; SIGTERM → exit 0; total {:.2?}",
         get(&d, "tx_frames"),
         get(&d, "tx_drop_host_error"),
         get(&kicked, "wakeups"),

@@ -107,6 +107,11 @@ fn vring_live(v: &Vring) -> bool {
     s.get_queue().ready() && s.is_enabled()
 }
 
+/// RX can move frames from the host queue to the guest: its ring is live and not broken.
+fn rx_usable<Q: QueueControl>(st: &PairState<Q>, vrings: &[Vring]) -> bool {
+    !st.rx_broken && vring_live(&vrings[RX_QUEUE])
+}
+
 impl<Q: QueueControl> PairWorker<Q> {
     /// A worker for queue pair `index` over host queue `tap`.
     pub fn new(
@@ -202,7 +207,8 @@ impl<Q: QueueControl> PairWorker<Q> {
         }
     }
 
-    fn activate(&self, st: &mut PairState<Q>, base: u64) {
+    /// Attaches the host queue; watches it for input when `rx_usable`.
+    fn activate(&self, st: &mut PairState<Q>, base: u64, rx_usable: bool) {
         if st.active {
             return;
         }
@@ -211,7 +217,9 @@ impl<Q: QueueControl> PairWorker<Q> {
         }
         st.active = true;
         st.rx_watch = false;
-        self.watch_rx(st, base);
+        if rx_usable {
+            self.watch_rx(st, base);
+        }
         tracing::debug!(queue_pair = self.index, "queue pair active");
     }
 
@@ -242,6 +250,16 @@ impl<Q: QueueControl> PairWorker<Q> {
         }
     }
 
+    /// Stops watching the host queue for input. Must happen whenever RX will not read it (RX
+    /// ring broken or not live, no buffers, queue failed): the watch is level-triggered, so a
+    /// readable fd nobody reads would wake the worker in a busy loop.
+    fn unwatch_rx(&self, st: &mut PairState<Q>, base: u64) {
+        if st.rx_watch {
+            self.unregister(st, self.tap.as_raw_fd(), EventSet::IN, base + TAP_IN);
+            st.rx_watch = false;
+        }
+    }
+
     fn reconcile(&self, st: &mut PairState<Q>, vrings: &[Vring], base: u64) {
         if !st.state_fds_registered {
             for v in vrings {
@@ -259,7 +277,11 @@ impl<Q: QueueControl> PairWorker<Q> {
             st.tx_broken = false;
         }
         if rx_live || tx_live {
-            self.activate(st, base);
+            let rx_usable = rx_usable(st, vrings);
+            self.activate(st, base, rx_usable);
+            if !rx_usable {
+                self.unwatch_rx(st, base);
+            }
         } else {
             self.deactivate(st);
         }
@@ -286,7 +308,9 @@ impl<Q: QueueControl> PairWorker<Q> {
                 // retried too, but `host_rx_failed` stays set until a read works: clearing it
                 // here let every guest kick log the same failure again.
                 self.reconcile(&mut st, vrings, base);
-                self.watch_rx(&mut st, base);
+                if rx_usable(&st, vrings) {
+                    self.watch_rx(&mut st, base);
+                }
             }
             e if e == TX_QUEUE as u64 => self.reconcile(&mut st, vrings, base),
             e if e == base + TAP_IN => {
@@ -308,6 +332,10 @@ impl<Q: QueueControl> PairWorker<Q> {
                 if !st.active {
                     return Ok(());
                 }
+                // A ring became live (or was reset): RX may read again.
+                if rx_usable(&st, vrings) {
+                    self.watch_rx(&mut st, base);
+                }
             }
             other => {
                 tracing::warn!(
@@ -325,10 +353,7 @@ impl<Q: QueueControl> PairWorker<Q> {
     }
 
     fn host_rx_failure(&self, st: &mut PairState<Q>, base: u64, why: &str) {
-        if st.rx_watch {
-            self.unregister(st, self.tap.as_raw_fd(), EventSet::IN, base + TAP_IN);
-            st.rx_watch = false;
-        }
+        self.unwatch_rx(st, base);
         if !st.host_rx_failed {
             // Logged once per failure (until a read works again); the next guest RX kick
             // retries, so a failing fd never spins us, and a kicking guest cannot flood the log.
@@ -397,7 +422,10 @@ impl<Q: QueueControl> PairWorker<Q> {
                 }
                 more |= out.more;
             }
-            if st.rx_watch && !st.rx_broken && vring_live(&vrings[RX_QUEUE]) {
+            if st.rx_watch && !rx_usable(st, vrings) {
+                self.unwatch_rx(st, base);
+            }
+            if st.rx_watch {
                 let mut vs = vrings[RX_QUEUE].get_mut();
                 let out = process_rx(
                     vs.get_queue_mut(),
@@ -421,6 +449,7 @@ impl<Q: QueueControl> PairWorker<Q> {
                 drop(vs);
                 if out.broken {
                     st.rx_broken = true;
+                    self.unwatch_rx(st, base);
                     tracing::error!(
                         queue_pair = self.index,
                         "guest broke the RX ring (avail index out of range); RX stopped until reset"
@@ -428,8 +457,7 @@ impl<Q: QueueControl> PairWorker<Q> {
                 }
                 if out.no_buffers {
                     // Stop watching the host queue until the guest kicks RX (no spin).
-                    self.unregister(st, self.tap.as_raw_fd(), EventSet::IN, base + TAP_IN);
-                    st.rx_watch = false;
+                    self.unwatch_rx(st, base);
                 }
                 match out.host_error {
                     // One frame was lost (too big for the buffers); the queue is fine.

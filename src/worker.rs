@@ -152,6 +152,8 @@ struct PairState<Q: QueueControl> {
     rx_broken: bool,
     tx_broken: bool,
     host_rx_failed: bool,
+    /// TX writes to the host queue are failing (logged once per failure, like RX).
+    host_tx_failed: bool,
     /// TX held by the rate limiter until the timer fires.
     tx_throttled: bool,
     /// RX held (host queue unwatched) by the rate limiter until the timer fires.
@@ -186,6 +188,11 @@ fn vring_live(v: &Vring) -> bool {
     s.get_queue().ready() && s.is_enabled()
 }
 
+/// RX can move frames from the host queue to the guest: its ring is live and not broken.
+fn rx_usable<Q: QueueControl>(st: &PairState<Q>, vrings: &[Vring]) -> bool {
+    !st.rx_broken && vring_live(&vrings[RX_QUEUE])
+}
+
 impl<Q: QueueControl> PairWorker<Q> {
     /// A worker for queue pair `index` over host queue `tap`.
     pub fn new(
@@ -218,6 +225,7 @@ impl<Q: QueueControl> PairWorker<Q> {
                 rx_broken: false,
                 tx_broken: false,
                 host_rx_failed: false,
+                host_tx_failed: false,
                 tx_throttled: false,
                 rx_throttled: false,
                 timer: vmm_sys_util::timerfd::TimerFd::new()?,
@@ -286,7 +294,8 @@ impl<Q: QueueControl> PairWorker<Q> {
         }
     }
 
-    fn activate(&self, st: &mut PairState<Q>, base: u64) {
+    /// Attaches the host queue; watches it for input when `rx_usable`.
+    fn activate(&self, st: &mut PairState<Q>, base: u64, rx_usable: bool) {
         if st.active {
             return;
         }
@@ -303,7 +312,9 @@ impl<Q: QueueControl> PairWorker<Q> {
                 base + THROTTLE_TIMER,
             );
         }
-        self.watch_rx(st, base);
+        if rx_usable {
+            self.watch_rx(st, base);
+        }
         tracing::debug!(queue_pair = self.index, "queue pair active");
     }
 
@@ -344,6 +355,16 @@ impl<Q: QueueControl> PairWorker<Q> {
         }
     }
 
+    /// Stops watching the host queue for input. Must happen whenever RX will not read it (RX
+    /// ring broken or not live, no buffers, queue failed): the watch is level-triggered, so a
+    /// readable fd nobody reads would wake the worker in a busy loop.
+    fn unwatch_rx(&self, st: &mut PairState<Q>, base: u64) {
+        if st.rx_watch {
+            self.unregister(st, self.tap.as_raw_fd(), EventSet::IN, base + TAP_IN);
+            st.rx_watch = false;
+        }
+    }
+
     fn reconcile(&self, st: &mut PairState<Q>, vrings: &[Vring], base: u64) {
         if !st.state_fds_registered {
             for v in vrings {
@@ -361,7 +382,11 @@ impl<Q: QueueControl> PairWorker<Q> {
             st.tx_broken = false;
         }
         if rx_live || tx_live {
-            self.activate(st, base);
+            let rx_usable = rx_usable(st, vrings);
+            self.activate(st, base, rx_usable);
+            if !rx_usable {
+                self.unwatch_rx(st, base);
+            }
         } else {
             self.deactivate(st);
         }
@@ -384,10 +409,13 @@ impl<Q: QueueControl> PairWorker<Q> {
         let mut run_tx = !st.tx_wait_out && !st.tx_throttled;
         match ev {
             e if e == RX_QUEUE as u64 => {
-                // The guest posted RX buffers: watch the host queue again.
-                st.host_rx_failed = false;
+                // The guest posted RX buffers: watch the host queue again. A failed host queue is
+                // retried too, but `host_rx_failed` stays set until a read works: clearing it
+                // here let every guest kick log the same failure again.
                 self.reconcile(&mut st, vrings, base);
-                self.watch_rx(&mut st, base);
+                if rx_usable(&st, vrings) {
+                    self.watch_rx(&mut st, base);
+                }
             }
             e if e == TX_QUEUE as u64 => self.reconcile(&mut st, vrings, base),
             e if e == base + TAP_IN => {
@@ -418,6 +446,10 @@ impl<Q: QueueControl> PairWorker<Q> {
                 if !st.active {
                     return Ok(());
                 }
+                // A ring became live (or was reset): RX may read again.
+                if rx_usable(&st, vrings) {
+                    self.watch_rx(&mut st, base);
+                }
             }
             other => {
                 tracing::warn!(
@@ -435,12 +467,10 @@ impl<Q: QueueControl> PairWorker<Q> {
     }
 
     fn host_rx_failure(&self, st: &mut PairState<Q>, base: u64, why: &str) {
-        if st.rx_watch {
-            self.unregister(st, self.tap.as_raw_fd(), EventSet::IN, base + TAP_IN);
-            st.rx_watch = false;
-        }
+        self.unwatch_rx(st, base);
         if !st.host_rx_failed {
-            // Logged once; the next guest RX kick retries, so a failing fd never spins us.
+            // Logged once per failure (until a read works again); the next guest RX kick
+            // retries, so a failing fd never spins us, and a kicking guest cannot flood the log.
             tracing::error!(queue_pair = self.index, "host queue read failed: {why}");
             st.host_rx_failed = true;
         }
@@ -512,6 +542,23 @@ impl<Q: QueueControl> PairWorker<Q> {
                         "guest broke the TX ring (avail index out of range); TX stopped until reset"
                     );
                 }
+                match out.host_error {
+                    // Frames are dropped and counted per frame; the log says it once.
+                    Some(errno) if !st.host_tx_failed => {
+                        tracing::warn!(
+                            queue_pair = self.index,
+                            "host queue write failed: {}; dropping TX frames until it works \
+                             again (counted in tx_drop_host_error)",
+                            io::Error::from_raw_os_error(errno)
+                        );
+                        st.host_tx_failed = true;
+                    }
+                    None if st.host_tx_failed && out.frames > 0 => {
+                        tracing::info!(queue_pair = self.index, "host queue writes work again");
+                        st.host_tx_failed = false;
+                    }
+                    _ => {}
+                }
                 let limited = throttle.map_or(0, |t| t.tx_wait_ns.swap(0, Ordering::Relaxed));
                 if out.blocked && limited > 0 {
                     // Over --tx-rate: the frame stays in the ring until the timer fires.
@@ -526,7 +573,10 @@ impl<Q: QueueControl> PairWorker<Q> {
                 }
                 more |= out.more;
             }
-            if st.rx_watch && !st.rx_broken && vring_live(&vrings[RX_QUEUE]) {
+            if st.rx_watch && !rx_usable(st, vrings) {
+                self.unwatch_rx(st, base);
+            }
+            if st.rx_watch {
                 let mut vs = vrings[RX_QUEUE].get_mut();
                 let out = process_rx(
                     vs.get_queue_mut(),
@@ -550,6 +600,7 @@ impl<Q: QueueControl> PairWorker<Q> {
                 drop(vs);
                 if out.broken {
                     st.rx_broken = true;
+                    self.unwatch_rx(st, base);
                     tracing::error!(
                         queue_pair = self.index,
                         "guest broke the RX ring (avail index out of range); RX stopped until reset"
@@ -560,15 +611,13 @@ impl<Q: QueueControl> PairWorker<Q> {
                     // Over --rx-rate: frames wait in the host queue; stop watching it (it stays
                     // readable, so watching would spin) until the timer fires.
                     QueueStats::inc(&self.stats.rx_throttled);
-                    self.unregister(st, self.tap.as_raw_fd(), EventSet::IN, base + TAP_IN);
-                    st.rx_watch = false;
+                    self.unwatch_rx(st, base);
                     st.rx_throttled = true;
                     self.arm_throttle_timer(st, limited);
                 }
                 if out.no_buffers && st.rx_watch {
                     // Stop watching the host queue until the guest kicks RX (no spin).
-                    self.unregister(st, self.tap.as_raw_fd(), EventSet::IN, base + TAP_IN);
-                    st.rx_watch = false;
+                    self.unwatch_rx(st, base);
                 }
                 match out.host_error {
                     // One frame was lost (too big for the buffers); the queue is fine.
@@ -576,6 +625,10 @@ impl<Q: QueueControl> PairWorker<Q> {
                     Some(errno) => {
                         let err = io::Error::from_raw_os_error(errno);
                         self.host_rx_failure(st, base, &err.to_string());
+                    }
+                    None if st.host_rx_failed && (out.frames > 0 || out.host_empty) => {
+                        tracing::info!(queue_pair = self.index, "host queue reads work again");
+                        st.host_rx_failed = false;
                     }
                     None => {}
                 }

@@ -377,6 +377,21 @@ impl TapQueue {
         sys::tun_get_vnet_hdr_sz(self.fd.as_fd()).map_err(|e| self.ioctl_err("TUNGETVNETHDRSZ", e))
     }
 
+    /// `TUNSETSNDBUF`: how many bytes written to this queue may be in flight (queued in the
+    /// host stack, not yet consumed) before a write fails with `EAGAIN`. Both drivers default to
+    /// `INT_MAX`, so without a finite value here the datapath never sees `EAGAIN` on TX.
+    ///
+    /// On a tap the value is per device (every queue of the link gets it); on a macvtap it is
+    /// per queue. `bytes` must be positive (the kernel answers `EINVAL` otherwise).
+    pub fn set_sndbuf(&self, bytes: i32) -> Result<(), HostError> {
+        sys::tun_set_sndbuf(self.fd.as_fd(), bytes).map_err(|e| self.ioctl_err("TUNSETSNDBUF", e))
+    }
+
+    /// `TUNGETSNDBUF` (tap only: macvtap answers `EINVAL`).
+    pub fn sndbuf(&self) -> Result<i32, HostError> {
+        sys::tun_get_sndbuf(self.fd.as_fd()).map_err(|e| self.ioctl_err("TUNGETSNDBUF", e))
+    }
+
     /// Whether the kernel currently steers frames to this queue: `Some` for tun (TUNGETIFF
     /// reports `IFF_DETACH_QUEUE`), `None` for macvtap, which does not report it.
     pub fn is_attached(&self) -> Result<Option<bool>, HostError> {

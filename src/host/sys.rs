@@ -117,6 +117,22 @@ pub fn tun_set_offload(fd: BorrowedFd<'_>, tun_flags: u32) -> io::Result<()> {
     check(unsafe { ioctl_with_val(&fd, libc::TUNSETOFFLOAD as _, tun_flags.into()) }).map(drop)
 }
 
+/// `TUNSETSNDBUF`: the send buffer (bytes) that bounds how much written-but-not-yet-consumed
+/// data the queue may hold; a write beyond it fails with `EAGAIN` on a nonblocking fd.
+pub fn tun_set_sndbuf(fd: BorrowedFd<'_>, bytes: i32) -> io::Result<()> {
+    // SAFETY: `fd` is open for the call; the kernel reads one `int` from `&bytes`, which lives on
+    // the stack for the duration of the call.
+    check(unsafe { ioctl_with_ref(&fd, libc::TUNSETSNDBUF as _, &bytes) }).map(drop)
+}
+
+/// `TUNGETSNDBUF`.
+pub fn tun_get_sndbuf(fd: BorrowedFd<'_>) -> io::Result<i32> {
+    let mut bytes: libc::c_int = 0;
+    // SAFETY: `fd` is open for the call; the kernel writes one `int` into `bytes`.
+    check(unsafe { ioctl_with_mut_ref(&fd, libc::TUNGETSNDBUF as _, &mut bytes) })?;
+    Ok(bytes)
+}
+
 /// `TUNSETQUEUE` with `IFF_ATTACH_QUEUE` or `IFF_DETACH_QUEUE`.
 pub fn tun_set_queue(fd: BorrowedFd<'_>, flags: i32) -> io::Result<()> {
     let mut req = IfReq::new("");

@@ -849,6 +849,41 @@ fn writes_on_down_and_deleted_links() {
 }
 
 #[test]
+fn sndbuf_is_per_device_on_tap_and_settable_on_macvtap() {
+    need_root!("sndbuf_is_per_device_on_tap_and_settable_on_macvtap");
+    let ns = NetNs::new();
+    ns.with_macvtap(free_ifindex());
+    ns.run(|| {
+        // Both drivers start at INT_MAX: no EAGAIN on TX unless someone sets a finite value.
+        let tp = HostDevice::open(&tap("mvhtap7"), 2).unwrap();
+        let (q0, q1) = (&tp.queues()[0], &tp.queues()[1]);
+        assert_eq!(q0.sndbuf().unwrap(), i32::MAX);
+        q0.set_sndbuf(16 * 1024).unwrap();
+        assert_eq!(q0.sndbuf().unwrap(), 16 * 1024);
+        assert_eq!(q1.sndbuf().unwrap(), 16 * 1024, "tun: one value per device");
+        let err = q0.set_sndbuf(0).unwrap_err();
+        assert!(
+            matches!(&err, HostError::Ioctl { op: "TUNSETSNDBUF", source, .. }
+                if source.raw_os_error() == Some(libc::EINVAL)),
+            "{err}"
+        );
+
+        // macvtap takes TUNSETSNDBUF (per queue: `q->sk.sk_sndbuf` in tap.c) but has no
+        // TUNGETSNDBUF.
+        let mv = HostDevice::open(&macvtap("mvt0"), 1).unwrap();
+        let m0 = &mv.queues()[0];
+        m0.set_sndbuf(32 * 1024).unwrap();
+        assert!(m0.set_sndbuf(-1).is_err());
+        let err = m0.sndbuf().unwrap_err();
+        assert!(
+            matches!(&err, HostError::Ioctl { op: "TUNGETSNDBUF", source, .. }
+                if source.raw_os_error() == Some(libc::EINVAL)),
+            "{err}"
+        );
+    });
+}
+
+#[test]
 fn tap_name_template_is_resolved() {
     need_root!("tap_name_template_is_resolved");
     let ns = NetNs::new();

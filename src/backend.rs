@@ -6,7 +6,7 @@
 //! (vrings, memory, acked features) starts fresh while the host queues and counters persist.
 
 use std::io;
-use std::sync::atomic::{AtomicU16, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
@@ -87,8 +87,9 @@ pub struct HostSide<Q> {
     pub queues: Vec<Arc<Q>>,
     /// TUN_F_* offload bits the queues accept.
     pub supported_offloads: u32,
-    /// Whether the link has carrier now.
-    pub carrier: bool,
+    /// Whether the host link is up with carrier; kept current by the link watcher and read
+    /// into the config space's STATUS field.
+    pub link_up: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// Link status bit in the config space (`VIRTIO_NET_S_LINK_UP`).
@@ -117,7 +118,7 @@ pub struct NetBackend<Q: QueueControl = crate::host::TapQueue> {
     offered_features: u64,
     queues: Vec<Arc<Q>>,
     workers: Vec<PairWorker<Q>>,
-    status: AtomicU16,
+    link_up: Arc<std::sync::atomic::AtomicBool>,
     acked_features: AtomicU64,
     backend_req: Mutex<Option<Backend>>,
     /// Exit-event fds handed to vhost-user-backend, which registers them with `into_raw_fd()`
@@ -212,7 +213,7 @@ impl<Q> Clone for HostSide<Q> {
         HostSide {
             queues: self.queues.clone(),
             supported_offloads: self.supported_offloads,
-            carrier: self.carrier,
+            link_up: self.link_up.clone(),
         }
     }
 }
@@ -252,13 +253,12 @@ impl<Q: QueueControl> NetBackend<Q> {
                 PairWorker::new(i, nq, q.clone(), s.clone(), identity.mtu, limits.clone())
             })
             .collect::<io::Result<Vec<_>>>()?;
-        let status = if host.carrier { LINK_UP } else { 0 };
         Ok(NetBackend {
             identity,
             offered_features,
             queues: host.queues,
             workers,
-            status: AtomicU16::new(status),
+            link_up: host.link_up.clone(),
             acked_features: AtomicU64::new(0),
             backend_req: Mutex::new(None),
             exit_consumer_fds: Mutex::new(Vec::new()),
@@ -284,17 +284,16 @@ impl<Q: QueueControl> NetBackend<Q> {
         self.acked_features.load(Ordering::Relaxed)
     }
 
-    /// Updates the link-up bit; returns true when it changed.
-    pub fn set_link_up(&self, up: bool) -> bool {
-        let new = if up { LINK_UP } else { 0 };
-        self.status.swap(new, Ordering::Relaxed) != new
-    }
-
     fn config_space(&self) -> [u8; 12] {
         // struct virtio_net_config { mac[6]; le16 status; le16 max_virtqueue_pairs; le16 mtu; }
         let mut c = [0u8; 12];
         c[..6].copy_from_slice(&self.identity.mac.0);
-        c[6..8].copy_from_slice(&self.status.load(Ordering::Relaxed).to_le_bytes());
+        let status = if self.link_up.load(Ordering::Relaxed) {
+            LINK_UP
+        } else {
+            0
+        };
+        c[6..8].copy_from_slice(&status.to_le_bytes());
         c[8..10].copy_from_slice(&self.identity.queue_pairs.to_le_bytes());
         c[10..12].copy_from_slice(&self.identity.mtu.to_le_bytes());
         c

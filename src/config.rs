@@ -43,6 +43,22 @@ pub struct Args {
     #[arg(long, value_name = "IFACE")]
     pub macvtap: Option<String>,
 
+    /// Host side: create a macvtap on this parent link (deleted on exit unless --keep).
+    #[arg(long, value_name = "DEV")]
+    pub macvtap_parent: Option<String>,
+
+    /// Mode of the macvtap --macvtap-parent creates: bridge, vepa, private or passthru.
+    #[arg(long, value_name = "MODE")]
+    pub mode: Option<String>,
+
+    /// Name of the macvtap --macvtap-parent creates (default: mvh<parent ifindex>-<n>).
+    #[arg(long, value_name = "NAME")]
+    pub macvtap_name: Option<String>,
+
+    /// Keep the macvtap --macvtap-parent created when macvhost exits.
+    #[arg(long)]
+    pub keep: bool,
+
     /// Host side: a tap interface, created when absent.
     #[arg(long, value_name = "IFACE")]
     pub tap: Option<String>,
@@ -195,6 +211,10 @@ pub struct Config {
     pub control_socket: Option<PathBuf>,
     /// Prometheus endpoint.
     pub metrics_addr: Option<std::net::SocketAddr>,
+    /// The macvtap to create (`--macvtap-parent`); `host` then names it once created.
+    pub create_macvtap: Option<crate::netlink::MacvtapSpec>,
+    /// Keep the created macvtap on exit.
+    pub keep_macvtap: bool,
     /// Guest → host rate limit.
     pub tx_rate: Option<crate::ratelimit::RateSpec>,
     /// Host → guest rate limit.
@@ -263,14 +283,54 @@ impl TryFrom<Args> for Config {
 
         let host_count = usize::from(args.macvtap.is_some())
             + usize::from(args.tap.is_some())
-            + usize::from(!args.tap_fd.is_empty());
+            + usize::from(!args.tap_fd.is_empty())
+            + usize::from(args.macvtap_parent.is_some());
         if host_count != 1 {
             return Err(bad(
                 "--macvtap",
-                "give exactly one host side: --macvtap IFACE, --tap IFACE or --tap-fd FD[,FD...]",
+                "give exactly one host side: --macvtap IFACE, --macvtap-parent DEV, --tap IFACE \
+                 or --tap-fd FD[,FD...]",
             ));
         }
-        let host = if let Some(iface) = args.macvtap {
+        if args.macvtap_parent.is_none() {
+            for (given, flag) in [
+                (args.mode.is_some(), "--mode"),
+                (args.macvtap_name.is_some(), "--macvtap-name"),
+                (args.keep, "--keep"),
+            ] {
+                if given {
+                    return Err(bad(flag, "only applies with --macvtap-parent"));
+                }
+            }
+        }
+        let mac = args
+            .mac
+            .as_deref()
+            .map(MacAddr::parse)
+            .transpose()
+            .map_err(|r| bad("--mac", r))?;
+        let mut create_macvtap = None;
+        let host = if let Some(parent) = args.macvtap_parent {
+            check_ifname("--macvtap-parent", &parent)?;
+            if let Some(n) = &args.macvtap_name {
+                check_ifname("--macvtap-name", n)?;
+            }
+            let mode = args
+                .mode
+                .as_deref()
+                .unwrap_or("bridge")
+                .parse::<crate::netlink::MacvtapMode>()
+                .map_err(|e| bad("--mode", e.to_string()))?;
+            let spec = crate::netlink::MacvtapSpec {
+                parent,
+                name: args.macvtap_name.clone(),
+                mode,
+                mac: mac.map(|m| m.0),
+            };
+            let iface = spec.name.clone().unwrap_or_default();
+            create_macvtap = Some(spec);
+            HostSpec::Macvtap { iface }
+        } else if let Some(iface) = args.macvtap {
             check_ifname("--macvtap", &iface)?;
             HostSpec::Macvtap { iface }
         } else if let Some(iface) = args.tap {
@@ -293,13 +353,6 @@ impl TryFrom<Args> for Config {
             HostSpec::TapFds { fds: args.tap_fd }
         };
 
-        let mac = args
-            .mac
-            .as_deref()
-            .map(MacAddr::parse)
-            .transpose()
-            .map_err(|r| bad("--mac", r))?;
-
         if let Some(mtu) = args.mtu {
             if !(68..=65535).contains(&mtu) {
                 return Err(bad("--mtu", format!("must be 68..=65535 (got {mtu})")));
@@ -315,6 +368,8 @@ impl TryFrom<Args> for Config {
         let rx_rate = rate("--rx-rate", args.rx_rate)?;
 
         Ok(Config {
+            create_macvtap,
+            keep_macvtap: args.keep,
             tx_rate,
             rx_rate,
             socket,
@@ -445,6 +500,32 @@ mod tests {
             assert_eq!(err.flag, *flag, "{argv:?}: {err}");
             assert!(err.to_string().starts_with(flag));
         }
+    }
+
+    #[test]
+    fn macvtap_parent_defaults_to_bridge_mode() {
+        let c = parse(&["--socket-path", "/s", "--macvtap-parent", "eth0", "--keep"]).unwrap();
+        let spec = c.create_macvtap.expect("a macvtap to create");
+        assert_eq!(spec.parent, "eth0");
+        assert_eq!(spec.mode, crate::netlink::MacvtapMode::Bridge);
+        assert!(c.keep_macvtap);
+        let c = parse(&[
+            "--socket-path",
+            "/s",
+            "--macvtap-parent",
+            "eth0",
+            "--mode",
+            "passthru",
+            "--macvtap-name",
+            "mv0",
+            "--mac",
+            "52:54:00:00:00:01",
+        ])
+        .unwrap();
+        let spec = c.create_macvtap.unwrap();
+        assert_eq!(spec.mode, crate::netlink::MacvtapMode::Passthru);
+        assert_eq!(spec.name.as_deref(), Some("mv0"));
+        assert_eq!(spec.mac, Some([0x52, 0x54, 0, 0, 0, 1]));
     }
 
     #[test]

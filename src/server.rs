@@ -19,7 +19,7 @@ use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 use crate::backend::{DeviceIdentity, HostSide, NetBackend, QueueControl};
 use crate::config::{Config, MacAddr, SocketMode};
 use crate::datapath::QueueStats;
-use crate::host::{HostDevice, HostError, HostKind};
+use crate::host::{HostDevice, HostError, HostKind, HostSpec};
 
 /// Why the server could not start or keep going.
 #[derive(Debug, thiserror::Error)]
@@ -52,6 +52,9 @@ pub enum ServerError {
     /// The control socket or metrics endpoint could not start (operator).
     #[error(transparent)]
     Control(#[from] crate::control::ControlError),
+    /// Creating the macvtap failed (operator: parent, mode, name; or host).
+    #[error("--macvtap-parent: {0}")]
+    Netlink(#[from] crate::netlink::NetlinkError),
     /// Signal handling could not be installed (host).
     #[error("signal handling: {0}")]
     Signals(nix::Error),
@@ -166,7 +169,49 @@ pub fn run(config: Config) -> Result<(), ServerError> {
     let stopper = StopHandle::default();
     install_signal_thread(stopper.0.clone())?;
 
-    let host = HostDevice::open(&config.host, config.queue_pairs)?;
+    // With --macvtap-parent, create the macvtap first; it is deleted when `created` drops at the
+    // end of `run` (after the last frontend), unless --keep.
+    let mut created = None;
+    let host_spec = match &config.create_macvtap {
+        Some(spec) => {
+            let mut link = crate::netlink::create_macvtap(spec)?;
+            tracing::info!(
+                iface = link.name(),
+                parent = %spec.parent,
+                mode = %spec.mode,
+                mac = %MacAddr(link.mac()),
+                keep = config.keep_macvtap,
+                "created macvtap"
+            );
+            if config.keep_macvtap {
+                link.keep();
+            }
+            let iface = link.name().to_string();
+            created = Some(link);
+            HostSpec::Macvtap { iface }
+        }
+        None => config.host.clone(),
+    };
+    let host = HostDevice::open(&host_spec, config.queue_pairs)?;
+    let mut watched = vec![host.ifindex()];
+    if host.kind() == HostKind::Macvtap {
+        match crate::netlink::macvtap_info(host.ifname()) {
+            Ok(info) => {
+                tracing::info!(
+                    iface = %info.name,
+                    mode = %info.mode,
+                    mac = %MacAddr(info.mac),
+                    mtu = info.mtu,
+                    parent_ifindex = info.parent_ifindex,
+                    "macvtap"
+                );
+                if info.parent_netnsid.is_none() {
+                    watched.push(info.parent_ifindex);
+                }
+            }
+            Err(e) => tracing::warn!("cannot read the macvtap's mode: {e}"),
+        }
+    }
     let identity = device_identity(&config, &host)?;
     let stats: Vec<Arc<QueueStats>> = (0..config.queue_pairs)
         .map(|_| Arc::new(QueueStats::default()))
@@ -192,12 +237,57 @@ pub fn run(config: Config) -> Result<(), ServerError> {
         tracing::info!("Prometheus metrics on http://{bound}/metrics");
     }
 
+    let link_up = Arc::new(AtomicBool::new(host.carrier()));
+    let _watcher = watch_link_state(host.ifname(), watched, link_up.clone());
     let side = HostSide {
         queues: host.queues().to_vec(),
         supported_offloads: host.supported_offloads(),
-        carrier: host.carrier(),
+        link_up,
     };
-    serve(&config.socket, identity, side, &stats, &stopper)
+    let result = serve(&config.socket, identity, side, &stats, &stopper);
+    drop(host);
+    drop(created);
+    result
+}
+
+/// Keeps `link_up` equal to "the host link and its parent are up with carrier", and logs
+/// changes once each. The guest sees it in the config space's STATUS field on its next read
+/// (vhost 0.18 cannot send a config-change notification; see the README).
+fn watch_link_state(
+    iface: &str,
+    ifindexes: Vec<u32>,
+    link_up: Arc<AtomicBool>,
+) -> Option<crate::netlink::LinkWatcher> {
+    let iface = iface.to_string();
+    let state: Mutex<std::collections::HashMap<u32, bool>> = Mutex::default();
+    let watched = ifindexes.clone();
+    let on_change = move |ev: crate::netlink::LinkEvent| {
+        let mut st = state.lock().unwrap_or_else(|e| e.into_inner());
+        match ev {
+            crate::netlink::LinkEvent::Carrier { ifindex, up } => {
+                st.insert(ifindex, up);
+            }
+            crate::netlink::LinkEvent::Deleted { ifindex } => {
+                tracing::error!(
+                    ifindex,
+                    "host link {iface} (or its parent) was deleted: the guest's frames are \
+                     dropped; macvhost keeps serving its socket"
+                );
+                st.insert(ifindex, false);
+            }
+        }
+        let up = watched.iter().all(|i| st.get(i).copied().unwrap_or(true));
+        if link_up.swap(up, Ordering::SeqCst) != up {
+            tracing::info!(link_up = up, "host link state changed");
+        }
+    };
+    match crate::netlink::watch_links(ifindexes, on_change) {
+        Ok(w) => Some(w),
+        Err(e) => {
+            tracing::warn!("cannot watch link state (status stays as at start): {e}");
+            None
+        }
+    }
 }
 
 /// Stops a running [`serve`] loop from another thread (signals, tests).

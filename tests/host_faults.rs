@@ -774,7 +774,7 @@ fn tap_queue_full_waits_for_epollout_without_spinning() {
         let side = HostSide {
             queues: dev.queues().to_vec(),
             supported_offloads: dev.supported_offloads(),
-            carrier: dev.carrier(),
+            link_up: std::sync::Arc::new(std::sync::atomic::AtomicBool::new(dev.carrier())),
         };
         thread::spawn(move || serve(&SocketMode::Listen(sock), identity, side, &stats, &stop))
     };

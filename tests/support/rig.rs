@@ -143,7 +143,7 @@ impl Rig {
         let side = HostSide {
             queues: queues.clone(),
             supported_offloads: 0x1f,
-            carrier: true,
+            link_up: Arc::new(std::sync::atomic::AtomicBool::new(true)),
         };
         let (s2, st2) = (stop.clone(), stats.clone());
         let listening = matches!(mode, SocketMode::Listen(_));

@@ -172,10 +172,8 @@ CTL=$WORK/control.sock
 NETDEV=()
 if [ "$BACKEND" = macvhost ]; then
     step "starting macvhost in $NS on mvt0 ($QUEUES queue pairs), socket $SOCK"
-    # TODO(lead): add the control socket option once it exists, e.g.
-    #   --control-socket "$CTL"
     ip netns exec "$NS" "$BIN" --socket-path "$SOCK" --macvtap mvt0 --queues "$QUEUES" \
-        >"$WORK/macvhost.log" 2>&1 &
+        --control-socket "$CTL" >"$WORK/macvhost.log" 2>&1 &
     MACVHOST_PID=$!
     for _ in $(seq 100); do
         [ -S "$SOCK" ] && break
@@ -260,6 +258,9 @@ IPERF_PID=$!
 
 LOG=$WORK/serial.log
 : >"$LOG"
+# QEMU 7.2 crashes when a vhost(-user) NIC uses MSI-X without KVM's irqchip: INTx under TCG.
+VECTORS=$((2 * QUEUES + 2))
+if [ "$BACKEND" = macvhost ] && [ "${ACCEL[1]}" = tcg ]; then VECTORS=0; fi
 step "booting the guest (${ACCEL[1]}, 2 vCPUs, 512 MiB, $QUEUES queue pairs, guest $GUEST_IP)"
 # shellcheck disable=SC2054 # the commas are QEMU's
 QEMU_CMD=(qemu-system-x86_64 "${ACCEL[@]}" -machine q35 -smp 2 -m 512
@@ -269,7 +270,7 @@ QEMU_CMD=(qemu-system-x86_64 "${ACCEL[@]}" -machine q35 -smp 2 -m 512
     -append "console=ttyS0 quiet loglevel=3 mitigations=off panic=-1 mvh.mac=$GUEST_MAC mvh.ip=$GUEST_IP/24 mvh.peer=$PEER_IP"
     -serial "file:$LOG"
     "${NETDEV[@]}"
-    -device "virtio-net-pci,netdev=n0,mac=$GUEST_MAC,mq=on,vectors=$((2 * QUEUES + 2)),romfile="
+    -device "virtio-net-pci,netdev=n0,mac=$GUEST_MAC,mq=on,vectors=$VECTORS,romfile="
     -fw_cfg "name=opt/macvhost/script,file=$WORK/guest.sh")
 printf '%q ' "${QEMU_CMD[@]}" >"$WORK/qemu-cmdline"
 "${QEMU_CMD[@]}" </dev/null >"$WORK/qemu.log" 2>&1 &
@@ -301,9 +302,7 @@ step "guest finished in $(($(date +%s) - started)) s: ping $(res ping); iperf3 g
 # ---------------------------------------------------------- 7. counters ----
 if [ "$BACKEND" = macvhost ]; then
     step "macvhost per-queue counters (macvhost stats $CTL)"
-    # TODO(lead): 'macvhost stats CONTROL_SOCKET' is the planned interface.
-    "$BIN" stats "$CTL" 2>/dev/null | sed 's/^/    /' ||
-        note "(not available yet: 'macvhost stats' is still to be wired)"
+    "$BIN" stats "$CTL" | sed 's/^/    /' || note "(macvhost stats failed)"
 fi
 step "macvtap mvt0 counters (ip -s link)"
 ip -n "$NS" -s link show mvt0 | sed 's/^/    /'

@@ -111,6 +111,9 @@ impl<Q: HostQueue> HostQueue for Throttle<'_, Q> {
     }
 }
 
+/// Delay of the one-off RX recheck after RX parks for lack of guest buffers.
+const RX_RECHECK_NS: u64 = 200_000_000;
+
 /// Chains handled per direction before the other direction gets a turn.
 pub const BATCH: usize = 64;
 
@@ -158,7 +161,11 @@ struct PairState<Q: QueueControl> {
     tx_throttled: bool,
     /// RX held (host queue unwatched) by the rate limiter until the timer fires.
     rx_throttled: bool,
-    /// Wakes the worker when a rate-limit wait is over (watched only when limits are set).
+    /// RX parked for lack of guest buffers has a one-off recheck armed on `timer`.
+    rx_recheck_pending: bool,
+    /// That recheck was used since RX last delivered a frame (one per episode, not a poll).
+    rx_rechecked: bool,
+    /// Wakes the worker when a rate-limit wait is over or an RX recheck is due.
     timer: vmm_sys_util::timerfd::TimerFd,
 }
 
@@ -228,6 +235,8 @@ impl<Q: QueueControl> PairWorker<Q> {
                 host_tx_failed: false,
                 tx_throttled: false,
                 rx_throttled: false,
+                rx_recheck_pending: false,
+                rx_rechecked: false,
                 timer: vmm_sys_util::timerfd::TimerFd::new()?,
             }),
         })
@@ -304,14 +313,12 @@ impl<Q: QueueControl> PairWorker<Q> {
         }
         st.active = true;
         st.rx_watch = false;
-        if self.limits.any() {
-            self.register(
-                st,
-                st.timer.as_raw_fd(),
-                EventSet::IN,
-                base + THROTTLE_TIMER,
-            );
-        }
+        self.register(
+            st,
+            st.timer.as_raw_fd(),
+            EventSet::IN,
+            base + THROTTLE_TIMER,
+        );
         if rx_usable {
             self.watch_rx(st, base);
         }
@@ -435,6 +442,11 @@ impl<Q: QueueControl> PairWorker<Q> {
                 st.tx_throttled = false;
                 if st.rx_throttled {
                     st.rx_throttled = false;
+                    self.watch_rx(&mut st, base);
+                }
+                if st.rx_recheck_pending {
+                    st.rx_recheck_pending = false;
+                    st.rx_rechecked = true;
                     self.watch_rx(&mut st, base);
                 }
             }
@@ -617,7 +629,32 @@ impl<Q: QueueControl> PairWorker<Q> {
                 }
                 if out.no_buffers && st.rx_watch {
                     // Stop watching the host queue until the guest kicks RX (no spin).
+                    if tracing::enabled!(tracing::Level::DEBUG) {
+                        let vs = vrings[RX_QUEUE].get_ref();
+                        let q = vs.get_queue();
+                        tracing::debug!(
+                            queue_pair = self.index,
+                            next_avail = q.next_avail(),
+                            avail_idx = ?q.avail_idx(&*mem, std::sync::atomic::Ordering::Acquire).ok(),
+                            ready = q.ready(),
+                            "RX: no guest buffers; waiting for a kick"
+                        );
+                    }
                     self.unwatch_rx(st, base);
+                    // The guest's kick is what wakes RX again. A kick that lands while
+                    // vhost-user-backend sees the ring disabled is consumed and dropped
+                    // (`VringEpollHandler` reads it, then skips a disabled ring); seen with
+                    // QEMU at start-up. One recheck per episode covers that without polling.
+                    if !st.rx_rechecked && !st.rx_recheck_pending && !st.rx_throttled {
+                        st.rx_recheck_pending = true;
+                        // An armed rate-limit timer fires sooner and serves the recheck too.
+                        if !st.timer.is_armed().unwrap_or(false) {
+                            self.arm_throttle_timer(st, RX_RECHECK_NS);
+                        }
+                    }
+                }
+                if out.frames > 0 {
+                    st.rx_rechecked = false;
                 }
                 match out.host_error {
                     // One frame was lost (too big for the buffers); the queue is fine.

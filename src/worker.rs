@@ -338,16 +338,15 @@ impl<Q: QueueControl> PairWorker<Q> {
             self.unregister(st, self.tap_out.as_raw_fd(), EventSet::OUT, base + TAP_OUT);
             st.tx_wait_out = false;
         }
-        if self.limits.any() {
-            self.unregister(
-                st,
-                st.timer.as_raw_fd(),
-                EventSet::IN,
-                base + THROTTLE_TIMER,
-            );
-            st.tx_throttled = false;
-            st.rx_throttled = false;
-        }
+        self.unregister(
+            st,
+            st.timer.as_raw_fd(),
+            EventSet::IN,
+            base + THROTTLE_TIMER,
+        );
+        st.tx_throttled = false;
+        st.rx_throttled = false;
+        st.rx_recheck_pending = false;
         if let Err(e) = self.tap.detach() {
             tracing::warn!(queue_pair = self.index, "detaching host queue failed: {e}");
         }

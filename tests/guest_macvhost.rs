@@ -361,6 +361,8 @@ fn two_queue_pairs_carry_flows_and_going_back_to_one_keeps_traffic_flowing() {
         return;
     }
     let s = setup("mq", 2, false);
+    let o = s.vm.exec_ok("ping -c 2 -W 5 $MVH_PEER", secs(120));
+    assert!(o.output.contains("2 packets received"), "{}", o.output);
     let o = s.vm.exec_ok(
         "ethtool -L $MVH_IFACE combined 2 && \
          result combined $(ethtool -l $MVH_IFACE | awk '/Current/ {c=1} c && /Combined/ {print $2}')",

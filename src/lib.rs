@@ -19,6 +19,8 @@ pub mod backend;
 pub mod config;
 pub mod control;
 pub mod datapath;
+#[cfg(feature = "test-utils")]
+pub mod fuzzing;
 pub mod host;
 pub mod server;
 pub mod vring;

@@ -1,0 +1,111 @@
+//! Replays the committed fuzz corpora (`fuzz/corpus/<target>/*`) through the very functions the
+//! cargo-fuzz targets call (`macvhost::fuzzing`), on stable Rust, with all their oracles.
+//!
+//! Needs `--features test-utils`; without it the one test here only says it was skipped.
+//! `MACVHOST_WRITE_SEEDS=1 cargo test --features test-utils --test fuzz_corpus` rewrites the
+//! generated seeds (`seed-*` files) from `macvhost::fuzzing::seeds`.
+
+#[cfg(not(feature = "test-utils"))]
+#[test]
+fn fuzz_corpus_replay() {
+    eprintln!("skipped: needs --features test-utils");
+}
+
+#[cfg(feature = "test-utils")]
+mod replay {
+    use std::path::PathBuf;
+    use std::sync::Mutex;
+
+    use macvhost::fuzzing;
+
+    /// The vhost-user target counts open fds and panics process-wide: run one replay at a time.
+    static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+
+    /// Most files and bytes a target's committed corpus may hold.
+    const MAX_FILES: usize = 60;
+    const MAX_BYTES: u64 = 512 * 1024;
+
+    fn corpus_dir(target: &str) -> PathBuf {
+        PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("fuzz/corpus")
+            .join(target)
+    }
+
+    fn files(target: &str) -> Vec<PathBuf> {
+        let dir = corpus_dir(target);
+        let mut v: Vec<PathBuf> = std::fs::read_dir(&dir)
+            .unwrap_or_else(|e| panic!("corpus {}: {e}", dir.display()))
+            .map(|e| e.expect("corpus entry").path())
+            .filter(|p| p.is_file())
+            .collect();
+        v.sort();
+        v
+    }
+
+    fn replay(target: &str) {
+        let _g = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+        let files = files(target);
+        assert!(!files.is_empty(), "corpus of {target} is empty");
+        assert!(
+            files.len() <= MAX_FILES,
+            "corpus of {target} has {} files (keep it small: minimise with cargo fuzz cmin)",
+            files.len()
+        );
+        let total: u64 = files
+            .iter()
+            .map(|p| p.metadata().expect("metadata").len())
+            .sum();
+        assert!(total <= MAX_BYTES, "corpus of {target} is {total} bytes");
+        for p in &files {
+            let data = std::fs::read(p).expect("read corpus file");
+            let r = std::panic::catch_unwind(|| fuzzing::run(target, &data));
+            if let Err(e) = r {
+                eprintln!("{target}: {} failed", p.display());
+                std::panic::resume_unwind(e);
+            }
+        }
+        eprintln!("{target}: {} corpus inputs replayed", files.len());
+    }
+
+    #[test]
+    fn tx_chain_corpus() {
+        replay("tx_chain");
+    }
+
+    #[test]
+    fn rx_fill_corpus() {
+        replay("rx_fill");
+    }
+
+    #[test]
+    fn vnet_hdr_corpus() {
+        replay("vnet_hdr");
+    }
+
+    #[test]
+    fn vhost_user_msgs_corpus() {
+        replay("vhost_user_msgs");
+    }
+
+    /// Every generated seed is committed (or, with `MACVHOST_WRITE_SEEDS=1`, gets written).
+    #[test]
+    fn generated_seeds_are_committed() {
+        let write = std::env::var_os("MACVHOST_WRITE_SEEDS").is_some_and(|v| v == "1");
+        for (target, name, bytes) in fuzzing::seeds::all() {
+            assert!(fuzzing::TARGETS.contains(&target));
+            let path = corpus_dir(target).join(format!("seed-{name}"));
+            if write {
+                std::fs::create_dir_all(corpus_dir(target)).expect("corpus dir");
+                std::fs::write(&path, &bytes).expect("write seed");
+            } else {
+                let have = std::fs::read(&path).unwrap_or_else(|e| {
+                    panic!(
+                        "{}: {e} (regenerate with MACVHOST_WRITE_SEEDS=1)",
+                        path.display()
+                    )
+                });
+                assert!(have == bytes, "{} is stale", path.display());
+            }
+        }
+    }
+}

@@ -611,6 +611,7 @@ fn run_connection(data: &[u8]) {
             h.send_exit_event();
         }
         drop(daemon);
+        drop(be);
         let _ = tx.send(r.map_err(|e| e.to_string()));
     });
     let res = rx

@@ -6,6 +6,7 @@
 //! (vrings, memory, acked features) starts fresh while the host queues and counters persist.
 
 use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicU16, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -114,6 +115,26 @@ pub struct NetBackend<Q: QueueControl = crate::host::TapQueue> {
     status: AtomicU16,
     acked_features: AtomicU64,
     backend_req: Mutex<Option<Backend>>,
+    /// Exit-event consumer fds handed out by `exit_event`, closed on drop (see there).
+    exit_consumers: Mutex<Vec<RawFd>>,
+}
+
+impl<Q: QueueControl> Drop for NetBackend<Q> {
+    fn drop(&mut self) {
+        let fds = std::mem::take(
+            self.exit_consumers
+                .get_mut()
+                .unwrap_or_else(|e| e.into_inner()),
+        );
+        for fd in fds {
+            // SAFETY: `fd` is the number of an exit-event consumer that vhost-user-backend 0.24
+            // took with `into_raw_fd()`, registered in its epoll and never closed (see
+            // `exit_event`); nothing else owns or closes it. The backend is dropped only after
+            // every `VringEpollHandler` (each holds an `Arc` of it) and so after its epoll fd
+            // and worker thread are gone: nobody uses the number any more.
+            drop(unsafe { OwnedFd::from_raw_fd(fd) });
+        }
+    }
 }
 
 impl<Q: QueueControl> std::fmt::Debug for NetBackend<Q> {
@@ -222,6 +243,7 @@ impl<Q: QueueControl> NetBackend<Q> {
             status: AtomicU16::new(status),
             acked_features: AtomicU64::new(0),
             backend_req: Mutex::new(None),
+            exit_consumers: Mutex::new(Vec::new()),
         })
     }
 
@@ -354,7 +376,16 @@ impl<Q: QueueControl> VhostUserBackend for NetBackend<Q> {
     }
 
     fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
-        new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC).ok()
+        let (consumer, notifier) =
+            new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC).ok()?;
+        // vhost-user-backend 0.24 (`VringEpollHandler::new`) registers the consumer in its epoll
+        // with `into_raw_fd()` and never closes it: one eventfd leaked per worker thread per
+        // frontend connection. Remember the number and close it when this backend is dropped.
+        self.exit_consumers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(consumer.as_raw_fd());
+        Some((consumer, notifier))
     }
 
     fn handle_event(

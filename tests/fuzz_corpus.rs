@@ -12,7 +12,7 @@ fn fuzz_corpus_replay() {
 }
 
 #[cfg(feature = "test-utils")]
-mod replay {
+pub mod replay {
     use std::path::PathBuf;
     use std::sync::Mutex;
 
@@ -42,8 +42,13 @@ mod replay {
         v
     }
 
+    /// Serialises the tests of this file.
+    pub fn lock() -> std::sync::MutexGuard<'static, ()> {
+        ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     fn replay(target: &str) {
-        let _g = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+        let _g = lock();
         let files = files(target);
         assert!(!files.is_empty(), "corpus of {target} is empty");
         assert!(
@@ -106,6 +111,24 @@ mod replay {
                 });
                 assert!(have == bytes, "{} is stale", path.display());
             }
+        }
+    }
+}
+
+/// Minimised findings, each also a file in its target's corpus.
+#[cfg(feature = "test-utils")]
+mod regressions {
+    use macvhost::fuzzing;
+
+    /// vhost-user-backend 0.24 leaked the exit-event consumer eventfd of every worker thread of
+    /// every connection (a connection with no message at all is enough); `NetBackend` now closes
+    /// them when it is dropped. The target's oracle counts `/proc/self/fd`.
+    #[test]
+    fn regression_exit_event_fd_leak() {
+        let _g = super::replay::lock();
+        let data = include_bytes!("../fuzz/corpus/vhost_user_msgs/regress-exit-event-fd-leak");
+        for _ in 0..3 {
+            fuzzing::vhost_user_msgs(data);
         }
     }
 }

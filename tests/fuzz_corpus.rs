@@ -18,7 +18,8 @@ pub mod replay {
 
     use macvhost::fuzzing;
 
-    /// The vhost-user target counts open fds and panics process-wide: run one replay at a time.
+    /// The vhost-user target counts the process's open fds and panics: the tests of this file
+    /// run one at a time (whatever `--test-threads`).
     static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
 
     /// Most files and bytes a target's committed corpus may hold.
@@ -95,6 +96,7 @@ pub mod replay {
     /// Every generated seed is committed (or, with `MACVHOST_WRITE_SEEDS=1`, gets written).
     #[test]
     fn generated_seeds_are_committed() {
+        let _g = lock();
         let write = std::env::var_os("MACVHOST_WRITE_SEEDS").is_some_and(|v| v == "1");
         for (target, name, bytes) in fuzzing::seeds::all() {
             assert!(fuzzing::TARGETS.contains(&target));
@@ -130,5 +132,17 @@ mod regressions {
         for _ in 0..3 {
             fuzzing::vhost_user_msgs(data);
         }
+    }
+}
+
+#[cfg(feature = "test-utils")]
+mod regressions_vnet {
+    /// With a GSO offload acked and an MTU above 65532, `rx_max_frame_len` was header + 65550,
+    /// too small for an MTU-sized frame with a VLAN tag (MRG_RXBUF windows were sized from it).
+    #[test]
+    fn regression_gso_mtu_65535_rx_max_frame_len() {
+        let _g = super::replay::lock();
+        let data = include_bytes!("../fuzz/corpus/vnet_hdr/regress-gso-mtu-65535");
+        macvhost::fuzzing::vnet_hdr(data);
     }
 }

@@ -32,6 +32,13 @@ pub use vnet::vnet_hdr;
 /// The fuzz target names, as used for `fuzz/fuzz_targets/<name>.rs` and `fuzz/corpus/<name>/`.
 pub const TARGETS: [&str; 4] = ["tx_chain", "rx_fill", "vnet_hdr", "vhost_user_msgs"];
 
+/// True when `MACVHOST_FUZZ_TRACE` is set: the targets then print each datapath call's
+/// pre-state and outcome to stderr (for minimising and explaining a crash).
+pub fn tracing() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var_os("MACVHOST_FUZZ_TRACE").is_some())
+}
+
 /// Runs the target called `name` on `data` (for the corpus replay). Panics on an unknown name.
 pub fn run(name: &str, data: &[u8]) {
     match name {

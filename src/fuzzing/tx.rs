@@ -206,6 +206,16 @@ impl Tx {
         let frames = self.host.take_all_frames();
         let st = self.stats.snapshot();
         let consumed = usize::from(q.next_avail().wrapping_sub(pre.next_avail));
+        if super::tracing() {
+            eprintln!(
+                "tx call {}: layout {l:?} budget {budget}\n  pre next_avail {} announced {} \
+                 chains {:?}\n  out {out:?} consumed {consumed} sends {sends} faults {faults:?}",
+                self.runs, pre.next_avail, pre.announced, pre.chains
+            );
+            for i in 0..l.size.min(16) {
+                eprintln!("  desc {i}: {:x?}", d.read_desc(i));
+            }
+        }
         assert!(
             consumed <= pre.chains.len(),
             "consumed {consumed} chains, only {} were announced",
@@ -215,6 +225,20 @@ impl Tx {
         assert!(sends <= budget, "{sends} sends > budget {budget}");
         if l.mapped && pre.announced <= l.size {
             assert!(!out.broken, "a well-formed ring was declared broken");
+        }
+
+        // An indirect table over the used ring changes under the device's own used-ring writes
+        // (used.flags, entries): the chains it walks then differ from the ones captured before
+        // the call. Only the checks above apply.
+        if pre
+            .indirect_tables
+            .iter()
+            .any(|&t| overlaps(t, l.used_range()))
+        {
+            if out.broken {
+                self.stopped = true;
+            }
+            return out.more || out.blocked;
         }
 
         // Which chains were sent, and what the host must have received.

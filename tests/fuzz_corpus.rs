@@ -93,6 +93,22 @@ pub mod replay {
         replay("vhost_user_msgs");
     }
 
+    /// `MACVHOST_FUZZ_REPRO=<target>:<file>` replays one file (say a crash artifact), with
+    /// `MACVHOST_FUZZ_TRACE=1` for a trace of each datapath call. Does nothing otherwise.
+    #[test]
+    fn repro_from_env() {
+        let Some(spec) = std::env::var_os("MACVHOST_FUZZ_REPRO") else {
+            return;
+        };
+        let spec = spec.to_string_lossy().into_owned();
+        let (target, file) = spec
+            .split_once(':')
+            .expect("MACVHOST_FUZZ_REPRO=<target>:<file>");
+        let _g = lock();
+        let data = std::fs::read(file).expect("read the input");
+        fuzzing::run(target, &data);
+    }
+
     /// Every generated seed is committed (or, with `MACVHOST_WRITE_SEEDS=1`, gets written).
     #[test]
     fn generated_seeds_are_committed() {

@@ -604,7 +604,7 @@ fn run_connection(data: &[u8]) {
     let _ = f.sock.shutdown(std::net::Shutdown::Write);
     let (tx, rx) = mpsc::channel();
     let be = backend.clone();
-    std::thread::spawn(move || {
+    let waiter = std::thread::spawn(move || {
         let r = daemon.wait();
         be.teardown();
         for h in daemon.get_epoll_handlers() {
@@ -617,6 +617,8 @@ fn run_connection(data: &[u8]) {
     let res = rx
         .recv_timeout(STOP_TIMEOUT)
         .unwrap_or_else(|_| panic!("the daemon did not stop within {STOP_TIMEOUT:?}: hang"));
+    // Joined so that no thread of this input outlives it (LeakSanitizer saw its TLS otherwise).
+    waiter.join().expect("waiter thread");
     if let Err(e) = &res {
         assert!(
             !e.contains("failed to wait for daemon exit"),

@@ -162,3 +162,20 @@ mod regressions_vnet {
         macvhost::fuzzing::vnet_hdr(data);
     }
 }
+
+#[cfg(feature = "test-utils")]
+mod regressions_rx {
+    /// MRG_RXBUF frame over 16 chains, used ring partly outside guest memory: `add_used` failed
+    /// on the 9th chain, `process_rx` reported `broken` and rewound `next_avail` over all 16
+    /// popped chains although 8 were already in the used ring (they would be popped and used
+    /// a second time if the queue were resumed from `GET_VRING_BASE`). The oracle: no more used
+    /// entries than consumed chains, each returned head consumed.
+    #[test]
+    fn regression_broken_used_ring_mid_frame_keeps_used_chains_consumed() {
+        let _g = super::replay::lock();
+        let data = include_bytes!(
+            "../fuzz/corpus/rx_fill/regress-broken-used-ring-mid-frame-rewinds-used-chains"
+        );
+        macvhost::fuzzing::rx_fill(data);
+    }
+}

@@ -20,6 +20,8 @@ pub mod backend;
 pub mod config;
 pub mod control;
 pub mod datapath;
+#[cfg(feature = "test-utils")]
+pub mod fuzzing;
 pub mod host;
 pub mod netlink;
 pub mod ratelimit;

@@ -527,6 +527,9 @@ impl<'m, M: GuestMemory, H: HostQueue> Rx<'_, 'm, M, H> {
             // A chain never exceeds u32::MAX bytes (virtio-queue stops a longer one).
             if self.queue.add_used(self.mem, h.head, take as u32).is_err() {
                 self.out.broken = true;
+                // The chains before this one are in the used ring already: they must not be
+                // given back by the rewind in `finish` (that would let them be popped again).
+                self.front = j;
                 return;
             }
             self.used += 1;
@@ -543,6 +546,8 @@ impl<'m, M: GuestMemory, H: HostQueue> Rx<'_, 'm, M, H> {
             if h.dead.is_some() {
                 self.return_dead(h);
                 if self.out.broken {
+                    // The frame's chains are in the used ring: never rewind over them.
+                    self.front = end;
                     return;
                 }
             }

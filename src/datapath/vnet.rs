@@ -144,14 +144,16 @@ pub fn guest_gso_acked(acked_features: u64) -> bool {
     .any(|&f| has(acked_features, f))
 }
 
-/// The largest frame (header included) the host may hand to the guest: header + 65550 when any
-/// guest GSO offload is acked, else header + Ethernet header + one VLAN tag + `mtu`.
+/// The largest frame (header included) the host may hand to the guest: header + Ethernet header +
+/// one VLAN tag + `mtu`, or header + 65550 when any guest GSO offload is acked and that is more
+/// (an MTU above 65532 still needs its full size with GSO).
 pub fn rx_max_frame_len(acked_features: u64, mtu: usize) -> usize {
     let hdr = vnet_hdr_len(acked_features);
+    let mtu_frame = ETH_HLEN + VLAN_HLEN + mtu;
     if guest_gso_acked(acked_features) {
-        hdr + MAX_GSO_FRAME_LEN
+        hdr + mtu_frame.max(MAX_GSO_FRAME_LEN)
     } else {
-        hdr + ETH_HLEN + VLAN_HLEN + mtu
+        hdr + mtu_frame
     }
 }
 
@@ -256,5 +258,8 @@ mod tests {
             10 + 65550
         );
         assert_eq!(tx_max_frame_len(12), 65562);
+        // Found by the vnet_hdr fuzz target: with GSO, an MTU above 65532 used to get 65550.
+        assert_eq!(rx_max_frame_len(gso, 65535), 12 + 14 + 4 + 65535);
+        assert_eq!(rx_max_frame_len(gso, 65532), 12 + 65550);
     }
 }

@@ -1,0 +1,4 @@
+#![no_main]
+//! `tx_chain`: see `macvhost::fuzzing::tx_chain` for the input format and the oracles.
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| macvhost::fuzzing::tx_chain(data));

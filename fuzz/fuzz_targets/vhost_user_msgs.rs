@@ -1,0 +1,4 @@
+#![no_main]
+//! `vhost_user_msgs`: see `macvhost::fuzzing::vhost_user_msgs` for the input format and the oracles.
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| macvhost::fuzzing::vhost_user_msgs(data));

@@ -5,7 +5,6 @@
 #[path = "support/guest.rs"]
 mod guest;
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -321,38 +320,36 @@ fn tcp_64mib_each_way_arrives_intact_with_checksum_and_tso_offloads() {
     assert!(rbytes >= BLOB as u64);
 }
 
-/// Runs `flows` parallel TCP streams from the peer to the guest and back (iperf3 -P).
-fn iperf_both_ways(s: &Setup, flows: u32) {
-    let mut srv = s.ns.command("iperf3");
-    srv.args(["-s", "-B", guest::PEER_IP, "-p", "5201"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null());
-    let mut srv = KillOnDrop(srv.spawn().expect("iperf3 -s"));
-    let mut lines = BufReader::new(srv.0.stdout.take().unwrap()).lines();
-    assert!(lines.any(|l| l.is_ok_and(|l| l.contains("Server listening"))));
+/// Runs `flows` parallel TCP transfers (1 MiB each) from the peer to the guest, each on its own
+/// port, so macvtap's flow hash spreads them over the queue pairs; checks every byte count.
+fn parallel_flows(s: &Setup, flows: u16) {
+    const SIZE: usize = 1 << 20;
+    let blob = Arc::new(guest::random_blob(SIZE).unwrap());
+    let senders: Vec<_> = (0..flows)
+        .map(|i| {
+            let l =
+                s.ns.tcp_listener(format!("{}:{}", guest::PEER_IP, 5101 + i).parse().unwrap())
+                    .unwrap();
+            guest::serve_blob(l, blob.clone(), secs(300))
+        })
+        .collect();
     let o = s.vm.exec_ok(
         &format!(
-            "iperf3 -c $MVH_PEER -p 5201 -t 2 -P {flows} -f m > /tmp/i1 && \
-             iperf3 -c $MVH_PEER -p 5201 -t 2 -P {flows} -f m -R > /tmp/i2 && \
-             result tx $(awk '/SUM.*receiver/ {{print $6}}' /tmp/i1) && \
-             result rx $(awk '/SUM.*receiver/ {{print $6}}' /tmp/i2)"
+            "for i in $(seq 0 {}); do (nc $MVH_PEER $((5101 + i)) | wc -c > /tmp/f$i) & done; wait; \
+             result sizes $(cat /tmp/f* | sort -u | tr '\\n' ' '); rm -f /tmp/f*",
+            flows - 1
         ),
-        secs(240),
+        secs(300),
     );
-    println!(
-        "iperf3 -P {flows}: guest->peer {} Mbit/s, peer->guest {} Mbit/s",
-        o.result("tx").unwrap_or("?"),
-        o.result("rx").unwrap_or("?")
-    );
-}
-
-struct KillOnDrop(Child);
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
+    for t in senders {
+        t.join().unwrap().expect("host sender");
     }
+    assert_eq!(
+        o.expect_result("sizes").trim(),
+        SIZE.to_string(),
+        "{}",
+        o.output
+    );
 }
 
 #[test]
@@ -370,9 +367,7 @@ fn two_queue_pairs_carry_flows_and_going_back_to_one_keeps_traffic_flowing() {
     );
     assert_eq!(o.expect_result("combined"), "2");
     let before = s.mvh.stats();
-    timed("iperf3 8 flows each way on 2 pairs", || {
-        iperf_both_ways(&s, 8)
-    });
+    timed("8 parallel TCP flows on 2 pairs", || parallel_flows(&s, 8));
     let after = s.mvh.stats();
     let delta = |q: usize, k: &str| after[q][k] - before[q][k];
     println!(
@@ -394,16 +389,14 @@ fn two_queue_pairs_carry_flows_and_going_back_to_one_keeps_traffic_flowing() {
     s.vm.exec_ok("ethtool -L $MVH_IFACE combined 1", secs(120));
     std::thread::sleep(Duration::from_millis(500));
     let before = s.mvh.stats();
-    timed("iperf3 8 flows each way on 1 pair", || {
-        iperf_both_ways(&s, 8)
-    });
+    timed("8 parallel TCP flows on 1 pair", || parallel_flows(&s, 8));
     let o = s.vm.exec_ok("ping -c 3 -W 5 $MVH_PEER", secs(120));
     assert!(o.output.contains("3 packets received"), "{}", o.output);
     let after = s.mvh.stats();
     let d0 = after[0]["rx_frames"] - before[0]["rx_frames"];
     let d1 = after[1]["rx_frames"] - before[1]["rx_frames"];
     println!("after combined 1: qp0 rx {d0}, qp1 rx {d1}");
-    assert!(d0 > 1000, "pair 0 carried too little: {d0}");
+    assert!(d0 > 100, "pair 0 carried too little: {d0}");
     assert_eq!(d1, 0, "the disabled pair still received frames");
 }
 

@@ -48,8 +48,8 @@ use crate::datapath::{process_rx, QueueStats, RxOptions, RxScratch};
 /// Most frame bytes one input may inject (the fake host queue's socket buffer is ~208 KiB and
 /// `inject_frame` must not block).
 const INJECT_BUDGET: usize = 150_000;
-/// Per-frame overhead counted against [`INJECT_BUDGET`].
-const INJECT_OVERHEAD: usize = 512;
+/// Per-frame overhead counted against [`INJECT_BUDGET`] (a small datagram's skb truesize).
+const INJECT_OVERHEAD: usize = 2048;
 
 /// Runs one `rx_fill` input (see the module doc).
 pub fn rx_fill(data: &[u8]) {

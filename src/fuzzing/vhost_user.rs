@@ -465,8 +465,9 @@ impl Front {
                     1 => usize::from(c.u16()),
                     _ => 1526,
                 };
-                if n + 512 <= self.inject_left {
-                    self.inject_left -= n + 512;
+                // Each frame costs its skb's truesize in the socket buffer: count 2 KiB extra.
+                if n + 2048 <= self.inject_left {
+                    self.inject_left -= n + 2048;
                     self.queues[p].inject_frame(&pattern_frame(12, n.saturating_sub(12), n as u8));
                 }
             }

@@ -1,0 +1,351 @@
+//! Criterion micro-benchmarks of the frame path, without a vhost-user socket or a tap.
+//!
+//! `cargo bench --features test-utils --bench datapath`
+//!
+//! Guest memory comes from `datapath::testutil`; the guest's side of each virtqueue is the
+//! ledger-free driver in `benches/support/ring.rs`, which keeps the ring full the way a guest in
+//! steady state does (every used chain is reposted at once). One criterion iteration is one
+//! `process_tx` / `process_rx` call with the worker's budget (64) plus the guest's repost.
+//!
+//! Host sides:
+//! - `null`: no syscall; TX returns at once, RX copies a template frame into the guest buffers
+//!   (the copy the kernel would do). Measures the datapath's own CPU per frame.
+//! - `devnull` / `devzero`: one real `writev` to `/dev/null` (no copy) / one `readv` from
+//!   `/dev/zero` of exactly the frame length (the kernel fills the guest buffers). Adds the
+//!   syscall floor of this machine.
+//!
+//! Frame sizes are Ethernet bytes behind the 12-byte vnet header: 64, 1500, and 65536 (a GSO
+//! frame). RX variants: `nomrg` (one chain per frame: 1530-byte buffers, or 17 × 4 KiB "big
+//! packet" chains for GSO), `mrg` (MRG_RXBUF, 1536-byte buffers, MTU-sized max frame) and
+//! `mrg_gso` (MRG_RXBUF with GSO acked: every frame needs a window of 43 buffers).
+
+#[path = "support/ring.rs"]
+mod ring;
+
+use std::fs::File;
+use std::hint::black_box;
+use std::io;
+use std::os::fd::{AsRawFd, RawFd};
+use std::time::Duration;
+
+use criterion::measurement::{Measurement, ValueFormatter, WallTime};
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use macvhost::datapath::testutil::{memory_of, pattern_frame};
+use macvhost::datapath::vnet::{MAX_GSO_FRAME_LEN, VNET_HDR_LEN_V1};
+use macvhost::datapath::{
+    process_rx, process_tx, HostQueue, IoVecBuf, QueueStats, RxOptions, RxScratch, TxOptions,
+    TxScratch,
+};
+use ring::{layout, Ring};
+use vm_memory::GuestMemoryMmap;
+
+const HDR: usize = VNET_HDR_LEN_V1;
+/// The worker's per-call budget (`worker::BATCH`).
+const BUDGET: usize = macvhost::worker::BATCH;
+const SIZES: [usize; 3] = [64, 1500, 65536];
+/// Rings at 0, buffers from 1 MiB, 32 MiB of guest memory in one region.
+const DATA: u64 = 1 << 20;
+const MEM: usize = 32 << 20;
+
+/// TX host: `writev` to `/dev/null`, or nothing at all.
+struct Sink {
+    file: File,
+    syscall: bool,
+}
+
+impl Sink {
+    fn new(syscall: bool) -> Sink {
+        Sink {
+            file: File::options().write(true).open("/dev/null").unwrap(),
+            syscall,
+        }
+    }
+}
+
+impl AsRawFd for Sink {
+    fn as_raw_fd(&self) -> RawFd {
+        self.file.as_raw_fd()
+    }
+}
+
+impl HostQueue for Sink {
+    fn send_frame(&self, frame: &IoVecBuf<'_>) -> io::Result<usize> {
+        if self.syscall {
+            macvhost::datapath::iovec::writev_fd(self.file.as_raw_fd(), frame)
+        } else {
+            Ok(black_box(frame.total_len()))
+        }
+    }
+    fn recv_frame(&self, _bufs: &IoVecBuf<'_>) -> io::Result<usize> {
+        Err(io::ErrorKind::WouldBlock.into())
+    }
+}
+
+/// RX host: a frame of `frame.len()` bytes every call, copied in user space or read from
+/// `/dev/zero` (exactly the frame's length, so the kernel writes what a tap read would).
+struct Source {
+    file: File,
+    frame: Vec<u8>,
+    syscall: bool,
+}
+
+impl Source {
+    fn new(frame: Vec<u8>, syscall: bool) -> Source {
+        Source {
+            file: File::open("/dev/zero").unwrap(),
+            frame,
+            syscall,
+        }
+    }
+}
+
+impl AsRawFd for Source {
+    fn as_raw_fd(&self) -> RawFd {
+        self.file.as_raw_fd()
+    }
+}
+
+impl HostQueue for Source {
+    fn send_frame(&self, _frame: &IoVecBuf<'_>) -> io::Result<usize> {
+        Err(io::ErrorKind::WouldBlock.into())
+    }
+    fn recv_frame(&self, bufs: &IoVecBuf<'_>) -> io::Result<usize> {
+        let want = self.frame.len();
+        if want > bufs.total_len() {
+            return Err(io::Error::from_raw_os_error(libc::EFAULT));
+        }
+        if !self.syscall {
+            return Ok(bufs.write_at(0, &self.frame));
+        }
+        // The iovecs covering exactly `want` bytes, on the stack.
+        let mut iovs = [libc::iovec {
+            iov_base: std::ptr::null_mut(),
+            iov_len: 0,
+        }; 64];
+        let mut left = want;
+        let mut n = 0;
+        for iov in bufs.as_iovecs() {
+            if left == 0 || n == iovs.len() {
+                break;
+            }
+            let len = iov.iov_len.min(left);
+            iovs[n] = libc::iovec {
+                iov_base: iov.iov_base,
+                iov_len: len,
+            };
+            left -= len;
+            n += 1;
+        }
+        // SAFETY: every iovec is a prefix of one of `bufs`' segments, which point at mapped,
+        // device-writable guest memory for the duration of this call.
+        let r = unsafe { libc::readv(self.file.as_raw_fd(), iovs.as_ptr(), n as libc::c_int) };
+        if r < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(r as usize)
+        }
+    }
+}
+
+/// Criterion measurement: CPU time of the benchmarking thread (`CLOCK_THREAD_CPUTIME_ID`).
+///
+/// This machine's two vCPUs are shared with other work; wall time counts the time the thread
+/// was descheduled, thread CPU time does not. Set `MACVHOST_BENCH_CLOCK=wall` for wall time.
+struct ThreadCpu {
+    wall: WallTime,
+    use_wall: bool,
+}
+
+fn thread_cpu_now() -> Duration {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid, writable timespec; the clock id is a constant Linux knows.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    assert_eq!(rc, 0);
+    Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
+}
+
+impl Measurement for ThreadCpu {
+    type Intermediate = (Duration, std::time::Instant);
+    type Value = Duration;
+    fn start(&self) -> Self::Intermediate {
+        (thread_cpu_now(), std::time::Instant::now())
+    }
+    fn end(&self, i: Self::Intermediate) -> Duration {
+        if self.use_wall {
+            i.1.elapsed()
+        } else {
+            thread_cpu_now() - i.0
+        }
+    }
+    fn add(&self, a: &Duration, b: &Duration) -> Duration {
+        *a + *b
+    }
+    fn zero(&self) -> Duration {
+        Duration::ZERO
+    }
+    fn to_f64(&self, v: &Duration) -> f64 {
+        v.as_nanos() as f64
+    }
+    fn formatter(&self) -> &dyn ValueFormatter {
+        self.wall.formatter()
+    }
+}
+
+fn measurement() -> ThreadCpu {
+    ThreadCpu {
+        wall: WallTime,
+        use_wall: std::env::var("MACVHOST_BENCH_CLOCK").as_deref() == Ok("wall"),
+    }
+}
+
+fn guest() -> GuestMemoryMmap {
+    memory_of(&[(0, MEM)])
+}
+
+fn bench_tx(c: &mut Criterion<ThreadCpu>) {
+    let mut g = c.benchmark_group("tx");
+    for syscall in [false, true] {
+        let host_name = if syscall { "devnull" } else { "null" };
+        for size in SIZES {
+            let mem = guest();
+            let mut ring = Ring::new(&mem, 0, 256);
+            let frame = pattern_frame(HDR, size, 7);
+            let posted = layout::fill_tx(&mem, &mut ring, DATA, HDR, &frame, 256);
+            let mut q = ring.queue(true);
+            let host = Sink::new(syscall);
+            let stats = QueueStats::default();
+            let mut scratch = TxScratch::new();
+            let opts = TxOptions {
+                hdr_len: HDR,
+                budget: BUDGET,
+            };
+            let per_call = posted.min(BUDGET);
+            g.throughput(Throughput::Elements(per_call as u64));
+            g.bench_function(BenchmarkId::new(host_name, size), |b| {
+                b.iter(|| {
+                    let out = process_tx(&mut q, &mem, &host, &stats, &mut scratch, &opts);
+                    debug_assert_eq!(out.frames, per_call);
+                    ring.recycle(&mem);
+                    out
+                })
+            });
+            let s = stats.snapshot();
+            assert_eq!(
+                s.tx_drop_bad_chain + s.tx_drop_too_big + s.tx_drop_host_error,
+                0
+            );
+        }
+    }
+    g.finish();
+}
+
+/// One RX layout: name, MRG_RXBUF, max frame length, buffer length, descriptors per chain,
+/// queue size, and the frame sizes it takes.
+struct RxCase {
+    name: &'static str,
+    mrg: bool,
+    max_frame: usize,
+    buf_len: u32,
+    descs: usize,
+    qsize: u16,
+    sizes: &'static [usize],
+}
+
+const RX_CASES: [RxCase; 4] = [
+    RxCase {
+        name: "nomrg",
+        mrg: false,
+        max_frame: HDR + 1518,
+        buf_len: (HDR + 1518) as u32,
+        descs: 1,
+        qsize: 256,
+        sizes: &[64, 1500],
+    },
+    RxCase {
+        name: "nomrg_big",
+        mrg: false,
+        max_frame: HDR + MAX_GSO_FRAME_LEN,
+        buf_len: 4096,
+        descs: 17,
+        qsize: 1024,
+        sizes: &[64, 1500, 65536],
+    },
+    RxCase {
+        name: "mrg",
+        mrg: true,
+        max_frame: HDR + 1518,
+        buf_len: 1536,
+        descs: 1,
+        qsize: 256,
+        sizes: &[64, 1500],
+    },
+    RxCase {
+        name: "mrg_gso",
+        mrg: true,
+        max_frame: HDR + MAX_GSO_FRAME_LEN,
+        buf_len: 1536,
+        descs: 1,
+        qsize: 1024,
+        sizes: &[64, 1500, 65536],
+    },
+];
+
+fn bench_rx(c: &mut Criterion<ThreadCpu>) {
+    let mut g = c.benchmark_group("rx");
+    for case in &RX_CASES {
+        for syscall in [false, true] {
+            let host_name = if syscall { "devzero" } else { "null" };
+            for &size in case.sizes {
+                let mem = guest();
+                let mut ring = Ring::new(&mem, 0, case.qsize);
+                layout::fill_rx(&mem, &mut ring, DATA, case.buf_len, case.descs, usize::MAX);
+                let mut q = ring.queue(true);
+                let host = Source::new(pattern_frame(HDR, size, 9), syscall);
+                let stats = QueueStats::default();
+                let mut scratch = RxScratch::new();
+                let opts = RxOptions {
+                    hdr_len: HDR,
+                    mrg_rxbuf: case.mrg,
+                    max_frame_len: case.max_frame,
+                    budget: BUDGET,
+                };
+                // Warm up and learn how many frames one call moves in steady state.
+                let mut per_call = 0;
+                for _ in 0..4 {
+                    per_call = process_rx(&mut q, &mem, &host, &stats, &mut scratch, &opts).frames;
+                    ring.recycle(&mem);
+                }
+                assert!(per_call > 0, "{} {size}: no frame per call", case.name);
+                g.throughput(Throughput::Elements(per_call as u64));
+                let id = BenchmarkId::new(format!("{}/{host_name}", case.name), size);
+                g.bench_function(id, |b| {
+                    b.iter(|| {
+                        let out = process_rx(&mut q, &mem, &host, &stats, &mut scratch, &opts);
+                        debug_assert_eq!(out.frames, per_call);
+                        ring.recycle(&mem);
+                        out
+                    })
+                });
+                let s = stats.snapshot();
+                assert_eq!(
+                    s.rx_drop_bad_chain + s.rx_drop_buffer_too_small + s.rx_drop_host_error,
+                    0
+                );
+            }
+        }
+    }
+    g.finish();
+}
+
+criterion_group! {
+    name = benches;
+    config = Criterion::default()
+        .with_measurement(measurement())
+        .warm_up_time(Duration::from_millis(500))
+        .measurement_time(Duration::from_secs(2));
+    targets = bench_tx, bench_rx
+}
+criterion_main!(benches);

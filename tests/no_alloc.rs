@@ -1,0 +1,253 @@
+//! No heap allocation per frame in steady state: a counting global allocator watches
+//! `process_tx` / `process_rx` move 10,000 frames each way (after a warm-up that lets the
+//! scratch buffers reach their working size) and must see zero allocations.
+//!
+//! Only allocations made on the test's own thread while the datapath runs are counted (a
+//! thread-local switch), so the harness and the guest/host stand-ins around the calls do not
+//! count. Runs without root and without features.
+
+#[path = "../benches/support/ring.rs"]
+mod ring;
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::cell::Cell;
+use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixDatagram;
+
+use macvhost::datapath::iovec::{readv_fd, writev_fd};
+use macvhost::datapath::vnet::{MAX_GSO_FRAME_LEN, VNET_HDR_LEN_V1};
+use macvhost::datapath::{
+    process_rx, process_tx, HostQueue, IoVecBuf, QueueStats, RxOptions, RxScratch, TxOptions,
+    TxScratch,
+};
+use ring::{layout, Ring};
+use vm_memory::{GuestAddress, GuestMemoryMmap};
+
+struct Counting;
+
+thread_local! {
+    /// Counting is on for this thread.
+    static COUNTING: Cell<bool> = const { Cell::new(false) };
+    /// Allocations this thread made while counting (tests run on parallel threads).
+    static ALLOCS: Cell<usize> = const { Cell::new(0) };
+}
+
+fn note() {
+    // `try_with`: the allocator may run while thread-locals are being torn down.
+    if COUNTING.try_with(Cell::get).unwrap_or(false) {
+        let _ = ALLOCS.try_with(|a| a.set(a.get() + 1));
+    }
+}
+
+// SAFETY: every call is forwarded unchanged to the system allocator; counting has no effect on
+// the memory handed out.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        note();
+        // SAFETY: forwarded with the caller's guarantees.
+        unsafe { System.alloc(layout) }
+    }
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        note();
+        // SAFETY: forwarded with the caller's guarantees.
+        unsafe { System.alloc_zeroed(layout) }
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        note();
+        // SAFETY: forwarded with the caller's guarantees.
+        unsafe { System.realloc(ptr, layout, new_size) }
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        // SAFETY: forwarded with the caller's guarantees.
+        unsafe { System.dealloc(ptr, layout) }
+    }
+}
+
+#[global_allocator]
+static GLOBAL: Counting = Counting;
+
+/// Runs `f` with allocation counting on; returns its result and the allocations it made.
+fn counted<T>(f: impl FnOnce() -> T) -> (T, usize) {
+    let before = ALLOCS.with(Cell::get);
+    COUNTING.with(|c| c.set(true));
+    let r = f();
+    COUNTING.with(|c| c.set(false));
+    (r, ALLOCS.with(Cell::get) - before)
+}
+
+const HDR: usize = VNET_HDR_LEN_V1;
+const FRAMES: usize = 10_000;
+const WARMUP: usize = 1_000;
+const BUDGET: usize = 64;
+const DATA: u64 = 1 << 20;
+
+/// A host queue over a datagram socketpair (frame boundaries like a tap fd).
+struct Host {
+    dev: UnixDatagram,
+    peer: UnixDatagram,
+}
+
+impl Host {
+    fn new() -> Host {
+        let (dev, peer) = UnixDatagram::pair().unwrap();
+        dev.set_nonblocking(true).unwrap();
+        peer.set_nonblocking(true).unwrap();
+        Host { dev, peer }
+    }
+}
+
+impl AsRawFd for Host {
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        self.dev.as_raw_fd()
+    }
+}
+
+impl HostQueue for Host {
+    fn send_frame(&self, frame: &IoVecBuf<'_>) -> std::io::Result<usize> {
+        writev_fd(self.dev.as_raw_fd(), frame)
+    }
+    fn recv_frame(&self, bufs: &IoVecBuf<'_>) -> std::io::Result<usize> {
+        readv_fd(self.dev.as_raw_fd(), bufs)
+    }
+}
+
+fn memory() -> GuestMemoryMmap {
+    // Two adjacent regions, so some buffers straddle a boundary and take two iovecs.
+    GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 8 << 20), (GuestAddress(8 << 20), 8 << 20)])
+        .unwrap()
+}
+
+fn frame(len: usize, seed: u8) -> Vec<u8> {
+    (0..HDR + len)
+        .map(|i| (i as u8).wrapping_mul(13).wrapping_add(seed))
+        .collect()
+}
+
+#[test]
+fn tx_allocates_nothing_per_frame() {
+    for size in [64, 1500, 65536] {
+        let mem = memory();
+        let mut ring = Ring::new(&mem, 0, 256);
+        layout::fill_tx(&mem, &mut ring, DATA, HDR, &frame(size, 1), 256);
+        let mut q = ring.queue(true);
+        let host = Host::new();
+        let stats = QueueStats::default();
+        let mut scratch = TxScratch::new();
+        let opts = TxOptions {
+            hdr_len: HDR,
+            budget: BUDGET,
+        };
+        let mut sink = vec![0u8; 1 << 17];
+        let (mut sent, mut allocs) = (0, 0);
+        while sent < WARMUP + FRAMES {
+            let (out, n) = counted(|| process_tx(&mut q, &mem, &host, &stats, &mut scratch, &opts));
+            assert!(out.frames > 0 && !out.broken, "{out:?}");
+            if sent >= WARMUP {
+                allocs += n;
+            }
+            sent += out.frames;
+            for _ in 0..out.frames {
+                assert_eq!(host.peer.recv(&mut sink).unwrap(), HDR + size);
+            }
+            ring.recycle(&mem);
+        }
+        assert_eq!(
+            allocs, 0,
+            "TX {size} B: {allocs} allocations over {FRAMES} frames"
+        );
+        assert_eq!(stats.snapshot().tx_frames, sent as u64);
+    }
+}
+
+/// (name, MRG_RXBUF, max frame, buffer length, descriptors per chain, queue size, sizes)
+type RxCase = (&'static str, bool, usize, u32, usize, u16, &'static [usize]);
+
+#[test]
+fn rx_allocates_nothing_per_frame() {
+    let cases: [RxCase; 4] = [
+        (
+            "nomrg",
+            false,
+            HDR + 1518,
+            (HDR + 1518) as u32,
+            1,
+            256,
+            &[64, 1500],
+        ),
+        (
+            "nomrg_big",
+            false,
+            HDR + MAX_GSO_FRAME_LEN,
+            4096,
+            17,
+            1024,
+            &[64, 65536],
+        ),
+        ("mrg", true, HDR + 1518, 1536, 1, 256, &[64, 1500]),
+        (
+            "mrg_gso",
+            true,
+            HDR + MAX_GSO_FRAME_LEN,
+            1536,
+            1,
+            1024,
+            &[64, 1500, 65536],
+        ),
+    ];
+    for (name, mrg, max_frame, buf_len, descs, qsize, sizes) in cases {
+        for &size in sizes {
+            let mem = memory();
+            let mut ring = Ring::new(&mem, 0, qsize);
+            layout::fill_rx(&mem, &mut ring, DATA, buf_len, descs, usize::MAX);
+            let mut q = ring.queue(true);
+            let host = Host::new();
+            // Enough room in the socket for a batch of 64 KiB datagrams.
+            nix::sys::socket::setsockopt(&host.peer, nix::sys::socket::sockopt::SndBuf, &(8 << 20))
+                .unwrap();
+            let stats = QueueStats::default();
+            let mut scratch = RxScratch::new();
+            let opts = RxOptions {
+                hdr_len: HDR,
+                mrg_rxbuf: mrg,
+                max_frame_len: max_frame,
+                budget: BUDGET,
+            };
+            let f = frame(size, 2);
+            let (mut got, mut allocs) = (0, 0);
+            while got < WARMUP + FRAMES {
+                for _ in 0..BUDGET {
+                    host.peer.send(&f).unwrap();
+                }
+                let mut left = BUDGET;
+                while left > 0 {
+                    let (out, n) =
+                        counted(|| process_rx(&mut q, &mem, &host, &stats, &mut scratch, &opts));
+                    assert!(!out.broken && out.host_error.is_none(), "{out:?}");
+                    if got >= WARMUP {
+                        allocs += n;
+                    }
+                    got += out.frames;
+                    left -= out.frames;
+                    ring.recycle(&mem);
+                }
+            }
+            assert_eq!(
+                allocs, 0,
+                "RX {name} {size} B: {allocs} allocations over {FRAMES} frames"
+            );
+            let s = stats.snapshot();
+            assert_eq!(s.rx_frames, got as u64);
+            assert_eq!(
+                s.rx_drop_bad_chain + s.rx_drop_buffer_too_small + s.rx_drop_host_error,
+                0
+            );
+        }
+    }
+}
+
+#[test]
+fn the_counter_sees_an_allocation() {
+    let (v, n) = counted(|| std::hint::black_box(vec![1u8; 100]));
+    assert_eq!(v.len(), 100);
+    assert_eq!(n, 1);
+}

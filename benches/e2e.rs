@@ -76,7 +76,7 @@ struct Opts {
     queues: Vec<u16>,
     sizes: Vec<usize>,
     modes: Vec<String>,
-    /// (name, extra macvhost args)
+    /// (name, extra macvhost args; a first argument `@PATH` names another binary)
     variants: Vec<(String, Vec<String>)>,
     rss_queues: u16,
     nice: i32,
@@ -95,7 +95,8 @@ cargo bench --bench e2e -- [OPTIONS]
   --sizes LIST        Ethernet frame sizes, e.g. 64,1500,9000 (default all three; 9000 uses MTU 9000)
   --modes LIST        tx,rx,macswap (default all)
   --variant NAME=ARGS an extra macvhost row with these extra arguments (space separated),
-                      e.g. --variant 'poll50=--poll-us 50'; repeatable
+                      e.g. --variant 'poll50=--poll-us 50'; a first word @PATH runs
+                      another macvhost binary (e.g. a build of the previous commit); repeatable
   --rss-queues N      also report macvhost's RSS at N queue pairs (default 8; 0 = skip)
   --nice N            nice value for every benchmark process (default -20; 0 = unchanged)
   --out FILE          also write the markdown table to FILE (default target/e2e-bench.md)
@@ -901,7 +902,11 @@ fn start_macvhost_testpmd(ctx: &Ctx<'_>, tag: &str, extra: &[String]) -> Procs {
         .join(",");
     let q = ctx.queues.len().to_string();
     let mvh_log = dir.join(format!("{tag}.mvh.log"));
-    let mut cmd = Command::new(&ctx.opts.macvhost);
+    let (bin, extra) = match extra.first().and_then(|a| a.strip_prefix('@')) {
+        Some(path) => (PathBuf::from(path), &extra[1..]),
+        None => (ctx.opts.macvhost.clone(), extra),
+    };
+    let mut cmd = Command::new(bin);
     cmd.args(["--socket-path", sock.to_str().unwrap()])
         .args(["--tap-fd", &fdlist, "--queues", &q])
         .args(["--control-socket", ctl.to_str().unwrap()])

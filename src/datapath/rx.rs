@@ -64,6 +64,7 @@ use vm_memory::{GuestAddress, GuestMemory, Permissions};
 
 use super::stats::QueueStats;
 use super::tx::{errno_of, pop, Pop, MAX_SEGMENTS};
+use super::used::UsedBatch;
 use super::vnet::{
     has, rx_max_frame_len, vnet_hdr_len, NUM_BUFFERS_OFFSET, VIRTIO_NET_F_MRG_RXBUF,
     VNET_HDR_LEN_V1,
@@ -170,6 +171,7 @@ pub fn process_rx<M: GuestMemory, H: HostQueue>(
 ) -> RxOutcome {
     scratch.held.clear();
     scratch.segs.clear();
+    let used = UsedBatch::new(queue);
     let mut rx = Rx {
         queue,
         mem,
@@ -187,7 +189,7 @@ pub fn process_rx<M: GuestMemory, H: HostQueue>(
         win_slices: 0,
         win_descs: 0,
         work: 0,
-        used: 0,
+        used,
         recheck: false,
         out: RxOutcome::default(),
     };
@@ -229,7 +231,7 @@ struct Rx<'a, 'm, M: GuestMemory, H> {
     /// Descriptors held in the window, dead chains included.
     win_descs: usize,
     work: usize,
-    used: usize,
+    used: UsedBatch,
     /// Kicks were re-enabled and the guest's index said "more": the next gather must pop.
     recheck: bool,
     out: RxOutcome,
@@ -317,13 +319,14 @@ impl<'m, M: GuestMemory, H: HostQueue> Rx<'_, 'm, M, H> {
             let back = self.queue.next_avail().wrapping_sub(unused as u16);
             self.queue.set_next_avail(back);
         }
+        // One `used.idx` update and one notification decision for the whole batch.
+        if self.used.publish(self.queue, self.mem).is_err() {
+            out.broken = true;
+        }
         if out.broken {
             QueueStats::inc(&self.stats.queue_broken);
         }
-        if self.used > 0 {
-            // An unreadable used_event means a broken ring; notifying is the safe answer.
-            out.notify = self.queue.needs_notification(self.mem).unwrap_or(true);
-        }
+        out.notify = self.used.needs_notification(self.queue, self.mem);
         (out, self.iov)
     }
 
@@ -525,11 +528,14 @@ impl<'m, M: GuestMemory, H: HostQueue> Rx<'_, 'm, M, H> {
             let take = h.capacity.min(left);
             left -= take;
             // A chain never exceeds u32::MAX bytes (virtio-queue stops a longer one).
-            if self.queue.add_used(self.mem, h.head, take as u32).is_err() {
+            if self
+                .used
+                .add(self.queue, self.mem, h.head, take as u32)
+                .is_err()
+            {
                 self.out.broken = true;
                 return;
             }
-            self.used += 1;
             self.win_good -= 1;
             self.win_cap -= h.capacity;
             self.win_slices -= h.slices;
@@ -578,10 +584,8 @@ impl<'m, M: GuestMemory, H: HostQueue> Rx<'_, 'm, M, H> {
         if h.dead == Some(Dead::BadHead) {
             return;
         }
-        if self.queue.add_used(self.mem, h.head, 0).is_err() {
+        if self.used.add(self.queue, self.mem, h.head, 0).is_err() {
             self.out.broken = true;
-        } else {
-            self.used += 1;
         }
     }
 }

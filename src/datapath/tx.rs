@@ -50,6 +50,7 @@ use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
 use vm_memory::{GuestMemory, Permissions};
 
 use super::stats::QueueStats;
+use super::used::UsedBatch;
 use super::vnet::{tx_max_frame_len, vnet_hdr_len};
 use super::{HostQueue, IoVecBuf};
 
@@ -173,7 +174,7 @@ fn tx_batch<'m, M: GuestMemory, H: HostQueue>(
     let budget = opts.budget.max(1);
     let max_len = tx_max_frame_len(opts.hdr_len);
     let mut done = 0usize;
-    let mut used = 0usize;
+    let mut used = UsedBatch::new(queue);
 
     if queue.disable_notification(mem).is_err() {
         out.broken = true;
@@ -232,11 +233,10 @@ fn tx_batch<'m, M: GuestMemory, H: HostQueue>(
                     }
                 },
             }
-            if queue.add_used(mem, head, 0).is_err() {
+            if used.add(queue, mem, head, 0).is_err() {
                 out.broken = true;
                 break 'batch;
             }
-            used += 1;
         }
         if done >= budget {
             out.more = true;
@@ -256,13 +256,14 @@ fn tx_batch<'m, M: GuestMemory, H: HostQueue>(
     }
     iov.clear();
 
+    // One `used.idx` update and one notification decision for the whole batch.
+    if used.publish(queue, mem).is_err() {
+        out.broken = true;
+    }
     if out.broken {
         QueueStats::inc(&stats.queue_broken);
     }
-    if used > 0 {
-        // An unreadable used_event means a broken ring; notifying is the safe answer.
-        out.notify = queue.needs_notification(mem).unwrap_or(true);
-    }
+    out.notify = used.needs_notification(queue, mem);
     out
 }
 

@@ -518,6 +518,15 @@ impl<'m, M: GuestMemory, H: HostQueue> Rx<'_, 'm, M, H> {
             // The first live chain holds at least a header, so this lands in it.
             self.iov.write_at(NUM_BUFFERS_OFFSET, &nbuf.to_le_bytes());
         }
+        // The iovecs of the chains the frame used lead the list (dead chains have none); when
+        // the list covered the whole window, dropping them leaves the rest of the window ready
+        // for the next frame without translating its ranges again.
+        let complete = self.win_slices <= MAX_SEGMENTS;
+        let consumed: usize = self.held[self.front..end]
+            .iter()
+            .filter(|h| h.dead.is_none())
+            .map(|h| h.slices)
+            .sum();
         // The frame's used entries first, contiguous, then the dead chains it passed over.
         let mut left = n;
         for j in self.front..end {
@@ -554,7 +563,11 @@ impl<'m, M: GuestMemory, H: HostQueue> Rx<'_, 'm, M, H> {
             }
         }
         self.front = end;
-        self.iov_valid = false;
+        if complete {
+            self.iov.drain_front(consumed);
+        } else {
+            self.iov_valid = false;
+        }
         self.flush_front();
     }
 

@@ -287,12 +287,21 @@ fn outer(opts: &Opts) {
         libc::signal(libc::SIGTERM, libc::SIG_IGN);
     }
     let me = std::env::current_exe().expect("current exe");
-    let status = Command::new("ip")
-        .args(["netns", "exec", &ns])
+    let mut cmd = Command::new("ip");
+    cmd.args(["netns", "exec", &ns])
         .arg(me)
         .arg("__inside")
-        .args(opts.to_args())
-        .status();
+        .args(opts.to_args());
+    // SAFETY: only resets two signal dispositions (async-signal-safe) between fork and exec, so
+    // the inner run stops on Ctrl-C / SIGTERM while this process waits to clean up.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::signal(libc::SIGINT, libc::SIG_DFL);
+            libc::signal(libc::SIGTERM, libc::SIG_DFL);
+            Ok(())
+        });
+    }
+    let status = cmd.status();
     cleanup_netns(&ns);
     if let Some(n) = autogroup_before {
         let _ = fs::write("/proc/self/autogroup", n.to_string());
@@ -789,6 +798,8 @@ struct Procs {
     stdin: Option<std::process::ChildStdin>,
     tp_log: PathBuf,
     ctl: PathBuf,
+    /// testpmd's `--file-prefix` (its runtime directory under /var/run/dpdk).
+    prefix: String,
 }
 
 impl Procs {
@@ -965,6 +976,7 @@ fn start_macvhost_testpmd(ctx: &Ctx<'_>, tag: &str, extra: &[String]) -> Procs {
         stdin,
         tp_log,
         ctl,
+        prefix,
     };
     let ok = wait_until(Duration::from_secs(60), || {
         if let Ok(Some(st)) = p.testpmd.try_wait() {
@@ -1214,6 +1226,7 @@ fn run_macvhost(ctx: &Ctx<'_>, tag: &str, extra: &[String]) -> Sample {
         matches!(tp.try_wait(), Ok(Some(_)))
     });
     stop_child(&mut p.testpmd, libc::SIGINT, Duration::from_secs(20));
+    let _ = fs::remove_dir_all(format!("/var/run/dpdk/{}", p.prefix));
     let log = p.tp_text();
     stop_child(&mut p.macvhost, libc::SIGTERM, Duration::from_secs(10));
     if let Some(r) = &report {
@@ -1348,6 +1361,12 @@ fn inside(opts: &Opts) {
         .tempdir()
         .expect("tempdir");
     let dirp = dir.path().to_path_buf();
+    // Benchmark a private copy: a rebuild during the run must not change the binary mid-way.
+    let mut opts = opts.clone();
+    let copy = dirp.join("macvhost");
+    fs::copy(&opts.macvhost, &copy).expect("copy the macvhost binary");
+    opts.macvhost = copy;
+    let opts = &opts;
     // No IPv6 chatter on the test links.
     let _ = Command::new("sysctl")
         .args([

@@ -221,37 +221,59 @@ fn rx(fd: RawFd, batch: usize, peer: &str) -> (f64, f64, usize) {
         .collect();
     let mut ring = IoUring::new(256).expect("io_uring");
     let (t0, c0) = (Instant::now(), cpu_now());
+    let mut last = t0;
     let mut frames = 0u64;
     let mut workers = 0;
-    'drain: loop {
-        if batch == 0 {
-            // SAFETY: `iovs[0]` covers `bufs[0]`.
-            if unsafe { libc::readv(fd, &iovs[0], 1) } <= 0 {
+    if batch == 0 {
+        // SAFETY: `iovs[0]` covers `bufs[0]`.
+        while unsafe { libc::readv(fd, &iovs[0], 1) } > 0 {
+            frames += 1;
+        }
+        last = Instant::now();
+    } else {
+        // `batch` reads in flight, each resubmitted as it completes; a read on an empty queue
+        // waits (io_uring arms a poll), so the drain ends when nothing completes for 100 ms.
+        let submit = |ring: &mut IoUring, i: usize| {
+            let e = opcode::Readv::new(types::Fd(fd), &iovs[i], 1)
+                .build()
+                .user_data(i as u64);
+            // SAFETY: buffer `i` is owned by this request until its completion is reaped.
+            unsafe { ring.submission().push(&e).expect("sq full") };
+        };
+        for i in 0..batch {
+            submit(&mut ring, i);
+        }
+        let ts = types::Timespec::from(Duration::from_millis(100));
+        let args = types::SubmitArgs::new().timespec(&ts);
+        loop {
+            match ring.submitter().submit_with_args(1, &args) {
+                Ok(_) => {}
+                Err(e) if e.raw_os_error() == Some(libc::ETIME) => break,
+                Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
+                Err(e) => panic!("io_uring_enter: {e}"),
+            }
+            let done: Vec<(usize, i32)> = ring
+                .completion()
+                .map(|c| (c.user_data() as usize, c.result()))
+                .collect();
+            if done.is_empty() {
                 break;
             }
-            frames += 1;
-            continue;
-        }
-        for iov in iovs.iter().take(batch) {
-            let e = opcode::Readv::new(types::Fd(fd), iov, 1).build();
-            // SAFETY: each request has its own buffer, alive until its completion is reaped.
-            unsafe { ring.submission().push(&e).expect("sq full") };
-        }
-        ring.submit_and_wait(batch).expect("submit");
-        let mut empty = false;
-        for cqe in ring.completion() {
-            if cqe.result() > 0 {
-                frames += 1;
-            } else {
-                empty = true;
+            for (i, r) in done {
+                if r > 0 {
+                    frames += 1;
+                    last = Instant::now();
+                }
+                submit(&mut ring, i);
             }
+            workers = workers.max(iou_workers());
         }
-        workers = workers.max(iou_workers());
-        if empty {
-            break 'drain;
-        }
+        // Cancel the reads still waiting on the empty queue before the buffers go away.
+        let _ = ring
+            .submitter()
+            .register_sync_cancel(None, types::CancelBuilder::any());
     }
-    let (dt, cpu) = (t0.elapsed().as_secs_f64(), cpu_now() - c0);
+    let (dt, cpu) = (last.duration_since(t0).as_secs_f64(), cpu_now() - c0);
     // Leave the queue empty for the next method.
     let mut b = [0u8; 2048];
     // SAFETY: reads into `b`.

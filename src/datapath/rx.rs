@@ -59,11 +59,11 @@
 
 use std::io;
 
-use virtio_queue::{DescriptorChain, Queue, QueueT};
+use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
 use vm_memory::{GuestAddress, GuestMemory, Permissions};
 
 use super::stats::QueueStats;
-use super::tx::{errno_of, pop, Pop, MAX_SEGMENTS};
+use super::tx::{errno_of, Pop, MAX_SEGMENTS};
 use super::used::UsedBatch;
 use super::vnet::{
     has, rx_max_frame_len, vnet_hdr_len, NUM_BUFFERS_OFFSET, VIRTIO_NET_F_MRG_RXBUF,
@@ -192,6 +192,9 @@ pub fn process_rx<M: GuestMemory, H: HostQueue>(
         used,
         recheck: false,
         out: RxOutcome::default(),
+        ahead: std::array::from_fn(|_| None),
+        ahead_start: 0,
+        ahead_end: 0,
     };
     rx.run();
     let (out, mut iov) = rx.finish();
@@ -235,7 +238,15 @@ struct Rx<'a, 'm, M: GuestMemory, H> {
     /// Kicks were re-enabled and the guest's index said "more": the next gather must pop.
     recheck: bool,
     out: RxOutcome,
+    /// Chains popped ahead of the window with one read of the avail index
+    /// (`ahead[ahead_start..ahead_end]`), taken in avail order by [`Rx::next_chain`].
+    ahead: [Option<DescriptorChain<&'m M>>; POP_AHEAD],
+    ahead_start: usize,
+    ahead_end: usize,
 }
+
+/// Most chains popped per read of the avail index.
+const POP_AHEAD: usize = 64;
 
 impl<'m, M: GuestMemory, H: HostQueue> Rx<'_, 'm, M, H> {
     fn run(&mut self) {
@@ -313,7 +324,8 @@ impl<'m, M: GuestMemory, H: HostQueue> Rx<'_, 'm, M, H> {
     /// Gives the unused chains back, counts, and decides on the notification.
     fn finish(self) -> (RxOutcome, IoVecBuf<'m>) {
         let mut out = self.out;
-        let unused = self.held.len() - self.front;
+        // Held chains never used, then the ones popped ahead: the last ones popped, in order.
+        let unused = self.held.len() - self.front + (self.ahead_end - self.ahead_start);
         if unused > 0 {
             // `unused` <= queue size <= 32768 (see `gather`).
             let back = self.queue.next_avail().wrapping_sub(unused as u16);
@@ -353,7 +365,7 @@ impl<'m, M: GuestMemory, H: HostQueue> Rx<'_, 'm, M, H> {
             if self.held.len() - self.front >= usize::from(self.queue.size()) {
                 return Gather::Ready;
             }
-            match pop(self.queue, self.mem) {
+            match self.next_chain() {
                 Pop::Chain(c) => {
                     self.recheck = false;
                     self.hold(c);
@@ -377,6 +389,42 @@ impl<'m, M: GuestMemory, H: HostQueue> Rx<'_, 'm, M, H> {
             if self.out.broken {
                 return Gather::Stop;
             }
+        }
+    }
+
+    /// The next avail chain: from the chains popped ahead, or from a fresh batch (one read of the
+    /// avail index for up to [`POP_AHEAD`] chains, fewer when the window already holds many, so
+    /// that everything to give back at the end stays within the queue size).
+    fn next_chain(&mut self) -> Pop<DescriptorChain<&'m M>> {
+        if self.ahead_start == self.ahead_end {
+            self.ahead_start = 0;
+            self.ahead_end = 0;
+            let held = self.held.len() - self.front;
+            let want = POP_AHEAD.min(usize::from(self.queue.size()).saturating_sub(held));
+            match self.queue.iter(self.mem) {
+                Ok(mut it) => {
+                    while self.ahead_end < want.max(1) {
+                        match it.next() {
+                            Some(c) => {
+                                self.ahead[self.ahead_end] = Some(c);
+                                self.ahead_end += 1;
+                            }
+                            None => break,
+                        }
+                    }
+                }
+                Err(virtio_queue::Error::QueueNotReady) => return Pop::NotReady,
+                Err(_) => return Pop::Broken,
+            }
+            if self.ahead_end == 0 {
+                return Pop::Empty;
+            }
+        }
+        let c = self.ahead[self.ahead_start].take();
+        self.ahead_start += 1;
+        match c {
+            Some(c) => Pop::Chain(c),
+            None => Pop::Empty,
         }
     }
 

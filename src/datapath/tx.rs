@@ -121,28 +121,13 @@ enum TxDrop {
     TooBig,
 }
 
-/// One pop from the avail ring.
+/// One pop from the avail ring (`queue.iter` tells an empty ring from a broken one, which
+/// `pop_descriptor_chain` hides).
 pub(super) enum Pop<C> {
     Chain(C),
     Empty,
     NotReady,
     Broken,
-}
-
-/// Pops the next avail chain, telling an empty ring from a broken one (`pop_descriptor_chain`
-/// hides the difference).
-pub(super) fn pop<'m, M: GuestMemory>(
-    queue: &mut Queue,
-    mem: &'m M,
-) -> Pop<DescriptorChain<&'m M>> {
-    match queue.iter(mem) {
-        Ok(mut it) => match it.next() {
-            Some(c) => Pop::Chain(c),
-            None => Pop::Empty,
-        },
-        Err(virtio_queue::Error::QueueNotReady) => Pop::NotReady,
-        Err(_) => Pop::Broken,
-    }
 }
 
 /// The errno of a host error (`EIO` when the error carries none).

@@ -1023,6 +1023,9 @@ fn stop_child(c: &mut Child, sig: i32, timeout: Duration) {
 #[derive(Debug, Clone, Default)]
 struct Sample {
     mpps: f64,
+    /// Mean Ethernet bytes per frame by the kernel's byte counter (the frame size when the
+    /// kernel does not count the frames at that point).
+    frame_bytes: f64,
     cpu_per_mframe: f64,
     rss_kib: u64,
     anon_kib: u64,
@@ -1158,6 +1161,7 @@ fn run_limit(ctx: &Ctx<'_>) -> Sample {
         }
     }
     let reads = w.sent.clone();
+    let before = ctx.topo.counter(ctx.mode);
     let (mpps, cpu, frames) = if ctx.mode == "tx" {
         measure_window(ctx, &|| w.cpu())
     } else if ctx.topo.rx_counted_by_kernel() || ctx.mode == "macswap" {
@@ -1168,9 +1172,20 @@ fn run_limit(ctx: &Ctx<'_>) -> Sample {
     w.stop();
     Sample {
         mpps,
+        frame_bytes: frame_bytes(ctx, before),
         cpu_per_mframe: cpu / (frames / 1e6),
         ..Default::default()
     }
+}
+
+/// Mean bytes per frame counted by the kernel since `before` (frames, bytes), or the nominal
+/// size where the kernel's counter does not see the frames as they are read.
+fn frame_bytes(ctx: &Ctx<'_>, before: (u64, u64)) -> f64 {
+    let (f, b) = ctx.topo.counter(ctx.mode);
+    if f <= before.0 || (ctx.mode == "rx" && !ctx.topo.rx_counted_by_kernel()) {
+        return ctx.size as f64;
+    }
+    (b - before.1) as f64 / (f - before.0) as f64
 }
 
 /// Reads and discards whatever sits in the queues.
@@ -1204,6 +1219,7 @@ fn run_macvhost(ctx: &Ctx<'_>, tag: &str, extra: &[String]) -> Sample {
     }
     let pid = p.macvhost.id();
     let stat = format!("/proc/{pid}/stat");
+    let before = ctx.topo.counter(ctx.mode);
     let (mpps, cpu, frames) = if ctx.mode == "tx" {
         measure_window(ctx, &|| cpu_secs(&stat))
     } else if ctx.topo.rx_counted_by_kernel() || ctx.mode == "macswap" {
@@ -1213,6 +1229,7 @@ fn run_macvhost(ctx: &Ctx<'_>, tag: &str, extra: &[String]) -> Sample {
         // count of frames received instead.
         measure_drain(&mut || p.rx_packets_now(), &|| cpu_secs(&stat))
     };
+    let bytes_per_frame = frame_bytes(ctx, before);
     let (rss, anon) = rss_kib(pid);
     // Stop the frontend's forwarding, let what it queued come out, then count.
     p.stop_forwarding();
@@ -1237,6 +1254,7 @@ fn run_macvhost(ctx: &Ctx<'_>, tag: &str, extra: &[String]) -> Sample {
     }
     let mut s = Sample {
         mpps,
+        frame_bytes: bytes_per_frame,
         cpu_per_mframe: cpu / (frames / 1e6),
         rss_kib: rss,
         anon_kib: anon,
@@ -1279,6 +1297,16 @@ fn run_macvhost(ctx: &Ctx<'_>, tag: &str, extra: &[String]) -> Sample {
         s.note.push_str(" no macvhost stats");
     }
     s
+}
+
+/// A note when the kernel counted frames of another mean size than asked for.
+fn size_note(size: usize, seen: Vec<f64>) -> String {
+    let m = median(seen);
+    if (m - size as f64).abs() > size as f64 * 0.01 {
+        format!("kernel counted {m:.0} B/frame")
+    } else {
+        String::new()
+    }
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -1416,14 +1444,14 @@ fn inside(opts: &Opts) {
                         mode: mode.clone(),
                         who: "limit".into(),
                         mpps: median(lim.iter().map(|s| s.mpps).collect()),
-                        gbps: median(lim.iter().map(|s| s.mpps).collect()) * size as f64 * 8e-3,
+                        gbps: median(lim.iter().map(|s| s.mpps * s.frame_bytes * 8e-3).collect()),
                         ratio: f64::NAN,
                         cpu: median(lim.iter().map(|s| s.cpu_per_mframe).collect()),
                         rss_mib: 0.0,
                         drops: 0,
                         unaccounted: 0,
                         runs: lim.iter().map(|s| s.mpps).collect(),
-                        note: String::new(),
+                        note: size_note(size, lim.iter().map(|s| s.frame_bytes).collect()),
                     };
                     println!("{}", fmt_row(&lim_row));
                     rows.push(lim_row);
@@ -1431,9 +1459,11 @@ fn inside(opts: &Opts) {
                         let s = &mv[vi];
                         let ratios: Vec<f64> =
                             s.iter().zip(&lim).map(|(m, l)| m.mpps / l.mpps).collect();
+                        let size_seen = size_note(size, s.iter().map(|x| x.frame_bytes).collect());
                         let notes: Vec<&str> = s
                             .iter()
                             .map(|x| x.note.as_str())
+                            .chain(std::iter::once(size_seen.as_str()))
                             .filter(|n| !n.is_empty())
                             .collect();
                         let row = Row {
@@ -1443,7 +1473,7 @@ fn inside(opts: &Opts) {
                             mode: mode.clone(),
                             who: name.clone(),
                             mpps: median(s.iter().map(|x| x.mpps).collect()),
-                            gbps: median(s.iter().map(|x| x.mpps).collect()) * size as f64 * 8e-3,
+                            gbps: median(s.iter().map(|x| x.mpps * x.frame_bytes * 8e-3).collect()),
                             ratio: median(ratios),
                             cpu: median(s.iter().map(|x| x.cpu_per_mframe).collect()),
                             rss_mib: median(s.iter().map(|x| x.rss_kib as f64).collect()) / 1024.0,

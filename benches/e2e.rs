@@ -952,16 +952,20 @@ fn start_macvhost_testpmd(ctx: &Ctx<'_>, tag: &str, extra: &[String]) -> Procs {
         // Keep frames already in the RX ring when forwarding (re)starts: they are counted.
         "--no-flush-rx".into(),
         "--total-num-mbufs=16384".into(),
+    ];
+    if ctx.size > 1500 {
+        // Before --txpkts: testpmd checks the TX length against the mbuf size it knows so far
+        // (and silently keeps 64 B when it does not fit).
+        args.push("--mbuf-size=10240".into());
+        args.push(format!("--max-pkt-len={}", ctx.size + 18));
+    }
+    args.extend([
         format!("--forward-mode={}", forward_mode(ctx.mode)),
         format!("--txpkts={}", ctx.size),
         "--nb-cores=1".into(),
         format!("--rxq={q}"),
         format!("--txq={q}"),
-    ];
-    if ctx.size > 1500 {
-        args.push("--mbuf-size=10240".into());
-        args.push(format!("--max-pkt-len={}", ctx.size + 18));
-    }
+    ]);
     let tp_log = dir.join(format!("{tag}.testpmd.log"));
     // Line-buffered stdout (stdbuf), so answers to commands reach the log at once.
     let mut tcmd = Command::new("stdbuf");

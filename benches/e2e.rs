@@ -917,7 +917,15 @@ fn start_macvhost_testpmd(ctx: &Ctx<'_>, tag: &str, extra: &[String]) -> Procs {
         Some(path) => (PathBuf::from(path), &extra[1..]),
         None => (ctx.opts.macvhost.clone(), extra),
     };
+    // Arguments `env:NAME=VALUE` set an environment variable instead.
+    let (envs, extra): (Vec<&String>, Vec<&String>) =
+        extra.iter().partition(|a| a.starts_with("env:"));
     let mut cmd = Command::new(bin);
+    for e in envs {
+        if let Some((k, v)) = e["env:".len()..].split_once('=') {
+            cmd.env(k, v);
+        }
+    }
     cmd.args(["--socket-path", sock.to_str().unwrap()])
         .args(["--tap-fd", &fdlist, "--queues", &q])
         .args(["--control-socket", ctl.to_str().unwrap()])

@@ -76,7 +76,7 @@ struct Opts {
     queues: Vec<u16>,
     sizes: Vec<usize>,
     modes: Vec<String>,
-    /// (name, extra macvhost args)
+    /// (name, extra macvhost args; a first argument `@PATH` names another binary)
     variants: Vec<(String, Vec<String>)>,
     rss_queues: u16,
     nice: i32,
@@ -95,7 +95,8 @@ cargo bench --bench e2e -- [OPTIONS]
   --sizes LIST        Ethernet frame sizes, e.g. 64,1500,9000 (default all three; 9000 uses MTU 9000)
   --modes LIST        tx,rx,macswap (default all)
   --variant NAME=ARGS an extra macvhost row with these extra arguments (space separated),
-                      e.g. --variant 'poll50=--poll-us 50'; repeatable
+                      e.g. --variant 'poll50=--poll-us 50'; a first word @PATH runs
+                      another macvhost binary (e.g. a build of the previous commit); repeatable
   --rss-queues N      also report macvhost's RSS at N queue pairs (default 8; 0 = skip)
   --nice N            nice value for every benchmark process (default -20; 0 = unchanged)
   --out FILE          also write the markdown table to FILE (default target/e2e-bench.md)
@@ -286,12 +287,21 @@ fn outer(opts: &Opts) {
         libc::signal(libc::SIGTERM, libc::SIG_IGN);
     }
     let me = std::env::current_exe().expect("current exe");
-    let status = Command::new("ip")
-        .args(["netns", "exec", &ns])
+    let mut cmd = Command::new("ip");
+    cmd.args(["netns", "exec", &ns])
         .arg(me)
         .arg("__inside")
-        .args(opts.to_args())
-        .status();
+        .args(opts.to_args());
+    // SAFETY: only resets two signal dispositions (async-signal-safe) between fork and exec, so
+    // the inner run stops on Ctrl-C / SIGTERM while this process waits to clean up.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::signal(libc::SIGINT, libc::SIG_DFL);
+            libc::signal(libc::SIGTERM, libc::SIG_DFL);
+            Ok(())
+        });
+    }
+    let status = cmd.status();
     cleanup_netns(&ns);
     if let Some(n) = autogroup_before {
         let _ = fs::write("/proc/self/autogroup", n.to_string());
@@ -788,6 +798,8 @@ struct Procs {
     stdin: Option<std::process::ChildStdin>,
     tp_log: PathBuf,
     ctl: PathBuf,
+    /// testpmd's `--file-prefix` (its runtime directory under /var/run/dpdk).
+    prefix: String,
 }
 
 impl Procs {
@@ -901,7 +913,19 @@ fn start_macvhost_testpmd(ctx: &Ctx<'_>, tag: &str, extra: &[String]) -> Procs {
         .join(",");
     let q = ctx.queues.len().to_string();
     let mvh_log = dir.join(format!("{tag}.mvh.log"));
-    let mut cmd = Command::new(&ctx.opts.macvhost);
+    let (bin, extra) = match extra.first().and_then(|a| a.strip_prefix('@')) {
+        Some(path) => (PathBuf::from(path), &extra[1..]),
+        None => (ctx.opts.macvhost.clone(), extra),
+    };
+    // Arguments `env:NAME=VALUE` set an environment variable instead.
+    let (envs, extra): (Vec<&String>, Vec<&String>) =
+        extra.iter().partition(|a| a.starts_with("env:"));
+    let mut cmd = Command::new(bin);
+    for e in envs {
+        if let Some((k, v)) = e["env:".len()..].split_once('=') {
+            cmd.env(k, v);
+        }
+    }
     cmd.args(["--socket-path", sock.to_str().unwrap()])
         .args(["--tap-fd", &fdlist, "--queues", &q])
         .args(["--control-socket", ctl.to_str().unwrap()])
@@ -936,16 +960,20 @@ fn start_macvhost_testpmd(ctx: &Ctx<'_>, tag: &str, extra: &[String]) -> Procs {
         // Keep frames already in the RX ring when forwarding (re)starts: they are counted.
         "--no-flush-rx".into(),
         "--total-num-mbufs=16384".into(),
+    ];
+    if ctx.size > 1500 {
+        // Before --txpkts: testpmd checks the TX length against the mbuf size it knows so far
+        // (and silently keeps 64 B when it does not fit).
+        args.push("--mbuf-size=10240".into());
+        args.push(format!("--max-pkt-len={}", ctx.size + 18));
+    }
+    args.extend([
         format!("--forward-mode={}", forward_mode(ctx.mode)),
         format!("--txpkts={}", ctx.size),
         "--nb-cores=1".into(),
         format!("--rxq={q}"),
         format!("--txq={q}"),
-    ];
-    if ctx.size > 1500 {
-        args.push("--mbuf-size=10240".into());
-        args.push(format!("--max-pkt-len={}", ctx.size + 18));
-    }
+    ]);
     let tp_log = dir.join(format!("{tag}.testpmd.log"));
     // Line-buffered stdout (stdbuf), so answers to commands reach the log at once.
     let mut tcmd = Command::new("stdbuf");
@@ -960,6 +988,7 @@ fn start_macvhost_testpmd(ctx: &Ctx<'_>, tag: &str, extra: &[String]) -> Procs {
         stdin,
         tp_log,
         ctl,
+        prefix,
     };
     let ok = wait_until(Duration::from_secs(60), || {
         if let Ok(Some(st)) = p.testpmd.try_wait() {
@@ -1006,6 +1035,9 @@ fn stop_child(c: &mut Child, sig: i32, timeout: Duration) {
 #[derive(Debug, Clone, Default)]
 struct Sample {
     mpps: f64,
+    /// Mean Ethernet bytes per frame by the kernel's byte counter (the frame size when the
+    /// kernel does not count the frames at that point).
+    frame_bytes: f64,
     cpu_per_mframe: f64,
     rss_kib: u64,
     anon_kib: u64,
@@ -1141,6 +1173,7 @@ fn run_limit(ctx: &Ctx<'_>) -> Sample {
         }
     }
     let reads = w.sent.clone();
+    let before = ctx.topo.counter(ctx.mode);
     let (mpps, cpu, frames) = if ctx.mode == "tx" {
         measure_window(ctx, &|| w.cpu())
     } else if ctx.topo.rx_counted_by_kernel() || ctx.mode == "macswap" {
@@ -1151,9 +1184,20 @@ fn run_limit(ctx: &Ctx<'_>) -> Sample {
     w.stop();
     Sample {
         mpps,
+        frame_bytes: frame_bytes(ctx, before),
         cpu_per_mframe: cpu / (frames / 1e6),
         ..Default::default()
     }
+}
+
+/// Mean bytes per frame counted by the kernel since `before` (frames, bytes), or the nominal
+/// size where the kernel's counter does not see the frames as they are read.
+fn frame_bytes(ctx: &Ctx<'_>, before: (u64, u64)) -> f64 {
+    let (f, b) = ctx.topo.counter(ctx.mode);
+    if f <= before.0 || (ctx.mode == "rx" && !ctx.topo.rx_counted_by_kernel()) {
+        return ctx.size as f64;
+    }
+    (b - before.1) as f64 / (f - before.0) as f64
 }
 
 /// Reads and discards whatever sits in the queues.
@@ -1187,6 +1231,7 @@ fn run_macvhost(ctx: &Ctx<'_>, tag: &str, extra: &[String]) -> Sample {
     }
     let pid = p.macvhost.id();
     let stat = format!("/proc/{pid}/stat");
+    let before = ctx.topo.counter(ctx.mode);
     let (mpps, cpu, frames) = if ctx.mode == "tx" {
         measure_window(ctx, &|| cpu_secs(&stat))
     } else if ctx.topo.rx_counted_by_kernel() || ctx.mode == "macswap" {
@@ -1196,6 +1241,7 @@ fn run_macvhost(ctx: &Ctx<'_>, tag: &str, extra: &[String]) -> Sample {
         // count of frames received instead.
         measure_drain(&mut || p.rx_packets_now(), &|| cpu_secs(&stat))
     };
+    let bytes_per_frame = frame_bytes(ctx, before);
     let (rss, anon) = rss_kib(pid);
     // Stop the frontend's forwarding, let what it queued come out, then count.
     p.stop_forwarding();
@@ -1209,6 +1255,7 @@ fn run_macvhost(ctx: &Ctx<'_>, tag: &str, extra: &[String]) -> Sample {
         matches!(tp.try_wait(), Ok(Some(_)))
     });
     stop_child(&mut p.testpmd, libc::SIGINT, Duration::from_secs(20));
+    let _ = fs::remove_dir_all(format!("/var/run/dpdk/{}", p.prefix));
     let log = p.tp_text();
     stop_child(&mut p.macvhost, libc::SIGTERM, Duration::from_secs(10));
     if let Some(r) = &report {
@@ -1219,6 +1266,7 @@ fn run_macvhost(ctx: &Ctx<'_>, tag: &str, extra: &[String]) -> Sample {
     }
     let mut s = Sample {
         mpps,
+        frame_bytes: bytes_per_frame,
         cpu_per_mframe: cpu / (frames / 1e6),
         rss_kib: rss,
         anon_kib: anon,
@@ -1261,6 +1309,16 @@ fn run_macvhost(ctx: &Ctx<'_>, tag: &str, extra: &[String]) -> Sample {
         s.note.push_str(" no macvhost stats");
     }
     s
+}
+
+/// A note when the kernel counted frames of another mean size than asked for.
+fn size_note(size: usize, seen: Vec<f64>) -> String {
+    let m = median(seen);
+    if (m - size as f64).abs() > size as f64 * 0.01 {
+        format!("kernel counted {m:.0} B/frame")
+    } else {
+        String::new()
+    }
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -1343,6 +1401,12 @@ fn inside(opts: &Opts) {
         .tempdir()
         .expect("tempdir");
     let dirp = dir.path().to_path_buf();
+    // Benchmark a private copy: a rebuild during the run must not change the binary mid-way.
+    let mut opts = opts.clone();
+    let copy = dirp.join("macvhost");
+    fs::copy(&opts.macvhost, &copy).expect("copy the macvhost binary");
+    opts.macvhost = copy;
+    let opts = &opts;
     // No IPv6 chatter on the test links.
     let _ = Command::new("sysctl")
         .args([
@@ -1392,14 +1456,14 @@ fn inside(opts: &Opts) {
                         mode: mode.clone(),
                         who: "limit".into(),
                         mpps: median(lim.iter().map(|s| s.mpps).collect()),
-                        gbps: median(lim.iter().map(|s| s.mpps).collect()) * size as f64 * 8e-3,
+                        gbps: median(lim.iter().map(|s| s.mpps * s.frame_bytes * 8e-3).collect()),
                         ratio: f64::NAN,
                         cpu: median(lim.iter().map(|s| s.cpu_per_mframe).collect()),
                         rss_mib: 0.0,
                         drops: 0,
                         unaccounted: 0,
                         runs: lim.iter().map(|s| s.mpps).collect(),
-                        note: String::new(),
+                        note: size_note(size, lim.iter().map(|s| s.frame_bytes).collect()),
                     };
                     println!("{}", fmt_row(&lim_row));
                     rows.push(lim_row);
@@ -1407,9 +1471,11 @@ fn inside(opts: &Opts) {
                         let s = &mv[vi];
                         let ratios: Vec<f64> =
                             s.iter().zip(&lim).map(|(m, l)| m.mpps / l.mpps).collect();
+                        let size_seen = size_note(size, s.iter().map(|x| x.frame_bytes).collect());
                         let notes: Vec<&str> = s
                             .iter()
                             .map(|x| x.note.as_str())
+                            .chain(std::iter::once(size_seen.as_str()))
                             .filter(|n| !n.is_empty())
                             .collect();
                         let row = Row {
@@ -1419,7 +1485,7 @@ fn inside(opts: &Opts) {
                             mode: mode.clone(),
                             who: name.clone(),
                             mpps: median(s.iter().map(|x| x.mpps).collect()),
-                            gbps: median(s.iter().map(|x| x.mpps).collect()) * size as f64 * 8e-3,
+                            gbps: median(s.iter().map(|x| x.mpps * x.frame_bytes * 8e-3).collect()),
                             ratio: median(ratios),
                             cpu: median(s.iter().map(|x| x.cpu_per_mframe).collect()),
                             rss_mib: median(s.iter().map(|x| x.rss_kib as f64).collect()) / 1024.0,

@@ -14,7 +14,7 @@
 
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -116,6 +116,35 @@ const RX_RECHECK_NS: u64 = 200_000_000;
 
 /// Chains handled per direction before the other direction gets a turn.
 pub const BATCH: usize = 64;
+
+/// TX through io_uring (the `--io-uring` runtime option): one `io_uring_enter` per batch of
+/// frames instead of one `writev` per frame. Set once at start-up, before serving.
+static TX_IO_URING: AtomicBool = AtomicBool::new(false);
+
+/// Turns the io_uring TX path on or off for queue pairs created from now on.
+pub fn set_tx_io_uring(on: bool) {
+    TX_IO_URING.store(on, Ordering::Relaxed);
+}
+
+/// Whether new queue pairs write TX frames through io_uring (`set_tx_io_uring`, or the
+/// environment variable `MACVHOST_IO_URING=1`).
+pub fn tx_io_uring() -> bool {
+    TX_IO_URING.load(Ordering::Relaxed)
+        || std::env::var_os("MACVHOST_IO_URING").is_some_and(|v| v == "1")
+}
+
+fn new_tx_scratch(index: usize) -> TxScratch {
+    if tx_io_uring() {
+        match TxScratch::with_io_uring() {
+            Ok(s) => return s,
+            Err(e) => tracing::warn!(
+                queue_pair = index,
+                "io_uring unavailable ({e}); TX uses one writev per frame"
+            ),
+        }
+    }
+    TxScratch::default()
+}
 
 /// What the acked features mean for one queue pair's datapath.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -223,7 +252,7 @@ impl<Q: QueueControl> PairWorker<Q> {
                 epoll: None,
                 mem: None,
                 settings: PairSettings::from_features(0, mtu),
-                tx_scratch: TxScratch::default(),
+                tx_scratch: new_tx_scratch(index),
                 rx_scratch: RxScratch::default(),
                 active: false,
                 rx_watch: false,

@@ -125,6 +125,19 @@ fn frame(len: usize, seed: u8) -> Vec<u8> {
 
 #[test]
 fn tx_allocates_nothing_per_frame() {
+    tx_no_alloc(TxScratch::new);
+}
+
+#[test]
+fn tx_through_io_uring_allocates_nothing_per_frame() {
+    if let Err(e) = TxScratch::with_io_uring() {
+        println!("skipped: io_uring unavailable: {e}");
+        return;
+    }
+    tx_no_alloc(|| TxScratch::with_io_uring().unwrap());
+}
+
+fn tx_no_alloc(new_scratch: impl Fn() -> TxScratch) {
     for size in [64, 1500, 65536] {
         let mem = memory();
         let mut ring = Ring::new(&mem, 0, 256);
@@ -132,7 +145,7 @@ fn tx_allocates_nothing_per_frame() {
         let mut q = ring.queue(true);
         let host = Host::new();
         let stats = QueueStats::default();
-        let mut scratch = TxScratch::new();
+        let mut scratch = new_scratch();
         let opts = TxOptions {
             hdr_len: HDR,
             budget: BUDGET,
@@ -155,7 +168,9 @@ fn tx_allocates_nothing_per_frame() {
             allocs, 0,
             "TX {size} B: {allocs} allocations over {FRAMES} frames"
         );
-        assert_eq!(stats.snapshot().tx_frames, sent as u64);
+        let s = stats.snapshot();
+        assert_eq!(s.tx_frames, sent as u64);
+        assert_eq!(s.tx_drop_host_error + s.tx_drop_bad_chain, 0, "{s:?}");
     }
 }
 

@@ -106,6 +106,16 @@ impl<'m> IoVecBuf<'m> {
         self.total = len.min(self.total);
     }
 
+    /// Removes the first `n` segments (all of them when `n` is larger), keeping the allocation.
+    /// The RX path uses it to drop the chains a frame consumed from a window's list instead of
+    /// translating the rest of the window again.
+    pub fn drain_front(&mut self, n: usize) {
+        let n = n.min(self.iovs.len());
+        let gone: usize = self.iovs[..n].iter().map(|v| v.iov_len).sum();
+        self.iovs.drain(..n);
+        self.total -= gone;
+    }
+
     /// Copies `src` into the list's bytes starting at byte `offset`. Returns how many bytes fit.
     /// Used for the few fields the backend itself writes (the RX header's `num_buffers`).
     pub fn write_at(&self, mut offset: usize, src: &[u8]) -> usize {
@@ -241,6 +251,25 @@ mod tests {
         assert_eq!(buf.len(), 2);
         assert_eq!(buf.as_iovecs()[1].iov_len, 4);
         assert_eq!(buf.total_len(), 20);
+    }
+
+    #[test]
+    fn drain_front_drops_leading_segments() {
+        let m = mem();
+        let mut buf = IoVecBuf::with_capacity(4);
+        buf.push(&m.get_slice(GuestAddress(0x10), 8).unwrap());
+        buf.push(&m.get_slice(GuestAddress(0x100), 16).unwrap());
+        buf.push(&m.get_slice(GuestAddress(0x200), 32).unwrap());
+        m.write_slice(&[9u8; 16], GuestAddress(0x100)).unwrap();
+        buf.drain_front(1);
+        assert_eq!(buf.len(), 2);
+        assert_eq!(buf.total_len(), 48);
+        let mut out = [0u8; 4];
+        assert_eq!(buf.read_at(0, &mut out), 4);
+        assert_eq!(out, [9u8; 4]);
+        buf.drain_front(5);
+        assert!(buf.is_empty());
+        assert_eq!(buf.total_len(), 0);
     }
 
     #[test]

@@ -17,6 +17,8 @@ pub mod stats;
 #[cfg(any(test, feature = "test-utils"))]
 pub mod testutil;
 pub mod tx;
+pub mod uring;
+mod used;
 pub mod vnet;
 
 use std::io;

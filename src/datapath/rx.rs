@@ -59,11 +59,12 @@
 
 use std::io;
 
-use virtio_queue::{DescriptorChain, Queue, QueueT};
+use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
 use vm_memory::{GuestAddress, GuestMemory, Permissions};
 
 use super::stats::QueueStats;
-use super::tx::{errno_of, pop, Pop, MAX_SEGMENTS};
+use super::tx::{errno_of, Pop, MAX_SEGMENTS};
+use super::used::UsedBatch;
 use super::vnet::{
     has, rx_max_frame_len, vnet_hdr_len, NUM_BUFFERS_OFFSET, VIRTIO_NET_F_MRG_RXBUF,
     VNET_HDR_LEN_V1,
@@ -170,6 +171,7 @@ pub fn process_rx<M: GuestMemory, H: HostQueue>(
 ) -> RxOutcome {
     scratch.held.clear();
     scratch.segs.clear();
+    let used = UsedBatch::new(queue);
     let mut rx = Rx {
         queue,
         mem,
@@ -187,9 +189,12 @@ pub fn process_rx<M: GuestMemory, H: HostQueue>(
         win_slices: 0,
         win_descs: 0,
         work: 0,
-        used: 0,
+        used,
         recheck: false,
         out: RxOutcome::default(),
+        ahead: std::array::from_fn(|_| None),
+        ahead_start: 0,
+        ahead_end: 0,
     };
     rx.run();
     let (out, mut iov) = rx.finish();
@@ -229,11 +234,19 @@ struct Rx<'a, 'm, M: GuestMemory, H> {
     /// Descriptors held in the window, dead chains included.
     win_descs: usize,
     work: usize,
-    used: usize,
+    used: UsedBatch,
     /// Kicks were re-enabled and the guest's index said "more": the next gather must pop.
     recheck: bool,
     out: RxOutcome,
+    /// Chains popped ahead of the window with one read of the avail index
+    /// (`ahead[ahead_start..ahead_end]`), taken in avail order by [`Rx::next_chain`].
+    ahead: [Option<DescriptorChain<&'m M>>; POP_AHEAD],
+    ahead_start: usize,
+    ahead_end: usize,
 }
+
+/// Most chains popped per read of the avail index.
+const POP_AHEAD: usize = 64;
 
 impl<'m, M: GuestMemory, H: HostQueue> Rx<'_, 'm, M, H> {
     fn run(&mut self) {
@@ -311,19 +324,21 @@ impl<'m, M: GuestMemory, H: HostQueue> Rx<'_, 'm, M, H> {
     /// Gives the unused chains back, counts, and decides on the notification.
     fn finish(self) -> (RxOutcome, IoVecBuf<'m>) {
         let mut out = self.out;
-        let unused = self.held.len() - self.front;
+        // Held chains never used, then the ones popped ahead: the last ones popped, in order.
+        let unused = self.held.len() - self.front + (self.ahead_end - self.ahead_start);
         if unused > 0 {
             // `unused` <= queue size <= 32768 (see `gather`).
             let back = self.queue.next_avail().wrapping_sub(unused as u16);
             self.queue.set_next_avail(back);
         }
+        // One `used.idx` update and one notification decision for the whole batch.
+        if self.used.publish(self.queue, self.mem).is_err() {
+            out.broken = true;
+        }
         if out.broken {
             QueueStats::inc(&self.stats.queue_broken);
         }
-        if self.used > 0 {
-            // An unreadable used_event means a broken ring; notifying is the safe answer.
-            out.notify = self.queue.needs_notification(self.mem).unwrap_or(true);
-        }
+        out.notify = self.used.needs_notification(self.queue, self.mem);
         (out, self.iov)
     }
 
@@ -350,7 +365,7 @@ impl<'m, M: GuestMemory, H: HostQueue> Rx<'_, 'm, M, H> {
             if self.held.len() - self.front >= usize::from(self.queue.size()) {
                 return Gather::Ready;
             }
-            match pop(self.queue, self.mem) {
+            match self.next_chain() {
                 Pop::Chain(c) => {
                     self.recheck = false;
                     self.hold(c);
@@ -374,6 +389,42 @@ impl<'m, M: GuestMemory, H: HostQueue> Rx<'_, 'm, M, H> {
             if self.out.broken {
                 return Gather::Stop;
             }
+        }
+    }
+
+    /// The next avail chain: from the chains popped ahead, or from a fresh batch (one read of the
+    /// avail index for up to [`POP_AHEAD`] chains, fewer when the window already holds many, so
+    /// that everything to give back at the end stays within the queue size).
+    fn next_chain(&mut self) -> Pop<DescriptorChain<&'m M>> {
+        if self.ahead_start == self.ahead_end {
+            self.ahead_start = 0;
+            self.ahead_end = 0;
+            let held = self.held.len() - self.front;
+            let want = POP_AHEAD.min(usize::from(self.queue.size()).saturating_sub(held));
+            match self.queue.iter(self.mem) {
+                Ok(mut it) => {
+                    while self.ahead_end < want.max(1) {
+                        match it.next() {
+                            Some(c) => {
+                                self.ahead[self.ahead_end] = Some(c);
+                                self.ahead_end += 1;
+                            }
+                            None => break,
+                        }
+                    }
+                }
+                Err(virtio_queue::Error::QueueNotReady) => return Pop::NotReady,
+                Err(_) => return Pop::Broken,
+            }
+            if self.ahead_end == 0 {
+                return Pop::Empty;
+            }
+        }
+        let c = self.ahead[self.ahead_start].take();
+        self.ahead_start += 1;
+        match c {
+            Some(c) => Pop::Chain(c),
+            None => Pop::Empty,
         }
     }
 
@@ -515,6 +566,15 @@ impl<'m, M: GuestMemory, H: HostQueue> Rx<'_, 'm, M, H> {
             // The first live chain holds at least a header, so this lands in it.
             self.iov.write_at(NUM_BUFFERS_OFFSET, &nbuf.to_le_bytes());
         }
+        // The iovecs of the chains the frame used lead the list (dead chains have none); when
+        // the list covered the whole window, dropping them leaves the rest of the window ready
+        // for the next frame without translating its ranges again.
+        let complete = self.win_slices <= MAX_SEGMENTS;
+        let consumed: usize = self.held[self.front..end]
+            .iter()
+            .filter(|h| h.dead.is_none())
+            .map(|h| h.slices)
+            .sum();
         // The frame's used entries first, contiguous, then the dead chains it passed over.
         let mut left = n;
         for j in self.front..end {
@@ -525,14 +585,17 @@ impl<'m, M: GuestMemory, H: HostQueue> Rx<'_, 'm, M, H> {
             let take = h.capacity.min(left);
             left -= take;
             // A chain never exceeds u32::MAX bytes (virtio-queue stops a longer one).
-            if self.queue.add_used(self.mem, h.head, take as u32).is_err() {
+            if self
+                .used
+                .add(self.queue, self.mem, h.head, take as u32)
+                .is_err()
+            {
                 self.out.broken = true;
                 // The chains before this one are in the used ring already: they must not be
                 // given back by the rewind in `finish` (that would let them be popped again).
                 self.front = j;
                 return;
             }
-            self.used += 1;
             self.win_good -= 1;
             self.win_cap -= h.capacity;
             self.win_slices -= h.slices;
@@ -553,7 +616,11 @@ impl<'m, M: GuestMemory, H: HostQueue> Rx<'_, 'm, M, H> {
             }
         }
         self.front = end;
-        self.iov_valid = false;
+        if complete {
+            self.iov.drain_front(consumed);
+        } else {
+            self.iov_valid = false;
+        }
         self.flush_front();
     }
 
@@ -583,10 +650,8 @@ impl<'m, M: GuestMemory, H: HostQueue> Rx<'_, 'm, M, H> {
         if h.dead == Some(Dead::BadHead) {
             return;
         }
-        if self.queue.add_used(self.mem, h.head, 0).is_err() {
+        if self.used.add(self.queue, self.mem, h.head, 0).is_err() {
             self.out.broken = true;
-        } else {
-            self.used += 1;
         }
     }
 }

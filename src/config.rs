@@ -102,6 +102,11 @@ pub struct Args {
     /// Serve Prometheus metrics over HTTP on this address, e.g. 127.0.0.1:9464.
     #[arg(long, value_name = "ADDR:PORT")]
     pub metrics_addr: Option<std::net::SocketAddr>,
+
+    /// Write TX frames to the host queue through io_uring, a batch per submission (see
+    /// BENCHMARKS.md); falls back to writev when io_uring is unavailable.
+    #[arg(long)]
+    pub io_uring: bool,
 }
 
 /// Subcommands.
@@ -211,6 +216,8 @@ pub struct Config {
     pub control_socket: Option<PathBuf>,
     /// Prometheus endpoint.
     pub metrics_addr: Option<std::net::SocketAddr>,
+    /// Batched TX writes through io_uring.
+    pub io_uring: bool,
     /// The macvtap to create (`--macvtap-parent`); `host` then names it once created.
     pub create_macvtap: Option<crate::netlink::MacvtapSpec>,
     /// Keep the created macvtap on exit.
@@ -368,6 +375,7 @@ impl TryFrom<Args> for Config {
         let rx_rate = rate("--rx-rate", args.rx_rate)?;
 
         Ok(Config {
+            io_uring: args.io_uring,
             create_macvtap,
             keep_macvtap: args.keep,
             tx_rate,

@@ -168,6 +168,9 @@ fn device_identity(config: &Config, host: &HostDevice) -> Result<DeviceIdentity,
 pub fn run(config: Config) -> Result<(), ServerError> {
     let stopper = StopHandle::default();
     install_signal_thread(stopper.0.clone())?;
+    if config.io_uring {
+        crate::worker::set_tx_io_uring(true);
+    }
 
     // With --macvtap-parent, create the macvtap first; it is deleted when `created` drops at the
     // end of `run` (after the last frontend), unless --keep.

@@ -315,7 +315,8 @@ fn bench_rx(c: &mut Criterion<ThreadCpu>) {
                 // Warm up and learn how many frames one call moves in steady state.
                 let mut per_call = 0;
                 for _ in 0..4 {
-                    per_call = process_rx(&mut q, &mem, &host, &stats, &mut scratch, &opts).frames;
+                    per_call =
+                        process_rx(&mut q, &mem, &host, &stats, &mut scratch, &opts, None).frames;
                     ring.recycle(&mem);
                 }
                 assert!(per_call > 0, "{} {size}: no frame per call", case.name);
@@ -323,7 +324,8 @@ fn bench_rx(c: &mut Criterion<ThreadCpu>) {
                 let id = BenchmarkId::new(format!("{}/{host_name}", case.name), size);
                 g.bench_function(id, |b| {
                     b.iter(|| {
-                        let out = process_rx(&mut q, &mem, &host, &stats, &mut scratch, &opts);
+                        let out =
+                            process_rx(&mut q, &mem, &host, &stats, &mut scratch, &opts, None);
                         debug_assert_eq!(out.frames, per_call);
                         ring.recycle(&mem);
                         out

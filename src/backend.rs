@@ -23,6 +23,7 @@ use vmm_sys_util::event::{
 
 use crate::config::MacAddr;
 use crate::datapath::{vnet, HostQueue, QueueStats};
+use crate::dirty_log::DirtyLogState;
 use crate::ratelimit::{RateLimiter, RateSpec};
 use crate::vring::NetVring;
 use crate::worker::Limits;
@@ -121,6 +122,8 @@ pub struct NetBackend<Q: QueueControl = crate::host::TapQueue> {
     link_up: Arc<std::sync::atomic::AtomicBool>,
     acked_features: AtomicU64,
     backend_req: Mutex<Option<Backend>>,
+    /// Where this connection's writes are logged while the frontend migrates the guest.
+    dirty_log: Arc<DirtyLogState>,
     /// Exit-event fds handed to vhost-user-backend, which registers them with `into_raw_fd()`
     /// and never closes them (one leaked fd per worker per connection). Closed in `Drop`.
     exit_consumer_fds: Mutex<Vec<std::os::fd::RawFd>>,
@@ -171,7 +174,9 @@ pub fn offered_features(tun_offloads: u32, queue_pairs: u16) -> u64 {
         // what lets a guest change queue pairs (`ethtool -L`) and announce itself.
         | bit(VIRTIO_NET_F_CTRL_VQ)
         | bit(VIRTIO_NET_F_GUEST_ANNOUNCE)
-        | vhost::vhost_user::message::VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
+        | vhost::vhost_user::message::VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
+        // Live migration: we log our writes to guest memory (see `crate::dirty_log`).
+        | crate::dirty_log::VHOST_F_LOG_ALL;
     if queue_pairs > 1 {
         f |= bit(VIRTIO_NET_F_MQ);
     }
@@ -244,13 +249,22 @@ impl<Q: QueueControl> NetBackend<Q> {
                 .rx_rate
                 .map(|s| Arc::new(Mutex::new(RateLimiter::new(s)))),
         };
+        let dirty_log = Arc::new(DirtyLogState::new());
         let workers = host
             .queues
             .iter()
             .zip(stats)
             .enumerate()
             .map(|(i, (q, s))| {
-                PairWorker::new(i, nq, q.clone(), s.clone(), identity.mtu, limits.clone())
+                PairWorker::new(
+                    i,
+                    nq,
+                    q.clone(),
+                    s.clone(),
+                    identity.mtu,
+                    limits.clone(),
+                    dirty_log.clone(),
+                )
             })
             .collect::<io::Result<Vec<_>>>()?;
         Ok(NetBackend {
@@ -261,6 +275,7 @@ impl<Q: QueueControl> NetBackend<Q> {
             link_up: host.link_up.clone(),
             acked_features: AtomicU64::new(0),
             backend_req: Mutex::new(None),
+            dirty_log,
             exit_consumer_fds: Mutex::new(Vec::new()),
         })
     }
@@ -277,6 +292,11 @@ impl<Q: QueueControl> NetBackend<Q> {
         for w in &self.workers {
             w.teardown();
         }
+    }
+
+    /// This connection's dirty-page log: the shim hands it `SET_LOG_BASE`.
+    pub fn dirty_log(&self) -> Arc<DirtyLogState> {
+        self.dirty_log.clone()
     }
 
     /// The features the guest acked on this connection (0 before SET_FEATURES).
@@ -318,6 +338,11 @@ impl<Q: QueueControl> VhostUserBackend for NetBackend<Q> {
 
     fn acked_features(&self, features: u64) {
         self.acked_features.store(features, Ordering::Relaxed);
+        // Before `set_settings` below, which takes each worker's state lock and so waits out any
+        // round that began before logging was switched on: once this returns (and the frontend
+        // gets its reply), every write to guest memory is logged.
+        self.dirty_log
+            .set_log_all(features & crate::dirty_log::VHOST_F_LOG_ALL != 0);
         let settings = PairSettings::from_features(features, self.identity.mtu);
         let offloads = vnet::tap_offloads_for(features);
         for (i, q) in self.queues.iter().enumerate() {
@@ -348,6 +373,7 @@ impl<Q: QueueControl> VhostUserBackend for NetBackend<Q> {
             | VhostUserProtocolFeatures::CONFIG
             | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
             | VhostUserProtocolFeatures::BACKEND_REQ
+            | VhostUserProtocolFeatures::LOG_SHMFD
     }
 
     fn reset_device(&self) {

@@ -7,10 +7,12 @@
 //! - [`config`]: command line (`Args`) → validated [`config::Config`]; operator errors.
 //! - [`host`]: opening macvtap / tap queues, tap ioctls, link facts (MAC, MTU, carrier).
 //! - [`datapath`]: the frame path over `virtio-queue` + `vm-memory`, free of vhost-user types.
+//! - [`dirty_log`]: the per-connection dirty-page log for live migration (maps `SET_LOG_BASE`).
 //! - [`backend`]: the `VhostUserBackend` impl: features, config space, dispatch to workers.
 //! - [`worker`]: per-queue-pair state and event handling (owns the datapath calls).
 //! - [`server`]: listening / connecting, serving one frontend after another, signals.
-//! - [`shim`]: a vhost-user message relay that fixes one QEMU/crate incompatibility.
+//! - [`shim`]: a vhost-user message relay: answers what QEMU sends and the crates mishandle,
+//!   and takes `SET_LOG_BASE` for [`dirty_log`].
 //! - [`control`]: the stats control socket and the Prometheus endpoint.
 //! - [`vring`]: a vring wrapper that tells workers about enable/disable.
 
@@ -20,6 +22,7 @@ pub mod backend;
 pub mod config;
 pub mod control;
 pub mod datapath;
+pub mod dirty_log;
 #[cfg(feature = "test-utils")]
 pub mod fuzzing;
 pub mod host;

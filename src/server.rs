@@ -373,6 +373,7 @@ pub fn serve<Q: QueueControl>(
             (None, SocketMode::Connect(path)) => connect_with_backoff(path, stopper),
             (None, _) => unreachable!("listening modes always have a listener"),
         };
+        let dirty_log = backend.dirty_log();
         let started = frontend.and_then(|front| {
             let inner = UnixStream::connect(&private_path).map_err(|e| e.to_string())?;
             daemon
@@ -381,7 +382,7 @@ pub fn serve<Q: QueueControl>(
             std::thread::Builder::new()
                 .name("vu-shim".into())
                 .spawn(move || {
-                    if let Err(e) = crate::shim::relay(front, inner) {
+                    if let Err(e) = crate::shim::relay(front, inner, dirty_log) {
                         tracing::debug!("vhost-user relay ended: {e}");
                     }
                 })

@@ -12,6 +12,11 @@
 //! device on the one connection; vhost-user-backend rejects the repeat as an overlapping region
 //! and drops the connection. The shim keeps the connection's region table and answers an exact
 //! repeat (an add of a region already present, a removal of one already gone) itself.
+//!
+//! SET_LOG_BASE (live migration) is taken here and given to the connection's
+//! [`DirtyLogState`]: vhost-user-backend's own handling needs bitmap-typed guest memory and
+//! cannot see our iovec writes (see `crate::dirty_log`). The reply echoes the request's payload,
+//! as the `vhost` crate's backend does; QEMU only checks the request code.
 //! Everything else, fds included, is forwarded unchanged, message by message.
 
 use std::io::{self, Read, Write};
@@ -20,6 +25,8 @@ use std::os::unix::net::UnixStream;
 use std::sync::{Arc, Mutex};
 
 use nix::sys::socket::{recvmsg, sendmsg, ControlMessage, ControlMessageOwned, MsgFlags};
+
+use crate::dirty_log::DirtyLogState;
 
 const HDR_LEN: usize = 12;
 /// Bigger than any request the handler accepts (its limit is 4 KiB); a frontend sending more is
@@ -30,6 +37,7 @@ const MAX_FDS: usize = 32;
 
 const SET_FEATURES: u32 = 2;
 const SET_MEM_TABLE: u32 = 5;
+const SET_LOG_BASE: u32 = 6;
 const SET_VRING_ENABLE: u32 = 18;
 const ADD_MEM_REG: u32 = 37;
 const REM_MEM_REG: u32 = 38;
@@ -118,6 +126,8 @@ fn write_message(sock: &UnixStream, m: &Message) -> io::Result<()> {
 #[derive(Debug, PartialEq, Eq)]
 enum Verdict {
     Forward,
+    /// SET_LOG_BASE: map the log here and reply.
+    SetLogBase,
     /// Answer it here (an ack if it asked for one); replay it later when `replay`.
     Hold {
         replay: bool,
@@ -179,6 +189,7 @@ impl State {
                 self.regions = table_regions(m);
                 Verdict::Forward
             }
+            SET_LOG_BASE => Verdict::SetLogBase,
             ADD_MEM_REG => match single_region(m) {
                 Some(r) if self.regions.contains(&r) => Verdict::Hold { replay: false },
                 Some(r) => {
@@ -222,9 +233,41 @@ fn ack(request: u32) -> Message {
     }
 }
 
+/// Maps the log a SET_LOG_BASE names (payload: u64 mmap_size, u64 mmap_offset; one fd) and
+/// builds the reply. An unusable log is the frontend's error and ends the connection.
+fn set_log_base(m: &Message, log: &DirtyLogState) -> io::Result<Message> {
+    let bad = |why: String| io::Error::new(io::ErrorKind::InvalidData, why);
+    let (Some(size), Some(offset)) = (u64_at(&m.bytes, HDR_LEN), u64_at(&m.bytes, HDR_LEN + 8))
+    else {
+        return Err(bad(
+            "frontend sent a SET_LOG_BASE without a log region".into()
+        ));
+    };
+    let [fd] = &m.fds[..] else {
+        return Err(bad(format!(
+            "frontend sent a SET_LOG_BASE with {} fds (want 1)",
+            m.fds.len()
+        )));
+    };
+    let file = std::fs::File::from(fd.try_clone()?);
+    log.set_base(&file, offset, size)
+        .map_err(|e| bad(e.to_string()))?;
+    let mut bytes = m.bytes[..HDR_LEN + 16].to_vec();
+    bytes[4..8].copy_from_slice(&(FLAG_VERSION | FLAG_REPLY).to_le_bytes());
+    Ok(Message {
+        bytes,
+        fds: Vec::new(),
+    })
+}
+
 /// Relays between `frontend` and `backend` until either side closes; returns when both
 /// directions have stopped. Runs on two threads (the calling one and one it spawns).
-pub fn relay(frontend: UnixStream, backend: UnixStream) -> io::Result<()> {
+/// `dirty_log` is the connection's log, for SET_LOG_BASE.
+pub fn relay(
+    frontend: UnixStream,
+    backend: UnixStream,
+    dirty_log: Arc<DirtyLogState>,
+) -> io::Result<()> {
     let front_out = Arc::new(Mutex::new(frontend.try_clone()?));
     let back_in = backend.try_clone()?;
     let front_for_replies = front_out.clone();
@@ -254,6 +297,13 @@ pub fn relay(frontend: UnixStream, backend: UnixStream) -> io::Result<()> {
                 "frontend message"
             );
             match state.judge(&m) {
+                Verdict::SetLogBase => {
+                    let reply = set_log_base(&m, &dirty_log).inspect_err(|e| {
+                        tracing::error!("{e}; closing the connection");
+                    })?;
+                    let out = front_out.lock().unwrap_or_else(|e| e.into_inner());
+                    write_message(&out, &reply)?;
+                }
                 Verdict::Forward => {
                     let replay = m.request() == SET_FEATURES;
                     write_message(&backend, &m)?;
@@ -312,15 +362,21 @@ mod tests {
         )
     }
 
-    /// frontend ⇄ shim ⇄ backend, with the test holding both outer ends.
-    fn rig() -> (
+    type Rig = (
         UnixStream,
         UnixStream,
         std::thread::JoinHandle<io::Result<()>>,
-    ) {
+    );
+
+    /// frontend ⇄ shim ⇄ backend, with the test holding both outer ends.
+    fn rig() -> Rig {
+        rig_with_log(Arc::new(DirtyLogState::new()))
+    }
+
+    fn rig_with_log(log: Arc<DirtyLogState>) -> Rig {
         let (front_outer, front_inner) = UnixStream::pair().unwrap();
         let (back_inner, back_outer) = UnixStream::pair().unwrap();
-        let t = std::thread::spawn(move || relay(front_inner, back_inner));
+        let t = std::thread::spawn(move || relay(front_inner, back_inner, log));
         back_outer
             .set_read_timeout(Some(std::time::Duration::from_secs(5)))
             .unwrap();
@@ -397,6 +453,70 @@ mod tests {
         assert_eq!(read_n(&mut front, 20), reply);
         drop(front);
         t.join().unwrap().unwrap();
+    }
+
+    fn send_with_fd(front: &UnixStream, m: &[u8], fd: Option<RawFd>) {
+        let raw: Vec<RawFd> = fd.into_iter().collect();
+        let cmsg = [ControlMessage::ScmRights(&raw)];
+        let cmsgs: &[ControlMessage] = if raw.is_empty() { &[] } else { &cmsg };
+        sendmsg::<()>(
+            front.as_raw_fd(),
+            &[io::IoSlice::new(m)],
+            cmsgs,
+            MsgFlags::empty(),
+            None,
+        )
+        .unwrap();
+    }
+
+    fn log_base_msg(size: u64, offset: u64) -> Vec<u8> {
+        msg(
+            SET_LOG_BASE,
+            FLAG_VERSION,
+            &[size.to_le_bytes(), offset.to_le_bytes()].concat(),
+        )
+    }
+
+    #[test]
+    fn set_log_base_is_mapped_and_answered_by_the_shim() {
+        let log = Arc::new(DirtyLogState::new());
+        let (mut front, mut back, t) = rig_with_log(log.clone());
+        let file = tempfile::tempfile().unwrap();
+        file.set_len(4096).unwrap();
+        let m = log_base_msg(4096, 0);
+        send_with_fd(&front, &m, Some(file.as_raw_fd()));
+        let mut want = m.clone();
+        want[4..8].copy_from_slice(&(FLAG_VERSION | FLAG_REPLY).to_le_bytes());
+        assert_eq!(read_n(&mut front, m.len()), want);
+        assert_eq!(log.bases_set(), 1);
+        // Not forwarded: the backend's next message is the one sent after it.
+        front.write_all(&msg(1, FLAG_VERSION, &[])).unwrap();
+        assert_eq!(read_n(&mut back, 12), msg(1, FLAG_VERSION, &[]));
+        log.set_log_all(true);
+        assert!(log.logging());
+        drop(front);
+        t.join().unwrap().unwrap();
+    }
+
+    #[test]
+    fn set_log_base_without_an_fd_ends_the_connection() {
+        let log = Arc::new(DirtyLogState::new());
+        let (front, _back, t) = rig_with_log(log.clone());
+        send_with_fd(&front, &log_base_msg(4096, 0), None);
+        assert!(t.join().unwrap().is_err());
+        assert_eq!(log.bases_set(), 0);
+    }
+
+    #[test]
+    fn set_log_base_larger_than_its_fd_ends_the_connection() {
+        let log = Arc::new(DirtyLogState::new());
+        let (front, _back, t) = rig_with_log(log.clone());
+        let file = tempfile::tempfile().unwrap();
+        file.set_len(100).unwrap();
+        send_with_fd(&front, &log_base_msg(4096, 0), Some(file.as_raw_fd()));
+        let e = t.join().unwrap().unwrap_err();
+        assert!(e.to_string().contains("larger than its fd"), "{e}");
+        assert_eq!(log.bases_set(), 0);
     }
 
     #[test]

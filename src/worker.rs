@@ -27,7 +27,9 @@ use vmm_sys_util::epoll::EventSet;
 use crate::backend::{EpollHandler, GuestMem, QueueControl, Vring};
 use crate::datapath::rx::{process_rx, RxOptions, RxScratch};
 use crate::datapath::tx::{process_tx, TxOptions, TxScratch};
+use crate::datapath::DirtyLog;
 use crate::datapath::{vnet, HostQueue, IoVecBuf, QueueStats};
+use crate::dirty_log::DirtyLogState;
 use crate::ratelimit::RateLimiter;
 
 /// Per-thread vring index of the RX queue.
@@ -207,6 +209,8 @@ pub struct PairWorker<Q: QueueControl> {
     tap_out: OwnedFd,
     stats: Arc<QueueStats>,
     limits: Limits,
+    /// The connection's dirty-page log (live migration).
+    dirty_log: Arc<DirtyLogState>,
     epoch: Instant,
     state: Mutex<PairState<Q>>,
 }
@@ -217,6 +221,12 @@ impl<Q: QueueControl> std::fmt::Debug for PairWorker<Q> {
             .field("index", &self.index)
             .finish_non_exhaustive()
     }
+}
+
+/// Marks a queue's whole used ring (flags, index, elements, `avail_event`): a few pages at most,
+/// and cheaper than tracking which of its bytes a round wrote.
+fn log_used_ring(log: DirtyLog<'_>, q: &virtio_queue::Queue) {
+    log.mark(q.used_ring(), 6 + 8 * u64::from(q.size()));
 }
 
 fn vring_live(v: &Vring) -> bool {
@@ -238,6 +248,7 @@ impl<Q: QueueControl> PairWorker<Q> {
         stats: Arc<QueueStats>,
         mtu: u16,
         limits: Limits,
+        dirty_log: Arc<DirtyLogState>,
     ) -> io::Result<PairWorker<Q>> {
         let tap_out = nix::unistd::dup(&*tap).map_err(io::Error::from)?;
         Ok(PairWorker {
@@ -247,6 +258,7 @@ impl<Q: QueueControl> PairWorker<Q> {
             tap_out,
             stats,
             limits,
+            dirty_log,
             epoch: Instant::now(),
             state: Mutex::new(PairState {
                 epoll: None,
@@ -553,6 +565,9 @@ impl<Q: QueueControl> PairWorker<Q> {
         // One memory snapshot per service round: no host pointer outlives it.
         let mem = atomic.memory();
         let settings = st.settings;
+        // Held for the whole round while the frontend migrates the guest (see `dirty_log`).
+        let active_log = self.dirty_log.active();
+        let log = active_log.as_ref().and_then(|a| a.view());
         loop {
             let mut more = false;
             if run_tx && !st.tx_broken && vring_live(&vrings[TX_QUEUE]) {
@@ -568,6 +583,9 @@ impl<Q: QueueControl> PairWorker<Q> {
                         budget: BATCH,
                     },
                 );
+                if let Some(log) = log {
+                    log_used_ring(log, vs.get_queue());
+                }
                 if out.notify {
                     if let Err(e) = vs.signal_used_queue() {
                         tracing::warn!(queue_pair = self.index, "TX call eventfd: {e}");
@@ -630,7 +648,11 @@ impl<Q: QueueControl> PairWorker<Q> {
                         max_frame_len: settings.rx_max_frame_len,
                         budget: BATCH,
                     },
+                    log,
                 );
+                if let Some(log) = log {
+                    log_used_ring(log, vs.get_queue());
+                }
                 if out.notify {
                     if let Err(e) = vs.signal_used_queue() {
                         tracing::warn!(queue_pair = self.index, "RX call eventfd: {e}");

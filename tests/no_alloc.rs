@@ -235,8 +235,9 @@ fn rx_allocates_nothing_per_frame() {
                 }
                 let mut left = BUDGET;
                 while left > 0 {
-                    let (out, n) =
-                        counted(|| process_rx(&mut q, &mem, &host, &stats, &mut scratch, &opts));
+                    let (out, n) = counted(|| {
+                        process_rx(&mut q, &mem, &host, &stats, &mut scratch, &opts, None)
+                    });
                     assert!(!out.broken && out.host_error.is_none(), "{out:?}");
                     if got >= WARMUP {
                         allocs += n;

@@ -645,7 +645,7 @@ fn stress(name: &str, aim_at_rings: bool) {
                 let rx_opts = RxOptions::new(feats, 1500, 64);
                 let k = 1 + r.below(u64::from(QSIZE)) as u16;
                 a_rx.set_avail_idx(rxq.next_avail().wrapping_add(k));
-                let out = process_rx(&mut rxq, &mem, &*rxh, &stats, &mut rxs, &rx_opts);
+                let out = process_rx(&mut rxq, &mem, &*rxh, &stats, &mut rxs, &rx_opts, None);
                 if out.broken {
                     // Legitimate only if the guest made us overwrite its own avail index: an RX
                     // descriptor aimed at the ring, written by our readv. Nothing else in this
@@ -731,7 +731,7 @@ fn stress(name: &str, aim_at_rings: bool) {
                     rxh.peer.send(&pkt).unwrap();
                     want.push(f);
                 }
-                let out = process_rx(&mut rxq, &mem, &*rxh, &stats, &mut rxs, &rx_opts);
+                let out = process_rx(&mut rxq, &mem, &*rxh, &stats, &mut rxs, &rx_opts, None);
                 assert_eq!(out.frames, usize::from(B_BATCH), "pair B RX: {out:?}");
                 let used = b_rx.take_used();
                 assert_eq!(used.len(), usize::from(B_BATCH));

@@ -9,8 +9,10 @@
 //! - [`tx`]: guest → host, one `writev` per frame.
 //! - [`rx`]: host → guest, one `readv` per frame, MRG_RXBUF across chains.
 //! - [`stats`]: per-queue-pair counters, one per drop reason.
+//! - [`dirty`]: the dirty-page log view used while the frontend migrates the guest.
 //! - `testutil` (tests and feature `test-utils`): fake host queue, mock guest queues.
 
+pub mod dirty;
 pub mod iovec;
 pub mod rx;
 pub mod stats;
@@ -24,6 +26,7 @@ pub mod vnet;
 use std::io;
 use std::os::fd::AsRawFd;
 
+pub use dirty::DirtyLog;
 pub use iovec::IoVecBuf;
 pub use rx::{process_rx, RxOptions, RxOutcome, RxScratch};
 pub use stats::{QueueStats, StatsSnapshot};

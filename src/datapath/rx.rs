@@ -62,6 +62,7 @@ use std::io;
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
 use vm_memory::{GuestAddress, GuestMemory, Permissions};
 
+use super::dirty::DirtyLog;
 use super::stats::QueueStats;
 use super::tx::{errno_of, Pop, MAX_SEGMENTS};
 use super::used::UsedBatch;
@@ -168,6 +169,7 @@ pub fn process_rx<M: GuestMemory, H: HostQueue>(
     stats: &QueueStats,
     scratch: &mut RxScratch,
     opts: &RxOptions,
+    log: Option<DirtyLog<'_>>,
 ) -> RxOutcome {
     scratch.held.clear();
     scratch.segs.clear();
@@ -178,6 +180,7 @@ pub fn process_rx<M: GuestMemory, H: HostQueue>(
         host,
         stats,
         opts,
+        log,
         budget: opts.budget.max(1),
         iov: std::mem::take(&mut scratch.iov).reuse(),
         iov_valid: true,
@@ -221,6 +224,8 @@ struct Rx<'a, 'm, M: GuestMemory, H> {
     host: &'a H,
     stats: &'a QueueStats,
     opts: &'a RxOptions,
+    /// Set while the frontend migrates the guest: every byte written is logged.
+    log: Option<DirtyLog<'a>>,
     budget: usize,
     iov: IoVecBuf<'m>,
     iov_valid: bool,
@@ -584,6 +589,9 @@ impl<'m, M: GuestMemory, H: HostQueue> Rx<'_, 'm, M, H> {
             }
             let take = h.capacity.min(left);
             left -= take;
+            if let Some(log) = self.log {
+                self.log_written(log, &h, take);
+            }
             // A chain never exceeds u32::MAX bytes (virtio-queue stops a longer one).
             if self
                 .used
@@ -622,6 +630,19 @@ impl<'m, M: GuestMemory, H: HostQueue> Rx<'_, 'm, M, H> {
             self.iov_valid = false;
         }
         self.flush_front();
+    }
+
+    /// Marks the pages of the first `bytes` bytes of chain `h` (its saved ranges, in order).
+    fn log_written(&self, log: DirtyLog<'_>, h: &Held, bytes: usize) {
+        let mut left = bytes as u64;
+        for &(addr, len) in &self.segs[h.seg_start..h.seg_end] {
+            if left == 0 {
+                break;
+            }
+            let n = u64::from(len).min(left);
+            log.mark(addr, n);
+            left -= n;
+        }
     }
 
     /// Returns the dead chains at the front of the window, keeping `held[front]` live.
@@ -701,6 +722,24 @@ mod tests {
                 &self.stats,
                 &mut self.scratch,
                 &self.opts,
+                None,
+            )
+        }
+
+        fn run_logged(
+            &mut self,
+            q: &mut Queue,
+            mem: &GuestMemoryMmap,
+            log: DirtyLog<'_>,
+        ) -> RxOutcome {
+            process_rx(
+                q,
+                mem,
+                &self.host,
+                &self.stats,
+                &mut self.scratch,
+                &self.opts,
+                Some(log),
             )
         }
 
@@ -772,6 +811,50 @@ mod tests {
         assert_eq!(q.next_avail(), 1, "the second chain was given back");
         expect_counters(fx.snap(), &[("rx_frames", 1), ("rx_bytes", 1000)]);
         gq.assert_popped_returned_once(&q);
+    }
+
+    #[test]
+    fn rx_with_dirty_log_marks_exactly_the_pages_it_wrote() {
+        use crate::datapath::dirty::LOG_PAGE_SIZE;
+        use std::collections::BTreeSet;
+        let mem = test_memory();
+        let mut gq = GuestQueue::new(&mem, 64);
+        // Chains of 1536 bytes straddle page boundaries; one read-only chain sits in the middle
+        // (dead: returned with length 0, never written) and the tail is never reached.
+        let mut bufs = post(&mut gq, 3, 1536, DATA_BASE);
+        let ro_addr = DATA_BASE + 0x10_0000;
+        gq.add_desc_chain(&[(ro_addr, 4096, 0)]);
+        bufs.extend(post(&mut gq, 20, 1536, DATA_BASE + 3 * 1536));
+        let mut q = gq.create_queue();
+        let mut fx = Fx::new(true, SMALL_MAX);
+        let frame = pattern_frame(HDR, 1400, 7);
+        for _ in 0..4 {
+            fx.host.inject_frame(&frame);
+        }
+        let bits: Vec<std::sync::atomic::AtomicU8> = (0..4096)
+            .map(|_| std::sync::atomic::AtomicU8::new(0))
+            .collect();
+        let log = DirtyLog::new(&bits);
+
+        let out = fx.run_logged(&mut q, &mem, log);
+
+        assert_eq!(out.frames, 4);
+        let used = gq.collect_used();
+        let mut want = BTreeSet::new();
+        for &(h, len) in &used {
+            if len == 0 {
+                continue;
+            }
+            let a = bufs[&h];
+            want.extend(a / LOG_PAGE_SIZE..=(a + u64::from(len) - 1) / LOG_PAGE_SIZE);
+        }
+        assert!(
+            used.iter().any(|&(_, l)| l == 0),
+            "the read-only chain came back dead"
+        );
+        let got: BTreeSet<u64> = log.marked_pages().into_iter().collect();
+        assert_eq!(got, want, "marked pages = pages of the bytes written");
+        assert!(!log.is_marked(ro_addr / LOG_PAGE_SIZE));
     }
 
     #[test]

@@ -250,6 +250,7 @@ impl Rx {
             &self.stats,
             &mut self.scratch,
             &self.opts,
+            None,
         );
 
         let recvs = self.host.recv_calls() - recv0;

@@ -23,6 +23,8 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 pub const VIRTQ_DESC_F_NEXT: u16 = 1;
 pub const VIRTQ_DESC_F_WRITE: u16 = 2;
 pub const VIRTQ_DESC_F_INDIRECT: u16 = 4;
+/// `VHOST_F_LOG_ALL`.
+pub const VHOST_F_LOG_ALL: u64 = 1 << 26;
 /// vnet header length with VERSION_1.
 pub const HDR_LEN: usize = 12;
 /// Where the frontend pretends guest memory lives in its own address space (translated by
@@ -119,7 +121,8 @@ impl VuGuest {
             & (VhostUserProtocolFeatures::MQ
                 | VhostUserProtocolFeatures::REPLY_ACK
                 | VhostUserProtocolFeatures::CONFIG
-                | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS);
+                | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+                | VhostUserProtocolFeatures::LOG_SHMFD);
         fe.set_protocol_features(pf_want)
             .expect("SET_PROTOCOL_FEATURES");
         let qn = fe.get_queue_num().expect("GET_QUEUE_NUM");
@@ -313,6 +316,74 @@ impl VuGuest {
             }
         }
         out
+    }
+
+    /// Starts a migration's dirty logging as QEMU does: SET_LOG_BASE with a fresh memfd of
+    /// `bytes` (enough for all guest memory), then SET_FEATURES with `VHOST_F_LOG_ALL`.
+    /// Returns the log file.
+    pub fn start_dirty_log(&mut self, bytes: usize) -> File {
+        let log = memfd(bytes);
+        self.frontend
+            .set_log_base(
+                0,
+                Some(vhost::VhostUserDirtyLogRegion {
+                    mmap_size: bytes as u64,
+                    mmap_offset: 0,
+                    mmap_handle: log.as_raw_fd(),
+                }),
+            )
+            .expect("SET_LOG_BASE");
+        self.frontend
+            .set_features(self.acked_features | VHOST_F_LOG_ALL)
+            .expect("SET_FEATURES with LOG_ALL");
+        // SET_FEATURES has no reply without NEED_REPLY: a GET_FEATURES round trip makes sure
+        // the backend applied it (QEMU does the same when it turns logging on).
+        self.frontend.get_features().expect("GET_FEATURES");
+        log
+    }
+
+    /// Ends logging: SET_FEATURES without `VHOST_F_LOG_ALL` (a finished or cancelled migration).
+    pub fn stop_dirty_log(&mut self) {
+        self.frontend
+            .set_features(self.acked_features & !VHOST_F_LOG_ALL)
+            .expect("SET_FEATURES without LOG_ALL");
+        self.frontend.get_features().expect("GET_FEATURES");
+    }
+
+    /// The guest pages marked in `log`, clearing them (as QEMU's harvest does).
+    pub fn harvest_log(log: &File) -> std::collections::BTreeSet<u64> {
+        use std::os::unix::fs::FileExt;
+        let len = log.metadata().unwrap().len() as usize;
+        let mut bytes = vec![0u8; len];
+        log.read_exact_at(&mut bytes, 0).unwrap();
+        log.write_all_at(&vec![0u8; len], 0).unwrap();
+        let mut pages = std::collections::BTreeSet::new();
+        for (i, b) in bytes.iter().enumerate() {
+            for bit in 0..8 {
+                if b & (1 << bit) != 0 {
+                    pages.insert(i as u64 * 8 + bit);
+                }
+            }
+        }
+        pages
+    }
+
+    /// Pages of the used ring of queue `q`.
+    pub fn used_ring_pages(&self, q: usize) -> std::ops::RangeInclusive<u64> {
+        let r = &self.rings[q];
+        r.used / 4096..=(r.used + 6 + 8 * u64::from(r.size) - 1) / 4096
+    }
+
+    /// Pages of RX buffer `head` on `pair`, first `len` bytes.
+    pub fn rx_buffer_pages(
+        &self,
+        pair: usize,
+        head: u16,
+        len: u32,
+    ) -> std::ops::RangeInclusive<u64> {
+        let r = &self.rings[self.rx(pair)];
+        let a = r.bufs + u64::from(head) * r.buf_size;
+        a / 4096..=(a + u64::from(len).max(1) - 1) / 4096
     }
 
     /// Bytes of RX buffer `head` on `pair`.

@@ -4,6 +4,9 @@
 //! disabled queue pair must detach its tap queue at once, or the kernel keeps steering frames
 //! to a queue nobody reads. `NetVring` wraps the stock `VringMutex`, forwards every call, and
 //! signals an eventfd whenever the enabled/ready state changes; the worker watches that eventfd.
+//!
+//! It also keeps a running ring's `next_used` from being reset under its worker (see
+//! `set_queue_next_used`).
 
 use std::fs::File;
 use std::io;
@@ -11,7 +14,7 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Arc;
 
 use vhost_user_backend::{VringMutex, VringStateGuard, VringStateMutGuard, VringT};
-use virtio_queue::Error as VirtQueError;
+use virtio_queue::{Error as VirtQueError, QueueT};
 use vm_memory::GuestAddressSpace;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
@@ -116,7 +119,17 @@ impl<M: 'static + GuestAddressSpace> VringT<M> for NetVring<M> {
     }
 
     fn set_queue_next_used(&self, idx: u16) {
-        self.inner.set_queue_next_used(idx)
+        // vhost-user-backend calls this only from SET_VRING_ADDR, with `used.idx` re-read from
+        // guest memory a moment earlier. QEMU sends SET_VRING_ADDR to a running ring to toggle
+        // VHOST_VRING_F_LOG when a migration starts or ends; a worker round between that read
+        // and this store would be undone: used entries overwritten, `used.idx` going backwards
+        // in the guest's eyes, buffers handed back twice (seen as guest kernel crashes after
+        // migration). A started ring's `next_used` belongs to its worker; keep it.
+        let mut state = self.inner.get_mut();
+        if state.get_queue().ready() {
+            return;
+        }
+        state.get_queue_mut().set_next_used(idx);
     }
 
     fn queue_used_idx(&self) -> Result<u16, VirtQueError> {
@@ -150,5 +163,39 @@ impl<M: 'static + GuestAddressSpace> VringT<M> for NetVring<M> {
 
     fn set_err(&self, file: Option<File>) {
         self.inner.set_err(file)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vm_memory::{GuestAddress, GuestMemoryAtomic, GuestMemoryMmap};
+
+    type Mem = GuestMemoryAtomic<GuestMemoryMmap>;
+
+    fn vring() -> NetVring<Mem> {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap();
+        NetVring::new(GuestMemoryAtomic::new(mem), 256).unwrap()
+    }
+
+    #[test]
+    fn set_vring_addr_on_a_running_ring_keeps_the_workers_next_used() {
+        let v = vring();
+        v.set_queue_size(256);
+        v.set_queue_ready(true);
+        v.get_mut().get_queue_mut().set_next_used(7);
+        // What SET_VRING_ADDR does with a used.idx it read before the worker's last round.
+        v.set_queue_next_used(5);
+        assert_eq!(v.get_ref().get_queue().next_used(), 7);
+    }
+
+    #[test]
+    fn set_vring_addr_on_a_stopped_ring_takes_used_idx_from_memory() {
+        let v = vring();
+        v.set_queue_size(256);
+        v.get_mut().get_queue_mut().set_next_used(7);
+        // After GET_VRING_BASE (or a guest reset) the ring is not ready: the reset applies.
+        v.set_queue_next_used(0);
+        assert_eq!(v.get_ref().get_queue().next_used(), 0);
     }
 }

@@ -1060,6 +1060,15 @@ impl Qemu {
         }
     }
 
+    /// For a guest that arrived by live migration: it is waiting at the prompt it printed on
+    /// the source, which this serial line never saw. Counts that prompt so [`Qemu::exec`] works.
+    pub fn adopt_migrated_prompt(&self) {
+        let sent = self.writer.lock().unwrap_or_else(|e| e.into_inner()).sent;
+        let mut st = self.shared.lock();
+        st.prompts = st.prompts.max(sent + 1);
+        self.shared.cond.notify_all();
+    }
+
     /// QEMU's process id.
     pub fn pid(&self) -> u32 {
         self.child.lock().unwrap_or_else(|e| e.into_inner()).id()
@@ -1096,6 +1105,72 @@ fn shell_words(argv: &[String]) -> String {
         })
         .collect::<Vec<_>>()
         .join(" ")
+}
+
+// -------------------------------------------------------------------- QMP ---
+
+/// A QMP connection (`-qmp unix:PATH,server=on,wait=off`), capabilities negotiated.
+pub struct Qmp {
+    reader: io::BufReader<UnixStream>,
+    writer: UnixStream,
+    /// Asynchronous events seen while waiting for replies (`{"event": ...}` objects).
+    pub events: Vec<serde_json::Value>,
+}
+
+impl Qmp {
+    /// Connects (retrying until `timeout`: QEMU creates the socket as it starts).
+    pub fn connect(path: &Path, timeout: Duration) -> io::Result<Qmp> {
+        let deadline = Instant::now() + timeout;
+        let stream = loop {
+            match UnixStream::connect(path) {
+                Ok(s) => break s,
+                Err(e) if Instant::now() >= deadline => return Err(e),
+                Err(_) => thread::sleep(Duration::from_millis(20)),
+            }
+        };
+        stream.set_read_timeout(Some(scaled(Duration::from_secs(60))))?;
+        let mut q = Qmp {
+            reader: io::BufReader::new(stream.try_clone()?),
+            writer: stream,
+            events: Vec::new(),
+        };
+        let greeting = q.read_value()?;
+        if greeting.get("QMP").is_none() {
+            return Err(io::Error::other(format!("not a QMP greeting: {greeting}")));
+        }
+        q.execute("qmp_capabilities", serde_json::json!({}))?;
+        Ok(q)
+    }
+
+    fn read_value(&mut self) -> io::Result<serde_json::Value> {
+        use std::io::BufRead;
+        let mut line = String::new();
+        if self.reader.read_line(&mut line)? == 0 {
+            return Err(io::ErrorKind::UnexpectedEof.into());
+        }
+        serde_json::from_str(&line).map_err(|e| io::Error::other(format!("QMP {line:?}: {e}")))
+    }
+
+    /// Runs one command; returns its `return` value, or its `error` as an `Err`.
+    pub fn execute(
+        &mut self,
+        command: &str,
+        arguments: serde_json::Value,
+    ) -> io::Result<serde_json::Value> {
+        let msg = serde_json::json!({ "execute": command, "arguments": arguments });
+        self.writer.write_all(format!("{msg}\n").as_bytes())?;
+        loop {
+            let v = self.read_value()?;
+            if v.get("event").is_some() {
+                self.events.push(v);
+                continue;
+            }
+            if let Some(r) = v.get("return") {
+                return Ok(r.clone());
+            }
+            return Err(io::Error::other(format!("QMP {command}: {v}")));
+        }
+    }
 }
 
 // ------------------------------------------------------ network namespace ---

@@ -368,6 +368,26 @@ impl VuGuest {
         pages
     }
 
+    /// Sends SET_VRING_ADDR again for queue `q` with its current addresses, with or without
+    /// `VHOST_VRING_F_LOG` (what QEMU does to a running ring when a migration starts or ends).
+    pub fn resend_vring_addr(&mut self, q: usize, log: bool) {
+        let r = &self.rings[q];
+        self.frontend
+            .set_vring_addr(
+                q,
+                &VringConfigData {
+                    queue_max_size: r.size,
+                    queue_size: r.size,
+                    flags: u32::from(log),
+                    desc_table_addr: VMM_BASE + r.desc,
+                    used_ring_addr: VMM_BASE + r.used,
+                    avail_ring_addr: VMM_BASE + r.avail,
+                    log_addr: log.then_some(r.used),
+                },
+            )
+            .expect("SET_VRING_ADDR");
+    }
+
     /// Pages of the used ring of queue `q`.
     pub fn used_ring_pages(&self, q: usize) -> std::ops::RangeInclusive<u64> {
         let r = &self.rings[q];

@@ -715,22 +715,14 @@ mod tests {
         }
 
         fn run(&mut self, q: &mut Queue, mem: &GuestMemoryMmap) -> RxOutcome {
-            process_rx(
-                q,
-                mem,
-                &self.host,
-                &self.stats,
-                &mut self.scratch,
-                &self.opts,
-                None,
-            )
+            self.run_with_log(q, mem, None)
         }
 
-        fn run_logged(
+        fn run_with_log(
             &mut self,
             q: &mut Queue,
             mem: &GuestMemoryMmap,
-            log: DirtyLog<'_>,
+            log: Option<DirtyLog<'_>>,
         ) -> RxOutcome {
             process_rx(
                 q,
@@ -739,7 +731,7 @@ mod tests {
                 &self.stats,
                 &mut self.scratch,
                 &self.opts,
-                Some(log),
+                log,
             )
         }
 
@@ -836,7 +828,7 @@ mod tests {
             .collect();
         let log = DirtyLog::new(&bits);
 
-        let out = fx.run_logged(&mut q, &mem, log);
+        let out = fx.run_with_log(&mut q, &mem, Some(log));
 
         assert_eq!(out.frames, 4);
         let used = gq.collect_used();

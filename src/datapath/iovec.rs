@@ -1,6 +1,6 @@
 //! Scatter/gather I/O straight over guest memory.
 //!
-//! This is one of the two modules allowed to hold `unsafe` (the other is `host::sys`).
+//! One of the few modules allowed to hold `unsafe` (with `host::sys` and `dirty_log`).
 //! An [`IoVecBuf`] can only be filled from [`VolatileSlice`]s, which vm-memory hands out only for
 //! mapped guest memory, and it borrows that memory for `'m`: the iovecs can never outlive the
 //! guest-memory snapshot they were built from, so no host pointer survives a memory-table update.

@@ -4,7 +4,7 @@
 //! [`HostQueue`], so it can be unit-tested with `virtio_queue::mock`, fuzzed and benched without a
 //! socket. The worker (`crate::worker`) owns the vhost-user side: locking vrings, eventfds.
 //!
-//! - [`iovec`]: iovec lists over guest memory and the `readv`/`writev` calls (the only `unsafe`).
+//! - [`iovec`]: iovec lists over guest memory and the `readv`/`writev` calls (the datapath's only `unsafe`).
 //! - [`vnet`]: the 12-byte `virtio_net_hdr_v1`, feature → tap offload mapping.
 //! - [`tx`]: guest → host, one `writev` per frame.
 //! - [`rx`]: host → guest, one `readv` per frame, MRG_RXBUF across chains.

@@ -59,12 +59,12 @@
 
 use std::io;
 
-use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
+use virtio_queue::{DescriptorChain, Queue, QueueT};
 use vm_memory::{GuestAddress, GuestMemory, Permissions};
 
 use super::dirty::DirtyLog;
 use super::stats::QueueStats;
-use super::tx::{errno_of, Pop, MAX_SEGMENTS};
+use super::tx::{errno_of, pop_batch, Pop, MAX_SEGMENTS};
 use super::used::UsedBatch;
 use super::vnet::{
     has, rx_max_frame_len, vnet_hdr_len, NUM_BUFFERS_OFFSET, VIRTIO_NET_F_MRG_RXBUF,
@@ -406,23 +406,11 @@ impl<'m, M: GuestMemory, H: HostQueue> Rx<'_, 'm, M, H> {
             self.ahead_end = 0;
             let held = self.held.len() - self.front;
             let want = POP_AHEAD.min(usize::from(self.queue.size()).saturating_sub(held));
-            match self.queue.iter(self.mem) {
-                Ok(mut it) => {
-                    while self.ahead_end < want.max(1) {
-                        match it.next() {
-                            Some(c) => {
-                                self.ahead[self.ahead_end] = Some(c);
-                                self.ahead_end += 1;
-                            }
-                            None => break,
-                        }
-                    }
-                }
-                Err(virtio_queue::Error::QueueNotReady) => return Pop::NotReady,
-                Err(_) => return Pop::Broken,
-            }
-            if self.ahead_end == 0 {
-                return Pop::Empty;
+            match pop_batch(self.queue, self.mem, &mut self.ahead, want) {
+                Pop::Chain(n) => self.ahead_end = n,
+                Pop::Empty => return Pop::Empty,
+                Pop::NotReady => return Pop::NotReady,
+                Pop::Broken => return Pop::Broken,
             }
         }
         let c = self.ahead[self.ahead_start].take();

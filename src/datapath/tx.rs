@@ -153,6 +153,37 @@ pub(super) enum Pop<C> {
     Broken,
 }
 
+/// Pops up to `want` chains (at least one, at most `chains.len()`) into `chains[..n]` with one
+/// read of the avail index: `Chain(n)` with `n > 0`, or why none came.
+pub(super) fn pop_batch<'m, M: GuestMemory>(
+    queue: &mut Queue,
+    mem: &'m M,
+    chains: &mut [Option<DescriptorChain<&'m M>>],
+    want: usize,
+) -> Pop<usize> {
+    let want = want.max(1).min(chains.len());
+    let mut it = match queue.iter(mem) {
+        Ok(it) => it,
+        Err(virtio_queue::Error::QueueNotReady) => return Pop::NotReady,
+        Err(_) => return Pop::Broken,
+    };
+    let mut n = 0;
+    while n < want {
+        match it.next() {
+            Some(c) => {
+                chains[n] = Some(c);
+                n += 1;
+            }
+            None => break,
+        }
+    }
+    if n == 0 {
+        Pop::Empty
+    } else {
+        Pop::Chain(n)
+    }
+}
+
 /// The errno of a host error (`EIO` when the error carries none).
 pub(super) fn errno_of(e: &io::Error) -> i32 {
     e.raw_os_error().unwrap_or(libc::EIO)
@@ -232,25 +263,15 @@ fn tx_batch_uring<'m, M: GuestMemory, H: HostQueue>(
         let mut popped = 0usize;
         while done < budget {
             let want = (budget - done).min(batch);
-            let mut n = 0usize;
-            match queue.iter(mem) {
-                Ok(mut it) => {
-                    while n < want {
-                        match it.next() {
-                            Some(c) => {
-                                chains[n] = Some(c);
-                                n += 1;
-                            }
-                            None => break,
-                        }
-                    }
-                }
-                Err(virtio_queue::Error::QueueNotReady) => break 'batch,
-                Err(_) => {
+            let n = match pop_batch(queue, mem, &mut chains, want) {
+                Pop::Chain(n) => n,
+                Pop::Empty => 0,
+                Pop::NotReady => break 'batch,
+                Pop::Broken => {
                     out.broken = true;
                     break 'batch;
                 }
-            }
+            };
             if n == 0 {
                 if recheck && popped == 0 {
                     out.broken = true;
@@ -385,25 +406,15 @@ fn tx_batch<'m, M: GuestMemory, H: HostQueue>(
         let mut popped = 0usize;
         while done < budget {
             let want = (budget - done).min(POP_BATCH);
-            let mut n = 0usize;
-            match queue.iter(mem) {
-                Ok(mut it) => {
-                    while n < want {
-                        match it.next() {
-                            Some(c) => {
-                                chains[n] = Some(c);
-                                n += 1;
-                            }
-                            None => break,
-                        }
-                    }
-                }
-                Err(virtio_queue::Error::QueueNotReady) => break 'batch,
-                Err(_) => {
+            let n = match pop_batch(queue, mem, &mut chains, want) {
+                Pop::Chain(n) => n,
+                Pop::Empty => 0,
+                Pop::NotReady => break 'batch,
+                Pop::Broken => {
                     out.broken = true;
                     break 'batch;
                 }
-            }
+            };
             if n == 0 {
                 if recheck && popped == 0 {
                     out.broken = true;

@@ -91,6 +91,10 @@ pub struct HostSide<Q> {
     /// Whether the host link is up with carrier; kept current by the link watcher and read
     /// into the config space's STATUS field.
     pub link_up: Arc<std::sync::atomic::AtomicBool>,
+    /// End the frontend's connection while `link_up` is false, and serve none until it is
+    /// true again (`--disconnect-on-link-down`): how a vhost-user frontend shows the guest a
+    /// link change today (see `crate::server`).
+    pub link_down_disconnects: bool,
 }
 
 /// Link status bit in the config space (`VIRTIO_NET_S_LINK_UP`).
@@ -219,6 +223,7 @@ impl<Q> Clone for HostSide<Q> {
             queues: self.queues.clone(),
             supported_offloads: self.supported_offloads,
             link_up: self.link_up.clone(),
+            link_down_disconnects: self.link_down_disconnects,
         }
     }
 }

@@ -107,6 +107,12 @@ pub struct Args {
     /// BENCHMARKS.md); falls back to writev when io_uring is unavailable.
     #[arg(long)]
     pub io_uring: bool,
+
+    /// While the host link has no carrier, end the frontend's connection and serve none until
+    /// carrier returns: QEMU (chardev `reconnect=N`) and DPDK virtio-user then show the guest
+    /// its link down, and up again when they reconnect.
+    #[arg(long)]
+    pub disconnect_on_link_down: bool,
 }
 
 /// Subcommands.
@@ -218,6 +224,8 @@ pub struct Config {
     pub metrics_addr: Option<std::net::SocketAddr>,
     /// Batched TX writes through io_uring.
     pub io_uring: bool,
+    /// End the frontend connection while the host link has no carrier.
+    pub disconnect_on_link_down: bool,
     /// The macvtap to create (`--macvtap-parent`); `host` then names it once created.
     pub create_macvtap: Option<crate::netlink::MacvtapSpec>,
     /// Keep the created macvtap on exit.
@@ -376,6 +384,7 @@ impl TryFrom<Args> for Config {
 
         Ok(Config {
             io_uring: args.io_uring,
+            disconnect_on_link_down: args.disconnect_on_link_down,
             create_macvtap,
             keep_macvtap: args.keep,
             tx_rate,

@@ -2,7 +2,9 @@
 //!
 //! The host queues and counters live for the whole process; everything a frontend negotiates
 //! lives in a `NetBackend` made for its connection. The one listener is kept across
-//! connections, so a frontend reconnecting never races a re-created socket.
+//! connections, so a frontend reconnecting never races a re-created socket; the exception is
+//! `--disconnect-on-link-down`, which unbinds it while the host link has no carrier (see
+//! [`HostSide::link_down_disconnects`]).
 
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -87,6 +89,22 @@ impl Stopper {
 
     fn stopping(&self) -> bool {
         self.requested.load(Ordering::SeqCst)
+    }
+
+    /// Ends the current connection (if any) without stopping the loop.
+    fn end_connection(&self) {
+        if let Some(h) = self
+            .connection
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+        {
+            h.shutdown();
+        }
+    }
+
+    fn set_listener_fd(&self, fd: Option<RawFd>) {
+        *self.listener_fd.lock().unwrap_or_else(|e| e.into_inner()) = fd;
     }
 }
 
@@ -246,6 +264,7 @@ pub fn run(config: Config) -> Result<(), ServerError> {
         queues: host.queues().to_vec(),
         supported_offloads: host.supported_offloads(),
         link_up,
+        link_down_disconnects: config.disconnect_on_link_down,
     };
     let result = serve(&config.socket, identity, side, &stats, &stopper);
     drop(host);
@@ -254,8 +273,9 @@ pub fn run(config: Config) -> Result<(), ServerError> {
 }
 
 /// Keeps `link_up` equal to "the host link and its parent are up with carrier", and logs
-/// changes once each. The guest sees it in the config space's STATUS field on its next read
-/// (vhost 0.18 cannot send a config-change notification; see the README).
+/// changes once each. The config space's STATUS field reads it; with
+/// `--disconnect-on-link-down` the serve loop also ends the connection while it is false (no
+/// frontend acts on a config-change message for net; see the README's "Link state").
 fn watch_link_state(
     iface: &str,
     ifindexes: Vec<u32>,
@@ -328,25 +348,16 @@ pub fn serve<Q: QueueControl>(
     for q in &host.queues {
         let _ = q.detach();
     }
-    let listener = match socket {
-        SocketMode::Listen(path) => {
-            Some(
-                Listener::new(path, true).map_err(|source| ServerError::Listen {
-                    path: path.clone(),
-                    source,
-                })?,
-            )
-        }
+    let mut listener = match socket {
+        SocketMode::Listen(path) => Some(bind(path)?),
         SocketMode::ListenFd(fd) => Some(listener_from_fd(*fd)?),
         SocketMode::Connect(_) => None,
     };
     if let Some(l) = &listener {
-        *stopper
-            .listener_fd
-            .lock()
-            .unwrap_or_else(|e| e.into_inner()) = Some(l.as_raw_fd());
+        stopper.set_listener_fd(Some(l.as_raw_fd()));
         tracing::info!(socket = ?socket, "listening for a vhost-user frontend");
     }
+    let link_gone = || host.link_down_disconnects && !host.link_up.load(Ordering::SeqCst);
 
     // The daemon serves connections relayed by the shim (`crate::shim`) from a private socket.
     let private = PrivateDir::new().map_err(ServerError::Device)?;
@@ -358,6 +369,10 @@ pub fn serve<Q: QueueControl>(
         })?;
 
     while !stopper.stopping() {
+        if link_gone() {
+            listener = wait_for_carrier(socket, listener, &host.link_up, stopper)?;
+            continue;
+        }
         let backend =
             Arc::new(NetBackend::new(identity, host.clone(), stats).map_err(ServerError::Device)?);
         let mut daemon = VhostUserDaemon::new(
@@ -372,6 +387,15 @@ pub fn serve<Q: QueueControl>(
             (Some(l), _) => accept_frontend(l),
             (None, SocketMode::Connect(path)) => connect_with_backoff(path, stopper),
             (None, _) => unreachable!("listening modes always have a listener"),
+        };
+        let frontend = match frontend {
+            // Carrier went while we waited for the frontend: refuse it (closing it is the
+            // message), then wait for carrier.
+            Ok(_) if link_gone() => {
+                tracing::debug!("host link down: closing a frontend that just connected");
+                Err("host link down".to_string())
+            }
+            other => other,
         };
         let dirty_log = backend.dirty_log();
         let started = frontend.and_then(|front| {
@@ -397,7 +421,18 @@ pub fn serve<Q: QueueControl>(
                     daemon.request_shutdown();
                 }
                 tracing::info!("frontend connected");
-                match daemon.wait() {
+                let connected = AtomicBool::new(true);
+                let ended = std::thread::scope(|scope| {
+                    if host.link_down_disconnects {
+                        scope.spawn(|| {
+                            end_connection_on_link_loss(&host.link_up, &connected, stopper)
+                        });
+                    }
+                    let ended = daemon.wait();
+                    connected.store(false, Ordering::SeqCst);
+                    ended
+                });
+                match ended {
                     Ok(())
                     | Err(vhost_user_backend::Error::HandleRequest(
                         vhost::vhost_user::Error::Disconnected
@@ -411,6 +446,7 @@ pub fn serve<Q: QueueControl>(
                 *stopper.connection.lock().unwrap_or_else(|e| e.into_inner()) = None;
             }
             Err(e) if stopper.stopping() => tracing::debug!("accept interrupted: {e}"),
+            Err(_) if link_gone() => {}
             Err(e) => {
                 tracing::error!("accepting a frontend failed: {e}");
                 std::thread::sleep(Duration::from_millis(100));
@@ -421,14 +457,79 @@ pub fn serve<Q: QueueControl>(
             h.send_exit_event();
         }
     }
-    *stopper
-        .listener_fd
-        .lock()
-        .unwrap_or_else(|e| e.into_inner()) = None;
+    stopper.set_listener_fd(None);
     // Dropping the listener removes the socket path it created.
     drop(listener);
     tracing::info!("stopped");
     Ok(())
+}
+
+fn bind(path: &Path) -> Result<Listener, ServerError> {
+    Listener::new(path, true).map_err(|source| ServerError::Listen {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+/// How often a lost or returned carrier is looked for while it matters.
+const CARRIER_POLL: Duration = Duration::from_millis(50);
+
+/// Runs beside a connection with `--disconnect-on-link-down`: ends it once the host link loses
+/// carrier. The frontend sees its backend go away, which is the one link change QEMU and DPDK
+/// show their guests for vhost-user net (neither acts on a config-change message for net).
+fn end_connection_on_link_loss(link_up: &AtomicBool, connected: &AtomicBool, stopper: &Stopper) {
+    while connected.load(Ordering::SeqCst) && !stopper.stopping() {
+        if !link_up.load(Ordering::SeqCst) {
+            tracing::info!(
+                "host link lost carrier: ending the frontend connection (--disconnect-on-link-down)"
+            );
+            stopper.end_connection();
+            return;
+        }
+        std::thread::sleep(CARRIER_POLL);
+    }
+}
+
+/// Serves nobody until the host link has carrier again (or a stop): a socket path is unbound
+/// so that connects fail at once (a frontend with reconnect keeps retrying), a passed-in
+/// listening fd has each connection closed as it comes, and a client does not connect.
+/// Returns the listener to serve with afterwards.
+fn wait_for_carrier(
+    socket: &SocketMode,
+    mut listener: Option<Listener>,
+    link_up: &AtomicBool,
+    stopper: &Stopper,
+) -> Result<Option<Listener>, ServerError> {
+    tracing::info!("host link has no carrier: serving no frontend until it returns");
+    if let SocketMode::Listen(_) = socket {
+        stopper.set_listener_fd(None);
+        listener = None;
+    }
+    if let Some(l) = &listener {
+        let _ = l.set_nonblocking(true);
+    }
+    while !link_up.load(Ordering::SeqCst) && !stopper.stopping() {
+        if let Some(l) = &listener {
+            while let Ok(Some(refused)) = l.accept() {
+                drop(refused);
+            }
+        }
+        std::thread::sleep(CARRIER_POLL);
+    }
+    if let Some(l) = &listener {
+        let _ = l.set_nonblocking(false);
+    }
+    if let SocketMode::Listen(path) = socket {
+        if !stopper.stopping() {
+            let l = bind(path)?;
+            stopper.set_listener_fd(Some(l.as_raw_fd()));
+            listener = Some(l);
+        }
+    }
+    if !stopper.stopping() {
+        tracing::info!("host link has carrier again: serving frontends");
+    }
+    Ok(listener)
 }
 
 fn connect_with_backoff(path: &Path, stopper: &Stopper) -> Result<UnixStream, String> {

@@ -39,10 +39,6 @@ struct Macvhost {
 }
 
 impl Macvhost {
-    fn start(ns: &NetNs, dir: &Path, queues: u16) -> Macvhost {
-        Self::start_on(ns, dir, "mvt0", queues)
-    }
-
     /// macvhost on macvtap `macvtap`, its sockets and log in `dir`.
     fn start_on(ns: &NetNs, dir: &Path, macvtap: &str, queues: u16) -> Macvhost {
         Self::start_with(ns, dir, macvtap, queues, &[])
@@ -178,13 +174,18 @@ struct Setup {
 }
 
 fn setup(tag: &str, queues: u16, reboot_in_place: bool) -> Setup {
+    setup_with(tag, queues, reboot_in_place, &[])
+}
+
+/// [`setup`] with more macvhost arguments.
+fn setup_with(tag: &str, queues: u16, reboot_in_place: bool, extra_args: &[&str]) -> Setup {
     let lock = one_guest_at_a_time();
     let ns = NetNs::new(tag).expect("create netns");
     // The macvtap carries the guest's MAC: macvtap only delivers frames for its own address.
     ns.add_veth_macvtap(&format!("{}/24", guest::PEER_IP), guest::GUEST_MAC)
         .expect("veth + macvtap");
     let dir = tempfile::tempdir().unwrap();
-    let mvh = Macvhost::start(&ns, dir.path(), queues);
+    let mvh = Macvhost::start_with(&ns, dir.path(), "mvt0", queues, extra_args);
     let mut cfg = QemuConfig::vhost_user(tag, &mvh.socket, queues);
     cfg.no_reboot = !reboot_in_place;
     let vm = Qemu::spawn(&cfg).unwrap_or_else(|e| panic!("{e}"));
@@ -268,6 +269,69 @@ fn guest_comes_up_with_the_macvtap_mac_and_pings_the_peer() {
     println!("boot {:.2} s", s.boot.as_secs_f64());
 }
 
+/// Polls the guest's carrier for `iface` until it reads `want`; returns how long that took.
+fn wait_guest_carrier(s: &Setup, want: &str, limit: Duration) -> Result<Duration, String> {
+    let t = Instant::now();
+    let mut last = String::new();
+    while t.elapsed() < limit {
+        let o = s.vm.exec_ok(
+            "result carrier $(cat /sys/class/net/$MVH_IFACE/carrier)",
+            secs(60),
+        );
+        last = o.expect_result("carrier").to_string();
+        if last == want {
+            return Ok(t.elapsed());
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    Err(format!("guest carrier still {last} after {limit:?}"))
+}
+
+#[test]
+fn guest_carrier_follows_the_macvtap_parent_with_disconnect_on_link_down() {
+    if skip("guest_carrier_follows_the_macvtap_parent_with_disconnect_on_link_down") {
+        return;
+    }
+    let s = setup_with("carrier", 1, false, &["--disconnect-on-link-down"]);
+    wait_guest_carrier(&s, "1", secs(30)).unwrap();
+    let o = s.vm.exec_ok("ping -c 2 -W 5 $MVH_PEER", secs(120));
+    assert!(o.output.contains("2 packets received"), "{}", o.output);
+
+    // The peer end of the veth goes down: the parent, and so the macvtap, lose carrier.
+    s.ns.ip(&["link", "set", "mvh-peer", "down"]).unwrap();
+    let down = wait_guest_carrier(&s, "0", secs(30))
+        .unwrap_or_else(|e| panic!("{e}\n--- macvhost ---\n{}", s.mvh.log_text()));
+    // Carrier returns: macvhost serves again, QEMU reconnects (reconnect=1) and raises the link.
+    s.ns.ip(&["link", "set", "mvh-peer", "up"]).unwrap();
+    let up = wait_guest_carrier(&s, "1", secs(60))
+        .unwrap_or_else(|e| panic!("{e}\n--- macvhost ---\n{}", s.mvh.log_text()));
+    let o = s.vm.exec_ok("ping -c 3 -W 5 $MVH_PEER", secs(120));
+    assert!(
+        o.output.contains("3 packets received"),
+        "no traffic after the link came back:\n{}",
+        o.output
+    );
+    let log = s.mvh.log_text();
+    assert_eq!(
+        log.matches("host link lost carrier: ending the frontend connection")
+            .count(),
+        1,
+        "{log}"
+    );
+    assert!(log.contains("host link has carrier again"), "{log}");
+    let console = s.vm.log_text();
+    assert!(
+        !console.contains("BUG:") && !console.contains("Oops"),
+        "the guest kernel crashed:\n{console}"
+    );
+    println!(
+        "guest carrier: 0 seen {:.2} s after the parent went down, 1 seen {:.2} s after it \
+         came back; ping after: 3/3",
+        down.as_secs_f64(),
+        up.as_secs_f64()
+    );
+}
+
 #[test]
 fn tcp_64mib_each_way_arrives_intact_with_checksum_and_tso_offloads() {
     if skip("tcp_64mib_each_way_arrives_intact_with_checksum_and_tso_offloads") {
@@ -316,29 +380,48 @@ fn tcp_64mib_each_way_arrives_intact_with_checksum_and_tso_offloads() {
         secs(300),
     );
     let tx_sha = o.expect_result("tx_sha").to_string();
+    let before = s.mvh.stats();
     let listener =
         s.ns.tcp_listener(format!("{}:5002", guest::PEER_IP).parse().unwrap())
             .unwrap();
     let receiver = guest::receive_sha256(listener, secs(300));
-    timed("64 MiB guest->host", || {
-        s.vm.exec_ok("nc $MVH_PEER 5002 < /tmp/tx; rm -f /tmp/tx", secs(300))
+    let o = timed("64 MiB guest->host", || {
+        s.vm.exec_ok(
+            "nc $MVH_PEER 5002 < /tmp/tx; rm -f /tmp/tx; \
+             result retrans $(awk '/^Tcp:/ {n++} n == 2 {print $13; exit}' /proc/net/snmp)",
+            secs(300),
+        )
     });
     let got = receiver.join().unwrap().unwrap();
     assert_eq!(got.bytes, BLOB as u64);
     assert_eq!(got.sha256, tx_sha, "guest->host corrupted");
     println!("guest->host {:.0} Mbit/s", got.mbit_per_s());
 
-    // GSO really crossed macvhost: TX frames averaged more than one MTU.
+    // TSO really crossed macvhost: the guest handed over frames asking the host to segment them.
+    // How many depends on the guest: under TCG, 6% to 48% of the frames over 6 runs (a run
+    // where the guest falls into one interrupt per ACK sends mostly MSS-sized frames, which
+    // failed the old "average above one MTU" check in CI), so only their presence is asserted.
     let st = s.mvh.stats();
-    let (frames, bytes): (u64, u64) = st
-        .iter()
-        .fold((0, 0), |(f, b), q| (f + q["tx_frames"], b + q["tx_bytes"]));
-    let avg = bytes / frames.max(1);
-    println!("guest TX through macvhost: {frames} frames, {bytes} B, {avg} B/frame");
-    assert!(
-        avg > 1514,
-        "no TSO frames crossed macvhost (average {avg} B)"
+    let delta = |k: &str| -> u64 { st.iter().zip(&before).map(|(a, b)| a[k] - b[k]).sum() };
+    let (frames, bytes, gso) = (
+        delta("tx_frames"),
+        delta("tx_bytes"),
+        delta("tx_gso_frames"),
     );
+    println!(
+        "guest TX through macvhost: {frames} frames ({gso} GSO), {bytes} B, {} B/frame",
+        bytes / frames.max(1)
+    );
+    println!(
+        "guest TCP retransmitted segments so far: {}; counters moved: {:?}",
+        o.expect_result("retrans"),
+        st[0]
+            .keys()
+            .map(|k| (k.as_str(), delta(k)))
+            .filter(|&(_, v)| v > 0)
+            .collect::<Vec<_>>()
+    );
+    assert!(gso > 0, "no TSO frame crossed macvhost ({frames} frames)");
     let (rframes, rbytes): (u64, u64) = st
         .iter()
         .fold((0, 0), |(f, b), q| (f + q["rx_frames"], b + q["rx_bytes"]));

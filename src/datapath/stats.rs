@@ -54,6 +54,9 @@ counters! {
     tx_frames,
     /// Bytes of those frames (vnet header excluded).
     tx_bytes,
+    /// Of `tx_frames`, those whose vnet header asked the host for segmentation (TSO/UFO/USO):
+    /// each leaves as several wire frames.
+    tx_gso_frames,
     /// Frames delivered to the guest.
     rx_frames,
     /// Bytes of those frames (vnet header excluded).

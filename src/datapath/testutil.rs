@@ -60,11 +60,16 @@ pub fn memory_of(ranges: &[(u64, usize)]) -> GuestMemoryMmap {
 }
 
 /// A recognisable frame: `hdr_len` header bytes (`0xh0, 0xh1...` pattern with `seed`) followed by
-/// `payload_len` payload bytes.
+/// `payload_len` payload bytes. The header's `gso_type` byte is 0 (no segmentation), as in an
+/// ordinary frame.
 pub fn pattern_frame(hdr_len: usize, payload_len: usize, seed: u8) -> Vec<u8> {
-    (0..hdr_len + payload_len)
+    let mut f: Vec<u8> = (0..hdr_len + payload_len)
         .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
-        .collect()
+        .collect();
+    if hdr_len > 1 {
+        f[1] = 0;
+    }
+    f
 }
 
 /// Writes `bytes` at `addr` (test setup; panics on unmapped memory).

@@ -24,6 +24,12 @@ pub const VNET_HDR_LEN_V1: usize = 12;
 pub const VNET_HDR_LEN_LEGACY: usize = 10;
 /// Byte offset of the little-endian `u16 num_buffers` in a 12-byte header.
 pub const NUM_BUFFERS_OFFSET: usize = 10;
+/// Byte offset of `gso_type` in every header version.
+pub const GSO_TYPE_OFFSET: usize = 1;
+/// `gso_type` with no segmentation asked for.
+pub const VIRTIO_NET_HDR_GSO_NONE: u8 = 0;
+/// `gso_type` flag: the frames carry ECN (combined with a GSO type).
+pub const VIRTIO_NET_HDR_GSO_ECN: u8 = 0x80;
 
 /// Largest Ethernet frame behind the header when GSO is in use: a 64 KiB IP packet plus the
 /// 14-byte Ethernet header (65550, the same bound as QEMU and Firecracker).
@@ -89,6 +95,7 @@ unsafe impl ByteValued for VirtioNetHdr {}
 
 const _: () = assert!(std::mem::size_of::<VirtioNetHdr>() == VNET_HDR_LEN_V1);
 const _: () = assert!(std::mem::offset_of!(VirtioNetHdr, num_buffers) == NUM_BUFFERS_OFFSET);
+const _: () = assert!(std::mem::offset_of!(VirtioNetHdr, gso_type) == GSO_TYPE_OFFSET);
 
 /// The header length the guest and the tap use: 12 with `VERSION_1` or `MRG_RXBUF`, else 10.
 /// The tap must be set to the same size (`TUNSETVNETHDRSZ`).

@@ -544,6 +544,7 @@ fn run_connection(data: &[u8]) {
         queues: queues.clone(),
         supported_offloads: offloads,
         link_up: Arc::new(std::sync::atomic::AtomicBool::new(cfg & 8 != 0)),
+        link_down_disconnects: false,
     };
     let backend = Arc::new(NetBackend::new(identity, host, &stats).expect("backend"));
     let offered = vhost_user_backend::VhostUserBackend::features(&*backend);

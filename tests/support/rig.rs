@@ -68,6 +68,8 @@ pub struct Rig {
     pub peers: Vec<UnixDatagram>,
     pub stats: Vec<Arc<QueueStats>>,
     pub stop: StopHandle,
+    /// The host link's carrier as the serve loop sees it (the link watcher's flag).
+    pub link_up: Arc<AtomicBool>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
@@ -84,7 +86,17 @@ impl Rig {
         mode: SocketMode,
         sock: std::path::PathBuf,
     ) -> Rig {
-        Rig::start_full(pairs, dir, mode, sock, None, None)
+        Rig::start_full(pairs, dir, mode, sock, None, None, false)
+    }
+
+    /// A rig serving with `--disconnect-on-link-down`.
+    pub fn start_disconnecting_on_link_down(
+        pairs: u16,
+        dir: tempfile::TempDir,
+        mode: SocketMode,
+        sock: std::path::PathBuf,
+    ) -> Rig {
+        Rig::start_full(pairs, dir, mode, sock, None, None, true)
     }
 
     /// A rig whose device has `--tx-rate` / `--rx-rate` limits.
@@ -102,6 +114,7 @@ impl Rig {
             sock,
             tx_rate,
             rx_rate,
+            false,
         )
     }
 
@@ -112,6 +125,7 @@ impl Rig {
         sock: std::path::PathBuf,
         tx_rate: Option<macvhost::ratelimit::RateSpec>,
         rx_rate: Option<macvhost::ratelimit::RateSpec>,
+        link_down_disconnects: bool,
     ) -> Rig {
         let mut queues = Vec::new();
         let mut peers = Vec::new();
@@ -140,10 +154,12 @@ impl Rig {
             tx_rate,
             rx_rate,
         };
+        let link_up = Arc::new(AtomicBool::new(true));
         let side = HostSide {
             queues: queues.clone(),
             supported_offloads: 0x1f,
-            link_up: Arc::new(std::sync::atomic::AtomicBool::new(true)),
+            link_up: link_up.clone(),
+            link_down_disconnects,
         };
         let (s2, st2) = (stop.clone(), stats.clone());
         let listening = matches!(mode, SocketMode::Listen(_));
@@ -164,6 +180,7 @@ impl Rig {
             peers,
             stats,
             stop,
+            link_up,
             thread: Some(thread),
         }
     }

@@ -1,0 +1,154 @@
+//! Host link state as the frontend sees it, over the real serve loop and a real vhost-user
+//! socket (fake host queues; no root needed). The carrier flag is the one the rtnetlink
+//! watcher keeps (tested against real macvtaps in `src/netlink/tests.rs`).
+//!
+//! - Always: the config space's STATUS field follows carrier (GET_CONFIG).
+//! - With `--disconnect-on-link-down`: losing carrier ends the connection and nobody is served
+//!   until it returns, in each socket mode. That is what makes QEMU and DPDK show their guest
+//!   the link going down and up (`tests/guest_macvhost.rs` shows it in a real guest).
+
+mod support {
+    #[path = "rig.rs"]
+    pub mod rig;
+    #[path = "vu_driver.rs"]
+    pub mod vu_driver;
+}
+
+use std::io::Read;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use macvhost::config::SocketMode;
+use support::rig::*;
+use support::vu_driver::VuGuest;
+use vhost::vhost_user::message::VhostUserConfigFlags;
+use vhost::vhost_user::{Frontend, VhostUserFrontend};
+use vhost::VhostBackend;
+
+/// The `status` field of `virtio_net_config` (offset 6) as GET_CONFIG reports it.
+fn link_status(g: &mut VuGuest) -> u16 {
+    let (_, data) = g
+        .frontend
+        .get_config(6, 2, VhostUserConfigFlags::empty(), &[0u8; 2])
+        .expect("GET_CONFIG");
+    u16::from_le_bytes([data[0], data[1]])
+}
+
+/// True once a request on `g`'s connection fails (the backend closed it), within `limit`.
+fn closed_within(g: &mut VuGuest, limit: Duration) -> Option<Duration> {
+    let t = Instant::now();
+    while t.elapsed() < limit {
+        if g.frontend.get_features().is_err() {
+            return Some(t.elapsed());
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    None
+}
+
+#[test]
+fn link_loss_without_the_flag_keeps_the_connection_and_clears_link_status() {
+    let rig = Rig::start(1);
+    let mut g = rig.guest(1, ALL);
+    assert_eq!(link_status(&mut g), 1);
+    rig.link_up.store(false, Ordering::SeqCst);
+    assert_eq!(link_status(&mut g), 0, "STATUS still says link up");
+    // Well past the carrier poll: the connection is kept and still carries frames.
+    std::thread::sleep(Duration::from_millis(300));
+    tx_one_and_check(&rig, &mut g, 1);
+    rig.link_up.store(true, Ordering::SeqCst);
+    assert_eq!(link_status(&mut g), 1);
+    tx_one_and_check(&rig, &mut g, 2);
+}
+
+#[test]
+fn link_loss_ends_the_connection_and_unbinds_the_socket_until_carrier_returns() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("vu.sock");
+    let rig = Rig::start_disconnecting_on_link_down(
+        1,
+        dir,
+        SocketMode::Listen(sock.clone()),
+        sock.clone(),
+    );
+    let mut g = rig.guest(1, ALL);
+    tx_one_and_check(&rig, &mut g, 1);
+
+    rig.link_up.store(false, Ordering::SeqCst);
+    let took = closed_within(&mut g, Duration::from_secs(2))
+        .expect("the connection outlived the carrier by 2 s");
+    println!("connection ended {took:.0?} after carrier loss");
+    // While down, connecting fails at once (no path, or nobody listening): a frontend with
+    // reconnect keeps retrying instead of hanging in a handshake.
+    assert!(eventually(|| UnixStream::connect(&sock).is_err()));
+    for _ in 0..10 {
+        assert!(
+            UnixStream::connect(&sock).is_err(),
+            "a connection was taken while the link is down"
+        );
+        std::thread::sleep(Duration::from_millis(30));
+    }
+
+    rig.link_up.store(true, Ordering::SeqCst);
+    let mut g2 = VuGuest::connect(&sock, 1, 256, ALL, Duration::from_secs(5));
+    assert_eq!(link_status(&mut g2), 1);
+    tx_one_and_check(&rig, &mut g2, 2);
+    // Counted by the worker just after the write the peer already read.
+    assert!(eventually(|| rig.stats[0].snapshot().tx_frames == 2));
+}
+
+#[test]
+fn link_loss_with_an_inherited_fd_closes_each_connection_until_carrier_returns() {
+    use std::os::fd::IntoRawFd;
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("inherited.sock");
+    let fd = UnixListener::bind(&sock).unwrap().into_raw_fd();
+    let rig = Rig::start_disconnecting_on_link_down(1, dir, SocketMode::ListenFd(fd), sock.clone());
+    let mut g = rig.guest(1, ALL);
+    tx_one_and_check(&rig, &mut g, 1);
+
+    rig.link_up.store(false, Ordering::SeqCst);
+    closed_within(&mut g, Duration::from_secs(2)).expect("connection kept after carrier loss");
+    // The fd cannot be unbound: each connection is accepted and closed at once (EOF), so a
+    // frontend never waits on a handshake nobody answers.
+    for _ in 0..3 {
+        let mut s = UnixStream::connect(&sock).expect("the inherited socket still listens");
+        s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        let mut b = [0u8; 1];
+        assert_eq!(s.read(&mut b).expect("EOF, not a timeout"), 0);
+    }
+
+    rig.link_up.store(true, Ordering::SeqCst);
+    // Give the loop a carrier poll to notice, then a normal frontend is served again.
+    std::thread::sleep(Duration::from_millis(200));
+    let mut g2 = VuGuest::connect(&sock, 1, 256, ALL, Duration::from_secs(5));
+    tx_one_and_check(&rig, &mut g2, 2);
+}
+
+#[test]
+fn link_loss_in_client_mode_ends_the_connection_and_reconnects_when_carrier_returns() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("frontend.sock");
+    let listener = UnixListener::bind(&sock).unwrap();
+    let rig =
+        Rig::start_disconnecting_on_link_down(1, dir, SocketMode::Connect(sock.clone()), sock);
+    let (stream, _) = listener.accept().unwrap();
+    let mut g = VuGuest::over(Frontend::from_stream(stream, 2), 1, 256, ALL);
+    tx_one_and_check(&rig, &mut g, 1);
+
+    rig.link_up.store(false, Ordering::SeqCst);
+    closed_within(&mut g, Duration::from_secs(2)).expect("connection kept after carrier loss");
+    listener.set_nonblocking(true).unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        listener.accept().is_err(),
+        "the backend connected again while the link is down"
+    );
+
+    rig.link_up.store(true, Ordering::SeqCst);
+    listener.set_nonblocking(false).unwrap();
+    let (stream, _) = listener.accept().unwrap();
+    let mut g2 = VuGuest::over(Frontend::from_stream(stream, 2), 1, 256, ALL);
+    tx_one_and_check(&rig, &mut g2, 2);
+}

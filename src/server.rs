@@ -398,6 +398,8 @@ pub fn serve<Q: QueueControl>(
             other => other,
         };
         let dirty_log = backend.dirty_log();
+        let notifier = Arc::new(crate::shim::ConfigNotifier::default());
+        let relay_notifier = notifier.clone();
         let started = frontend.and_then(|front| {
             let inner = UnixStream::connect(&private_path).map_err(|e| e.to_string())?;
             daemon
@@ -406,7 +408,7 @@ pub fn serve<Q: QueueControl>(
             std::thread::Builder::new()
                 .name("vu-shim".into())
                 .spawn(move || {
-                    if let Err(e) = crate::shim::relay(front, inner, dirty_log) {
+                    if let Err(e) = crate::shim::relay(front, inner, dirty_log, relay_notifier) {
                         tracing::debug!("vhost-user relay ended: {e}");
                     }
                 })
@@ -423,11 +425,9 @@ pub fn serve<Q: QueueControl>(
                 tracing::info!("frontend connected");
                 let connected = AtomicBool::new(true);
                 let ended = std::thread::scope(|scope| {
-                    if host.link_down_disconnects {
-                        scope.spawn(|| {
-                            end_connection_on_link_loss(&host.link_up, &connected, stopper)
-                        });
-                    }
+                    scope.spawn(|| {
+                        follow_link_for_connection(&host, &notifier, &connected, stopper)
+                    });
                     let ended = daemon.wait();
                     connected.store(false, Ordering::SeqCst);
                     ended
@@ -474,12 +474,27 @@ fn bind(path: &Path) -> Result<Listener, ServerError> {
 /// How often a lost or returned carrier is looked for while it matters.
 const CARRIER_POLL: Duration = Duration::from_millis(50);
 
-/// Runs beside a connection with `--disconnect-on-link-down`: ends it once the host link loses
-/// carrier. The frontend sees its backend go away, which is the one link change QEMU and DPDK
-/// show their guests for vhost-user net (neither acts on a config-change message for net).
-fn end_connection_on_link_loss(link_up: &AtomicBool, connected: &AtomicBool, stopper: &Stopper) {
+/// Runs beside each connection and follows the host link: every change of carrier is
+/// announced with CONFIG_CHANGE_MSG where the frontend negotiated it (the STATUS field already
+/// reads the new value), and with `--disconnect-on-link-down` a loss of carrier ends the
+/// connection. The frontend seeing its backend go away is the one link change QEMU and DPDK
+/// show their guests for vhost-user net (neither acts on a config change for net).
+fn follow_link_for_connection<Q>(
+    host: &HostSide<Q>,
+    notifier: &crate::shim::ConfigNotifier,
+    connected: &AtomicBool,
+    stopper: &Stopper,
+) {
+    let mut was_up = host.link_up.load(Ordering::SeqCst);
     while connected.load(Ordering::SeqCst) && !stopper.stopping() {
-        if !link_up.load(Ordering::SeqCst) {
+        let up = host.link_up.load(Ordering::SeqCst);
+        if up != was_up {
+            was_up = up;
+            if notifier.config_changed() {
+                tracing::debug!(link_up = up, "config change sent to the frontend");
+            }
+        }
+        if !up && host.link_down_disconnects {
             tracing::info!(
                 "host link lost carrier: ending the frontend connection (--disconnect-on-link-down)"
             );

@@ -17,6 +17,9 @@
 //! [`DirtyLogState`]: vhost-user-backend's own handling needs bitmap-typed guest memory and
 //! cannot see our iovec writes (see `crate::dirty_log`). The reply echoes the request's payload,
 //! as the `vhost` crate's backend does; QEMU only checks the request code.
+//! The shim also keeps a copy of the backend request channel (SET_BACKEND_REQ_FD) and the
+//! negotiated protocol features, so that [`ConfigNotifier`] can send CONFIG_CHANGE_MSG when the
+//! host link changes: the `vhost` crate's `Backend` has no way to send that message.
 //! Everything else, fds included, is forwarded unchanged, message by message.
 
 use std::io::{self, Read, Write};
@@ -38,7 +41,9 @@ const MAX_FDS: usize = 32;
 const SET_FEATURES: u32 = 2;
 const SET_MEM_TABLE: u32 = 5;
 const SET_LOG_BASE: u32 = 6;
+const SET_PROTOCOL_FEATURES: u32 = 16;
 const SET_VRING_ENABLE: u32 = 18;
+const SET_BACKEND_REQ_FD: u32 = 21;
 const ADD_MEM_REG: u32 = 37;
 const REM_MEM_REG: u32 = 38;
 const FLAG_VERSION: u32 = 0x1;
@@ -260,13 +265,92 @@ fn set_log_base(m: &Message, log: &DirtyLogState) -> io::Result<Message> {
     })
 }
 
+/// `VHOST_USER_PROTOCOL_F_CONFIG` and `VHOST_USER_PROTOCOL_F_BACKEND_REQ`.
+const PROTOCOL_F_CONFIG: u64 = 1 << 9;
+const PROTOCOL_F_BACKEND_REQ: u64 = 1 << 5;
+/// `VHOST_USER_BACKEND_CONFIG_CHANGE_MSG`.
+const BACKEND_CONFIG_CHANGE_MSG: u32 = 2;
+
+/// Tells a connection's frontend that the config space changed (the link status), over the
+/// backend request channel, when the frontend negotiated both the channel and
+/// `VHOST_USER_PROTOCOL_F_CONFIG` (the spec allows the message only then).
+///
+/// QEMU drops `F_CONFIG` for vhost-user net and DPDK 22.11 has no backend channel, so neither
+/// gets this message; a frontend that negotiates both (crosvm, a custom VMM) does.
+#[derive(Debug, Default)]
+pub struct ConfigNotifier {
+    channel: Mutex<Option<UnixStream>>,
+    protocol_features: std::sync::atomic::AtomicU64,
+}
+
+impl ConfigNotifier {
+    /// Notes what a frontend message sets up (protocol features, the backend channel).
+    fn observe(&self, m: &Message) {
+        match m.request() {
+            SET_PROTOCOL_FEATURES => {
+                if let Some(f) = u64_at(&m.bytes, HDR_LEN) {
+                    self.protocol_features
+                        .store(f, std::sync::atomic::Ordering::SeqCst);
+                }
+            }
+            SET_BACKEND_REQ_FD => {
+                let copy = m
+                    .fds
+                    .first()
+                    .and_then(|fd| fd.try_clone().ok())
+                    .map(UnixStream::from);
+                *self.channel.lock().unwrap_or_else(|e| e.into_inner()) = copy;
+            }
+            _ => {}
+        }
+    }
+
+    /// Whether a config-change message may be sent on this connection.
+    pub fn available(&self) -> bool {
+        let f = self
+            .protocol_features
+            .load(std::sync::atomic::Ordering::SeqCst);
+        f & (PROTOCOL_F_CONFIG | PROTOCOL_F_BACKEND_REQ)
+            == PROTOCOL_F_CONFIG | PROTOCOL_F_BACKEND_REQ
+            && self
+                .channel
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .is_some()
+    }
+
+    /// Sends CONFIG_CHANGE_MSG (without NEED_REPLY: nothing comes back to read). Returns
+    /// whether it was sent; a channel that fails is dropped and not tried again.
+    pub fn config_changed(&self) -> bool {
+        if !self.available() {
+            return false;
+        }
+        let mut channel = self.channel.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(sock) = channel.as_ref() else {
+            return false;
+        };
+        let mut hdr = [0u8; HDR_LEN];
+        hdr[0..4].copy_from_slice(&BACKEND_CONFIG_CHANGE_MSG.to_le_bytes());
+        hdr[4..8].copy_from_slice(&FLAG_VERSION.to_le_bytes());
+        match (&*sock).write_all(&hdr) {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::warn!("backend request channel: {e}; config changes go unannounced");
+                *channel = None;
+                false
+            }
+        }
+    }
+}
+
 /// Relays between `frontend` and `backend` until either side closes; returns when both
 /// directions have stopped. Runs on two threads (the calling one and one it spawns).
-/// `dirty_log` is the connection's log, for SET_LOG_BASE.
+/// `dirty_log` is the connection's log, for SET_LOG_BASE; `notifier` learns the backend channel.
 pub fn relay(
     frontend: UnixStream,
     backend: UnixStream,
     dirty_log: Arc<DirtyLogState>,
+    notifier: Arc<ConfigNotifier>,
 ) -> io::Result<()> {
     let front_out = Arc::new(Mutex::new(frontend.try_clone()?));
     let back_in = backend.try_clone()?;
@@ -296,6 +380,7 @@ pub fn relay(
                 fds = m.fds.len(),
                 "frontend message"
             );
+            notifier.observe(&m);
             match state.judge(&m) {
                 Verdict::SetLogBase => {
                     let reply = set_log_base(&m, &dirty_log).inspect_err(|e| {
@@ -376,7 +461,14 @@ mod tests {
     fn rig_with_log(log: Arc<DirtyLogState>) -> Rig {
         let (front_outer, front_inner) = UnixStream::pair().unwrap();
         let (back_inner, back_outer) = UnixStream::pair().unwrap();
-        let t = std::thread::spawn(move || relay(front_inner, back_inner, log));
+        let t = std::thread::spawn(move || {
+            relay(
+                front_inner,
+                back_inner,
+                log,
+                Arc::new(ConfigNotifier::default()),
+            )
+        });
         back_outer
             .set_read_timeout(Some(std::time::Duration::from_secs(5)))
             .unwrap();
@@ -561,5 +653,64 @@ mod tests {
         assert_eq!(read_n(&mut back, other.len()), other);
         drop(front);
         t.join().unwrap().unwrap();
+    }
+
+    fn message(bytes: Vec<u8>, fds: Vec<OwnedFd>) -> Message {
+        Message { bytes, fds }
+    }
+
+    /// A notifier that saw SET_PROTOCOL_FEATURES(`features`) and a SET_BACKEND_REQ_FD; returns
+    /// it with the frontend's end of the channel.
+    fn notifier_with(features: u64) -> (ConfigNotifier, UnixStream) {
+        let n = ConfigNotifier::default();
+        let (ours, theirs) = UnixStream::pair().unwrap();
+        n.observe(&message(
+            msg(SET_PROTOCOL_FEATURES, FLAG_VERSION, &features.to_le_bytes()),
+            vec![],
+        ));
+        n.observe(&message(
+            msg(SET_BACKEND_REQ_FD, FLAG_VERSION, &[]),
+            vec![OwnedFd::from(theirs)],
+        ));
+        ours.set_nonblocking(true).unwrap();
+        (n, ours)
+    }
+
+    #[test]
+    fn config_change_is_sent_only_when_config_and_backend_req_are_negotiated() {
+        let mut buf = [0u8; 64];
+        for features in [PROTOCOL_F_BACKEND_REQ, PROTOCOL_F_CONFIG, 0] {
+            let (n, front) = notifier_with(features);
+            assert!(
+                !n.config_changed(),
+                "sent with protocol features {features:#x}"
+            );
+            assert!((&front).read(&mut buf).is_err(), "bytes on the channel");
+        }
+        let (n, front) = notifier_with(PROTOCOL_F_BACKEND_REQ | PROTOCOL_F_CONFIG | 1);
+        assert!(n.config_changed());
+        assert_eq!((&front).read(&mut buf).unwrap(), HDR_LEN);
+        assert_eq!(
+            &buf[..HDR_LEN],
+            &msg(BACKEND_CONFIG_CHANGE_MSG, FLAG_VERSION, &[])[..]
+        );
+    }
+
+    #[test]
+    fn config_change_without_a_backend_channel_or_after_it_broke_is_not_sent() {
+        let n = ConfigNotifier::default();
+        n.observe(&message(
+            msg(
+                SET_PROTOCOL_FEATURES,
+                FLAG_VERSION,
+                &(PROTOCOL_F_BACKEND_REQ | PROTOCOL_F_CONFIG).to_le_bytes(),
+            ),
+            vec![],
+        ));
+        assert!(!n.config_changed());
+        let (n, front) = notifier_with(PROTOCOL_F_BACKEND_REQ | PROTOCOL_F_CONFIG);
+        drop(front);
+        assert!(!n.config_changed(), "sent into a closed channel");
+        assert!(!n.available(), "a broken channel is dropped");
     }
 }

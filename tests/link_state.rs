@@ -152,3 +152,32 @@ fn link_loss_in_client_mode_ends_the_connection_and_reconnects_when_carrier_retu
     let mut g2 = VuGuest::over(Frontend::from_stream(stream, 2), 1, 256, ALL);
     tx_one_and_check(&rig, &mut g2, 2);
 }
+
+#[test]
+fn carrier_changes_are_announced_with_config_change_msg_on_the_backend_channel() {
+    let rig = Rig::start(1);
+    let mut g = rig.guest(1, ALL);
+    let chan = g.open_backend_channel();
+    chan.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    let next_message = |chan: &UnixStream| -> [u8; 12] {
+        let mut hdr = [0u8; 12];
+        (&*chan)
+            .read_exact(&mut hdr)
+            .expect("a message on the backend channel");
+        hdr
+    };
+    // VHOST_USER_BACKEND_CONFIG_CHANGE_MSG (2), version 1, no payload, no reply asked for.
+    let config_change = [2, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0];
+    for (up, status) in [(false, 0), (true, 1), (false, 0), (true, 1)] {
+        rig.link_up.store(up, Ordering::SeqCst);
+        assert_eq!(next_message(&chan), config_change, "link_up {up}");
+        // The frontend reads the config space on the message: it already says the new state.
+        assert_eq!(link_status(&mut g), status);
+    }
+    // No change, no message; the connection still carries frames.
+    chan.set_read_timeout(Some(Duration::from_millis(300)))
+        .unwrap();
+    let mut b = [0u8; 1];
+    assert!((&chan).read(&mut b).is_err(), "a message without a change");
+    tx_one_and_check(&rig, &mut g, 1);
+}

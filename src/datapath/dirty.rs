@@ -39,6 +39,11 @@ impl<'a> DirtyLog<'a> {
         if len == 0 {
             return;
         }
+        // The bytes were written just before (readv, used entries). Without a full fence the
+        // load below may run ahead of those stores (x86 lets loads pass older stores), see a
+        // bit the frontend is about to harvest, and skip setting it again: the frontend could
+        // then copy the page before our stores land and never copy it again.
+        std::sync::atomic::fence(Ordering::SeqCst);
         let first = gpa / LOG_PAGE_SIZE;
         let last = gpa.saturating_add(len - 1) / LOG_PAGE_SIZE;
         for page in first..=last {

@@ -122,6 +122,7 @@ impl VuGuest {
                 | VhostUserProtocolFeatures::REPLY_ACK
                 | VhostUserProtocolFeatures::CONFIG
                 | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+                | VhostUserProtocolFeatures::BACKEND_REQ
                 | VhostUserProtocolFeatures::LOG_SHMFD);
         fe.set_protocol_features(pf_want)
             .expect("SET_PROTOCOL_FEATURES");
@@ -190,6 +191,16 @@ impl VuGuest {
                 .set_vring_enable(q, true)
                 .expect("SET_VRING_ENABLE");
         }
+    }
+
+    /// Hands the backend a request channel (SET_BACKEND_REQ_FD) and returns the frontend's end,
+    /// on which the backend's requests (CONFIG_CHANGE_MSG...) arrive.
+    pub fn open_backend_channel(&mut self) -> std::os::unix::net::UnixStream {
+        let (ours, theirs) = std::os::unix::net::UnixStream::pair().expect("socketpair");
+        self.frontend
+            .set_backend_request_fd(&theirs)
+            .expect("SET_BACKEND_REQ_FD");
+        ours
     }
 
     /// (Re)sends SET_MEM_TABLE for the one memfd region.

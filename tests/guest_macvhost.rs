@@ -269,6 +269,28 @@ fn guest_comes_up_with_the_macvtap_mac_and_pings_the_peer() {
     println!("boot {:.2} s", s.boot.as_secs_f64());
 }
 
+/// After a completed migration to a destination held paused (`-S`): saves both guests' RAM
+/// (QMP `pmemsave`, the test guest's 512 MiB) and returns the 4 KiB pages that differ above
+/// 1 MiB (below it sit VGA memory and ROMs). Nothing runs on either side meanwhile, so every
+/// page listed is a write the migration did not carry over.
+fn pages_left_behind(src: &mut guest::Qmp, dst: &mut guest::Qmp, dir: &Path) -> Vec<usize> {
+    const PAGE: usize = 4096;
+    let size = 512usize << 20;
+    let (fa, fb) = (dir.join("src.mem"), dir.join("dst.mem"));
+    for (q, f) in [(src, &fa), (dst, &fb)] {
+        q.execute(
+            "pmemsave",
+            serde_json::json!({"val": 0, "size": size, "filename": f.display().to_string()}),
+        )
+        .expect("pmemsave");
+    }
+    let (a, b) = (std::fs::read(&fa).unwrap(), std::fs::read(&fb).unwrap());
+    let _ = (std::fs::remove_file(&fa), std::fs::remove_file(&fb));
+    ((1 << 20) / PAGE..size / PAGE)
+        .filter(|&p| a[p * PAGE..(p + 1) * PAGE] != b[p * PAGE..(p + 1) * PAGE])
+        .collect()
+}
+
 /// Polls the guest's carrier for `iface` until it reads `want`; returns how long that took.
 fn wait_guest_carrier(s: &Setup, want: &str, limit: Duration) -> Result<Duration, String> {
     let t = Instant::now();
@@ -630,6 +652,10 @@ fn guest_migrates_between_two_macvhosts_while_pinging_the_peer() {
         "-incoming".into(),
         format!("unix:{}", mig.display()),
     ]);
+    let compare = std::env::var_os("MACVHOST_MIGRATION_COMPARE").is_some_and(|v| v != "0");
+    if compare {
+        cfg_b.extra_args.push("-S".into());
+    }
 
     let src = Qemu::spawn(&cfg_a).unwrap_or_else(|e| panic!("{e}"));
     src.wait_ready(secs(300))
@@ -725,6 +751,15 @@ fn guest_migrates_between_two_macvhosts_while_pinging_the_peer() {
         );
         std::thread::sleep(Duration::from_millis(10));
     };
+    if compare {
+        let differ = pages_left_behind(&mut qa, &mut qb, dir.path());
+        println!(
+            "RAM compare: {} pages differ between source and destination: {:x?}",
+            differ.len(),
+            &differ[..differ.len().min(64)]
+        );
+        qb.execute("cont", serde_json::json!({})).unwrap();
+    }
     // Switchover: the destination's macvtap takes over the guest's MAC.
     ns.ip(&["link", "set", "mvt0", "down"]).unwrap();
     ns.ip(&["link", "set", "mvt1", "address", guest::GUEST_MAC])
@@ -822,4 +857,118 @@ fn guest_migrates_between_two_macvhosts_while_pinging_the_peer() {
     println!("gratuitous ARPs from the guest: {garps}\n{arp}");
     assert!(garps >= 1, "no gratuitous ARP after migration:\n{arp}");
     let _ = qb;
+}
+
+/// A control experiment on QEMU itself, not on macvhost: the stream migration of
+/// `guest_migrates_between_two_macvhosts_while_pinging_the_peer` (MACVHOST_MIGRATION_STREAM=1)
+/// on QEMU's own tap backend, with the destination held paused (`-S`) so that both RAMs can be
+/// saved and compared page by page after completion. With TCG, QEMU 7.2 leaves pages behind
+/// here too (see docs/testing.md): the heavy-RX migration failures are not macvhost's.
+/// Only with MACVHOST_MIGRATION_STREAM=1; asserts that the migration completes and prints how
+/// many pages differ.
+#[test]
+fn qemu_tap_backend_stream_migration_control_compares_ram() {
+    if !std::env::var_os("MACVHOST_MIGRATION_STREAM").is_some_and(|v| v != "0") {
+        eprintln!(
+            "skipped: qemu_tap_backend_stream_migration_control_compares_ram: an experiment on \
+             QEMU itself; set MACVHOST_MIGRATION_STREAM=1 (and run as root) to run it"
+        );
+        return;
+    }
+    if skip("qemu_tap_backend_stream_migration_control_compares_ram") {
+        return;
+    }
+    let _lock = one_guest_at_a_time();
+    let ns = NetNs::new("tapc").expect("create netns");
+    ns.ip(&[
+        "link",
+        "add",
+        "mvh-peer",
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "mvh-lower",
+    ])
+    .unwrap();
+    ns.ip(&[
+        "addr",
+        "add",
+        &format!("{}/24", guest::PEER_IP),
+        "dev",
+        "mvh-peer",
+    ])
+    .unwrap();
+    ns.ip(&["link", "add", "br0", "type", "bridge"]).unwrap();
+    for t in ["mtap0", "mtap1"] {
+        ns.ip(&["tuntap", "add", "mode", "tap", t]).unwrap();
+        ns.ip(&["link", "set", t, "master", "br0"]).unwrap();
+    }
+    ns.ip(&["link", "set", "mvh-lower", "master", "br0"])
+        .unwrap();
+    for d in ["mvh-peer", "mvh-lower", "br0", "mtap0", "mtap1"] {
+        ns.ip(&["link", "set", d, "up"]).unwrap();
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let qmp_a = dir.path().join("qmp-a.sock");
+    let qmp_b = dir.path().join("qmp-b.sock");
+    let mig = dir.path().join("migrate.sock");
+    let mut cfg_a = QemuConfig::tap("tapc-src", ns.name(), "mtap0", 1);
+    cfg_a.extra_args.extend([
+        "-qmp".into(),
+        format!("unix:{},server=on,wait=off", qmp_a.display()),
+    ]);
+    let mut cfg_b = QemuConfig::tap("tapc-dst", ns.name(), "mtap1", 1);
+    cfg_b.extra_args.extend([
+        "-qmp".into(),
+        format!("unix:{},server=on,wait=off", qmp_b.display()),
+        "-incoming".into(),
+        format!("unix:{}", mig.display()),
+        "-S".into(),
+    ]);
+    let src = Qemu::spawn(&cfg_a).unwrap_or_else(|e| panic!("{e}"));
+    src.wait_ready(secs(300)).unwrap();
+    let dst = Qemu::spawn(&cfg_b).unwrap_or_else(|e| panic!("{e}"));
+    let mut qa = guest::Qmp::connect(&qmp_a, secs(30)).expect("QMP a");
+    let mut qb = guest::Qmp::connect(&qmp_b, secs(30)).expect("QMP b");
+    let blob = Arc::new(guest::random_blob(96 << 20).unwrap());
+    let listener = ns
+        .tcp_listener(format!("{}:5001", guest::PEER_IP).parse().unwrap())
+        .unwrap();
+    let _sender = guest::serve_blob(listener, blob, secs(600));
+    src.exec_ok(
+        "(nc $MVH_PEER 5001 > /tmp/rx; result stream_bytes $(wc -c < /tmp/rx); \
+         result stream_sha $(sha256 /tmp/rx)) &",
+        secs(60),
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    qa.execute(
+        "migrate-set-parameters",
+        serde_json::json!({ "max-bandwidth": 4u64 << 30 }),
+    )
+    .unwrap();
+    qa.execute(
+        "migrate",
+        serde_json::json!({ "uri": format!("unix:{}", mig.display()) }),
+    )
+    .unwrap();
+    let info = loop {
+        let st = qa.execute("query-migrate", serde_json::json!({})).unwrap();
+        match st["status"].as_str() {
+            Some("completed") => break st,
+            Some("failed") | Some("cancelled") => panic!("migration failed: {st}"),
+            _ => {}
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    let differ = pages_left_behind(&mut qa, &mut qb, dir.path());
+    println!(
+        "QEMU tap backend, stream migration: downtime {} ms; {} pages differ between source \
+         and destination: {:x?}",
+        info["downtime"],
+        differ.len(),
+        &differ[..differ.len().min(64)]
+    );
+    src.kill();
+    drop(dst);
 }

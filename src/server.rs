@@ -423,13 +423,12 @@ pub fn serve<Q: QueueControl>(
                     daemon.request_shutdown();
                 }
                 tracing::info!("frontend connected");
-                let connected = AtomicBool::new(true);
+                // Dropping `connected` when the connection ends wakes the link follower at once.
+                let (connected, ended_rx) = std::sync::mpsc::channel::<()>();
                 let ended = std::thread::scope(|scope| {
-                    scope.spawn(|| {
-                        follow_link_for_connection(&host, &notifier, &connected, stopper)
-                    });
+                    scope.spawn(|| follow_link_for_connection(&host, &notifier, ended_rx, stopper));
                     let ended = daemon.wait();
-                    connected.store(false, Ordering::SeqCst);
+                    drop(connected);
                     ended
                 });
                 match ended {
@@ -482,11 +481,11 @@ const CARRIER_POLL: Duration = Duration::from_millis(50);
 fn follow_link_for_connection<Q>(
     host: &HostSide<Q>,
     notifier: &crate::shim::ConfigNotifier,
-    connected: &AtomicBool,
+    ended: std::sync::mpsc::Receiver<()>,
     stopper: &Stopper,
 ) {
     let mut was_up = host.link_up.load(Ordering::SeqCst);
-    while connected.load(Ordering::SeqCst) && !stopper.stopping() {
+    while !stopper.stopping() {
         let up = host.link_up.load(Ordering::SeqCst);
         if up != was_up {
             was_up = up;
@@ -501,7 +500,11 @@ fn follow_link_for_connection<Q>(
             stopper.end_connection();
             return;
         }
-        std::thread::sleep(CARRIER_POLL);
+        match ended.recv_timeout(CARRIER_POLL) {
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+            // The connection ended (its sender is gone).
+            _ => return,
+        }
     }
 }
 

@@ -880,25 +880,7 @@ fn qemu_tap_backend_stream_migration_control_compares_ram() {
     }
     let _lock = one_guest_at_a_time();
     let ns = NetNs::new("tapc").expect("create netns");
-    ns.ip(&[
-        "link",
-        "add",
-        "mvh-peer",
-        "type",
-        "veth",
-        "peer",
-        "name",
-        "mvh-lower",
-    ])
-    .unwrap();
-    ns.ip(&[
-        "addr",
-        "add",
-        &format!("{}/24", guest::PEER_IP),
-        "dev",
-        "mvh-peer",
-    ])
-    .unwrap();
+    ns.add_veth_peer(&format!("{}/24", guest::PEER_IP)).unwrap();
     ns.ip(&["link", "add", "br0", "type", "bridge"]).unwrap();
     for t in ["mtap0", "mtap1"] {
         ns.ip(&["tuntap", "add", "mode", "tap", t]).unwrap();

@@ -1227,11 +1227,9 @@ impl NetNs {
         Ok(())
     }
 
-    /// The standard macvtap topology used by the guest tests and
-    /// `scripts/quickstart.sh`: a veth pair `mvh-peer` (with `peer_cidr`) <->
-    /// `mvh-lower`, and macvtap `mvt0` (bridge mode, MAC `mac` = the guest's)
-    /// on `mvh-lower`; everything up.
-    pub fn add_veth_macvtap(&self, peer_cidr: &str, mac: &str) -> io::Result<()> {
+    /// A veth pair `mvh-peer` (with `peer_cidr`, up) <-> `mvh-lower` (down): the peer side of
+    /// every guest test's topology.
+    pub fn add_veth_peer(&self, peer_cidr: &str) -> io::Result<()> {
         self.ip(&[
             "link",
             "add",
@@ -1243,6 +1241,16 @@ impl NetNs {
             "mvh-lower",
         ])?;
         self.ip(&["addr", "add", peer_cidr, "dev", "mvh-peer"])?;
+        self.ip(&["link", "set", "mvh-peer", "up"])?;
+        Ok(())
+    }
+
+    /// The standard macvtap topology used by the guest tests and
+    /// `scripts/quickstart.sh`: a veth pair `mvh-peer` (with `peer_cidr`) <->
+    /// `mvh-lower`, and macvtap `mvt0` (bridge mode, MAC `mac` = the guest's)
+    /// on `mvh-lower`; everything up.
+    pub fn add_veth_macvtap(&self, peer_cidr: &str, mac: &str) -> io::Result<()> {
+        self.add_veth_peer(peer_cidr)?;
         self.ip(&[
             "link",
             "add",

@@ -73,14 +73,7 @@ struct Stopper {
 impl Stopper {
     fn stop(&self) {
         self.requested.store(true, Ordering::SeqCst);
-        if let Some(h) = self
-            .connection
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .as_ref()
-        {
-            h.shutdown();
-        }
+        self.end_connection();
         if let Some(fd) = *self.listener_fd.lock().unwrap_or_else(|e| e.into_inner()) {
             // Wakes a blocked accept() with EINVAL; the fd itself stays valid until main drops it.
             let _ = nix::sys::socket::shutdown(fd, nix::sys::socket::Shutdown::Both);

@@ -269,6 +269,35 @@ fn guest_comes_up_with_the_macvtap_mac_and_pings_the_peer() {
     println!("boot {:.2} s", s.boot.as_secs_f64());
 }
 
+/// Migrates the guest behind `src` at full speed to the destination listening on unix socket
+/// `to`; returns QEMU's final `query-migrate` (total time, downtime, RAM figures).
+fn migrate_and_wait(src: &mut guest::Qmp, to: &Path) -> serde_json::Value {
+    src.execute(
+        "migrate-set-parameters",
+        serde_json::json!({ "max-bandwidth": 4u64 << 30 }),
+    )
+    .unwrap();
+    let started = Instant::now();
+    src.execute(
+        "migrate",
+        serde_json::json!({ "uri": format!("unix:{}", to.display()) }),
+    )
+    .unwrap();
+    loop {
+        let st = src.execute("query-migrate", serde_json::json!({})).unwrap();
+        match st["status"].as_str() {
+            Some("completed") => return st,
+            Some("failed") | Some("cancelled") => panic!("migration failed: {st}"),
+            _ => {}
+        }
+        assert!(
+            started.elapsed() < secs(600),
+            "migration never completed: {st}"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
 /// After a completed migration to a destination held paused (`-S`): saves both guests' RAM
 /// (QMP `pmemsave`, the test guest's 512 MiB) and returns the 4 KiB pages that differ above
 /// 1 MiB (below it sit VGA memory and ROMs). Nothing runs on either side meanwhile, so every
@@ -727,30 +756,8 @@ fn guest_migrates_between_two_macvhosts_while_pinging_the_peer() {
         sender
     });
     std::thread::sleep(Duration::from_millis(500));
-    qa.execute(
-        "migrate-set-parameters",
-        serde_json::json!({ "max-bandwidth": 4u64 << 30 }),
-    )
-    .unwrap();
     let started = Instant::now();
-    qa.execute(
-        "migrate",
-        serde_json::json!({ "uri": format!("unix:{}", mig.display()) }),
-    )
-    .unwrap();
-    let info = loop {
-        let st = qa.execute("query-migrate", serde_json::json!({})).unwrap();
-        match st["status"].as_str() {
-            Some("completed") => break st,
-            Some("failed") | Some("cancelled") => panic!("migration failed: {st}"),
-            _ => {}
-        }
-        assert!(
-            started.elapsed() < secs(600),
-            "migration never completed: {st}"
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    };
+    let info = migrate_and_wait(&mut qa, &mig);
     if compare {
         let differ = pages_left_behind(&mut qa, &mut qb, dir.path());
         println!(
@@ -924,25 +931,7 @@ fn qemu_tap_backend_stream_migration_control_compares_ram() {
         secs(60),
     );
     std::thread::sleep(Duration::from_millis(500));
-    qa.execute(
-        "migrate-set-parameters",
-        serde_json::json!({ "max-bandwidth": 4u64 << 30 }),
-    )
-    .unwrap();
-    qa.execute(
-        "migrate",
-        serde_json::json!({ "uri": format!("unix:{}", mig.display()) }),
-    )
-    .unwrap();
-    let info = loop {
-        let st = qa.execute("query-migrate", serde_json::json!({})).unwrap();
-        match st["status"].as_str() {
-            Some("completed") => break st,
-            Some("failed") | Some("cancelled") => panic!("migration failed: {st}"),
-            _ => {}
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    };
+    let info = migrate_and_wait(&mut qa, &mig);
     let differ = pages_left_behind(&mut qa, &mut qb, dir.path());
     println!(
         "QEMU tap backend, stream migration: downtime {} ms; {} pages differ between source \

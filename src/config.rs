@@ -8,7 +8,8 @@ use std::path::PathBuf;
 
 use clap::Parser;
 
-use crate::host::HostSpec;
+use crate::host::{HostSpec, MacAddr};
+use crate::server::SocketMode;
 
 pub use crate::host::MAX_QUEUE_PAIRS;
 /// Largest virtqueue size accepted (virtio-net in QEMU allows 1024).
@@ -51,8 +52,12 @@ pub struct Args {
     #[arg(long, value_name = "MODE")]
     pub mode: Option<String>,
 
-    /// Name of the macvtap --macvtap-parent creates (default: mvh<parent ifindex>-<n>).
-    #[arg(long, value_name = "NAME")]
+    /// Name of the macvtap --macvtap-parent creates (default: `mvh<parent ifindex>-<n>`).
+    #[arg(
+        long,
+        value_name = "NAME",
+        help = "Name of the macvtap --macvtap-parent creates (default: mvh<parent ifindex>-<n>)"
+    )]
     pub macvtap_name: Option<String>,
 
     /// Keep the macvtap --macvtap-parent created when macvhost exits.
@@ -91,8 +96,12 @@ pub struct Args {
     #[arg(long, value_name = "PATH")]
     pub control_socket: Option<PathBuf>,
 
-    /// Limit guest → host traffic: average=BYTES/S[,peak=BYTES/S][,burst=BYTES][,pps=N].
-    #[arg(long, value_name = "SPEC")]
+    /// Limit guest → host traffic: `average=BYTES/S[,peak=BYTES/S][,burst=BYTES][,pps=N]`.
+    #[arg(
+        long,
+        value_name = "SPEC",
+        help = "Limit guest → host traffic: average=BYTES/S[,peak=BYTES/S][,burst=BYTES][,pps=N]"
+    )]
     pub tx_rate: Option<String>,
 
     /// Limit host → guest traffic (same syntax as --tx-rate).
@@ -128,113 +137,8 @@ pub enum Command {
     },
 }
 
-/// How the vhost-user socket is reached.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum SocketMode {
-    /// Bind and listen on a path.
-    Listen(PathBuf),
-    /// Serve on an inherited listening fd.
-    ListenFd(RawFd),
-    /// Connect to a frontend that listens on a path.
-    Connect(PathBuf),
-}
-
-/// A MAC address.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct MacAddr(pub [u8; 6]);
-
-impl MacAddr {
-    /// Parses `aa:bb:cc:dd:ee:ff` (or `-` separated).
-    pub fn parse(s: &str) -> Result<MacAddr, String> {
-        let parts: Vec<&str> = s.split([':', '-']).collect();
-        if parts.len() != 6 {
-            return Err(format!(
-                "'{s}' is not six hex octets like 52:54:00:12:34:56"
-            ));
-        }
-        let mut mac = [0u8; 6];
-        for (byte, part) in mac.iter_mut().zip(&parts) {
-            if part.len() != 2 {
-                return Err(format!("'{s}': octet '{part}' is not two hex digits"));
-            }
-            *byte = u8::from_str_radix(part, 16)
-                .map_err(|_| format!("'{s}': octet '{part}' is not hex"))?;
-        }
-        if mac[0] & 1 == 1 {
-            return Err(format!(
-                "'{s}' is a multicast address; a NIC needs a unicast one"
-            ));
-        }
-        if mac == [0; 6] {
-            return Err(format!("'{s}' is all zeros"));
-        }
-        Ok(MacAddr(mac))
-    }
-
-    /// A random locally administered unicast address.
-    pub fn random_local() -> MacAddr {
-        let mut mac = [0u8; 6];
-        // getrandom(2) cannot fail for 6 bytes once the pool is initialised; fall back to time.
-        if nix::errno::Errno::result(
-            // SAFETY: the buffer is 6 writable bytes owned by this frame.
-            unsafe { libc::getrandom(mac.as_mut_ptr().cast(), mac.len(), 0) },
-        )
-        .is_err()
-        {
-            let t = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_nanos())
-                .unwrap_or(0);
-            mac.copy_from_slice(&t.to_le_bytes()[..6]);
-        }
-        mac[0] = (mac[0] & 0xfe) | 0x02;
-        MacAddr(mac)
-    }
-}
-
-impl std::fmt::Display for MacAddr {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let m = self.0;
-        write!(
-            f,
-            "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
-            m[0], m[1], m[2], m[3], m[4], m[5]
-        )
-    }
-}
-
-/// Validated configuration.
-#[derive(Debug, Clone)]
-pub struct Config {
-    /// How frontends reach us.
-    pub socket: SocketMode,
-    /// Which host device to open.
-    pub host: HostSpec,
-    /// Queue pairs.
-    pub queue_pairs: u16,
-    /// Largest virtqueue size.
-    pub queue_size: u16,
-    /// Guest MAC, when given; otherwise taken from the host device at start.
-    pub mac: Option<MacAddr>,
-    /// MTU, when given; otherwise the link's.
-    pub mtu: Option<u16>,
-    /// Control socket path.
-    pub control_socket: Option<PathBuf>,
-    /// Prometheus endpoint.
-    pub metrics_addr: Option<std::net::SocketAddr>,
-    /// Batched TX writes through io_uring.
-    pub io_uring: bool,
-    /// End the frontend connection while the host link has no carrier.
-    pub disconnect_on_link_down: bool,
-    /// The macvtap to create (`--macvtap-parent`); `host` then names it once created.
-    pub create_macvtap: Option<crate::netlink::MacvtapSpec>,
-    /// Keep the created macvtap on exit.
-    pub keep_macvtap: bool,
-    /// Guest → host rate limit.
-    pub tx_rate: Option<crate::ratelimit::RateSpec>,
-    /// Host → guest rate limit.
-    pub rx_rate: Option<crate::ratelimit::RateSpec>,
-}
+/// Validated configuration: what the server runs with (defined there, built here).
+pub use crate::server::Settings as Config;
 
 /// A command-line value the operator got wrong.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -334,9 +238,9 @@ impl TryFrom<Args> for Config {
                 .mode
                 .as_deref()
                 .unwrap_or("bridge")
-                .parse::<crate::netlink::MacvtapMode>()
+                .parse::<crate::host::netlink::MacvtapMode>()
                 .map_err(|e| bad("--mode", e.to_string()))?;
-            let spec = crate::netlink::MacvtapSpec {
+            let spec = crate::host::netlink::MacvtapSpec {
                 parent,
                 name: args.macvtap_name.clone(),
                 mode,
@@ -524,7 +428,7 @@ mod tests {
         let c = parse(&["--socket-path", "/s", "--macvtap-parent", "eth0", "--keep"]).unwrap();
         let spec = c.create_macvtap.expect("a macvtap to create");
         assert_eq!(spec.parent, "eth0");
-        assert_eq!(spec.mode, crate::netlink::MacvtapMode::Bridge);
+        assert_eq!(spec.mode, crate::host::netlink::MacvtapMode::Bridge);
         assert!(c.keep_macvtap);
         let c = parse(&[
             "--socket-path",
@@ -540,7 +444,7 @@ mod tests {
         ])
         .unwrap();
         let spec = c.create_macvtap.unwrap();
-        assert_eq!(spec.mode, crate::netlink::MacvtapMode::Passthru);
+        assert_eq!(spec.mode, crate::host::netlink::MacvtapMode::Passthru);
         assert_eq!(spec.name.as_deref(), Some("mv0"));
         assert_eq!(spec.mac, Some([0x52, 0x54, 0, 0, 0, 1]));
     }

@@ -11,7 +11,7 @@ mod support {
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use macvhost::config::SocketMode;
+use macvhost::server::SocketMode;
 use support::rig::*;
 use support::vu_driver::{VuGuest, HDR_LEN};
 

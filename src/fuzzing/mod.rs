@@ -19,6 +19,7 @@ mod cursor;
 mod rx;
 pub mod seeds;
 mod tx;
+#[allow(unsafe_code)] // ignores SIGPIPE for the fuzzed frontend
 mod vhost_user;
 mod vnet;
 mod vq;

@@ -163,6 +163,37 @@ pub fn dup_cloexec(raw: RawFd) -> io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(new) })
 }
 
+/// Takes ownership of `raw`, an fd a manager handed us to own (`--fd`, socket activation).
+/// Fails with EBADF when `raw` is not open.
+///
+/// Only for fds that are ours by contract: the caller promises nothing else in this process
+/// uses the number (they are inherited at exec and named once on the command line).
+pub fn adopt_fd(raw: RawFd) -> io::Result<OwnedFd> {
+    // SAFETY: `fcntl(F_GETFD)` takes integers only and touches no memory; a closed fd fails.
+    check(unsafe { libc::fcntl(raw, libc::F_GETFD) })?;
+    // SAFETY: `raw` is open (checked above) and, by this function's contract, handed to us to
+    // own: no other owner exists in this process.
+    Ok(unsafe { OwnedFd::from_raw_fd(raw) })
+}
+
+/// Fills `buf` from the kernel's random pool (getrandom(2)); falls back to the clock if the
+/// pool is unavailable. For names and MACs that must be hard to guess, not for keys.
+pub fn random_bytes(buf: &mut [u8]) {
+    // SAFETY: `buf` is a writable slice the caller lends for the duration of the call, and the
+    // kernel writes at most `buf.len()` bytes into it.
+    let n = unsafe { libc::getrandom(buf.as_mut_ptr().cast(), buf.len(), 0) };
+    if usize::try_from(n).ok() != Some(buf.len()) {
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0)
+            ^ u128::from(std::process::id()) << 64;
+        for (b, t) in buf.iter_mut().zip(t.to_le_bytes().into_iter().cycle()) {
+            *b = t;
+        }
+    }
+}
+
 /// An interface ioctl (`SIOC*IF*`) on a control socket; the socket's network namespace decides
 /// which interfaces are visible.
 fn if_ioctl(sock: BorrowedFd<'_>, req: libc::c_ulong, ifr: &mut IfReq) -> io::Result<()> {

@@ -8,11 +8,13 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use macvhost::backend::{DeviceIdentity, HostSide, QueueControl};
-use macvhost::config::{MacAddr, SocketMode};
 use macvhost::datapath::iovec::{readv_fd, writev_fd};
 use macvhost::datapath::{HostQueue, IoVecBuf, QueueStats};
+use macvhost::host::MacAddr;
+use macvhost::host::QueueControl;
+use macvhost::server::SocketMode;
 use macvhost::server::{serve, StopHandle};
+use macvhost::vhost_user::backend::{DeviceIdentity, HostSide};
 
 use super::vu_driver::VuGuest;
 

@@ -29,7 +29,7 @@ use std::sync::{Arc, Mutex};
 
 use nix::sys::socket::{recvmsg, sendmsg, ControlMessage, ControlMessageOwned, MsgFlags};
 
-use crate::dirty_log::DirtyLogState;
+use crate::datapath::DirtyLogState;
 
 const HDR_LEN: usize = 12;
 /// Bigger than any request the handler accepts (its limit is 4 KiB); a frontend sending more is

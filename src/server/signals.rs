@@ -1,0 +1,95 @@
+//! Stopping: SIGTERM/SIGINT on a dedicated thread, and the handle that ends whatever the
+//! server is doing (the current connection, a blocked accept, the loop).
+
+use std::os::fd::RawFd;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use nix::sys::signal::{SigSet, Signal};
+use vhost_user_backend::ShutdownHandle;
+
+use super::ServerError;
+
+/// What the signal thread needs to stop whatever the server is doing.
+#[derive(Default)]
+pub(super) struct Stopper {
+    requested: AtomicBool,
+    connection: Mutex<Option<ShutdownHandle>>,
+    listener_fd: Mutex<Option<RawFd>>,
+}
+
+impl Stopper {
+    pub(super) fn stop(&self) {
+        self.requested.store(true, Ordering::SeqCst);
+        self.end_connection();
+        if let Some(fd) = *self.listener_fd.lock().unwrap_or_else(|e| e.into_inner()) {
+            // Wakes a blocked accept() with EINVAL; the fd itself stays valid until the serve
+            // loop drops it (it clears this slot first).
+            let _ = nix::sys::socket::shutdown(fd, nix::sys::socket::Shutdown::Both);
+        }
+    }
+
+    pub(super) fn stopping(&self) -> bool {
+        self.requested.load(Ordering::SeqCst)
+    }
+
+    /// Ends the current connection (if any) without stopping the loop.
+    pub(super) fn end_connection(&self) {
+        if let Some(h) = self
+            .connection
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+        {
+            h.shutdown();
+        }
+    }
+
+    /// Sets (or clears) the connection a stop must end.
+    pub(super) fn set_connection(&self, h: Option<ShutdownHandle>) {
+        *self.connection.lock().unwrap_or_else(|e| e.into_inner()) = h;
+    }
+
+    /// Sets (or clears) the listener a stop must wake.
+    pub(super) fn set_listener_fd(&self, fd: Option<RawFd>) {
+        *self.listener_fd.lock().unwrap_or_else(|e| e.into_inner()) = fd;
+    }
+}
+
+/// Blocks SIGTERM/SIGINT in every thread and waits for them on a dedicated one.
+/// Must run before any other thread is spawned so all threads inherit the mask.
+pub(super) fn install_signal_thread(stopper: Arc<Stopper>) -> Result<(), ServerError> {
+    let mut set = SigSet::empty();
+    set.add(Signal::SIGTERM);
+    set.add(Signal::SIGINT);
+    set.thread_block().map_err(ServerError::Signals)?;
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            if let Ok(sig) = set.wait() {
+                tracing::info!("{sig:?}: stopping");
+                stopper.stop();
+            }
+        })
+        .map_err(|e| ServerError::Signals(nix::Error::from_raw(e.raw_os_error().unwrap_or(0))))?;
+    Ok(())
+}
+
+/// Stops a running [`serve`](super::serve) loop from another thread (signals, tests).
+#[derive(Clone, Default)]
+pub struct StopHandle(pub(super) Arc<Stopper>);
+
+impl std::fmt::Debug for StopHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StopHandle")
+            .field("stopping", &self.0.stopping())
+            .finish()
+    }
+}
+
+impl StopHandle {
+    /// Ends the current connection and the loop; `serve` then returns Ok.
+    pub fn stop(&self) {
+        self.0.stop()
+    }
+}

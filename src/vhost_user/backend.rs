@@ -45,7 +45,7 @@ pub struct HostSide<Q> {
     pub link_up: Arc<AtomicBool>,
     /// End the frontend's connection while `link_up` is false, and serve none until it is
     /// true again (`--disconnect-on-link-down`): how a vhost-user frontend shows the guest a
-    /// link change today (see `crate::server`).
+    /// link change today (the serve loop does it).
     pub link_down_disconnects: bool,
 }
 

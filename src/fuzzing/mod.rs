@@ -13,9 +13,13 @@
 //! - [`vhost_user_msgs`]: raw vhost-user message sequences (with memfd/eventfd attachments) into
 //!   a real `VhostUserDaemon` serving `NetBackend<FakeHostQueue>`.
 //!
+//! - [`hostile`]: a hostile frontend through the real socket path and the health probe after
+//!   each connection (not a libFuzzer target: a seeded run, `tests/vu_hostile_fuzz.rs`).
+//!
 //! [`seeds`] builds the small seed corpora committed under `fuzz/corpus/`.
 
 mod cursor;
+pub mod hostile;
 mod rx;
 pub mod seeds;
 mod tx;

@@ -40,9 +40,39 @@ mod hostile {
         ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// A rig that a failing test leaves behind instead of stopping: a wedged serve loop must
+    /// make the test fail, not hang in `Rig`'s drop.
+    struct Leaky(Option<Rig>);
+
+    impl Leaky {
+        fn start(pairs: u16) -> Leaky {
+            Leaky(Some(Rig::start(pairs)))
+        }
+
+        fn take(mut self) -> Rig {
+            self.0.take().expect("rig")
+        }
+    }
+
+    impl std::ops::Deref for Leaky {
+        type Target = Rig;
+        fn deref(&self) -> &Rig {
+            self.0.as_ref().expect("rig")
+        }
+    }
+
+    impl Drop for Leaky {
+        fn drop(&mut self) {
+            if std::thread::panicking() {
+                std::mem::forget(self.0.take());
+            }
+        }
+    }
+
     /// A stop (what SIGTERM does) on another thread: how long until `serve` returned, if it did
     /// within `limit`. A rig that does not stop is left behind (its thread never ends).
-    fn stop_within(rig: Rig, limit: Duration) -> Option<Duration> {
+    fn stop_within(rig: Leaky, limit: Duration) -> Option<Duration> {
+        let rig = rig.take();
         let (tx, rx) = std::sync::mpsc::channel();
         let t = Instant::now();
         std::thread::spawn(move || {
@@ -69,7 +99,7 @@ mod hostile {
     #[test]
     fn message_with_33_fds_leaks_nothing() {
         let _one = one_at_a_time();
-        let rig = Rig::start(1);
+        let rig = Leaky::start(1);
         let p = Proc::this();
         served(&rig);
         let before = p.fds_settle(0, Duration::from_millis(200));
@@ -90,7 +120,7 @@ mod hostile {
     #[test]
     fn early_vring_enable_flood_keeps_memory_and_fds_flat() {
         let _one = one_at_a_time();
-        let rig = Rig::start(2);
+        let rig = Leaky::start(2);
         let p = Proc::this();
         served(&rig);
         let (fds0, rss0) = (p.fds_settle(0, Duration::from_millis(200)), p.rss_kib());
@@ -138,7 +168,7 @@ mod hostile {
     #[test]
     fn backend_channel_nobody_reads_delays_neither_the_next_frontend_nor_a_stop() {
         let _one = one_at_a_time();
-        let rig = Rig::start(1);
+        let rig = Leaky::start(1);
         let link = rig.link_up.clone();
         let set_link = move |up: bool| link.store(up, Ordering::SeqCst);
         let target = Target {
@@ -164,7 +194,7 @@ mod hostile {
     fn call_fd_that_never_drains_does_not_wedge_the_worker() {
         let _one = one_at_a_time();
         for kind in [FdKind::FullPipe, FdKind::SaturatedEventFd] {
-            let rig = Rig::start(1);
+            let rig = Leaky::start(1);
             let s = seq_call_fd_never_drains(&rig.sock, kind, 5).unwrap();
             // Issue 15: the worker blocked in write() on the call fd after the first frame.
             let mut buf = vec![0u8; 2048];
@@ -196,7 +226,7 @@ mod hostile {
     #[test]
     fn stop_with_a_frontend_in_the_middle_of_a_message_finishes_within_2s() {
         let _one = one_at_a_time();
-        let rig = Rig::start(1);
+        let rig = Leaky::start(1);
         let mut s = Session::connect(&rig.sock, SERVE_BOUND).unwrap();
         s.send_raw(
             &frame(FrontendReq::GET_FEATURES.into(), 0x1, &[])[..5],
@@ -211,7 +241,7 @@ mod hostile {
     #[test]
     fn stop_with_replies_left_unread_finishes_within_2s() {
         let _one = one_at_a_time();
-        let rig = Rig::start(1);
+        let rig = Leaky::start(1);
         let mut s = Session::connect(&rig.sock, Duration::from_millis(500)).unwrap();
         // Requests pile up with their replies unread until every socket buffer is full.
         for _ in 0..100_000 {
@@ -232,7 +262,7 @@ mod hostile {
     #[test]
     fn frontend_leaving_with_replies_unread_delays_the_next_one_by_less_than_a_second() {
         let _one = one_at_a_time();
-        let rig = Rig::start(1);
+        let rig = Leaky::start(1);
         let mut s = Session::connect(&rig.sock, Duration::from_millis(500)).unwrap();
         for _ in 0..100_000 {
             s.send(FrontendReq::GET_FEATURES, &[], &[]);

@@ -71,10 +71,27 @@ pub fn capabilities_json() -> String {
     serde_json::json!({ "type": "net" }).to_string()
 }
 
-/// Installs the stderr log subscriber with the `--log-level` filter.
+/// `--log-level` as a filter, or why it is refused.
+fn check_log_filter(filter: &str) -> Result<tracing_subscriber::EnvFilter, String> {
+    let is_level = LOG_LEVELS.contains(&filter.to_ascii_lowercase().as_str());
+    if !is_level && !filter.contains(['=', ',']) {
+        return Err(format!(
+            "'{filter}' is not a level ({}) or a directive like info,macvhost=debug",
+            LOG_LEVELS.join(", ")
+        ));
+    }
+    tracing_subscriber::EnvFilter::try_new(filter)
+        .map_err(|e| format!("'{filter}' is not a log filter: {e}"))
+}
+
+/// The levels `--log-level` takes by name.
+pub const LOG_LEVELS: [&str; 6] = ["off", "error", "warn", "info", "debug", "trace"];
+
+/// Installs the stderr log subscriber with the `--log-level` filter: a level name, or a tracing
+/// directive list (`info,macvhost::worker=debug`). A bare word that is not a level is refused
+/// (tracing would read it as a target and silently log nothing).
 pub fn init_logging(filter: &str) -> Result<(), String> {
-    let filter = tracing_subscriber::EnvFilter::try_new(filter)
-        .map_err(|e| format!("'{filter}' is not a log filter: {e}"))?;
+    let filter = check_log_filter(filter)?;
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
@@ -82,4 +99,16 @@ pub fn init_logging(filter: &str) -> Result<(), String> {
         .with_target(false)
         .try_init()
         .map_err(|e| e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn log_level_takes_levels_and_directives_and_refuses_bare_words() {
+        assert!(super::check_log_filter("debug").is_ok());
+        assert!(super::check_log_filter("WARN").is_ok());
+        assert!(super::check_log_filter("info,macvhost::worker=trace").is_ok());
+        let e = super::check_log_filter("loud").unwrap_err();
+        assert!(e.contains("not a level"), "{e}");
+    }
 }

@@ -47,7 +47,8 @@ fn main() -> ExitCode {
         Err(e) => {
             tracing::error!("{e}");
             eprintln!("macvhost: {e}");
-            ExitCode::FAILURE
+            // The operator named something unusable: like a bad value, status 2.
+            ExitCode::from(if e.is_operator_error() { 2 } else { 1 })
         }
     }
 }

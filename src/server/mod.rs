@@ -42,11 +42,40 @@ pub enum SocketMode {
     Connect(PathBuf),
 }
 
+/// Owner and permissions for a socket macvhost creates (`--socket-owner`, `--socket-mode`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SocketPerms {
+    /// uid and optional gid.
+    pub owner: Option<(u32, Option<u32>)>,
+    /// Permission bits.
+    pub mode: Option<u32>,
+}
+
+/// Where frontends come from, and how a socket macvhost creates is set up.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Endpoint {
+    /// Listen on a path, on an inherited fd, or connect.
+    pub mode: SocketMode,
+    /// Owner and mode of a socket macvhost creates.
+    pub perms: SocketPerms,
+}
+
+impl From<&SocketMode> for Endpoint {
+    fn from(mode: &SocketMode) -> Endpoint {
+        Endpoint {
+            mode: mode.clone(),
+            perms: SocketPerms::default(),
+        }
+    }
+}
+
 /// What the server runs with: the validated command line (`config` builds it).
 #[derive(Debug, Clone)]
 pub struct Settings {
     /// How frontends reach us.
     pub socket: SocketMode,
+    /// Owner and mode of the socket we create.
+    pub socket_perms: SocketPerms,
     /// Which host device to open.
     pub host: HostSpec,
     /// Queue pairs.
@@ -78,16 +107,22 @@ pub struct Settings {
 /// Why the server could not start or keep going.
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
-    /// The host device could not be opened or queried (host or operator).
-    #[error("host device: {0}")]
-    Host(#[from] HostError),
-    /// The socket could not be bound (operator: path, permissions).
-    #[error("cannot listen on {path}: {source}")]
+    /// The host device named by `flag` could not be opened or queried (operator or host:
+    /// [`ServerError::is_operator_error`] tells).
+    #[error("{flag}: {source}")]
+    Host {
+        /// The flag that named the host side.
+        flag: &'static str,
+        /// Cause.
+        source: HostError,
+    },
+    /// The socket could not be made (operator: path, permissions, someone else's file).
+    #[error("--socket-path {path}: {reason}")]
     Listen {
         /// Socket path.
         path: PathBuf,
-        /// Cause.
-        source: vhost::vhost_user::Error,
+        /// Why.
+        reason: String,
     },
     /// `--fd` is not a listening unix socket (operator).
     #[error("--fd {fd}: {reason}")]
@@ -98,8 +133,13 @@ pub enum ServerError {
         reason: String,
     },
     /// The control socket or metrics endpoint could not start (operator).
-    #[error(transparent)]
-    Control(#[from] control::ControlError),
+    #[error("{flag}: {source}")]
+    Control {
+        /// `--control-socket` or `--metrics-addr`.
+        flag: &'static str,
+        /// Cause.
+        source: control::ControlError,
+    },
     /// Creating the macvtap failed (operator: parent, mode, name; or host).
     #[error("--macvtap-parent: {0}")]
     Netlink(#[from] crate::host::netlink::NetlinkError),
@@ -108,7 +148,7 @@ pub enum ServerError {
     Signals(nix::Error),
 }
 
-fn device_identity(config: &Settings, host: &HostDevice) -> Result<DeviceIdentity, ServerError> {
+fn device_identity(config: &Settings, host: &HostDevice) -> Result<DeviceIdentity, HostError> {
     let link_mac = host.mac()?;
     let mac = match (config.mac, host.kind()) {
         (Some(m), HostKind::Macvtap) if m.0 != link_mac => {
@@ -138,10 +178,40 @@ fn device_identity(config: &Settings, host: &HostDevice) -> Result<DeviceIdentit
     })
 }
 
+impl ServerError {
+    /// True when the command line named something unusable (exit status 2), false for a host
+    /// failure.
+    pub fn is_operator_error(&self) -> bool {
+        match self {
+            ServerError::Host { source, .. } => source.is_operator_error(),
+            ServerError::Netlink(e) => e.is_operator_error(),
+            ServerError::Listen { .. } | ServerError::BadFd { .. } => true,
+            ServerError::Control { .. } => true,
+            ServerError::Signals(_) => false,
+        }
+    }
+}
+
+/// The flag that names the host side in `config`.
+fn host_flag(config: &Settings) -> &'static str {
+    match (&config.create_macvtap, &config.host) {
+        (Some(_), _) => "--macvtap-parent",
+        (None, HostSpec::Macvtap { .. }) => "--macvtap",
+        (None, HostSpec::Tap { .. }) => "--tap",
+        (None, HostSpec::TapFds { .. }) => "--tap-fd",
+    }
+}
+
 /// Runs until SIGTERM/SIGINT. Returns Ok on a clean stop.
 pub fn run(config: Settings) -> Result<(), ServerError> {
     let stopper = StopHandle::default();
     signals::install_signal_thread(stopper.0.clone())?;
+    // The socket first: a path that is someone else's is refused before anything is created.
+    let endpoint = Endpoint {
+        mode: config.socket.clone(),
+        perms: config.socket_perms,
+    };
+    let frontends = Frontends::open(&endpoint, &stopper.0)?;
     if config.io_uring {
         crate::worker::set_tx_io_uring(true);
     }
@@ -169,7 +239,9 @@ pub fn run(config: Settings) -> Result<(), ServerError> {
         }
         None => config.host.clone(),
     };
-    let host = HostDevice::open(&host_spec, config.queue_pairs)?;
+    let flag = host_flag(&config);
+    let host_err = |source| ServerError::Host { flag, source };
+    let host = HostDevice::open(&host_spec, config.queue_pairs).map_err(host_err)?;
     let mut watched = vec![host.ifindex()];
     if host.kind() == HostKind::Macvtap {
         match crate::host::netlink::macvtap_info(host.ifname()) {
@@ -189,7 +261,7 @@ pub fn run(config: Settings) -> Result<(), ServerError> {
             Err(e) => tracing::warn!("cannot read the macvtap's mode: {e}"),
         }
     }
-    let identity = device_identity(&config, &host)?;
+    let identity = device_identity(&config, &host).map_err(host_err)?;
     let stats: Vec<Arc<QueueStats>> = (0..config.queue_pairs)
         .map(|_| Arc::new(QueueStats::default()))
         .collect();
@@ -208,9 +280,17 @@ pub fn run(config: Settings) -> Result<(), ServerError> {
         .control_socket
         .as_deref()
         .map(|p| crate::control::serve_control_socket(p, source.clone()))
-        .transpose()?;
+        .transpose()
+        .map_err(|source| ServerError::Control {
+            flag: "--control-socket",
+            source,
+        })?;
     if let Some(addr) = config.metrics_addr {
-        let bound = crate::control::serve_metrics(addr, source)?;
+        let bound =
+            crate::control::serve_metrics(addr, source).map_err(|source| ServerError::Control {
+                flag: "--metrics-addr",
+                source,
+            })?;
         tracing::info!("Prometheus metrics on http://{bound}/metrics");
     }
 
@@ -222,7 +302,7 @@ pub fn run(config: Settings) -> Result<(), ServerError> {
         link_up,
         link_down_disconnects: config.disconnect_on_link_down,
     };
-    let result = serve(&config.socket, identity, side, &stats, &stopper);
+    let result = serve_on(frontends, identity, side, &stats, &stopper);
     drop(host);
     drop(created);
     result
@@ -233,7 +313,20 @@ pub fn run(config: Settings) -> Result<(), ServerError> {
 /// The host queues and `stats` outlive every connection; each connection gets a fresh device.
 /// Generic over the queue type so tests can run it over fake host queues.
 pub fn serve<Q: PairQueue>(
-    socket: &SocketMode,
+    endpoint: impl Into<Endpoint>,
+    identity: DeviceIdentity,
+    host: HostSide<Q>,
+    stats: &[Arc<QueueStats>],
+    stop: &StopHandle,
+) -> Result<(), ServerError> {
+    let endpoint = endpoint.into();
+    let frontends = Frontends::open(&endpoint, &stop.0)?;
+    serve_on(frontends, identity, host, stats, stop)
+}
+
+/// The serve loop over frontends already set up.
+fn serve_on<Q: PairQueue>(
+    mut frontends: Frontends<'_>,
     identity: DeviceIdentity,
     host: HostSide<Q>,
     stats: &[Arc<QueueStats>],
@@ -244,7 +337,6 @@ pub fn serve<Q: PairQueue>(
     for q in &host.queues {
         let _ = q.detach();
     }
-    let mut frontends = Frontends::open(socket, stopper)?;
     let link_gone = || host.link_down_disconnects && !host.link_up.load(Ordering::SeqCst);
 
     while !stopper.stopping() {

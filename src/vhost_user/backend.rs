@@ -77,6 +77,8 @@ pub struct NetBackend<Q: PairQueue = crate::host::TapQueue> {
     workers: Vec<PairWorker<Q>>,
     link_up: Arc<AtomicBool>,
     acked_features: AtomicU64,
+    /// The feature set last logged (all ones before the first).
+    logged_features: AtomicU64,
     /// Where this connection's writes are logged while the frontend migrates the guest.
     dirty_log: Arc<DirtyLogState>,
     /// Exit-event fds handed to vhost-user-backend, which registers them with `into_raw_fd()`
@@ -194,6 +196,7 @@ impl<Q: PairQueue> NetBackend<Q> {
             workers,
             link_up: host.link_up.clone(),
             acked_features: AtomicU64::new(0),
+            logged_features: AtomicU64::new(u64::MAX),
             dirty_log,
             exit_consumer_fds: Mutex::new(Vec::new()),
         })
@@ -275,6 +278,10 @@ impl<Q: PairQueue> VhostUserBackend for NetBackend<Q> {
         }
         for w in &self.workers {
             w.set_settings(settings);
+        }
+        // QEMU sends SET_FEATURES once per queue pair's vhost device: say it once per value.
+        if self.logged_features.swap(features, Ordering::Relaxed) == features {
+            return;
         }
         tracing::info!(
             features = format_args!("{features:#x}"),

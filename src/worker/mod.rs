@@ -247,6 +247,10 @@ impl<Q: PairQueue> Watches for Io<'_, Q> {
         };
         match result {
             Ok(()) => tracing::debug!(queue_pair = self.index, active = on, "queue pair"),
+            // The link was deleted: the link watcher has said so once already.
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                tracing::debug!(queue_pair = self.index, "{what} host queue: {e}")
+            }
             Err(e) => tracing::warn!(queue_pair = self.index, "{what} host queue failed: {e}"),
         }
     }

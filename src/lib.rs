@@ -15,6 +15,8 @@
 //!   and takes `SET_LOG_BASE` for [`dirty_log`].
 //! - [`control`]: the stats control socket and the Prometheus endpoint.
 //! - [`vring`]: a vring wrapper that tells workers about enable/disable.
+//! - [`systemd`]: socket activation, `sd_notify` (readiness, status, watchdog) and the fd store,
+//!   implemented directly.
 
 #![deny(missing_debug_implementations)]
 
@@ -30,6 +32,7 @@ pub mod netlink;
 pub mod ratelimit;
 pub mod server;
 pub mod shim;
+pub mod systemd;
 pub mod vring;
 pub mod worker;
 

@@ -24,12 +24,13 @@
 //! The goal is that a restart does not re-create the macvtap, flap its carrier or change its
 //! ifindex. The host side of a macvtap or tap is its open queue fds.
 //!
-//! 1. When the host queues are open, macvhost stores each one with `FDSTORE=1`,
-//!    `FDNAME=queue-N` ([`queue_fd_name`]) and `FDPOLL=0` ([`Notifier::store_fds`]).
-//!    `FDPOLL=0` matters. By default systemd drops a stored fd once it polls `POLLERR` or
-//!    `POLLHUP`, and a tap queue fd polls `POLLERR` while it is detached (`TUNSETQUEUE`
-//!    `IFF_DETACH_QUEUE`), which is what macvhost does to a disabled queue pair. The unit needs
-//!    `FileDescriptorStoreMax=` of at least `--queues`.
+//! 1. When the host queues are open, macvhost stores each one with `FDSTORE=1` and
+//!    `FDNAME=queue-N` ([`Notifier::store_queue`], [`queue_fd_name`]). The unit needs
+//!    `FileDescriptorStoreMax=` of at least `--queues`. systemd's polling stays on (no
+//!    `FDPOLL=0`): it drops a stored fd that polls `POLLERR`/`POLLHUP`, which a tap's queue fd
+//!    does once the tap is deleted (and never merely because the queue is detached with
+//!    `TUNSETQUEUE`, checked on Linux 6.18). A deleted macvtap's fd polls no error; step 4
+//!    catches it.
 //! 2. The listening socket comes from `macvhost@.socket` (`FileDescriptorName=vhost-user`,
 //!    [`VHOST_USER_FD_NAME`]) and does not need storing. systemd keeps it open across the
 //!    restart, so a frontend that reconnects (QEMU `reconnect=1`) gets through at once.
@@ -40,11 +41,11 @@
 //!    order, hence one name per queue). [`ListenFds::take_unix_listener`] and
 //!    [`ListenFds::take_queues`] sort them out.
 //! 4. Before reuse, check that each stored queue is still the device macvhost was told to
-//!    serve. `TUNGETIFF` on the fd fails with `ENOLINK` once its macvtap was deleted, and
-//!    otherwise names the live device; that name must resolve, in macvhost's namespace, to
-//!    the ifindex of `--macvtap` or `--tap`. A stale or foreign fd is closed and
-//!    `FDSTOREREMOVE=1` + `FDNAME=queue-N` drops it from the store. The queue is then opened
-//!    afresh, as on a first start.
+//!    serve. `TUNGETIFF` on the fd fails once its device was deleted (`ENOLINK` for a macvtap,
+//!    `EBADFD` for a tap) and otherwise names the live device; that name must resolve, in
+//!    macvhost's namespace, to the ifindex of `--macvtap` or `--tap`. A stale or foreign fd is
+//!    closed and `FDSTOREREMOVE=1` + `FDNAME=queue-N` drops it from the store; the queue is
+//!    then opened afresh, as on a first start.
 //! 5. A stop (not a restart) discards the store: the queues close, as they do today. (systemd
 //!    254's `FileDescriptorStorePreserve=` would keep them; Debian 12 has 252.)
 
@@ -564,9 +565,10 @@ impl Notifier {
         self.send(&msg, fds)
     }
 
-    /// [`Notifier::store_fds`] of one queue fd under [`queue_fd_name`], `FDPOLL=0`.
+    /// [`Notifier::store_fds`] of one queue fd under [`queue_fd_name`], polled by systemd (so
+    /// that it drops the fd of a deleted tap; see the module's design note).
     pub fn store_queue(&self, pair: usize, fd: impl AsFd) -> Result<(), SystemdError> {
-        self.store_fds(&queue_fd_name(pair), &[fd.as_fd()], false)
+        self.store_fds(&queue_fd_name(pair), &[fd.as_fd()], true)
     }
 
     /// `FDSTOREREMOVE=1` + `FDNAME=name`: systemd closes every stored fd of that name.

@@ -381,20 +381,20 @@ fn an_abstract_notify_socket_is_reached_by_its_at_name() {
 }
 
 #[test]
-fn fdstore_sends_the_queue_fd_with_scm_rights_and_no_polling() {
+fn fdstore_sends_the_queue_fd_with_scm_rights() {
     let m = FakeManager::at_path();
     let n = Notifier::new(&m.spec).unwrap();
     let (r, _w) = nix::unistd::pipe().unwrap();
     n.store_queue(3, &r).unwrap();
     let (text, fds) = m.recv();
-    assert_eq!(text, "FDSTORE=1\nFDNAME=queue-3\nFDPOLL=0\n");
+    assert_eq!(text, "FDSTORE=1\nFDNAME=queue-3\n");
     assert_eq!(fds.len(), 1);
     assert!(same_file(&fds[0], &r), "the stored fd is the queue's file");
 
     let (a, b) = UnixStream::pair().unwrap();
-    n.store_fds("pair", &[a.as_fd(), b.as_fd()], true).unwrap();
+    n.store_fds("pair", &[a.as_fd(), b.as_fd()], false).unwrap();
     let (text, fds) = m.recv();
-    assert_eq!(text, "FDSTORE=1\nFDNAME=pair\n");
+    assert_eq!(text, "FDSTORE=1\nFDNAME=pair\nFDPOLL=0\n");
     assert_eq!(fds.len(), 2);
     assert!(same_file(&fds[0], &a) && same_file(&fds[1], &b));
 

@@ -18,6 +18,7 @@
 //! | 5 | [`datapath`] | the frame path over `virtio-queue` + `vm-memory`, no vhost-user types; the dirty-page log |
 //! | 6 | [`host`] | tap/macvtap queue fds, their ioctls, link facts, rtnetlink (create, watch, delete) |
 //! | - | [`ratelimit`] | token buckets (pure; used by config and worker) |
+//! | - | [`systemd`] | socket activation, `sd_notify` (readiness, status, watchdog), the fd store (leaf; used by server) |
 //! | - | `fuzzing` (feature `test-utils`) | fuzz entry points and the test kit; above everything |
 //!
 //! # Threads
@@ -42,7 +43,8 @@
 //! getrandom), [`datapath::iovec`] (`readv`/`writev` on guest memory), [`datapath::dirty`] (the
 //! dirty-log mapping), [`datapath::uring`] (buffers handed to io_uring), [`datapath::vnet`]
 //! (`ByteValued` for the header), [`vhost_user::shim`] (fds received with `SCM_RIGHTS`) and
-//! [`vhost_user::backend`] (closing fds vhost-user-backend leaks). Every block says which
+//! [`vhost_user::backend`] (closing fds vhost-user-backend leaks) and [`systemd`] (adopting the
+//! fds a service manager or parent passed at exec). Every block says which
 //! invariant makes it sound.
 //!
 //! # Errors
@@ -63,6 +65,8 @@ pub mod fuzzing;
 pub mod host;
 pub mod ratelimit;
 pub mod server;
+#[allow(unsafe_code)] // adopts the fds a service manager or parent passed at exec
+pub mod systemd;
 pub mod vhost_user;
 pub mod worker;
 

@@ -28,7 +28,7 @@ use std::sync::Arc;
 
 pub use link::validate_ifname;
 pub use mac::MacAddr;
-pub use sys::{adopt_fd, dup_cloexec, random_bytes};
+pub use sys::{dup_cloexec, random_bytes};
 
 /// vnet header length of `virtio_net_hdr_v1` (VERSION_1 or MRG_RXBUF guests), set at open.
 /// The one definition: `datapath::vnet` re-exports it.

@@ -163,19 +163,6 @@ pub fn dup_cloexec(raw: RawFd) -> io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(new) })
 }
 
-/// Takes ownership of `raw`, an fd a manager handed us to own (`--fd`, socket activation).
-/// Fails with EBADF when `raw` is not open.
-///
-/// Only for fds that are ours by contract: the caller promises nothing else in this process
-/// uses the number (they are inherited at exec and named once on the command line).
-pub fn adopt_fd(raw: RawFd) -> io::Result<OwnedFd> {
-    // SAFETY: `fcntl(F_GETFD)` takes integers only and touches no memory; a closed fd fails.
-    check(unsafe { libc::fcntl(raw, libc::F_GETFD) })?;
-    // SAFETY: `raw` is open (checked above) and, by this function's contract, handed to us to
-    // own: no other owner exists in this process.
-    Ok(unsafe { OwnedFd::from_raw_fd(raw) })
-}
-
 /// Fills `buf` from the kernel's random pool (getrandom(2)); falls back to the clock if the
 /// pool is unavailable. For names and MACs that must be hard to guess, not for keys.
 pub fn random_bytes(buf: &mut [u8]) {

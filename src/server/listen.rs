@@ -183,8 +183,9 @@ fn listener_from_fd(fd: RawFd) -> Result<Listener, ServerError> {
         fd,
         reason: reason.to_string(),
     };
-    // The operator handed the fd to us to own (--fd).
-    let owned = crate::host::adopt_fd(fd).map_err(|_| bad("is not an open file descriptor"))?;
+    // The operator (or libvirt) handed the fd to us to own (--fd).
+    let owned = crate::systemd::adopt_inherited_fd(fd)
+        .ok_or_else(|| bad("is not an open file descriptor"))?;
     let listening = nix::sys::socket::getsockopt(&owned, nix::sys::socket::sockopt::AcceptConn)
         .map_err(|_| bad("is not a socket"))?;
     if !listening {

@@ -2,14 +2,12 @@
 //! or a frontend's socket we connect to (`--client`).
 
 use std::io;
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, RawFd};
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
-
-use vhost::vhost_user::Listener;
 
 use super::signals::Stopper;
 use super::{Endpoint, ServerError, SocketMode, SocketPerms};
@@ -22,7 +20,7 @@ pub(super) const CARRIER_POLL: Duration = Duration::from_millis(50);
 /// [`Frontends::pause_until_carrier`].
 pub(super) struct Frontends<'a> {
     endpoint: &'a Endpoint,
-    listener: Option<Listener>,
+    listener: Option<UnixListener>,
     /// The socket file we created (removed when we are done with it).
     file: Option<SocketFile>,
     stopper: &'a Stopper,
@@ -41,7 +39,11 @@ impl<'a> Frontends<'a> {
             SocketMode::Connect(_) => (None, None),
         };
         if let Some(l) = &listener {
-            stopper.set_listener_fd(Some(l.as_raw_fd()));
+            // Nonblocking: accept waits in poll beside the stop signal.
+            l.set_nonblocking(true).map_err(|e| ServerError::Listen {
+                path: format!("{socket:?}").into(),
+                reason: e.to_string(),
+            })?;
             tracing::info!(socket = ?socket, "listening for a vhost-user frontend");
         }
         Ok(Frontends {
@@ -56,7 +58,7 @@ impl<'a> Frontends<'a> {
     /// failed listener.
     pub(super) fn next(&mut self) -> Result<UnixStream, String> {
         match (&self.listener, &self.endpoint.mode) {
-            (Some(l), _) => accept_frontend(l),
+            (Some(l), _) => accept_frontend(l, self.stopper),
             (None, SocketMode::Connect(path)) => connect_with_backoff(path, self.stopper),
             (None, _) => Err("no listener".into()),
         }
@@ -68,28 +70,24 @@ impl<'a> Frontends<'a> {
     pub(super) fn pause_until_carrier(&mut self, link_up: &AtomicBool) -> Result<(), ServerError> {
         tracing::info!("host link has no carrier: serving no frontend until it returns");
         if let SocketMode::Listen(_) = self.endpoint.mode {
-            self.stopper.set_listener_fd(None);
             self.listener = None;
             self.file = None;
         }
-        if let Some(l) = &self.listener {
-            let _ = l.set_nonblocking(true);
-        }
         while !link_up.load(Ordering::SeqCst) && !self.stopper.stopping() {
             if let Some(l) = &self.listener {
-                while let Ok(Some(refused)) = l.accept() {
+                while let Ok((refused, _)) = l.accept() {
                     drop(refused);
                 }
             }
-            std::thread::sleep(CARRIER_POLL);
-        }
-        if let Some(l) = &self.listener {
-            let _ = l.set_nonblocking(false);
+            self.stopper.sleep(CARRIER_POLL);
         }
         if let SocketMode::Listen(path) = &self.endpoint.mode {
             if !self.stopper.stopping() {
                 let (l, f) = bind(path, &self.endpoint.perms)?;
-                self.stopper.set_listener_fd(Some(l.as_raw_fd()));
+                l.set_nonblocking(true).map_err(|e| ServerError::Listen {
+                    path: path.clone(),
+                    reason: e.to_string(),
+                })?;
                 self.listener = Some(l);
                 self.file = Some(f);
             }
@@ -103,7 +101,6 @@ impl<'a> Frontends<'a> {
 
 impl Drop for Frontends<'_> {
     fn drop(&mut self) {
-        self.stopper.set_listener_fd(None);
         // The listener closes, then `file` removes the socket file if it is still ours.
         self.listener = None;
     }
@@ -131,7 +128,7 @@ impl Drop for SocketFile {
 /// Binds a listening socket at `path`. Refuses to replace anything that is not a stale socket:
 /// a regular file, a directory, or a socket another process still listens on (probed by
 /// connecting). Applies `perms` before anyone can be accepted.
-fn bind(path: &Path, perms: &SocketPerms) -> Result<(Listener, SocketFile), ServerError> {
+fn bind(path: &Path, perms: &SocketPerms) -> Result<(UnixListener, SocketFile), ServerError> {
     let refuse = |reason: String| ServerError::Listen {
         path: path.to_path_buf(),
         reason,
@@ -175,10 +172,10 @@ fn bind(path: &Path, perms: &SocketPerms) -> Result<(Listener, SocketFile), Serv
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
             .map_err(|e| refuse(format!("--socket-mode: {e}")))?;
     }
-    Ok((Listener::from(listener), file))
+    Ok((listener, file))
 }
 
-fn listener_from_fd(fd: RawFd) -> Result<Listener, ServerError> {
+fn listener_from_fd(fd: RawFd) -> Result<UnixListener, ServerError> {
     let bad = |reason: &str| ServerError::BadFd {
         fd,
         reason: reason.to_string(),
@@ -193,7 +190,7 @@ fn listener_from_fd(fd: RawFd) -> Result<Listener, ServerError> {
     }
     nix::sys::socket::getsockname::<nix::sys::socket::UnixAddr>(owned.as_raw_fd())
         .map_err(|_| bad("is not a unix socket"))?;
-    Ok(Listener::from(UnixListener::from(owned)))
+    Ok(UnixListener::from(owned))
 }
 
 fn connect_with_backoff(path: &Path, stopper: &Stopper) -> Result<UnixStream, String> {
@@ -210,19 +207,31 @@ fn connect_with_backoff(path: &Path, stopper: &Stopper) -> Result<UnixStream, St
                     tracing::info!("waiting for a frontend at {} ({e})", path.display());
                     logged = true;
                 }
-                std::thread::sleep(delay);
+                stopper.sleep(delay);
                 delay = (delay * 2).min(Duration::from_secs(2));
             }
         }
     }
 }
 
-fn accept_frontend(listener: &Listener) -> Result<UnixStream, String> {
+fn accept_frontend(listener: &UnixListener, stopper: &Stopper) -> Result<UnixStream, String> {
     loop {
+        if !stopper.wait_readable(listener.as_fd(), None) {
+            return Err("stopping".into());
+        }
         match listener.accept() {
-            Ok(Some(s)) => return Ok(s),
-            // A client that connected and left before we accepted: wait for the next.
-            Ok(None) => continue,
+            Ok((s, _)) => return Ok(s),
+            // Nothing there after all, or a client that left before we accepted: wait again.
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock
+                        | io::ErrorKind::ConnectionAborted
+                        | io::ErrorKind::Interrupted
+                ) =>
+            {
+                continue
+            }
             Err(e) => return Err(e.to_string()),
         }
     }

@@ -12,6 +12,7 @@
 
 mod link;
 mod listen;
+mod service;
 mod signals;
 
 use std::os::fd::RawFd;
@@ -29,6 +30,7 @@ use crate::vhost_user::backend::{DeviceIdentity, HostSide};
 use crate::vhost_user::connection::Connection;
 use crate::worker::PairQueue;
 use listen::Frontends;
+use service::{Phase, Service};
 pub use signals::StopHandle;
 
 /// How the vhost-user socket is reached.
@@ -202,8 +204,10 @@ fn host_flag(config: &Settings) -> &'static str {
     }
 }
 
-/// Runs until SIGTERM/SIGINT. Returns Ok on a clean stop.
-pub fn run(config: Settings) -> Result<(), ServerError> {
+/// Runs until SIGTERM/SIGINT. Returns Ok on a clean stop. `inherited` holds the fds a service
+/// manager passed (socket activation and its fd store; empty otherwise): stored host queues
+/// are reused when they still belong to the configured device.
+pub fn run(config: Settings, mut inherited: crate::systemd::ListenFds) -> Result<(), ServerError> {
     let stopper = StopHandle::default();
     signals::install_signal_thread(stopper.0.clone())?;
     // The socket first: a path that is someone else's is refused before anything is created.
@@ -241,7 +245,21 @@ pub fn run(config: Settings) -> Result<(), ServerError> {
     };
     let flag = host_flag(&config);
     let host_err = |source| ServerError::Host { flag, source };
-    let host = HostDevice::open(&host_spec, config.queue_pairs).map_err(host_err)?;
+    let service = Service::from_env();
+    let stored = inherited.take_queues();
+    let host = match reuse_stored_queues(&config, &stored, &service) {
+        Some(h) => h,
+        None => HostDevice::open(&host_spec, config.queue_pairs).map_err(host_err)?,
+    };
+    drop(stored);
+    for leftover in inherited.into_remaining() {
+        tracing::warn!(name = %leftover.name, "closing an inherited fd macvhost has no use for");
+    }
+    if config.create_macvtap.is_none() && !matches!(config.host, HostSpec::TapFds { .. }) {
+        // Named devices only: a macvtap we created is deleted on exit, and --tap-fd queues
+        // belong to the manager that passed them.
+        service.store_queues(&host);
+    }
     let mut watched = vec![host.ifindex()];
     if host.kind() == HostKind::Macvtap {
         match crate::host::netlink::macvtap_info(host.ifname()) {
@@ -302,7 +320,7 @@ pub fn run(config: Settings) -> Result<(), ServerError> {
         link_up,
         link_down_disconnects: config.disconnect_on_link_down,
     };
-    let result = serve_on(frontends, identity, side, &stats, &stopper);
+    let result = serve_on(frontends, identity, side, &stats, &stopper, &service);
     drop(host);
     drop(created);
     result
@@ -321,7 +339,52 @@ pub fn serve<Q: PairQueue>(
 ) -> Result<(), ServerError> {
     let endpoint = endpoint.into();
     let frontends = Frontends::open(&endpoint, &stop.0)?;
-    serve_on(frontends, identity, host, stats, stop)
+    serve_on(frontends, identity, host, stats, stop, &Service::none())
+}
+
+/// Host queues from the service manager's fd store, when there is one per queue pair and they
+/// still belong to the configured device; stale ones are dropped from the store.
+fn reuse_stored_queues(
+    config: &Settings,
+    stored: &std::collections::BTreeMap<usize, std::os::fd::OwnedFd>,
+    service: &Service,
+) -> Option<HostDevice> {
+    use std::os::fd::AsRawFd;
+    if stored.is_empty() {
+        return None;
+    }
+    let want = match (&config.create_macvtap, &config.host) {
+        (None, HostSpec::Macvtap { iface } | HostSpec::Tap { iface }) => iface.as_str(),
+        _ => {
+            service.forget_queues(stored.keys().copied());
+            return None;
+        }
+    };
+    let complete = stored.len() == usize::from(config.queue_pairs)
+        && stored
+            .keys()
+            .copied()
+            .eq(0..usize::from(config.queue_pairs));
+    let fds: Vec<_> = stored.values().map(|fd| fd.as_raw_fd()).collect();
+    let reused = complete
+        .then(|| HostDevice::open(&HostSpec::TapFds { fds }, config.queue_pairs))
+        .and_then(Result::ok)
+        .filter(|h| h.ifname() == want);
+    match &reused {
+        Some(h) => tracing::info!(
+            iface = h.ifname(),
+            queues = stored.len(),
+            "reusing the host queues kept by the service manager"
+        ),
+        None => {
+            tracing::info!(
+                stored = stored.len(),
+                "the stored host queues are stale or incomplete; opening {want} afresh"
+            );
+            service.forget_queues(stored.keys().copied());
+        }
+    }
+    reused
 }
 
 /// The serve loop over frontends already set up.
@@ -331,19 +394,26 @@ fn serve_on<Q: PairQueue>(
     host: HostSide<Q>,
     stats: &[Arc<QueueStats>],
     stop: &StopHandle,
+    service: &Service,
 ) -> Result<(), ServerError> {
     let stopper = &*stop.0;
     // No frontend yet: keep the kernel from queueing frames nobody will read.
     for q in &host.queues {
         let _ = q.detach();
     }
+    service.ready("waiting for a frontend");
     let link_gone = || host.link_down_disconnects && !host.link_up.load(Ordering::SeqCst);
 
     while !stopper.stopping() {
         if link_gone() {
+            service.phase(
+                Phase::NoCarrier,
+                "host link has no carrier: serving no frontend",
+            );
             frontends.pause_until_carrier(&host.link_up)?;
             continue;
         }
+        service.phase(Phase::Waiting, "waiting for a frontend");
         let frontend = match frontends.next() {
             // Carrier went while we waited for the frontend: refuse it (closing it is the
             // message), then wait for carrier.
@@ -378,6 +448,7 @@ fn serve_on<Q: PairQueue>(
             stopper.end_connection();
         }
         tracing::info!("frontend connected");
+        service.phase(Phase::Serving, "serving a frontend");
         // Dropping `connected` when the connection ends wakes the link follower at once.
         let (connected, ended_rx) = std::sync::mpsc::channel::<()>();
         let notifier = conn.notifier();
@@ -396,8 +467,10 @@ fn serve_on<Q: PairQueue>(
             Err(e) => tracing::warn!("frontend connection ended with an error: {e}"),
         }
         stopper.set_connection(None);
+        service.phase(Phase::Closing, "closing a connection");
         conn.close();
     }
+    service.stopping();
     drop(frontends);
     tracing::info!("stopped");
     Ok(())

@@ -9,11 +9,13 @@
 //! - [`tx`]: guest → host, one `writev` per frame.
 //! - [`rx`]: host → guest, one `readv` per frame, MRG_RXBUF across chains.
 //! - [`stats`]: per-queue-pair counters, one per drop reason.
+//! - [`mcast`]: IGMP/MLD report parsing and the guest's multicast membership table.
 //! - [`dirty`]: the dirty-page log view used while the frontend migrates the guest.
 //! - `testutil` (tests and feature `test-utils`): fake host queue, mock guest queues.
 
 pub mod dirty;
 pub mod iovec;
+pub mod mcast;
 pub mod rx;
 pub mod stats;
 #[cfg(any(test, feature = "test-utils"))]

@@ -9,9 +9,11 @@
 //! - `macvtap`: `/dev/tapN` lookup by ifindex and char-device number, stale-node handling.
 //! - `tap`: `/dev/net/tun` taps by name, and manager-passed fds.
 //! - `link`: ifindex/MAC/MTU/carrier through a control socket; sysfs only where unavoidable.
+//! - [`mcfilter`]: the macvtap's multicast list and allmulticast (packet-socket memberships).
 
 mod link;
 mod macvtap;
+pub mod mcfilter;
 mod sys;
 mod tap;
 

@@ -43,12 +43,13 @@
 //! - No allocation: memberships go to a callback.
 //!
 //! # Groups the guest does not report
-//! Hosts never report 224.0.0.1 (all-hosts) and ff02::1 (all-nodes), so they are never learned.
-//! The macvtap has both in its own list as long as it has IPv4 and IPv6 enabled (the kernel
-//! joins them on the device itself; `host::mcfilter` tests check it), and its link-local
-//! solicited-node group is the guest's EUI-64 one, since they share the MAC. With
-//! `disable_ipv6=1` on the macvtap, `33:33:00:00:00:01` is missing and the caller must add it
-//! (router advertisements go there).
+//! Hosts never report 224.0.0.1 (all-hosts) and ff02::1 (all-nodes), so they are never learned,
+//! and need not be: the macvtap has both in its own list, because the kernel joins them on the
+//! device itself when it creates its IPv4 and IPv6 state, even with `disable_ipv6=1`
+//! (`host::mcfilter`'s tests check it). Only a host kernel booted with `ipv6.disable=1` lacks
+//! all-nodes (router advertisements go there); the caller would have to add
+//! `33:33:00:00:00:01` then. The macvtap's own solicited-node group is also the guest's EUI-64
+//! one, since they share the MAC.
 //!
 //! # Membership table ([`MembershipTable`])
 //! Pure logic with the time passed in, pre-allocated for its cap (default
@@ -86,8 +87,8 @@ use std::time::Duration;
 use serde::Serialize;
 
 /// How many bytes of a candidate frame the caller should copy before calling [`parse_report`]:
-/// every report of a guest with an MTU up to 2000 fits (reports are at most one MTU; a jumbo
-/// MTU guest with many groups can send longer ones, which come back as
+/// every report of a guest with an MTU up to 2030 fits, VLAN tag included (stacks size reports
+/// to the MTU; a jumbo-MTU guest with many groups can send longer ones, which come back as
 /// [`Verdict::Incomplete`]).
 pub const COPY_LEN: usize = 2048;
 

@@ -10,9 +10,11 @@
 //! wire unchanged.
 //!
 //! # Parser contract ([`parse_report`])
-//! - Input: the Ethernet frame as the guest sent it (after the vnet header). The caller may pass
-//!   only a prefix (say [`COPY_LEN`] bytes copied out of guest memory) plus the frame's real
-//!   length; every length field is bounded by both. When a report is longer than the prefix the
+//! - Input: the Ethernet frame as the guest sent it (after the vnet header), **copied** out of
+//!   guest memory: the walk reads some fields twice (checksum, then records, then records
+//!   again to emit), which is only sound on bytes the guest can no longer change. The caller
+//!   may pass only a prefix (say [`COPY_LEN`] bytes) plus the frame's real length; every
+//!   length field is bounded by both. When a report is longer than the prefix the
 //!   verdict is [`Verdict::Incomplete`] with the length needed: the caller may copy that much
 //!   (at most the frame) and call again, or count it and move on.
 //! - Fast reject: the destination MAC is looked at first; only `01:00:5e:00-7f` (IPv4) and

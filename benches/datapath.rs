@@ -46,7 +46,7 @@ use vm_memory::GuestMemoryMmap;
 
 const HDR: usize = VNET_HDR_LEN_V1;
 /// The worker's per-call budget (`worker::BATCH`).
-const BUDGET: usize = macvhost::worker::BATCH;
+const BUDGET: usize = macvhost::datapath::BATCH;
 const SIZES: [usize; 3] = [64, 1500, 65536];
 /// Rings at 0, buffers from 1 MiB, 32 MiB of guest memory in one region.
 const DATA: u64 = 1 << 20;

@@ -30,11 +30,12 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use common::*;
-use macvhost::backend::{DeviceIdentity, HostSide};
-use macvhost::config::{MacAddr, SocketMode};
 use macvhost::datapath::QueueStats;
+use macvhost::host::MacAddr;
 use macvhost::host::{HostDevice, HostSpec};
+use macvhost::server::SocketMode;
 use macvhost::server::{serve, StopHandle};
+use macvhost::vhost_user::backend::{DeviceIdentity, HostSide};
 use support::rig::ALL;
 use support::vu_driver::VuGuest;
 

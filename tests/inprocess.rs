@@ -11,7 +11,7 @@ mod support {
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use macvhost::config::SocketMode;
+use macvhost::server::SocketMode;
 use support::rig::*;
 use support::vu_driver::{VuGuest, HDR_LEN};
 
@@ -117,4 +117,41 @@ fn inherited_listening_fd_is_served() {
     let rig = Rig::start_with(1, dir, SocketMode::ListenFd(fd), sock);
     let mut g = rig.guest(1, ALL);
     tx_one_and_check(&rig, &mut g, 7);
+}
+
+#[test]
+fn stale_socket_left_by_a_dead_process_is_replaced() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("vu.sock");
+    // A listener that went away without removing its file: nobody answers on it.
+    drop(std::os::unix::net::UnixListener::bind(&sock).unwrap());
+    assert!(std::os::unix::net::UnixStream::connect(&sock).is_err());
+    let rig = Rig::start_with(1, dir, SocketMode::Listen(sock.clone()), sock);
+    let mut g = rig.guest(1, ALL);
+    assert!(g.send(0, &frame(1, 100)));
+    g.kick(g.tx(0));
+    assert!(eventually(|| rig.stats[0].snapshot().tx_frames == 1));
+}
+
+#[test]
+fn socket_owner_and_mode_are_applied_before_serving() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("vu.sock");
+    let endpoint = macvhost::server::Endpoint {
+        mode: SocketMode::Listen(sock.clone()),
+        perms: macvhost::server::SocketPerms {
+            owner: Some((
+                nix::unistd::getuid().as_raw(),
+                Some(nix::unistd::getgid().as_raw()),
+            )),
+            mode: Some(0o660),
+        },
+    };
+    let rig = Rig::start_endpoint(1, dir, endpoint, sock.clone());
+    let meta = std::fs::metadata(&sock).unwrap();
+    assert_eq!(meta.permissions().mode() & 0o777, 0o660);
+    assert_eq!(meta.uid(), nix::unistd::getuid().as_raw());
+    let mut g = rig.guest(1, ALL);
+    assert!(g.send(0, &frame(2, 100)));
 }

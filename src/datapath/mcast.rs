@@ -1367,4 +1367,6 @@ pub mod frames {
 }
 
 #[cfg(test)]
+mod host_tests;
+#[cfg(test)]
 mod tests;

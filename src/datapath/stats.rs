@@ -67,8 +67,6 @@ counters! {
     rx_notifications,
     /// Worker wake-ups (kicks, host-queue readiness) handled.
     wakeups,
-    /// Busy-poll rounds that found work.
-    polls,
     /// TX writes that got EAGAIN; the frame was kept and retried on EPOLLOUT.
     tx_eagain,
     /// RX rounds stopped because the guest had posted no buffer (not a drop).

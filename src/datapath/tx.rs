@@ -62,7 +62,7 @@ use super::{HostQueue, IoVecBuf};
 pub const MAX_SEGMENTS: usize = 1024;
 
 /// Most chains popped per read of the avail index.
-const POP_BATCH: usize = 64;
+const POP_BATCH: usize = super::BATCH;
 
 /// Per-queue TX parameters, fixed between feature negotiations.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

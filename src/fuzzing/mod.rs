@@ -22,6 +22,7 @@ mod mcast;
 mod rx;
 pub mod seeds;
 mod tx;
+#[allow(unsafe_code)] // ignores SIGPIPE for the fuzzed frontend
 mod vhost_user;
 mod vnet;
 mod vq;

@@ -51,7 +51,6 @@ use std::io;
 use std::os::fd::{AsFd, OwnedFd};
 
 use super::sys;
-use crate::datapath::mcast::Diff;
 
 /// `01:00:5e:00:00:01`, the MAC of 224.0.0.1, held by every device with IPv4.
 const ALL_HOSTS_MAC: [u8; 6] = [0x01, 0x00, 0x5e, 0x00, 0x00, 0x01];
@@ -210,25 +209,31 @@ impl McFilter {
         Ok(())
     }
 
-    /// Applies a membership-table diff: removals, additions, then allmulticast. Every change is
-    /// tried; the first error is returned (the caller may resync from the table's MACs).
-    pub fn apply(&mut self, diff: &Diff) -> Result<(), McFilterError> {
+    /// Applies a membership-table diff (`datapath::mcast::Diff`'s `remove`, `add`, `allmulti`):
+    /// removals, additions, then allmulticast. Every change is tried; the first error is
+    /// returned (the caller may resync from the table's MACs).
+    pub fn apply(
+        &mut self,
+        remove: &[[u8; 6]],
+        add: &[[u8; 6]],
+        allmulti: Option<bool>,
+    ) -> Result<(), McFilterError> {
         let mut first = Ok(());
         let mut keep = |r: Result<(), McFilterError>| {
             if first.is_ok() {
                 first = r;
             }
         };
-        for mac in &diff.remove {
+        for mac in remove {
             keep(self.change(false, Some(*mac)));
         }
-        if !diff.remove.is_empty() {
+        if !remove.is_empty() {
             keep(self.refresh());
         }
-        for mac in &diff.add {
+        for mac in add {
             keep(self.add(*mac));
         }
-        if let Some(on) = diff.allmulti {
+        if let Some(on) = allmulti {
             keep(self.set_allmulti(on));
         }
         first
@@ -236,4 +241,4 @@ impl McFilter {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

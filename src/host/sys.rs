@@ -163,6 +163,24 @@ pub fn dup_cloexec(raw: RawFd) -> io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(new) })
 }
 
+/// Fills `buf` from the kernel's random pool (getrandom(2)); falls back to the clock if the
+/// pool is unavailable. For names and MACs that must be hard to guess, not for keys.
+pub fn random_bytes(buf: &mut [u8]) {
+    // SAFETY: `buf` is a writable slice the caller lends for the duration of the call, and the
+    // kernel writes at most `buf.len()` bytes into it.
+    let n = unsafe { libc::getrandom(buf.as_mut_ptr().cast(), buf.len(), 0) };
+    if usize::try_from(n).ok() != Some(buf.len()) {
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0)
+            ^ u128::from(std::process::id()) << 64;
+        for (b, t) in buf.iter_mut().zip(t.to_le_bytes().into_iter().cycle()) {
+            *b = t;
+        }
+    }
+}
+
 /// An interface ioctl (`SIOC*IF*`) on a control socket; the socket's network namespace decides
 /// which interfaces are visible.
 fn if_ioctl(sock: BorrowedFd<'_>, req: libc::c_ulong, ifr: &mut IfReq) -> io::Result<()> {

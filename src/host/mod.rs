@@ -9,10 +9,12 @@
 //! - `macvtap`: `/dev/tapN` lookup by ifindex and char-device number, stale-node handling.
 //! - `tap`: `/dev/net/tun` taps by name, and manager-passed fds.
 //! - `link`: ifindex/MAC/MTU/carrier through a control socket; sysfs only where unavoidable.
+//! - [`mcfilter`]: the macvtap's multicast list and allmulticast (packet-socket memberships).
 
 mod link;
 mod mac;
 mod macvtap;
+pub mod mcfilter;
 pub mod netlink;
 #[allow(unsafe_code)] // ioctls, fd ownership, getrandom
 mod sys;

@@ -64,7 +64,8 @@ impl Stopper {
 
     /// Sleeps up to `d`, waking early on a stop.
     pub(super) fn sleep(&self, d: Duration) {
-        let ms = PollTimeout::try_from(d.as_millis().min(60_000) as u32).unwrap_or(PollTimeout::MAX);
+        let ms =
+            PollTimeout::try_from(d.as_millis().min(60_000) as u32).unwrap_or(PollTimeout::MAX);
         let _ = poll(&mut [PollFd::new(self.wake.as_fd(), PollFlags::POLLIN)], ms);
     }
 
@@ -88,7 +89,6 @@ impl Stopper {
     pub(super) fn set_connection(&self, h: Option<ShutdownHandle>) {
         *self.connection.lock().unwrap_or_else(|e| e.into_inner()) = h;
     }
-
 }
 
 /// Blocks SIGTERM/SIGINT in every thread and waits for them on a dedicated one.

@@ -1040,3 +1040,58 @@ fn with_rx_filter_strict_the_same_ipv6_pings_go_unanswered() {
     assert_eq!(replies, vec![0, 0], "replies per address");
     assert_eq!(s.mvh.device_stats()["mcast_joins"], 0);
 }
+
+#[test]
+fn the_host_reaches_its_guest_through_a_macvlan_sibling_not_through_the_parent() {
+    if skip("the_host_reaches_its_guest_through_a_macvlan_sibling_not_through_the_parent") {
+        return;
+    }
+    let s = setup("l2host", 1, false);
+    let ping_from = |src: &str| {
+        let out =
+            s.ns.command("ping")
+                .args([
+                    "-c",
+                    "3",
+                    "-W",
+                    "2",
+                    "-i",
+                    "0.5",
+                    "-I",
+                    src,
+                    guest::GUEST_IP,
+                ])
+                .output()
+                .unwrap();
+        ping_summary(&String::from_utf8_lossy(&out.stdout)).map_or(0, |(_, rx)| rx)
+    };
+    // The host's own address on the macvtap's parent: macvlan never delivers between the
+    // parent and its macvlans, so this is what does not work.
+    s.ns.ip(&["addr", "add", "10.199.0.3/24", "dev", "mvh-lower"])
+        .unwrap();
+    s.ns.ip(&["link", "set", "mvh-lower", "up"]).unwrap();
+    let via_parent = ping_from("mvh-lower");
+    s.ns.ip(&["addr", "del", "10.199.0.3/24", "dev", "mvh-lower"])
+        .unwrap();
+    // The documented way: a macvlan sibling in bridge mode carries the host's address.
+    s.ns.ip(&[
+        "link",
+        "add",
+        "link",
+        "mvh-lower",
+        "name",
+        "mvh-host",
+        "type",
+        "macvlan",
+        "mode",
+        "bridge",
+    ])
+    .unwrap();
+    s.ns.ip(&["addr", "add", "10.199.0.4/24", "dev", "mvh-host"])
+        .unwrap();
+    s.ns.ip(&["link", "set", "mvh-host", "up"]).unwrap();
+    let via_sibling = ping_from("mvh-host");
+    println!("host -> guest: via the parent {via_parent}/3, via a macvlan sibling {via_sibling}/3");
+    assert_eq!(via_parent, 0);
+    assert_eq!(via_sibling, 3);
+}

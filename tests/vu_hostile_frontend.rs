@@ -224,6 +224,59 @@ mod hostile {
     }
 
     #[test]
+    fn call_fd_the_frontend_makes_blocking_again_costs_its_worker_at_most_the_watchdog_bound() {
+        let _one = one_at_a_time();
+        let rig = Leaky::start(1);
+        let mut s = seq_call_fd_never_drains(&rig.sock, FdKind::SaturatedEventFd, 1).unwrap();
+        let mut buf = vec![0u8; 2048];
+        rig.peers[0].recv(&mut buf).expect("frame 0");
+        // The frontend clears O_NONBLOCK on its side of the call fd (the same file
+        // description): each notification now blocks until the watchdog interrupts it.
+        make_blocking_again(&s);
+        for i in 1..6u32 {
+            let mut f = vec![0u8; 60];
+            f[14..18].copy_from_slice(&i.to_be_bytes());
+            let t = Instant::now();
+            s.post_tx(1, &f);
+            s.kick(1);
+            rig.peers[0]
+                .recv(&mut buf)
+                .unwrap_or_else(|e| panic!("frame {i} never reached the host: {e}"));
+            assert_eq!(&buf[12 + 14..12 + 18], &i.to_be_bytes());
+            // One blocked notification (the previous frame's) at most: two watchdog periods.
+            assert!(
+                t.elapsed() < Duration::from_millis(600),
+                "frame {i}: {:?}",
+                t.elapsed()
+            );
+        }
+        // The worker may take several frames in one round (one notification), and the last
+        // round's notification may still be waiting for the watchdog.
+        let t = Instant::now();
+        while counter(&rig, "notify_dropped") < Some(2) && t.elapsed() < Duration::from_secs(1) {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let dropped = counter(&rig, "notify_dropped");
+        let sent = counter(&rig, "tx_notifications");
+        assert!(
+            dropped >= Some(2),
+            "notify_dropped {dropped:?}, tx_notifications {sent:?}"
+        );
+        drop(s);
+        served(&rig);
+        assert!(stop_within(rig, Duration::from_secs(2)).is_some());
+    }
+
+    /// Clears `O_NONBLOCK` on every fd the frontend kept (what a hostile frontend can do to
+    /// the file descriptions it shares with macvhost).
+    fn make_blocking_again(s: &Session) {
+        use nix::fcntl::{fcntl, FcntlArg, OFlag};
+        for fd in &s.keep {
+            fcntl(fd, FcntlArg::F_SETFL(OFlag::empty())).unwrap();
+        }
+    }
+
+    #[test]
     fn stop_with_a_frontend_in_the_middle_of_a_message_finishes_within_2s() {
         let _one = one_at_a_time();
         let rig = Leaky::start(1);

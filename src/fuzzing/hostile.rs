@@ -664,6 +664,9 @@ pub fn seq_call_fd_never_drains(sock: &Path, call: FdKind, frames: usize) -> io:
     s.start_rings(2);
     let bad = make_fd(call, &mut s.keep)?;
     s.vring_fd(FrontendReq::SET_VRING_CALL, 1, Some(bad));
+    // A round trip: the handler has taken the new call fd before the first frame.
+    s.get_u64(FrontendReq::GET_FEATURES)
+        .ok_or_else(|| io::Error::other("connection closed during set-up"))?;
     for i in 0..frames {
         let mut f = vec![0u8; 60];
         f[..6].copy_from_slice(&[0x52, 0x54, 0, 0x12, 0x34, 0x56]);

@@ -270,12 +270,14 @@ fn kick_failed(e: io::Error) -> io::Error {
     e
 }
 
-/// Interrupts a thread stuck in a read or write on a frontend fd (see the module doc).
-///
-/// One process-wide thread (`vu-fd-watchdog`), started with the first vring, looks at every
-/// live [`Guard`] each [`STUCK`]; a guard that shows the same thread in the same operation
-/// twice in a row gets that thread a `SIGURG`. It sleeps on a condvar while no vring exists.
 pub mod watchdog {
+    //! Interrupts a thread stuck in a read or write on a frontend fd (see the `vring` module
+    //! doc).
+    //!
+    //! One process-wide thread (`vu-fd-watchdog`), started with the first vring, looks at every
+    //! live [`Guard`] each [`STUCK`]; a guard that shows the same thread in the same operation
+    //! twice in a row gets that thread a `SIGURG`. It sleeps on a condvar while no vring exists.
+
     use std::collections::HashMap;
     use std::sync::atomic::{AtomicI32, AtomicU64, Ordering};
     use std::sync::{Arc, Condvar, Mutex, OnceLock, Weak};

@@ -9,9 +9,11 @@
 //! - `signals`: SIGTERM/SIGINT and the [`StopHandle`].
 //! - `listen`: where frontends come from (path, inherited fd, `--client`).
 //! - `link`: the host link's carrier, watched and followed by each connection.
+//! - [`qmp`]: the guest's receive filter as QEMU reports it (`--qmp`).
 
 mod link;
 mod listen;
+pub mod qmp;
 mod service;
 mod signals;
 
@@ -104,6 +106,9 @@ pub struct Settings {
     pub tx_rate: Option<RateSpec>,
     /// Host → guest rate limit.
     pub rx_rate: Option<RateSpec>,
+    /// QEMU's QMP socket to follow the guest's rx filter on (`--qmp`, `--qmp-nic`,
+    /// `--trust-guest-rx-filters`).
+    pub qmp: Option<qmp::QmpSettings>,
 }
 
 /// Why the server could not start or keep going.
@@ -148,6 +153,9 @@ pub enum ServerError {
     /// Signal handling could not be installed (host).
     #[error("signal handling: {0}")]
     Signals(nix::Error),
+    /// The QMP watcher could not start (host).
+    #[error("--qmp: {0}")]
+    Qmp(qmp::QmpError),
 }
 
 fn device_identity(config: &Settings, host: &HostDevice) -> Result<DeviceIdentity, HostError> {
@@ -190,6 +198,7 @@ impl ServerError {
             ServerError::Listen { .. } | ServerError::BadFd { .. } => true,
             ServerError::Control { .. } => true,
             ServerError::Signals(_) => false,
+            ServerError::Qmp(e) => e.is_operator_error(),
         }
     }
 }
@@ -314,6 +323,12 @@ pub fn run(config: Settings, mut inherited: crate::systemd::ListenFds) -> Result
 
     let link_up = Arc::new(AtomicBool::new(host.carrier()));
     let _watcher = link::watch_link_state(host.ifname(), watched, link_up.clone());
+    let _qmp = config
+        .qmp
+        .as_ref()
+        .map(|q| qmp::follow(q, identity.mac))
+        .transpose()
+        .map_err(ServerError::Qmp)?;
     let side = HostSide {
         queues: host.queues().to_vec(),
         supported_offloads: host.supported_offloads(),

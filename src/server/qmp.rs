@@ -474,9 +474,8 @@ impl<F: FnMut(&RxFilter)> Run<F> {
                         backoff = self.cfg.backoff_first;
                     }
                     let level_info = established && matches!(e, QmpError::Closed);
-                    self.logged.once(e.class(), level_info, || {
-                        format!("{e} ({:?}); connecting again", self.cfg.path)
-                    });
+                    self.logged
+                        .once(e.class(), level_info, || format!("{e}; connecting again"));
                 }
             }
             if wait(&self.stop, None, Some(Instant::now() + backoff)) == Wake::Stop {

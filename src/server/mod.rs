@@ -3,8 +3,8 @@
 //!
 //! The host queues and counters live for the whole process; everything a frontend negotiates
 //! lives in a [`Connection`] made for it. Threads of the process: main (this loop), `signals`,
-//! the link watcher, the control socket and metrics servers when asked for, and per connection
-//! those listed in [`crate::vhost_user::connection`].
+//! the link watcher, the control socket, metrics and `qmp` threads when asked for, and per
+//! connection those listed in [`crate::vhost_user::connection`].
 //!
 //! - `signals`: SIGTERM/SIGINT and the [`StopHandle`].
 //! - `listen`: where frontends come from (path, inherited fd, `--client`).

@@ -10,6 +10,7 @@ use clap::Parser;
 
 use crate::host::{HostSpec, MacAddr};
 use crate::server::{SocketMode, SocketPerms};
+use crate::worker::l2::RxFilterMode;
 
 pub use crate::host::MAX_QUEUE_PAIRS;
 /// Largest virtqueue size accepted (virtio-net in QEMU allows 1024).
@@ -126,6 +127,17 @@ pub struct Args {
     /// BENCHMARKS.md); falls back to writev when io_uring is unavailable.
     #[arg(long)]
     pub io_uring: bool,
+
+    /// How the guest's multicast groups reach the macvtap: follow (learn them from the guest's
+    /// IGMP/MLD reports; the default), allmulti (the macvtap takes every multicast frame) or
+    /// strict (only the macvtap's own groups).
+    #[arg(long, value_name = "MODE", default_value = "follow")]
+    pub rx_filter: String,
+
+    /// Most multicast groups followed per device; past it the macvtap goes allmulticast until
+    /// the count drops.
+    #[arg(long, value_name = "N", default_value_t = crate::datapath::mcast::DEFAULT_MAX_GROUPS)]
+    pub max_groups: usize,
 
     /// While the host link has no carrier, end the frontend's connection and serve none until
     /// carrier returns: QEMU (chardev `reconnect=N`) and DPDK virtio-user then show the guest
@@ -318,8 +330,22 @@ impl TryFrom<Args> for Config {
         let tx_rate = rate("--tx-rate", args.tx_rate)?;
         let rx_rate = rate("--rx-rate", args.rx_rate)?;
 
+        let rx_filter = args
+            .rx_filter
+            .parse::<RxFilterMode>()
+            .map_err(|e| bad("--rx-filter", e))?;
+        let limit = crate::datapath::mcast::MAX_GROUPS_LIMIT;
+        if !(1..=limit).contains(&args.max_groups) {
+            return Err(bad(
+                "--max-groups",
+                format!("must be 1..={limit} (got {})", args.max_groups),
+            ));
+        }
+
         Ok(Config {
             io_uring: args.io_uring,
+            rx_filter,
+            max_groups: args.max_groups,
             disconnect_on_link_down: args.disconnect_on_link_down,
             create_macvtap,
             keep_macvtap: args.keep,

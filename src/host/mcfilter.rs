@@ -50,7 +50,7 @@
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
 
-use super::sys;
+use super::{sys, MacAddr};
 
 /// `01:00:5e:00:00:01`, the MAC of 224.0.0.1, held by every device with IPv4.
 const ALL_HOSTS_MAC: [u8; 6] = [0x01, 0x00, 0x5e, 0x00, 0x00, 0x01];
@@ -70,7 +70,7 @@ pub enum McFilterError {
 
     // --- Caller (programming) errors ---
     #[error("{mac} is not a multicast MAC (group bit clear)")]
-    NotMulticast { mac: MacFmt },
+    NotMulticast { mac: MacAddr },
 
     // --- Host errors ---
     #[error("opening the multicast control socket: {0}")]
@@ -92,21 +92,6 @@ impl McFilterError {
         matches!(
             self,
             McFilterError::NotPermitted(_) | McFilterError::NoSuchInterface(_)
-        )
-    }
-}
-
-/// A MAC in the usual `aa:bb:cc:dd:ee:ff` form (for messages).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct MacFmt(pub [u8; 6]);
-
-impl std::fmt::Display for MacFmt {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let m = self.0;
-        write!(
-            f,
-            "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
-            m[0], m[1], m[2], m[3], m[4], m[5]
         )
     }
 }
@@ -160,7 +145,7 @@ impl McFilter {
     fn change(&self, add: bool, mac: Option<[u8; 6]>) -> Result<(), McFilterError> {
         if let Some(m) = mac {
             if m[0] & 1 == 0 {
-                return Err(McFilterError::NotMulticast { mac: MacFmt(m) });
+                return Err(McFilterError::NotMulticast { mac: MacAddr(m) });
             }
         }
         // `ifindex` fitted an i32 at open.
@@ -173,7 +158,7 @@ impl McFilter {
             } else {
                 McFilterError::Membership {
                     op: if add { "adding" } else { "removing" },
-                    what: mac.map_or("allmulticast".into(), |m| MacFmt(m).to_string()),
+                    what: mac.map_or("allmulticast".into(), |m| MacAddr(m).to_string()),
                     ifname: self.ifname.clone(),
                     source: e,
                 }

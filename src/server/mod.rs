@@ -20,16 +20,19 @@ mod signals;
 use std::os::fd::RawFd;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crate::control;
+use crate::datapath::mcast::TableConfig;
 use crate::datapath::QueueStats;
+use crate::host::mcfilter::{McFilter, McFilterError};
 use crate::host::netlink::MacvtapSpec;
 use crate::host::{HostDevice, HostError, HostKind, HostSpec, MacAddr};
 use crate::ratelimit::RateSpec;
 use crate::vhost_user::backend::{DeviceIdentity, HostSide};
 use crate::vhost_user::connection::Connection;
+use crate::worker::l2::{L2Host, RxFilterMode};
 use crate::worker::PairQueue;
 use listen::Frontends;
 use service::{Phase, Service};
@@ -96,6 +99,10 @@ pub struct Settings {
     pub metrics_addr: Option<std::net::SocketAddr>,
     /// Batched TX writes through io_uring.
     pub io_uring: bool,
+    /// How the guest's multicast groups reach the macvtap (`--rx-filter`).
+    pub rx_filter: RxFilterMode,
+    /// Most multicast groups followed before falling back to allmulticast (`--max-groups`).
+    pub max_groups: usize,
     /// End the frontend connection while the host link has no carrier.
     pub disconnect_on_link_down: bool,
     /// The macvtap to create (`--macvtap-parent`); `host` then names it once created.
@@ -150,6 +157,12 @@ pub enum ServerError {
     /// Creating the macvtap failed (operator: parent, mode, name; or host).
     #[error("--macvtap-parent: {0}")]
     Netlink(#[from] crate::host::netlink::NetlinkError),
+    /// The macvtap's multicast filter could not be opened (operator: capabilities; or host).
+    #[error("--rx-filter: {source}")]
+    RxFilter {
+        /// Cause.
+        source: McFilterError,
+    },
     /// Signal handling could not be installed (host).
     #[error("signal handling: {0}")]
     Signals(nix::Error),
@@ -197,10 +210,45 @@ impl ServerError {
             ServerError::Netlink(e) => e.is_operator_error(),
             ServerError::Listen { .. } | ServerError::BadFd { .. } => true,
             ServerError::Control { .. } => true,
+            ServerError::RxFilter { source } => source.is_operator_error(),
             ServerError::Signals(_) => false,
             ServerError::Qmp(e) => e.is_operator_error(),
         }
     }
+}
+
+/// The macvtap's multicast filter for `--rx-filter`: opened now (it needs CAP_NET_RAW, which a
+/// sealed process no longer has). `allmulti` holds allmulticast for the process's life; a tap
+/// takes every frame anyway, so it gets no filter.
+fn l2_host(
+    config: &Settings,
+    host: &HostDevice,
+    stats: Arc<crate::worker::l2::L2Stats>,
+) -> Result<L2Host, ServerError> {
+    let mut l2 = L2Host {
+        table: TableConfig {
+            max_groups: config.max_groups,
+            ..TableConfig::default()
+        },
+        filter: None,
+        stats,
+    };
+    if host.kind() != HostKind::Macvtap || config.rx_filter == RxFilterMode::Strict {
+        return Ok(l2);
+    }
+    let err = |source| ServerError::RxFilter { source };
+    let mut filter = McFilter::open(host.ifindex()).map_err(err)?;
+    match config.rx_filter {
+        RxFilterMode::Follow => l2.filter = Some(Arc::new(Mutex::new(filter))),
+        RxFilterMode::AllMulti => {
+            filter.set_allmulti(true).map_err(err)?;
+            tracing::info!("the macvtap takes every multicast frame (--rx-filter allmulti)");
+            // Held until exit: the kernel drops the allmulticast with the socket.
+            std::mem::forget(filter);
+        }
+        RxFilterMode::Strict => {}
+    }
+    Ok(l2)
 }
 
 /// The flag that names the host side in `config`.
@@ -302,7 +350,9 @@ pub fn run(config: Settings, mut inherited: crate::systemd::ListenFds) -> Result
         "host device open"
     );
 
-    let source = crate::control::StatsSource::new(host.ifname(), stats.clone());
+    let l2_stats = Arc::new(crate::worker::l2::L2Stats::default());
+    let source =
+        crate::control::StatsSource::new(host.ifname(), stats.clone()).with_l2(l2_stats.clone());
     let _control = config
         .control_socket
         .as_deref()
@@ -334,6 +384,7 @@ pub fn run(config: Settings, mut inherited: crate::systemd::ListenFds) -> Result
         supported_offloads: host.supported_offloads(),
         link_up,
         link_down_disconnects: config.disconnect_on_link_down,
+        l2: l2_host(&config, &host, l2_stats)?,
     };
     let result = serve_on(frontends, identity, side, &stats, &stopper, &service);
     drop(host);
@@ -467,8 +518,12 @@ fn serve_on<Q: PairQueue>(
         // Dropping `connected` when the connection ends wakes the link follower at once.
         let (connected, ended_rx) = std::sync::mpsc::channel::<()>();
         let notifier = conn.notifier();
+        let l2 = conn.backend().l2().clone();
+        let tick = move || l2.tick();
         let ended = std::thread::scope(|scope| {
-            scope.spawn(|| link::follow_link_for_connection(&host, &notifier, ended_rx, stopper));
+            scope.spawn(|| {
+                link::follow_link_for_connection(&host, &notifier, ended_rx, stopper, &tick)
+            });
             let ended = conn.wait();
             drop(connected);
             ended

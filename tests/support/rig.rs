@@ -120,6 +120,14 @@ impl Rig {
         )
     }
 
+    /// A rig whose device follows the guest's multicast groups into `l2`'s filter.
+    pub fn start_l2(pairs: u16, l2: macvhost::worker::l2::L2Host) -> Rig {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("vu.sock");
+        let mode = SocketMode::Listen(sock.clone());
+        Rig::start_inner(pairs, dir, &mode, sock, None, None, false, l2)
+    }
+
     /// A rig serving `endpoint` (socket mode plus owner and permissions).
     pub fn start_endpoint(
         pairs: u16,
@@ -138,6 +146,29 @@ impl Rig {
         tx_rate: Option<macvhost::ratelimit::RateSpec>,
         rx_rate: Option<macvhost::ratelimit::RateSpec>,
         link_down_disconnects: bool,
+    ) -> Rig {
+        Rig::start_inner(
+            pairs,
+            dir,
+            endpoint,
+            sock,
+            tx_rate,
+            rx_rate,
+            link_down_disconnects,
+            Default::default(),
+        )
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn start_inner(
+        pairs: u16,
+        dir: tempfile::TempDir,
+        endpoint: impl Into<Endpoint>,
+        sock: std::path::PathBuf,
+        tx_rate: Option<macvhost::ratelimit::RateSpec>,
+        rx_rate: Option<macvhost::ratelimit::RateSpec>,
+        link_down_disconnects: bool,
+        l2: macvhost::worker::l2::L2Host,
     ) -> Rig {
         let mut queues = Vec::new();
         let mut peers = Vec::new();
@@ -172,6 +203,7 @@ impl Rig {
             supported_offloads: 0x1f,
             link_up: link_up.clone(),
             link_down_disconnects,
+            l2,
         };
         let (s2, st2) = (stop.clone(), stats.clone());
         let endpoint = endpoint.into();

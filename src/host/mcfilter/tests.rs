@@ -68,7 +68,7 @@ pub(crate) fn maddrs(iface: &str) -> Vec<String> {
 }
 
 pub(crate) fn fmt(mac: [u8; 6]) -> String {
-    MacFmt(mac).to_string()
+    MacAddr(mac).to_string()
 }
 
 pub(crate) fn setup() -> NetNs {

@@ -3,15 +3,17 @@
 //!
 //! The host queues and counters live for the whole process; everything a frontend negotiates
 //! lives in a [`Connection`] made for it. Threads of the process: main (this loop), `signals`,
-//! the link watcher, the control socket and metrics servers when asked for, and per connection
-//! those listed in [`crate::vhost_user::connection`].
+//! the link watcher, the control socket, metrics and `qmp` threads when asked for, and per
+//! connection those listed in [`crate::vhost_user::connection`].
 //!
 //! - `signals`: SIGTERM/SIGINT and the [`StopHandle`].
 //! - `listen`: where frontends come from (path, inherited fd, `--client`).
 //! - `link`: the host link's carrier, watched and followed by each connection.
+//! - [`qmp`]: the guest's receive filter as QEMU reports it (`--qmp`).
 
 mod link;
 mod listen;
+pub mod qmp;
 mod service;
 mod signals;
 
@@ -111,6 +113,9 @@ pub struct Settings {
     pub tx_rate: Option<RateSpec>,
     /// Host → guest rate limit.
     pub rx_rate: Option<RateSpec>,
+    /// QEMU's QMP socket to follow the guest's rx filter on (`--qmp`, `--qmp-nic`,
+    /// `--trust-guest-rx-filters`).
+    pub qmp: Option<qmp::QmpSettings>,
 }
 
 /// Why the server could not start or keep going.
@@ -161,6 +166,9 @@ pub enum ServerError {
     /// Signal handling could not be installed (host).
     #[error("signal handling: {0}")]
     Signals(nix::Error),
+    /// The QMP watcher could not start (host).
+    #[error("--qmp: {0}")]
+    Qmp(qmp::QmpError),
 }
 
 fn device_identity(config: &Settings, host: &HostDevice) -> Result<DeviceIdentity, HostError> {
@@ -204,6 +212,7 @@ impl ServerError {
             ServerError::Control { .. } => true,
             ServerError::RxFilter { source } => source.is_operator_error(),
             ServerError::Signals(_) => false,
+            ServerError::Qmp(e) => e.is_operator_error(),
         }
     }
 }
@@ -364,6 +373,12 @@ pub fn run(config: Settings, mut inherited: crate::systemd::ListenFds) -> Result
 
     let link_up = Arc::new(AtomicBool::new(host.carrier()));
     let _watcher = link::watch_link_state(host.ifname(), watched, link_up.clone());
+    let _qmp = config
+        .qmp
+        .as_ref()
+        .map(|q| qmp::follow(q, identity.mac))
+        .transpose()
+        .map_err(ServerError::Qmp)?;
     let side = HostSide {
         queues: host.queues().to_vec(),
         supported_offloads: host.supported_offloads(),

@@ -16,6 +16,7 @@ mod listen;
 pub mod qmp;
 mod service;
 mod signals;
+mod trust;
 
 use std::os::fd::RawFd;
 use std::path::PathBuf;
@@ -25,6 +26,7 @@ use std::time::Duration;
 
 use crate::control;
 use crate::datapath::mcast::TableConfig;
+use crate::datapath::tx::SharedMac;
 use crate::datapath::QueueStats;
 use crate::host::mcfilter::{McFilter, McFilterError};
 use crate::host::netlink::MacvtapSpec;
@@ -224,6 +226,7 @@ fn l2_host(
     config: &Settings,
     host: &HostDevice,
     stats: Arc<crate::worker::l2::L2Stats>,
+    guest_mac: Arc<SharedMac>,
 ) -> Result<L2Host, ServerError> {
     let mut l2 = L2Host {
         table: TableConfig {
@@ -232,6 +235,7 @@ fn l2_host(
         },
         filter: None,
         stats,
+        guest_mac: Some(guest_mac),
     };
     if host.kind() != HostKind::Macvtap || config.rx_filter == RxFilterMode::Strict {
         return Ok(l2);
@@ -373,18 +377,37 @@ pub fn run(config: Settings, mut inherited: crate::systemd::ListenFds) -> Result
 
     let link_up = Arc::new(AtomicBool::new(host.carrier()));
     let _watcher = link::watch_link_state(host.ifname(), watched, link_up.clone());
-    let _qmp = config
-        .qmp
-        .as_ref()
-        .map(|q| qmp::follow(q, identity.mac))
-        .transpose()
-        .map_err(ServerError::Qmp)?;
+    // The guest's MAC as TX compares it; the trusted QMP path moves it with the macvtap's.
+    let guest_mac = Arc::new(SharedMac::new(identity.mac.0));
+    let _qmp = match &config.qmp {
+        Some(q) => {
+            let trust = if q.trust {
+                // Opened now: it needs CAP_NET_RAW, which a sealed process no longer has.
+                let filter = McFilter::open(host.ifindex())
+                    .map_err(|source| ServerError::RxFilter { source })?;
+                let ifindex = host.ifindex();
+                let set_mac: trust::SetMac = Box::new(move |mac| {
+                    crate::host::netlink::set_mac(ifindex, mac).map_err(|e| e.to_string())
+                });
+                Some(trust::Trust::new(
+                    filter,
+                    set_mac,
+                    guest_mac.clone(),
+                    l2_stats.clone(),
+                ))
+            } else {
+                None
+            };
+            Some(qmp::follow(q, identity.mac, trust, l2_stats.clone()).map_err(ServerError::Qmp)?)
+        }
+        None => None,
+    };
     let side = HostSide {
         queues: host.queues().to_vec(),
         supported_offloads: host.supported_offloads(),
         link_up,
         link_down_disconnects: config.disconnect_on_link_down,
-        l2: l2_host(&config, &host, l2_stats)?,
+        l2: l2_host(&config, &host, l2_stats, guest_mac)?,
     };
     let result = serve_on(frontends, identity, side, &stats, &stopper, &service);
     drop(host);

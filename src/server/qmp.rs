@@ -125,27 +125,24 @@ impl WatchConfig {
     }
 }
 
-/// Starts the `--qmp` watcher. What it does with a filter today: observe. When the guest's MAC
-/// leaves `device_mac` without `--trust-guest-rx-filters`, it says once that the guest's
-/// receive path stays on `device_mac`.
-pub fn follow(settings: &QmpSettings, device_mac: MacAddr) -> Result<Watcher, QmpError> {
+/// Starts the `--qmp` watcher. With `trust` (`--trust-guest-rx-filters`) every filter is applied
+/// to the macvtap; without, a guest MAC other than `device_mac` is counted and said once (in
+/// `l2`, shared with the TX path's own detection).
+pub(super) fn follow(
+    settings: &QmpSettings,
+    device_mac: MacAddr,
+    mut trust: Option<super::trust::Trust>,
+    l2: std::sync::Arc<crate::worker::l2::L2Stats>,
+) -> Result<Watcher, QmpError> {
     let cfg = WatchConfig::new(
         settings.path.clone(),
         settings.nic.clone(),
         Some(device_mac),
     );
-    let trust = settings.trust;
-    let mut told = false;
-    Watcher::spawn(cfg, move |f: &RxFilter| {
-        if f.mac != device_mac && !trust && !told {
-            told = true;
-            tracing::warn!(
-                nic = %f.nic,
-                "the guest changed its MAC to {}; its receive path stays on {device_mac} \
-                 because --trust-guest-rx-filters is off",
-                f.mac
-            );
-        }
+    Watcher::spawn(cfg, move |f: &RxFilter| match trust.as_mut() {
+        Some(t) => t.apply(f),
+        None if f.mac != device_mac => l2.guest_left_its_mac(f.mac.0, device_mac.0),
+        None => {}
     })
 }
 

@@ -24,9 +24,10 @@
 //! # Threads
 //!
 //! Per process: `main` (start-up, then the serve loop), `signals` (SIGTERM/SIGINT), the link
-//! watcher (rtnetlink), the control socket and metrics servers when configured, and from the
-//! first connection on `vu-fd-watchdog` (interrupts a read or write stuck on a frontend's fd;
-//! see [`vhost_user::vring`]).
+//! watcher (rtnetlink), the control socket and metrics servers when configured, `qmp` (the
+//! guest's rx filter from QEMU, [`server::qmp`]) with `--qmp`, and from the first connection on
+//! `vu-fd-watchdog` (interrupts a read or write stuck on a frontend's fd; see
+//! [`vhost_user::vring`]).
 //! Per connection: `vu-shim` (the relay), `macvhost` (vhost-user-backend's request handler), and
 //! one `vring_worker` per queue pair (vhost-user-backend's epoll loop, calling
 //! [`worker::PairWorker::handle_event`]). A link follower runs beside each connection.

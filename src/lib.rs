@@ -24,17 +24,19 @@
 //! # Threads
 //!
 //! Per process: `main` (start-up, then the serve loop), `signals` (SIGTERM/SIGINT), the link
-//! watcher (rtnetlink), the control socket and metrics servers when configured, and `qmp` (the
-//! guest's rx filter from QEMU, [`server::qmp`]) with `--qmp`.
-//! Per connection: `vu-shim` and `vu-shim-replies` (the relay), `macvhost` (vhost-user-backend's
-//! request handler), and one `vring_worker` per queue pair (vhost-user-backend's epoll loop,
-//! calling [`worker::PairWorker::handle_event`]). A link follower runs beside each connection.
+//! watcher (rtnetlink), the control socket and metrics servers when configured, `qmp` (the
+//! guest's rx filter from QEMU, [`server::qmp`]) with `--qmp`, and from the first connection on
+//! `vu-fd-watchdog` (interrupts a read or write stuck on a frontend's fd; see
+//! [`vhost_user::vring`]).
+//! Per connection: `vu-shim` (the relay), `macvhost` (vhost-user-backend's request handler), and
+//! one `vring_worker` per queue pair (vhost-user-backend's epoll loop, calling
+//! [`worker::PairWorker::handle_event`]). A link follower runs beside each connection.
 //!
 //! # Control path
 //!
-//! frontend socket → [`vhost_user::shim`] (reads each message once, bounded; answers QEMU's
-//! early `SET_VRING_ENABLE` and repeated `ADD_MEM_REG`, takes `SET_LOG_BASE`, notes the backend
-//! channel) → vhost-user-backend's handler over a private socket → [`vhost_user::backend`]
+//! frontend socket → [`vhost_user::shim`] (reads each message once, bounded, and refuses what
+//! the device does not implement; answers QEMU's early `SET_VRING_ENABLE` and repeated
+//! `ADD_MEM_REG`, takes `SET_LOG_BASE`, notes the backend channel) → vhost-user-backend's handler over a private socket → [`vhost_user::backend`]
 //! (features, memory, config space) → [`worker::PairWorker`] (settings, memory, vring state
 //! events) → [`datapath`].
 //!
@@ -43,7 +45,9 @@
 //! `#![deny(unsafe_code)]` holds everywhere except: [`host`]'s `sys` (ioctls, fd ownership,
 //! getrandom), [`datapath::iovec`] (`readv`/`writev` on guest memory), [`datapath::dirty`] (the
 //! dirty-log mapping), [`datapath::uring`] (buffers handed to io_uring), [`datapath::vnet`]
-//! (`ByteValued` for the header), [`vhost_user::shim`] (fds received with `SCM_RIGHTS`) and
+//! (`ByteValued` for the header), [`vhost_user::shim`] (fds received with `SCM_RIGHTS`),
+//! [`vhost_user::vring`] (the kick fd borrowed under the vring lock, the fd watchdog's signal)
+//! and
 //! [`vhost_user::backend`] (closing fds vhost-user-backend leaks) and [`systemd`] (adopting the
 //! fds a service manager or parent passed at exec). Every block says which
 //! invariant makes it sound.

@@ -68,6 +68,10 @@ counters! {
     tx_notifications,
     /// Guest notifications raised for the RX queue.
     rx_notifications,
+    /// Of those notifications (either queue), the ones the frontend's call fd could not take
+    /// (a full eventfd or pipe, or a write that would have blocked): dropped, never waited for.
+    /// Frontend fault.
+    notify_dropped,
     /// Worker wake-ups (kicks, host-queue readiness) handled.
     wakeups,
     /// TX writes that got EAGAIN; the frame was kept and retried on EPOLLOUT.

@@ -14,10 +14,13 @@
 //!   a real `VhostUserDaemon` serving `NetBackend<FakeHostQueue>`.
 //! - [`mcast_report`]: guest IGMP/MLD reports (raw and built) into the report parser and the
 //!   multicast membership table, against a model.
+//! - [`hostile`]: a hostile frontend through the real socket path and the health probe after
+//!   each connection (not a libFuzzer target: a seeded run, `tests/vu_hostile_fuzz.rs`).
 //!
 //! [`seeds`] builds the small seed corpora committed under `fuzz/corpus/`.
 
 mod cursor;
+pub mod hostile;
 mod mcast;
 mod rx;
 pub mod seeds;

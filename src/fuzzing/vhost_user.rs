@@ -94,7 +94,8 @@ const OUR_PROTOCOL_FEATURES: u64 = VhostUserProtocolFeatures::MQ.bits()
     | VhostUserProtocolFeatures::REPLY_ACK.bits()
     | VhostUserProtocolFeatures::CONFIG.bits()
     | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS.bits()
-    | VhostUserProtocolFeatures::BACKEND_REQ.bits();
+    | VhostUserProtocolFeatures::BACKEND_REQ.bits()
+    | VhostUserProtocolFeatures::LOG_SHMFD.bits();
 
 static PANICS: AtomicUsize = AtomicUsize::new(0);
 

@@ -91,6 +91,9 @@ impl Stopper {
     }
 }
 
+/// How long a stop may take before the process exits anyway (status 1).
+const STOP_DEADLINE: std::time::Duration = std::time::Duration::from_millis(1500);
+
 /// Blocks SIGTERM/SIGINT in every thread and waits for them on a dedicated one.
 /// Must run before any other thread is spawned so all threads inherit the mask.
 pub(super) fn install_signal_thread(stopper: Arc<Stopper>) -> Result<(), ServerError> {
@@ -104,6 +107,12 @@ pub(super) fn install_signal_thread(stopper: Arc<Stopper>) -> Result<(), ServerE
             if let Ok(sig) = set.wait() {
                 tracing::info!("{sig:?}: stopping");
                 stopper.stop();
+                // A stop ends the connection at once (nothing waits on a frontend). This only
+                // fires if something still does (a worker stuck in a page fault on memory
+                // the frontend serves, say): SIGTERM ends macvhost within 2 s in every state.
+                std::thread::sleep(STOP_DEADLINE);
+                tracing::error!("still stopping {STOP_DEADLINE:?} after {sig:?}: exiting now");
+                std::process::exit(1);
             }
         })
         .map_err(|e| ServerError::Signals(nix::Error::from_raw(e.raw_os_error().unwrap_or(0))))?;

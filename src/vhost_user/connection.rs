@@ -1,10 +1,12 @@
 //! One frontend connection: its device ([`NetBackend`]), vhost-user-backend's daemon serving it,
 //! and the shim relaying the frontend's messages to that daemon.
 //!
-//! Threads per connection: the shim's two relay threads (`vu-shim`, `vu-shim-replies`), the
-//! daemon's request thread (`macvhost`), and one epoll thread per queue pair running that pair's
-//! worker. [`Connection::close`] ends them all; none of them waits on the frontend once the
-//! sockets are shut down.
+//! Threads per connection: the shim's relay (`vu-shim`), the daemon's request thread
+//! (`macvhost`), and one epoll thread per queue pair running that pair's worker.
+//! [`Connection::close`] ends them all and none of them waits on the frontend: it shuts down
+//! the daemon's socket and the frontend's (which wakes the relay wherever it waits), the
+//! workers' fds to the frontend never block (see `vring`), and a worker stuck in a frontend
+//! fd anyway is interrupted by the vring watchdog.
 
 use std::io;
 use std::os::fd::AsRawFd;
@@ -20,7 +22,7 @@ use vhost_user_backend::{ShutdownHandle, VhostUserDaemon};
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 
 use super::backend::{DeviceIdentity, HostSide, NetBackend};
-use super::shim::{self, ConfigNotifier};
+use super::shim::{self, ConfigNotifier, RelayContext};
 use crate::datapath::QueueStats;
 use crate::worker::{EpollRegistry, EventRegistry, PairQueue};
 
@@ -36,6 +38,9 @@ pub enum ConnectionError {
     /// The private channel to the daemon could not be made.
     #[error("private channel to the vhost-user handler: {0}")]
     Rendezvous(io::Error),
+    /// The frontend's socket could not be duplicated (fd table full).
+    #[error("cannot duplicate the frontend's socket: {0}")]
+    Socket(io::Error),
 }
 
 /// A served frontend (see the module doc).
@@ -43,6 +48,8 @@ pub struct Connection<Q: PairQueue> {
     backend: Arc<NetBackend<Q>>,
     daemon: VhostUserDaemon<Arc<NetBackend<Q>>>,
     notifier: Arc<ConfigNotifier>,
+    /// Our copy of the frontend's socket: shutting it down wakes the relay (see `close`).
+    frontend: UnixStream,
     relay: Option<JoinHandle<()>>,
 }
 
@@ -89,19 +96,26 @@ impl<Q: PairQueue> Connection<Q> {
             .map_err(|e| ConnectionError::Daemon(e.to_string()))?;
         drop(listener);
         let notifier = Arc::new(ConfigNotifier::default());
-        let (log, relay_notifier) = (backend.dirty_log(), notifier.clone());
+        let ctx = RelayContext {
+            dirty_log: backend.dirty_log(),
+            notifier: notifier.clone(),
+            vrings: usize::from(identity.queue_pairs) * 2,
+        };
+        let ours = frontend.try_clone().map_err(ConnectionError::Socket)?;
         let relay = std::thread::Builder::new()
             .name("vu-shim".into())
-            .spawn(move || {
-                if let Err(e) = shim::relay(frontend, to_daemon, log, relay_notifier) {
-                    tracing::debug!("vhost-user relay ended: {e}");
-                }
+            .spawn(move || match shim::relay(frontend, to_daemon, ctx) {
+                Ok(()) => tracing::debug!("vhost-user relay ended"),
+                // One line per connection, naming the frontend's fault.
+                Err(e) if e.frontend_fault() => tracing::warn!("{e}; closing the connection"),
+                Err(e) => tracing::debug!("vhost-user relay ended: {e}"),
             })
             .map_err(|e| ConnectionError::Daemon(e.to_string()))?;
         Ok(Connection {
             backend,
             daemon,
             notifier,
+            frontend: ours,
             relay: Some(relay),
         })
     }
@@ -129,6 +143,8 @@ impl<Q: PairQueue> Connection<Q> {
     /// Tears the connection down: ends the relay, detaches the host queues, stops the workers.
     pub fn close(mut self) {
         self.daemon.request_shutdown();
+        // Wakes the relay whether it waits to read from the frontend or to write to it.
+        let _ = self.frontend.shutdown(std::net::Shutdown::Both);
         if let Some(relay) = self.relay.take() {
             let _ = relay.join();
         }

@@ -4,11 +4,13 @@
 //! - [`connection`]: one frontend connection: device, daemon, relay; set up and torn down.
 //! - [`backend`]: the `VhostUserBackend` impl: features, config space, dispatch to workers.
 //! - [`shim`]: the message relay between the frontend and vhost-user-backend's handler.
-//! - [`vring`]: a vring that tells its worker about enable/disable.
+//! - [`vring`]: a vring that tells its worker about enable/disable, and whose frontend fds
+//!   (kick, call, err) can never hold a worker.
 
 #[allow(unsafe_code)] // closes the exit fds vhost-user-backend leaks
 pub mod backend;
 pub mod connection;
 #[allow(unsafe_code)] // fds received with SCM_RIGHTS
 pub mod shim;
+#[allow(unsafe_code)] // borrowing the kick fd under the vring lock; the fd watchdog's signal
 pub mod vring;

@@ -15,6 +15,8 @@
 //!   and takes `SET_LOG_BASE` for [`dirty_log`].
 //! - [`control`]: the stats control socket and the Prometheus endpoint.
 //! - [`vring`]: a vring wrapper that tells workers about enable/disable.
+//! - [`sandbox`]: after start-up, drop every capability, hide the filesystem and install
+//!   seccomp allowlists (issue 11; `docs/security.md`).
 
 #![deny(missing_debug_implementations)]
 
@@ -28,6 +30,7 @@ pub mod fuzzing;
 pub mod host;
 pub mod netlink;
 pub mod ratelimit;
+pub mod sandbox;
 pub mod server;
 pub mod shim;
 pub mod vring;

@@ -26,6 +26,9 @@ fn main() -> ExitCode {
             }
         };
     }
+    if let Some(Command::SandboxProbe(probe)) = &args.command {
+        return macvhost::sandbox::probe::run(probe);
+    }
     if args.print_capabilities {
         // vhost-user.json: the frontend (libvirt) learns what this backend is.
         println!("{}", macvhost::capabilities_json());

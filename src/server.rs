@@ -60,6 +60,9 @@ pub enum ServerError {
     /// Signal handling could not be installed (host).
     #[error("signal handling: {0}")]
     Signals(nix::Error),
+    /// Dropping privileges failed (host, or operator for --user/--group).
+    #[error("sandbox: {0}")]
+    Sandbox(#[from] crate::sandbox::SandboxError),
 }
 
 /// What the signal thread needs to stop whatever the server is doing.
@@ -259,6 +262,8 @@ pub fn run(config: Config) -> Result<(), ServerError> {
         link_up,
         link_down_disconnects: config.disconnect_on_link_down,
     };
+    // Start-up is over: drop every privilege before the first frontend (issue 11).
+    let _sealed = crate::sandbox::seal(&crate::sandbox::SandboxConfig::for_daemon(&config))?;
     let result = serve(&config.socket, identity, side, &stats, &stopper);
     drop(host);
     drop(created);

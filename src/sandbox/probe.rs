@@ -1,0 +1,205 @@
+//! `macvhost sandbox-probe` (hidden): seals a small process exactly as the daemon seals itself,
+//! then does what its stdin asks, one command per line, answering one line each on stdout.
+//! The tests drive it to see what the sandbox allows and denies, and measure it.
+//!
+//! Commands: `open PATH`, `connect PATH`, `bind PATH`, `syscall NAME [ARG...]`,
+//! `thread KIND COMMAND...` (run COMMAND on a new thread under the filter of KIND), `exit`.
+//! A command the filter forbids kills the process with SIGSYS (or, with `--seccomp log`,
+//! succeeds and is logged by the kernel).
+
+use std::io::{BufRead, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use super::{DirUse, FsIsolation, RunAs, SandboxConfig, SeccompMode, ThreadKind};
+
+/// Options of `macvhost sandbox-probe`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct ProbeArgs {
+    /// `enforce` or `log`.
+    #[arg(long, default_value = "enforce")]
+    pub seccomp: String,
+    /// `auto`, `mount-ns` or `landlock`.
+    #[arg(long, default_value = "auto")]
+    pub fs: String,
+    /// A directory the sealed process still uses: `PATH:listen|connect|remove`.
+    #[arg(long = "dir", value_name = "PATH:USE")]
+    pub dirs: Vec<String>,
+    /// Idle threads to start before sealing (to exercise sealing running threads).
+    #[arg(long, default_value_t = 0)]
+    pub threads: usize,
+    /// Allow the io_uring syscalls.
+    #[arg(long)]
+    pub io_uring: bool,
+    /// Switch to this uid (with --gid).
+    #[arg(long)]
+    pub uid: Option<u32>,
+    /// Switch to this gid (with --uid).
+    #[arg(long)]
+    pub gid: Option<u32>,
+    /// Do not seal (a baseline for measurements).
+    #[arg(long)]
+    pub no_sandbox: bool,
+}
+
+fn config(a: &ProbeArgs) -> Result<SandboxConfig, String> {
+    let seccomp: SeccompMode = a.seccomp.parse()?;
+    let fs = match a.fs.as_str() {
+        "auto" => FsIsolation::Auto,
+        "mount-ns" => FsIsolation::MountNamespace,
+        "landlock" => FsIsolation::Landlock,
+        other => return Err(format!("--fs {other}: auto, mount-ns or landlock")),
+    };
+    let mut dirs = Vec::new();
+    for d in &a.dirs {
+        let (path, u) = d
+            .rsplit_once(':')
+            .ok_or_else(|| format!("--dir {d}: PATH:USE"))?;
+        let u = match u {
+            "listen" => DirUse::Listen,
+            "connect" => DirUse::Connect,
+            "remove" => DirUse::Remove,
+            other => return Err(format!("--dir {d}: unknown use {other}")),
+        };
+        dirs.push((PathBuf::from(path), u));
+    }
+    let run_as = match (a.uid, a.gid) {
+        (Some(uid), Some(gid)) => Some(RunAs { uid, gid }),
+        (None, None) => None,
+        _ => return Err("--uid and --gid go together".into()),
+    };
+    Ok(SandboxConfig {
+        disabled: a.no_sandbox,
+        seccomp,
+        run_as,
+        fs,
+        dirs,
+        io_uring: a.io_uring,
+    })
+}
+
+fn errno_text(e: &std::io::Error) -> String {
+    format!("err {}", e.raw_os_error().unwrap_or(0))
+}
+
+/// Runs one command; returns the answer line.
+fn command(words: &[&str]) -> String {
+    match words {
+        ["open", path] => match std::fs::File::open(path) {
+            Ok(_) => "ok".into(),
+            Err(e) => errno_text(&e),
+        },
+        ["connect", path] => match std::os::unix::net::UnixStream::connect(path) {
+            Ok(_) => "ok".into(),
+            Err(e) => errno_text(&e),
+        },
+        ["bind", path] => match std::os::unix::net::UnixListener::bind(path) {
+            Ok(_) => {
+                let _ = std::fs::remove_file(path);
+                "ok".into()
+            }
+            Err(e) => errno_text(&e),
+        },
+        ["syscall", name, args @ ..] => {
+            let Some(nr) = super::seccomp::syscall_number(name) else {
+                return format!("unknown syscall {name}");
+            };
+            let mut a = [0i64; 6];
+            for (slot, v) in a.iter_mut().zip(args) {
+                *slot = v.parse().unwrap_or(0);
+            }
+            // SAFETY: the test asks only for calls that are harmless with these integer
+            // arguments (null pointers make the kernel fail with EFAULT rather than write).
+            let rc =
+                unsafe { libc::syscall(nr as libc::c_long, a[0], a[1], a[2], a[3], a[4], a[5]) };
+            let e = std::io::Error::last_os_error().raw_os_error().unwrap_or(0);
+            if rc >= 0 && *name == "socket" {
+                // SAFETY: closing the fd the call just returned.
+                unsafe { libc::close(rc as libc::c_int) };
+            }
+            if rc < 0 {
+                format!("rc -1 err {e}")
+            } else {
+                format!("rc {rc}")
+            }
+        }
+        ["thread", kind, rest @ ..] => {
+            let kind = match *kind {
+                "process" => ThreadKind::Process,
+                "service" => ThreadKind::Service,
+                "worker" => ThreadKind::Worker,
+                "relay" => ThreadKind::Relay,
+                "request" => ThreadKind::Request,
+                other => return format!("unknown thread kind {other}"),
+            };
+            let rest: Vec<String> = rest.iter().map(|s| s.to_string()).collect();
+            let t = std::thread::Builder::new()
+                .name(format!("probe-{}", format!("{kind:?}").to_lowercase()))
+                .spawn(move || {
+                    if let Err(e) = super::enter_thread(kind) {
+                        return format!("enter_thread: {e}");
+                    }
+                    let words: Vec<&str> = rest.iter().map(String::as_str).collect();
+                    command(&words)
+                });
+            match t.map(|t| t.join()) {
+                Ok(Ok(answer)) => answer,
+                Ok(Err(_)) => "thread panicked".into(),
+                Err(e) => format!("spawn: {e}"),
+            }
+        }
+        _ => format!("unknown command {words:?}"),
+    }
+}
+
+/// `macvhost sandbox-probe`.
+pub fn run(args: &ProbeArgs) -> ExitCode {
+    let cfg = match config(args) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("macvhost sandbox-probe: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    for i in 0..args.threads {
+        let _ = std::thread::Builder::new()
+            .name(format!("probe-idle-{i}"))
+            .spawn(|| loop {
+                std::thread::park();
+            });
+    }
+    let started = std::time::Instant::now();
+    let sealed = match super::seal(&cfg) {
+        Ok(s) => s,
+        Err(e) => {
+            println!("seal failed: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let took = started.elapsed();
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(
+        out,
+        "sealed pid {} fs {:?} threads {} bounding_kept {} landlock_abi {} took_us {}",
+        std::process::id(),
+        sealed.fs,
+        sealed.other_threads,
+        sealed.bounding_set_kept,
+        sealed.landlock_abi,
+        took.as_micros()
+    );
+    let _ = out.flush();
+    drop(out);
+    for line in std::io::stdin().lock().lines() {
+        let Ok(line) = line else { break };
+        let words: Vec<&str> = line.split_whitespace().collect();
+        if words == ["exit"] {
+            break;
+        }
+        let answer = command(&words);
+        let mut out = std::io::stdout().lock();
+        let _ = writeln!(out, "{answer}");
+        let _ = out.flush();
+    }
+    ExitCode::SUCCESS
+}

@@ -51,7 +51,7 @@ pub struct Args {
     #[arg(long, value_name = "MODE")]
     pub mode: Option<String>,
 
-    /// Name of the macvtap --macvtap-parent creates (default: mvh<parent ifindex>-<n>).
+    /// Name of the macvtap --macvtap-parent creates (default: `mvh<parent ifindex>-<n>`).
     #[arg(long, value_name = "NAME")]
     pub macvtap_name: Option<String>,
 
@@ -91,7 +91,7 @@ pub struct Args {
     #[arg(long, value_name = "PATH")]
     pub control_socket: Option<PathBuf>,
 
-    /// Limit guest → host traffic: average=BYTES/S[,peak=BYTES/S][,burst=BYTES][,pps=N].
+    /// Limit guest → host traffic: `average=BYTES/S[,peak=BYTES/S][,burst=BYTES][,pps=N]`.
     #[arg(long, value_name = "SPEC")]
     pub tx_rate: Option<String>,
 

@@ -147,6 +147,9 @@ pub enum Command {
     /// Test helper: seal a small process like the daemon and run commands from stdin.
     #[command(hide = true)]
     SandboxProbe(crate::sandbox::probe::ProbeArgs),
+    /// Started by the daemon: deletes the macvtap it created once the daemon is sealed.
+    #[command(hide = true)]
+    LinkHelper(crate::sandbox::helper::LinkHelperArgs),
 }
 
 /// How the vhost-user socket is reached.

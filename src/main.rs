@@ -26,8 +26,10 @@ fn main() -> ExitCode {
             }
         };
     }
-    if let Some(Command::SandboxProbe(probe)) = &args.command {
-        return macvhost::sandbox::probe::run(probe);
+    match &args.command {
+        Some(Command::SandboxProbe(probe)) => return macvhost::sandbox::probe::run(probe),
+        Some(Command::LinkHelper(link)) => return macvhost::sandbox::helper::run(link),
+        _ => {}
     }
     if args.print_capabilities {
         // vhost-user.json: the frontend (libvirt) learns what this backend is.

@@ -263,7 +263,7 @@ pub fn run(config: Config) -> Result<(), ServerError> {
         link_down_disconnects: config.disconnect_on_link_down,
     };
     // Start-up is over: drop every privilege before the first frontend (issue 11).
-    let _sealed = crate::sandbox::seal(&crate::sandbox::SandboxConfig::for_daemon(&config))?;
+    let _sealed = crate::sandbox::seal_daemon(&config, created.as_mut())?;
     let result = serve(&config.socket, identity, side, &stats, &stopper);
     drop(host);
     drop(created);

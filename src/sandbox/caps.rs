@@ -159,6 +159,20 @@ pub(super) fn raw_capset_zero() -> Raw {
     check(unsafe { libc::syscall(libc::SYS_capset, &hdr, data.as_ptr()) })
 }
 
+/// Keeps `cap` alone in the effective and permitted sets (the link helper).
+pub(super) fn raw_keep_only(cap: u32) -> Raw {
+    let hdr = CapHeader {
+        version: LINUX_CAPABILITY_VERSION_3,
+        pid: 0,
+    };
+    let mut data = [CapData::default(); 2];
+    let (i, bit) = ((cap / 32) as usize, 1u32 << (cap % 32));
+    data[i].effective = bit;
+    data[i].permitted = bit;
+    // SAFETY: as in `raw_capset_zero`.
+    check(unsafe { libc::syscall(libc::SYS_capset, &hdr, data.as_ptr()) })
+}
+
 /// `PR_SET_NO_NEW_PRIVS`.
 pub(super) fn raw_no_new_privs() -> Raw {
     // SAFETY: prctl with integer arguments only.

@@ -273,6 +273,7 @@ fn process(l: &mut List, o: &Opts) {
         "each worker's rate-limit / RX recheck timer",
     );
     l.allow(sys!(SYS_timerfd_settime), "arming that timer");
+    l.allow(sys!(SYS_timerfd_gettime), "reading what is left of it");
     l.allow(sys!(SYS_ppoll), "link watcher's wait");
     l.allow(
         sys!(SYS_rt_sigtimedwait),
@@ -307,6 +308,7 @@ fn process(l: &mut List, o: &Opts) {
         "fd flags and close-on-exec duplicates (no F_SETOWN/F_SETSIG/O_ASYNC: no SIGIO)",
     );
     l.allow(sys!(SYS_fstat), "size of a memory region's or the log's fd");
+    l.allow(sys!(SYS_dup), "a second fd for a host queue's EPOLLOUT wait (epoll holds one per fd)");
     l.allow(sys!(SYS_newfstatat), "as fstat (glibc's fstat), file types");
     l.allow(sys!(SYS_statx), "as fstat (std)");
     // The shim's private rendezvous directory under $TMPDIR (inside the empty root).
@@ -399,6 +401,7 @@ fn worker(l: &mut List, o: &Opts) {
     l.allow(sys!(SYS_readv), "tap frames into guest buffers (RX)");
     l.allow(sys!(SYS_writev), "guest frames to the tap (TX)");
     l.allow(sys!(SYS_timerfd_settime), "rate-limit / RX recheck timer");
+    l.allow(sys!(SYS_timerfd_gettime), "what is left of that timer");
     l.when(
         sys!(SYS_ioctl),
         ioctls(&tun_ioctls_runtime()),
@@ -419,7 +422,9 @@ fn worker(l: &mut List, o: &Opts) {
 fn relay(l: &mut List, o: &Opts) {
     common(l, o);
     l.allow(sys!(SYS_recvmsg), "vhost-user messages with fds");
+    l.allow(sys!(SYS_recvfrom), "vhost-user message bodies");
     l.allow(sys!(SYS_sendmsg), "forwarding them");
+    l.allow(sys!(SYS_sendto), "forwarding bodies");
     l.allow(sys!(SYS_read), "socket reads");
     l.allow(sys!(SYS_shutdown), "ending the relay");
     l.allow(sys!(SYS_fstat), "SET_LOG_BASE: the log fd's size");

@@ -73,6 +73,7 @@
 mod caps;
 mod filters;
 mod fs;
+pub mod helper;
 pub mod probe;
 mod seccomp;
 mod syscall_names;
@@ -155,6 +156,8 @@ pub struct SandboxConfig {
     pub dirs: Vec<(PathBuf, DirUse)>,
     /// Allow the io_uring syscalls (`--io-uring`).
     pub io_uring: bool,
+    /// The macvtap (ifindex, name) to delete on exit through the [`helper::LinkHelper`].
+    pub delete_on_exit: Option<(u32, String)>,
 }
 
 impl SandboxConfig {
@@ -182,6 +185,7 @@ impl SandboxConfig {
             fs: FsIsolation::Auto,
             dirs,
             io_uring: config.io_uring || crate::worker::tx_io_uring(),
+            delete_on_exit: None,
         }
     }
 }
@@ -215,8 +219,8 @@ pub enum FsView {
     Host,
 }
 
-/// What [`seal`] did.
-#[derive(Debug, Clone)]
+/// What [`seal`] did. Dropping it has the link helper (if any) delete the macvtap.
+#[derive(Debug)]
 pub struct Sealed {
     /// The filesystem view of the main thread (and every later thread).
     pub fs: FsView,
@@ -228,6 +232,8 @@ pub struct Sealed {
     pub landlock_abi: u32,
     /// Seccomp mode in force (`None`: `--no-sandbox`).
     pub seccomp: Option<SeccompMode>,
+    /// Deletes the created macvtap when dropped.
+    pub link_helper: Option<helper::LinkHelper>,
 }
 
 /// Why sealing failed. Each is the host's doing (kernel features, limits) unless it names the
@@ -296,10 +302,25 @@ pub fn seal(config: &SandboxConfig) -> Result<Sealed, SandboxError> {
             bounding_set_kept: true,
             landlock_abi: fs::landlock_abi(),
             seccomp: None,
+            link_helper: None,
         });
     }
     let started = std::time::Instant::now();
-    let sealed = seal_inner(config)?;
+    // The helper starts first: it must not inherit a sealed process.
+    let link_helper = match &config.delete_on_exit {
+        Some((ifindex, name)) => Some(helper::LinkHelper::spawn(*ifindex, name)?),
+        None => None,
+    };
+    let mut sealed = match seal_inner(config) {
+        Ok(s) => s,
+        Err(e) => {
+            if let Some(h) = link_helper {
+                h.cancel();
+            }
+            return Err(e);
+        }
+    };
+    sealed.link_helper = link_helper;
     tracing::info!(
         fs = ?sealed.fs,
         other_threads = sealed.other_threads,
@@ -393,7 +414,31 @@ fn seal_inner(config: &SandboxConfig) -> Result<Sealed, SandboxError> {
         bounding_set_kept: bounding_kept_main || bounding_kept_others,
         landlock_abi: abi,
         seccomp: Some(config.seccomp),
+        link_helper: None,
     })
+}
+
+/// [`seal`] for the daemon with `config`. A macvtap it created (and does not keep) is handed to
+/// the link helper, which deletes it when the returned [`Sealed`] drops.
+pub fn seal_daemon(
+    config: &crate::config::Config,
+    created: Option<&mut crate::netlink::CreatedLink>,
+) -> Result<Sealed, SandboxError> {
+    let mut sc = SandboxConfig::for_daemon(config);
+    let created = created.filter(|l| !l.is_kept());
+    if !sc.disabled {
+        sc.delete_on_exit = created
+            .as_ref()
+            .map(|l| (l.ifindex(), l.name().to_string()));
+    }
+    let sealed = seal(&sc)?;
+    if sealed.link_helper.is_some() {
+        if let Some(l) = created {
+            // The helper deletes it; the sealed process could not.
+            l.keep();
+        }
+    }
+    Ok(sealed)
 }
 
 /// Stacks the narrower filter of `kind` on the calling thread (once per thread; later calls

@@ -75,6 +75,7 @@ fn config(a: &ProbeArgs) -> Result<SandboxConfig, String> {
         fs,
         dirs,
         io_uring: a.io_uring,
+        delete_on_exit: None,
     })
 }
 

@@ -222,7 +222,10 @@ pub(super) fn enter_thread(kind: ThreadKind) -> Result<(), SandboxError> {
     let Some(state) = STATE.get() else {
         return Ok(());
     };
-    if ENTERED.with(Cell::get) {
+    // SAFETY: getpid takes no arguments.
+    let main_thread = current_tid() == unsafe { libc::getpid() };
+    // The main thread keeps the process filter: it does everything the others do not.
+    if main_thread || ENTERED.with(Cell::get) {
         return Ok(());
     }
     ENTERED.with(|e| e.set(true));

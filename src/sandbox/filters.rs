@@ -70,13 +70,16 @@ pub(super) struct Opts {
     pub io_uring: bool,
     /// Our pid: `tgkill` only to our own threads.
     pub pid: u32,
+    /// The link helper's pid: `wait4` only for it.
+    pub helper_pid: Option<u32>,
 }
 
 impl Opts {
-    pub fn for_config(config: &super::SandboxConfig) -> Opts {
+    pub fn for_config(config: &super::SandboxConfig, helper_pid: Option<u32>) -> Opts {
         Opts {
             io_uring: config.io_uring,
             pid: std::process::id(),
+            helper_pid,
         }
     }
 }
@@ -183,9 +186,12 @@ fn common(l: &mut List, o: &Opts) {
     l.allow(sys!(SYS_restart_syscall), "a sleep resumed after a signal");
 }
 
+/// The queue ioctls a connection makes: attach/detach (and, when the kernel answers EINVAL,
+/// the queue's state), offloads and vnet header length.
 fn tun_ioctls_runtime() -> Vec<libc::c_ulong> {
     vec![
         libc::TUNSETQUEUE as _,
+        libc::TUNGETIFF as _,
         libc::TUNSETOFFLOAD as _,
         libc::TUNSETVNETHDRSZ as _,
     ]
@@ -285,13 +291,13 @@ fn process(l: &mut List, o: &Opts) {
     l.allow(sys!(SYS_writev), "guest frames to the tap (TX)");
     l.when(
         sys!(SYS_ioctl),
-        ioctls(&[
-            libc::TUNSETQUEUE as _,
-            libc::TUNSETOFFLOAD as _,
-            libc::TUNSETVNETHDRSZ as _,
-            libc::FIONBIO as _,
-        ]),
-        "queue attach/detach, offloads and vnet header per connection; nonblocking sockets",
+        {
+            let mut v = tun_ioctls_runtime();
+            v.push(libc::FIONBIO as _);
+            ioctls(&v)
+        },
+        "queue attach/detach (TUNGETIFF when that answers EINVAL), offloads and vnet header \
+         per connection; nonblocking sockets (FIONBIO)",
     );
     l.when(
         sys!(SYS_fcntl),
@@ -308,7 +314,10 @@ fn process(l: &mut List, o: &Opts) {
         "fd flags and close-on-exec duplicates (no F_SETOWN/F_SETSIG/O_ASYNC: no SIGIO)",
     );
     l.allow(sys!(SYS_fstat), "size of a memory region's or the log's fd");
-    l.allow(sys!(SYS_dup), "a second fd for a host queue's EPOLLOUT wait (epoll holds one per fd)");
+    l.allow(
+        sys!(SYS_dup),
+        "a second fd for a host queue's EPOLLOUT wait (epoll holds one per fd)",
+    );
     l.allow(sys!(SYS_newfstatat), "as fstat (glibc's fstat), file types");
     l.allow(sys!(SYS_statx), "as fstat (std)");
     // The shim's private rendezvous directory under $TMPDIR (inside the empty root).
@@ -350,6 +359,13 @@ fn process(l: &mut List, o: &Opts) {
         sys!(SYS_landlock_restrict_self),
         "threads already running restrict themselves while sealing (only ever narrows)",
     );
+    if let Some(pid) = o.helper_pid {
+        l.when(
+            sys!(SYS_wait4),
+            vec![vec![Cond::Eq(0, u64::from(pid))]],
+            "reaping the link helper after it deleted the macvtap (its pid only)",
+        );
+    }
     if o.io_uring {
         l.allow(
             sys!(SYS_io_uring_setup),
@@ -405,7 +421,8 @@ fn worker(l: &mut List, o: &Opts) {
     l.when(
         sys!(SYS_ioctl),
         ioctls(&tun_ioctls_runtime()),
-        "attach/detach the queue when a vring is enabled or disabled",
+        "attach/detach the queue when a vring is enabled or disabled (TUNGETIFF when that \
+         answers EINVAL)",
     );
     if o.io_uring {
         l.allow(
@@ -478,6 +495,7 @@ pub fn allowlist_table() -> Vec<(ThreadKind, &'static str, &'static str, bool)> 
     let o = Opts {
         io_uring: true,
         pid: std::process::id(),
+        helper_pid: Some(1),
     };
     let mut out = Vec::new();
     for kind in ThreadKind::ALL {

@@ -53,6 +53,11 @@ impl LinkHelper {
         })
     }
 
+    /// The helper's pid (the sealed process may wait for it, nothing else).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     fn request(&mut self, byte: u8) -> bool {
         let _ = self.sock.set_read_timeout(Some(Duration::from_secs(5)));
         let mut ack = [0u8; 1];

@@ -311,7 +311,8 @@ pub fn seal(config: &SandboxConfig) -> Result<Sealed, SandboxError> {
         Some((ifindex, name)) => Some(helper::LinkHelper::spawn(*ifindex, name)?),
         None => None,
     };
-    let mut sealed = match seal_inner(config) {
+    let helper_pid = link_helper.as_ref().map(helper::LinkHelper::pid);
+    let mut sealed = match seal_inner(config, helper_pid) {
         Ok(s) => s,
         Err(e) => {
             if let Some(h) = link_helper {
@@ -339,7 +340,7 @@ pub fn seal(config: &SandboxConfig) -> Result<Sealed, SandboxError> {
     Ok(sealed)
 }
 
-fn seal_inner(config: &SandboxConfig) -> Result<Sealed, SandboxError> {
+fn seal_inner(config: &SandboxConfig, helper_pid: Option<u32>) -> Result<Sealed, SandboxError> {
     static ONCE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
     if ONCE.swap(true, std::sync::atomic::Ordering::SeqCst) {
         return Err(SandboxError::AlreadySealed);
@@ -354,7 +355,8 @@ fn seal_inner(config: &SandboxConfig) -> Result<Sealed, SandboxError> {
         }
     }
     // Everything that allocates, reads /proc or compiles happens before the first drop.
-    let compiled = seccomp::compile(config)?;
+    prime_libc();
+    let compiled = seccomp::compile(config, helper_pid)?;
     let last_cap = caps::last_cap()?;
     let abi = fs::landlock_abi();
     let tasks = threads::Tasks::open()?;
@@ -439,6 +441,21 @@ pub fn seal_daemon(
         }
     }
     Ok(sealed)
+}
+
+/// Settles what the C library would otherwise look up lazily from files that are gone once
+/// sealed. glibc's malloc counts CPUs (opening `/sys/devices/system/cpu/online`, then
+/// `/proc/stat`) the first time a thread needs a new arena, which could be a worker under its
+/// narrow filter: fixing the arena limit now (to glibc's own default, 8 per CPU) means it never
+/// looks.
+fn prime_libc() {
+    #[cfg(target_env = "gnu")]
+    {
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let arenas = libc::c_int::try_from(cpus.saturating_mul(8)).unwrap_or(libc::c_int::MAX);
+        // SAFETY: mallopt with integer arguments; only changes an allocator limit.
+        unsafe { libc::mallopt(libc::M_ARENA_MAX, arenas) };
+    }
 }
 
 /// Stacks the narrower filter of `kind` on the calling thread (once per thread; later calls

@@ -147,8 +147,11 @@ fn compile_clone3() -> Result<BpfProgram, SandboxError> {
 }
 
 /// Compiles every filter for `config` (before anything is dropped: this allocates).
-pub(super) fn compile(config: &SandboxConfig) -> Result<State, SandboxError> {
-    let opts = Opts::for_config(config);
+pub(super) fn compile(
+    config: &SandboxConfig,
+    helper_pid: Option<u32>,
+) -> Result<State, SandboxError> {
+    let opts = Opts::for_config(config, helper_pid);
     let mut kinds = Vec::new();
     for kind in ThreadKind::NARROW {
         kinds.push((kind, compile_kind(kind, &opts, config.seccomp)?));
@@ -222,13 +225,17 @@ pub(super) fn enter_thread(kind: ThreadKind) -> Result<(), SandboxError> {
     let Some(state) = STATE.get() else {
         return Ok(());
     };
-    // SAFETY: getpid takes no arguments.
-    let main_thread = current_tid() == unsafe { libc::getpid() };
-    // The main thread keeps the process filter: it does everything the others do not.
-    if main_thread || ENTERED.with(Cell::get) {
+    // Once per thread: a worker calls this on every event, so the repeat costs one
+    // thread-local read and no syscall.
+    if ENTERED.with(Cell::get) {
         return Ok(());
     }
     ENTERED.with(|e| e.set(true));
+    // SAFETY: getpid takes no arguments.
+    if current_tid() == unsafe { libc::getpid() } {
+        // The main thread keeps the process filter: it does everything the others do not.
+        return Ok(());
+    }
     let log = match state.mode {
         SeccompMode::Enforce => SECCOMP_FILTER_FLAG_LOG,
         SeccompMode::Log => 0,
@@ -409,6 +416,7 @@ mod tests {
             let opts = Opts {
                 io_uring,
                 pid: 1234,
+                helper_pid: Some(4321),
             };
             for kind in ThreadKind::ALL {
                 for mode in [SeccompMode::Enforce, SeccompMode::Log] {

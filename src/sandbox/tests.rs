@@ -8,6 +8,7 @@ fn opts(io_uring: bool) -> Opts {
     Opts {
         io_uring,
         pid: std::process::id(),
+        helper_pid: Some(1),
     }
 }
 

@@ -12,6 +12,10 @@
 //! and skip through `require_root` otherwise.
 
 mod common;
+mod support {
+    #[path = "vu_driver.rs"]
+    pub mod vu_driver;
+}
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -21,6 +25,7 @@ use std::process::{Child, ChildStdin, ChildStdout, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use common::*;
+use support::vu_driver::{VuGuest, MEM_SIZE};
 
 // ---------------------------------------------------------------------------------------------
 // The probe
@@ -652,4 +657,53 @@ fn killed_daemon_still_has_its_macvtap_deleted() {
     let gone = wait_until(Duration::from_secs(5), || !ns.has_iface("mvk0"));
     drop(mvh);
     assert!(gone, "mvk0 outlived the killed macvhost");
+}
+
+/// Live-migration logging in the sealed daemon: the relay maps QEMU's log (SET_LOG_BASE, a
+/// memfd), the request thread re-reads ring addresses, workers mark the pages they write, and
+/// the backend request channel opens — all under their filters.
+#[test]
+fn sealed_daemon_logs_dirty_pages_for_migration() {
+    const NAME: &str = "sealed_daemon_logs_dirty_pages_for_migration";
+    if !require_root(NAME) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let ns = Netns::new();
+    let topo = MacvtapTopo::create(&ns, "bridge");
+    let mvh = Macvhost::spawn(&ns, dir.path(), &["--macvtap", topo.macvtap]);
+    let mut g = VuGuest::connect(mvh.socket(), 1, 256, u64::MAX, Duration::from_secs(10));
+    let _backend_channel = g.open_backend_channel();
+    let log = g.start_dirty_log(MEM_SIZE / 4096 / 8);
+    g.resend_vring_addr(g.rx(0), true);
+    g.post_rx(0, 64, 2048);
+    g.kick(g.rx(0));
+    let peer = Peer::open(&ns, topo.peer, topo.peer_mac, topo.macvtap_mac);
+    let mut frame = vec![0u8; 200];
+    frame[..6].copy_from_slice(&topo.macvtap_mac.0);
+    frame[6..12].copy_from_slice(&topo.peer_mac.0);
+    frame[12..14].copy_from_slice(&[0x88, 0xb5]);
+    let mut used = Vec::new();
+    let rxq = g.rx(0);
+    let got = g.wait_until(Duration::from_secs(5), |g| {
+        let _ = peer.send(&frame);
+        used.extend(g.take_used(rxq));
+        used.len() >= 4
+    });
+    assert!(got, "no frame reached the guest");
+    let pages = VuGuest::harvest_log(&log);
+    for (head, len) in &used {
+        for page in g.rx_buffer_pages(0, *head, *len) {
+            assert!(pages.contains(&page), "RX page {page} not logged");
+        }
+    }
+    g.stop_dirty_log();
+    check_sealed_daemon(&mvh);
+    drop(g);
+    mvh.shutdown_clean();
+    println!(
+        "{NAME}: {} frames, {} pages logged",
+        used.len(),
+        pages.len()
+    );
 }

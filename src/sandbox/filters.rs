@@ -186,6 +186,21 @@ fn common(l: &mut List, o: &Opts) {
     l.allow(sys!(SYS_restart_syscall), "a sleep resumed after a signal");
 }
 
+/// The `fcntl` commands anyone makes: fd flags and close-on-exec duplicates. Not F_SETOWN,
+/// F_SETSIG or O_ASYNC, which would let a thread aim SIGIO at another process.
+fn fcntl_cmds() -> Vec<Vec<Cond>> {
+    vec![
+        vec![Cond::Eq(1, libc::F_GETFD as u64)],
+        vec![Cond::Eq(1, libc::F_SETFD as u64)],
+        vec![Cond::Eq(1, libc::F_GETFL as u64)],
+        vec![
+            Cond::Eq(1, libc::F_SETFL as u64),
+            Cond::MaskClear(2, libc::O_ASYNC as u64),
+        ],
+        vec![Cond::Eq(1, libc::F_DUPFD_CLOEXEC as u64)],
+    ]
+}
+
 /// The queue ioctls a connection makes: attach/detach (and, when the kernel answers EINVAL,
 /// the queue's state), offloads and vnet header length.
 fn tun_ioctls_runtime() -> Vec<libc::c_ulong> {
@@ -301,16 +316,7 @@ fn process(l: &mut List, o: &Opts) {
     );
     l.when(
         sys!(SYS_fcntl),
-        vec![
-            vec![Cond::Eq(1, libc::F_GETFD as u64)],
-            vec![Cond::Eq(1, libc::F_SETFD as u64)],
-            vec![Cond::Eq(1, libc::F_GETFL as u64)],
-            vec![
-                Cond::Eq(1, libc::F_SETFL as u64),
-                Cond::MaskClear(2, libc::O_ASYNC as u64),
-            ],
-            vec![Cond::Eq(1, libc::F_DUPFD_CLOEXEC as u64)],
-        ],
+        fcntl_cmds(),
         "fd flags and close-on-exec duplicates (no F_SETOWN/F_SETSIG/O_ASYNC: no SIGIO)",
     );
     l.allow(sys!(SYS_fstat), "size of a memory region's or the log's fd");
@@ -445,6 +451,11 @@ fn relay(l: &mut List, o: &Opts) {
     l.allow(sys!(SYS_read), "socket reads");
     l.allow(sys!(SYS_shutdown), "ending the relay");
     l.allow(sys!(SYS_fstat), "SET_LOG_BASE: the log fd's size");
+    l.when(
+        sys!(SYS_fcntl),
+        fcntl_cmds(),
+        "SET_LOG_BASE: a close-on-exec duplicate of the log fd",
+    );
     l.allow(sys!(SYS_newfstatat), "as fstat");
     l.allow(sys!(SYS_statx), "as fstat");
 }
@@ -460,11 +471,29 @@ fn request(l: &mut List, o: &Opts) {
     l.allow(sys!(SYS_statx), "as fstat");
     l.allow(sys!(SYS_epoll_ctl), "registering kick fds with the workers");
     l.when(
+        sys!(SYS_getsockopt),
+        vec![
+            vec![
+                Cond::Eq(1, libc::SOL_SOCKET as u64),
+                Cond::Eq(2, libc::SO_DOMAIN as u64),
+            ],
+            vec![
+                Cond::Eq(1, libc::SOL_SOCKET as u64),
+                Cond::Eq(2, libc::SO_TYPE as u64),
+            ],
+        ],
+        "SET_BACKEND_REQ_FD: checking the fd is a unix stream socket",
+    );
+    l.when(
         sys!(SYS_ioctl),
         ioctls(&tun_ioctls_runtime()),
         "offloads and vnet header on SET_FEATURES; queue attach on enable",
     );
-    l.allow(sys!(SYS_fcntl), "fd flags of received fds");
+    l.when(
+        sys!(SYS_fcntl),
+        fcntl_cmds(),
+        "duplicates and flags of received fds",
+    );
 }
 
 /// The allowlist of `kind`.

@@ -127,6 +127,23 @@ fn workers_cannot_open_connect_or_spawn() {
 }
 
 #[test]
+fn calls_that_multiplex_many_operations_are_always_argument_filtered() {
+    // One allowed number would open every operation behind it (any ioctl of any fd, fcntl's
+    // F_SETOWN, prctl's PR_SET_SECCOMP mode 1, fork-style clone, any socket family).
+    for kind in ThreadKind::ALL {
+        for e in allowlist(kind, &opts(true)) {
+            if [
+                "ioctl", "fcntl", "prctl", "clone", "socket", "tgkill", "seccomp", "wait4",
+            ]
+            .contains(&e.name)
+            {
+                assert!(!e.when.is_empty(), "{kind:?} allows every {}", e.name);
+            }
+        }
+    }
+}
+
+#[test]
 fn memory_can_never_be_made_executable() {
     for kind in ThreadKind::ALL {
         for e in allowlist(kind, &opts(true)) {

@@ -92,7 +92,7 @@ fn errno_text(e: &std::io::Error) -> String {
 /// The tap queue fd opened before sealing (`--tap`), for `bench writev`.
 static TAP_FD: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(-1);
 
-/// `bench getpid|writev N`: mean nanoseconds per call over N calls.
+/// `bench getpid|fcntl|writev N`: mean nanoseconds per call over N calls.
 fn bench(what: &str, n: u64) -> String {
     // A minimal frame behind a zeroed 12-byte vnet header.
     let mut frame = [0u8; 12 + 60];
@@ -113,6 +113,11 @@ fn bench(what: &str, n: u64) -> String {
             // SAFETY: getpid takes no arguments.
             "getpid" => unsafe {
                 libc::syscall(libc::SYS_getpid);
+            },
+            // An argument-filtered call: the kernel cannot cache its verdict, the BPF runs.
+            // SAFETY: F_GETFD on stdin takes integers only.
+            "fcntl" => unsafe {
+                libc::fcntl(0, libc::F_GETFD);
             },
             // SAFETY: `iov` describes `frame`, which outlives the call; the kernel only reads.
             _ => unsafe {

@@ -659,19 +659,41 @@ fn killed_daemon_still_has_its_macvtap_deleted() {
     assert!(gone, "mvk0 outlived the killed macvhost");
 }
 
-/// Live-migration logging in the sealed daemon: the relay maps QEMU's log (SET_LOG_BASE, a
-/// memfd), the request thread re-reads ring addresses, workers mark the pages they write, and
-/// the backend request channel opens — all under their filters.
+/// Live-migration logging in the sealed daemon, running as an unprivileged user: the relay
+/// maps QEMU's log (SET_LOG_BASE, a memfd), the request thread re-reads ring addresses,
+/// workers mark the pages they write, and the backend request channel opens — all under their
+/// filters.
 #[test]
-fn sealed_daemon_logs_dirty_pages_for_migration() {
-    const NAME: &str = "sealed_daemon_logs_dirty_pages_for_migration";
+fn sealed_daemon_as_nobody_logs_dirty_pages_for_migration() {
+    const NAME: &str = "sealed_daemon_as_nobody_logs_dirty_pages_for_migration";
     if !require_root(NAME) {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
+    // Sealed as uid/gid 65534: its socket is bound after sealing, so the directory must be
+    // writable for that user.
+    std::fs::set_permissions(
+        dir.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o777),
+    )
+    .unwrap();
     let ns = Netns::new();
     let topo = MacvtapTopo::create(&ns, "bridge");
-    let mvh = Macvhost::spawn(&ns, dir.path(), &["--macvtap", topo.macvtap]);
+    let mvh = Macvhost::spawn(
+        &ns,
+        dir.path(),
+        &[
+            "--macvtap",
+            topo.macvtap,
+            "--user",
+            "65534",
+            "--group",
+            "65534",
+        ],
+    );
+    for t in thread_status(mvh.pid()) {
+        assert!(t["Uid"].split_whitespace().all(|id| id == "65534"), "{t:?}");
+    }
     let mut g = VuGuest::connect(mvh.socket(), 1, 256, u64::MAX, Duration::from_secs(10));
     let _backend_channel = g.open_backend_channel();
     let log = g.start_dirty_log(MEM_SIZE / 4096 / 8);

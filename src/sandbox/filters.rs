@@ -261,7 +261,10 @@ fn process(l: &mut List, o: &Opts) {
         sys!(SYS_shutdown),
         "ending a connection; waking a blocked accept on stop",
     );
-    l.allow(sys!(SYS_getsockopt), "--fd checks; socket errors");
+    l.allow(
+        sys!(SYS_getsockopt),
+        "--fd checks (SO_ACCEPTCONN); SET_BACKEND_REQ_FD checks (SO_DOMAIN, SO_TYPE)",
+    );
     l.allow(sys!(SYS_setsockopt), "metrics read timeout");
     l.allow(sys!(SYS_getsockname), "socket addresses (vhost Listener)");
     l.allow(sys!(SYS_getpeername), "socket addresses");

@@ -63,6 +63,20 @@
 //! rights only beneath the directories above. Landlock also scopes abstract unix sockets and
 //! signals to the process (ABI 6) and denies TCP bind/connect (ABI 4) wherever it is applied.
 //!
+//! # What still needs privilege
+//!
+//! Deleting the macvtap macvhost created is done by [`helper::LinkHelper`], a process started
+//! before sealing that keeps only `CAP_NET_ADMIN` and never maps guest memory (the first
+//! request of the privileged-helper split in `docs/security.md`).
+//!
+//! # Where threads stack their filter
+//!
+//! [`enter_thread`] must be called by each thread kind started after sealing: the worker at
+//! its first event (`NetBackend::handle_event`), the relay threads at their top
+//! (`shim::relay`), the request thread at its first callback (`NetBackend::features`). Until
+//! those hooks are in, such threads run under the process filter only. `docs/security.md`
+//! has the exact lines.
+//!
 //! # Capabilities without root
 //!
 //! Dropping the bounding set needs `CAP_SETPCAP`. A process that runs as a non-root user with

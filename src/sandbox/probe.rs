@@ -278,24 +278,23 @@ pub fn run(args: &ProbeArgs) -> ExitCode {
     ExitCode::SUCCESS
 }
 
-/// The allowlists as Markdown: one row per syscall, a column per thread kind.
+/// The allowlists as Markdown: one row per syscall with a column per thread kind (`yes`, or
+/// `args` when only some arguments pass) and the process filter's reason; then, per narrower
+/// kind, the reasons that differ from it.
 pub fn allowlist_markdown() -> String {
     let table = super::allowlist_table();
     let mut names: Vec<&str> = table.iter().map(|r| r.1).collect();
     names.sort_unstable();
     names.dedup();
+    let find = |kind: ThreadKind, name: &str| table.iter().find(|r| r.0 == kind && r.1 == name);
     let mut out = String::from(
-        "| syscall | process | service | worker | relay | request | why (process filter) |\n\
+        "| syscall | process | service | worker | relay | request | why |\n\
          |---|---|---|---|---|---|---|\n",
     );
-    for name in names {
-        let cell = |kind: ThreadKind| {
-            table
-                .iter()
-                .find(|r| r.0 == kind && r.1 == name)
-                .map_or("", |r| if r.3 { "args" } else { "yes" })
-        };
-        let why = table.iter().find(|r| r.1 == name).map_or("", |r| r.2);
+    for name in &names {
+        let cell =
+            |kind: ThreadKind| find(kind, name).map_or("", |r| if r.3 { "args" } else { "yes" });
+        let why = find(ThreadKind::Process, name).map_or("", |r| r.2);
         out.push_str(&format!(
             "| `{name}` | {} | {} | {} | {} | {} | {why} |\n",
             cell(ThreadKind::Process),
@@ -304,6 +303,19 @@ pub fn allowlist_markdown() -> String {
             cell(ThreadKind::Relay),
             cell(ThreadKind::Request),
         ));
+    }
+    for kind in ThreadKind::NARROW {
+        out.push_str(&format!(
+            "\nWhy the {kind:?} filter keeps what it keeps (beyond the common set):\n\n"
+        ));
+        for name in &names {
+            let (Some(r), Some(p)) = (find(kind, name), find(ThreadKind::Process, name)) else {
+                continue;
+            };
+            if r.2 != p.2 {
+                out.push_str(&format!("- `{name}`: {}\n", r.2));
+            }
+        }
     }
     out
 }

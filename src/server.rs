@@ -61,7 +61,7 @@ pub enum ServerError {
     #[error("signal handling: {0}")]
     Signals(nix::Error),
     /// Dropping privileges failed (host, or operator for --user/--group).
-    #[error("sandbox: {0}")]
+    #[error("sandbox: {0} (--no-sandbox runs without it)")]
     Sandbox(#[from] crate::sandbox::SandboxError),
 }
 

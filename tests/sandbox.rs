@@ -332,13 +332,39 @@ fn worker_thread_filter_refuses_what_the_main_thread_may_do() {
 }
 
 #[test]
-fn threads_running_before_the_seal_get_the_service_filter() {
-    // Idle threads started before sealing cannot be asked for anything, but the main thread's
-    // report says how many sealed themselves on request.
+fn threads_running_before_the_seal_seal_themselves() {
     let mut p = Probe::spawn(&["--threads", "3"]);
     assert_eq!(p.field("threads"), "3");
+    let kept = p.field("bounding_kept") == "true";
+    let names = assert_every_thread_sealed(p.pid, kept);
+    assert_eq!(names.len(), 4, "{names:?}");
     let (status, err) = p.finish();
     assert!(status.success(), "{status}: {err}");
+}
+
+#[test]
+fn thread_running_before_the_seal_cannot_open_a_socket_the_main_thread_can() {
+    // Such threads (signals, link-watch, control, metrics) stay in the host's mount namespace;
+    // their service filter has no socket, connect or open.
+    let mut p = Probe::spawn(&["--threads", "1"]);
+    assert!(p
+        .ask("pre syscall getpid")
+        .is_some_and(|a| a.starts_with("rc ")));
+    assert!(p
+        .ask(&format!("syscall socket {} 1 0", libc::AF_UNIX))
+        .is_some_and(|a| a.starts_with("rc ")));
+    assert_eq!(
+        p.ask(&format!("pre syscall socket {} 1 0", libc::AF_UNIX)),
+        None
+    );
+    assert_killed_naming(&mut p, "socket", "probe-idle-0");
+}
+
+#[test]
+fn thread_running_before_the_seal_cannot_open_a_host_file() {
+    let mut p = Probe::spawn(&["--threads", "1"]);
+    assert_eq!(p.ask("pre open /etc/hostname"), None);
+    assert_killed_naming(&mut p, "openat", "probe-idle-0");
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -411,7 +437,13 @@ fn setpriv_net_admin_only() -> Command {
 #[test]
 fn process_with_only_net_admin_seals_too() {
     const NAME: &str = "process_with_only_net_admin_seals_too";
-    if !require_root(NAME) || which("setpriv").is_none() {
+    if !require_root(NAME) {
+        return;
+    }
+    if which("setpriv").is_none() {
+        let msg = format!("skipped: {NAME}: needs setpriv (util-linux)");
+        assert!(std::env::var(REQUIRE_ENV).as_deref() != Ok("1"), "{msg}");
+        print_skip(&msg);
         return;
     }
     let mut p = Probe::spawn_with(setpriv_net_admin_only(), &[]);

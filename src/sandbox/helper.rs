@@ -3,10 +3,9 @@
 //! before sealing, which keeps only `CAP_NET_ADMIN` and never maps guest memory.
 //!
 //! The helper is told at start which link it guards (ifindex and name, on its command line)
-//! and listens on a socketpair. It accepts two one-byte requests and nothing else — `D`
-//! (delete now, answered with `A`) and `K` (keep it, exit) — and deletes the link when the
-//! socket reaches EOF without a request, so the macvtap also goes away when macvhost is
-//! killed. Before deleting it checks that the ifindex still carries that name and is a
+//! and listens on a socketpair. It accepts one one-byte request, `D` (delete now, answered
+//! with `A`), and deletes the link just the same when the socket reaches EOF, so the macvtap
+//! also goes away when macvhost is killed (or fails to seal and exits). Before deleting it checks that the ifindex still carries that name and is a
 //! macvtap. The sealed side sends no data beyond that byte: nothing it says can make the
 //! helper touch another link.
 //!
@@ -20,9 +19,8 @@ use std::time::Duration;
 
 use super::SandboxError;
 
-/// The request bytes.
+/// The request byte, and its answer.
 const DELETE: u8 = b'D';
-const KEEP: u8 = b'K';
 const ACK: u8 = b'A';
 
 /// The daemon's handle on its link helper.
@@ -66,15 +64,6 @@ impl LinkHelper {
             && ack[0] == ACK;
         let _ = self.child.wait();
         ok
-    }
-
-    /// Asks the helper to leave the link alone and exit (sealing failed; the unsealed daemon
-    /// deletes it itself).
-    pub fn cancel(mut self) {
-        let _ = self.sock.write_all(&[KEEP]);
-        let _ = self.child.wait();
-        // Drop would ask again.
-        std::mem::forget(self);
     }
 }
 
@@ -139,16 +128,10 @@ pub fn run(args: &LinkHelperArgs) -> ExitCode {
         eprintln!("macvhost link-helper: cannot drop privileges: {e}");
         return ExitCode::FAILURE;
     }
-    let mut stdin = std::io::stdin().lock();
+    // `D`, or EOF (the daemon is gone): either way the link goes. Any other byte is not a
+    // request we know, and the link goes too.
     let mut req = [0u8; 1];
-    let request = match stdin.read(&mut req) {
-        Ok(1) => req[0],
-        // EOF or error: the daemon is gone.
-        _ => DELETE,
-    };
-    if request != DELETE {
-        return ExitCode::SUCCESS;
-    }
+    let _ = std::io::stdin().lock().read(&mut req);
     let result = delete_if_ours(args.ifindex, &args.name);
     if let Err(e) = &result {
         eprintln!("macvhost link-helper: cannot delete {}: {e}", args.name);

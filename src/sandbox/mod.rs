@@ -326,15 +326,9 @@ pub fn seal(config: &SandboxConfig) -> Result<Sealed, SandboxError> {
         None => None,
     };
     let helper_pid = link_helper.as_ref().map(helper::LinkHelper::pid);
-    let mut sealed = match seal_inner(config, helper_pid) {
-        Ok(s) => s,
-        Err(e) => {
-            if let Some(h) = link_helper {
-                h.cancel();
-            }
-            return Err(e);
-        }
-    };
+    // On failure the helper drops here and deletes the macvtap: the daemon exits anyway, and
+    // may already lack the privilege to do it itself.
+    let mut sealed = seal_inner(config, helper_pid)?;
     sealed.link_helper = link_helper;
     tracing::info!(
         fs = ?sealed.fs,

@@ -3,7 +3,9 @@
 //! The tests drive it to see what the sandbox allows and denies, and measure it.
 //!
 //! Commands: `open PATH`, `connect PATH`, `bind PATH`, `syscall NAME [ARG...]`,
-//! `thread KIND COMMAND...` (run COMMAND on a new thread under the filter of KIND), `exit`.
+//! `thread KIND COMMAND...` (run COMMAND on a new thread under the filter of KIND),
+//! `pre COMMAND...` (run COMMAND on the first thread started before sealing, `--threads`),
+//! `bench getpid|fcntl|writev N`, `exit`.
 //! A command the filter forbids kills the process with SIGSYS (or, with `--seccomp log`,
 //! succeeds and is logged by the kernel).
 
@@ -89,6 +91,51 @@ fn errno_text(e: &std::io::Error) -> String {
     format!("err {}", e.raw_os_error().unwrap_or(0))
 }
 
+/// The first thread started before sealing takes commands (`pre ...`) through these.
+type PreThread = (
+    std::sync::mpsc::Sender<Vec<String>>,
+    std::sync::mpsc::Receiver<String>,
+);
+static PRE_THREAD: std::sync::Mutex<Option<PreThread>> = std::sync::Mutex::new(None);
+
+fn start_pre_threads(n: usize) {
+    for i in 0..n {
+        let builder = std::thread::Builder::new().name(format!("probe-idle-{i}"));
+        if i == 0 {
+            let (to_thread, commands) = std::sync::mpsc::channel::<Vec<String>>();
+            let (answers, from_thread) = std::sync::mpsc::channel::<String>();
+            let _ = builder.spawn(move || {
+                while let Ok(words) = commands.recv() {
+                    let words: Vec<&str> = words.iter().map(String::as_str).collect();
+                    if answers.send(command(&words)).is_err() {
+                        break;
+                    }
+                }
+            });
+            *PRE_THREAD.lock().unwrap_or_else(|e| e.into_inner()) = Some((to_thread, from_thread));
+        } else {
+            let _ = builder.spawn(|| loop {
+                std::thread::park();
+            });
+        }
+    }
+}
+
+fn on_pre_thread(words: &[&str]) -> String {
+    let guard = PRE_THREAD.lock().unwrap_or_else(|e| e.into_inner());
+    let Some((to, from)) = guard.as_ref() else {
+        return "no --threads".into();
+    };
+    if to
+        .send(words.iter().map(|w| w.to_string()).collect())
+        .is_err()
+    {
+        return "pre-seal thread gone".into();
+    }
+    from.recv()
+        .unwrap_or_else(|_| "pre-seal thread gone".into())
+}
+
 /// The tap queue fd opened before sealing (`--tap`), for `bench writev`.
 static TAP_FD: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(-1);
 
@@ -132,6 +179,7 @@ fn bench(what: &str, n: u64) -> String {
 fn command(words: &[&str]) -> String {
     match words {
         ["bench", what, n] => bench(what, n.parse().unwrap_or(1)),
+        ["pre", rest @ ..] => on_pre_thread(rest),
         ["open", path] => match std::fs::File::open(path) {
             Ok(_) => "ok".into(),
             Err(e) => errno_text(&e),
@@ -235,13 +283,7 @@ pub fn run(args: &ProbeArgs) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    for i in 0..args.threads {
-        let _ = std::thread::Builder::new()
-            .name(format!("probe-idle-{i}"))
-            .spawn(|| loop {
-                std::thread::park();
-            });
-    }
+    start_pre_threads(args.threads);
     let started = std::time::Instant::now();
     let sealed = match super::seal(&cfg) {
         Ok(s) => s,

@@ -761,3 +761,76 @@ fn sealed_daemon_as_nobody_logs_dirty_pages_for_migration() {
         pages.len()
     );
 }
+
+/// `--disconnect-on-link-down` in the sealed daemon: losing carrier unbinds the socket (the
+/// sealed process removes it from its read-write bind of the directory), carrier back binds it
+/// again, and a frontend connects; link loss and return arrive over the netlink socket opened
+/// before sealing.
+#[test]
+fn sealed_daemon_unbinds_and_rebinds_its_socket_across_link_loss() {
+    const NAME: &str = "sealed_daemon_unbinds_and_rebinds_its_socket_across_link_loss";
+    if !require_root(NAME) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let ns = Netns::new();
+    let topo = MacvtapTopo::create(&ns, "bridge");
+    let mut mvh = Macvhost::spawn(
+        &ns,
+        dir.path(),
+        &["--macvtap", topo.macvtap, "--disconnect-on-link-down"],
+    );
+    let sock = mvh.socket().to_path_buf();
+    for round in 1..=2 {
+        let g = VuGuest::connect(&sock, 1, 256, u64::MAX, Duration::from_secs(10));
+        ns.ip(&["link", "set", topo.lower, "down"]);
+        assert!(
+            wait_until(Duration::from_secs(5), || !sock.exists()),
+            "round {round}: socket still there while the link is down"
+        );
+        drop(g);
+        ns.ip(&["link", "set", topo.lower, "up"]);
+        assert!(
+            wait_until(Duration::from_secs(5), || sock.exists()),
+            "round {round}: socket not bound again after carrier returned"
+        );
+        mvh.check_alive();
+    }
+    let _g = VuGuest::connect(&sock, 1, 256, u64::MAX, Duration::from_secs(10));
+    check_sealed_daemon(&mvh);
+    drop(_g);
+    mvh.shutdown_clean();
+    assert!(!sock.exists(), "socket left behind on exit");
+}
+
+/// Many connections, one after another, against the sealed daemon: every per-connection path
+/// (threads, epolls, eventfds, timers, the rendezvous, teardown) runs under the filters.
+#[test]
+fn sealed_daemon_serves_five_hundred_connections_in_a_row() {
+    const NAME: &str = "sealed_daemon_serves_five_hundred_connections_in_a_row";
+    if !require_root(NAME) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let ns = Netns::new();
+    let topo = MacvtapTopo::create(&ns, "bridge");
+    let mut mvh = Macvhost::spawn(
+        &ns,
+        dir.path(),
+        &["--macvtap", topo.macvtap, "--queues", "2"],
+    );
+    let t0 = Instant::now();
+    for i in 0..500 {
+        let g = VuGuest::connect(mvh.socket(), 2, 256, u64::MAX, Duration::from_secs(10));
+        drop(g);
+        if i % 100 == 0 {
+            mvh.check_alive();
+        }
+    }
+    mvh.check_alive();
+    let _g = VuGuest::connect(mvh.socket(), 2, 256, u64::MAX, Duration::from_secs(10));
+    check_sealed_daemon(&mvh);
+    drop(_g);
+    mvh.shutdown_clean();
+    println!("{NAME}: 500 connections in {:.2?}", t0.elapsed());
+}

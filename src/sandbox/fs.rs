@@ -18,9 +18,6 @@ use super::{DirUse, FsIsolation, FsView, SandboxConfig, SandboxError};
 const CREATE_RULESET_VERSION: u32 = 1;
 const RULE_PATH_BENEATH: u32 = 1;
 
-const FS_EXECUTE: u64 = 1 << 0;
-const FS_WRITE_FILE: u64 = 1 << 1;
-const FS_READ_FILE: u64 = 1 << 2;
 const FS_READ_DIR: u64 = 1 << 3;
 const FS_REMOVE_DIR: u64 = 1 << 4;
 const FS_REMOVE_FILE: u64 = 1 << 5;
@@ -63,7 +60,8 @@ pub(super) fn landlock_abi() -> u32 {
 
 /// Every filesystem right this ABI knows.
 fn fs_rights(abi: u32) -> u64 {
-    let mut all = (1u64 << 13) - 1; // ABI 1: EXECUTE ..= MAKE_SYM
+    // ABI 1: the thirteen rights from EXECUTE (bit 0) to MAKE_SYM (bit 12).
+    let mut all = (1u64 << 13) - 1;
     if abi >= 2 {
         all |= FS_REFER;
     }
@@ -231,9 +229,6 @@ pub(super) fn restrict_self(rs: &Ruleset) -> Result<(), SandboxError> {
     raw_restrict_self(raw_fd(rs))
         .map_err(|e| SandboxError::step("landlock_restrict_self")(io::Error::from_raw_os_error(e)))
 }
-
-// Silence "unused" for rights named for documentation only.
-const _: u64 = FS_EXECUTE | FS_WRITE_FILE | FS_READ_FILE;
 
 // ---------------------------------------------------------------------------------------------
 // Mount namespace with an empty root

@@ -410,7 +410,7 @@ fn seal_inner(config: &SandboxConfig, helper_pid: Option<u32>) -> Result<Sealed,
         last_cap,
         run_as: None,
         landlock_fd: others_ruleset.as_ref().map_or(-1, fs::raw_fd),
-        filter: Some(state.filter(ThreadKind::Service)),
+        filter: Some((state.filter(ThreadKind::Service), state.thread_flags())),
     };
     threads::broadcast(&tasks, &rest)?;
     threads::finish_broadcasts()?;

@@ -58,6 +58,15 @@ impl State {
         }
     }
 
+    /// Flags for a thread's own filter: in enforce mode the kernel logs each trap too (without
+    /// the flag it logs only kills, and a thread filter's trap would leave no kernel record).
+    pub fn thread_flags(&self) -> libc::c_ulong {
+        match self.mode {
+            SeccompMode::Enforce => SECCOMP_FILTER_FLAG_LOG,
+            SeccompMode::Log => 0,
+        }
+    }
+
     /// The filter of `kind` (the broad one for [`ThreadKind::Process`]).
     pub fn filter(&self, kind: ThreadKind) -> FilterRef {
         if kind == ThreadKind::Process {
@@ -236,11 +245,7 @@ pub(super) fn enter_thread(kind: ThreadKind) -> Result<(), SandboxError> {
         // The main thread keeps the process filter: it does everything the others do not.
         return Ok(());
     }
-    let log = match state.mode {
-        SeccompMode::Enforce => SECCOMP_FILTER_FLAG_LOG,
-        SeccompMode::Log => 0,
-    };
-    raw_install(state.filter(kind), log).map_err(|e| SandboxError::Thread {
+    raw_install(state.filter(kind), state.thread_flags()).map_err(|e| SandboxError::Thread {
         tid: current_tid(),
         reason: format!("{kind:?} filter: {}", std::io::Error::from_raw_os_error(e)),
     })

@@ -26,8 +26,8 @@ pub(super) struct Plan {
     pub run_as: Option<RunAs>,
     /// A Landlock ruleset fd to restrict the thread with (-1: none).
     pub landlock_fd: RawFd,
-    /// A seccomp filter to stack on the thread.
-    pub filter: Option<FilterRef>,
+    /// A seccomp filter to stack on the thread, and the `seccomp()` flags to install it with.
+    pub filter: Option<(FilterRef, libc::c_ulong)>,
 }
 
 /// What a thread reported.
@@ -117,8 +117,8 @@ pub(super) fn seal_current_thread(plan: &Plan) -> Result<Outcome, Failure> {
     if plan.landlock_fd >= 0 {
         super::fs::raw_restrict_self(plan.landlock_fd).map_err(fail(Step::Landlock))?;
     }
-    if let Some(f) = plan.filter {
-        super::seccomp::raw_install(f, 0).map_err(fail(Step::Seccomp))?;
+    if let Some((f, flags)) = plan.filter {
+        super::seccomp::raw_install(f, flags).map_err(fail(Step::Seccomp))?;
     }
     Ok(out)
 }

@@ -1147,7 +1147,7 @@ fn prefill(ctx: &Ctx<'_>) {
 fn run_limit(ctx: &Ctx<'_>) -> Sample {
     for q in ctx.queues {
         q.attach().expect("attach queue");
-        q.set_vnet_hdr_len(HDR as i32).expect("vnet hdr");
+        q.set_vnet_hdr_len(HDR).expect("vnet hdr");
         q.set_offload(0).expect("offloads");
     }
     drain(ctx.queues);

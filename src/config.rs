@@ -8,7 +8,9 @@ use std::path::PathBuf;
 
 use clap::Parser;
 
-use crate::host::HostSpec;
+use crate::host::{HostSpec, MacAddr};
+use crate::server::{SocketMode, SocketPerms};
+use crate::worker::l2::RxFilterMode;
 
 pub use crate::host::MAX_QUEUE_PAIRS;
 /// Largest virtqueue size accepted (virtio-net in QEMU allows 1024).
@@ -52,7 +54,11 @@ pub struct Args {
     pub mode: Option<String>,
 
     /// Name of the macvtap --macvtap-parent creates (default: `mvh<parent ifindex>-<n>`).
-    #[arg(long, value_name = "NAME")]
+    #[arg(
+        long,
+        value_name = "NAME",
+        help = "Name of the macvtap --macvtap-parent creates (default: mvh<parent ifindex>-<n>)"
+    )]
     pub macvtap_name: Option<String>,
 
     /// Keep the macvtap --macvtap-parent created when macvhost exits.
@@ -81,18 +87,32 @@ pub struct Args {
 
     /// MTU offered to the guest (default: the link's MTU).
     #[arg(long, value_name = "M")]
-    pub mtu: Option<u16>,
+    pub mtu: Option<u32>,
 
     /// Log filter: error, warn, info, debug, trace (or a tracing EnvFilter directive).
     #[arg(long, value_name = "LEVEL", default_value = "info")]
     pub log_level: String,
+
+    /// Owner of the vhost-user socket macvhost creates, so that a frontend running as another
+    /// user (libvirt's QEMU runs as `libvirt-qemu`) can connect: `USER[:GROUP]`.
+    #[arg(long, value_name = "USER[:GROUP]")]
+    pub socket_owner: Option<String>,
+
+    /// Permissions of the vhost-user socket macvhost creates, in octal (e.g. 0660). Connecting
+    /// needs write permission.
+    #[arg(long, value_name = "MODE")]
+    pub socket_mode: Option<String>,
 
     /// Serve per-queue counters on this unix socket (read them with `macvhost stats PATH`).
     #[arg(long, value_name = "PATH")]
     pub control_socket: Option<PathBuf>,
 
     /// Limit guest → host traffic: `average=BYTES/S[,peak=BYTES/S][,burst=BYTES][,pps=N]`.
-    #[arg(long, value_name = "SPEC")]
+    #[arg(
+        long,
+        value_name = "SPEC",
+        help = "Limit guest → host traffic: average=BYTES/S[,peak=BYTES/S][,burst=BYTES][,pps=N]"
+    )]
     pub tx_rate: Option<String>,
 
     /// Limit host → guest traffic (same syntax as --tx-rate).
@@ -107,6 +127,17 @@ pub struct Args {
     /// BENCHMARKS.md); falls back to writev when io_uring is unavailable.
     #[arg(long)]
     pub io_uring: bool,
+
+    /// How the guest's multicast groups reach the macvtap: follow (learn them from the guest's
+    /// IGMP/MLD reports; the default), allmulti (the macvtap takes every multicast frame) or
+    /// strict (only the macvtap's own groups).
+    #[arg(long, value_name = "MODE", default_value = "follow")]
+    pub rx_filter: String,
+
+    /// Most multicast groups followed per device; past it the macvtap goes allmulticast until
+    /// the count drops.
+    #[arg(long, value_name = "N", default_value_t = crate::datapath::mcast::DEFAULT_MAX_GROUPS)]
+    pub max_groups: usize,
 
     /// While the host link has no carrier, end the frontend's connection and serve none until
     /// carrier returns: QEMU (chardev `reconnect=N`) and DPDK virtio-user then show the guest
@@ -152,115 +183,8 @@ pub enum Command {
     LinkHelper(crate::sandbox::helper::LinkHelperArgs),
 }
 
-/// How the vhost-user socket is reached.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum SocketMode {
-    /// Bind and listen on a path.
-    Listen(PathBuf),
-    /// Serve on an inherited listening fd.
-    ListenFd(RawFd),
-    /// Connect to a frontend that listens on a path.
-    Connect(PathBuf),
-}
-
-/// A MAC address.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct MacAddr(pub [u8; 6]);
-
-impl MacAddr {
-    /// Parses `aa:bb:cc:dd:ee:ff` (or `-` separated).
-    pub fn parse(s: &str) -> Result<MacAddr, String> {
-        let parts: Vec<&str> = s.split([':', '-']).collect();
-        if parts.len() != 6 {
-            return Err(format!(
-                "'{s}' is not six hex octets like 52:54:00:12:34:56"
-            ));
-        }
-        let mut mac = [0u8; 6];
-        for (byte, part) in mac.iter_mut().zip(&parts) {
-            if part.len() != 2 {
-                return Err(format!("'{s}': octet '{part}' is not two hex digits"));
-            }
-            *byte = u8::from_str_radix(part, 16)
-                .map_err(|_| format!("'{s}': octet '{part}' is not hex"))?;
-        }
-        if mac[0] & 1 == 1 {
-            return Err(format!(
-                "'{s}' is a multicast address; a NIC needs a unicast one"
-            ));
-        }
-        if mac == [0; 6] {
-            return Err(format!("'{s}' is all zeros"));
-        }
-        Ok(MacAddr(mac))
-    }
-
-    /// A random locally administered unicast address.
-    pub fn random_local() -> MacAddr {
-        let mut mac = [0u8; 6];
-        // getrandom(2) cannot fail for 6 bytes once the pool is initialised; fall back to time.
-        if nix::errno::Errno::result(
-            // SAFETY: the buffer is 6 writable bytes owned by this frame.
-            unsafe { libc::getrandom(mac.as_mut_ptr().cast(), mac.len(), 0) },
-        )
-        .is_err()
-        {
-            let t = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_nanos())
-                .unwrap_or(0);
-            mac.copy_from_slice(&t.to_le_bytes()[..6]);
-        }
-        mac[0] = (mac[0] & 0xfe) | 0x02;
-        MacAddr(mac)
-    }
-}
-
-impl std::fmt::Display for MacAddr {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let m = self.0;
-        write!(
-            f,
-            "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
-            m[0], m[1], m[2], m[3], m[4], m[5]
-        )
-    }
-}
-
-/// Validated configuration.
-#[derive(Debug, Clone)]
-pub struct Config {
-    /// How frontends reach us.
-    pub socket: SocketMode,
-    /// Which host device to open.
-    pub host: HostSpec,
-    /// Queue pairs.
-    pub queue_pairs: u16,
-    /// Largest virtqueue size.
-    pub queue_size: u16,
-    /// Guest MAC, when given; otherwise taken from the host device at start.
-    pub mac: Option<MacAddr>,
-    /// MTU, when given; otherwise the link's.
-    pub mtu: Option<u16>,
-    /// Control socket path.
-    pub control_socket: Option<PathBuf>,
-    /// Prometheus endpoint.
-    pub metrics_addr: Option<std::net::SocketAddr>,
-    /// Batched TX writes through io_uring.
-    pub io_uring: bool,
-    /// End the frontend connection while the host link has no carrier.
-    pub disconnect_on_link_down: bool,
-    /// The macvtap to create (`--macvtap-parent`); `host` then names it once created.
-    pub create_macvtap: Option<crate::netlink::MacvtapSpec>,
-    /// Keep the created macvtap on exit.
-    pub keep_macvtap: bool,
-    /// Guest → host rate limit.
-    pub tx_rate: Option<crate::ratelimit::RateSpec>,
-    /// Host → guest rate limit.
-    pub rx_rate: Option<crate::ratelimit::RateSpec>,
-    /// `--seccomp`, `--no-sandbox`, `--user`, `--group`.
-    pub sandbox: crate::sandbox::SandboxOptions,
-}
+/// Validated configuration: what the server runs with (defined there, built here).
+pub use crate::server::Settings as Config;
 
 /// A command-line value the operator got wrong.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -305,6 +229,8 @@ impl TryFrom<Args> for Config {
             (Some(p), None, true) => SocketMode::Connect(p.clone()),
             (Some(p), None, false) => SocketMode::Listen(p.clone()),
         };
+
+        let socket_perms = socket_perms(&args, &socket)?;
 
         if args.queues == 0 || args.queues > MAX_QUEUE_PAIRS {
             return Err(bad(
@@ -360,9 +286,9 @@ impl TryFrom<Args> for Config {
                 .mode
                 .as_deref()
                 .unwrap_or("bridge")
-                .parse::<crate::netlink::MacvtapMode>()
+                .parse::<crate::host::netlink::MacvtapMode>()
                 .map_err(|e| bad("--mode", e.to_string()))?;
-            let spec = crate::netlink::MacvtapSpec {
+            let spec = crate::host::netlink::MacvtapSpec {
                 parent,
                 name: args.macvtap_name.clone(),
                 mode,
@@ -394,11 +320,15 @@ impl TryFrom<Args> for Config {
             HostSpec::TapFds { fds: args.tap_fd }
         };
 
-        if let Some(mtu) = args.mtu {
-            if !(68..=65535).contains(&mtu) {
-                return Err(bad("--mtu", format!("must be 68..=65535 (got {mtu})")));
-            }
-        }
+        let mtu = args
+            .mtu
+            .map(|mtu| {
+                u16::try_from(mtu)
+                    .ok()
+                    .filter(|m| *m >= 68)
+                    .ok_or_else(|| bad("--mtu", format!("must be 68..=65535 (got {mtu})")))
+            })
+            .transpose()?;
 
         let rate = |flag: &'static str, v: Option<String>| {
             v.map(|s| s.parse::<crate::ratelimit::RateSpec>())
@@ -414,8 +344,22 @@ impl TryFrom<Args> for Config {
             args.group.as_deref(),
         )?;
 
+        let rx_filter = args
+            .rx_filter
+            .parse::<RxFilterMode>()
+            .map_err(|e| bad("--rx-filter", e))?;
+        let limit = crate::datapath::mcast::MAX_GROUPS_LIMIT;
+        if !(1..=limit).contains(&args.max_groups) {
+            return Err(bad(
+                "--max-groups",
+                format!("must be 1..={limit} (got {})", args.max_groups),
+            ));
+        }
+
         Ok(Config {
             io_uring: args.io_uring,
+            rx_filter,
+            max_groups: args.max_groups,
             disconnect_on_link_down: args.disconnect_on_link_down,
             create_macvtap,
             keep_macvtap: args.keep,
@@ -427,7 +371,8 @@ impl TryFrom<Args> for Config {
             queue_pairs: args.queues,
             queue_size: args.queue_size,
             mac,
-            mtu: args.mtu,
+            mtu,
+            socket_perms,
             control_socket: args.control_socket,
             metrics_addr: args.metrics_addr,
         })
@@ -505,6 +450,70 @@ fn sandbox_options(
     })
 }
 
+/// `--socket-owner` / `--socket-mode`, resolved now (names are looked up before anything is
+/// created, and before any sandbox hides /etc/passwd).
+fn socket_perms(args: &Args, socket: &SocketMode) -> Result<SocketPerms, ConfigError> {
+    let mut perms = SocketPerms::default();
+    if let Some(spec) = &args.socket_owner {
+        let (user, group) = match spec.split_once(':') {
+            Some((u, g)) => (u, Some(g)),
+            None => (spec.as_str(), None),
+        };
+        let uid = resolve_id(user, |n| {
+            nix::unistd::User::from_name(n).map(|u| u.map(|u| u.uid.as_raw()))
+        })
+        .map_err(|r| bad("--socket-owner", format!("user {user:?}: {r}")))?;
+        let gid = group
+            .map(|g| {
+                resolve_id(g, |n| {
+                    nix::unistd::Group::from_name(n).map(|g| g.map(|g| g.gid.as_raw()))
+                })
+                .map_err(|r| bad("--socket-owner", format!("group {g:?}: {r}")))
+            })
+            .transpose()?;
+        perms.owner = Some((uid, gid));
+    }
+    if let Some(mode) = &args.socket_mode {
+        let m = u32::from_str_radix(mode.trim_start_matches("0o"), 8)
+            .ok()
+            .filter(|m| *m <= 0o777)
+            .ok_or_else(|| {
+                bad(
+                    "--socket-mode",
+                    format!("{mode:?} is not an octal mode like 0660"),
+                )
+            })?;
+        perms.mode = Some(m);
+    }
+    if perms != SocketPerms::default() && !matches!(socket, SocketMode::Listen(_)) {
+        let flag = if args.socket_owner.is_some() {
+            "--socket-owner"
+        } else {
+            "--socket-mode"
+        };
+        return Err(bad(
+            flag,
+            "only applies to a socket macvhost creates (--socket-path without --client)",
+        ));
+    }
+    Ok(perms)
+}
+
+/// A user or group given by name or number.
+fn resolve_id(
+    name: &str,
+    lookup: impl Fn(&str) -> nix::Result<Option<u32>>,
+) -> Result<u32, String> {
+    if let Ok(id) = name.parse::<u32>() {
+        return Ok(id);
+    }
+    match lookup(name) {
+        Ok(Some(id)) => Ok(id),
+        Ok(None) => Err("no such name".into()),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
 fn check_ifname(flag: &'static str, name: &str) -> Result<(), ConfigError> {
     crate::host::validate_ifname(name).map_err(|e| bad(flag, e.to_string()))
 }
@@ -526,6 +535,51 @@ mod tests {
         assert_eq!(c.queue_pairs, 1);
         assert_eq!(c.queue_size, 256);
         assert!(matches!(c.host, HostSpec::Macvtap { ref iface } if iface == "mvt0"));
+    }
+
+    #[test]
+    fn socket_owner_and_mode_take_names_numbers_and_octal() {
+        let c = parse(&[
+            "--socket-path",
+            "/s",
+            "--tap",
+            "t0",
+            "--socket-owner",
+            "root:0",
+            "--socket-mode",
+            "0660",
+        ])
+        .unwrap();
+        assert_eq!(c.socket_perms.owner, Some((0, Some(0))));
+        assert_eq!(c.socket_perms.mode, Some(0o660));
+        let c = parse(&[
+            "--socket-path",
+            "/s",
+            "--tap",
+            "t0",
+            "--socket-owner",
+            "1234",
+        ])
+        .unwrap();
+        assert_eq!(c.socket_perms.owner, Some((1234, None)));
+        for (flag, value) in [
+            ("--socket-mode", "0888"),
+            ("--socket-mode", "rw"),
+            ("--socket-mode", "01777"),
+            ("--socket-owner", "mvh-no-such-user"),
+            ("--socket-owner", "root:mvh-no-such-group"),
+        ] {
+            let e = parse(&["--socket-path", "/s", "--tap", "t0", flag, value]).unwrap_err();
+            assert_eq!(e.flag, flag, "{value}: {e}");
+        }
+    }
+
+    #[test]
+    fn mtu_above_65535_is_refused_with_the_real_range() {
+        let e = parse(&["--socket-path", "/s", "--tap", "t0", "--mtu", "70000"]).unwrap_err();
+        assert_eq!(e.to_string(), "--mtu: must be 68..=65535 (got 70000)");
+        let c = parse(&["--socket-path", "/s", "--tap", "t0", "--mtu", "65535"]).unwrap();
+        assert_eq!(c.mtu, Some(65535));
     }
 
     #[test]
@@ -628,7 +682,7 @@ mod tests {
         let c = parse(&["--socket-path", "/s", "--macvtap-parent", "eth0", "--keep"]).unwrap();
         let spec = c.create_macvtap.expect("a macvtap to create");
         assert_eq!(spec.parent, "eth0");
-        assert_eq!(spec.mode, crate::netlink::MacvtapMode::Bridge);
+        assert_eq!(spec.mode, crate::host::netlink::MacvtapMode::Bridge);
         assert!(c.keep_macvtap);
         let c = parse(&[
             "--socket-path",
@@ -644,7 +698,7 @@ mod tests {
         ])
         .unwrap();
         let spec = c.create_macvtap.unwrap();
-        assert_eq!(spec.mode, crate::netlink::MacvtapMode::Passthru);
+        assert_eq!(spec.mode, crate::host::netlink::MacvtapMode::Passthru);
         assert_eq!(spec.name.as_deref(), Some("mv0"));
         assert_eq!(spec.mac, Some([0x52, 0x54, 0, 0, 0, 1]));
     }

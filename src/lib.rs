@@ -3,37 +3,77 @@
 //! Shape: backend process → host macvtap/tap queue fds (multiqueue, vnet header) → one worker
 //! thread per queue pair.
 //!
-//! Module map:
-//! - [`config`]: command line (`Args`) → validated [`config::Config`]; operator errors.
-//! - [`host`]: opening macvtap / tap queues, tap ioctls, link facts (MAC, MTU, carrier).
-//! - [`datapath`]: the frame path over `virtio-queue` + `vm-memory`, free of vhost-user types.
-//! - [`dirty_log`]: the per-connection dirty-page log for live migration (maps `SET_LOG_BASE`).
-//! - [`backend`]: the `VhostUserBackend` impl: features, config space, dispatch to workers.
-//! - [`worker`]: per-queue-pair state and event handling (owns the datapath calls).
-//! - [`server`]: listening / connecting, serving one frontend after another, signals.
-//! - [`shim`]: a vhost-user message relay: answers what QEMU sends and the crates mishandle,
-//!   and takes `SET_LOG_BASE` for [`dirty_log`].
-//! - [`control`]: the stats control socket and the Prometheus endpoint.
-//! - [`vring`]: a vring wrapper that tells workers about enable/disable.
-//! - [`sandbox`]: after start-up, drop every capability, hide the filesystem and install
-//!   seccomp allowlists (issue 11; `docs/security.md`).
+//! # Layers
+//!
+//! Modules point one way, top to bottom; none imports one above it (`docs/architecture.md`
+//! draws it):
+//!
+//! | layer | module | what it owns |
+//! |---|---|---|
+//! | 1 | [`config`] | command line (`Args`) → validated [`server::Settings`]; operator errors |
+//! | 2 | [`server`] | start-up (host device, link watcher, control socket), where frontends come from, the serve loop, signals |
+//! | 2 | [`control`] | the stats control socket and the Prometheus endpoint |
+//! | 3 | [`vhost_user`] | one frontend connection: the `VhostUserBackend` impl (features, config space, dispatch), the message shim in front of vhost-user-backend, the vring wrapper |
+//! | 4 | [`worker`] | one queue pair: its state machine, the rate limiters, the calls into the datapath |
+//! | 5 | [`datapath`] | the frame path over `virtio-queue` + `vm-memory`, no vhost-user types; the dirty-page log |
+//! | 6 | [`host`] | tap/macvtap queue fds, their ioctls, link facts, rtnetlink (create, watch, delete) |
+//! | - | [`ratelimit`] | token buckets (pure; used by config and worker) |
+//! | - | [`systemd`] | socket activation, `sd_notify` (readiness, status, watchdog), the fd store (leaf; used by server) |
+//! | - | [`sandbox`] | sealing after start-up: capabilities, the empty root, Landlock, seccomp per thread kind, the link helper (uses `host`; used by server; `docs/security.md`) |
+//! | - | `fuzzing` (feature `test-utils`) | fuzz entry points and the test kit; above everything |
+//!
+//! # Threads
+//!
+//! Per process: `main` (start-up, then the serve loop), `signals` (SIGTERM/SIGINT), the link
+//! watcher (rtnetlink), and the control socket and metrics servers when configured.
+//! Per connection: `vu-shim` and `vu-shim-replies` (the relay), `macvhost` (vhost-user-backend's
+//! request handler), and one `vring_worker` per queue pair (vhost-user-backend's epoll loop,
+//! calling [`worker::PairWorker::handle_event`]). A link follower runs beside each connection.
+//! Every thread runs sealed once the serve loop starts ([`sandbox::seal`]): no capability, an
+//! empty root, and its kind's seccomp filter.
+//!
+//! # Control path
+//!
+//! frontend socket → [`vhost_user::shim`] (reads each message once, bounded; answers QEMU's
+//! early `SET_VRING_ENABLE` and repeated `ADD_MEM_REG`, takes `SET_LOG_BASE`, notes the backend
+//! channel) → vhost-user-backend's handler over a private socket → [`vhost_user::backend`]
+//! (features, memory, config space) → [`worker::PairWorker`] (settings, memory, vring state
+//! events) → [`datapath`].
+//!
+//! # Unsafe
+//!
+//! `#![deny(unsafe_code)]` holds everywhere except: [`host`]'s `sys` (ioctls, fd ownership,
+//! getrandom), [`datapath::iovec`] (`readv`/`writev` on guest memory), [`datapath::dirty`] (the
+//! dirty-log mapping), [`datapath::uring`] (buffers handed to io_uring), [`datapath::vnet`]
+//! (`ByteValued` for the header), [`vhost_user::shim`] (fds received with `SCM_RIGHTS`) and
+//! [`vhost_user::backend`] (closing fds vhost-user-backend leaks) and [`systemd`] (adopting the
+//! fds a service manager or parent passed at exec) and [`sandbox`] (raw syscalls for
+//! capabilities, namespaces, Landlock and seccomp, and async-signal-safe handlers). Every block
+//! says which invariant makes it sound.
+//!
+//! # Errors
+//!
+//! One `thiserror` enum per module, each variant saying who is at fault: the guest (a bad chain
+//! or ring: counted, returned with length 0, the queue stopped if the ring itself is broken), the
+//! frontend (a bad message: the connection ends, logged once), the host (a failing fd: counted,
+//! logged once until it works again) or the operator (a bad flag: named, exit status 2).
 
 #![deny(missing_debug_implementations)]
+#![deny(unsafe_code)]
 
-pub mod backend;
 pub mod config;
 pub mod control;
 pub mod datapath;
-pub mod dirty_log;
 #[cfg(feature = "test-utils")]
 pub mod fuzzing;
 pub mod host;
-pub mod netlink;
 pub mod ratelimit;
+#[allow(unsafe_code)] // raw syscalls: capabilities, namespaces, Landlock, seccomp, signal handlers
 pub mod sandbox;
 pub mod server;
-pub mod shim;
-pub mod vring;
+#[allow(unsafe_code)] // adopts the fds a service manager or parent passed at exec
+pub mod systemd;
+pub mod vhost_user;
 pub mod worker;
 
 /// The vhost-user.json capabilities object printed by `--print-capabilities`.
@@ -41,10 +81,27 @@ pub fn capabilities_json() -> String {
     serde_json::json!({ "type": "net" }).to_string()
 }
 
-/// Installs the stderr log subscriber with the `--log-level` filter.
+/// `--log-level` as a filter, or why it is refused.
+fn check_log_filter(filter: &str) -> Result<tracing_subscriber::EnvFilter, String> {
+    let is_level = LOG_LEVELS.contains(&filter.to_ascii_lowercase().as_str());
+    if !is_level && !filter.contains(['=', ',']) {
+        return Err(format!(
+            "'{filter}' is not a level ({}) or a directive like info,macvhost=debug",
+            LOG_LEVELS.join(", ")
+        ));
+    }
+    tracing_subscriber::EnvFilter::try_new(filter)
+        .map_err(|e| format!("'{filter}' is not a log filter: {e}"))
+}
+
+/// The levels `--log-level` takes by name.
+pub const LOG_LEVELS: [&str; 6] = ["off", "error", "warn", "info", "debug", "trace"];
+
+/// Installs the stderr log subscriber with the `--log-level` filter: a level name, or a tracing
+/// directive list (`info,macvhost::worker=debug`). A bare word that is not a level is refused
+/// (tracing would read it as a target and silently log nothing).
 pub fn init_logging(filter: &str) -> Result<(), String> {
-    let filter = tracing_subscriber::EnvFilter::try_new(filter)
-        .map_err(|e| format!("'{filter}' is not a log filter: {e}"))?;
+    let filter = check_log_filter(filter)?;
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
@@ -52,4 +109,16 @@ pub fn init_logging(filter: &str) -> Result<(), String> {
         .with_target(false)
         .try_init()
         .map_err(|e| e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn log_level_takes_levels_and_directives_and_refuses_bare_words() {
+        assert!(super::check_log_filter("debug").is_ok());
+        assert!(super::check_log_filter("WARN").is_ok());
+        assert!(super::check_log_filter("info,macvhost::worker=trace").is_ok());
+        let e = super::check_log_filter("loud").unwrap_err();
+        assert!(e.contains("not a level"), "{e}");
+    }
 }

@@ -30,11 +30,12 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use common::*;
-use macvhost::backend::{DeviceIdentity, HostSide};
-use macvhost::config::{MacAddr, SocketMode};
 use macvhost::datapath::QueueStats;
+use macvhost::host::MacAddr;
 use macvhost::host::{HostDevice, HostSpec};
+use macvhost::server::SocketMode;
 use macvhost::server::{serve, StopHandle};
+use macvhost::vhost_user::backend::{DeviceIdentity, HostSide};
 use support::rig::ALL;
 use support::vu_driver::VuGuest;
 
@@ -776,6 +777,7 @@ fn tap_queue_full_waits_for_epollout_without_spinning() {
             supported_offloads: dev.supported_offloads(),
             link_up: std::sync::Arc::new(std::sync::atomic::AtomicBool::new(dev.carrier())),
             link_down_disconnects: false,
+            l2: Default::default(),
         };
         thread::spawn(move || serve(&SocketMode::Listen(sock), identity, side, &stats, &stop))
     };

@@ -19,7 +19,7 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use macvhost::config::SocketMode;
+use macvhost::server::SocketMode;
 use support::rig::*;
 use support::vu_driver::VuGuest;
 use vhost::vhost_user::message::VhostUserConfigFlags;

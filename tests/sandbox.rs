@@ -834,3 +834,61 @@ fn sealed_daemon_serves_five_hundred_connections_in_a_row() {
     mvh.shutdown_clean();
     println!("{NAME}: 500 connections in {:.2?}", t0.elapsed());
 }
+
+/// The guest's multicast groups in the sealed daemon: its IGMP join (guest TX) becomes a
+/// packet-socket membership on the macvtap (`setsockopt` on the worker, no capability), so a
+/// group frame from the wire reaches the guest; when the frontend leaves, the membership goes.
+#[test]
+fn sealed_daemon_follows_the_guests_multicast_groups() {
+    const NAME: &str = "sealed_daemon_follows_the_guests_multicast_groups";
+    if !require_root(NAME) {
+        return;
+    }
+    use macvhost::datapath::mcast::frames as tf;
+    let dir = tempfile::tempdir().unwrap();
+    let ns = Netns::new();
+    let topo = MacvtapTopo::create(&ns, "bridge");
+    let mvh = Macvhost::spawn(&ns, dir.path(), &["--macvtap", topo.macvtap]);
+    let mut g = VuGuest::connect(mvh.socket(), 1, 256, u64::MAX, Duration::from_secs(10));
+    g.post_rx(0, 128, 2048);
+    g.kick(g.rx(0));
+    let peer = Peer::open(&ns, topo.peer, topo.peer_mac, topo.macvtap_mac);
+    let group = tf::v4(239, 1, 2, 3);
+    let mut frame = vec![0x5a; 100];
+    frame[..6].copy_from_slice(&group.mac());
+    frame[6..12].copy_from_slice(&topo.peer_mac.0);
+    frame[12..14].copy_from_slice(&[0x88, 0xb5]);
+    let delivered = |g: &mut VuGuest| {
+        let _ = peer.send(&frame);
+        let mut got = Vec::new();
+        g.wait_until(Duration::from_millis(300), |g| {
+            got.extend(g.recv_frames(0));
+            got.iter().any(|f| f == &frame)
+        })
+    };
+    assert!(
+        !delivered(&mut g),
+        "a group frame arrived before the guest joined"
+    );
+    let join = tf::igmp_v2(0x16, group, None);
+    assert!(g.send(0, &join));
+    g.kick(g.tx(0));
+    let mut joined = false;
+    for _ in 0..10 {
+        if delivered(&mut g) {
+            joined = true;
+            break;
+        }
+    }
+    assert!(
+        joined,
+        "the group frame never reached the guest after its join"
+    );
+    check_sealed_daemon(&mvh);
+    drop(g);
+    // The frontend left: the group leaves the macvtap's filter (from a sealed thread too).
+    let g = VuGuest::connect(mvh.socket(), 1, 256, u64::MAX, Duration::from_secs(10));
+    drop(g);
+    mvh.shutdown_clean();
+    println!("{NAME}: joined 239.1.2.3 through the sealed daemon");
+}

@@ -2,31 +2,43 @@
 //!
 //! Everything here works on a `virtio_queue::Queue`, a `vm_memory::GuestMemory` and a
 //! [`HostQueue`], so it can be unit-tested with `virtio_queue::mock`, fuzzed and benched without a
-//! socket. The worker (`crate::worker`) owns the vhost-user side: locking vrings, eventfds.
+//! socket. The layer above (the workers) locks vrings, watches eventfds and calls in here.
 //!
-//! - [`iovec`]: iovec lists over guest memory and the `readv`/`writev` calls (the datapath's only `unsafe`).
-//! - [`vnet`]: the 12-byte `virtio_net_hdr_v1`, feature → tap offload mapping.
+//! - [`iovec`]: iovec lists over guest memory and the `readv`/`writev` calls (`unsafe`).
+//! - [`vnet`]: the 12-byte `virtio_net_hdr_v1`, the offload table (features ⇄ tap bits).
 //! - [`tx`]: guest → host, one `writev` per frame.
 //! - [`rx`]: host → guest, one `readv` per frame, MRG_RXBUF across chains.
 //! - [`stats`]: per-queue-pair counters, one per drop reason.
-//! - [`dirty`]: the dirty-page log view used while the frontend migrates the guest.
+//! - [`mcast`]: IGMP/MLD report parsing and the guest's multicast membership table.
+//! - [`dirty`]: one connection's dirty-page log for live migration (`unsafe`: maps it).
+//! - [`uring`]: the opt-in io_uring TX submission (`unsafe`: buffers handed to the kernel).
 //! - `testutil` (tests and feature `test-utils`): fake host queue, mock guest queues.
 
+#[allow(unsafe_code)] // maps the frontend's dirty log
 pub mod dirty;
+#[allow(unsafe_code)] // readv/writev on guest memory
 pub mod iovec;
+pub mod mcast;
 pub mod rx;
 pub mod stats;
 #[cfg(any(test, feature = "test-utils"))]
 pub mod testutil;
 pub mod tx;
+#[allow(unsafe_code)] // buffers handed to io_uring
 pub mod uring;
 mod used;
+#[allow(unsafe_code)] // ByteValued for the header
 pub mod vnet;
 
 use std::io;
 use std::os::fd::AsRawFd;
 
-pub use dirty::DirtyLog;
+/// Chains handled per batch: popped per read of the avail index, submitted per io_uring enter,
+/// and handled per direction before the other direction of a queue pair gets a turn. The one
+/// batch size; everything else derives from it.
+pub const BATCH: usize = 64;
+
+pub use dirty::{DirtyLog, DirtyLogState};
 pub use iovec::IoVecBuf;
 pub use rx::{process_rx, RxOptions, RxOutcome, RxScratch};
 pub use stats::{QueueStats, StatsSnapshot};
@@ -34,10 +46,21 @@ pub use tx::{process_tx, TxOptions, TxOutcome, TxScratch};
 
 /// One host queue (a tap or macvtap queue fd opened with a vnet header): one frame per call.
 ///
-/// The real implementation is `host::TapQueue`; unit tests use a socketpair with fault injection.
+/// The real implementation is `host::TapQueue` (below); tests use the test kit's fake.
 pub trait HostQueue: AsRawFd + Send + Sync {
     /// Writes one frame (12-byte vnet header + Ethernet frame) gathered from `frame`.
     fn send_frame(&self, frame: &IoVecBuf<'_>) -> io::Result<usize>;
     /// Reads one frame (vnet header + Ethernet frame) scattered into `bufs`. Returns its length.
     fn recv_frame(&self, bufs: &IoVecBuf<'_>) -> io::Result<usize>;
+}
+
+/// The real host queue: one `writev`/`readv` per frame on the tap or macvtap queue fd.
+impl HostQueue for crate::host::TapQueue {
+    fn send_frame(&self, frame: &IoVecBuf<'_>) -> io::Result<usize> {
+        iovec::writev_fd(self.as_raw_fd(), frame)
+    }
+
+    fn recv_frame(&self, bufs: &IoVecBuf<'_>) -> io::Result<usize> {
+        iovec::readv_fd(self.as_raw_fd(), bufs)
+    }
 }

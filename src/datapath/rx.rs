@@ -251,7 +251,7 @@ struct Rx<'a, 'm, M: GuestMemory, H> {
 }
 
 /// Most chains popped per read of the avail index.
-const POP_AHEAD: usize = 64;
+const POP_AHEAD: usize = super::BATCH;
 
 impl<'m, M: GuestMemory, H: HostQueue> Rx<'_, 'm, M, H> {
     fn run(&mut self) {

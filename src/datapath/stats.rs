@@ -57,6 +57,9 @@ counters! {
     /// Of `tx_frames`, those whose vnet header asked the host for segmentation (TSO/UFO/USO):
     /// each leaves as several wire frames.
     tx_gso_frames,
+    /// Of `tx_frames`, those whose source MAC is not the guest's (the guest changed its MAC, or
+    /// bridges other hosts); counted only while the multicast following watches TX.
+    tx_foreign_src_mac,
     /// Frames delivered to the guest.
     rx_frames,
     /// Bytes of those frames (vnet header excluded).
@@ -67,8 +70,6 @@ counters! {
     rx_notifications,
     /// Worker wake-ups (kicks, host-queue readiness) handled.
     wakeups,
-    /// Busy-poll rounds that found work.
-    polls,
     /// TX writes that got EAGAIN; the frame was kept and retried on EPOLLOUT.
     tx_eagain,
     /// RX rounds stopped because the guest had posted no buffer (not a drop).

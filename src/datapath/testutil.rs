@@ -243,6 +243,22 @@ impl HostQueue for FakeHostQueue {
     }
 }
 
+/// The fake takes every control call (it has no offloads, header size or queue steering).
+impl crate::host::QueueControl for FakeHostQueue {
+    fn set_offload(&self, _tun_flags: u32) -> io::Result<()> {
+        Ok(())
+    }
+    fn set_vnet_hdr_len(&self, _len: usize) -> io::Result<()> {
+        Ok(())
+    }
+    fn attach(&self) -> io::Result<()> {
+        Ok(())
+    }
+    fn detach(&self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
 /// The driver side of one split virtqueue in mock guest memory.
 ///
 /// Descriptor indices are handed out sequentially (wrapping), so a test must not keep more than

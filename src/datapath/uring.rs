@@ -18,7 +18,7 @@ use io_uring::{opcode, squeue, types, IoUring};
 use super::IoVecBuf;
 
 /// Most frames one batch submits.
-pub const URING_BATCH: usize = 64;
+pub const URING_BATCH: usize = super::BATCH;
 
 /// One queue pair's ring for TX writes.
 pub struct TxRing {

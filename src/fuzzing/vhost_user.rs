@@ -22,25 +22,22 @@
 use std::fs::File;
 use std::io::{IoSlice, Read, Write};
 use std::os::fd::{AsRawFd, RawFd};
-use std::os::linux::net::SocketAddrExt;
 use std::os::unix::fs::FileExt;
-use std::os::unix::net::{SocketAddr, UnixListener, UnixStream};
+use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc, Once};
 use std::time::Duration;
 
 use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
-use vhost::vhost_user::Listener;
-use vhost_user_backend::VhostUserDaemon;
-use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::cursor::Cursor;
-use crate::backend::{DeviceIdentity, HostSide, NetBackend};
-use crate::config::MacAddr;
 use crate::datapath::testutil::{pattern_frame, FakeHostQueue};
 use crate::datapath::QueueStats;
+use crate::host::MacAddr;
+use crate::vhost_user::backend::{DeviceIdentity, HostSide};
+use crate::vhost_user::connection::Connection;
 
 /// Guest memory (one memfd) size.
 const MEM_SIZE: u64 = 1 << 20;
@@ -100,7 +97,6 @@ const OUR_PROTOCOL_FEATURES: u64 = VhostUserProtocolFeatures::MQ.bits()
     | VhostUserProtocolFeatures::BACKEND_REQ.bits();
 
 static PANICS: AtomicUsize = AtomicUsize::new(0);
-static SOCKETS: AtomicUsize = AtomicUsize::new(0);
 
 fn init() {
     static ONCE: Once = Once::new();
@@ -545,29 +541,14 @@ fn run_connection(data: &[u8]) {
         supported_offloads: offloads,
         link_up: Arc::new(std::sync::atomic::AtomicBool::new(cfg & 8 != 0)),
         link_down_disconnects: false,
+        l2: Default::default(),
     };
-    let backend = Arc::new(NetBackend::new(identity, host, &stats).expect("backend"));
-    let offered = vhost_user_backend::VhostUserBackend::features(&*backend);
-    let mut daemon = VhostUserDaemon::new(
-        "macvhost-fuzz".to_string(),
-        backend.clone(),
-        GuestMemoryAtomic::new(GuestMemoryMmap::new()),
-    )
-    .expect("daemon");
-    backend.set_epoll_handlers(daemon.get_epoll_handlers());
-
-    // A connected pair through an abstract-namespace listener (no files to clean up).
-    let name = format!(
-        "macvhost-fuzz-{}-{}",
-        std::process::id(),
-        SOCKETS.fetch_add(1, Ordering::Relaxed)
-    );
-    let addr = SocketAddr::from_abstract_name(name.as_bytes()).expect("abstract address");
-    let listener = UnixListener::bind_addr(&addr).expect("bind abstract socket");
-    let sock = UnixStream::connect_addr(&addr).expect("connect");
-    let mut listener = Listener::from(listener);
-    daemon.start(&mut listener).expect("daemon accepts");
-    drop(listener);
+    // The frontend's end of a socketpair; the other end goes through the whole connection
+    // set-up the server uses: the shim relay in front of vhost-user-backend's handler.
+    let (sock, theirs) = UnixStream::pair().expect("socketpair");
+    let conn = Connection::start(theirs, identity, host, &stats).expect("connection");
+    let offered = vhost_user_backend::VhostUserBackend::features(&**conn.backend());
+    let backend = Arc::downgrade(conn.backend());
 
     // Replies are read and dropped so the daemon never blocks on a full socket.
     let mut rd = sock.try_clone().expect("clone socket");
@@ -607,15 +588,10 @@ fn run_connection(data: &[u8]) {
     // The frontend leaves: the daemon must notice and stop, and teardown must finish.
     let _ = f.sock.shutdown(std::net::Shutdown::Write);
     let (tx, rx) = mpsc::channel();
-    let be = backend.clone();
     let waiter = std::thread::spawn(move || {
-        let r = daemon.wait();
-        be.teardown();
-        for h in daemon.get_epoll_handlers() {
-            h.send_exit_event();
-        }
-        drop(daemon);
-        drop(be);
+        let mut conn = conn;
+        let r = conn.wait();
+        conn.close();
         let _ = tx.send(r.map_err(|e| e.to_string()));
     });
     let res = rx
@@ -633,10 +609,9 @@ fn run_connection(data: &[u8]) {
     reader.join().expect("reader thread");
     drop(f);
     assert_eq!(
-        Arc::strong_count(&backend),
-        1,
+        backend.strong_count(),
+        0,
         "the backend is still referenced after teardown (a reference cycle leaks it)"
     );
-    drop(backend);
     drop(queues);
 }

@@ -24,10 +24,10 @@
 use vm_memory::{ByteValued, GuestAddress, GuestMemoryBackend};
 
 use super::cursor::Cursor;
-use crate::backend::offered_features;
 use crate::datapath::testutil::{memory_of, read_guest};
 use crate::datapath::vnet::*;
 use crate::datapath::{IoVecBuf, RxOptions, TxOptions};
+use crate::vhost_user::backend::offered_features;
 use crate::worker::PairSettings;
 
 /// Runs one `vnet_hdr` input (see the module doc).

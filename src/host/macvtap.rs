@@ -17,7 +17,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use nix::sys::stat::{mknod, Mode, SFlag};
 
 use super::link::{self, Link};
-use super::{sys, HostError, HostKind, Opened, VNET_HDR_LEN};
+use super::{sys, HostError, HostKind, Opened, VNET_HDR_LEN_V1};
 
 /// Where `/dev/tapN` lives.
 const DEV_DIR: &str = "/dev";
@@ -82,7 +82,8 @@ fn setup_queue(fd: std::os::fd::BorrowedFd<'_>, iface: &str) -> Result<(), HostE
     let mut req = sys::IfReq::new("");
     req.set_flags(QUEUE_FLAGS as i16);
     sys::tun_set_iff(fd, &mut req).map_err(|e| ioctl("TUNSETIFF", e))?;
-    sys::tun_set_vnet_hdr_sz(fd, VNET_HDR_LEN).map_err(|e| ioctl("TUNSETVNETHDRSZ", e))?;
+    sys::tun_set_vnet_hdr_sz(fd, VNET_HDR_LEN_V1 as i32)
+        .map_err(|e| ioctl("TUNSETVNETHDRSZ", e))?;
     let got = sys::tun_get_iff(fd).map_err(|e| ioctl("TUNGETIFF", e))?;
     let flags = i32::from(got.flags() as u16);
     if got.name() != iface || flags & QUEUE_FLAGS != QUEUE_FLAGS {
@@ -152,7 +153,9 @@ impl DevNode {
                     })
                 }
                 Ok(meta) => {
-                    tracing::warn!(
+                    // Normal on a host with several network namespaces (ifindexes repeat), so
+                    // not a warning.
+                    tracing::debug!(
                         node = %path.display(),
                         node_dev = %fmt_dev(meta.rdev()),
                         macvtap_dev = %fmt_dev(dev),

@@ -2,16 +2,21 @@
 //!
 //! [`HostDevice::open`] turns a [`HostSpec`] (from the command line) into one nonblocking queue
 //! fd per queue pair, each with `IFF_VNET_HDR` and a 12-byte header, and probes which
-//! `TUNSETOFFLOAD` bits the device takes. Each [`TapQueue`] is the datapath's
-//! [`HostQueue`].
+//! `TUNSETOFFLOAD` bits the device takes. Each [`TapQueue`] is one queue fd; the datapath moves
+//! frames through it (`datapath::HostQueue`) and the workers control it ([`QueueControl`]).
 //!
 //! - `sys`: every `unsafe` (ioctls, fd duplication).
 //! - `macvtap`: `/dev/tapN` lookup by ifindex and char-device number, stale-node handling.
 //! - `tap`: `/dev/net/tun` taps by name, and manager-passed fds.
 //! - `link`: ifindex/MAC/MTU/carrier through a control socket; sysfs only where unavoidable.
+//! - [`mcfilter`]: the macvtap's multicast list and allmulticast (packet-socket memberships).
 
 mod link;
+mod mac;
 mod macvtap;
+pub mod mcfilter;
+pub mod netlink;
+#[allow(unsafe_code)] // ioctls, fd ownership, getrandom
 mod sys;
 mod tap;
 
@@ -23,15 +28,29 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use crate::datapath::iovec::{readv_fd, writev_fd};
-use crate::datapath::{HostQueue, IoVecBuf};
-
 pub use link::validate_ifname;
+pub use mac::MacAddr;
+pub use sys::{dup_cloexec, random_bytes};
 
-/// vnet header length set at open: `virtio_net_hdr_v1` (VERSION_1 or MRG_RXBUF guests).
-pub const VNET_HDR_LEN: i32 = 12;
-/// vnet header length for legacy guests without VERSION_1 and MRG_RXBUF.
-pub const VNET_HDR_LEN_LEGACY: i32 = 10;
+/// vnet header length of `virtio_net_hdr_v1` (VERSION_1 or MRG_RXBUF guests), set at open.
+/// The one definition: `datapath::vnet` re-exports it.
+pub const VNET_HDR_LEN_V1: usize = 12;
+/// vnet header length of the legacy `virtio_net_hdr` (guests without VERSION_1 and MRG_RXBUF).
+pub const VNET_HDR_LEN_LEGACY: usize = 10;
+
+/// Control of one host queue beyond moving frames: what the vhost-user layer and the workers
+/// need from a tap/macvtap queue. [`TapQueue`] is the real one; the test kit has a fake.
+pub trait QueueControl {
+    /// Programs the offloads the host may hand us (TUNSETOFFLOAD, TUN_F_* bits).
+    fn set_offload(&self, tun_flags: u32) -> io::Result<()>;
+    /// Sets the vnet header length (TUNSETVNETHDRSZ): [`VNET_HDR_LEN_V1`] or
+    /// [`VNET_HDR_LEN_LEGACY`].
+    fn set_vnet_hdr_len(&self, len: usize) -> io::Result<()>;
+    /// Lets the kernel steer frames to this queue again (TUNSETQUEUE attach).
+    fn attach(&self) -> io::Result<()>;
+    /// Stops the kernel from steering frames to this queue (TUNSETQUEUE detach).
+    fn detach(&self) -> io::Result<()>;
+}
 
 /// Most queues one tap or macvtap can have (`MAX_TAP_QUEUES` in tun.c and tap.c).
 pub const MAX_QUEUE_PAIRS: u16 = 256;
@@ -80,7 +99,7 @@ pub enum HostError {
 
     // --- Caller (programming) errors ---
     #[error("vnet header length {0} is not 10 (legacy) or 12 (VERSION_1 / MRG_RXBUF)")]
-    BadVnetHdrLen(i32),
+    BadVnetHdrLen(usize),
     #[error("queue {index} of {name:?} cannot be detached: the tap is not multi-queue")]
     DetachUnsupported { name: String, index: usize },
 
@@ -120,6 +139,8 @@ pub enum HostError {
     Verify { name: String, detail: String },
     #[error("interface #{ifindex} no longer exists")]
     LinkGone { ifindex: u32 },
+    #[error("the queues of {name:?} have no interface any more (deleted)")]
+    QueueGone { name: String },
 }
 
 impl HostError {
@@ -364,11 +385,11 @@ impl TapQueue {
     }
 
     /// `TUNSETVNETHDRSZ`: 12 for VERSION_1 or MRG_RXBUF guests, 10 for legacy ones.
-    pub fn set_vnet_hdr_len(&self, len: i32) -> Result<(), HostError> {
-        if len != VNET_HDR_LEN && len != VNET_HDR_LEN_LEGACY {
+    pub fn set_vnet_hdr_len(&self, len: usize) -> Result<(), HostError> {
+        if len != VNET_HDR_LEN_V1 && len != VNET_HDR_LEN_LEGACY {
             return Err(HostError::BadVnetHdrLen(len));
         }
-        sys::tun_set_vnet_hdr_sz(self.fd.as_fd(), len)
+        sys::tun_set_vnet_hdr_sz(self.fd.as_fd(), len as i32)
             .map_err(|e| self.ioctl_err("TUNSETVNETHDRSZ", e))
     }
 
@@ -433,6 +454,13 @@ impl TapQueue {
                 // macvtap answers TUNGETIFF while its link exists, and then EINVAL can only mean
                 // the queue is already enabled/disabled.
                 Ok(None) => return Ok(()),
+                // TUNGETIFF fails too: the link is gone (deleted under us). The link watcher
+                // reports that once; this queue has nothing to attach to.
+                Err(_) => {
+                    return Err(HostError::QueueGone {
+                        name: self.ifname.to_string(),
+                    })
+                }
                 _ => {}
             }
         }
@@ -445,13 +473,32 @@ impl TapQueue {
     }
 }
 
-impl HostQueue for TapQueue {
-    fn send_frame(&self, frame: &IoVecBuf<'_>) -> io::Result<usize> {
-        writev_fd(self.fd.as_raw_fd(), frame)
-    }
+/// A queue error as `io::Error`; a queue whose link is gone is `NotFound`, which callers
+/// expect and do not warn about.
+fn queue_err(e: HostError) -> io::Error {
+    let kind = match e {
+        HostError::QueueGone { .. } => io::ErrorKind::NotFound,
+        _ => io::ErrorKind::Other,
+    };
+    io::Error::new(kind, e)
+}
 
-    fn recv_frame(&self, bufs: &IoVecBuf<'_>) -> io::Result<usize> {
-        readv_fd(self.fd.as_raw_fd(), bufs)
+impl QueueControl for TapQueue {
+    fn set_offload(&self, tun_flags: u32) -> io::Result<()> {
+        TapQueue::set_offload(self, tun_flags).map_err(io::Error::other)
+    }
+    fn set_vnet_hdr_len(&self, len: usize) -> io::Result<()> {
+        TapQueue::set_vnet_hdr_len(self, len).map_err(io::Error::other)
+    }
+    fn attach(&self) -> io::Result<()> {
+        TapQueue::attach(self).map_err(queue_err)
+    }
+    fn detach(&self) -> io::Result<()> {
+        match TapQueue::detach(self) {
+            // A single-queue tap has nothing to steer frames away to: nothing to do.
+            Err(HostError::DetachUnsupported { .. }) => Ok(()),
+            other => other.map_err(queue_err),
+        }
     }
 }
 

@@ -9,7 +9,7 @@ use nix::fcntl::{fcntl, FcntlArg, OFlag};
 use nix::sys::stat::fstat;
 
 use super::link::{self, Link};
-use super::{macvtap, sys, HostError, HostKind, Opened, VNET_HDR_LEN};
+use super::{macvtap, sys, HostError, HostKind, Opened, VNET_HDR_LEN_V1};
 
 const TUN_PATH: &str = "/dev/net/tun";
 
@@ -78,10 +78,12 @@ pub fn open(link: &Link, iface: &str, queues: u16) -> Result<Opened, HostError> 
             },
         })?;
         name = req.name();
-        sys::tun_set_vnet_hdr_sz(fd.as_fd(), VNET_HDR_LEN).map_err(|e| HostError::Ioctl {
-            op: "TUNSETVNETHDRSZ",
-            name: name.clone(),
-            source: e,
+        sys::tun_set_vnet_hdr_sz(fd.as_fd(), VNET_HDR_LEN_V1 as i32).map_err(|e| {
+            HostError::Ioctl {
+                op: "TUNSETVNETHDRSZ",
+                name: name.clone(),
+                source: e,
+            }
         })?;
         let (got_name, got_flags) = get_iff(fd.as_fd(), &name)?;
         // IFF_NO_PI is not checked here: TUNGETIFF on tun reports IFF_NOFILTER in the same bit.
@@ -256,10 +258,12 @@ pub fn from_fds(link: &Link, raw_fds: &[RawFd], queues: u16) -> Result<Opened, H
         let fl = OFlag::from_bits_retain(fl) | OFlag::O_NONBLOCK;
         fcntl(fd.as_fd(), FcntlArg::F_SETFL(fl))
             .map_err(|e| bad(raw, format!("cannot set O_NONBLOCK: {e}")))?;
-        sys::tun_set_vnet_hdr_sz(fd.as_fd(), VNET_HDR_LEN).map_err(|e| HostError::Ioctl {
-            op: "TUNSETVNETHDRSZ",
-            name: iface.clone(),
-            source: e,
+        sys::tun_set_vnet_hdr_sz(fd.as_fd(), VNET_HDR_LEN_V1 as i32).map_err(|e| {
+            HostError::Ioctl {
+                op: "TUNSETVNETHDRSZ",
+                name: iface.clone(),
+                source: e,
+            }
         })?;
         out.push(fd);
     }

@@ -9,7 +9,6 @@ use std::time::{Duration, Instant};
 use nix::fcntl::{fcntl, FcntlArg, OFlag};
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::stat::{mknod, Mode, SFlag};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
 use super::testns::{self, free_ifindex, is_root, tap_node, NetNs, RemoveOnDrop};
 use super::*;
@@ -47,32 +46,17 @@ fn is_test_frame(frame: &[u8], marker: &[u8]) -> bool {
         && &frame[14..14 + marker.len()] == marker
 }
 
-/// Writes `vnet hdr (zeros) + frame` through the datapath entry point, from guest memory.
+/// Writes `vnet hdr (zeros) + frame` with one `writev` of two segments, as the datapath does
+/// for a guest chain that splits header and frame.
 fn send_via_queue(q: &TapQueue, frame: &[u8]) -> usize {
-    let hdr = VNET_HDR_LEN as usize;
-    let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x1000)]).unwrap();
-    mem.write_slice(frame, GuestAddress(hdr as u64)).unwrap();
-    let mut buf = IoVecBuf::with_capacity(2);
-    // Split header and frame into two segments, as a guest chain would.
-    buf.push(&mem.get_slice(GuestAddress(0), hdr).unwrap());
-    buf.push(
-        &mem.get_slice(GuestAddress(hdr as u64), frame.len())
-            .unwrap(),
-    );
-    q.send_frame(&buf).unwrap()
+    try_send(q, frame).unwrap()
 }
 
 /// Like `send_via_queue`, but returns the kernel's answer instead of unwrapping it.
 fn try_send(q: &TapQueue, frame: &[u8]) -> std::io::Result<usize> {
-    let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x1000)]).unwrap();
-    mem.write_slice(frame, GuestAddress(VNET_HDR_LEN as u64))
-        .unwrap();
-    let mut buf = IoVecBuf::with_capacity(1);
-    buf.push(
-        &mem.get_slice(GuestAddress(0), VNET_HDR_LEN as usize + frame.len())
-            .unwrap(),
-    );
-    q.send_frame(&buf)
+    let hdr = [0u8; VNET_HDR_LEN_V1];
+    let iov = [std::io::IoSlice::new(&hdr), std::io::IoSlice::new(frame)];
+    Ok(nix::sys::uio::writev(q.as_fd(), &iov)?)
 }
 
 fn sysfs_counter(iface: &str, name: &str) -> u64 {
@@ -83,19 +67,23 @@ fn sysfs_counter(iface: &str, name: &str) -> u64 {
         .unwrap()
 }
 
-/// Reads one frame from `q` through the datapath entry point, waiting up to `timeout`.
-/// Returns the frame without its vnet header.
+/// Reads one frame from `q` with one `readv`, waiting up to `timeout`. Returns the frame
+/// without its vnet header.
 fn recv_via_queue(q: &TapQueue, timeout: Duration) -> Option<Vec<u8>> {
-    let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap();
-    let mut buf = IoVecBuf::with_capacity(1);
-    buf.push(&mem.get_slice(GuestAddress(0), 0x10000).unwrap());
     if !wait_readable(q.as_fd(), timeout) {
         return None;
     }
-    let n = q.recv_frame(&buf).unwrap();
-    let mut out = vec![0u8; n];
-    mem.read_slice(&mut out, GuestAddress(0)).unwrap();
-    Some(out.split_off(VNET_HDR_LEN as usize))
+    let mut hdr = [0u8; VNET_HDR_LEN_V1];
+    let mut out = vec![0u8; 0x10000];
+    let n = {
+        let mut iov = [
+            std::io::IoSliceMut::new(&mut hdr),
+            std::io::IoSliceMut::new(&mut out),
+        ];
+        nix::sys::uio::readv(q.as_fd(), &mut iov).unwrap()
+    };
+    out.truncate(n.saturating_sub(VNET_HDR_LEN_V1));
+    Some(out)
 }
 
 fn wait_readable(fd: std::os::fd::BorrowedFd<'_>, timeout: Duration) -> bool {

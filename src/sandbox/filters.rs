@@ -13,8 +13,8 @@ pub enum ThreadKind {
     /// The broad filter, on every thread: all the main (serve) thread needs, and the union of
     /// what every other thread needs.
     Process,
-    /// Threads already running when the process is sealed: `signals`, `link-watch`,
-    /// `control`, `metrics`.
+    /// Threads already running when the process is sealed: `signals`, `watchdog`,
+    /// `link-watch`, `control`, `metrics`.
     Service,
     /// A queue pair's worker (`vring_worker`, vhost-user-backend's epoll thread).
     Worker,
@@ -201,6 +201,20 @@ fn fcntl_cmds() -> Vec<Vec<Cond>> {
     ]
 }
 
+/// `setsockopt` calls of the macvtap's multicast filter (`host::mcfilter`): packet-socket
+/// memberships on the socket opened at start-up, which need no capability.
+fn packet_memberships() -> Vec<Vec<Cond>> {
+    [libc::PACKET_ADD_MEMBERSHIP, libc::PACKET_DROP_MEMBERSHIP]
+        .iter()
+        .map(|&opt| {
+            vec![
+                Cond::Eq(1, libc::SOL_PACKET as u64),
+                Cond::Eq(2, opt as u64),
+            ]
+        })
+        .collect()
+}
+
 /// The queue ioctls a connection makes: attach/detach (and, when the kernel answers EINVAL,
 /// the queue's state), offloads and vnet header length.
 fn tun_ioctls_runtime() -> Vec<libc::c_ulong> {
@@ -265,7 +279,10 @@ fn process(l: &mut List, o: &Opts) {
         sys!(SYS_getsockopt),
         "--fd checks (SO_ACCEPTCONN); SET_BACKEND_REQ_FD checks (SO_DOMAIN, SO_TYPE)",
     );
-    l.allow(sys!(SYS_setsockopt), "metrics read timeout");
+    l.allow(
+        sys!(SYS_setsockopt),
+        "metrics read timeout; the guest's multicast groups as packet-socket memberships",
+    );
     l.allow(sys!(SYS_getsockname), "socket addresses (vhost Listener)");
     l.allow(sys!(SYS_getpeername), "socket addresses");
     l.allow(
@@ -347,11 +364,22 @@ fn process(l: &mut List, o: &Opts) {
         sys!(SYS_unlinkat),
         "removing sockets and the private directory",
     );
+    l.allow(
+        sys!(SYS_fchmodat),
+        "--socket-mode on a socket re-bound after link loss (our own file)",
+    );
+    l.allow(
+        sys!(SYS_fchownat),
+        "--socket-owner on a socket re-bound after link loss (without CAP_CHOWN only to ids \
+         we hold)",
+    );
     #[cfg(target_arch = "x86_64")]
     {
         l.allow(sys!(SYS_mkdir), "as mkdirat (glibc on x86_64)");
         l.allow(sys!(SYS_unlink), "as unlinkat (glibc on x86_64)");
         l.allow(sys!(SYS_rmdir), "as unlinkat (glibc on x86_64)");
+        l.allow(sys!(SYS_chmod), "as fchmodat (glibc on x86_64)");
+        l.allow(sys!(SYS_chown), "as fchownat (glibc on x86_64)");
         l.allow(sys!(SYS_poll), "as ppoll (glibc on x86_64)");
         l.allow(sys!(SYS_epoll_wait), "as epoll_pwait (x86_64)");
     }
@@ -427,6 +455,11 @@ fn worker(l: &mut List, o: &Opts) {
     l.allow(sys!(SYS_writev), "guest frames to the tap (TX)");
     l.allow(sys!(SYS_timerfd_settime), "rate-limit / RX recheck timer");
     l.allow(sys!(SYS_timerfd_gettime), "what is left of that timer");
+    l.when(
+        sys!(SYS_setsockopt),
+        packet_memberships(),
+        "multicast groups the guest joins or leaves (packet-socket memberships)",
+    );
     l.when(
         sys!(SYS_ioctl),
         ioctls(&tun_ioctls_runtime()),

@@ -106,9 +106,9 @@ fn delete_if_ours(ifindex: u32, name: &str) -> Result<(), String> {
         // Renamed, replaced or already gone: not ours to delete any more.
         _ => return Ok(()),
     }
-    crate::netlink::macvtap_info(name).map_err(|e| e.to_string())?;
-    match crate::netlink::delete_link(ifindex) {
-        Ok(()) | Err(crate::netlink::NetlinkError::NoSuchIfindex { .. }) => Ok(()),
+    crate::host::netlink::macvtap_info(name).map_err(|e| e.to_string())?;
+    match crate::host::netlink::delete_link(ifindex) {
+        Ok(()) | Err(crate::host::netlink::NetlinkError::NoSuchIfindex { .. }) => Ok(()),
         Err(e) => Err(e.to_string()),
     }
 }

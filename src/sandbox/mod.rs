@@ -55,7 +55,8 @@
 //! - `$TMPDIR` exists as an empty private directory inside the tmpfs, for the shim's rendezvous
 //!   socket.
 //!
-//! Threads that were running before `seal` stay in the host mount namespace (a thread sharing
+//! Threads that were running before `seal` (`signals`, `watchdog`, `link-watch`, `control`,
+//! `metrics`) stay in the host mount namespace (a thread sharing
 //! its filesystem context cannot change mount namespace), so they get **Landlock** with every
 //! filesystem right denied instead, plus a seccomp filter without `connect`, `socket`, `bind`
 //! or `open`. When no mount namespace can be made (no `CAP_SYS_ADMIN` and a multithreaded
@@ -72,8 +73,8 @@
 //! # Where threads stack their filter
 //!
 //! [`enter_thread`] must be called by each thread kind started after sealing: the worker at
-//! its first event (`NetBackend::handle_event`), the relay threads at their top
-//! (`shim::relay`), the request thread at its first callback (`NetBackend::features`). Until
+//! its first event (`vhost_user::backend`'s `handle_event`), the relay threads at their top
+//! (`vhost_user::shim::relay`), the request thread at its first callback (`features`). Until
 //! those hooks are in, such threads run under the process filter only. `docs/security.md`
 //! has the exact lines.
 //!
@@ -96,7 +97,7 @@ mod threads;
 #[cfg(test)]
 mod tests;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 pub use filters::{allowlist_table, ThreadKind};
 pub use seccomp::syscall_name;
@@ -172,36 +173,6 @@ pub struct SandboxConfig {
     pub io_uring: bool,
     /// The macvtap (ifindex, name) to delete on exit through the [`helper::LinkHelper`].
     pub delete_on_exit: Option<(u32, String)>,
-}
-
-impl SandboxConfig {
-    /// The sandbox the daemon asks for with `config`.
-    pub fn for_daemon(config: &crate::config::Config) -> SandboxConfig {
-        let mut dirs = Vec::new();
-        let parent = |p: &Path| -> PathBuf {
-            match p.parent() {
-                Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
-                _ => PathBuf::from("."),
-            }
-        };
-        match &config.socket {
-            crate::config::SocketMode::Listen(p) => dirs.push((parent(p), DirUse::Listen)),
-            crate::config::SocketMode::Connect(p) => dirs.push((parent(p), DirUse::Connect)),
-            crate::config::SocketMode::ListenFd(_) => {}
-        }
-        if let Some(p) = &config.control_socket {
-            dirs.push((parent(p), DirUse::Remove));
-        }
-        SandboxConfig {
-            disabled: config.sandbox.disabled,
-            seccomp: config.sandbox.seccomp,
-            run_as: config.sandbox.run_as,
-            fs: FsIsolation::Auto,
-            dirs,
-            io_uring: config.io_uring || crate::worker::tx_io_uring(),
-            delete_on_exit: None,
-        }
-    }
 }
 
 /// The sandbox options on the command line, validated.
@@ -298,6 +269,11 @@ pub enum SandboxError {
 }
 
 impl SandboxError {
+    /// True when the command line asked for something that cannot be done (`--user`).
+    pub fn is_operator_error(&self) -> bool {
+        matches!(self, SandboxError::RunAs(_))
+    }
+
     pub(crate) fn step(step: &'static str) -> impl FnOnce(std::io::Error) -> SandboxError {
         move |source| SandboxError::Step { step, source }
     }
@@ -426,29 +402,6 @@ fn seal_inner(config: &SandboxConfig, helper_pid: Option<u32>) -> Result<Sealed,
         seccomp: Some(config.seccomp),
         link_helper: None,
     })
-}
-
-/// [`seal`] for the daemon with `config`. A macvtap it created (and does not keep) is handed to
-/// the link helper, which deletes it when the returned [`Sealed`] drops.
-pub fn seal_daemon(
-    config: &crate::config::Config,
-    created: Option<&mut crate::netlink::CreatedLink>,
-) -> Result<Sealed, SandboxError> {
-    let mut sc = SandboxConfig::for_daemon(config);
-    let created = created.filter(|l| !l.is_kept());
-    if !sc.disabled {
-        sc.delete_on_exit = created
-            .as_ref()
-            .map(|l| (l.ifindex(), l.name().to_string()));
-    }
-    let sealed = seal(&sc)?;
-    if sealed.link_helper.is_some() {
-        if let Some(l) = created {
-            // The helper deletes it; the sealed process could not.
-            l.keep();
-        }
-    }
-    Ok(sealed)
 }
 
 /// Settles what the C library would otherwise look up lazily from files that are gone once

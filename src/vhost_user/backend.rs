@@ -6,80 +6,33 @@
 //! (vrings, memory, acked features) starts fresh while the host queues and counters persist.
 
 use std::io;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use vhost::vhost_user::message::VhostUserProtocolFeatures;
-use vhost::vhost_user::Backend;
-use vhost_user_backend::{VhostUserBackend, VringEpollHandler};
+use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+use vhost_user_backend::VhostUserBackend;
 use virtio_bindings::virtio_config::{VIRTIO_F_NOTIFY_ON_EMPTY, VIRTIO_F_VERSION_1};
 use virtio_bindings::virtio_net::*;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
-use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+use vm_memory::{GuestAddressSpace, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
 };
 
-use crate::config::MacAddr;
-use crate::datapath::{vnet, HostQueue, QueueStats};
-use crate::dirty_log::DirtyLogState;
-use crate::ratelimit::{RateLimiter, RateSpec};
-use crate::vring::NetVring;
-use crate::worker::Limits;
-use crate::worker::{PairSettings, PairWorker};
+use super::vring::NetVring;
+use crate::datapath::{vnet, DirtyLogState, QueueStats};
+use crate::host::MacAddr;
+use crate::ratelimit::RateSpec;
+use crate::worker::l2::{GuestL2, L2Host};
+use crate::worker::throttle::Limits;
+use crate::worker::{EventRegistry, GuestMem, PairQueue, PairSettings, PairWorker};
 
-/// Guest memory as the workers see it (swapped atomically on memory-table updates).
-pub type GuestMem = GuestMemoryAtomic<GuestMemoryMmap<()>>;
 /// The vring type every queue uses.
 pub type Vring = NetVring<GuestMem>;
-/// The epoll handler of one worker thread.
-pub type EpollHandler<Q> = VringEpollHandler<Arc<NetBackend<Q>>>;
 
-/// Control of one host queue beyond moving frames: what the backend and workers need from a
-/// tap/macvtap queue. `host::TapQueue` is the real one; tests use a fake.
-pub trait QueueControl: HostQueue + std::os::fd::AsFd + std::fmt::Debug + 'static {
-    /// Programs the offloads the host may hand us (TUNSETOFFLOAD, TUN_F_* bits).
-    fn set_offload(&self, tun_flags: u32) -> io::Result<()>;
-    /// Sets the vnet header length (TUNSETVNETHDRSZ).
-    fn set_vnet_hdr_len(&self, len: usize) -> io::Result<()>;
-    /// Lets the kernel steer frames to this queue again (TUNSETQUEUE attach).
-    fn attach(&self) -> io::Result<()>;
-    /// Stops the kernel from steering frames to this queue (TUNSETQUEUE detach).
-    fn detach(&self) -> io::Result<()>;
-}
-
-impl QueueControl for crate::host::TapQueue {
-    fn set_offload(&self, tun_flags: u32) -> io::Result<()> {
-        crate::host::TapQueue::set_offload(self, tun_flags).map_err(io::Error::other)
-    }
-    fn set_vnet_hdr_len(&self, len: usize) -> io::Result<()> {
-        crate::host::TapQueue::set_vnet_hdr_len(self, len as i32).map_err(io::Error::other)
-    }
-    fn attach(&self) -> io::Result<()> {
-        crate::host::TapQueue::attach(self).map_err(io::Error::other)
-    }
-    fn detach(&self) -> io::Result<()> {
-        crate::host::TapQueue::detach(self).map_err(io::Error::other)
-    }
-}
-
-/// The fake host queue stands in for a tap when fuzzing or testing the whole backend.
-#[cfg(any(test, feature = "test-utils"))]
-impl QueueControl for crate::datapath::testutil::FakeHostQueue {
-    fn set_offload(&self, _tun_flags: u32) -> io::Result<()> {
-        Ok(())
-    }
-    fn set_vnet_hdr_len(&self, _len: usize) -> io::Result<()> {
-        Ok(())
-    }
-    fn attach(&self) -> io::Result<()> {
-        Ok(())
-    }
-    fn detach(&self) -> io::Result<()> {
-        Ok(())
-    }
-}
+/// `VHOST_F_LOG_ALL`: the frontend may ask us to log all writes (live migration).
+pub const VHOST_F_LOG_ALL: u64 = VhostUserVirtioFeatures::LOG_ALL.bits();
 
 /// What a connection's device needs to know about the host side.
 #[derive(Debug)]
@@ -90,11 +43,13 @@ pub struct HostSide<Q> {
     pub supported_offloads: u32,
     /// Whether the host link is up with carrier; kept current by the link watcher and read
     /// into the config space's STATUS field.
-    pub link_up: Arc<std::sync::atomic::AtomicBool>,
+    pub link_up: Arc<AtomicBool>,
     /// End the frontend's connection while `link_up` is false, and serve none until it is
     /// true again (`--disconnect-on-link-down`): how a vhost-user frontend shows the guest a
-    /// link change today (see `crate::server`).
+    /// link change today (the serve loop does it).
     pub link_down_disconnects: bool,
+    /// The guest's multicast groups into the macvtap's filter (`--rx-filter`).
+    pub l2: L2Host,
 }
 
 /// Link status bit in the config space (`VIRTIO_NET_S_LINK_UP`).
@@ -118,14 +73,17 @@ pub struct DeviceIdentity {
 }
 
 /// One frontend connection's device.
-pub struct NetBackend<Q: QueueControl = crate::host::TapQueue> {
+pub struct NetBackend<Q: PairQueue = crate::host::TapQueue> {
     identity: DeviceIdentity,
     offered_features: u64,
     queues: Vec<Arc<Q>>,
     workers: Vec<PairWorker<Q>>,
-    link_up: Arc<std::sync::atomic::AtomicBool>,
+    /// The guest's multicast groups and MAC (see `worker::l2`).
+    l2: Arc<GuestL2>,
+    link_up: Arc<AtomicBool>,
     acked_features: AtomicU64,
-    backend_req: Mutex<Option<Backend>>,
+    /// The feature set last logged (all ones before the first).
+    logged_features: AtomicU64,
     /// Where this connection's writes are logged while the frontend migrates the guest.
     dirty_log: Arc<DirtyLogState>,
     /// Exit-event fds handed to vhost-user-backend, which registers them with `into_raw_fd()`
@@ -133,7 +91,7 @@ pub struct NetBackend<Q: QueueControl = crate::host::TapQueue> {
     exit_consumer_fds: Mutex<Vec<std::os::fd::RawFd>>,
 }
 
-impl<Q: QueueControl> Drop for NetBackend<Q> {
+impl<Q: PairQueue> Drop for NetBackend<Q> {
     fn drop(&mut self) {
         // Every `VringEpollHandler` holds an `Arc` of this backend, so by now they are all
         // gone, their epoll fds closed and their threads finished: nobody uses these fds.
@@ -151,7 +109,7 @@ impl<Q: QueueControl> Drop for NetBackend<Q> {
     }
 }
 
-impl<Q: QueueControl> std::fmt::Debug for NetBackend<Q> {
+impl<Q: PairQueue> std::fmt::Debug for NetBackend<Q> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("NetBackend")
             .field("identity", &self.identity)
@@ -165,7 +123,7 @@ impl<Q: QueueControl> std::fmt::Debug for NetBackend<Q> {
 
 /// The virtio features macvhost offers, given the TUN_F_* bits the host queue accepted.
 pub fn offered_features(tun_offloads: u32, queue_pairs: u16) -> u64 {
-    let bit = |b: u32| 1u64 << b;
+    let bit = vnet::bit;
     let mut f = bit(VIRTIO_F_VERSION_1)
         | bit(VIRTIO_NET_F_MRG_RXBUF)
         | bit(VIRTIO_RING_F_EVENT_IDX)
@@ -178,41 +136,12 @@ pub fn offered_features(tun_offloads: u32, queue_pairs: u16) -> u64 {
         // what lets a guest change queue pairs (`ethtool -L`) and announce itself.
         | bit(VIRTIO_NET_F_CTRL_VQ)
         | bit(VIRTIO_NET_F_GUEST_ANNOUNCE)
-        | vhost::vhost_user::message::VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
-        // Live migration: we log our writes to guest memory (see `crate::dirty_log`).
-        | crate::dirty_log::VHOST_F_LOG_ALL;
+        | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
+        // Live migration: we log our writes to guest memory (see `datapath::dirty`).
+        | VHOST_F_LOG_ALL
+        | vnet::offered_offload_features(tun_offloads);
     if queue_pairs > 1 {
         f |= bit(VIRTIO_NET_F_MQ);
-    }
-    if tun_offloads & vnet::TUN_F_CSUM != 0 {
-        f |= bit(VIRTIO_NET_F_CSUM) | bit(VIRTIO_NET_F_GUEST_CSUM);
-        let pairs = [
-            (
-                vnet::TUN_F_TSO4,
-                VIRTIO_NET_F_HOST_TSO4,
-                VIRTIO_NET_F_GUEST_TSO4,
-            ),
-            (
-                vnet::TUN_F_TSO6,
-                VIRTIO_NET_F_HOST_TSO6,
-                VIRTIO_NET_F_GUEST_TSO6,
-            ),
-            (
-                vnet::TUN_F_TSO_ECN,
-                VIRTIO_NET_F_HOST_ECN,
-                VIRTIO_NET_F_GUEST_ECN,
-            ),
-            (
-                vnet::TUN_F_UFO,
-                VIRTIO_NET_F_HOST_UFO,
-                VIRTIO_NET_F_GUEST_UFO,
-            ),
-        ];
-        for (tun, host, guest) in pairs {
-            if tun_offloads & tun != 0 {
-                f |= bit(host) | bit(guest);
-            }
-        }
     }
     f
 }
@@ -224,11 +153,12 @@ impl<Q> Clone for HostSide<Q> {
             supported_offloads: self.supported_offloads,
             link_up: self.link_up.clone(),
             link_down_disconnects: self.link_down_disconnects,
+            l2: self.l2.clone(),
         }
     }
 }
 
-impl<Q: QueueControl> NetBackend<Q> {
+impl<Q: PairQueue> NetBackend<Q> {
     /// Builds the device for one connection over persistent host queues and counters.
     pub fn new(
         identity: DeviceIdentity,
@@ -246,14 +176,7 @@ impl<Q: QueueControl> NetBackend<Q> {
         let nq = usize::from(identity.queue_pairs) * 2;
         // One limiter per direction for the whole device, shared by the pairs (libvirt's
         // <bandwidth> is per interface); a pair takes its lock only when a limit is set.
-        let limits = Limits {
-            tx: identity
-                .tx_rate
-                .map(|s| Arc::new(Mutex::new(RateLimiter::new(s)))),
-            rx: identity
-                .rx_rate
-                .map(|s| Arc::new(Mutex::new(RateLimiter::new(s)))),
-        };
+        let limits = Limits::new(identity.tx_rate, identity.rx_rate);
         let dirty_log = Arc::new(DirtyLogState::new());
         let workers = host
             .queues
@@ -271,29 +194,51 @@ impl<Q: QueueControl> NetBackend<Q> {
                     dirty_log.clone(),
                 )
             })
-            .collect::<io::Result<Vec<_>>>()?;
+            .collect::<io::Result<Vec<PairWorker<Q>>>>()?;
+        let l2 = GuestL2::new(
+            host.l2.table,
+            host.l2.filter.clone(),
+            identity.mac.0,
+            host.l2.stats.clone(),
+        )?;
+        let mut workers = workers;
+        for w in &workers {
+            w.set_watch(l2.watch());
+        }
+        if let Some(first) = workers.first_mut() {
+            first.set_injector(l2.injector());
+        }
         Ok(NetBackend {
             identity,
             offered_features,
             queues: host.queues,
             workers,
+            l2,
             link_up: host.link_up.clone(),
             acked_features: AtomicU64::new(0),
-            backend_req: Mutex::new(None),
+            logged_features: AtomicU64::new(u64::MAX),
             dirty_log,
             exit_consumer_fds: Mutex::new(Vec::new()),
         })
     }
 
-    /// Gives each worker its thread's epoll handler (needed to watch the host queue fd).
-    pub fn set_epoll_handlers(&self, handlers: Vec<Arc<EpollHandler<Q>>>) {
-        for (w, h) in self.workers.iter().zip(handlers) {
-            w.set_epoll_handler(h);
+    /// Gives each worker where its thread watches fds (one registry per worker thread, in
+    /// thread order).
+    pub fn set_registries(&self, registries: Vec<Box<dyn EventRegistry>>) {
+        for (w, r) in self.workers.iter().zip(registries) {
+            w.set_registry(r);
         }
     }
 
-    /// Ends the connection: detaches host queues and drops the worker ↔ handler cycle.
+    /// The guest's layer-2 following.
+    pub fn l2(&self) -> &Arc<GuestL2> {
+        &self.l2
+    }
+
+    /// Ends the connection: the guest's groups leave the macvtap's filter, the host queues are
+    /// detached, nothing is watched.
     pub fn teardown(&self) {
+        self.l2.clear();
         for w in &self.workers {
             w.teardown();
         }
@@ -325,7 +270,7 @@ impl<Q: QueueControl> NetBackend<Q> {
     }
 }
 
-impl<Q: QueueControl> VhostUserBackend for NetBackend<Q> {
+impl<Q: PairQueue> VhostUserBackend for NetBackend<Q> {
     type Bitmap = ();
     type Vring = Vring;
 
@@ -346,8 +291,7 @@ impl<Q: QueueControl> VhostUserBackend for NetBackend<Q> {
         // Before `set_settings` below, which takes each worker's state lock and so waits out any
         // round that began before logging was switched on: once this returns (and the frontend
         // gets its reply), every write to guest memory is logged.
-        self.dirty_log
-            .set_log_all(features & crate::dirty_log::VHOST_F_LOG_ALL != 0);
+        self.dirty_log.set_log_all(features & VHOST_F_LOG_ALL != 0);
         let settings = PairSettings::from_features(features, self.identity.mtu);
         let offloads = vnet::tap_offloads_for(features);
         for (i, q) in self.queues.iter().enumerate() {
@@ -361,6 +305,10 @@ impl<Q: QueueControl> VhostUserBackend for NetBackend<Q> {
         }
         for w in &self.workers {
             w.set_settings(settings);
+        }
+        // QEMU sends SET_FEATURES once per queue pair's vhost device: say it once per value.
+        if self.logged_features.swap(features, Ordering::Relaxed) == features {
+            return;
         }
         tracing::info!(
             features = format_args!("{features:#x}"),
@@ -387,10 +335,8 @@ impl<Q: QueueControl> VhostUserBackend for NetBackend<Q> {
         }
     }
 
-    fn set_event_idx(&self, enabled: bool) {
-        for w in &self.workers {
-            w.set_event_idx(enabled);
-        }
+    fn set_event_idx(&self, _enabled: bool) {
+        // virtio-queue tracks EVENT_IDX per queue (SET_FEATURES reaches every vring).
     }
 
     fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
@@ -419,10 +365,6 @@ impl<Q: QueueControl> VhostUserBackend for NetBackend<Q> {
             w.set_memory(mem.clone());
         }
         Ok(())
-    }
-
-    fn set_backend_req_fd(&self, backend: Backend) {
-        *self.backend_req.lock().unwrap_or_else(|e| e.into_inner()) = Some(backend);
     }
 
     fn queues_per_thread(&self) -> Vec<u64> {

@@ -10,13 +10,15 @@
 
 use std::fs::File;
 use std::io;
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::sync::Arc;
 
+use nix::sys::eventfd::{EfdFlags, EventFd};
 use vhost_user_backend::{VringMutex, VringStateGuard, VringStateMutGuard, VringT};
 use virtio_queue::{Error as VirtQueError, QueueT};
 use vm_memory::GuestAddressSpace;
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use crate::worker::{GuestMem, PairVring};
 
 /// `VringMutex` plus a state-change eventfd (see the module doc).
 #[derive(Clone)]
@@ -33,18 +35,18 @@ impl<M: GuestAddressSpace> std::fmt::Debug for NetVring<M> {
     }
 }
 
-impl<M: GuestAddressSpace> NetVring<M> {
-    /// The eventfd signalled on every enable/ready change.
-    pub fn state_fd(&self) -> RawFd {
-        self.state_changed.as_raw_fd()
+impl PairVring for NetVring<GuestMem> {
+    fn state_fd(&self) -> BorrowedFd<'_> {
+        self.state_changed.as_fd()
     }
 
-    /// Clears a pending state-change signal.
-    pub fn consume_state_event(&self) {
+    fn consume_state_event(&self) {
         // EAGAIN only means nothing was pending.
         let _ = self.state_changed.read();
     }
+}
 
+impl<M: GuestAddressSpace> NetVring<M> {
     fn signal_state(&self) {
         // The counter saturating (EAGAIN) still leaves the fd readable, which is all we need.
         let _ = self.state_changed.write(1);
@@ -61,7 +63,8 @@ impl<'a, M: 'a + GuestAddressSpace> VringStateMutGuard<'a, M> for NetVring<M> {
 
 impl<M: 'static + GuestAddressSpace> VringT<M> for NetVring<M> {
     fn new(mem: M, max_queue_size: u16) -> Result<Self, VirtQueError> {
-        let state_changed = EventFd::new(EFD_NONBLOCK).map_err(|_| VirtQueError::InvalidSize)?;
+        let state_changed = EventFd::from_flags(EfdFlags::EFD_NONBLOCK | EfdFlags::EFD_CLOEXEC)
+            .map_err(|_| VirtQueError::InvalidSize)?;
         Ok(NetVring {
             inner: VringMutex::new(mem, max_queue_size)?,
             state_changed: Arc::new(state_changed),

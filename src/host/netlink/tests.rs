@@ -17,7 +17,7 @@ use nix::sys::socket::{
 use super::rtnl::{KernelError, Rtnl};
 use super::*;
 use crate::host::testns::{is_root, NetNs};
-use crate::host::{HostDevice, HostSpec, TapQueue, VNET_HDR_LEN};
+use crate::host::{HostDevice, HostSpec, TapQueue, VNET_HDR_LEN_V1};
 
 macro_rules! need_root {
     ($name:literal) => {
@@ -256,13 +256,13 @@ struct Delivery {
 }
 
 fn eth_frame(dst: [u8; 6], src: [u8; 6], marker: &[u8]) -> Vec<u8> {
-    let mut f = Vec::with_capacity(VNET_HDR_LEN as usize + 60);
-    f.resize(VNET_HDR_LEN as usize, 0); // vnet header: no offloads
+    let mut f = Vec::with_capacity(VNET_HDR_LEN_V1 + 60);
+    f.resize(VNET_HDR_LEN_V1, 0); // vnet header: no offloads
     f.extend_from_slice(&dst);
     f.extend_from_slice(&src);
     f.extend_from_slice(&TEST_ETHERTYPE);
     f.extend_from_slice(marker);
-    f.resize(VNET_HDR_LEN as usize + 60, 0);
+    f.resize(VNET_HDR_LEN_V1 + 60, 0);
     f
 }
 
@@ -299,7 +299,7 @@ fn observe(
         let ms = u16::try_from(left.as_millis().max(1)).unwrap_or(u16::MAX);
         poll(&mut fds, PollTimeout::from(ms)).unwrap();
         while let Ok(n) = nix::unistd::read(b.as_fd(), &mut buf) {
-            let hdr = VNET_HDR_LEN as usize;
+            let hdr = VNET_HDR_LEN_V1;
             if n > hdr && is_test_frame(&buf[hdr..n], marker) {
                 seen.at_b = true;
             }

@@ -15,7 +15,7 @@
 //!
 //! SET_LOG_BASE (live migration) is taken here and given to the connection's
 //! [`DirtyLogState`]: vhost-user-backend's own handling needs bitmap-typed guest memory and
-//! cannot see our iovec writes (see `crate::dirty_log`). The reply echoes the request's payload,
+//! cannot see our iovec writes (see `crate::datapath::dirty`). The reply echoes the request's payload,
 //! as the `vhost` crate's backend does; QEMU only checks the request code.
 //! The shim also keeps a copy of the backend request channel (SET_BACKEND_REQ_FD) and the
 //! negotiated protocol features, so that [`ConfigNotifier`] can send CONFIG_CHANGE_MSG when the
@@ -29,7 +29,7 @@ use std::sync::{Arc, Mutex};
 
 use nix::sys::socket::{recvmsg, sendmsg, ControlMessage, ControlMessageOwned, MsgFlags};
 
-use crate::dirty_log::DirtyLogState;
+use crate::datapath::DirtyLogState;
 
 const HDR_LEN: usize = 12;
 /// Bigger than any request the handler accepts (its limit is 4 KiB); a frontend sending more is

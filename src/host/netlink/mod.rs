@@ -32,7 +32,7 @@ use netlink_packet_route::link::{
 };
 use netlink_packet_route::RouteNetlinkMessage;
 
-use crate::host::validate_ifname;
+use crate::host::{validate_ifname, MacAddr};
 use rtnl::{KernelError, Rtnl};
 
 pub use watch::{watch_links, LinkEvent, LinkWatcher};
@@ -167,9 +167,9 @@ pub enum NetlinkError {
     #[error("an interface named {name:?} already exists")]
     NameTaken { name: String },
     #[error("MAC {mac} is already used by another macvlan/macvtap on {parent:?}")]
-    MacInUse { mac: MacFmt, parent: String },
+    MacInUse { mac: MacAddr, parent: String },
     #[error("MAC {mac} is not a valid unicast address")]
-    InvalidMac { mac: MacFmt },
+    InvalidMac { mac: MacAddr },
     #[error("no interface named {name:?} in this network namespace")]
     NoSuchLink { name: String },
     #[error("interface #{ifindex} does not exist in this network namespace")]
@@ -256,21 +256,6 @@ impl NetlinkError {
     }
 }
 
-/// A MAC address shown as `aa:bb:cc:dd:ee:ff` in messages.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct MacFmt(pub [u8; 6]);
-
-impl fmt::Display for MacFmt {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let m = self.0;
-        write!(
-            f,
-            "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
-            m[0], m[1], m[2], m[3], m[4], m[5]
-        )
-    }
-}
-
 /// A macvtap this process created. Dropping it deletes the link (through the netlink socket it
 /// was created with, so in the namespace it was created in) unless [`CreatedLink::keep`] was
 /// called.
@@ -350,7 +335,7 @@ pub fn create_macvtap(spec: &MacvtapSpec) -> Result<CreatedLink, NetlinkError> {
     }
     if let Some(mac) = spec.mac {
         if mac[0] & 1 != 0 || mac == [0; 6] {
-            return Err(NetlinkError::InvalidMac { mac: MacFmt(mac) });
+            return Err(NetlinkError::InvalidMac { mac: MacAddr(mac) });
         }
     }
     let mut rtnl = Rtnl::new()?;
@@ -420,7 +405,7 @@ pub fn create_macvtap(spec: &MacvtapSpec) -> Result<CreatedLink, NetlinkError> {
         detail: "no 6-byte IFLA_ADDRESS".into(),
     })?;
     tracing::info!(iface = %link.name, ifindex = link.ifindex, parent = %spec.parent,
-        mode = %spec.mode, mac = %MacFmt(link.mac), "created macvtap");
+        mode = %spec.mode, mac = %MacAddr(link.mac), "created macvtap");
     Ok(link)
 }
 
@@ -618,13 +603,13 @@ fn new_macvtap(
         }
         Err(KernelError::Errno { errno, .. }) if errno == libc::EADDRINUSE => {
             Err(NetlinkError::MacInUse {
-                mac: MacFmt(spec.mac.unwrap_or_default()),
+                mac: MacAddr(spec.mac.unwrap_or_default()),
                 parent: spec.parent.clone(),
             })
         }
         Err(KernelError::Errno { errno, .. }) if errno == libc::EADDRNOTAVAIL => {
             Err(NetlinkError::InvalidMac {
-                mac: MacFmt(spec.mac.unwrap_or_default()),
+                mac: MacAddr(spec.mac.unwrap_or_default()),
             })
         }
         Err(e @ KernelError::Errno { errno, .. })

@@ -278,6 +278,15 @@ fn process_clone_is_refused_thread_clone_is_not() {
 }
 
 #[test]
+fn opening_any_file_kills_the_sealed_process() {
+    // Everything is opened at start-up: the main thread's filter has no open at all, even for
+    // a path that would not exist in its empty root.
+    let mut p = Probe::spawn(&[]);
+    assert_eq!(p.ask("open /etc/hostname"), None);
+    assert_killed_naming(&mut p, "openat", "macvhost");
+}
+
+#[test]
 fn execve_is_refused() {
     let mut p = Probe::spawn(&[]);
     assert_eq!(p.ask("syscall execve 0 0 0"), None);
@@ -379,7 +388,8 @@ fn sealed_process_holds_no_capability_in_any_thread_and_sees_an_empty_root() {
     }
     let dir = tempfile::tempdir().unwrap();
     let spec = format!("{}:listen", dir.path().display());
-    let mut p = Probe::spawn(&["--threads", "2", "--dir", &spec]);
+    // --seccomp log: the filter would refuse open outright; here the filesystem view answers.
+    let mut p = Probe::spawn(&["--threads", "2", "--dir", &spec, "--seccomp", "log"]);
     assert_eq!(p.field("fs"), "MountNamespace");
     let names = assert_every_thread_sealed(p.pid, false);
     assert_eq!(names.len(), 3, "{names:?}");
@@ -446,7 +456,7 @@ fn process_with_only_net_admin_seals_too() {
         print_skip(&msg);
         return;
     }
-    let mut p = Probe::spawn_with(setpriv_net_admin_only(), &[]);
+    let mut p = Probe::spawn_with(setpriv_net_admin_only(), &["--seccomp", "log"]);
     assert!(
         p.sealed.contains("fs MountNamespace { user_ns: true }"),
         "{}",
@@ -459,7 +469,10 @@ fn process_with_only_net_admin_seals_too() {
     );
     p.finish();
 
-    let mut p = Probe::spawn_with(setpriv_net_admin_only(), &["--threads", "1"]);
+    let mut p = Probe::spawn_with(
+        setpriv_net_admin_only(),
+        &["--threads", "1", "--seccomp", "log"],
+    );
     assert!(p.sealed.contains("fs Landlock"), "{}", p.sealed);
     assert_eq!(p.field("bounding_kept"), "true");
     assert_every_thread_sealed(p.pid, true);
@@ -492,7 +505,8 @@ fn mount_namespace_hides_unix_sockets_that_landlock_leaves_reachable() {
     ] {
         let mut runs = Vec::new();
         for _ in 0..5 {
-            let mut p = Probe::spawn(&["--fs", fs]);
+            // --seccomp log: the filter would refuse open outright; compare the views alone.
+            let mut p = Probe::spawn(&["--fs", fs, "--seccomp", "log"]);
             runs.push(p.field("took_us").parse::<u64>().unwrap());
             assert_eq!(p.ask(&connect), Some(want_connect.clone()), "{fs}");
             assert_eq!(

@@ -18,10 +18,7 @@ use super::{DirUse, FsIsolation, FsView, SandboxConfig, SandboxError};
 const CREATE_RULESET_VERSION: u32 = 1;
 const RULE_PATH_BENEATH: u32 = 1;
 
-const FS_READ_DIR: u64 = 1 << 3;
-const FS_REMOVE_DIR: u64 = 1 << 4;
 const FS_REMOVE_FILE: u64 = 1 << 5;
-const FS_MAKE_DIR: u64 = 1 << 7;
 const FS_MAKE_SOCK: u64 = 1 << 9;
 const FS_REFER: u64 = 1 << 13;
 const FS_TRUNCATE: u64 = 1 << 14;
@@ -170,12 +167,10 @@ fn dir_rights(u: DirUse) -> u64 {
 }
 
 /// A ruleset that handles every filesystem right (so denies all of them), TCP bind/connect and
-/// the scopes, with rights beneath `dirs` (and, with `with_tmp`, what the shim's rendezvous
-/// directory needs beneath `$TMPDIR`).
+/// the scopes, with rights beneath `dirs`.
 pub(super) fn landlock_ruleset(
     abi: u32,
     dirs: &[(PathBuf, DirUse)],
-    with_tmp: bool,
 ) -> Result<Ruleset, SandboxError> {
     if abi == 0 {
         return Err(SandboxError::step("landlock")(
@@ -193,10 +188,6 @@ pub(super) fn landlock_ruleset(
         if rights != 0 {
             add_rule(&rs, dir, rights)?;
         }
-    }
-    if with_tmp {
-        let tmp = FS_MAKE_DIR | FS_REMOVE_DIR | FS_READ_DIR | FS_MAKE_SOCK | FS_REMOVE_FILE;
-        add_rule(&rs, &std::env::temp_dir(), tmp & handled)?;
     }
     Ok(rs)
 }
@@ -290,13 +281,11 @@ fn write_proc(path: &str, text: &str) -> Result<(), String> {
 }
 
 /// Moves the calling thread into a new mount namespace whose root is an empty tmpfs holding
-/// only `config.dirs` (bind mounts at their own paths), `$TMPDIR` (empty, private) and the
-/// current directory's path. With `user_ns`, a user namespace is made first (mapping our own
+/// only `config.dirs` (bind mounts at their own paths) and the current directory's path. With `user_ns`, a user namespace is made first (mapping our own
 /// uid and gid) for the privilege to do so.
 fn enter_empty_root(config: &SandboxConfig, user_ns: bool) -> Result<(), String> {
     let dirs = bind_dirs(&config.dirs)?;
     let cwd = std::env::current_dir().ok();
-    let tmp = std::env::temp_dir();
     // SAFETY: getuid/getgid take no arguments.
     let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
     let flags = libc::CLONE_NEWNS | if user_ns { libc::CLONE_NEWUSER } else { 0 };
@@ -370,14 +359,6 @@ fn enter_empty_root(config: &SandboxConfig, user_ns: bool) -> Result<(), String>
     check(rc.into(), "mount tmpfs")?;
     let inside = |p: &Path| staging.join(p.strip_prefix("/").unwrap_or(p));
     // Scaffolding first, binds after, so no directory is ever made inside a bound host dir.
-    let tmp_in = inside(&tmp);
-    std::fs::create_dir_all(&tmp_in).map_err(os_err("mkdir $TMPDIR"))?;
-    {
-        use std::os::unix::fs::PermissionsExt;
-        // Sticky and world-writable like /tmp, so --user can use it too.
-        std::fs::set_permissions(&tmp_in, std::fs::Permissions::from_mode(0o1777))
-            .map_err(os_err("chmod $TMPDIR"))?;
-    }
     if let Some(cwd) = &cwd {
         std::fs::create_dir_all(inside(cwd)).map_err(os_err("mkdir cwd"))?;
     }

@@ -51,9 +51,11 @@
 //! - the directory of `--socket-path`: read-write when listening (the socket is re-bound after
 //!   `--disconnect-on-link-down` and removed on exit), read-only with `--client` (connecting to
 //!   a socket needs no write access to the mount);
-//! - the directory of `--control-socket` (removed on exit);
-//! - `$TMPDIR` exists as an empty private directory inside the tmpfs, for the shim's rendezvous
-//!   socket.
+//! - the directory of `--control-socket` (removed on exit).
+//!
+//! The shim's rendezvous with vhost-user-backend is an abstract socket made by the main thread
+//! after sealing: it needs no path, and Landlock's abstract-socket scope lets the process reach
+//! its own.
 //!
 //! Threads that were running before `seal` (`signals`, `watchdog`, `link-watch`, `control`,
 //! `metrics`) stay in the host mount namespace (a thread sharing
@@ -347,13 +349,13 @@ fn seal_inner(config: &SandboxConfig, helper_pid: Option<u32>) -> Result<Sealed,
     let others_before = tasks.others()?;
     let fs_view = fs::isolate_main(config, others_before.is_empty(), abi)?;
     let main_ruleset = match fs_view {
-        FsView::Landlock { .. } => Some(fs::landlock_ruleset(abi, &config.dirs, true)?),
+        FsView::Landlock { .. } => Some(fs::landlock_ruleset(abi, &config.dirs)?),
         _ => fs::landlock_scopes_ruleset(abi)?,
     };
     let others_ruleset = if others_before.is_empty() || abi == 0 {
         None
     } else {
-        Some(fs::landlock_ruleset(abi, &[], false)?)
+        Some(fs::landlock_ruleset(abi, &[])?)
     };
     if !others_before.is_empty() && others_ruleset.is_none() {
         tracing::warn!(

@@ -144,6 +144,20 @@ fn calls_that_multiplex_many_operations_are_always_argument_filtered() {
 }
 
 #[test]
+fn no_thread_may_open_a_file_once_sealed() {
+    // Everything is opened at start-up; the shim's rendezvous is an abstract socket.
+    for kind in ThreadKind::ALL {
+        for e in allowlist(kind, &opts(true)) {
+            for name in [
+                "open", "openat", "openat2", "creat", "mkdir", "mkdirat", "mknod",
+            ] {
+                assert_ne!(e.name, name, "{kind:?}");
+            }
+        }
+    }
+}
+
+#[test]
 fn memory_can_never_be_made_executable() {
     for kind in ThreadKind::ALL {
         for e in allowlist(kind, &opts(true)) {

@@ -906,3 +906,112 @@ fn sealed_daemon_follows_the_guests_multicast_groups() {
     mvh.shutdown_clean();
     println!("{NAME}: joined 239.1.2.3 through the sealed daemon");
 }
+
+/// A fake QEMU monitor: one connection's handshake and listing, answering
+/// `query-rx-filter` with `mac` and `groups` for NIC `net0`.
+struct FakeQmp {
+    r: BufReader<std::os::unix::net::UnixStream>,
+    w: std::os::unix::net::UnixStream,
+}
+
+impl FakeQmp {
+    fn accept(l: &std::os::unix::net::UnixListener) -> FakeQmp {
+        let (s, _) = l.accept().expect("the sealed macvhost connects to QMP");
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        FakeQmp {
+            r: BufReader::new(s.try_clone().unwrap()),
+            w: s,
+        }
+    }
+
+    fn send(&mut self, v: serde_json::Value) {
+        self.w.write_all(v.to_string().as_bytes()).unwrap();
+        self.w.write_all(b"\r\n").unwrap();
+    }
+
+    /// The next command: (execute, id).
+    fn command(&mut self) -> (String, serde_json::Value) {
+        let mut line = String::new();
+        assert!(self.r.read_line(&mut line).unwrap() > 0, "QMP closed");
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+        (v["execute"].as_str().unwrap().to_string(), v["id"].clone())
+    }
+
+    fn filter(mac: &str, groups: &[&str]) -> serde_json::Value {
+        serde_json::json!({"promiscuous": false, "name": "net0", "main-mac": mac,
+            "unicast": "normal", "vlan": "none", "vlan-table": [], "unicast-table": [],
+            "multicast": "normal", "multicast-overflow": false, "unicast-overflow": false,
+            "multicast-table": groups, "broadcast-allowed": false})
+    }
+
+    /// Greeting, capabilities, and the first listing.
+    fn handshake(&mut self, mac: &str, groups: &[&str]) {
+        self.send(serde_json::json!({"QMP": {"version": {"qemu":
+            {"micro": 0, "minor": 2, "major": 7}, "package": "fake"}, "capabilities": []}}));
+        let (cmd, id) = self.command();
+        assert_eq!(cmd, "qmp_capabilities");
+        self.send(serde_json::json!({"return": {}, "id": id}));
+        let (cmd, id) = self.command();
+        assert_eq!(cmd, "query-rx-filter");
+        self.send(serde_json::json!({"return": [Self::filter(mac, groups)], "id": id}));
+    }
+}
+
+/// `--qmp` with `--trust-guest-rx-filters` in the sealed daemon: the `qmp` thread (started
+/// before the seal, under its own filter) applies the guest's multicast list as packet-socket
+/// memberships, survives a MAC change it cannot make without `CAP_NET_ADMIN` (the privileged
+/// helper's job), and reconnects to a restarted monitor.
+#[test]
+fn sealed_daemon_follows_qmp_and_reconnects_to_a_restarted_monitor() {
+    const NAME: &str = "sealed_daemon_follows_qmp_and_reconnects_to_a_restarted_monitor";
+    if !require_root(NAME) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let qmp_path = dir.path().join("qmp.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&qmp_path).unwrap();
+    let ns = Netns::new();
+    let topo = MacvtapTopo::create(&ns, "bridge");
+    let qmp_s = qmp_path.display().to_string();
+    let mut mvh = Macvhost::spawn(
+        &ns,
+        dir.path(),
+        &[
+            "--macvtap",
+            topo.macvtap,
+            "--qmp",
+            &qmp_s,
+            "--trust-guest-rx-filters",
+        ],
+    );
+    let mac = topo.macvtap_mac.to_string();
+    let mut q = FakeQmp::accept(&listener);
+    q.handshake(&mac, &["01:00:5e:01:02:03"]);
+    std::thread::sleep(Duration::from_millis(300));
+    mvh.check_alive();
+    // The guest takes another MAC: the macvtap's cannot follow once sealed (EPERM), and
+    // macvhost must go on.
+    q.send(
+        serde_json::json!({"timestamp": {"seconds": 1, "microseconds": 2},
+        "event": "NIC_RX_FILTER_CHANGED",
+        "data": {"name": "net0", "path": "/machine/peripheral/net0/virtio-backend"}}),
+    );
+    let (cmd, id) = q.command();
+    assert_eq!(cmd, "query-rx-filter");
+    q.send(serde_json::json!({"return":
+        [FakeQmp::filter("02:6d:76:68:00:99", &["01:00:5e:01:02:04"])], "id": id}));
+    std::thread::sleep(Duration::from_millis(300));
+    mvh.check_alive();
+    check_sealed_daemon(&mvh);
+    // QEMU restarts: the watcher connects again through the bound directory.
+    drop(q);
+    let mut q = FakeQmp::accept(&listener);
+    q.handshake(&mac, &[]);
+    std::thread::sleep(Duration::from_millis(200));
+    mvh.check_alive();
+    let names = assert_every_thread_sealed(mvh.pid(), false);
+    assert!(names.iter().any(|n| n == "qmp"), "{names:?}");
+    drop(q);
+    mvh.shutdown_clean();
+    println!("{NAME}: two monitor connections, a refused MAC change, still serving");
+}

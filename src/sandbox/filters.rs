@@ -22,24 +22,37 @@ pub enum ThreadKind {
     Relay,
     /// vhost-user-backend's request thread (named `macvhost`).
     Request,
+    /// The `--qmp` watcher (`qmp`, running before the seal): reconnects to QEMU's monitor and,
+    /// with `--trust-guest-rx-filters`, applies the guest's filter to the macvtap.
+    Qmp,
 }
 
 impl ThreadKind {
     /// Every kind.
-    pub const ALL: [ThreadKind; 5] = [
+    pub const ALL: [ThreadKind; 6] = [
         ThreadKind::Process,
         ThreadKind::Service,
         ThreadKind::Worker,
         ThreadKind::Relay,
         ThreadKind::Request,
+        ThreadKind::Qmp,
     ];
     /// The kinds stacked on top of the process filter.
-    pub const NARROW: [ThreadKind; 4] = [
+    pub const NARROW: [ThreadKind; 5] = [
         ThreadKind::Service,
         ThreadKind::Worker,
         ThreadKind::Relay,
         ThreadKind::Request,
+        ThreadKind::Qmp,
     ];
+
+    /// The kind of a thread that was running before the seal, by its name.
+    pub fn of_running_thread(name: &[u8]) -> ThreadKind {
+        match name {
+            b"qmp" => ThreadKind::Qmp,
+            _ => ThreadKind::Service,
+        }
+    }
 }
 
 /// A condition on one syscall argument (low 32 bits).
@@ -72,6 +85,10 @@ pub(super) struct Opts {
     pub pid: u32,
     /// The link helper's pid: `wait4` only for it.
     pub helper_pid: Option<u32>,
+    /// `--trust-guest-rx-filters`: the `qmp` thread asks rtnetlink to change the macvtap's MAC
+    /// (which fails without `CAP_NET_ADMIN` until the privileged helper does it; the call must
+    /// fail, not kill).
+    pub route_netlink: bool,
 }
 
 impl Opts {
@@ -80,6 +97,7 @@ impl Opts {
             io_uring: config.io_uring,
             pid: std::process::id(),
             helper_pid,
+            route_netlink: config.route_netlink,
         }
     }
 }
@@ -201,6 +219,18 @@ fn fcntl_cmds() -> Vec<Vec<Cond>> {
     ]
 }
 
+/// `socket()` families: unix only, and rtnetlink with `--trust-guest-rx-filters`.
+fn socket_families(o: &Opts) -> Vec<Vec<Cond>> {
+    let mut v = vec![vec![Cond::Eq(0, libc::AF_UNIX as u64)]];
+    if o.route_netlink {
+        v.push(vec![
+            Cond::Eq(0, libc::AF_NETLINK as u64),
+            Cond::Eq(2, libc::NETLINK_ROUTE as u64),
+        ]);
+    }
+    v
+}
+
 /// `setsockopt` calls of the macvtap's multicast filter (`host::mcfilter`): packet-socket
 /// memberships on the socket opened at start-up, which need no capability.
 fn packet_memberships() -> Vec<Vec<Cond>> {
@@ -255,7 +285,7 @@ fn process(l: &mut List, o: &Opts) {
     // Sockets: vhost-user (listen, accept, re-bind, --client connect), the shim's rendezvous.
     l.when(
         sys!(SYS_socket),
-        vec![vec![Cond::Eq(0, libc::AF_UNIX as u64)]],
+        socket_families(o),
         "unix sockets only: --client connect, the shim's rendezvous connect",
     );
     l.allow(
@@ -434,6 +464,54 @@ fn service(l: &mut List, o: &Opts) {
     l.allow(sys!(SYS_poll), "link-watch: waits for events (x86_64)");
 }
 
+fn qmp(l: &mut List, o: &Opts) {
+    common(l, o);
+    l.when(
+        sys!(SYS_socket),
+        socket_families(o),
+        "reconnecting to QEMU's QMP socket; rtnetlink for a trusted guest's MAC",
+    );
+    l.allow(
+        sys!(SYS_connect),
+        "reconnecting to QEMU's QMP socket after it restarts",
+    );
+    l.allow(
+        sys!(SYS_read),
+        "the monitor's replies and events; the stop eventfd",
+    );
+    l.allow(sys!(SYS_recvfrom), "the monitor's replies; rtnetlink acks");
+    l.allow(
+        sys!(SYS_sendto),
+        "commands to the monitor; rtnetlink requests",
+    );
+    l.allow(sys!(SYS_shutdown), "ending a monitor connection");
+    l.allow(
+        sys!(SYS_ppoll),
+        "waiting for the monitor or the stop eventfd",
+    );
+    #[cfg(target_arch = "x86_64")]
+    l.allow(sys!(SYS_poll), "as ppoll (x86_64)");
+    l.when(
+        sys!(SYS_ioctl),
+        ioctls(&[libc::FIONBIO as _]),
+        "nonblocking connect",
+    );
+    l.when(sys!(SYS_fcntl), fcntl_cmds(), "socket flags");
+    l.allow(sys!(SYS_getsockopt), "socket errors; rtnetlink");
+    l.allow(
+        sys!(SYS_setsockopt),
+        "read/write timeouts; the trusted guest's lists as packet-socket memberships; \
+         rtnetlink ack options",
+    );
+    if o.route_netlink {
+        l.allow(
+            sys!(SYS_bind),
+            "rtnetlink socket for a trusted guest's MAC change",
+        );
+        l.allow(sys!(SYS_getsockname), "as bind");
+    }
+}
+
 fn worker(l: &mut List, o: &Opts) {
     common(l, o);
     l.allow(sys!(SYS_epoll_pwait), "the event loop");
@@ -531,6 +609,7 @@ pub(super) fn allowlist(kind: ThreadKind, o: &Opts) -> Vec<Entry> {
         ThreadKind::Worker => worker(&mut l, o),
         ThreadKind::Relay => relay(&mut l, o),
         ThreadKind::Request => request(&mut l, o),
+        ThreadKind::Qmp => qmp(&mut l, o),
     }
     // `prctl` is listed by `common` and again (wider) by `process`: keep the last.
     let mut out: Vec<Entry> = Vec::new();
@@ -551,6 +630,7 @@ pub fn allowlist_table() -> Vec<(ThreadKind, &'static str, &'static str, bool)> 
         io_uring: true,
         pid: std::process::id(),
         helper_pid: Some(1),
+        route_netlink: true,
     };
     let mut out = Vec::new();
     for kind in ThreadKind::ALL {

@@ -58,7 +58,7 @@
 //! its own.
 //!
 //! Threads that were running before `seal` (`signals`, `watchdog`, `link-watch`, `control`,
-//! `metrics`) stay in the host mount namespace (a thread sharing
+//! `metrics`, `qmp`) stay in the host mount namespace (a thread sharing
 //! its filesystem context cannot change mount namespace), so they get **Landlock** with every
 //! filesystem right denied instead, plus a seccomp filter without `connect`, `socket`, `bind`
 //! or `open`. When no mount namespace can be made (no `CAP_SYS_ADMIN` and a multithreaded
@@ -175,6 +175,9 @@ pub struct SandboxConfig {
     pub io_uring: bool,
     /// The macvtap (ifindex, name) to delete on exit through the [`helper::LinkHelper`].
     pub delete_on_exit: Option<(u32, String)>,
+    /// Allow rtnetlink sockets (`--trust-guest-rx-filters`: MAC changes, which fail without
+    /// `CAP_NET_ADMIN` once sealed, instead of killing the process).
+    pub route_netlink: bool,
 }
 
 /// The sandbox options on the command line, validated.
@@ -373,6 +376,7 @@ fn seal_inner(config: &SandboxConfig, helper_pid: Option<u32>) -> Result<Sealed,
         run_as: config.run_as,
         landlock_fd: -1,
         filter: None,
+        qmp_filter: None,
     };
     let bounding_kept_others = threads::broadcast(&tasks, &creds)?;
     let bounding_kept_main = threads::seal_current_thread(&creds)
@@ -389,6 +393,7 @@ fn seal_inner(config: &SandboxConfig, helper_pid: Option<u32>) -> Result<Sealed,
         run_as: None,
         landlock_fd: others_ruleset.as_ref().map_or(-1, fs::raw_fd),
         filter: Some((state.filter(ThreadKind::Service), state.thread_flags())),
+        qmp_filter: Some(state.filter(ThreadKind::Qmp)),
     };
     threads::broadcast(&tasks, &rest)?;
     threads::finish_broadcasts()?;

@@ -84,6 +84,7 @@ fn config(a: &ProbeArgs) -> Result<SandboxConfig, String> {
         dirs,
         io_uring: a.io_uring,
         delete_on_exit: None,
+        route_netlink: false,
     })
 }
 
@@ -225,6 +226,7 @@ fn command(words: &[&str]) -> String {
                 "worker" => ThreadKind::Worker,
                 "relay" => ThreadKind::Relay,
                 "request" => ThreadKind::Request,
+                "qmp" => ThreadKind::Qmp,
                 other => return format!("unknown thread kind {other}"),
             };
             let rest: Vec<String> = rest.iter().map(|s| s.to_string()).collect();
@@ -330,20 +332,21 @@ pub fn allowlist_markdown() -> String {
     names.dedup();
     let find = |kind: ThreadKind, name: &str| table.iter().find(|r| r.0 == kind && r.1 == name);
     let mut out = String::from(
-        "| syscall | process | service | worker | relay | request | why |\n\
-         |---|---|---|---|---|---|---|\n",
+        "| syscall | process | service | worker | relay | request | qmp | why |\n\
+         |---|---|---|---|---|---|---|---|\n",
     );
     for name in &names {
         let cell =
             |kind: ThreadKind| find(kind, name).map_or("", |r| if r.3 { "args" } else { "yes" });
         let why = find(ThreadKind::Process, name).map_or("", |r| r.2);
         out.push_str(&format!(
-            "| `{name}` | {} | {} | {} | {} | {} | {why} |\n",
+            "| `{name}` | {} | {} | {} | {} | {} | {} | {why} |\n",
             cell(ThreadKind::Process),
             cell(ThreadKind::Service),
             cell(ThreadKind::Worker),
             cell(ThreadKind::Relay),
             cell(ThreadKind::Request),
+            cell(ThreadKind::Qmp),
         ));
     }
     for kind in ThreadKind::NARROW {

@@ -422,6 +422,7 @@ mod tests {
                 io_uring,
                 pid: 1234,
                 helper_pid: Some(4321),
+                route_netlink: io_uring,
             };
             for kind in ThreadKind::ALL {
                 for mode in [SeccompMode::Enforce, SeccompMode::Log] {

@@ -28,6 +28,9 @@ pub(super) struct Plan {
     pub landlock_fd: RawFd,
     /// A seccomp filter to stack on the thread, and the `seccomp()` flags to install it with.
     pub filter: Option<(FilterRef, libc::c_ulong)>,
+    /// The filter instead of `filter` for a thread named `qmp` (its kind, see
+    /// [`super::ThreadKind::of_running_thread`]).
+    pub qmp_filter: Option<FilterRef>,
 }
 
 /// What a thread reported.
@@ -118,9 +121,22 @@ pub(super) fn seal_current_thread(plan: &Plan) -> Result<Outcome, Failure> {
         super::fs::raw_restrict_self(plan.landlock_fd).map_err(fail(Step::Landlock))?;
     }
     if let Some((f, flags)) = plan.filter {
+        let f = match plan.qmp_filter {
+            Some(q) if is_qmp_thread() => q,
+            _ => f,
+        };
         super::seccomp::raw_install(f, flags).map_err(fail(Step::Seccomp))?;
     }
     Ok(out)
+}
+
+/// Whether the calling thread is the `--qmp` watcher. Async-signal-safe.
+fn is_qmp_thread() -> bool {
+    let mut name = [0u8; 16];
+    // SAFETY: PR_GET_NAME writes at most 16 bytes into `name`.
+    unsafe { libc::prctl(libc::PR_GET_NAME, name.as_mut_ptr(), 0, 0, 0) };
+    let len = name.iter().position(|&b| b == 0).unwrap_or(name.len());
+    super::ThreadKind::of_running_thread(&name[..len]) == super::ThreadKind::Qmp
 }
 
 static PLAN: AtomicPtr<Plan> = AtomicPtr::new(std::ptr::null_mut());

@@ -3,17 +3,20 @@
 //!
 //! The host queues and counters live for the whole process; everything a frontend negotiates
 //! lives in a [`Connection`] made for it. Threads of the process: main (this loop), `signals`,
-//! the link watcher, the control socket and metrics servers when asked for, and per connection
-//! those listed in [`crate::vhost_user::connection`].
+//! the link watcher, the control socket, metrics and `qmp` threads when asked for, and per
+//! connection those listed in [`crate::vhost_user::connection`].
 //!
 //! - `signals`: SIGTERM/SIGINT and the [`StopHandle`].
 //! - `listen`: where frontends come from (path, inherited fd, `--client`).
 //! - `link`: the host link's carrier, watched and followed by each connection.
+//! - [`qmp`]: the guest's receive filter as QEMU reports it (`--qmp`).
 
 mod link;
 mod listen;
+pub mod qmp;
 mod service;
 mod signals;
+mod trust;
 
 use std::os::fd::RawFd;
 use std::path::PathBuf;
@@ -23,6 +26,7 @@ use std::time::Duration;
 
 use crate::control;
 use crate::datapath::mcast::TableConfig;
+use crate::datapath::tx::SharedMac;
 use crate::datapath::QueueStats;
 use crate::host::mcfilter::{McFilter, McFilterError};
 use crate::host::netlink::MacvtapSpec;
@@ -113,6 +117,9 @@ pub struct Settings {
     pub rx_rate: Option<RateSpec>,
     /// `--seccomp`, `--no-sandbox`, `--user`, `--group`.
     pub sandbox: crate::sandbox::SandboxOptions,
+    /// QEMU's QMP socket to follow the guest's rx filter on (`--qmp`, `--qmp-nic`,
+    /// `--trust-guest-rx-filters`).
+    pub qmp: Option<qmp::QmpSettings>,
 }
 
 /// Why the server could not start or keep going.
@@ -166,6 +173,9 @@ pub enum ServerError {
     /// Dropping privileges failed (host; operator for --user/--group).
     #[error("sandbox: {0} (--no-sandbox runs without it)")]
     Sandbox(#[from] crate::sandbox::SandboxError),
+    /// The QMP watcher could not start (host).
+    #[error("--qmp: {0}")]
+    Qmp(qmp::QmpError),
 }
 
 fn device_identity(config: &Settings, host: &HostDevice) -> Result<DeviceIdentity, HostError> {
@@ -210,6 +220,7 @@ impl ServerError {
             ServerError::RxFilter { source } => source.is_operator_error(),
             ServerError::Signals(_) => false,
             ServerError::Sandbox(e) => e.is_operator_error(),
+            ServerError::Qmp(e) => e.is_operator_error(),
         }
     }
 }
@@ -221,6 +232,7 @@ fn l2_host(
     config: &Settings,
     host: &HostDevice,
     stats: Arc<crate::worker::l2::L2Stats>,
+    guest_mac: Arc<SharedMac>,
 ) -> Result<L2Host, ServerError> {
     let mut l2 = L2Host {
         table: TableConfig {
@@ -229,6 +241,7 @@ fn l2_host(
         },
         filter: None,
         stats,
+        guest_mac: Some(guest_mac),
     };
     if host.kind() != HostKind::Macvtap || config.rx_filter == RxFilterMode::Strict {
         return Ok(l2);
@@ -370,12 +383,37 @@ pub fn run(config: Settings, mut inherited: crate::systemd::ListenFds) -> Result
 
     let link_up = Arc::new(AtomicBool::new(host.carrier()));
     let _watcher = link::watch_link_state(host.ifname(), watched, link_up.clone());
+    // The guest's MAC as TX compares it; the trusted QMP path moves it with the macvtap's.
+    let guest_mac = Arc::new(SharedMac::new(identity.mac.0));
+    let _qmp = match &config.qmp {
+        Some(q) => {
+            let trust = if q.trust {
+                // Opened now: it needs CAP_NET_RAW, which a sealed process no longer has.
+                let filter = McFilter::open(host.ifindex())
+                    .map_err(|source| ServerError::RxFilter { source })?;
+                let ifindex = host.ifindex();
+                let set_mac: trust::SetMac = Box::new(move |mac| {
+                    crate::host::netlink::set_mac(ifindex, mac).map_err(|e| e.to_string())
+                });
+                Some(trust::Trust::new(
+                    filter,
+                    set_mac,
+                    guest_mac.clone(),
+                    l2_stats.clone(),
+                ))
+            } else {
+                None
+            };
+            Some(qmp::follow(q, identity.mac, trust, l2_stats.clone()).map_err(ServerError::Qmp)?)
+        }
+        None => None,
+    };
     let side = HostSide {
         queues: host.queues().to_vec(),
         supported_offloads: host.supported_offloads(),
         link_up,
         link_down_disconnects: config.disconnect_on_link_down,
-        l2: l2_host(&config, &host, l2_stats)?,
+        l2: l2_host(&config, &host, l2_stats, guest_mac)?,
     };
     // Start-up is over: drop every privilege before the first frontend (docs/security.md).
     let _sealed = seal(&config, created.as_mut())?;
@@ -406,6 +444,10 @@ fn seal(
     if let Some(p) = &config.control_socket {
         dirs.push((parent(p), DirUse::Remove));
     }
+    if let Some(q) = &config.qmp {
+        // The watcher reconnects when QEMU restarts.
+        dirs.push((parent(&q.path), DirUse::Connect));
+    }
     let created = created.filter(|l| !l.is_kept());
     let sandbox = SandboxConfig {
         disabled: config.sandbox.disabled,
@@ -417,6 +459,7 @@ fn seal(
             .as_ref()
             .filter(|_| !config.sandbox.disabled)
             .map(|l| (l.ifindex(), l.name().to_string())),
+        route_netlink: config.qmp.as_ref().is_some_and(|q| q.trust),
         ..SandboxConfig::default()
     };
     let sealed = crate::sandbox::seal(&sandbox)?;

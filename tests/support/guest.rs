@@ -90,23 +90,36 @@ pub fn is_root() -> bool {
 }
 
 /// Returns `true` (and prints why) when a test must be skipped because it
-/// needs root. Use as `if guest::skip_unless_root("name") { return; }`.
+/// needs root; panics instead under `MACVHOST_E2E_REQUIRED=1`. Use as
+/// `if guest::skip_unless_root("name") { return; }`.
 pub fn skip_unless_root(test: &str) -> bool {
     if is_root() {
         false
     } else {
-        println!("skipped: {test} needs root");
-        true
+        skip(&format!("skipped: {test} needs root"))
     }
 }
 
-/// Returns `true` (and prints why) when QEMU is not installed.
+/// Prints a skip line and returns true, or panics with it when `MACVHOST_E2E_REQUIRED=1` (CI
+/// cannot pass by skipping).
+fn skip(msg: &str) -> bool {
+    if std::env::var("MACVHOST_E2E_REQUIRED").as_deref() == Ok("1") {
+        panic!("{msg} [MACVHOST_E2E_REQUIRED=1]");
+    }
+    // Straight to stderr: libtest captures the output of passing tests.
+    let _ = writeln!(io::stderr(), "{msg}");
+    true
+}
+
+/// Returns `true` (and prints why) when QEMU is not installed; panics instead under
+/// `MACVHOST_E2E_REQUIRED=1`.
 pub fn skip_unless_qemu(test: &str) -> bool {
     if which("qemu-system-x86_64").is_some() {
         false
     } else {
-        println!("skipped: {test} needs qemu-system-x86_64 (apt-get install qemu-system-x86)");
-        true
+        skip(&format!(
+            "skipped: {test} needs qemu-system-x86_64 (apt-get install qemu-system-x86)"
+        ))
     }
 }
 

@@ -541,8 +541,11 @@ fn metrics_addr_from_log(m: &Macvhost) -> String {
 
 /// Checks the sealed daemon's threads and root while `pmd` forwards; returns thread names.
 fn check_sealed_daemon(mvh: &Macvhost) -> Vec<String> {
-    let log = mvh.log_text();
-    assert!(log.contains("sandbox sealed"), "no seal in the log:\n{log}");
+    // The socket is bound early in start-up; sealing comes at its end.
+    let sealed = wait_until(Duration::from_secs(10), || {
+        mvh.log_text().contains("sandbox sealed")
+    });
+    assert!(sealed, "no seal in the log:\n{}", mvh.log_text());
     let names = assert_every_thread_sealed(mvh.pid(), false);
     assert_empty_root(mvh.pid());
     names
@@ -692,8 +695,8 @@ fn killed_daemon_still_has_its_macvtap_deleted() {
         dir.path(),
         &["--macvtap-parent", "lower0", "--macvtap-name", "mvk0"],
     );
-    assert!(ns.has_iface("mvk0"));
     check_sealed_daemon(&mvh);
+    assert!(ns.has_iface("mvk0"));
     mvh.check_alive();
     // SIGKILL: no destructor runs; the link helper sees its socket close.
     let _ = nix::sys::signal::kill(
@@ -737,6 +740,7 @@ fn sealed_daemon_as_nobody_logs_dirty_pages_for_migration() {
             "65534",
         ],
     );
+    check_sealed_daemon(&mvh);
     for t in thread_status(mvh.pid()) {
         assert!(t["Uid"].split_whitespace().all(|id| id == "65534"), "{t:?}");
     }

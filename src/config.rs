@@ -145,6 +145,24 @@ pub struct Args {
     #[arg(long)]
     pub disconnect_on_link_down: bool,
 
+    /// What a syscall outside the seccomp allowlist does: `enforce` (default: the process dies
+    /// of SIGSYS, naming the syscall on stderr) or `log` (the kernel logs it, the call goes on).
+    #[arg(long, value_name = "MODE")]
+    pub seccomp: Option<String>,
+
+    /// Run without the sandbox: keep every capability, the whole filesystem, no seccomp
+    /// filter (logged). For debugging only.
+    #[arg(long)]
+    pub no_sandbox: bool,
+
+    /// Switch to this user (name or uid) when sealing, after start-up.
+    #[arg(long, value_name = "USER")]
+    pub user: Option<String>,
+
+    /// Switch to this group (name or gid) when sealing (default: the --user's group).
+    #[arg(long, value_name = "GROUP")]
+    pub group: Option<String>,
+
     /// Follow the guest's receive filter (MAC, address lists, rx modes) on QEMU's QMP socket:
     /// QEMU needs `-qmp unix:PATH,server=on,wait=off`. Reconnects when QEMU restarts.
     #[arg(long, value_name = "PATH")]
@@ -172,6 +190,12 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Test helper: seal a small process like the daemon and run commands from stdin.
+    #[command(hide = true)]
+    SandboxProbe(crate::sandbox::probe::ProbeArgs),
+    /// Started by the daemon: deletes the macvtap it created once the daemon is sealed.
+    #[command(hide = true)]
+    LinkHelper(crate::sandbox::helper::LinkHelperArgs),
 }
 
 /// Validated configuration: what the server runs with (defined there, built here).
@@ -329,6 +353,12 @@ impl TryFrom<Args> for Config {
         };
         let tx_rate = rate("--tx-rate", args.tx_rate)?;
         let rx_rate = rate("--rx-rate", args.rx_rate)?;
+        let sandbox = sandbox_options(
+            args.no_sandbox,
+            args.seccomp.as_deref(),
+            args.user.as_deref(),
+            args.group.as_deref(),
+        )?;
 
         let rx_filter = args
             .rx_filter
@@ -351,6 +381,7 @@ impl TryFrom<Args> for Config {
             keep_macvtap: args.keep,
             tx_rate,
             rx_rate,
+            sandbox,
             socket,
             host,
             queue_pairs: args.queues,
@@ -363,6 +394,77 @@ impl TryFrom<Args> for Config {
             qmp,
         })
     }
+}
+
+/// `--no-sandbox`, `--seccomp`, `--user`, `--group` → options, with names resolved now (the
+/// sealed process can no longer read /etc/passwd).
+fn sandbox_options(
+    disabled: bool,
+    seccomp: Option<&str>,
+    user: Option<&str>,
+    group: Option<&str>,
+) -> Result<crate::sandbox::SandboxOptions, ConfigError> {
+    use nix::unistd::{Gid, Group, Uid, User};
+    if disabled {
+        for (given, flag) in [
+            (seccomp.is_some(), "--seccomp"),
+            (user.is_some(), "--user"),
+            (group.is_some(), "--group"),
+        ] {
+            if given {
+                return Err(bad(flag, "has no effect with --no-sandbox"));
+            }
+        }
+    }
+    let seccomp = seccomp
+        .map(str::parse::<crate::sandbox::SeccompMode>)
+        .transpose()
+        .map_err(|e| bad("--seccomp", e))?
+        .unwrap_or_default();
+    let user = match user {
+        None => None,
+        Some(u) => {
+            let found = match u.parse::<u32>() {
+                Ok(n) => User::from_uid(Uid::from_raw(n)),
+                Err(_) => User::from_name(u),
+            }
+            .map_err(|e| bad("--user", format!("looking up '{u}': {e}")))?;
+            let found = found.ok_or_else(|| bad("--user", format!("no user '{u}'")))?;
+            Some((found.uid.as_raw(), found.gid.as_raw()))
+        }
+    };
+    let gid = match group {
+        None => None,
+        Some(g) => {
+            let found = match g.parse::<u32>() {
+                Ok(n) => Group::from_gid(Gid::from_raw(n)),
+                Err(_) => Group::from_name(g),
+            }
+            .map_err(|e| bad("--group", format!("looking up '{g}': {e}")))?;
+            Some(
+                found
+                    .ok_or_else(|| bad("--group", format!("no group '{g}'")))?
+                    .gid
+                    .as_raw(),
+            )
+        }
+    };
+    let run_as = match (user, gid) {
+        (None, None) => None,
+        (Some((uid, primary)), g) => Some(crate::sandbox::RunAs {
+            uid,
+            gid: g.unwrap_or(primary),
+        }),
+        (None, Some(gid)) => Some(crate::sandbox::RunAs {
+            uid: nix::unistd::geteuid().as_raw(),
+            gid,
+        }),
+    };
+    Ok(crate::sandbox::SandboxOptions {
+        disabled,
+        seccomp,
+        run_as,
+    })
 }
 
 /// `--qmp`, `--qmp-nic`, `--trust-guest-rx-filters`.
@@ -658,6 +760,45 @@ mod tests {
         assert_eq!(spec.mode, crate::host::netlink::MacvtapMode::Passthru);
         assert_eq!(spec.name.as_deref(), Some("mv0"));
         assert_eq!(spec.mac, Some([0x52, 0x54, 0, 0, 0, 1]));
+    }
+
+    #[test]
+    fn sandbox_flags_resolve_names_and_refuse_contradictions() {
+        let c = parse(&["--socket-path", "/s", "--tap", "t"]).unwrap();
+        assert_eq!(c.sandbox, crate::sandbox::SandboxOptions::default());
+        let c = parse(&[
+            "--socket-path",
+            "/s",
+            "--tap",
+            "t",
+            "--seccomp",
+            "log",
+            "--user",
+            "root",
+            "--group",
+            "0",
+        ])
+        .unwrap();
+        assert_eq!(c.sandbox.seccomp, crate::sandbox::SeccompMode::Log);
+        assert_eq!(
+            c.sandbox.run_as,
+            Some(crate::sandbox::RunAs { uid: 0, gid: 0 })
+        );
+        let c = parse(&["--socket-path", "/s", "--tap", "t", "--no-sandbox"]).unwrap();
+        assert!(c.sandbox.disabled);
+        let cases: &[(&[&str], &str)] = &[
+            (&["--seccomp", "sometimes"], "--seccomp"),
+            (&["--user", "no-such-user-mvh"], "--user"),
+            (&["--group", "no-such-group-mvh"], "--group"),
+            (&["--no-sandbox", "--seccomp", "log"], "--seccomp"),
+            (&["--no-sandbox", "--user", "root"], "--user"),
+        ];
+        for (extra, flag) in cases {
+            let mut argv = vec!["--socket-path", "/s", "--tap", "t"];
+            argv.extend_from_slice(extra);
+            let err = parse(&argv).expect_err(&format!("{argv:?} must be refused"));
+            assert_eq!(err.flag, *flag, "{argv:?}: {err}");
+        }
     }
 
     #[test]

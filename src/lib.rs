@@ -19,6 +19,7 @@
 //! | 6 | [`host`] | tap/macvtap queue fds, their ioctls, link facts, rtnetlink (create, watch, delete) |
 //! | - | [`ratelimit`] | token buckets (pure; used by config and worker) |
 //! | - | [`systemd`] | socket activation, `sd_notify` (readiness, status, watchdog), the fd store (leaf; used by server) |
+//! | - | [`sandbox`] | sealing after start-up: capabilities, the empty root, Landlock, seccomp per thread kind, the link helper (uses `host`; used by server; `docs/security.md`) |
 //! | - | `fuzzing` (feature `test-utils`) | fuzz entry points and the test kit; above everything |
 //!
 //! # Threads
@@ -31,6 +32,8 @@
 //! Per connection: `vu-shim` (the relay), `macvhost` (vhost-user-backend's request handler), and
 //! one `vring_worker` per queue pair (vhost-user-backend's epoll loop, calling
 //! [`worker::PairWorker::handle_event`]). A link follower runs beside each connection.
+//! Every thread runs sealed once the serve loop starts ([`sandbox::seal`]): no capability, an
+//! empty root, and its kind's seccomp filter.
 //!
 //! # Control path
 //!
@@ -49,8 +52,9 @@
 //! [`vhost_user::vring`] (the kick fd borrowed under the vring lock, the fd watchdog's signal)
 //! and
 //! [`vhost_user::backend`] (closing fds vhost-user-backend leaks) and [`systemd`] (adopting the
-//! fds a service manager or parent passed at exec). Every block says which
-//! invariant makes it sound.
+//! fds a service manager or parent passed at exec) and [`sandbox`] (raw syscalls for
+//! capabilities, namespaces, Landlock and seccomp, and async-signal-safe handlers). Every block
+//! says which invariant makes it sound.
 //!
 //! # Errors
 //!
@@ -69,6 +73,8 @@ pub mod datapath;
 pub mod fuzzing;
 pub mod host;
 pub mod ratelimit;
+#[allow(unsafe_code)] // raw syscalls: capabilities, namespaces, Landlock, seccomp, signal handlers
+pub mod sandbox;
 pub mod server;
 #[allow(unsafe_code)] // adopts the fds a service manager or parent passed at exec
 pub mod systemd;

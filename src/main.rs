@@ -26,6 +26,11 @@ fn main() -> ExitCode {
             }
         };
     }
+    match &args.command {
+        Some(Command::SandboxProbe(probe)) => return macvhost::sandbox::probe::run(probe),
+        Some(Command::LinkHelper(link)) => return macvhost::sandbox::helper::run(link),
+        _ => {}
+    }
     if args.print_capabilities {
         // vhost-user.json: the frontend (libvirt) learns what this backend is.
         println!("{}", macvhost::capabilities_json());

@@ -462,12 +462,16 @@ pub fn render(msg: &[Notify<'_>]) -> Result<String, SystemdError> {
     Ok(s)
 }
 
-/// A connection-less sender to the service manager's `NOTIFY_SOCKET`.
+/// A sender to the service manager's `NOTIFY_SOCKET`. The datagram socket is connected when
+/// it is made, so that sends still reach the manager once the sandbox has hidden the socket's
+/// path (and scoped abstract sockets to the process): a connected peer needs no lookup. If
+/// nobody listens yet, each send names the address instead.
 #[derive(Debug)]
 pub struct Notifier {
     sock: OwnedFd,
     addr: UnixAddr,
     spec: String,
+    connected: bool,
 }
 
 impl Notifier {
@@ -496,10 +500,12 @@ impl Notifier {
             None,
         )
         .map_err(SystemdError::Socket)?;
+        let connected = socket::connect(sock.as_raw_fd(), &addr).is_ok();
         Ok(Notifier {
             sock,
             addr,
             spec: spec.to_string(),
+            connected,
         })
     }
 
@@ -528,7 +534,7 @@ impl Notifier {
             &iov,
             cmsgs,
             MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_NOSIGNAL,
-            Some(&self.addr),
+            (!self.connected).then_some(&self.addr),
         )
         .map_err(|source| SystemdError::Send {
             addr: self.spec.clone(),

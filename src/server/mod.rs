@@ -115,6 +115,8 @@ pub struct Settings {
     pub tx_rate: Option<RateSpec>,
     /// Host → guest rate limit.
     pub rx_rate: Option<RateSpec>,
+    /// `--seccomp`, `--no-sandbox`, `--user`, `--group`.
+    pub sandbox: crate::sandbox::SandboxOptions,
     /// QEMU's QMP socket to follow the guest's rx filter on (`--qmp`, `--qmp-nic`,
     /// `--trust-guest-rx-filters`).
     pub qmp: Option<qmp::QmpSettings>,
@@ -168,6 +170,9 @@ pub enum ServerError {
     /// Signal handling could not be installed (host).
     #[error("signal handling: {0}")]
     Signals(nix::Error),
+    /// Dropping privileges failed (host; operator for --user/--group).
+    #[error("sandbox: {0} (--no-sandbox runs without it)")]
+    Sandbox(#[from] crate::sandbox::SandboxError),
     /// The QMP watcher could not start (host).
     #[error("--qmp: {0}")]
     Qmp(qmp::QmpError),
@@ -214,6 +219,7 @@ impl ServerError {
             ServerError::Control { .. } => true,
             ServerError::RxFilter { source } => source.is_operator_error(),
             ServerError::Signals(_) => false,
+            ServerError::Sandbox(e) => e.is_operator_error(),
             ServerError::Qmp(e) => e.is_operator_error(),
         }
     }
@@ -409,10 +415,58 @@ pub fn run(config: Settings, mut inherited: crate::systemd::ListenFds) -> Result
         link_down_disconnects: config.disconnect_on_link_down,
         l2: l2_host(&config, &host, l2_stats, guest_mac)?,
     };
+    // Start-up is over: drop every privilege before the first frontend (docs/security.md).
+    let _sealed = seal(&config, created.as_mut())?;
     let result = serve_on(frontends, identity, side, &stats, &stopper, &service);
     drop(host);
     drop(created);
     result
+}
+
+/// Seals the process for `config`: the directories of the sockets it still binds, removes or
+/// connects to stay visible; a macvtap it created goes to the link helper, which deletes it
+/// when the returned value drops (the sealed process could not).
+fn seal(
+    config: &Settings,
+    created: Option<&mut crate::host::netlink::CreatedLink>,
+) -> Result<crate::sandbox::Sealed, ServerError> {
+    use crate::sandbox::{DirUse, SandboxConfig};
+    let parent = |p: &std::path::Path| match p.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let mut dirs = Vec::new();
+    match &config.socket {
+        SocketMode::Listen(p) => dirs.push((parent(p), DirUse::Listen)),
+        SocketMode::Connect(p) => dirs.push((parent(p), DirUse::Connect)),
+        SocketMode::ListenFd(_) => {}
+    }
+    if let Some(p) = &config.control_socket {
+        dirs.push((parent(p), DirUse::Remove));
+    }
+    if let Some(q) = &config.qmp {
+        // The watcher reconnects when QEMU restarts.
+        dirs.push((parent(&q.path), DirUse::Connect));
+    }
+    let created = created.filter(|l| !l.is_kept());
+    let sandbox = SandboxConfig {
+        disabled: config.sandbox.disabled,
+        seccomp: config.sandbox.seccomp,
+        run_as: config.sandbox.run_as,
+        dirs,
+        io_uring: config.io_uring || crate::worker::tx_io_uring(),
+        delete_on_exit: created
+            .as_ref()
+            .filter(|_| !config.sandbox.disabled)
+            .map(|l| (l.ifindex(), l.name().to_string())),
+        route_netlink: config.qmp.as_ref().is_some_and(|q| q.trust),
+        ..SandboxConfig::default()
+    };
+    let sealed = crate::sandbox::seal(&sandbox)?;
+    if let (Some(_), Some(link)) = (&sealed.link_helper, created) {
+        link.keep();
+    }
+    Ok(sealed)
 }
 
 /// Serves frontends one after another over `host` until `stop` is triggered.

@@ -25,6 +25,7 @@ use crate::datapath::tx::SharedMac;
 use crate::datapath::{vnet, DirtyLogState, QueueStats};
 use crate::host::MacAddr;
 use crate::ratelimit::RateSpec;
+use crate::sandbox::ThreadKind;
 use crate::worker::l2::{GuestL2, L2Host};
 use crate::worker::throttle::Limits;
 use crate::worker::{EventRegistry, GuestMem, PairQueue, PairSettings, PairWorker};
@@ -287,6 +288,11 @@ impl<Q: PairQueue> VhostUserBackend for NetBackend<Q> {
     }
 
     fn features(&self) -> u64 {
+        // GET_FEATURES is the first callback on vhost-user-backend's request thread: seal it to
+        // its own filter (the main thread never gets here; the name check makes sure).
+        if std::thread::current().name() == Some("macvhost") {
+            enter_thread(ThreadKind::Request);
+        }
         self.offered_features
     }
 
@@ -395,10 +401,21 @@ impl<Q: PairQueue> VhostUserBackend for NetBackend<Q> {
         vrings: &[Vring],
         thread_id: usize,
     ) -> io::Result<()> {
+        // The pair's epoll thread takes its own, narrower filter at its first event.
+        enter_thread(ThreadKind::Worker);
         let worker = self.workers.get(thread_id).ok_or_else(|| {
             io::Error::other(format!("event for unknown worker thread {thread_id}"))
         })?;
         worker.handle_event(device_event, evset, vrings)
+    }
+}
+
+/// Installs `kind`'s seccomp filter on the calling thread (once; nothing when not sealed). A
+/// failure leaves the thread under the process filter; it is said once.
+fn enter_thread(kind: ThreadKind) {
+    if let Err(e) = crate::sandbox::enter_thread(kind) {
+        static SAID: std::sync::Once = std::sync::Once::new();
+        SAID.call_once(|| tracing::error!("{kind:?} thread stays under the process filter: {e}"));
     }
 }
 

@@ -104,11 +104,16 @@ impl<Q: PairQueue> Connection<Q> {
         let ours = frontend.try_clone().map_err(ConnectionError::Socket)?;
         let relay = std::thread::Builder::new()
             .name("vu-shim".into())
-            .spawn(move || match shim::relay(frontend, to_daemon, ctx) {
-                Ok(()) => tracing::debug!("vhost-user relay ended"),
-                // One line per connection, naming the frontend's fault.
-                Err(e) if e.frontend_fault() => tracing::warn!("{e}; closing the connection"),
-                Err(e) => tracing::debug!("vhost-user relay ended: {e}"),
+            .spawn(move || {
+                if let Err(e) = crate::sandbox::enter_thread(crate::sandbox::ThreadKind::Relay) {
+                    tracing::error!("the relay thread stays under the process filter: {e}");
+                }
+                match shim::relay(frontend, to_daemon, ctx) {
+                    Ok(()) => tracing::debug!("vhost-user relay ended"),
+                    // One line per connection, naming the frontend's fault.
+                    Err(e) if e.frontend_fault() => tracing::warn!("{e}; closing the connection"),
+                    Err(e) => tracing::debug!("vhost-user relay ended: {e}"),
+                }
             })
             .map_err(|e| ConnectionError::Daemon(e.to_string()))?;
         Ok(Connection {

@@ -1,0 +1,1021 @@
+//! The sandbox (issue 11): what a sealed macvhost holds, sees and may do.
+//!
+//! Two halves:
+//! - `macvhost sandbox-probe` (hidden) seals a small process exactly as the daemon seals itself
+//!   and then makes the calls a test asks for on stdin: a call outside the allowlist must kill
+//!   it with SIGSYS and a line naming the call (or, with `--seccomp log`, go through).
+//! - The daemon itself, sealed by default, between a macvtap in a network namespace and
+//!   DPDK testpmd: traffic passes while every thread reports no capability, no_new_privs and
+//!   seccomp mode 2, and its root (`/proc/PID/root`) is empty.
+//!
+//! The probe tests that need no privilege run as any user; the rest need root (and testpmd)
+//! and skip through `require_root` otherwise.
+
+mod common;
+mod support {
+    #[path = "vu_driver.rs"]
+    pub mod vu_driver;
+}
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::process::ExitStatusExt;
+use std::path::Path;
+use std::process::{Child, ChildStdin, ChildStdout, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+use support::vu_driver::{VuGuest, MEM_SIZE};
+
+// ---------------------------------------------------------------------------------------------
+// The probe
+// ---------------------------------------------------------------------------------------------
+
+struct Probe {
+    child: Child,
+    stdin: Option<ChildStdin>,
+    out: BufReader<ChildStdout>,
+    pid: u32,
+    /// The first line: `sealed pid N fs VIEW threads N bounding_kept B landlock_abi N took_us N`.
+    sealed: String,
+}
+
+impl Probe {
+    fn spawn(args: &[&str]) -> Probe {
+        Self::spawn_with(Command::new(Macvhost::binary()), args)
+    }
+
+    /// `cmd` is the program to run (the binary, or a wrapper like setpriv with it as argument).
+    fn spawn_with(mut cmd: Command, args: &[&str]) -> Probe {
+        let mut child = cmd
+            .arg("sandbox-probe")
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn sandbox-probe");
+        let stdin = child.stdin.take();
+        let mut out = BufReader::new(child.stdout.take().expect("stdout"));
+        let mut sealed = String::new();
+        out.read_line(&mut sealed).expect("read the seal line");
+        let pid = child.id();
+        let mut p = Probe {
+            child,
+            stdin,
+            out,
+            pid,
+            sealed: sealed.trim().to_string(),
+        };
+        if !p.sealed.starts_with("sealed ") {
+            let (status, err) = p.finish();
+            panic!(
+                "probe did not seal: {:?} ({status}); stderr: {err}",
+                p.sealed
+            );
+        }
+        p
+    }
+
+    /// Sends one command; returns its answer, or None when the probe died instead.
+    fn ask(&mut self, cmd: &str) -> Option<String> {
+        let stdin = self.stdin.as_mut().expect("stdin open");
+        writeln!(stdin, "{cmd}").ok()?;
+        stdin.flush().ok()?;
+        let mut line = String::new();
+        match self.out.read_line(&mut line) {
+            Ok(0) | Err(_) => None,
+            Ok(_) => Some(line.trim().to_string()),
+        }
+    }
+
+    /// Closes stdin (the probe exits) and returns its status and stderr.
+    fn finish(&mut self) -> (ExitStatus, String) {
+        self.stdin.take();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let status = loop {
+            if let Some(s) = self.child.try_wait().expect("try_wait") {
+                break s;
+            }
+            assert!(Instant::now() < deadline, "probe did not exit");
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        let mut err = String::new();
+        if let Some(mut e) = self.child.stderr.take() {
+            let _ = e.read_to_string(&mut err);
+        }
+        (status, err)
+    }
+
+    fn field(&self, key: &str) -> String {
+        let words: Vec<&str> = self.sealed.split_whitespace().collect();
+        let i = words.iter().position(|w| *w == key).expect(key);
+        words[i + 1].to_string()
+    }
+}
+
+impl Drop for Probe {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Asserts the probe died of SIGSYS after naming `syscall` (and `thread`) on stderr.
+fn assert_killed_naming(p: &mut Probe, syscall: &str, thread: &str) {
+    let (status, err) = p.finish();
+    assert_eq!(
+        status.signal(),
+        Some(libc::SIGSYS),
+        "expected death by SIGSYS, got {status}; stderr: {err}"
+    );
+    let want = format!("({syscall}) not allowed in thread {thread} ");
+    assert!(
+        err.contains("macvhost: seccomp: syscall ") && err.contains(&want),
+        "stderr does not name {syscall} in {thread}: {err}"
+    );
+}
+
+/// `Name` and the fields of `/proc/PID/task/TID/status` for every thread of `pid`.
+fn thread_status(pid: u32) -> Vec<BTreeMap<String, String>> {
+    let mut out = Vec::new();
+    let dir = format!("/proc/{pid}/task");
+    for e in std::fs::read_dir(&dir).unwrap_or_else(|e| panic!("{dir}: {e}")) {
+        let path = e.expect("task entry").path().join("status");
+        let Ok(text) = std::fs::read_to_string(&path) else {
+            continue; // the thread just exited
+        };
+        let map = text
+            .lines()
+            .filter_map(|l| l.split_once(':'))
+            .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+            .collect();
+        out.push(map);
+    }
+    out
+}
+
+const ZERO_CAPS: &str = "0000000000000000";
+
+/// Every thread of `pid`: no capability in any set (bounding too, unless `bounding_kept`),
+/// no_new_privs, seccomp filter mode. Returns the thread names.
+fn assert_every_thread_sealed(pid: u32, bounding_kept: bool) -> Vec<String> {
+    let threads = thread_status(pid);
+    assert!(!threads.is_empty());
+    let mut names = Vec::new();
+    for t in &threads {
+        let name = t.get("Name").cloned().unwrap_or_default();
+        let mut sets = vec!["CapEff", "CapPrm", "CapInh", "CapAmb"];
+        if !bounding_kept {
+            sets.push("CapBnd");
+        }
+        for set in sets {
+            assert_eq!(
+                t.get(set).map(String::as_str),
+                Some(ZERO_CAPS),
+                "thread {name}: {set}"
+            );
+        }
+        assert_eq!(
+            t.get("NoNewPrivs").map(String::as_str),
+            Some("1"),
+            "thread {name}"
+        );
+        assert_eq!(
+            t.get("Seccomp").map(String::as_str),
+            Some("2"),
+            "thread {name}"
+        );
+        names.push(name);
+    }
+    names.sort();
+    names
+}
+
+/// What `/proc/PID/root` holds (needs ptrace access: root).
+fn root_entries(pid: u32) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/root"))
+        .expect("read /proc/PID/root")
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    v.sort();
+    v
+}
+
+/// What an empty root may hold: `tmp` (where `$TMPDIR` and the socket directories sit in these
+/// tests) and the empty path of the working directory (kept so relative paths still resolve).
+fn assert_empty_root(pid: u32) {
+    let mut want = vec!["tmp".to_string()];
+    let cwd = std::env::current_dir().unwrap();
+    if let Some(std::path::Component::Normal(first)) = cwd.components().nth(1) {
+        want.push(first.to_string_lossy().into_owned());
+    }
+    want.sort();
+    want.dedup();
+    assert_eq!(root_entries(pid), want);
+    for host in ["etc", "usr", "proc", "dev", "sys"] {
+        assert!(
+            !Path::new(&format!("/proc/{pid}/root/{host}")).exists(),
+            "/{host} visible"
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// What the filter denies (any user)
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn syscall_outside_the_allowlist_kills_with_sigsys_naming_it() {
+    let mut p = Probe::spawn(&[]);
+    assert_eq!(
+        p.ask("syscall getpid").map(|a| a.starts_with("rc ")),
+        Some(true)
+    );
+    assert_eq!(p.ask("syscall getppid"), None, "getppid must not return");
+    assert_killed_naming(&mut p, "getppid", "macvhost");
+}
+
+#[test]
+fn log_mode_lets_a_forbidden_syscall_through() {
+    let mut p = Probe::spawn(&["--seccomp", "log"]);
+    let ppid = std::process::id();
+    assert_eq!(p.ask("syscall getppid"), Some(format!("rc {ppid}")));
+    assert_eq!(
+        p.ask("syscall socket 2 1 0").map(|a| a.starts_with("rc ")),
+        Some(true)
+    );
+    let (status, err) = p.finish();
+    assert!(status.success(), "{status}: {err}");
+    assert!(!err.contains("seccomp"), "{err}");
+}
+
+#[test]
+fn inet_socket_is_refused_where_a_unix_socket_is_allowed() {
+    let mut p = Probe::spawn(&[]);
+    let unix = p.ask(&format!("syscall socket {} 1 0", libc::AF_UNIX));
+    assert!(unix.is_some_and(|a| a.starts_with("rc ")));
+    assert_eq!(
+        p.ask(&format!("syscall socket {} 1 0", libc::AF_INET)),
+        None
+    );
+    assert_killed_naming(&mut p, "socket", "macvhost");
+}
+
+#[test]
+fn process_clone_is_refused_thread_clone_is_not() {
+    let mut p = Probe::spawn(&[]);
+    // Threads still start (clone3 answers ENOSYS, glibc falls back to clone with CLONE_THREAD).
+    assert!(p
+        .ask("thread process syscall getpid")
+        .is_some_and(|a| a.starts_with("rc ")));
+    // A fork-style clone (SIGCHLD, no CLONE_THREAD).
+    assert_eq!(
+        p.ask(&format!("syscall clone {} 0 0 0 0", libc::SIGCHLD)),
+        None
+    );
+    assert_killed_naming(&mut p, "clone", "macvhost");
+}
+
+#[test]
+fn opening_any_file_kills_the_sealed_process() {
+    // Everything is opened at start-up: the main thread's filter has no open at all, even for
+    // a path that would not exist in its empty root.
+    let mut p = Probe::spawn(&[]);
+    assert_eq!(p.ask("open /etc/hostname"), None);
+    assert_killed_naming(&mut p, "openat", "macvhost");
+}
+
+#[test]
+fn execve_is_refused() {
+    let mut p = Probe::spawn(&[]);
+    assert_eq!(p.ask("syscall execve 0 0 0"), None);
+    assert_killed_naming(&mut p, "execve", "macvhost");
+}
+
+#[test]
+fn executable_memory_is_refused() {
+    let mut p = Probe::spawn(&[]);
+    let anon = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS;
+    let rw = libc::PROT_READ | libc::PROT_WRITE;
+    assert!(p
+        .ask(&format!("syscall mmap 0 4096 {rw} {anon} -1 0"))
+        .is_some_and(|a| a.starts_with("rc ")));
+    let rx = libc::PROT_READ | libc::PROT_EXEC;
+    assert_eq!(
+        p.ask(&format!("syscall mmap 0 4096 {rx} {anon} -1 0")),
+        None
+    );
+    assert_killed_naming(&mut p, "mmap", "macvhost");
+}
+
+#[test]
+fn signalling_another_process_is_refused() {
+    let mut p = Probe::spawn(&[]);
+    // Signal 0 to our parent: only a permission check, but kill(2) is not on any list.
+    assert_eq!(
+        p.ask(&format!("syscall kill {} 0", std::process::id())),
+        None
+    );
+    assert_killed_naming(&mut p, "kill", "macvhost");
+}
+
+#[test]
+fn worker_thread_filter_refuses_what_the_main_thread_may_do() {
+    let mut p = Probe::spawn(&[]);
+    assert!(p
+        .ask("thread worker syscall getpid")
+        .is_some_and(|a| a.starts_with("rc ")));
+    // The main thread may open a unix socket (--client, the rendezvous); a worker may not.
+    assert!(p
+        .ask(&format!("syscall socket {} 1 0", libc::AF_UNIX))
+        .is_some_and(|a| a.starts_with("rc ")));
+    assert_eq!(
+        p.ask(&format!(
+            "thread worker syscall socket {} 1 0",
+            libc::AF_UNIX
+        )),
+        None
+    );
+    assert_killed_naming(&mut p, "socket", "probe-worker");
+}
+
+#[test]
+fn threads_running_before_the_seal_seal_themselves() {
+    let mut p = Probe::spawn(&["--threads", "3"]);
+    assert_eq!(p.field("threads"), "3");
+    let kept = p.field("bounding_kept") == "true";
+    let names = assert_every_thread_sealed(p.pid, kept);
+    assert_eq!(names.len(), 4, "{names:?}");
+    let (status, err) = p.finish();
+    assert!(status.success(), "{status}: {err}");
+}
+
+#[test]
+fn thread_running_before_the_seal_cannot_open_a_socket_the_main_thread_can() {
+    // Such threads (signals, link-watch, control, metrics) stay in the host's mount namespace;
+    // their service filter has no socket, connect or open.
+    let mut p = Probe::spawn(&["--threads", "1"]);
+    assert!(p
+        .ask("pre syscall getpid")
+        .is_some_and(|a| a.starts_with("rc ")));
+    assert!(p
+        .ask(&format!("syscall socket {} 1 0", libc::AF_UNIX))
+        .is_some_and(|a| a.starts_with("rc ")));
+    assert_eq!(
+        p.ask(&format!("pre syscall socket {} 1 0", libc::AF_UNIX)),
+        None
+    );
+    assert_killed_naming(&mut p, "socket", "probe-idle-0");
+}
+
+#[test]
+fn thread_running_before_the_seal_cannot_open_a_host_file() {
+    let mut p = Probe::spawn(&["--threads", "1"]);
+    assert_eq!(p.ask("pre open /etc/hostname"), None);
+    assert_killed_naming(&mut p, "openat", "probe-idle-0");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Capabilities, ids and the filesystem view (root)
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn sealed_process_holds_no_capability_in_any_thread_and_sees_an_empty_root() {
+    const NAME: &str = "sealed_process_holds_no_capability_in_any_thread_and_sees_an_empty_root";
+    if !require_root(NAME) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let spec = format!("{}:listen", dir.path().display());
+    // --seccomp log: the filter would refuse open outright; here the filesystem view answers.
+    let mut p = Probe::spawn(&["--threads", "2", "--dir", &spec, "--seccomp", "log"]);
+    assert_eq!(p.field("fs"), "MountNamespace");
+    let names = assert_every_thread_sealed(p.pid, false);
+    assert_eq!(names.len(), 3, "{names:?}");
+    assert_empty_root(p.pid);
+    let enoent = format!("err {}", libc::ENOENT);
+    assert_eq!(p.ask("open /etc/hostname"), Some(enoent.clone()));
+    assert_eq!(p.ask("open /proc/self/status"), Some(enoent));
+    // The one directory it still uses is there, writable for its socket.
+    let sock = dir.path().join("s.sock");
+    assert_eq!(
+        p.ask(&format!("bind {}", sock.display())),
+        Some("ok".into())
+    );
+    let (status, err) = p.finish();
+    assert!(status.success(), "{status}: {err}");
+}
+
+#[test]
+fn user_and_group_apply_to_every_thread() {
+    const NAME: &str = "user_and_group_apply_to_every_thread";
+    if !require_root(NAME) {
+        return;
+    }
+    let mut p = Probe::spawn(&["--threads", "2", "--uid", "65534", "--gid", "65534"]);
+    for t in thread_status(p.pid) {
+        let name = &t["Name"];
+        for key in ["Uid", "Gid"] {
+            let ids: Vec<&str> = t[key].split_whitespace().collect();
+            assert_eq!(ids, vec!["65534"; 4], "{name}: {key}");
+        }
+        assert_eq!(t["Groups"], "65534", "{name}");
+    }
+    assert_every_thread_sealed(p.pid, false);
+    let (status, err) = p.finish();
+    assert!(status.success(), "{status}: {err}");
+}
+
+fn setpriv_net_admin_only() -> Command {
+    let mut c = Command::new("setpriv");
+    c.args([
+        "--reuid=65534",
+        "--regid=65534",
+        "--clear-groups",
+        "--inh-caps=+net_admin",
+        "--ambient-caps=+net_admin",
+    ])
+    .arg(Macvhost::binary());
+    c
+}
+
+/// macvhost run as a plain user with only CAP_NET_ADMIN (systemd `AmbientCapabilities=`): a
+/// single-threaded process enters a user namespace for its empty root and can then empty its
+/// bounding set too; a multithreaded one falls back to Landlock and keeps the bounding set
+/// (reported), which no_new_privs and the filter make moot.
+#[test]
+fn process_with_only_net_admin_seals_too() {
+    const NAME: &str = "process_with_only_net_admin_seals_too";
+    if !require_root(NAME) {
+        return;
+    }
+    if which("setpriv").is_none() {
+        let msg = format!("skipped: {NAME}: needs setpriv (util-linux)");
+        assert!(std::env::var(REQUIRE_ENV).as_deref() != Ok("1"), "{msg}");
+        print_skip(&msg);
+        return;
+    }
+    let mut p = Probe::spawn_with(setpriv_net_admin_only(), &["--seccomp", "log"]);
+    assert!(
+        p.sealed.contains("fs MountNamespace { user_ns: true }"),
+        "{}",
+        p.sealed
+    );
+    assert_every_thread_sealed(p.pid, false);
+    assert_eq!(
+        p.ask("open /etc/hostname"),
+        Some(format!("err {}", libc::ENOENT))
+    );
+    p.finish();
+
+    let mut p = Probe::spawn_with(
+        setpriv_net_admin_only(),
+        &["--threads", "1", "--seccomp", "log"],
+    );
+    assert!(p.sealed.contains("fs Landlock"), "{}", p.sealed);
+    assert_eq!(p.field("bounding_kept"), "true");
+    assert_every_thread_sealed(p.pid, true);
+    assert_eq!(
+        p.ask("open /etc/hostname"),
+        Some(format!("err {}", libc::EACCES))
+    );
+    let (status, err) = p.finish();
+    assert!(status.success(), "{status}: {err}");
+}
+
+/// The comparison that chose the mount namespace: Landlock (ABI <= 7) denies opening files
+/// but not connecting to a unix socket by path, so a sealed process running as root could
+/// still reach any root-owned socket on the host (container runtimes, systemd). In the empty
+/// mount namespace that path does not exist. Also prints what each costs to set up.
+#[test]
+fn mount_namespace_hides_unix_sockets_that_landlock_leaves_reachable() {
+    const NAME: &str = "mount_namespace_hides_unix_sockets_that_landlock_leaves_reachable";
+    if !require_root(NAME) {
+        return;
+    }
+    let outside = tempfile::tempdir().unwrap();
+    let sock = outside.path().join("host-service.sock");
+    let _listener = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+    let connect = format!("connect {}", sock.display());
+    let mut took = BTreeMap::new();
+    for (fs, want_connect, want_open) in [
+        ("mount-ns", format!("err {}", libc::ENOENT), libc::ENOENT),
+        ("landlock", "ok".to_string(), libc::EACCES),
+    ] {
+        let mut runs = Vec::new();
+        for _ in 0..5 {
+            // --seccomp log: the filter would refuse open outright; compare the views alone.
+            let mut p = Probe::spawn(&["--fs", fs, "--seccomp", "log"]);
+            runs.push(p.field("took_us").parse::<u64>().unwrap());
+            assert_eq!(p.ask(&connect), Some(want_connect.clone()), "{fs}");
+            assert_eq!(
+                p.ask("open /etc/hostname"),
+                Some(format!("err {want_open}")),
+                "{fs}"
+            );
+            p.finish();
+        }
+        runs.sort_unstable();
+        took.insert(fs, runs[runs.len() / 2]);
+    }
+    println!("{NAME}: median seal time (us): {took:?}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// The daemon, sealed, with a real frontend (root + testpmd)
+// ---------------------------------------------------------------------------------------------
+
+fn metrics_addr_from_log(m: &Macvhost) -> String {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let log = m.log_text();
+        if let Some(i) = log.find("Prometheus metrics on http://") {
+            let rest = &log[i + "Prometheus metrics on http://".len()..];
+            return rest.split('/').next().unwrap().to_string();
+        }
+        assert!(Instant::now() < deadline, "no metrics address in log");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Checks the sealed daemon's threads and root while `pmd` forwards; returns thread names.
+fn check_sealed_daemon(mvh: &Macvhost) -> Vec<String> {
+    // The socket is bound early in start-up; sealing comes at its end.
+    let sealed = wait_until(Duration::from_secs(10), || {
+        mvh.log_text().contains("sandbox sealed")
+    });
+    assert!(sealed, "no seal in the log:\n{}", mvh.log_text());
+    let names = assert_every_thread_sealed(mvh.pid(), false);
+    assert_empty_root(mvh.pid());
+    names
+}
+
+#[test]
+fn sealed_daemon_passes_traffic_and_no_thread_holds_privilege() {
+    const NAME: &str = "sealed_daemon_passes_traffic_and_no_thread_holds_privilege";
+    if !require_root(NAME) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let ns = Netns::new();
+    let topo = MacvtapTopo::create(&ns, "bridge");
+    let ctl = dir.path().join("ctl.sock");
+    let ctl_s = ctl.display().to_string();
+    let mut mvh = Macvhost::spawn(
+        &ns,
+        dir.path(),
+        &[
+            "--macvtap",
+            topo.macvtap,
+            "--queues",
+            "2",
+            "--io-uring",
+            "--control-socket",
+            &ctl_s,
+            "--metrics-addr",
+            "127.0.0.1:0",
+            // High enough never to hold a frame back, low enough to run the limiter.
+            "--tx-rate",
+            "average=1000000000",
+            "--rx-rate",
+            "average=1000000000",
+        ],
+    );
+    let metrics = metrics_addr_from_log(&mvh);
+    let mut pmd = Testpmd::spawn(
+        mvh.socket(),
+        dir.path(),
+        &TestpmdConfig::macswap(2, topo.macvtap_mac),
+    );
+    let peer = Peer::open(&ns, topo.peer, topo.peer_mac, topo.macvtap_mac);
+    peer.wait_for_echo(FrameKind::Udp, READY_TIMEOUT, || {
+        mvh.check_alive();
+        pmd.check_alive();
+    });
+    // Sample the threads while frames flow.
+    let (report, names) = std::thread::scope(|s| {
+        let traffic = s.spawn(|| peer.roundtrip(&Traffic::udp(4000, 8)));
+        let names = check_sealed_daemon(&mvh);
+        (traffic.join().unwrap(), names)
+    });
+    report.assert_lossless_byte_exact();
+    for want in [
+        "vring_worker",
+        "vu-shim",
+        "signals",
+        "link-watch",
+        "control",
+        "metrics",
+    ] {
+        assert!(
+            names.iter().any(|n| n == want),
+            "no {want} thread in {names:?}"
+        );
+    }
+    // Both stats endpoints answer from the sealed process.
+    let stats = Command::new(Macvhost::binary())
+        .args(["stats", &ctl_s, "--json"])
+        .output()
+        .unwrap();
+    assert!(stats.status.success(), "{stats:?}");
+    let body = ns.run_in(|| {
+        let mut c = std::net::TcpStream::connect(&metrics).expect("connect metrics");
+        c.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").unwrap();
+        let mut b = String::new();
+        c.read_to_string(&mut b).unwrap();
+        b
+    });
+    assert!(body.contains("macvhost_"), "{body}");
+    let st = pmd.stop();
+    // Exit and teardown run sealed too: a forgotten syscall there would be SIGSYS, not 0.
+    mvh.shutdown_clean();
+    assert!(!ctl.exists(), "control socket left behind");
+    println!(
+        "{NAME}: [{report}], testpmd rx {}, threads {names:?}",
+        st.rx_packets
+    );
+}
+
+#[test]
+fn sealed_daemon_in_client_mode_reconnects_to_a_restarted_frontend() {
+    const NAME: &str = "sealed_daemon_in_client_mode_reconnects_to_a_restarted_frontend";
+    if !require_root(NAME) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let ns = Netns::new();
+    let topo = MacvtapTopo::create(&ns, "bridge");
+    let sock = dir.path().join("macvhost.sock");
+    let mut cfg = TestpmdConfig::macswap(1, topo.macvtap_mac);
+    cfg.vdev_extra = "server=1".into();
+    let mut frontend = Some(Testpmd::spawn(&sock, dir.path(), &cfg));
+    assert!(wait_until(Duration::from_secs(15), || sock.exists()));
+    let mut mvh = Macvhost::spawn(&ns, dir.path(), &["--client", "--macvtap", topo.macvtap]);
+    let peer = Peer::open(&ns, topo.peer, topo.peer_mac, topo.macvtap_mac);
+    let mut rounds = Vec::new();
+    for round in 1..=2 {
+        // Round 2: a new frontend listens on the same path; the sealed macvhost reconnects
+        // through the read-only bind of the socket's directory.
+        let mut pmd = frontend
+            .take()
+            .unwrap_or_else(|| Testpmd::spawn(&sock, dir.path(), &cfg));
+        peer.wait_for_echo(FrameKind::Raw, READY_TIMEOUT, || {
+            mvh.check_alive();
+            pmd.check_alive();
+        });
+        check_sealed_daemon(&mvh);
+        let report = peer.roundtrip(&Traffic::raw(1000));
+        report.assert_lossless_byte_exact();
+        let st = pmd.stop();
+        rounds.push(format!(
+            "round {round}: [{report}] testpmd rx {}",
+            st.rx_packets
+        ));
+        mvh.check_alive();
+    }
+    mvh.shutdown_clean();
+    println!("{NAME}: {}", rounds.join("; "));
+}
+
+#[test]
+fn killed_daemon_still_has_its_macvtap_deleted() {
+    const NAME: &str = "killed_daemon_still_has_its_macvtap_deleted";
+    if !require_root(NAME) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let ns = Netns::new();
+    ns.ip(&[
+        "link", "add", "peer0", "type", "veth", "peer", "name", "lower0",
+    ]);
+    ns.ip(&["link", "set", "lower0", "up"]);
+    let mut mvh = Macvhost::spawn(
+        &ns,
+        dir.path(),
+        &["--macvtap-parent", "lower0", "--macvtap-name", "mvk0"],
+    );
+    check_sealed_daemon(&mvh);
+    assert!(ns.has_iface("mvk0"));
+    mvh.check_alive();
+    // SIGKILL: no destructor runs; the link helper sees its socket close.
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(mvh.pid() as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    );
+    let gone = wait_until(Duration::from_secs(5), || !ns.has_iface("mvk0"));
+    drop(mvh);
+    assert!(gone, "mvk0 outlived the killed macvhost");
+}
+
+/// Live-migration logging in the sealed daemon, running as an unprivileged user: the relay
+/// maps QEMU's log (SET_LOG_BASE, a memfd), the request thread re-reads ring addresses,
+/// workers mark the pages they write, and the backend request channel opens — all under their
+/// filters.
+#[test]
+fn sealed_daemon_as_nobody_logs_dirty_pages_for_migration() {
+    const NAME: &str = "sealed_daemon_as_nobody_logs_dirty_pages_for_migration";
+    if !require_root(NAME) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    // Sealed as uid/gid 65534: its socket is bound after sealing, so the directory must be
+    // writable for that user.
+    std::fs::set_permissions(
+        dir.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o777),
+    )
+    .unwrap();
+    let ns = Netns::new();
+    let topo = MacvtapTopo::create(&ns, "bridge");
+    let mvh = Macvhost::spawn(
+        &ns,
+        dir.path(),
+        &[
+            "--macvtap",
+            topo.macvtap,
+            "--user",
+            "65534",
+            "--group",
+            "65534",
+        ],
+    );
+    check_sealed_daemon(&mvh);
+    for t in thread_status(mvh.pid()) {
+        assert!(t["Uid"].split_whitespace().all(|id| id == "65534"), "{t:?}");
+    }
+    let mut g = VuGuest::connect(mvh.socket(), 1, 256, u64::MAX, Duration::from_secs(10));
+    let _backend_channel = g.open_backend_channel();
+    let log = g.start_dirty_log(MEM_SIZE / 4096 / 8);
+    g.resend_vring_addr(g.rx(0), true);
+    g.post_rx(0, 64, 2048);
+    g.kick(g.rx(0));
+    let peer = Peer::open(&ns, topo.peer, topo.peer_mac, topo.macvtap_mac);
+    let mut frame = vec![0u8; 200];
+    frame[..6].copy_from_slice(&topo.macvtap_mac.0);
+    frame[6..12].copy_from_slice(&topo.peer_mac.0);
+    frame[12..14].copy_from_slice(&[0x88, 0xb5]);
+    let mut used = Vec::new();
+    let rxq = g.rx(0);
+    let got = g.wait_until(Duration::from_secs(5), |g| {
+        let _ = peer.send(&frame);
+        used.extend(g.take_used(rxq));
+        used.len() >= 4
+    });
+    assert!(got, "no frame reached the guest");
+    let pages = VuGuest::harvest_log(&log);
+    for (head, len) in &used {
+        for page in g.rx_buffer_pages(0, *head, *len) {
+            assert!(pages.contains(&page), "RX page {page} not logged");
+        }
+    }
+    g.stop_dirty_log();
+    check_sealed_daemon(&mvh);
+    drop(g);
+    mvh.shutdown_clean();
+    println!(
+        "{NAME}: {} frames, {} pages logged",
+        used.len(),
+        pages.len()
+    );
+}
+
+/// `--disconnect-on-link-down` in the sealed daemon: losing carrier unbinds the socket (the
+/// sealed process removes it from its read-write bind of the directory), carrier back binds it
+/// again, and a frontend connects; link loss and return arrive over the netlink socket opened
+/// before sealing.
+#[test]
+fn sealed_daemon_unbinds_and_rebinds_its_socket_across_link_loss() {
+    const NAME: &str = "sealed_daemon_unbinds_and_rebinds_its_socket_across_link_loss";
+    if !require_root(NAME) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let ns = Netns::new();
+    let topo = MacvtapTopo::create(&ns, "bridge");
+    let mut mvh = Macvhost::spawn(
+        &ns,
+        dir.path(),
+        &["--macvtap", topo.macvtap, "--disconnect-on-link-down"],
+    );
+    let sock = mvh.socket().to_path_buf();
+    for round in 1..=2 {
+        let g = VuGuest::connect(&sock, 1, 256, u64::MAX, Duration::from_secs(10));
+        ns.ip(&["link", "set", topo.lower, "down"]);
+        assert!(
+            wait_until(Duration::from_secs(5), || !sock.exists()),
+            "round {round}: socket still there while the link is down"
+        );
+        drop(g);
+        ns.ip(&["link", "set", topo.lower, "up"]);
+        assert!(
+            wait_until(Duration::from_secs(5), || sock.exists()),
+            "round {round}: socket not bound again after carrier returned"
+        );
+        mvh.check_alive();
+    }
+    let _g = VuGuest::connect(&sock, 1, 256, u64::MAX, Duration::from_secs(10));
+    check_sealed_daemon(&mvh);
+    drop(_g);
+    mvh.shutdown_clean();
+    assert!(!sock.exists(), "socket left behind on exit");
+}
+
+/// Many connections, one after another, against the sealed daemon: every per-connection path
+/// (threads, epolls, eventfds, timers, the rendezvous, teardown) runs under the filters.
+#[test]
+fn sealed_daemon_serves_five_hundred_connections_in_a_row() {
+    const NAME: &str = "sealed_daemon_serves_five_hundred_connections_in_a_row";
+    if !require_root(NAME) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let ns = Netns::new();
+    let topo = MacvtapTopo::create(&ns, "bridge");
+    let mut mvh = Macvhost::spawn(
+        &ns,
+        dir.path(),
+        &["--macvtap", topo.macvtap, "--queues", "2"],
+    );
+    let t0 = Instant::now();
+    for i in 0..500 {
+        let g = VuGuest::connect(mvh.socket(), 2, 256, u64::MAX, Duration::from_secs(10));
+        drop(g);
+        if i % 100 == 0 {
+            mvh.check_alive();
+        }
+    }
+    mvh.check_alive();
+    let _g = VuGuest::connect(mvh.socket(), 2, 256, u64::MAX, Duration::from_secs(10));
+    check_sealed_daemon(&mvh);
+    drop(_g);
+    mvh.shutdown_clean();
+    println!("{NAME}: 500 connections in {:.2?}", t0.elapsed());
+}
+
+/// The guest's multicast groups in the sealed daemon: its IGMP join (guest TX) becomes a
+/// packet-socket membership on the macvtap (`setsockopt` on the worker, no capability), so a
+/// group frame from the wire reaches the guest; when the frontend leaves, the membership goes.
+#[test]
+fn sealed_daemon_follows_the_guests_multicast_groups() {
+    const NAME: &str = "sealed_daemon_follows_the_guests_multicast_groups";
+    if !require_root(NAME) {
+        return;
+    }
+    use macvhost::datapath::mcast::frames as tf;
+    let dir = tempfile::tempdir().unwrap();
+    let ns = Netns::new();
+    let topo = MacvtapTopo::create(&ns, "bridge");
+    let mvh = Macvhost::spawn(&ns, dir.path(), &["--macvtap", topo.macvtap]);
+    let mut g = VuGuest::connect(mvh.socket(), 1, 256, u64::MAX, Duration::from_secs(10));
+    g.post_rx(0, 128, 2048);
+    g.kick(g.rx(0));
+    let peer = Peer::open(&ns, topo.peer, topo.peer_mac, topo.macvtap_mac);
+    let group = tf::v4(239, 1, 2, 3);
+    let mut frame = vec![0x5a; 100];
+    frame[..6].copy_from_slice(&group.mac());
+    frame[6..12].copy_from_slice(&topo.peer_mac.0);
+    frame[12..14].copy_from_slice(&[0x88, 0xb5]);
+    let delivered = |g: &mut VuGuest| {
+        let _ = peer.send(&frame);
+        let mut got = Vec::new();
+        g.wait_until(Duration::from_millis(300), |g| {
+            got.extend(g.recv_frames(0));
+            got.iter().any(|f| f == &frame)
+        })
+    };
+    assert!(
+        !delivered(&mut g),
+        "a group frame arrived before the guest joined"
+    );
+    let join = tf::igmp_v2(0x16, group, None);
+    assert!(g.send(0, &join));
+    g.kick(g.tx(0));
+    let mut joined = false;
+    for _ in 0..10 {
+        if delivered(&mut g) {
+            joined = true;
+            break;
+        }
+    }
+    assert!(
+        joined,
+        "the group frame never reached the guest after its join"
+    );
+    check_sealed_daemon(&mvh);
+    drop(g);
+    // The frontend left: the group leaves the macvtap's filter (from a sealed thread too).
+    let g = VuGuest::connect(mvh.socket(), 1, 256, u64::MAX, Duration::from_secs(10));
+    drop(g);
+    mvh.shutdown_clean();
+    println!("{NAME}: joined 239.1.2.3 through the sealed daemon");
+}
+
+/// A fake QEMU monitor: one connection's handshake and listing, answering
+/// `query-rx-filter` with `mac` and `groups` for NIC `net0`.
+struct FakeQmp {
+    r: BufReader<std::os::unix::net::UnixStream>,
+    w: std::os::unix::net::UnixStream,
+}
+
+impl FakeQmp {
+    fn accept(l: &std::os::unix::net::UnixListener) -> FakeQmp {
+        let (s, _) = l.accept().expect("the sealed macvhost connects to QMP");
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        FakeQmp {
+            r: BufReader::new(s.try_clone().unwrap()),
+            w: s,
+        }
+    }
+
+    fn send(&mut self, v: serde_json::Value) {
+        self.w.write_all(v.to_string().as_bytes()).unwrap();
+        self.w.write_all(b"\r\n").unwrap();
+    }
+
+    /// The next command: (execute, id).
+    fn command(&mut self) -> (String, serde_json::Value) {
+        let mut line = String::new();
+        assert!(self.r.read_line(&mut line).unwrap() > 0, "QMP closed");
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+        (v["execute"].as_str().unwrap().to_string(), v["id"].clone())
+    }
+
+    fn filter(mac: &str, groups: &[&str]) -> serde_json::Value {
+        serde_json::json!({"promiscuous": false, "name": "net0", "main-mac": mac,
+            "unicast": "normal", "vlan": "none", "vlan-table": [], "unicast-table": [],
+            "multicast": "normal", "multicast-overflow": false, "unicast-overflow": false,
+            "multicast-table": groups, "broadcast-allowed": false})
+    }
+
+    /// Greeting, capabilities, and the first listing.
+    fn handshake(&mut self, mac: &str, groups: &[&str]) {
+        self.send(serde_json::json!({"QMP": {"version": {"qemu":
+            {"micro": 0, "minor": 2, "major": 7}, "package": "fake"}, "capabilities": []}}));
+        let (cmd, id) = self.command();
+        assert_eq!(cmd, "qmp_capabilities");
+        self.send(serde_json::json!({"return": {}, "id": id}));
+        let (cmd, id) = self.command();
+        assert_eq!(cmd, "query-rx-filter");
+        self.send(serde_json::json!({"return": [Self::filter(mac, groups)], "id": id}));
+    }
+}
+
+/// `--qmp` with `--trust-guest-rx-filters` in the sealed daemon: the `qmp` thread (started
+/// before the seal, under its own filter) applies the guest's multicast list as packet-socket
+/// memberships, survives a MAC change it cannot make without `CAP_NET_ADMIN` (the privileged
+/// helper's job), and reconnects to a restarted monitor.
+#[test]
+fn sealed_daemon_follows_qmp_and_reconnects_to_a_restarted_monitor() {
+    const NAME: &str = "sealed_daemon_follows_qmp_and_reconnects_to_a_restarted_monitor";
+    if !require_root(NAME) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let qmp_path = dir.path().join("qmp.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&qmp_path).unwrap();
+    let ns = Netns::new();
+    let topo = MacvtapTopo::create(&ns, "bridge");
+    let qmp_s = qmp_path.display().to_string();
+    let mut mvh = Macvhost::spawn(
+        &ns,
+        dir.path(),
+        &[
+            "--macvtap",
+            topo.macvtap,
+            "--qmp",
+            &qmp_s,
+            "--trust-guest-rx-filters",
+        ],
+    );
+    let mac = topo.macvtap_mac.to_string();
+    let mut q = FakeQmp::accept(&listener);
+    q.handshake(&mac, &["01:00:5e:01:02:03"]);
+    std::thread::sleep(Duration::from_millis(300));
+    mvh.check_alive();
+    // The guest takes another MAC: the macvtap's cannot follow once sealed (EPERM), and
+    // macvhost must go on.
+    q.send(
+        serde_json::json!({"timestamp": {"seconds": 1, "microseconds": 2},
+        "event": "NIC_RX_FILTER_CHANGED",
+        "data": {"name": "net0", "path": "/machine/peripheral/net0/virtio-backend"}}),
+    );
+    let (cmd, id) = q.command();
+    assert_eq!(cmd, "query-rx-filter");
+    q.send(serde_json::json!({"return":
+        [FakeQmp::filter("02:6d:76:68:00:99", &["01:00:5e:01:02:04"])], "id": id}));
+    std::thread::sleep(Duration::from_millis(300));
+    mvh.check_alive();
+    check_sealed_daemon(&mvh);
+    // QEMU restarts: the watcher connects again through the bound directory.
+    drop(q);
+    let mut q = FakeQmp::accept(&listener);
+    q.handshake(&mac, &[]);
+    std::thread::sleep(Duration::from_millis(200));
+    mvh.check_alive();
+    let names = assert_every_thread_sealed(mvh.pid(), false);
+    assert!(names.iter().any(|n| n == "qmp"), "{names:?}");
+    drop(q);
+    mvh.shutdown_clean();
+    println!("{NAME}: two monitor connections, a refused MAC change, still serving");
+}

@@ -1,10 +1,10 @@
 //! Criterion micro-benchmarks of the frame path, without a vhost-user socket or a tap.
 //!
-//! `cargo bench --features test-utils --bench datapath`
+//! `cargo bench --bench datapath`
 //!
-//! Guest memory comes from `datapath::testutil`; the guest's side of each virtqueue is the
-//! ledger-free driver in `benches/support/ring.rs`, which keeps the ring full the way a guest in
-//! steady state does (every used chain is reposted at once). One criterion iteration is one
+//! Guest memory and the guest's side of each virtqueue come from the test kit
+//! (`macvhost::testkit`): its ring driver without the ledger keeps the ring full the way a guest
+//! in steady state does (every used chain is reposted at once, `SplitRing::recycle`). One criterion iteration is one
 //! `process_tx` / `process_rx` call with the worker's budget (64) plus the guest's repost.
 //!
 //! Host sides:
@@ -19,9 +19,6 @@
 //! packet" chains for GSO), `mrg` (MRG_RXBUF, 1536-byte buffers, MTU-sized max frame) and
 //! `mrg_gso` (MRG_RXBUF with GSO acked: every frame needs a window of 43 buffers).
 
-#[path = "support/ring.rs"]
-mod ring;
-
 use std::fs::File;
 use std::hint::black_box;
 use std::io;
@@ -30,13 +27,13 @@ use std::time::Duration;
 
 use criterion::measurement::{Measurement, ValueFormatter, WallTime};
 use criterion::{criterion_group, BenchmarkId, Criterion, Throughput};
-use macvhost::datapath::testutil::{memory_of, pattern_frame};
+use macvhost::testkit::{memory_of, pattern_frame};
 use macvhost::datapath::vnet::{MAX_GSO_FRAME_LEN, VNET_HDR_LEN_V1};
 use macvhost::datapath::{
     process_rx, process_tx, HostQueue, IoVecBuf, QueueStats, RxOptions, RxScratch, TxOptions,
     TxScratch,
 };
-use ring::{layout, Ring};
+use macvhost::testkit::ring::{fill, SplitRing};
 use vm_memory::GuestMemoryMmap;
 
 const HDR: usize = VNET_HDR_LEN_V1;
@@ -211,10 +208,10 @@ fn bench_tx(c: &mut Criterion<ThreadCpu>) {
         let host_name = if syscall { "devnull" } else { "null" };
         for size in SIZES {
             let mem = guest();
-            let mut ring = Ring::new(&mem, 0, 256);
+            let mut ring = SplitRing::at(&mem, 0, 256).without_ledger();
             let frame = pattern_frame(HDR, size, 7);
-            let posted = layout::fill_tx(&mem, &mut ring, DATA, HDR, &frame, 256);
-            let mut q = ring.queue(true);
+            let posted = fill::fill_tx(&mut ring, DATA, HDR, &frame, 256);
+            let mut q = ring.create_queue_event_idx();
             let host = Sink::new(syscall);
             let stats = QueueStats::default();
             let mut scratch = TxScratch::new();
@@ -228,7 +225,7 @@ fn bench_tx(c: &mut Criterion<ThreadCpu>) {
                 b.iter(|| {
                     let out = process_tx(&mut q, &mem, &host, &stats, &mut scratch, &opts);
                     debug_assert_eq!(out.frames, per_call);
-                    ring.recycle(&mem);
+                    ring.recycle();
                     out
                 })
             });
@@ -300,9 +297,9 @@ fn bench_rx(c: &mut Criterion<ThreadCpu>) {
             let host_name = if syscall { "devzero" } else { "null" };
             for &size in case.sizes {
                 let mem = guest();
-                let mut ring = Ring::new(&mem, 0, case.qsize);
-                layout::fill_rx(&mem, &mut ring, DATA, case.buf_len, case.descs, usize::MAX);
-                let mut q = ring.queue(true);
+                let mut ring = SplitRing::at(&mem, 0, case.qsize).without_ledger();
+                fill::fill_rx(&mut ring, DATA, case.buf_len, case.descs, usize::MAX);
+                let mut q = ring.create_queue_event_idx();
                 let host = Source::new(pattern_frame(HDR, size, 9), syscall);
                 let stats = QueueStats::default();
                 let mut scratch = RxScratch::new();
@@ -317,7 +314,7 @@ fn bench_rx(c: &mut Criterion<ThreadCpu>) {
                 for _ in 0..4 {
                     per_call =
                         process_rx(&mut q, &mem, &host, &stats, &mut scratch, &opts, None).frames;
-                    ring.recycle(&mem);
+                    ring.recycle();
                 }
                 assert!(per_call > 0, "{} {size}: no frame per call", case.name);
                 g.throughput(Throughput::Elements(per_call as u64));
@@ -327,7 +324,7 @@ fn bench_rx(c: &mut Criterion<ThreadCpu>) {
                         let out =
                             process_rx(&mut q, &mem, &host, &stats, &mut scratch, &opts, None);
                         debug_assert_eq!(out.frames, per_call);
-                        ring.recycle(&mem);
+                        ring.recycle();
                         out
                     })
                 });

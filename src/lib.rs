@@ -18,7 +18,7 @@
 //! | 5 | [`datapath`] | the frame path over `virtio-queue` + `vm-memory`, no vhost-user types; the dirty-page log |
 //! | 6 | [`host`] | tap/macvtap queue fds, their ioctls, link facts, rtnetlink (create, watch, delete) |
 //! | - | [`ratelimit`] | token buckets (pure; used by config and worker) |
-//! | - | `fuzzing` (feature `test-utils`) | fuzz entry points and the test kit; above everything |
+//! | - | `testkit` (tests, feature `test-utils`) | the test kit: `require`, guest ring driver, fake host queue, netns topologies, daemon guard, fuzz entry points; above everything, imported only by test code |
 //!
 //! # Threads
 //!
@@ -58,11 +58,11 @@
 pub mod config;
 pub mod control;
 pub mod datapath;
-#[cfg(feature = "test-utils")]
-pub mod fuzzing;
 pub mod host;
 pub mod ratelimit;
 pub mod server;
+#[cfg(any(test, feature = "test-utils"))]
+pub mod testkit;
 pub mod vhost_user;
 pub mod worker;
 

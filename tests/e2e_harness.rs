@@ -16,11 +16,11 @@ use common::*;
 #[test]
 fn harness_netns_veth_macvtap_setup_and_teardown() {
     const NAME: &str = "harness_netns_veth_macvtap_setup_and_teardown";
-    if !require_root(NAME) {
+    if !require(E2E) {
         return;
     }
     let t0 = Instant::now();
-    let ns = Netns::new();
+    let ns = NetNs::new("e2e");
     let name = ns.name().to_string();
     let topo = MacvtapTopo::create(&ns, "bridge");
     for iface in [topo.peer, topo.lower, topo.macvtap] {
@@ -73,11 +73,11 @@ fn harness_netns_veth_macvtap_setup_and_teardown() {
 #[test]
 fn harness_generator_checker_over_veth_reflector() {
     const NAME: &str = "harness_generator_checker_over_veth_reflector";
-    if !require_root(NAME) {
+    if !require(E2E) {
         return;
     }
     let t0 = Instant::now();
-    let ns = Netns::new();
+    let ns = NetNs::new("e2e");
     let topo = MacvtapTopo::create(&ns, "bridge");
     // Clean reflector on the other veth end: everything must come back byte-exact.
     let refl = Reflector::start(&ns, topo.lower);
@@ -132,7 +132,7 @@ fn harness_generator_checker_over_veth_reflector() {
 fn standin_roundtrip(queues: u16, name: &str) {
     let t0 = Instant::now();
     let dir = tempfile::tempdir().unwrap();
-    let ns = Netns::new();
+    let ns = NetNs::new("e2e");
     let sock = dir.path().join("vhost.sock");
     let _standin = spawn_dpdk_vhost_standin(&ns, dir.path(), &sock, "tap0", queues);
     let t_standin = t0.elapsed();
@@ -175,7 +175,7 @@ fn standin_roundtrip(queues: u16, name: &str) {
 #[test]
 fn harness_testpmd_virtio_user_over_dpdk_vhost_standin() {
     const NAME: &str = "harness_testpmd_virtio_user_over_dpdk_vhost_standin";
-    if !require_root(NAME) {
+    if !require(E2E) {
         return;
     }
     standin_roundtrip(1, NAME);
@@ -184,7 +184,7 @@ fn harness_testpmd_virtio_user_over_dpdk_vhost_standin() {
 #[test]
 fn harness_testpmd_four_queues_over_dpdk_vhost_standin() {
     const NAME: &str = "harness_testpmd_four_queues_over_dpdk_vhost_standin";
-    if !require_root(NAME) {
+    if !require(E2E) {
         return;
     }
     standin_roundtrip(4, NAME);
@@ -193,12 +193,12 @@ fn harness_testpmd_four_queues_over_dpdk_vhost_standin() {
 #[test]
 fn harness_testpmd_reconnect_over_dpdk_vhost_standin() {
     const NAME: &str = "harness_testpmd_reconnect_over_dpdk_vhost_standin";
-    if !require_root(NAME) {
+    if !require(E2E) {
         return;
     }
     let t0 = Instant::now();
     let dir = tempfile::tempdir().unwrap();
-    let ns = Netns::new();
+    let ns = NetNs::new("e2e");
     let sock = dir.path().join("vhost.sock");
     let mut standin = spawn_dpdk_vhost_standin(&ns, dir.path(), &sock, "tap0", 1);
     let standin_pid = standin.pid();
@@ -230,12 +230,12 @@ fn harness_testpmd_reconnect_over_dpdk_vhost_standin() {
 #[test]
 fn harness_macvtap_queues_reflect_and_spread_udp_flows() {
     const NAME: &str = "harness_macvtap_queues_reflect_and_spread_udp_flows";
-    if !require_root(NAME) {
+    if !require(E2E) {
         return;
     }
     let t0 = Instant::now();
     let dir = tempfile::tempdir().unwrap();
-    let ns = Netns::new();
+    let ns = NetNs::new("e2e");
     let topo = MacvtapTopo::create(&ns, "bridge");
     let peer = Peer::open(&ns, topo.peer, topo.peer_mac, topo.macvtap_mac);
 

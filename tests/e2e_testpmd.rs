@@ -28,14 +28,14 @@ fn macvtap_run(
     name: &str,
     queues: u16,
     traffic: &Traffic,
-    make_topo: impl FnOnce(&Netns) -> MacvtapTopo,
+    make_topo: impl FnOnce(&NetNs) -> MacvtapTopo,
 ) -> Outcome {
     let t0 = Instant::now();
     let dir = tempfile::tempdir().expect("tempdir");
-    let ns = Netns::new();
+    let ns = NetNs::new("e2e");
     let topo = make_topo(&ns);
     let q = queues.to_string();
-    let mut mvh = Macvhost::spawn(
+    let mut mvh = Daemon::spawn(
         &ns,
         dir.path(),
         &["--macvtap", topo.macvtap, "--queues", &q],
@@ -99,7 +99,7 @@ fn macvtap_run(
 #[test]
 fn macvtap_macswap_roundtrip_is_byte_exact() {
     const NAME: &str = "macvtap_macswap_roundtrip_is_byte_exact";
-    if !require_root(NAME) {
+    if !require(E2E) {
         return;
     }
     macvtap_run(NAME, 1, &Traffic::raw(2000), |ns| {
@@ -114,13 +114,13 @@ fn macvtap_macswap_roundtrip_is_byte_exact() {
 #[test]
 fn tap_macswap_roundtrip_is_byte_exact() {
     const NAME: &str = "tap_macswap_roundtrip_is_byte_exact";
-    if !require_root(NAME) {
+    if !require(E2E) {
         return;
     }
     let t0 = Instant::now();
     let dir = tempfile::tempdir().expect("tempdir");
-    let ns = Netns::new();
-    let mut mvh = Macvhost::spawn(&ns, dir.path(), &["--tap", "tap0", "--queues", "1"]);
+    let ns = NetNs::new("e2e");
+    let mut mvh = Daemon::spawn(&ns, dir.path(), &["--tap", "tap0", "--queues", "1"]);
     let mut pmd = Testpmd::spawn(
         mvh.socket(),
         dir.path(),
@@ -160,7 +160,7 @@ fn tap_macswap_roundtrip_is_byte_exact() {
 #[test]
 fn macvtap_four_queues_all_carry_traffic() {
     const NAME: &str = "macvtap_four_queues_all_carry_traffic";
-    if !require_root(NAME) {
+    if !require(E2E) {
         return;
     }
     let out = macvtap_run(NAME, 4, &Traffic::udp(8000, 64), |ns| {
@@ -180,14 +180,14 @@ fn macvtap_four_queues_all_carry_traffic() {
 #[test]
 fn second_frontend_reconnects_after_first_exits() {
     const NAME: &str = "second_frontend_reconnects_after_first_exits";
-    if !require_root(NAME) {
+    if !require(E2E) {
         return;
     }
     let t0 = Instant::now();
     let dir = tempfile::tempdir().expect("tempdir");
-    let ns = Netns::new();
+    let ns = NetNs::new("e2e");
     let topo = MacvtapTopo::create(&ns, "bridge");
-    let mut mvh = Macvhost::spawn(
+    let mut mvh = Daemon::spawn(
         &ns,
         dir.path(),
         &["--macvtap", topo.macvtap, "--queues", "1"],
@@ -232,10 +232,10 @@ fn second_frontend_reconnects_after_first_exits() {
 #[test]
 fn stale_dev_tap_node_is_not_used() {
     const NAME: &str = "stale_dev_tap_node_is_not_used";
-    if !require_root(NAME) {
+    if !require(E2E) {
         return;
     }
-    let ifindex = pick_free_tap_index();
+    let ifindex = free_ifindex();
     let node_path = format!("/dev/tap{ifindex}");
     let node = DevNodeGuard::create_char(Path::new(&node_path), 1, 3);
     let mut chardev = (0, 0);

@@ -9,22 +9,14 @@
 #[path = "support/guest.rs"]
 mod guest;
 
-use guest::{NetNs, Qemu, QemuConfig};
+use guest::{require, Need, NetNs, Qemu, QemuConfig, GUEST, IMAGE, QEMU};
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Stdio};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-/// Guests run one at a time: there are only 2 cores and TCG is slow.
-fn one_guest_at_a_time() -> MutexGuard<'static, ()> {
-    static LOCK: Mutex<()> = Mutex::new(());
-    LOCK.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-fn secs(s: u64) -> Duration {
-    guest::scaled(Duration::from_secs(s))
-}
+use guest::{one_at_a_time as one_guest_at_a_time, secs};
 
 struct Timings {
     name: &'static str,
@@ -70,7 +62,7 @@ impl Drop for KillOnDrop {
 
 #[test]
 fn batch_script_over_fw_cfg() {
-    if guest::skip_unless_qemu("batch_script_over_fw_cfg") {
+    if !require(&[QEMU, IMAGE]) {
         return;
     }
     let _one = one_guest_at_a_time();
@@ -106,7 +98,7 @@ exit 3
 
 #[test]
 fn interactive_commands_over_serial() {
-    if guest::skip_unless_qemu("interactive_commands_over_serial") {
+    if !require(&[QEMU, IMAGE]) {
         return;
     }
     let _one = one_guest_at_a_time();
@@ -157,18 +149,17 @@ fn field<'a>(out: &'a str, key: &str) -> Option<&'a str> {
 
 #[test]
 fn tap_backend_end_to_end() {
-    if guest::skip_unless_root("tap_backend_end_to_end")
-        || guest::skip_unless_qemu("tap_backend_end_to_end")
-    {
+    if !require(GUEST) || !require(&[Need::Tool("iperf3")]) {
         return;
     }
     let _one = one_guest_at_a_time();
     let mut t = Timings::new("tap");
     const BLOB: usize = 64 << 20;
 
-    let ns = NetNs::new("tap").expect("create netns");
-    ns.add_tap("tap0", true, &format!("{}/24", guest::PEER_IP))
-        .expect("create tap");
+    let ns = NetNs::new("tap");
+    ns.add_tap("tap0", true);
+    ns.add_addr("tap0", guest::PEER_CIDR);
+    ns.set_up(&["tap0"]);
     let cfg = QemuConfig::tap("tap-e2e", ns.name(), "tap0", 2);
     let vm = Qemu::spawn(&cfg).unwrap_or_else(|e| panic!("{e}"));
     println!("qemu: {}", vm.command_string());
@@ -352,7 +343,7 @@ fn tap_backend_end_to_end() {
 fn vhost_user_command_line_reaches_backend_socket() {
     use std::io::Read;
     use std::os::unix::net::UnixListener;
-    if guest::skip_unless_qemu("vhost_user_command_line_reaches_backend_socket") {
+    if !require(&[QEMU, IMAGE]) {
         return;
     }
     let _one = one_guest_at_a_time();
@@ -394,16 +385,15 @@ fn vhost_user_command_line_reaches_backend_socket() {
 /// The macvtap topology helper (used by the macvhost end-to-end tests).
 #[test]
 fn netns_macvtap_topology() {
-    if guest::skip_unless_root("netns_macvtap_topology") {
+    if !require(&[Need::Root, Need::Tool("ip")]) {
         return;
     }
-    let ns = NetNs::new("mvt").expect("create netns");
-    ns.add_veth_macvtap(&format!("{}/24", guest::PEER_IP), guest::GUEST_MAC)
-        .expect("veth + macvtap");
-    let link = ns.ip(&["-o", "link", "show", "mvt0"]).unwrap();
+    let ns = NetNs::new("mvt");
+    guest::add_veth_macvtap(&ns);
+    let link = ns.ip(&["-o", "link", "show", "mvt0"]);
     assert!(link.contains(guest::GUEST_MAC), "{link}");
     assert!(link.contains("mvt0@mvh-lower"), "{link}");
-    let (maj, min) = ns.macvtap_devno("mvt0").expect("macvtap devno");
+    let (maj, min) = ns.macvtap_devno("mvt0");
     assert!(maj > 0, "{maj}:{min}");
     // A socket bound in the namespace sees the peer address.
     let l = ns

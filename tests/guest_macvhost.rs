@@ -5,169 +5,27 @@
 #[path = "support/guest.rs"]
 mod guest;
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::path::Path;
+use std::process::Stdio;
+use std::sync::{Arc, MutexGuard};
 use std::time::{Duration, Instant};
 
-use guest::{NetNs, Qemu, QemuConfig};
+use guest::{one_at_a_time as one_guest_at_a_time, require, secs, Daemon, Need, NetNs};
+use guest::{Qemu, QemuConfig, GUEST};
 
-/// Guests run one at a time: there are only 2 cores and TCG is slow.
-fn one_guest_at_a_time() -> MutexGuard<'static, ()> {
-    static LOCK: Mutex<()> = Mutex::new(());
-    LOCK.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-fn secs(s: u64) -> Duration {
-    guest::scaled(Duration::from_secs(s))
-}
-
-fn skip(test: &str) -> bool {
-    guest::skip_unless_root(test) || guest::skip_unless_qemu(test)
-}
-
-/// The macvhost process, run inside the namespace; SIGTERM on drop.
-struct Macvhost {
-    child: Option<Child>,
-    ns: String,
-    socket: PathBuf,
-    control: PathBuf,
-    log: PathBuf,
-    queues: u16,
-    macvtap: String,
-    extra_args: Vec<String>,
-}
-
-impl Macvhost {
-    /// macvhost on macvtap `macvtap`, its sockets and log in `dir`.
-    fn start_on(ns: &NetNs, dir: &Path, macvtap: &str, queues: u16) -> Macvhost {
-        Self::start_with(ns, dir, macvtap, queues, &[])
-    }
-
-    /// Like [`Macvhost::start_on`] with more command-line arguments.
-    fn start_with(
-        ns: &NetNs,
-        dir: &Path,
-        macvtap: &str,
-        queues: u16,
-        extra_args: &[&str],
-    ) -> Macvhost {
-        let mut m = Macvhost {
-            child: None,
-            ns: ns.name().to_string(),
-            socket: dir.join("vhost.sock"),
-            control: dir.join("control.sock"),
-            log: dir.join("macvhost.log"),
-            queues,
-            macvtap: macvtap.to_string(),
-            extra_args: extra_args.iter().map(|a| a.to_string()).collect(),
-        };
-        m.spawn();
-        m
-    }
-
-    fn spawn(&mut self) {
-        let _ = std::fs::remove_file(&self.socket);
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.log)
-            .unwrap();
-        let child = Command::new("ip")
-            .args(["netns", "exec", &self.ns, env!("CARGO_BIN_EXE_macvhost")])
-            .arg("--socket-path")
-            .arg(&self.socket)
-            .args([
-                "--macvtap",
-                &self.macvtap,
-                "--queues",
-                &self.queues.to_string(),
-            ])
-            .arg("--control-socket")
-            .arg(&self.control)
-            .args(["--log-level", "debug"])
-            .args(&self.extra_args)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .expect("spawn macvhost");
-        self.child = Some(child);
-        let t = Instant::now();
-        while !self.socket.exists() {
-            assert!(
-                t.elapsed() < secs(20),
-                "macvhost never listened:\n{}",
-                self.log_text()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    fn kill9(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            // `ip netns exec` execs macvhost, so the child's pid is macvhost's.
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(c.id() as i32),
-                nix::sys::signal::Signal::SIGKILL,
-            );
-            let _ = c.wait();
-        }
-    }
-
-    /// Per-queue-pair counters from `macvhost stats --json`.
-    fn stats(&self) -> Vec<std::collections::BTreeMap<String, u64>> {
-        let out = Command::new(env!("CARGO_BIN_EXE_macvhost"))
-            .arg("stats")
-            .arg(&self.control)
-            .arg("--json")
-            .output()
-            .expect("macvhost stats");
-        assert!(out.status.success(), "macvhost stats failed: {out:?}");
-        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-        v["queues"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|q| serde_json::from_value(q["counters"].clone()).unwrap())
-            .collect()
-    }
-
-    fn stop_clean(&mut self) {
-        let mut c = self.child.take().expect("running");
-        nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(c.id() as i32),
-            nix::sys::signal::Signal::SIGTERM,
-        )
-        .unwrap();
-        let st = c.wait().unwrap();
-        assert!(st.success(), "macvhost exit {st:?}:\n{}", self.log_text());
-    }
-}
-
-impl Drop for Macvhost {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(c.id() as i32),
-                nix::sys::signal::Signal::SIGTERM,
-            );
-            let _ = c.wait();
-        }
-        if std::thread::panicking() {
-            eprintln!("--- macvhost log ---\n{}", self.log_text());
-        }
-    }
+/// macvhost on macvtap `macvtap` with `queues` queue pairs and more arguments, its sockets and
+/// log in `dir`.
+fn start_macvhost(ns: &NetNs, dir: &Path, macvtap: &str, queues: u16, extra: &[&str]) -> Daemon {
+    let queues = queues.to_string();
+    let mut args = vec!["--macvtap", macvtap, "--queues", &queues];
+    args.extend_from_slice(extra);
+    Daemon::spawn(ns, dir, &args)
 }
 
 struct Setup {
     _lock: MutexGuard<'static, ()>,
     vm: Qemu,
-    mvh: Macvhost,
+    mvh: Daemon,
     ns: NetNs,
     _dir: tempfile::TempDir,
     boot: Duration,
@@ -180,13 +38,11 @@ fn setup(tag: &str, queues: u16, reboot_in_place: bool) -> Setup {
 /// [`setup`] with more macvhost arguments.
 fn setup_with(tag: &str, queues: u16, reboot_in_place: bool, extra_args: &[&str]) -> Setup {
     let lock = one_guest_at_a_time();
-    let ns = NetNs::new(tag).expect("create netns");
-    // The macvtap carries the guest's MAC: macvtap only delivers frames for its own address.
-    ns.add_veth_macvtap(&format!("{}/24", guest::PEER_IP), guest::GUEST_MAC)
-        .expect("veth + macvtap");
+    let ns = NetNs::new(tag);
+    guest::add_veth_macvtap(&ns);
     let dir = tempfile::tempdir().unwrap();
-    let mvh = Macvhost::start_with(&ns, dir.path(), "mvt0", queues, extra_args);
-    let mut cfg = QemuConfig::vhost_user(tag, &mvh.socket, queues);
+    let mvh = start_macvhost(&ns, dir.path(), "mvt0", queues, extra_args);
+    let mut cfg = QemuConfig::vhost_user(tag, mvh.socket(), queues);
     cfg.no_reboot = !reboot_in_place;
     let vm = Qemu::spawn(&cfg).unwrap_or_else(|e| panic!("{e}"));
     let ready = vm
@@ -225,7 +81,7 @@ fn field<'a>(text: &'a str, key: &str) -> Option<&'a str> {
 
 #[test]
 fn guest_comes_up_with_the_macvtap_mac_and_pings_the_peer() {
-    if skip("guest_comes_up_with_the_macvtap_mac_and_pings_the_peer") {
+    if !require(GUEST) {
         return;
     }
     let s = setup("ping", 2, false);
@@ -340,7 +196,7 @@ fn wait_guest_carrier(s: &Setup, want: &str, limit: Duration) -> Result<Duration
 
 #[test]
 fn guest_carrier_follows_the_macvtap_parent_with_disconnect_on_link_down() {
-    if skip("guest_carrier_follows_the_macvtap_parent_with_disconnect_on_link_down") {
+    if !require(GUEST) {
         return;
     }
     let s = setup_with("carrier", 1, false, &["--disconnect-on-link-down"]);
@@ -349,11 +205,11 @@ fn guest_carrier_follows_the_macvtap_parent_with_disconnect_on_link_down() {
     assert!(o.output.contains("2 packets received"), "{}", o.output);
 
     // The peer end of the veth goes down: the parent, and so the macvtap, lose carrier.
-    s.ns.ip(&["link", "set", "mvh-peer", "down"]).unwrap();
+    s.ns.ip(&["link", "set", "mvh-peer", "down"]);
     let down = wait_guest_carrier(&s, "0", secs(30))
         .unwrap_or_else(|e| panic!("{e}\n--- macvhost ---\n{}", s.mvh.log_text()));
     // Carrier returns: macvhost serves again, QEMU reconnects (reconnect=1) and raises the link.
-    s.ns.ip(&["link", "set", "mvh-peer", "up"]).unwrap();
+    s.ns.ip(&["link", "set", "mvh-peer", "up"]);
     let up = wait_guest_carrier(&s, "1", secs(60))
         .unwrap_or_else(|e| panic!("{e}\n--- macvhost ---\n{}", s.mvh.log_text()));
     let o = s.vm.exec_ok("ping -c 3 -W 5 $MVH_PEER", secs(120));
@@ -385,7 +241,7 @@ fn guest_carrier_follows_the_macvtap_parent_with_disconnect_on_link_down() {
 
 #[test]
 fn tcp_64mib_each_way_arrives_intact_with_checksum_and_tso_offloads() {
-    if skip("tcp_64mib_each_way_arrives_intact_with_checksum_and_tso_offloads") {
+    if !require(GUEST) {
         return;
     }
     const BLOB: usize = 64 << 20;
@@ -514,7 +370,7 @@ fn parallel_flows(s: &Setup, flows: u16) {
 
 #[test]
 fn two_queue_pairs_carry_flows_and_going_back_to_one_keeps_traffic_flowing() {
-    if skip("two_queue_pairs_carry_flows_and_going_back_to_one_keeps_traffic_flowing") {
+    if !require(GUEST) {
         return;
     }
     let s = setup("mq", 2, false);
@@ -562,7 +418,7 @@ fn two_queue_pairs_carry_flows_and_going_back_to_one_keeps_traffic_flowing() {
 
 #[test]
 fn macvhost_killed_and_restarted_under_ping_the_guest_recovers() {
-    if skip("macvhost_killed_and_restarted_under_ping_the_guest_recovers") {
+    if !require(GUEST) {
         return;
     }
     let mut s = setup("restart", 2, false);
@@ -571,7 +427,7 @@ fn macvhost_killed_and_restarted_under_ping_the_guest_recovers() {
     s.mvh.kill9();
     let killed = Instant::now();
     std::thread::sleep(Duration::from_secs(1));
-    s.mvh.spawn();
+    s.mvh.restart();
     // QEMU (reconnect=1) redoes the handshake; pings must come back without a guest reboot.
     let mut resumed = None;
     while killed.elapsed() < secs(60) {
@@ -587,12 +443,12 @@ fn macvhost_killed_and_restarted_under_ping_the_guest_recovers() {
     println!("pings resumed {:.2} s after SIGKILL", resumed.as_secs_f64());
     let o = s.vm.exec_ok("cat /proc/uptime", secs(30));
     println!("guest uptime {} (no reboot)", o.output.trim());
-    s.mvh.stop_clean();
+    s.mvh.shutdown_clean();
 }
 
 #[test]
 fn a_rebooted_guest_is_served_again() {
-    if skip("a_rebooted_guest_is_served_again") {
+    if !require(GUEST) {
         return;
     }
     let s = setup("reboot", 2, true);
@@ -637,44 +493,32 @@ fn ping_seqs(text: &str) -> Vec<u32> {
 /// management layer takes at switchover.
 #[test]
 fn guest_migrates_between_two_macvhosts_while_pinging_the_peer() {
-    if skip("guest_migrates_between_two_macvhosts_while_pinging_the_peer") {
+    let tcpdump = Need::Tool("tcpdump");
+    if !require(&[Need::Root, Need::Tool("ip"), guest::QEMU, guest::IMAGE, tcpdump]) {
         return;
     }
     const STREAM: usize = 96 << 20;
     let _lock = one_guest_at_a_time();
-    let ns = NetNs::new("mig").expect("create netns");
-    ns.add_veth_macvtap(&format!("{}/24", guest::PEER_IP), guest::GUEST_MAC)
-        .expect("veth + macvtap");
-    ns.ip(&[
-        "link",
-        "add",
-        "link",
-        "mvh-lower",
-        "name",
-        "mvt1",
-        "type",
-        "macvtap",
-        "mode",
-        "bridge",
-    ])
-    .unwrap();
+    let ns = NetNs::new("mig");
+    guest::add_veth_macvtap(&ns);
+    ns.add_macvtap("mvh-lower", "mvt1", "bridge");
     let dir = tempfile::tempdir().unwrap();
     let (dir_a, dir_b) = (dir.path().join("a"), dir.path().join("b"));
     std::fs::create_dir_all(&dir_a).unwrap();
     std::fs::create_dir_all(&dir_b).unwrap();
-    let mvh_a = Macvhost::start_on(&ns, &dir_a, "mvt0", 1);
+    let mvh_a = start_macvhost(&ns, &dir_a, "mvt0", 1, &[]);
     // mvt1 cannot take the guest's MAC while mvt0 is up with it: B is told the guest's MAC.
-    let mvh_b = Macvhost::start_with(&ns, &dir_b, "mvt1", 1, &["--mac", guest::GUEST_MAC]);
+    let mvh_b = start_macvhost(&ns, &dir_b, "mvt1", 1, &["--mac", guest::GUEST_MAC]);
 
     let qmp_a = dir.path().join("qmp-a.sock");
     let qmp_b = dir.path().join("qmp-b.sock");
     let mig = dir.path().join("migrate.sock");
-    let mut cfg_a = QemuConfig::vhost_user("mig-src", &mvh_a.socket, 1);
+    let mut cfg_a = QemuConfig::vhost_user("mig-src", mvh_a.socket(), 1);
     cfg_a.extra_args.extend([
         "-qmp".into(),
         format!("unix:{},server=on,wait=off", qmp_a.display()),
     ]);
-    let mut cfg_b = QemuConfig::vhost_user("mig-dst", &mvh_b.socket, 1);
+    let mut cfg_b = QemuConfig::vhost_user("mig-dst", mvh_b.socket(), 1);
     cfg_b.extra_args.extend([
         "-qmp".into(),
         format!("unix:{},server=on,wait=off", qmp_b.display()),
@@ -768,10 +612,9 @@ fn guest_migrates_between_two_macvhosts_while_pinging_the_peer() {
         qb.execute("cont", serde_json::json!({})).unwrap();
     }
     // Switchover: the destination's macvtap takes over the guest's MAC.
-    ns.ip(&["link", "set", "mvt0", "down"]).unwrap();
-    ns.ip(&["link", "set", "mvt1", "address", guest::GUEST_MAC])
-        .unwrap();
-    ns.ip(&["link", "set", "mvt1", "up"]).unwrap();
+    ns.ip(&["link", "set", "mvt0", "down"]);
+    ns.ip(&["link", "set", "mvt1", "address", guest::GUEST_MAC]);
+    ns.ip(&["link", "set", "mvt1", "up"]);
     let switched = started.elapsed();
     let status = qb.execute("query-status", serde_json::json!({})).unwrap();
     assert_eq!(
@@ -875,29 +718,20 @@ fn guest_migrates_between_two_macvhosts_while_pinging_the_peer() {
 /// many pages differ.
 #[test]
 fn qemu_tap_backend_stream_migration_control_compares_ram() {
-    if !std::env::var_os("MACVHOST_MIGRATION_STREAM").is_some_and(|v| v != "0") {
-        eprintln!(
-            "skipped: qemu_tap_backend_stream_migration_control_compares_ram: an experiment on \
-             QEMU itself; set MACVHOST_MIGRATION_STREAM=1 (and run as root) to run it"
-        );
-        return;
-    }
-    if skip("qemu_tap_backend_stream_migration_control_compares_ram") {
+    let experiment = Need::OptIn("MACVHOST_MIGRATION_STREAM");
+    if !require(&[experiment, Need::Root, Need::Tool("ip"), guest::QEMU, guest::IMAGE]) {
         return;
     }
     let _lock = one_guest_at_a_time();
-    let ns = NetNs::new("tapc").expect("create netns");
-    ns.add_veth_peer(&format!("{}/24", guest::PEER_IP)).unwrap();
-    ns.ip(&["link", "add", "br0", "type", "bridge"]).unwrap();
+    let ns = NetNs::new("tapc");
+    guest::add_veth_peer(&ns);
+    ns.add_bridge("br0");
     for t in ["mtap0", "mtap1"] {
-        ns.ip(&["tuntap", "add", "mode", "tap", t]).unwrap();
-        ns.ip(&["link", "set", t, "master", "br0"]).unwrap();
+        ns.add_tap(t, false);
+        ns.ip(&["link", "set", t, "master", "br0"]);
     }
-    ns.ip(&["link", "set", "mvh-lower", "master", "br0"])
-        .unwrap();
-    for d in ["mvh-peer", "mvh-lower", "br0", "mtap0", "mtap1"] {
-        ns.ip(&["link", "set", d, "up"]).unwrap();
-    }
+    ns.ip(&["link", "set", "mvh-lower", "master", "br0"]);
+    ns.set_up(&["mvh-peer", "mvh-lower", "br0", "mtap0", "mtap1"]);
     let dir = tempfile::tempdir().unwrap();
     let qmp_a = dir.path().join("qmp-a.sock");
     let qmp_b = dir.path().join("qmp-b.sock");

@@ -23,7 +23,6 @@ mod support {
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread;
@@ -121,20 +120,8 @@ fn thread_ticks(comm: &str) -> u64 {
 }
 
 /// Queue pair 0's counters, through `macvhost stats PATH --json` (the operator's view).
-fn counters(ctl: &Path) -> BTreeMap<String, u64> {
-    let out = Command::new(Macvhost::binary())
-        .args(["stats", "--json"])
-        .arg(ctl)
-        .output()
-        .expect("run macvhost stats");
-    assert!(
-        out.status.success(),
-        "macvhost stats failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let report: macvhost::control::StatsReport =
-        serde_json::from_slice(&out.stdout).expect("stats JSON");
-    report.queues[0].counters.clone()
+fn counters(mvh: &Daemon) -> BTreeMap<String, u64> {
+    mvh.stats().swap_remove(0)
 }
 
 /// `after - before` for every counter that changed.
@@ -155,7 +142,7 @@ fn get(m: &BTreeMap<String, u64>, k: &str) -> u64 {
 // ---------------------------------------------------------------------------------------------
 
 /// Tagged raw frames `src → dst` of run `run`, seq `first..first+n`, 60..=1514 bytes.
-fn frames(dst: Mac, src: Mac, run: u32, first: u32, n: u32) -> Vec<Vec<u8>> {
+fn frames(dst: MacAddr, src: MacAddr, run: u32, first: u32, n: u32) -> Vec<Vec<u8>> {
     let shape = Traffic::raw(0);
     (first..first + n)
         .map(|seq| {
@@ -311,18 +298,13 @@ fn connect_guest(sock: &Path) -> VuGuest {
     g
 }
 
-/// `ctl` as a `--control-socket` argument.
-fn path_arg(p: &Path) -> &str {
-    p.to_str().expect("utf-8 temp path")
-}
-
 /// Waits on a quiet, down link and returns (worker wake-ups, CPU fraction) over `window`.
-fn idle_window(ctl: &Path, pid: u32, window: Duration) -> (u64, f64) {
-    let c0 = counters(ctl);
-    let cpu = CpuMeter::process(pid);
+fn idle_window(mvh: &Daemon, window: Duration) -> (u64, f64) {
+    let c0 = counters(mvh);
+    let cpu = CpuMeter::process(mvh.pid());
     thread::sleep(window);
     let (_, frac) = cpu.read();
-    (get(&delta(&c0, &counters(ctl)), "wakeups"), frac)
+    (get(&delta(&c0, &counters(mvh)), "wakeups"), frac)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -335,17 +317,16 @@ fn idle_window(ctl: &Path, pid: u32, window: Duration) -> (u64, f64) {
 #[test]
 fn tap_link_down_and_up_under_traffic_drops_counts_and_recovers() {
     const NAME: &str = "tap_link_down_and_up_under_traffic_drops_counts_and_recovers";
-    if !require_root(NAME) {
+    if !require(HOST) {
         return;
     }
     let t0 = Instant::now();
     let dir = tempfile::tempdir().unwrap();
-    let ctl = dir.path().join("ctl.sock");
-    let ns = Netns::new();
-    let mut mvh = Macvhost::spawn(
+    let ns = NetNs::new("host");
+    let mut mvh = Daemon::spawn(
         &ns,
         dir.path(),
-        &["--tap", "tap0", "--control-socket", path_arg(&ctl)],
+        &["--tap", "tap0"],
     );
     let tap = TapTopo::attach(&ns, "tap0", Duration::from_secs(15));
     let peer = Peer::open(&ns, &tap.tap, PEER_MAC, GUEST_MAC);
@@ -354,13 +335,13 @@ fn tap_link_down_and_up_under_traffic_drops_counts_and_recovers() {
 
     // Down, under traffic: frames are dropped with EIO and counted, descriptors come back.
     const DOWN: u32 = 1000;
-    let c0 = counters(&ctl);
+    let c0 = counters(&mvh);
     ns.ip(&["link", "set", "tap0", "down"]);
     let run = new_run();
     let cpu = CpuMeter::process(mvh.pid());
     guest_send_all(&mut g, &frames(PEER_MAC, GUEST_MAC, run, 0, DOWN));
     let (busy_cpu, _) = cpu.read();
-    let d = delta(&c0, &counters(&ctl));
+    let d = delta(&c0, &counters(&mvh));
     mvh.check_alive();
     assert_eq!(get(&d, "tx_drop_host_error"), u64::from(DOWN), "{d:?}");
     assert_eq!(get(&d, "tx_frames"), 0, "{d:?}");
@@ -368,7 +349,7 @@ fn tap_link_down_and_up_under_traffic_drops_counts_and_recovers() {
     let (leaked, _) = peer_collect(&peer, run, 1, Duration::from_millis(200));
     assert!(leaked.is_empty(), "frames got out of a down tap");
     // Still down and idle: nothing to do, so no wake-ups and no CPU.
-    let (wakeups, idle_frac) = idle_window(&ctl, mvh.pid(), Duration::from_secs(2));
+    let (wakeups, idle_frac) = idle_window(&mvh, Duration::from_secs(2));
     assert!(
         wakeups <= 1,
         "{wakeups} worker wake-ups on an idle, down tap"
@@ -413,22 +394,19 @@ fn tap_link_down_and_up_under_traffic_drops_counts_and_recovers() {
 #[test]
 fn macvtap_link_down_and_up_under_traffic_recovers() {
     const NAME: &str = "macvtap_link_down_and_up_under_traffic_recovers";
-    if !require_root(NAME) {
+    if !require(HOST) {
         return;
     }
     let t0 = Instant::now();
     let dir = tempfile::tempdir().unwrap();
-    let ctl = dir.path().join("ctl.sock");
-    let ns = Netns::new();
+    let ns = NetNs::new("host");
     let topo = MacvtapTopo::create(&ns, "bridge");
-    let mut mvh = Macvhost::spawn(
+    let mut mvh = Daemon::spawn(
         &ns,
         dir.path(),
         &[
             "--macvtap",
             topo.macvtap,
-            "--control-socket",
-            path_arg(&ctl),
         ],
     );
     let peer = Peer::open(&ns, topo.peer, topo.peer_mac, topo.macvtap_mac);
@@ -439,7 +417,7 @@ fn macvtap_link_down_and_up_under_traffic_recovers() {
     let mut summary = Vec::new();
     for link in [topo.macvtap, topo.lower] {
         const DOWN: u32 = 500;
-        let (c0, k0, l0) = (counters(&ctl), ns.stats(topo.macvtap), ns.stats(topo.lower));
+        let (c0, k0, l0) = (counters(&mvh), ns.stats(topo.macvtap), ns.stats(topo.lower));
         ns.ip(&["link", "set", link, "down"]);
         let run = new_run();
         guest_send_all(
@@ -447,7 +425,7 @@ fn macvtap_link_down_and_up_under_traffic_recovers() {
             &frames(topo.peer_mac, topo.macvtap_mac, run, 0, DOWN),
         );
         let (d, k, l) = (
-            delta(&c0, &counters(&ctl)),
+            delta(&c0, &counters(&mvh)),
             ns.stats(topo.macvtap).since(&k0),
             ns.stats(topo.lower).since(&l0),
         );
@@ -468,7 +446,7 @@ fn macvtap_link_down_and_up_under_traffic_recovers() {
         assert!(leaked.is_empty(), "frames got through with {link} down");
         let rx_down = peer_to_guest(&mut g, &peer, 5, Duration::from_millis(100));
         assert_eq!(rx_down, 0, "frames reached the guest with {link} down");
-        let (wakeups, idle_frac) = idle_window(&ctl, mvh.pid(), Duration::from_secs(2));
+        let (wakeups, idle_frac) = idle_window(&mvh, Duration::from_secs(2));
         assert!(wakeups <= 1, "{wakeups} wake-ups with {link} down and idle");
         assert!(
             idle_frac < 0.05,
@@ -509,22 +487,19 @@ fn macvtap_link_down_and_up_under_traffic_recovers() {
 #[test]
 fn macvtap_deleted_while_running_keeps_serving_the_socket() {
     const NAME: &str = "macvtap_deleted_while_running_keeps_serving_the_socket";
-    if !require_root(NAME) {
+    if !require(HOST) {
         return;
     }
     let t0 = Instant::now();
     let dir = tempfile::tempdir().unwrap();
-    let ctl = dir.path().join("ctl.sock");
-    let ns = Netns::new();
+    let ns = NetNs::new("host");
     let topo = MacvtapTopo::create(&ns, "bridge");
-    let mut mvh = Macvhost::spawn(
+    let mut mvh = Daemon::spawn(
         &ns,
         dir.path(),
         &[
             "--macvtap",
             topo.macvtap,
-            "--control-socket",
-            path_arg(&ctl),
         ],
     );
     let peer = Peer::open(&ns, topo.peer, topo.peer_mac, topo.macvtap_mac);
@@ -532,17 +507,17 @@ fn macvtap_deleted_while_running_keeps_serving_the_socket() {
     guest_to_peer_ok(&mut g, &peer, 300);
 
     // Delete it while the guest is sending.
-    let c0 = counters(&ctl);
+    let c0 = counters(&mvh);
     let run = new_run();
     let burst = frames(topo.peer_mac, topo.macvtap_mac, run, 0, 1000);
     guest_send_all(&mut g, &burst[..500]);
     ns.ip(&["link", "del", topo.macvtap]);
     guest_send_all(&mut g, &burst[500..]);
-    let d = delta(&c0, &counters(&ctl));
+    let d = delta(&c0, &counters(&mvh));
     mvh.check_alive();
     let handled = get(&d, "tx_frames") + get(&d, "tx_drop_host_error");
     assert_eq!(handled, 1000, "every frame written or dropped: {d:?}");
-    let (wakeups, idle1) = idle_window(&ctl, mvh.pid(), Duration::from_secs(2));
+    let (wakeups, idle1) = idle_window(&mvh, Duration::from_secs(2));
     assert!(
         wakeups <= 1,
         "{wakeups} wake-ups after the macvtap was deleted"
@@ -557,12 +532,12 @@ fn macvtap_deleted_while_running_keeps_serving_the_socket() {
     thread::sleep(Duration::from_millis(200));
     mvh.check_alive();
     let mut g2 = connect_guest(mvh.socket());
-    let c1 = counters(&ctl);
+    let c1 = counters(&mvh);
     guest_send_all(
         &mut g2,
         &frames(topo.peer_mac, topo.macvtap_mac, new_run(), 0, 100),
     );
-    let d2 = delta(&c1, &counters(&ctl));
+    let d2 = delta(&c1, &counters(&mvh));
     assert_eq!(
         get(&d2, "tx_frames") + get(&d2, "tx_drop_host_error"),
         100,
@@ -570,7 +545,7 @@ fn macvtap_deleted_while_running_keeps_serving_the_socket() {
     );
     // What the new guest is told about the link (status bit in the config space).
     let status = link_status(&mut g2);
-    let (wakeups2, idle2) = idle_window(&ctl, mvh.pid(), Duration::from_secs(2));
+    let (wakeups2, idle2) = idle_window(&mvh, Duration::from_secs(2));
     assert!(
         wakeups2 <= 1,
         "{wakeups2} wake-ups on the second connection"
@@ -601,17 +576,16 @@ fn macvtap_deleted_while_running_keeps_serving_the_socket() {
 #[test]
 fn tap_deleted_while_running_drops_and_keeps_serving() {
     const NAME: &str = "tap_deleted_while_running_drops_and_keeps_serving";
-    if !require_root(NAME) {
+    if !require(HOST) {
         return;
     }
     let t0 = Instant::now();
     let dir = tempfile::tempdir().unwrap();
-    let ctl = dir.path().join("ctl.sock");
-    let ns = Netns::new();
-    let mut mvh = Macvhost::spawn(
+    let ns = NetNs::new("host");
+    let mut mvh = Daemon::spawn(
         &ns,
         dir.path(),
-        &["--tap", "tap0", "--control-socket", path_arg(&ctl)],
+        &["--tap", "tap0"],
     );
     let tap = TapTopo::attach(&ns, "tap0", Duration::from_secs(15));
     let peer = Peer::open(&ns, &tap.tap, PEER_MAC, GUEST_MAC);
@@ -619,12 +593,12 @@ fn tap_deleted_while_running_drops_and_keeps_serving() {
     guest_to_peer_ok(&mut g, &peer, 200);
     drop(peer);
 
-    let c0 = counters(&ctl);
+    let c0 = counters(&mvh);
     let burst = frames(PEER_MAC, GUEST_MAC, new_run(), 0, 1000);
     guest_send_all(&mut g, &burst[..500]);
     ns.ip(&["link", "del", "tap0"]);
     guest_send_all(&mut g, &burst[500..]);
-    let d = delta(&c0, &counters(&ctl));
+    let d = delta(&c0, &counters(&mvh));
     mvh.check_alive();
     assert_eq!(
         get(&d, "tx_frames") + get(&d, "tx_drop_host_error"),
@@ -634,18 +608,18 @@ fn tap_deleted_while_running_drops_and_keeps_serving() {
     assert!(get(&d, "tx_drop_host_error") >= 500, "{d:?}");
     // The guest keeps posting RX buffers and kicking: each kick may re-arm the dead fd once,
     // but nothing may keep the worker awake on its own.
-    let c1 = counters(&ctl);
+    let c1 = counters(&mvh);
     for _ in 0..50 {
         g.kick(g.rx(0));
         thread::sleep(Duration::from_millis(2));
     }
-    let kicked = delta(&c1, &counters(&ctl));
+    let kicked = delta(&c1, &counters(&mvh));
     assert!(
         get(&kicked, "wakeups") <= 2 * 50 + 2,
         "50 RX kicks woke the worker {} times",
         get(&kicked, "wakeups")
     );
-    let (wakeups, idle1) = idle_window(&ctl, mvh.pid(), Duration::from_secs(2));
+    let (wakeups, idle1) = idle_window(&mvh, Duration::from_secs(2));
     assert!(wakeups <= 1, "{wakeups} wake-ups after the tap was deleted");
     assert!(
         idle1 < 0.05,
@@ -656,11 +630,11 @@ fn tap_deleted_while_running_drops_and_keeps_serving() {
     thread::sleep(Duration::from_millis(200));
     mvh.check_alive();
     let mut g2 = connect_guest(mvh.socket());
-    let c2 = counters(&ctl);
+    let c2 = counters(&mvh);
     guest_send_all(&mut g2, &frames(PEER_MAC, GUEST_MAC, new_run(), 0, 100));
-    let d2 = delta(&c2, &counters(&ctl));
+    let d2 = delta(&c2, &counters(&mvh));
     assert_eq!(get(&d2, "tx_drop_host_error"), 100, "{d2:?}");
-    let (wakeups2, idle2) = idle_window(&ctl, mvh.pid(), Duration::from_secs(2));
+    let (wakeups2, idle2) = idle_window(&mvh, Duration::from_secs(2));
     assert!(
         wakeups2 <= 1,
         "{wakeups2} wake-ups on the second connection"
@@ -724,16 +698,16 @@ fn link_status(g: &mut VuGuest) -> u16 {
 #[test]
 fn tap_queue_full_waits_for_epollout_without_spinning() {
     const NAME: &str = "tap_queue_full_waits_for_epollout_without_spinning";
-    if !require_root(NAME) {
+    if !require(HOST) {
         return;
     }
     const SNDBUF: i32 = 16 * 1024;
     const N: u32 = 3000;
     let t0 = Instant::now();
     let dir = tempfile::tempdir().unwrap();
-    let ns = Netns::new();
+    let ns = NetNs::new("host");
     let dev = ns
-        .run_in(|| {
+        .run(|| {
             HostDevice::open(
                 &HostSpec::Tap {
                     iface: "tap0".into(),
@@ -885,34 +859,31 @@ fn tap_queue_full_waits_for_epollout_without_spinning() {
 #[test]
 fn rx_flood_with_no_guest_buffers_costs_near_zero_cpu() {
     const NAME: &str = "rx_flood_with_no_guest_buffers_costs_near_zero_cpu";
-    if !require_root(NAME) {
+    if !require(HOST) {
         return;
     }
     let t0 = Instant::now();
     let mut lines = Vec::new();
     for kind in ["macvtap", "tap"] {
         let dir = tempfile::tempdir().unwrap();
-        let ctl = dir.path().join("ctl.sock");
-        let ns = Netns::new();
+        let ns = NetNs::new("host");
         let (mut mvh, peer, kernel_iface) = if kind == "macvtap" {
             let topo = MacvtapTopo::create(&ns, "bridge");
-            let mvh = Macvhost::spawn(
+            let mvh = Daemon::spawn(
                 &ns,
                 dir.path(),
                 &[
                     "--macvtap",
                     topo.macvtap,
-                    "--control-socket",
-                    path_arg(&ctl),
                 ],
             );
             let peer = Peer::open(&ns, topo.peer, topo.peer_mac, topo.macvtap_mac);
             (mvh, peer, topo.macvtap.to_string())
         } else {
-            let mvh = Macvhost::spawn(
+            let mvh = Daemon::spawn(
                 &ns,
                 dir.path(),
-                &["--tap", "tap0", "--control-socket", path_arg(&ctl)],
+                &["--tap", "tap0"],
             );
             let tap = TapTopo::attach(&ns, "tap0", Duration::from_secs(15));
             let peer = Peer::open(&ns, &tap.tap, PEER_MAC, GUEST_MAC);
@@ -923,7 +894,7 @@ fn rx_flood_with_no_guest_buffers_costs_near_zero_cpu() {
         guest_to_peer_ok(&mut g, &peer, 1);
 
         let run = new_run();
-        let (c0, k0) = (counters(&ctl), ns.stats(&kernel_iface));
+        let (c0, k0) = (counters(&mvh), ns.stats(&kernel_iface));
         let cpu = CpuMeter::process(mvh.pid());
         let flood_until = Instant::now() + Duration::from_secs(3);
         let mut sent = 0u32;
@@ -943,7 +914,7 @@ fn rx_flood_with_no_guest_buffers_costs_near_zero_cpu() {
         }
         let (cpu_s, frac) = cpu.read();
         let (d, k) = (
-            delta(&c0, &counters(&ctl)),
+            delta(&c0, &counters(&mvh)),
             ns.stats(&kernel_iface).since(&k0),
         );
         mvh.check_alive();

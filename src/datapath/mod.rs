@@ -11,7 +11,6 @@
 //! - [`stats`]: per-queue-pair counters, one per drop reason.
 //! - [`dirty`]: one connection's dirty-page log for live migration (`unsafe`: maps it).
 //! - [`uring`]: the opt-in io_uring TX submission (`unsafe`: buffers handed to the kernel).
-//! - `testutil` (tests and feature `test-utils`): fake host queue, mock guest queues.
 
 #[allow(unsafe_code)] // maps the frontend's dirty log
 pub mod dirty;
@@ -19,8 +18,6 @@ pub mod dirty;
 pub mod iovec;
 pub mod rx;
 pub mod stats;
-#[cfg(any(test, feature = "test-utils"))]
-pub mod testutil;
 pub mod tx;
 #[allow(unsafe_code)] // buffers handed to io_uring
 pub mod uring;

@@ -241,20 +241,14 @@ impl Drop for DevNode {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn is_root() -> bool {
-        nix::unistd::geteuid().is_root()
-    }
+    use crate::testkit::{require, Need};
 
     // These run in a scratch directory on /tmp: mknod works there for root even when the mount
     // is nodev (only opening is refused), and no real /dev node is touched.
 
     #[test]
     fn missing_node_is_created_with_the_right_number() {
-        if !is_root() {
-            crate::host::testns::print_skip(
-                "skipped: missing_node_is_created_with_the_right_number needs root (mknod)",
-            );
+        if !require(&[Need::Root]) {
             return;
         }
         let dir = tempfile::tempdir().unwrap();
@@ -276,10 +270,7 @@ mod tests {
 
     #[test]
     fn stale_node_is_left_alone_and_a_private_one_is_used() {
-        if !is_root() {
-            crate::host::testns::print_skip(
-                "skipped: stale_node_is_left_alone_and_a_private_one_is_used needs root (mknod)",
-            );
+        if !require(&[Need::Root]) {
             return;
         }
         let dir = tempfile::tempdir().unwrap();

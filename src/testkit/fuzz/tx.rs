@@ -25,7 +25,7 @@ use virtio_queue::{Queue, QueueT};
 
 use super::cursor::Cursor;
 use super::vq::*;
-use crate::datapath::testutil::FakeHostQueue;
+use crate::testkit::FakeHostQueue;
 use crate::datapath::tx::MAX_SEGMENTS;
 use crate::datapath::vnet::{tx_max_frame_len, VNET_HDR_LEN_LEGACY, VNET_HDR_LEN_V1};
 use crate::datapath::{process_tx, QueueStats, TxOptions, TxScratch};
@@ -44,9 +44,10 @@ pub fn tx_chain(data: &[u8]) {
     };
     let budget = usize::from(c.u8() % 65);
     let mem = memory();
-    let l = Layout::place(cfg >> 4, size);
-    let mut d = Driver::new(&mem, l);
-    let mut q = l.queue(event_idx);
+    let (l, mapped) = place(cfg >> 4, size);
+    let mut d = Driver::lenient(&mem, l);
+    let mut q = l.queue();
+    q.set_event_idx(event_idx);
     let mut t = Tx {
         host: FakeHostQueue::new(),
         stats: QueueStats::default(),
@@ -54,6 +55,7 @@ pub fn tx_chain(data: &[u8]) {
         faults: Faults::default(),
         opts: TxOptions { hdr_len, budget },
         event_idx,
+        mapped,
         stopped: false,
         runs: 0,
     };
@@ -62,38 +64,6 @@ pub fn tx_chain(data: &[u8]) {
     while !c.is_empty() && ops < MAX_OPS {
         ops += 1;
         match c.u8() % 9 {
-            0 => {
-                let n = 1 + c.u8() % 8;
-                let descs: Vec<_> = (0..n)
-                    .map(|_| (addr(&mut c, &l), len(&mut c), flags(&mut c) & !NEXT))
-                    .collect();
-                d.add_chain(&descs);
-            }
-            1 => {
-                let (i, a, n, f, x) = (
-                    c.u16(),
-                    addr(&mut c, &l),
-                    len(&mut c),
-                    flags(&mut c),
-                    next(&mut c, size),
-                );
-                d.write_desc(i, a, n, f, x);
-            }
-            2 => {
-                let h = next(&mut c, size);
-                d.publish(h);
-            }
-            3 => {
-                let b = c.u8();
-                let cur = d.avail_idx().unwrap_or(0);
-                let v = if b & 0x80 == 0 {
-                    cur.wrapping_add(u16::from(b))
-                } else {
-                    cur.wrapping_sub(u16::from(b & 0x7f))
-                };
-                d.set_avail_idx(v);
-            }
-            4 => indirect(&mut c, &mut d, 0),
             5 => {
                 let e = errno(&mut c);
                 t.host.fail_next_send(e);
@@ -102,11 +72,8 @@ pub fn tx_chain(data: &[u8]) {
             6 => {
                 t.run(&d, &mut q);
             }
-            7 => d.set_used_event(c.u16()),
-            _ => {
-                let a = addr(&mut c, &l);
-                let n = usize::from(c.u8());
-                write_mapped(&mem, a, c.bytes(n));
+            op => {
+                driver_op(op, &mut c, &mut d, 0);
             }
         }
     }
@@ -115,35 +82,6 @@ pub fn tx_chain(data: &[u8]) {
             break;
         }
     }
-}
-
-/// Writes an indirect table and publishes a descriptor pointing at it. `dir` is xored into the
-/// table entries' flags (WRITE for RX, so that flag byte 0 means "device-writable" there).
-pub(super) fn indirect(c: &mut Cursor<'_>, d: &mut Driver<'_>, dir: u16) {
-    let l = d.l;
-    let table = addr(c, &l);
-    let n = c.u8() % 9;
-    let descs: Vec<_> = (0..n)
-        .map(|_| (addr(c, &l), len(c), (flags(c) ^ dir) & !NEXT))
-        .collect();
-    d.write_indirect(table, &descs);
-    let b = c.u8();
-    let tlen = if b & 1 == 0 {
-        16 * u32::from(n)
-    } else {
-        len(c)
-    };
-    // Bits 1..: extra flags on the indirect descriptor itself (NEXT, WRITE), usually none.
-    let extra = u16::from(b >> 1) & (NEXT | WRITE);
-    let slot = d.alloc();
-    d.write_desc(
-        slot,
-        table,
-        tlen,
-        INDIRECT | extra,
-        slot.wrapping_add(1) % l.size,
-    );
-    d.publish(slot);
 }
 
 /// The frame the device must send for `ch`, or None when the chain must be dropped.
@@ -173,6 +111,8 @@ struct Tx {
     faults: Faults,
     opts: TxOptions,
     event_idx: bool,
+    /// The rings lie wholly in mapped memory.
+    mapped: bool,
     stopped: bool,
     runs: usize,
 }
@@ -184,8 +124,8 @@ impl Tx {
             return false;
         }
         self.runs += 1;
-        let l = d.l;
-        let mem = d.mem;
+        let l = d.layout;
+        let mem = d.mem();
         let hdr_len = self.opts.hdr_len;
         let budget = self.opts.budget.max(1);
         let pre = Pre::capture(d, q);
@@ -223,7 +163,7 @@ impl Tx {
         );
         assert!(consumed <= budget, "consumed {consumed} > budget {budget}");
         assert!(sends <= budget, "{sends} sends > budget {budget}");
-        if l.mapped && pre.announced <= l.size {
+        if self.mapped && pre.announced <= l.size {
             assert!(!out.broken, "a well-formed ring was declared broken");
         }
 
@@ -321,7 +261,7 @@ impl Tx {
             assert_eq!(got, want_heads, "used heads vs consumed heads");
         }
         if !used.is_empty() {
-            if let Some(idx) = d.used_idx() {
+            if let Some(idx) = d.get(Field::UsedIdx) {
                 assert_eq!(idx, q.next_used(), "used.idx");
             }
         }

@@ -8,7 +8,6 @@ mod support {
     pub mod vu_driver;
 }
 
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use macvhost::server::SocketMode;
@@ -34,7 +33,7 @@ fn tx_frames_reach_the_host_queue_byte_exact() {
         );
     }
     assert!(
-        rig.queues[0].attached.load(Ordering::SeqCst),
+        rig.queues[0].is_attached(),
         "active pair is attached"
     );
     assert!(eventually(|| rig.stats[0].snapshot().tx_frames == 100));

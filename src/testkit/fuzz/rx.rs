@@ -35,9 +35,8 @@ use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
 
 use super::cursor::Cursor;
-use super::tx::indirect;
 use super::vq::*;
-use crate::datapath::testutil::{pattern_frame, FakeHostQueue};
+use crate::testkit::{pattern_frame, FakeHostQueue};
 use crate::datapath::tx::MAX_SEGMENTS;
 use crate::datapath::vnet::{
     bit, VIRTIO_F_VERSION_1, VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_GUEST_TSO4,
@@ -75,9 +74,10 @@ pub fn rx_fill(data: &[u8]) {
     let opts = RxOptions::new(features, mtu, budget);
     let event_idx = opt & 1 != 0;
     let mem = memory();
-    let l = Layout::place(cfg >> 4, size);
-    let mut d = Driver::new(&mem, l);
-    let mut q = l.queue(event_idx);
+    let (l, mapped) = place(cfg >> 4, size);
+    let mut d = Driver::lenient(&mem, l);
+    let mut q = l.queue();
+    q.set_event_idx(event_idx);
     let mut r = Rx {
         host: FakeHostQueue::new(),
         stats: QueueStats::default(),
@@ -85,6 +85,7 @@ pub fn rx_fill(data: &[u8]) {
         faults: Faults::default(),
         opts,
         event_idx,
+        mapped,
         stopped: false,
         runs: 0,
         injected: Vec::new(),
@@ -96,41 +97,6 @@ pub fn rx_fill(data: &[u8]) {
     while !c.is_empty() && ops < MAX_OPS {
         ops += 1;
         match c.u8() % 10 {
-            0 => {
-                let n = 1 + c.u8() % 8;
-                let descs: Vec<_> = (0..n)
-                    .map(|_| {
-                        let (a, n) = (addr(&mut c, &l), len(&mut c));
-                        (a, n, (flags(&mut c) ^ WRITE) & !NEXT)
-                    })
-                    .collect();
-                d.add_chain(&descs);
-            }
-            1 => {
-                let (i, a, n, f, x) = (
-                    c.u16(),
-                    addr(&mut c, &l),
-                    len(&mut c),
-                    flags(&mut c),
-                    next(&mut c, size),
-                );
-                d.write_desc(i, a, n, f, x);
-            }
-            2 => {
-                let h = next(&mut c, size);
-                d.publish(h);
-            }
-            3 => {
-                let b = c.u8();
-                let cur = d.avail_idx().unwrap_or(0);
-                let v = if b & 0x80 == 0 {
-                    cur.wrapping_add(u16::from(b))
-                } else {
-                    cur.wrapping_sub(u16::from(b & 0x7f))
-                };
-                d.set_avail_idx(v);
-            }
-            4 => indirect(&mut c, &mut d, WRITE),
             5 => {
                 let e = errno(&mut c);
                 r.host.fail_next_recv(e);
@@ -139,13 +105,7 @@ pub fn rx_fill(data: &[u8]) {
             6 => {
                 r.run(&d, &mut q);
             }
-            7 => d.set_used_event(c.u16()),
-            8 => {
-                let a = addr(&mut c, &l);
-                let n = usize::from(c.u8());
-                write_mapped(&mem, a, c.bytes(n));
-            }
-            _ => {
+            9 => {
                 const SIZES: [usize; 12] =
                     [9, 10, 11, 12, 60, 64, 1514, 1526, 1530, 9000, 65562, 65563];
                 let n = match c.u8() % 4 {
@@ -155,6 +115,9 @@ pub fn rx_fill(data: &[u8]) {
                     _ => usize::from(c.u16() % 2048),
                 };
                 r.inject(n);
+            }
+            op => {
+                driver_op(op, &mut c, &mut d, WRITE);
             }
         }
     }
@@ -184,6 +147,8 @@ struct Rx {
     faults: Faults,
     opts: RxOptions,
     event_idx: bool,
+    /// The rings lie wholly in mapped memory.
+    mapped: bool,
     stopped: bool,
     runs: usize,
     injected: Vec<Vec<u8>>,
@@ -235,8 +200,8 @@ impl Rx {
             return false;
         }
         self.runs += 1;
-        let l = d.l;
-        let mem = d.mem;
+        let l = d.layout;
+        let mem = d.mem();
         let hdr_len = self.opts.hdr_len;
         let budget = self.opts.budget.max(1);
         let pre = Pre::capture(d, q);
@@ -317,7 +282,7 @@ impl Rx {
         if aliased {
             return out.more;
         }
-        if l.mapped && pre.announced <= l.size {
+        if self.mapped && pre.announced <= l.size {
             assert!(!out.broken, "a well-formed ring was declared broken");
         }
 

@@ -24,7 +24,7 @@
 use vm_memory::{ByteValued, GuestAddress, GuestMemoryBackend};
 
 use super::cursor::Cursor;
-use crate::datapath::testutil::{memory_of, read_guest};
+use crate::testkit::{memory_of, read_guest};
 use crate::datapath::vnet::*;
 use crate::datapath::{IoVecBuf, RxOptions, TxOptions};
 use crate::vhost_user::backend::offered_features;

@@ -6,9 +6,6 @@
 //! thread-local switch), so the harness and the guest/host stand-ins around the calls do not
 //! count. Runs without root and without features.
 
-#[path = "../benches/support/ring.rs"]
-mod ring;
-
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
 use std::os::fd::AsRawFd;
@@ -20,7 +17,8 @@ use macvhost::datapath::{
     process_rx, process_tx, HostQueue, IoVecBuf, QueueStats, RxOptions, RxScratch, TxOptions,
     TxScratch,
 };
-use ring::{layout, Ring};
+use macvhost::testkit::ring::{fill, SplitRing};
+use macvhost::testkit::{require, Need};
 use vm_memory::{GuestAddress, GuestMemoryMmap};
 
 struct Counting;
@@ -130,8 +128,7 @@ fn tx_allocates_nothing_per_frame() {
 
 #[test]
 fn tx_through_io_uring_allocates_nothing_per_frame() {
-    if let Err(e) = TxScratch::with_io_uring() {
-        println!("skipped: io_uring unavailable: {e}");
+    if !require(&[Need::IoUring]) {
         return;
     }
     tx_no_alloc(|| TxScratch::with_io_uring().unwrap());
@@ -140,9 +137,9 @@ fn tx_through_io_uring_allocates_nothing_per_frame() {
 fn tx_no_alloc(new_scratch: impl Fn() -> TxScratch) {
     for size in [64, 1500, 65536] {
         let mem = memory();
-        let mut ring = Ring::new(&mem, 0, 256);
-        layout::fill_tx(&mem, &mut ring, DATA, HDR, &frame(size, 1), 256);
-        let mut q = ring.queue(true);
+        let mut ring = SplitRing::at(&mem, 0, 256).without_ledger();
+        fill::fill_tx(&mut ring, DATA, HDR, &frame(size, 1), 256);
+        let mut q = ring.create_queue_event_idx();
         let host = Host::new();
         let stats = QueueStats::default();
         let mut scratch = new_scratch();
@@ -162,7 +159,7 @@ fn tx_no_alloc(new_scratch: impl Fn() -> TxScratch) {
             for _ in 0..out.frames {
                 assert_eq!(host.peer.recv(&mut sink).unwrap(), HDR + size);
             }
-            ring.recycle(&mem);
+            ring.recycle();
         }
         assert_eq!(
             allocs, 0,
@@ -212,9 +209,9 @@ fn rx_allocates_nothing_per_frame() {
     for (name, mrg, max_frame, buf_len, descs, qsize, sizes) in cases {
         for &size in sizes {
             let mem = memory();
-            let mut ring = Ring::new(&mem, 0, qsize);
-            layout::fill_rx(&mem, &mut ring, DATA, buf_len, descs, usize::MAX);
-            let mut q = ring.queue(true);
+            let mut ring = SplitRing::at(&mem, 0, qsize).without_ledger();
+            fill::fill_rx(&mut ring, DATA, buf_len, descs, usize::MAX);
+            let mut q = ring.create_queue_event_idx();
             let host = Host::new();
             // Enough room in the socket for a batch of 64 KiB datagrams.
             nix::sys::socket::setsockopt(&host.peer, nix::sys::socket::sockopt::SndBuf, &(8 << 20))
@@ -244,7 +241,7 @@ fn rx_allocates_nothing_per_frame() {
                     }
                     got += out.frames;
                     left -= out.frames;
-                    ring.recycle(&mem);
+                    ring.recycle();
                 }
             }
             assert_eq!(

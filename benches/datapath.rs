@@ -27,13 +27,13 @@ use std::time::Duration;
 
 use criterion::measurement::{Measurement, ValueFormatter, WallTime};
 use criterion::{criterion_group, BenchmarkId, Criterion, Throughput};
-use macvhost::testkit::{memory_of, pattern_frame};
 use macvhost::datapath::vnet::{MAX_GSO_FRAME_LEN, VNET_HDR_LEN_V1};
 use macvhost::datapath::{
     process_rx, process_tx, HostQueue, IoVecBuf, QueueStats, RxOptions, RxScratch, TxOptions,
     TxScratch,
 };
 use macvhost::testkit::ring::{fill, SplitRing};
+use macvhost::testkit::{memory_of, pattern_frame};
 use vm_memory::GuestMemoryMmap;
 
 const HDR: usize = VNET_HDR_LEN_V1;

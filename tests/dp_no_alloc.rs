@@ -17,8 +17,9 @@ use macvhost::datapath::{
     process_rx, process_tx, HostQueue, IoVecBuf, QueueStats, RxOptions, RxScratch, TxOptions,
     TxScratch,
 };
+use macvhost::require;
 use macvhost::testkit::ring::{fill, SplitRing};
-use macvhost::testkit::{require, Need};
+use macvhost::testkit::Need;
 use vm_memory::{GuestAddress, GuestMemoryMmap};
 
 struct Counting;
@@ -128,9 +129,7 @@ fn tx_allocates_nothing_per_frame() {
 
 #[test]
 fn tx_through_io_uring_allocates_nothing_per_frame() {
-    if !require(&[Need::IoUring]) {
-        return;
-    }
+    require!(&[Need::IoUring]);
     tx_no_alloc(|| TxScratch::with_io_uring().unwrap());
 }
 

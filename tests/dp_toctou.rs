@@ -44,8 +44,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use macvhost::datapath::{
-    process_rx, process_tx, QueueStats, RxOptions, RxScratch, StatsSnapshot, TxOptions,
-    TxScratch,
+    process_rx, process_tx, QueueStats, RxOptions, RxScratch, StatsSnapshot, TxOptions, TxScratch,
 };
 use macvhost::testkit::ring::{raw_desc, SplitRing, INDIRECT, NEXT, WRITE};
 use macvhost::testkit::FakeHostQueue;
@@ -729,7 +728,13 @@ fn worker_keeps_other_pairs_intact_while_a_guest_rewrites_its_rings() {
     // Pair 0 = vrings 0 (RX) and 1 (TX); its buffers end where pair 1's begin.
     let (a_lo, a_hi) = (g.rings[0].bufs, g.rings[2].bufs);
     let a_rings: Vec<(u64, u64, u16)> = (0..2)
-        .map(|q| (g.rings[q].layout.desc, g.rings[q].layout.avail, g.rings[q].layout.size))
+        .map(|q| {
+            (
+                g.rings[q].layout.desc,
+                g.rings[q].layout.avail,
+                g.rings[q].layout.size,
+            )
+        })
         .collect();
     let stop = Arc::new(AtomicBool::new(false));
     let mutator = {

@@ -16,9 +16,7 @@ use common::*;
 #[test]
 fn harness_netns_veth_macvtap_setup_and_teardown() {
     const NAME: &str = "harness_netns_veth_macvtap_setup_and_teardown";
-    if !require(E2E) {
-        return;
-    }
+    require!(E2E);
     let t0 = Instant::now();
     let ns = NetNs::new("e2e");
     let name = ns.name().to_string();
@@ -73,9 +71,7 @@ fn harness_netns_veth_macvtap_setup_and_teardown() {
 #[test]
 fn harness_generator_checker_over_veth_reflector() {
     const NAME: &str = "harness_generator_checker_over_veth_reflector";
-    if !require(E2E) {
-        return;
-    }
+    require!(E2E);
     let t0 = Instant::now();
     let ns = NetNs::new("e2e");
     let topo = MacvtapTopo::create(&ns, "bridge");
@@ -175,27 +171,21 @@ fn standin_roundtrip(queues: u16, name: &str) {
 #[test]
 fn harness_testpmd_virtio_user_over_dpdk_vhost_standin() {
     const NAME: &str = "harness_testpmd_virtio_user_over_dpdk_vhost_standin";
-    if !require(E2E) {
-        return;
-    }
+    require!(E2E);
     standin_roundtrip(1, NAME);
 }
 
 #[test]
 fn harness_testpmd_four_queues_over_dpdk_vhost_standin() {
     const NAME: &str = "harness_testpmd_four_queues_over_dpdk_vhost_standin";
-    if !require(E2E) {
-        return;
-    }
+    require!(E2E);
     standin_roundtrip(4, NAME);
 }
 
 #[test]
 fn harness_testpmd_reconnect_over_dpdk_vhost_standin() {
     const NAME: &str = "harness_testpmd_reconnect_over_dpdk_vhost_standin";
-    if !require(E2E) {
-        return;
-    }
+    require!(E2E);
     let t0 = Instant::now();
     let dir = tempfile::tempdir().unwrap();
     let ns = NetNs::new("e2e");
@@ -230,9 +220,7 @@ fn harness_testpmd_reconnect_over_dpdk_vhost_standin() {
 #[test]
 fn harness_macvtap_queues_reflect_and_spread_udp_flows() {
     const NAME: &str = "harness_macvtap_queues_reflect_and_spread_udp_flows";
-    if !require(E2E) {
-        return;
-    }
+    require!(E2E);
     let t0 = Instant::now();
     let dir = tempfile::tempdir().unwrap();
     let ns = NetNs::new("e2e");

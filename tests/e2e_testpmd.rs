@@ -99,9 +99,7 @@ fn macvtap_run(
 #[test]
 fn macvtap_macswap_roundtrip_is_byte_exact() {
     const NAME: &str = "macvtap_macswap_roundtrip_is_byte_exact";
-    if !require(E2E) {
-        return;
-    }
+    require!(E2E);
     macvtap_run(NAME, 1, &Traffic::raw(2000), |ns| {
         MacvtapTopo::create(ns, "bridge")
     });
@@ -114,9 +112,7 @@ fn macvtap_macswap_roundtrip_is_byte_exact() {
 #[test]
 fn tap_macswap_roundtrip_is_byte_exact() {
     const NAME: &str = "tap_macswap_roundtrip_is_byte_exact";
-    if !require(E2E) {
-        return;
-    }
+    require!(E2E);
     let t0 = Instant::now();
     let dir = tempfile::tempdir().expect("tempdir");
     let ns = NetNs::new("e2e");
@@ -160,9 +156,7 @@ fn tap_macswap_roundtrip_is_byte_exact() {
 #[test]
 fn macvtap_four_queues_all_carry_traffic() {
     const NAME: &str = "macvtap_four_queues_all_carry_traffic";
-    if !require(E2E) {
-        return;
-    }
+    require!(E2E);
     let out = macvtap_run(NAME, 4, &Traffic::udp(8000, 64), |ns| {
         MacvtapTopo::create(ns, "bridge")
     });
@@ -180,9 +174,7 @@ fn macvtap_four_queues_all_carry_traffic() {
 #[test]
 fn second_frontend_reconnects_after_first_exits() {
     const NAME: &str = "second_frontend_reconnects_after_first_exits";
-    if !require(E2E) {
-        return;
-    }
+    require!(E2E);
     let t0 = Instant::now();
     let dir = tempfile::tempdir().expect("tempdir");
     let ns = NetNs::new("e2e");
@@ -232,9 +224,7 @@ fn second_frontend_reconnects_after_first_exits() {
 #[test]
 fn stale_dev_tap_node_is_not_used() {
     const NAME: &str = "stale_dev_tap_node_is_not_used";
-    if !require(E2E) {
-        return;
-    }
+    require!(E2E);
     let ifindex = free_ifindex();
     let node_path = format!("/dev/tap{ifindex}");
     let node = DevNodeGuard::create_char(Path::new(&node_path), 1, 3);

@@ -62,9 +62,7 @@ impl Drop for KillOnDrop {
 
 #[test]
 fn batch_script_over_fw_cfg() {
-    if !require(&[QEMU, IMAGE]) {
-        return;
-    }
+    require!(&[QEMU, IMAGE]);
     let _one = one_guest_at_a_time();
     let mut t = Timings::new("batch");
     let script = r#"
@@ -98,9 +96,7 @@ exit 3
 
 #[test]
 fn interactive_commands_over_serial() {
-    if !require(&[QEMU, IMAGE]) {
-        return;
-    }
+    require!(&[QEMU, IMAGE]);
     let _one = one_guest_at_a_time();
     let vm = Qemu::spawn(&QemuConfig::no_net("interactive")).unwrap_or_else(|e| panic!("{e}"));
     vm.wait_ready(secs(300)).unwrap_or_else(|e| panic!("{e}"));
@@ -149,9 +145,8 @@ fn field<'a>(out: &'a str, key: &str) -> Option<&'a str> {
 
 #[test]
 fn tap_backend_end_to_end() {
-    if !require(GUEST) || !require(&[Need::Tool("iperf3")]) {
-        return;
-    }
+    require!(GUEST);
+    require!(&[Need::Tool("iperf3")]);
     let _one = one_guest_at_a_time();
     let mut t = Timings::new("tap");
     const BLOB: usize = 64 << 20;
@@ -343,9 +338,7 @@ fn tap_backend_end_to_end() {
 fn vhost_user_command_line_reaches_backend_socket() {
     use std::io::Read;
     use std::os::unix::net::UnixListener;
-    if !require(&[QEMU, IMAGE]) {
-        return;
-    }
+    require!(&[QEMU, IMAGE]);
     let _one = one_guest_at_a_time();
     let dir = tempfile::tempdir().unwrap();
     let sock = dir.path().join("vhost.sock");
@@ -385,9 +378,7 @@ fn vhost_user_command_line_reaches_backend_socket() {
 /// The macvtap topology helper (used by the macvhost end-to-end tests).
 #[test]
 fn netns_macvtap_topology() {
-    if !require(&[Need::Root, Need::Tool("ip")]) {
-        return;
-    }
+    require!(&[Need::Root, Need::Tool("ip")]);
     let ns = NetNs::new("mvt");
     guest::add_veth_macvtap(&ns);
     let link = ns.ip(&["-o", "link", "show", "mvt0"]);

@@ -81,9 +81,7 @@ fn field<'a>(text: &'a str, key: &str) -> Option<&'a str> {
 
 #[test]
 fn guest_comes_up_with_the_macvtap_mac_and_pings_the_peer() {
-    if !require(GUEST) {
-        return;
-    }
+    require!(GUEST);
     let s = setup("ping", 2, false);
     let macvtap_mac =
         s.ns.command("cat")
@@ -196,9 +194,7 @@ fn wait_guest_carrier(s: &Setup, want: &str, limit: Duration) -> Result<Duration
 
 #[test]
 fn guest_carrier_follows_the_macvtap_parent_with_disconnect_on_link_down() {
-    if !require(GUEST) {
-        return;
-    }
+    require!(GUEST);
     let s = setup_with("carrier", 1, false, &["--disconnect-on-link-down"]);
     wait_guest_carrier(&s, "1", secs(30)).unwrap();
     let o = s.vm.exec_ok("ping -c 2 -W 5 $MVH_PEER", secs(120));
@@ -241,9 +237,7 @@ fn guest_carrier_follows_the_macvtap_parent_with_disconnect_on_link_down() {
 
 #[test]
 fn tcp_64mib_each_way_arrives_intact_with_checksum_and_tso_offloads() {
-    if !require(GUEST) {
-        return;
-    }
+    require!(GUEST);
     const BLOB: usize = 64 << 20;
     let s = setup("tcp", 2, false);
     let o = s.vm.exec_ok("ethtool -k $MVH_IFACE", secs(120));
@@ -370,9 +364,7 @@ fn parallel_flows(s: &Setup, flows: u16) {
 
 #[test]
 fn two_queue_pairs_carry_flows_and_going_back_to_one_keeps_traffic_flowing() {
-    if !require(GUEST) {
-        return;
-    }
+    require!(GUEST);
     let s = setup("mq", 2, false);
     let o = s.vm.exec_ok("ping -c 2 -W 5 $MVH_PEER", secs(120));
     assert!(o.output.contains("2 packets received"), "{}", o.output);
@@ -418,9 +410,7 @@ fn two_queue_pairs_carry_flows_and_going_back_to_one_keeps_traffic_flowing() {
 
 #[test]
 fn macvhost_killed_and_restarted_under_ping_the_guest_recovers() {
-    if !require(GUEST) {
-        return;
-    }
+    require!(GUEST);
     let mut s = setup("restart", 2, false);
     s.vm.exec_ok("ping -i 0.2 $MVH_PEER > /tmp/ping.log 2>&1 &", secs(60));
     std::thread::sleep(Duration::from_secs(2));
@@ -448,9 +438,7 @@ fn macvhost_killed_and_restarted_under_ping_the_guest_recovers() {
 
 #[test]
 fn a_rebooted_guest_is_served_again() {
-    if !require(GUEST) {
-        return;
-    }
+    require!(GUEST);
     let s = setup("reboot", 2, true);
     s.vm.exec_ok("ping -c 2 -W 5 $MVH_PEER", secs(120));
     let mark = s.vm.mark();
@@ -494,9 +482,13 @@ fn ping_seqs(text: &str) -> Vec<u32> {
 #[test]
 fn guest_migrates_between_two_macvhosts_while_pinging_the_peer() {
     let tcpdump = Need::Tool("tcpdump");
-    if !require(&[Need::Root, Need::Tool("ip"), guest::QEMU, guest::IMAGE, tcpdump]) {
-        return;
-    }
+    require!(&[
+        Need::Root,
+        Need::Tool("ip"),
+        guest::QEMU,
+        guest::IMAGE,
+        tcpdump
+    ]);
     const STREAM: usize = 96 << 20;
     let _lock = one_guest_at_a_time();
     let ns = NetNs::new("mig");
@@ -719,9 +711,13 @@ fn guest_migrates_between_two_macvhosts_while_pinging_the_peer() {
 #[test]
 fn qemu_tap_backend_stream_migration_control_compares_ram() {
     let experiment = Need::OptIn("MACVHOST_MIGRATION_STREAM");
-    if !require(&[experiment, Need::Root, Need::Tool("ip"), guest::QEMU, guest::IMAGE]) {
-        return;
-    }
+    require!(&[
+        experiment,
+        Need::Root,
+        Need::Tool("ip"),
+        guest::QEMU,
+        guest::IMAGE
+    ]);
     let _lock = one_guest_at_a_time();
     let ns = NetNs::new("tapc");
     guest::add_veth_peer(&ns);

@@ -317,17 +317,11 @@ fn idle_window(mvh: &Daemon, window: Duration) -> (u64, f64) {
 #[test]
 fn tap_link_down_and_up_under_traffic_drops_counts_and_recovers() {
     const NAME: &str = "tap_link_down_and_up_under_traffic_drops_counts_and_recovers";
-    if !require(HOST) {
-        return;
-    }
+    require!(HOST);
     let t0 = Instant::now();
     let dir = tempfile::tempdir().unwrap();
     let ns = NetNs::new("host");
-    let mut mvh = Daemon::spawn(
-        &ns,
-        dir.path(),
-        &["--tap", "tap0"],
-    );
+    let mut mvh = Daemon::spawn(&ns, dir.path(), &["--tap", "tap0"]);
     let tap = TapTopo::attach(&ns, "tap0", Duration::from_secs(15));
     let peer = Peer::open(&ns, &tap.tap, PEER_MAC, GUEST_MAC);
     let mut g = connect_guest(mvh.socket());
@@ -394,21 +388,12 @@ fn tap_link_down_and_up_under_traffic_drops_counts_and_recovers() {
 #[test]
 fn macvtap_link_down_and_up_under_traffic_recovers() {
     const NAME: &str = "macvtap_link_down_and_up_under_traffic_recovers";
-    if !require(HOST) {
-        return;
-    }
+    require!(HOST);
     let t0 = Instant::now();
     let dir = tempfile::tempdir().unwrap();
     let ns = NetNs::new("host");
     let topo = MacvtapTopo::create(&ns, "bridge");
-    let mut mvh = Daemon::spawn(
-        &ns,
-        dir.path(),
-        &[
-            "--macvtap",
-            topo.macvtap,
-        ],
-    );
+    let mut mvh = Daemon::spawn(&ns, dir.path(), &["--macvtap", topo.macvtap]);
     let peer = Peer::open(&ns, topo.peer, topo.peer_mac, topo.macvtap_mac);
     let mut g = connect_guest(mvh.socket());
     guest_to_peer_ok(&mut g, &peer, 300);
@@ -487,21 +472,12 @@ fn macvtap_link_down_and_up_under_traffic_recovers() {
 #[test]
 fn macvtap_deleted_while_running_keeps_serving_the_socket() {
     const NAME: &str = "macvtap_deleted_while_running_keeps_serving_the_socket";
-    if !require(HOST) {
-        return;
-    }
+    require!(HOST);
     let t0 = Instant::now();
     let dir = tempfile::tempdir().unwrap();
     let ns = NetNs::new("host");
     let topo = MacvtapTopo::create(&ns, "bridge");
-    let mut mvh = Daemon::spawn(
-        &ns,
-        dir.path(),
-        &[
-            "--macvtap",
-            topo.macvtap,
-        ],
-    );
+    let mut mvh = Daemon::spawn(&ns, dir.path(), &["--macvtap", topo.macvtap]);
     let peer = Peer::open(&ns, topo.peer, topo.peer_mac, topo.macvtap_mac);
     let mut g = connect_guest(mvh.socket());
     guest_to_peer_ok(&mut g, &peer, 300);
@@ -576,17 +552,11 @@ fn macvtap_deleted_while_running_keeps_serving_the_socket() {
 #[test]
 fn tap_deleted_while_running_drops_and_keeps_serving() {
     const NAME: &str = "tap_deleted_while_running_drops_and_keeps_serving";
-    if !require(HOST) {
-        return;
-    }
+    require!(HOST);
     let t0 = Instant::now();
     let dir = tempfile::tempdir().unwrap();
     let ns = NetNs::new("host");
-    let mut mvh = Daemon::spawn(
-        &ns,
-        dir.path(),
-        &["--tap", "tap0"],
-    );
+    let mut mvh = Daemon::spawn(&ns, dir.path(), &["--tap", "tap0"]);
     let tap = TapTopo::attach(&ns, "tap0", Duration::from_secs(15));
     let peer = Peer::open(&ns, &tap.tap, PEER_MAC, GUEST_MAC);
     let mut g = connect_guest(mvh.socket());
@@ -698,9 +668,7 @@ fn link_status(g: &mut VuGuest) -> u16 {
 #[test]
 fn tap_queue_full_waits_for_epollout_without_spinning() {
     const NAME: &str = "tap_queue_full_waits_for_epollout_without_spinning";
-    if !require(HOST) {
-        return;
-    }
+    require!(HOST);
     const SNDBUF: i32 = 16 * 1024;
     const N: u32 = 3000;
     let t0 = Instant::now();
@@ -859,9 +827,7 @@ fn tap_queue_full_waits_for_epollout_without_spinning() {
 #[test]
 fn rx_flood_with_no_guest_buffers_costs_near_zero_cpu() {
     const NAME: &str = "rx_flood_with_no_guest_buffers_costs_near_zero_cpu";
-    if !require(HOST) {
-        return;
-    }
+    require!(HOST);
     let t0 = Instant::now();
     let mut lines = Vec::new();
     for kind in ["macvtap", "tap"] {
@@ -869,22 +835,11 @@ fn rx_flood_with_no_guest_buffers_costs_near_zero_cpu() {
         let ns = NetNs::new("host");
         let (mut mvh, peer, kernel_iface) = if kind == "macvtap" {
             let topo = MacvtapTopo::create(&ns, "bridge");
-            let mvh = Daemon::spawn(
-                &ns,
-                dir.path(),
-                &[
-                    "--macvtap",
-                    topo.macvtap,
-                ],
-            );
+            let mvh = Daemon::spawn(&ns, dir.path(), &["--macvtap", topo.macvtap]);
             let peer = Peer::open(&ns, topo.peer, topo.peer_mac, topo.macvtap_mac);
             (mvh, peer, topo.macvtap.to_string())
         } else {
-            let mvh = Daemon::spawn(
-                &ns,
-                dir.path(),
-                &["--tap", "tap0"],
-            );
+            let mvh = Daemon::spawn(&ns, dir.path(), &["--tap", "tap0"]);
             let tap = TapTopo::attach(&ns, "tap0", Duration::from_secs(15));
             let peer = Peer::open(&ns, &tap.tap, PEER_MAC, GUEST_MAC);
             (mvh, peer, tap.tap)

@@ -128,34 +128,26 @@ fn run_mode(mode: &str) -> (bool, bool, bool) {
 
 #[test]
 fn bridge_mode_guests_reach_each_other_inside_the_host() {
-    if !require(HOST) {
-        return;
-    }
+    require!(HOST);
     assert_eq!(run_mode("bridge"), (true, false, true));
 }
 
 #[test]
 fn private_mode_guests_cannot_reach_each_other() {
-    if !require(HOST) {
-        return;
-    }
+    require!(HOST);
     // The frame leaves through the parent; the veth peer is not a hairpin switch.
     assert_eq!(run_mode("private"), (false, true, true));
 }
 
 #[test]
 fn vepa_mode_without_a_hairpin_switch_sends_everything_out() {
-    if !require(HOST) {
-        return;
-    }
+    require!(HOST);
     assert_eq!(run_mode("vepa"), (false, true, true));
 }
 
 #[test]
 fn passthru_takes_the_parent_and_a_second_macvtap_is_refused() {
-    if !require(HOST) {
-        return;
-    }
+    require!(HOST);
     let ns = topo();
     let dir = tempfile::tempdir().unwrap();
     let mut a = Daemon::spawn_named(

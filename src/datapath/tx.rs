@@ -577,8 +577,9 @@ fn gather_tx<'m, M: GuestMemory>(
 mod tests {
     use super::*;
     use crate::datapath::stats::StatsSnapshot;
-    use crate::testkit::*;
     use crate::datapath::vnet::{MAX_GSO_FRAME_LEN, VNET_HDR_LEN_LEGACY, VNET_HDR_LEN_V1};
+    use crate::require;
+    use crate::testkit::*;
     use virtio_bindings::virtio_ring::VRING_DESC_F_INDIRECT;
     use vm_memory::GuestMemoryMmap;
 
@@ -1330,9 +1331,7 @@ mod tests {
         let mut gq = GuestQueue::new(&mem, 256);
         let mut q = gq.create_queue_event_idx();
         let mut fx = Fx::new();
-        if !require(&[Need::IoUring]) {
-            return;
-        }
+        require!(&[Need::IoUring]);
         fx.scratch = TxScratch::with_io_uring().expect("io_uring works");
         assert!(fx.scratch.uses_io_uring());
         // 100 chains (more than one io_uring batch): good frames of distinct contents, with a
@@ -1419,9 +1418,7 @@ mod tests {
             &[("tx_frames", 4), ("tx_bytes", 400), ("tx_gso_frames", 2)],
         );
         let mut fx = Fx::new();
-        if !require(&[Need::IoUring]) {
-            return;
-        }
+        require!(&[Need::IoUring]);
         fx.scratch = TxScratch::with_io_uring().expect("io_uring works");
         assert_eq!(send_gso_mix(&mut fx).tx_gso_frames, 2);
     }

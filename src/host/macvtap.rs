@@ -241,16 +241,15 @@ impl Drop for DevNode {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testkit::{require, Need};
+    use crate::require;
+    use crate::testkit::Need;
 
     // These run in a scratch directory on /tmp: mknod works there for root even when the mount
     // is nodev (only opening is refused), and no real /dev node is touched.
 
     #[test]
     fn missing_node_is_created_with_the_right_number() {
-        if !require(&[Need::Root]) {
-            return;
-        }
+        require!(&[Need::Root]);
         let dir = tempfile::tempdir().unwrap();
         let dev = libc::makedev(1, 3);
         let node = DevNode::resolve(dir.path(), 7, dev).unwrap();
@@ -270,9 +269,7 @@ mod tests {
 
     #[test]
     fn stale_node_is_left_alone_and_a_private_one_is_used() {
-        if !require(&[Need::Root]) {
-            return;
-        }
+        require!(&[Need::Root]);
         let dir = tempfile::tempdir().unwrap();
         let stale = libc::makedev(1, 3);
         let ours = libc::makedev(1, 5);

@@ -10,9 +10,10 @@ use nix::fcntl::{fcntl, FcntlArg, OFlag};
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::stat::{mknod, Mode, SFlag};
 
-use crate::testkit::netns::{self, free_ifindex, tap_node, DevNodeGuard, NetNs};
-use crate::testkit::{require, Need};
 use super::*;
+use crate::require;
+use crate::testkit::netns::{self, free_ifindex, tap_node, DevNodeGuard, NetNs};
+use crate::testkit::Need;
 
 /// An ethertype from the IEEE "local experimental" range, so kernel chatter (IPv6 ND, MLD)
 /// on the same links is never mistaken for a test frame.
@@ -310,9 +311,7 @@ fn offload_probe_without_csum_credits_nothing_and_passes_real_errors() {
 
 #[test]
 fn macvtap_opens_one_and_four_queues_with_the_right_flags() {
-    if !require(ROOT) {
-        return;
-    }
+    require!(ROOT);
     let ns = NetNs::new("host");
     let index = free_ifindex();
     with_macvtap(&ns, index);
@@ -354,9 +353,7 @@ fn macvtap_opens_one_and_four_queues_with_the_right_flags() {
 
 #[test]
 fn macvtap_frames_flow_both_ways() {
-    if !require(ROOT) {
-        return;
-    }
+    require!(ROOT);
     let ns = NetNs::new("host");
     with_macvtap(&ns, free_ifindex());
     ns.set_up(&LINKS);
@@ -390,9 +387,7 @@ fn macvtap_frames_flow_both_ways() {
 
 #[test]
 fn stale_dev_node_is_left_alone_and_not_used() {
-    if !require(ROOT) {
-        return;
-    }
+    require!(ROOT);
     let index = free_ifindex();
     // /dev is shared by all namespaces: a node named like our macvtap but for 1:3 (/dev/null).
     // If the backend opened it, writes would "succeed" into /dev/null and never reach veth1.
@@ -436,9 +431,7 @@ fn stale_dev_node_is_left_alone_and_not_used() {
 
 #[test]
 fn missing_dev_node_is_created() {
-    if !require(ROOT) {
-        return;
-    }
+    require!(ROOT);
     let index = free_ifindex();
     let ns = NetNs::new("host");
     with_macvtap(&ns, index);
@@ -459,9 +452,7 @@ fn missing_dev_node_is_created() {
 
 #[test]
 fn macvtap_queue_detach_and_attach_steer_frames() {
-    if !require(ROOT) {
-        return;
-    }
+    require!(ROOT);
     let ns = NetNs::new("host");
     with_macvtap(&ns, free_ifindex());
     ns.set_up(&LINKS);
@@ -510,9 +501,7 @@ fn macvtap_queue_detach_and_attach_steer_frames() {
 
 #[test]
 fn macvtap_link_facts() {
-    if !require(ROOT) {
-        return;
-    }
+    require!(ROOT);
     let ns = NetNs::new("host");
     with_macvtap(&ns, free_ifindex());
     ns.ip(&[
@@ -555,9 +544,7 @@ fn macvtap_link_facts() {
 
 #[test]
 fn macvtap_spec_errors_name_the_operator() {
-    if !require(ROOT) {
-        return;
-    }
+    require!(ROOT);
     let ns = NetNs::new("host");
     with_macvtap(&ns, free_ifindex());
     ns.run(|| {
@@ -571,9 +558,7 @@ fn macvtap_spec_errors_name_the_operator() {
 
 #[test]
 fn sysfs_of_another_namespace_is_detected() {
-    if !require(ROOT) {
-        return;
-    }
+    require!(ROOT);
     let ns = NetNs::new("host");
     with_macvtap(&ns, free_ifindex());
     let ns_file = fs::File::open(format!("/run/netns/{}", ns.name())).unwrap();
@@ -594,9 +579,7 @@ fn sysfs_of_another_namespace_is_detected() {
 
 #[test]
 fn tap_is_created_up_and_removed_on_drop() {
-    if !require(ROOT) {
-        return;
-    }
+    require!(ROOT);
     let ns = NetNs::new("host");
     ns.run(|| {
         let dev = HostDevice::open(&tap("mvhtap0"), 1).unwrap();
@@ -635,9 +618,7 @@ fn tap_is_created_up_and_removed_on_drop() {
 
 #[test]
 fn multiqueue_tap_detach_and_attach() {
-    if !require(ROOT) {
-        return;
-    }
+    require!(ROOT);
     let ns = NetNs::new("host");
     ns.run(|| {
         let dev = HostDevice::open(&tap("mvhtap1"), 4).unwrap();
@@ -675,9 +656,7 @@ fn multiqueue_tap_detach_and_attach() {
 
 #[test]
 fn existing_taps_are_reused_or_refused_clearly() {
-    if !require(ROOT) {
-        return;
-    }
+    require!(ROOT);
     let ns = NetNs::new("host");
     ns.ip(&["tuntap", "add", "dev", "mq0", "mode", "tap", "multi_queue"]);
     ns.ip(&["tuntap", "add", "dev", "sq0", "mode", "tap"]);
@@ -719,9 +698,7 @@ fn existing_taps_are_reused_or_refused_clearly() {
 
 #[test]
 fn tap_fds_from_a_manager_are_validated() {
-    if !require(ROOT) {
-        return;
-    }
+    require!(ROOT);
     let ns = NetNs::new("host");
     ns.run(|| {
         let mq = TAP_FLAGS | libc::IFF_MULTI_QUEUE;
@@ -784,9 +761,7 @@ fn tap_fds_from_a_manager_are_validated() {
 
 #[test]
 fn macvtap_fds_from_a_manager_are_accepted() {
-    if !require(ROOT) {
-        return;
-    }
+    require!(ROOT);
     let index = free_ifindex();
     let ns = NetNs::new("host");
     with_macvtap(&ns, index);
@@ -820,9 +795,7 @@ fn macvtap_fds_from_a_manager_are_accepted() {
 
 #[test]
 fn writes_on_down_and_deleted_links() {
-    if !require(ROOT) {
-        return;
-    }
+    require!(ROOT);
     let ns = NetNs::new("host");
     with_macvtap(&ns, free_ifindex());
     ns.run(|| {
@@ -866,9 +839,7 @@ fn writes_on_down_and_deleted_links() {
 
 #[test]
 fn sndbuf_is_per_device_on_tap_and_settable_on_macvtap() {
-    if !require(ROOT) {
-        return;
-    }
+    require!(ROOT);
     let ns = NetNs::new("host");
     with_macvtap(&ns, free_ifindex());
     ns.run(|| {
@@ -903,9 +874,7 @@ fn sndbuf_is_per_device_on_tap_and_settable_on_macvtap() {
 
 #[test]
 fn tap_name_template_is_resolved() {
-    if !require(ROOT) {
-        return;
-    }
+    require!(ROOT);
     let ns = NetNs::new("host");
     ns.run(|| {
         // The kernel expands `%d` on creation; every queue must join that one tap.
@@ -920,9 +889,7 @@ fn tap_name_template_is_resolved() {
 
 #[test]
 fn fds_of_a_same_named_link_in_another_namespace_are_refused() {
-    if !require(ROOT) {
-        return;
-    }
+    require!(ROOT);
     // Namespace A holds the devices behind the fds; B has links with the same names (and, for
     // the macvtap, the same ifindex) and is where the backend runs.
     let (a, b) = (NetNs::new("host"), NetNs::new("host"));

@@ -64,7 +64,9 @@ impl FakeHostQueue {
     pub fn with_peer_timeout(timeout: Duration) -> Self {
         let q = Self::new();
         q.peer.set_nonblocking(false).expect("blocking peer");
-        q.peer.set_read_timeout(Some(timeout)).expect("read timeout");
+        q.peer
+            .set_read_timeout(Some(timeout))
+            .expect("read timeout");
         q
     }
 

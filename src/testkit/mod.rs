@@ -69,6 +69,17 @@ impl Need {
     }
 }
 
+/// `require!(needs)`: [`require`], and return from the calling test when it says no. The usual
+/// first line of a test that needs something: `require!(&[Need::Root, Need::Tool("ip")]);`.
+#[macro_export]
+macro_rules! require {
+    ($needs:expr) => {
+        if !$crate::testkit::require($needs) {
+            return;
+        }
+    };
+}
+
 /// True when every need holds. Otherwise prints `skipped: <test>: needs <what>` straight to
 /// stderr and returns false (the test then returns early) — or, when `MACVHOST_E2E_REQUIRED=1`,
 /// panics with that line, so a run that requires everything cannot pass by skipping. The test
@@ -161,23 +172,35 @@ mod tests {
 
     #[test]
     fn missing_needs_are_named() {
-        assert_eq!(Need::File("/no/such/file").missing().as_deref(), Some("/no/such/file"));
-        assert!(Need::Tool("no-such-tool-mvh").missing().unwrap().contains("no-such-tool-mvh"));
+        assert_eq!(
+            Need::File("/no/such/file").missing().as_deref(),
+            Some("/no/such/file")
+        );
+        assert!(Need::Tool("no-such-tool-mvh")
+            .missing()
+            .unwrap()
+            .contains("no-such-tool-mvh"));
         assert!(Need::OptIn("MACVHOST_NO_SUCH_OPT_IN").missing().is_some());
         assert_eq!(Need::Root.missing().is_none(), is_root());
     }
 
     #[test]
     fn the_skip_line_names_the_test_and_every_unmet_need() {
-        let (msg, fatal) =
-            unmet(&[Need::File("/"), Need::File("/no/such/file"), Need::Tool("no-such-tool-mvh")])
-                .unwrap();
+        let (msg, fatal) = unmet(&[
+            Need::File("/"),
+            Need::File("/no/such/file"),
+            Need::Tool("no-such-tool-mvh"),
+        ])
+        .unwrap();
         assert_eq!(
             msg,
             "skipped: testkit::tests::the_skip_line_names_the_test_and_every_unmet_need: \
              needs /no/such/file, `no-such-tool-mvh` on PATH"
         );
-        assert!(fatal, "a missing file fails the test when everything is required");
+        assert!(
+            fatal,
+            "a missing file fails the test when everything is required"
+        );
         assert!(unmet(&[Need::File("/")]).is_none());
     }
 
@@ -189,6 +212,9 @@ mod tests {
         ])
         .unwrap();
         assert!(!fatal, "never a failure");
-        assert!(msg.ends_with("needs MACVHOST_NO_SUCH_OPT_IN=1 (opt-in experiment)"), "{msg}");
+        assert!(
+            msg.ends_with("needs MACVHOST_NO_SUCH_OPT_IN=1 (opt-in experiment)"),
+            "{msg}"
+        );
     }
 }

@@ -231,7 +231,10 @@ impl NetNs {
 
     /// Starts `f` on a thread inside the namespace (network only). Sockets made there stay in
     /// the namespace wherever they are used later.
-    pub fn spawn<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> JoinHandle<T> {
+    pub fn spawn<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> JoinHandle<T> {
         let ns = self.open();
         std::thread::spawn(move || {
             setns(&ns, CloneFlags::CLONE_NEWNET).expect("setns");

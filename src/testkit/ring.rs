@@ -321,7 +321,10 @@ impl<M: Borrow<GuestMemoryMmap>> SplitRing<M> {
     /// Writes a ring field (release ordering: what was written before is seen first).
     pub fn set(&self, field: Field, v: u16) {
         let at = self.layout.addr(field);
-        if let Err(e) = self.mem().store(v.to_le(), GuestAddress(at), Ordering::Release) {
+        if let Err(e) = self
+            .mem()
+            .store(v.to_le(), GuestAddress(at), Ordering::Release)
+        {
             assert!(!self.strict, "ring write at {at:#x}: {e}");
         }
     }
@@ -386,9 +389,7 @@ impl<M: Borrow<GuestMemoryMmap>> SplitRing<M> {
         let end = self.used_idx();
         let mut out = Vec::new();
         while self.used_cursor != end {
-            let (id, len) = self
-                .used_elem(self.used_cursor)
-                .expect("used entry mapped");
+            let (id, len) = self.used_elem(self.used_cursor).expect("used entry mapped");
             self.note_used(id, len);
             out.push((id, len));
             self.used_cursor = self.used_cursor.wrapping_add(1);
@@ -412,9 +413,7 @@ impl<M: Borrow<GuestMemoryMmap>> SplitRing<M> {
         let mut idx = self.avail_idx();
         let (mut n, mut bytes) = (0, 0u64);
         while self.used_cursor != end {
-            let (id, len) = self
-                .used_elem(self.used_cursor)
-                .expect("used entry mapped");
+            let (id, len) = self.used_elem(self.used_cursor).expect("used entry mapped");
             self.note_used(id, len);
             self.used_cursor = self.used_cursor.wrapping_add(1);
             let head = id as u16;
@@ -481,13 +480,16 @@ fn linked<'a>(
     descs: &'a [(u64, u32, u16)],
     next_of: impl Fn(usize) -> u16 + 'a,
 ) -> impl Iterator<Item = RawDescriptor> + 'a {
-    descs.iter().enumerate().map(move |(i, &(addr, len, flags))| {
-        if i + 1 < descs.len() {
-            raw_desc(addr, len, flags | NEXT, next_of(i + 1))
-        } else {
-            raw_desc(addr, len, flags & !NEXT, 0)
-        }
-    })
+    descs
+        .iter()
+        .enumerate()
+        .map(move |(i, &(addr, len, flags))| {
+            if i + 1 < descs.len() {
+                raw_desc(addr, len, flags | NEXT, next_of(i + 1))
+            } else {
+                raw_desc(addr, len, flags & !NEXT, 0)
+            }
+        })
 }
 
 /// Reads one raw descriptor at `at` as `(addr, len, flags, next)`.

@@ -38,6 +38,8 @@ use std::time::{Duration, Instant};
 #[allow(unused_imports)]
 pub use macvhost::host::MacAddr;
 #[allow(unused_imports)]
+pub use macvhost::require;
+#[allow(unused_imports)]
 pub use macvhost::testkit::daemon::Daemon;
 #[allow(unused_imports)]
 pub use macvhost::testkit::netns::{
@@ -45,7 +47,7 @@ pub use macvhost::testkit::netns::{
     LOWER_MAC, PEER_MAC,
 };
 #[allow(unused_imports)]
-pub use macvhost::testkit::{require, wait_until, Need};
+pub use macvhost::testkit::{wait_until, Need};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 

@@ -10,7 +10,7 @@
 //! ```
 //!
 //! The namespace, topology and macvhost guard are the test kit's (`macvhost::testkit`); every
-//! test starts with `if !require(GUEST) { return; }` (or the needs it has).
+//! test starts with `require!(GUEST);` (or the needs it has).
 //!
 //! # Serial channel
 //!
@@ -56,11 +56,12 @@ use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
 use macvhost::host::MacAddr;
+pub use macvhost::require;
 #[allow(unused_imports)] // used by guest_macvhost, not guest_harness
 pub use macvhost::testkit::daemon::Daemon;
-use macvhost::testkit::netns::{free_ifindex, MacvtapTopo};
 pub use macvhost::testkit::netns::NetNs;
-pub use macvhost::testkit::{require, which, Need};
+use macvhost::testkit::netns::{free_ifindex, MacvtapTopo};
+pub use macvhost::testkit::{which, Need};
 
 /// Default guest MAC address used by the tests.
 pub const GUEST_MAC: &str = "52:54:00:4d:56:48";
@@ -96,10 +97,11 @@ pub fn target_dir() -> PathBuf {
 /// The guest's NIC needs QEMU.
 pub const QEMU: Need = Need::Tool("qemu-system-x86_64");
 
-/// The guest image: built already, or buildable by `tests/guest/build-guest.sh`.
+/// The guest image and its logs: `target/guest` writable, the image built already or
+/// buildable by `tests/guest/build-guest.sh`.
 pub const IMAGE: Need = Need::Check(
-    "the guest image (tests/guest/build-guest.sh: a readable /boot/vmlinuz-*, busybox-static, \
-     iperf3, ethtool)",
+    "the guest image (a writable target/guest; tests/guest/build-guest.sh needs a readable \
+     /boot/vmlinuz-*, busybox-static, iperf3, ethtool)",
     image_available,
 );
 
@@ -107,7 +109,12 @@ pub const IMAGE: Need = Need::Check(
 pub const GUEST: &[Need] = &[Need::Root, Need::Tool("ip"), QEMU, IMAGE];
 
 fn image_available() -> bool {
-    let built = GuestImage::in_dir(&target_dir().join("guest"));
+    let dir = target_dir().join("guest");
+    let writable = |p: &Path| nix::unistd::access(p, nix::unistd::AccessFlags::W_OK).is_ok();
+    if !(writable(&dir) || !dir.exists() && writable(&target_dir())) {
+        return false;
+    }
+    let built = GuestImage::in_dir(&dir);
     if built.kernel.exists() && built.initrd.exists() {
         return true;
     }
@@ -116,7 +123,10 @@ fn image_available() -> bool {
             e.file_name().to_string_lossy().starts_with("vmlinuz-") && File::open(e.path()).is_ok()
         })
     });
-    kernel_readable && ["busybox", "iperf3", "ethtool"].iter().all(|t| which(t).is_some())
+    kernel_readable
+        && ["busybox", "iperf3", "ethtool"]
+            .iter()
+            .all(|t| which(t).is_some())
 }
 
 /// Guests run one at a time: there are only 2 cores and TCG is slow.

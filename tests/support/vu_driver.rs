@@ -12,10 +12,10 @@ use std::os::fd::AsRawFd;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use macvhost::testkit::ring::{Layout, SplitRing, WRITE};
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
-use macvhost::testkit::ring::{Layout, SplitRing, WRITE};
 use vm_memory::{
     Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
 };
@@ -266,14 +266,7 @@ impl VuGuest {
                 break;
             };
             let addr = self.rings[q].bufs + u64::from(i) * self.rings[q].buf_size;
-            self.write_desc(
-                q,
-                i,
-                addr,
-                len.min(self.rings[q].buf_size as u32),
-                WRITE,
-                0,
-            );
+            self.write_desc(q, i, addr, len.min(self.rings[q].buf_size as u32), WRITE, 0);
             self.push_avail(q, i);
             posted += 1;
         }

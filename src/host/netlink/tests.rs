@@ -16,9 +16,10 @@ use nix::sys::socket::{
 
 use super::rtnl::{KernelError, Rtnl};
 use super::*;
-use crate::testkit::netns::NetNs;
-use crate::testkit::{require, Need};
 use crate::host::{HostDevice, HostSpec, TapQueue, VNET_HDR_LEN_V1};
+use crate::require;
+use crate::testkit::netns::NetNs;
+use crate::testkit::Need;
 
 /// IEEE "local experimental" ethertype: kernel chatter (ND, MLD) is never mistaken for ours.
 const TEST_ETHERTYPE: [u8; 2] = [0x88, 0xb5];
@@ -103,9 +104,7 @@ fn bad_requests_are_refused_before_the_kernel() {
 
 #[test]
 fn each_mode_is_created_up_and_reported() {
-    if !require(ROOT) {
-        return;
-    }
+    require!(ROOT);
     let ns = veth_ns();
     ns.run(|| {
         let parent = macvtap_info("veth0").unwrap_err();
@@ -136,9 +135,7 @@ fn each_mode_is_created_up_and_reported() {
 
 #[test]
 fn names_macs_and_missing_parents() {
-    if !require(ROOT) {
-        return;
-    }
+    require!(ROOT);
     let ns = veth_ns();
     ns.run(|| {
         let mac = [0x02, 0x11, 0x22, 0x33, 0x44, 0x55];
@@ -176,9 +173,7 @@ fn names_macs_and_missing_parents() {
 
 #[test]
 fn passthru_must_be_alone() {
-    if !require(ROOT) {
-        return;
-    }
+    require!(ROOT);
     let ns = veth_ns();
     ns.run(|| {
         let p = create_macvtap(&spec("veth0", Some("mvtP"), MacvtapMode::Passthru)).unwrap();
@@ -212,9 +207,7 @@ fn passthru_must_be_alone() {
 
 #[test]
 fn drop_deletes_and_keep_keeps() {
-    if !require(ROOT) {
-        return;
-    }
+    require!(ROOT);
     let ns = veth_ns();
     ns.run(|| {
         let a = create_macvtap(&spec("veth0", None, MacvtapMode::Bridge)).unwrap();
@@ -381,9 +374,7 @@ const fn d(at_b: bool, at_peer: bool) -> Delivery {
 
 #[test]
 fn mode_bridge_switches_between_macvtaps_inside_the_kernel() {
-    if !require(ROOT) {
-        return;
-    }
+    require!(ROOT);
     let (uni, bc) = deliveries(MacvtapMode::Bridge, false);
     // Unicast to a sibling never leaves the host; broadcast goes to siblings and out.
     assert_eq!(uni, d(true, false), "unicast");
@@ -392,9 +383,7 @@ fn mode_bridge_switches_between_macvtaps_inside_the_kernel() {
 
 #[test]
 fn mode_private_isolates_macvtaps() {
-    if !require(ROOT) {
-        return;
-    }
+    require!(ROOT);
     let (uni, bc) = deliveries(MacvtapMode::Private, false);
     assert_eq!(uni, d(false, true), "unicast");
     assert_eq!(bc, d(false, true), "broadcast");
@@ -402,9 +391,7 @@ fn mode_private_isolates_macvtaps() {
 
 #[test]
 fn mode_vepa_sends_everything_out() {
-    if !require(ROOT) {
-        return;
-    }
+    require!(ROOT);
     // A plain veth peer does not hairpin: nothing comes back to B.
     let (uni, bc) = deliveries(MacvtapMode::Vepa, false);
     assert_eq!(uni, d(false, true), "unicast");
@@ -413,9 +400,7 @@ fn mode_vepa_sends_everything_out() {
 
 #[test]
 fn mode_vepa_reaches_siblings_through_a_hairpin_switch() {
-    if !require(ROOT) {
-        return;
-    }
+    require!(ROOT);
     // veth1 in a bridge with hairpin on = an 802.1Qbg reflective-relay switch.
     let (uni, bc) = deliveries(MacvtapMode::Vepa, true);
     assert_eq!(uni, d(true, true), "unicast");
@@ -424,9 +409,7 @@ fn mode_vepa_reaches_siblings_through_a_hairpin_switch() {
 
 #[test]
 fn mode_private_behind_a_hairpin_switch_only_stops_broadcast() {
-    if !require(ROOT) {
-        return;
-    }
+    require!(ROOT);
     // The kernel's private mode drops reflected multicast/broadcast whose source is a sibling
     // (macvlan_handle_frame), but a reflected *unicast* frame is delivered by destination MAC
     // like any other: isolation against a hairpinning switch holds for broadcast only.
@@ -437,9 +420,7 @@ fn mode_private_behind_a_hairpin_switch_only_stops_broadcast() {
 
 #[test]
 fn mode_bridge_behind_a_hairpin_switch_is_unchanged() {
-    if !require(ROOT) {
-        return;
-    }
+    require!(ROOT);
     let (uni, bc) = deliveries(MacvtapMode::Bridge, true);
     assert_eq!(uni, d(true, false), "unicast");
     assert_eq!(bc, d(true, true), "broadcast");
@@ -484,9 +465,7 @@ fn expect_quiet(rx: &mpsc::Receiver<LinkEvent>, quiet: Duration) {
 
 #[test]
 fn watcher_reports_carrier_of_macvtap_and_parent_and_deletion() {
-    if !require(ROOT) {
-        return;
-    }
+    require!(ROOT);
     let ns = veth_ns();
     ns.run(|| {
         let mut link = create_macvtap(&spec("veth0", Some("mvtW"), MacvtapMode::Bridge)).unwrap();
@@ -549,9 +528,7 @@ fn watcher_reports_carrier_of_macvtap_and_parent_and_deletion() {
 
 #[test]
 fn watcher_reports_missing_links_and_ignores_others() {
-    if !require(ROOT) {
-        return;
-    }
+    require!(ROOT);
     let ns = veth_ns();
     ns.run(|| {
         let parent = ifindex_of("veth0");
@@ -626,9 +603,7 @@ fn from_outside(mode: MacvtapMode) -> (bool, bool) {
 
 #[test]
 fn mode_passthru_receives_everything_the_parent_does() {
-    if !require(ROOT) {
-        return;
-    }
+    require!(ROOT);
     // Passthru puts the parent in promiscuous mode and hands the macvtap every frame;
     // the other modes take only frames for their own MAC (or broadcast/multicast).
     assert_eq!(from_outside(MacvtapMode::Passthru), (true, true));

@@ -36,13 +36,13 @@ use vm_memory::GuestMemoryMmap;
 
 use super::cursor::Cursor;
 use super::vq::*;
-use crate::testkit::{pattern_frame, FakeHostQueue};
 use crate::datapath::tx::MAX_SEGMENTS;
 use crate::datapath::vnet::{
     bit, VIRTIO_F_VERSION_1, VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_GUEST_TSO4,
     VIRTIO_NET_F_MRG_RXBUF, VIRTIO_RING_F_EVENT_IDX,
 };
 use crate::datapath::{process_rx, QueueStats, RxOptions, RxScratch};
+use crate::testkit::{pattern_frame, FakeHostQueue};
 
 /// Most frame bytes one input may inject (the fake host queue's socket buffer is ~208 KiB and
 /// `inject_frame` must not block).

@@ -25,10 +25,10 @@ use virtio_queue::{Queue, QueueT};
 
 use super::cursor::Cursor;
 use super::vq::*;
-use crate::testkit::FakeHostQueue;
 use crate::datapath::tx::MAX_SEGMENTS;
 use crate::datapath::vnet::{tx_max_frame_len, VNET_HDR_LEN_LEGACY, VNET_HDR_LEN_V1};
 use crate::datapath::{process_tx, QueueStats, TxOptions, TxScratch};
+use crate::testkit::FakeHostQueue;
 
 /// Runs one `tx_chain` input (see the module doc).
 pub fn tx_chain(data: &[u8]) {

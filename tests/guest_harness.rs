@@ -9,7 +9,7 @@
 #[path = "support/guest.rs"]
 mod guest;
 
-use guest::{require, Need, NetNs, Qemu, QemuConfig, GUEST, IMAGE, QEMU};
+use guest::{require, run_ok, Need, NetNs, Qemu, QemuConfig, GUEST, IMAGE, QEMU};
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Stdio};
@@ -191,15 +191,9 @@ fn tap_backend_end_to_end() {
     let o = vm.exec_ok("ping -c 3 -W 5 $MVH_PEER", secs(180));
     t.add("ping guest->peer (3 packets)", o.elapsed, "");
     let t0 = Instant::now();
-    let out = ns
-        .command("busybox")
-        .args(["ping", "-c", "3", "-W", "5", guest::GUEST_IP])
-        .output()
-        .expect("run ping");
-    assert!(
-        out.status.success(),
-        "ping from the netns failed: {}",
-        String::from_utf8_lossy(&out.stdout)
+    run_ok(
+        ns.command("busybox")
+            .args(["ping", "-c", "3", "-W", "5", guest::GUEST_IP]),
     );
     t.add("ping peer->guest (3 packets)", t0.elapsed(), "");
 

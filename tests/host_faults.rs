@@ -520,7 +520,7 @@ fn macvtap_deleted_while_running_keeps_serving_the_socket() {
         "{d2:?}"
     );
     // What the new guest is told about the link (status bit in the config space).
-    let status = link_status(&mut g2);
+    let status = g2.link_status();
     let (wakeups2, idle2) = idle_window(&mvh, Duration::from_secs(2));
     assert!(
         wakeups2 <= 1,
@@ -635,17 +635,6 @@ fn tap_deleted_while_running_drops_and_keeps_serving() {
         idle2 * 100.0,
         t0.elapsed()
     );
-}
-
-/// The `status` field of `virtio_net_config` (offset 6) as GET_CONFIG reports it.
-fn link_status(g: &mut VuGuest) -> u16 {
-    use vhost::vhost_user::message::VhostUserConfigFlags;
-    use vhost::vhost_user::VhostUserFrontend;
-    let (_, data) = g
-        .frontend
-        .get_config(6, 2, VhostUserConfigFlags::empty(), &[0u8; 2])
-        .expect("GET_CONFIG");
-    u16::from_le_bytes([data[0], data[1]])
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
-use super::netns::NetNs;
+use super::netns::{run_ok, NetNs};
 
 /// How long a starting macvhost may take to create its socket.
 const START_TIMEOUT: Duration = Duration::from_secs(20);
@@ -150,18 +150,12 @@ impl Daemon {
 
     /// Per-queue-pair counters, from `macvhost stats CONTROL --json` (the operator's view).
     pub fn stats(&self) -> Vec<BTreeMap<String, u64>> {
-        let out = Command::new(Self::binary())
-            .args(["stats", "--json"])
-            .arg(&self.control)
-            .output()
-            .expect("run macvhost stats");
-        assert!(
-            out.status.success(),
-            "macvhost stats failed: {}",
-            String::from_utf8_lossy(&out.stderr)
+        let out = run_ok(
+            Command::new(Self::binary())
+                .args(["stats", "--json"])
+                .arg(&self.control),
         );
-        let report: crate::control::StatsReport =
-            serde_json::from_slice(&out.stdout).expect("stats JSON");
+        let report: crate::control::StatsReport = serde_json::from_str(&out).expect("stats JSON");
         report.queues.into_iter().map(|q| q.counters).collect()
     }
 
@@ -176,7 +170,7 @@ impl Daemon {
     /// SIGTERM, then wait up to 10 s. Returns the exit status (panics on timeout).
     pub fn shutdown(&mut self) -> ExitStatus {
         let mut child = self.child.take().expect("running");
-        terminate(&mut child, Duration::from_secs(10)).unwrap_or_else(|status| {
+        terminate(&mut child, Signal::SIGTERM, Duration::from_secs(10)).unwrap_or_else(|status| {
             panic!(
                 "macvhost did not exit within 10 s of SIGTERM (killed: {status}); log:\n{}",
                 self.log_tail(200)
@@ -198,7 +192,7 @@ impl Daemon {
 impl Drop for Daemon {
     fn drop(&mut self) {
         if let Some(mut child) = self.child.take() {
-            let _ = terminate(&mut child, Duration::from_secs(5));
+            let _ = terminate(&mut child, Signal::SIGTERM, Duration::from_secs(5));
         }
         if std::thread::panicking() {
             eprintln!(
@@ -216,12 +210,16 @@ fn is_socket(p: &Path) -> bool {
     fs::symlink_metadata(p).is_ok_and(|m| m.file_type().is_socket())
 }
 
-/// SIGTERM, then waits up to `timeout`; on timeout SIGKILLs and returns `Err(status)`.
-fn terminate(child: &mut Child, timeout: Duration) -> Result<ExitStatus, ExitStatus> {
+/// Sends `sig`, then waits up to `timeout`; on timeout SIGKILLs and returns `Err(status)`.
+pub fn terminate(
+    child: &mut Child,
+    sig: Signal,
+    timeout: Duration,
+) -> Result<ExitStatus, ExitStatus> {
     if let Ok(Some(status)) = child.try_wait() {
         return Ok(status);
     }
-    let _ = kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM);
+    let _ = kill(Pid::from_raw(child.id() as i32), sig);
     let deadline = Instant::now() + timeout;
     loop {
         if let Ok(Some(status)) = child.try_wait() {

@@ -29,7 +29,7 @@ use std::fs::{self, File};
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -39,6 +39,7 @@ use std::time::{Duration, Instant};
 pub use macvhost::host::MacAddr;
 #[allow(unused_imports)]
 pub use macvhost::require;
+use macvhost::testkit::daemon::terminate;
 #[allow(unused_imports)]
 pub use macvhost::testkit::daemon::Daemon;
 #[allow(unused_imports)]
@@ -48,8 +49,7 @@ pub use macvhost::testkit::netns::{
 };
 #[allow(unused_imports)]
 pub use macvhost::testkit::{wait_until, Need};
-use nix::sys::signal::{kill, Signal};
-use nix::unistd::Pid;
+use nix::sys::signal::Signal;
 
 /// What the end-to-end tests need: root, `ip` and DPDK testpmd.
 pub const E2E: &[Need] = &[Need::Root, Need::Tool("ip"), Need::Tool("dpdk-testpmd")];
@@ -85,25 +85,6 @@ pub fn tail(path: &Path, n: usize) -> String {
     let lines: Vec<&str> = text.lines().collect();
     let start = lines.len().saturating_sub(n);
     lines[start..].join("\n")
-}
-
-/// Sends `sig`, waits up to `timeout`; on timeout SIGKILLs and returns Err(status).
-fn terminate(child: &mut Child, sig: Signal, timeout: Duration) -> Result<ExitStatus, ExitStatus> {
-    if let Ok(Some(status)) = child.try_wait() {
-        return Ok(status);
-    }
-    let _ = kill(Pid::from_raw(child.id() as i32), sig);
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Ok(Some(status)) = child.try_wait() {
-            return Ok(status);
-        }
-        if Instant::now() >= deadline {
-            let _ = child.kill();
-            return Err(child.wait().expect("wait"));
-        }
-        thread::sleep(Duration::from_millis(20));
-    }
 }
 
 // ---------------------------------------------------------------------------------------------

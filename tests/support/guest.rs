@@ -59,6 +59,8 @@ use macvhost::host::MacAddr;
 pub use macvhost::require;
 #[allow(unused_imports)] // used by guest_macvhost, not guest_harness
 pub use macvhost::testkit::daemon::Daemon;
+#[allow(unused_imports)] // used by guest_harness
+pub use macvhost::testkit::netns::run_ok;
 pub use macvhost::testkit::netns::NetNs;
 use macvhost::testkit::netns::{free_ifindex, MacvtapTopo};
 pub use macvhost::testkit::{which, Need};

@@ -200,6 +200,16 @@ impl VuGuest {
         ours
     }
 
+    /// The `status` field of `virtio_net_config` (offset 6) as GET_CONFIG reports it.
+    pub fn link_status(&mut self) -> u16 {
+        let flags = vhost::vhost_user::message::VhostUserConfigFlags::empty();
+        let (_, data) = self
+            .frontend
+            .get_config(6, 2, flags, &[0u8; 2])
+            .expect("GET_CONFIG");
+        u16::from_le_bytes([data[0], data[1]])
+    }
+
     /// (Re)sends SET_MEM_TABLE for the one memfd region.
     pub fn set_mem_table(&mut self) {
         let region = self.mem.iter().next().unwrap();

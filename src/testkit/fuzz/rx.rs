@@ -54,7 +54,6 @@ const INJECT_OVERHEAD: usize = 2048;
 pub fn rx_fill(data: &[u8]) {
     let mut c = Cursor::new(data);
     let cfg = c.u8();
-    let size = 1u16 << (cfg % 9);
     let opt = c.u8();
     let mut features = 0u64;
     if opt & 1 != 0 {
@@ -74,53 +73,38 @@ pub fn rx_fill(data: &[u8]) {
     let opts = RxOptions::new(features, mtu, budget);
     let event_idx = opt & 1 != 0;
     let mem = memory();
-    let (l, mapped) = place(cfg >> 4, size);
-    let mut d = Driver::lenient(&mem, l);
-    let mut q = l.queue();
-    q.set_event_idx(event_idx);
+    let (mut d, mut q, mapped) = rings(&mem, cfg, event_idx);
     let mut r = Rx {
         host: FakeHostQueue::new(),
         stats: QueueStats::default(),
-        scratch: RxScratch::new(),
-        faults: Faults::default(),
         opts,
-        event_idx,
-        mapped,
-        stopped: false,
-        runs: 0,
+        scratch: RxScratch::new(),
+        calls: Calls::new(event_idx, mapped),
         injected: Vec::new(),
         inject_left: INJECT_BUDGET,
         next_frame: 0,
     };
-
-    let mut ops = 0;
-    while !c.is_empty() && ops < MAX_OPS {
-        ops += 1;
-        match c.u8() % 10 {
-            5 => {
-                let e = errno(&mut c);
-                r.host.fail_next_recv(e);
-                r.faults.0.push_back(e);
-            }
-            6 => {
-                r.run(&d, &mut q);
-            }
-            9 => {
-                const SIZES: [usize; 12] =
-                    [9, 10, 11, 12, 60, 64, 1514, 1526, 1530, 9000, 65562, 65563];
-                let n = match c.u8() % 4 {
-                    0 => usize::from(c.u8()),
-                    1 => usize::from(c.u16()) + usize::from(c.u8() & 7) * 10,
-                    2 => SIZES[usize::from(c.u8() % 12)],
-                    _ => usize::from(c.u16() % 2048),
-                };
-                r.inject(n);
-            }
-            op => {
-                driver_op(op, &mut c, &mut d, WRITE);
-            }
+    run_ops(&mut c, &mut d, 10, WRITE, |op, c, d| match op {
+        5 => {
+            let e = errno(c);
+            r.host.fail_next_recv(e);
+            r.calls.faults.0.push_back(e);
         }
-    }
+        6 => {
+            r.run(d, &mut q);
+        }
+        _ => {
+            const SIZES: [usize; 12] =
+                [9, 10, 11, 12, 60, 64, 1514, 1526, 1530, 9000, 65562, 65563];
+            let n = match c.u8() % 4 {
+                0 => usize::from(c.u8()),
+                1 => usize::from(c.u16()) + usize::from(c.u8() & 7) * 10,
+                2 => SIZES[usize::from(c.u8() % 12)],
+                _ => usize::from(c.u16() % 2048),
+            };
+            r.inject(n);
+        }
+    });
     for _ in 0..4 {
         if !r.run(&d, &mut q) {
             break;
@@ -144,13 +128,8 @@ struct Rx {
     host: FakeHostQueue,
     stats: QueueStats,
     scratch: RxScratch,
-    faults: Faults,
     opts: RxOptions,
-    event_idx: bool,
-    /// The rings lie wholly in mapped memory.
-    mapped: bool,
-    stopped: bool,
-    runs: usize,
+    calls: Calls,
     injected: Vec<Vec<u8>>,
     inject_left: usize,
     /// Injected frames before this one were delivered or dropped.
@@ -196,49 +175,29 @@ impl Rx {
 
     /// One `process_rx` call with every oracle. Returns true when calling again makes sense.
     fn run(&mut self, d: &Driver<'_>, q: &mut Queue) -> bool {
-        if self.stopped || self.runs >= MAX_RUNS {
+        let Some(pre) = self.calls.next(d, q) else {
             return false;
-        }
-        self.runs += 1;
-        let l = d.layout;
-        let mem = d.mem();
-        let hdr_len = self.opts.hdr_len;
+        };
+        let (l, mem, hdr_len) = (d.layout, d.mem(), self.opts.hdr_len);
         let budget = self.opts.budget.max(1);
-        let pre = Pre::capture(d, q);
-        let recv0 = self.host.recv_calls();
-        let st0 = self.stats.snapshot();
-
-        let out = process_rx(
-            q,
-            mem,
-            &self.host,
-            &self.stats,
-            &mut self.scratch,
-            &self.opts,
-            None,
-        );
+        let (recv0, st0) = (self.host.recv_calls(), self.stats.snapshot());
+        let (host, stats) = (&self.host, &self.stats);
+        let out = process_rx(q, mem, host, stats, &mut self.scratch, &self.opts, None);
 
         let recvs = self.host.recv_calls() - recv0;
-        let faults = self.faults.take(recvs);
+        let faults = self.calls.faults.take(recvs);
         let st = self.stats.snapshot();
-        if out.broken {
-            self.stopped = true;
-        }
-        let consumed = usize::from(q.next_avail().wrapping_sub(pre.next_avail));
+        self.calls.stopped |= out.broken;
+        let consumed = consumed(&pre, q);
         let added = usize::from(q.next_used().wrapping_sub(pre.next_used));
         if super::tracing() {
             eprintln!(
                 "rx call {}: layout {l:?} opts {:?}\n  pre next_avail {} announced {} \
                  chains {:?}\n  out {out:?} consumed {consumed} added {added} recvs {recvs} \
                  faults {faults:?}",
-                self.runs, self.opts, pre.next_avail, pre.announced, pre.chains
+                self.calls.runs, self.opts, pre.next_avail, pre.announced, pre.chains
             );
         }
-        assert!(
-            consumed <= pre.chains.len(),
-            "consumed {consumed} chains, only {} were announced",
-            pre.chains.len()
-        );
         assert!(
             added <= consumed,
             "{added} used entries for {consumed} chains"
@@ -282,7 +241,7 @@ impl Rx {
         if aliased {
             return out.more;
         }
-        if self.mapped && pre.announced <= l.size {
+        if self.calls.mapped && pre.announced <= l.size {
             assert!(!out.broken, "a well-formed ring was declared broken");
         }
 
@@ -396,10 +355,9 @@ impl Rx {
             );
         }
 
-        check_notify(&pre, q, self.event_idx, out.notify, out.broken);
-        if out.no_buffers && !out.broken {
-            check_kicks_enabled(d, self.event_idx, "RX out of buffers");
-        }
+        let flags = (out.notify, out.broken);
+        self.calls
+            .finish(d, &pre, q, flags, out.no_buffers, "RX out of buffers");
         out.more
     }
 }

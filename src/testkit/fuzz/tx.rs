@@ -34,7 +34,6 @@ use crate::testkit::FakeHostQueue;
 pub fn tx_chain(data: &[u8]) {
     let mut c = Cursor::new(data);
     let cfg = c.u8();
-    let size = 1u16 << (cfg % 9);
     let opt = c.u8();
     let event_idx = opt & 1 != 0;
     let hdr_len = if opt & 2 != 0 {
@@ -44,39 +43,23 @@ pub fn tx_chain(data: &[u8]) {
     };
     let budget = usize::from(c.u8() % 65);
     let mem = memory();
-    let (l, mapped) = place(cfg >> 4, size);
-    let mut d = Driver::lenient(&mem, l);
-    let mut q = l.queue();
-    q.set_event_idx(event_idx);
+    let (mut d, mut q, mapped) = rings(&mem, cfg, event_idx);
     let mut t = Tx {
+        calls: Calls::new(event_idx, mapped),
+        opts: TxOptions { hdr_len, budget },
         host: FakeHostQueue::new(),
         stats: QueueStats::default(),
         scratch: TxScratch::new(),
-        faults: Faults::default(),
-        opts: TxOptions { hdr_len, budget },
-        event_idx,
-        mapped,
-        stopped: false,
-        runs: 0,
     };
-
-    let mut ops = 0;
-    while !c.is_empty() && ops < MAX_OPS {
-        ops += 1;
-        match c.u8() % 9 {
-            5 => {
-                let e = errno(&mut c);
-                t.host.fail_next_send(e);
-                t.faults.0.push_back(e);
-            }
-            6 => {
-                t.run(&d, &mut q);
-            }
-            op => {
-                driver_op(op, &mut c, &mut d, 0);
-            }
+    run_ops(&mut c, &mut d, 9, 0, |op, c, d| {
+        if op == 5 {
+            let e = errno(c);
+            t.host.fail_next_send(e);
+            t.calls.faults.0.push_back(e);
+        } else {
+            t.run(d, &mut q);
         }
-    }
+    });
     for _ in 0..4 {
         if !t.run(&d, &mut q) {
             break;
@@ -108,30 +91,19 @@ struct Tx {
     host: FakeHostQueue,
     stats: QueueStats,
     scratch: TxScratch,
-    faults: Faults,
     opts: TxOptions,
-    event_idx: bool,
-    /// The rings lie wholly in mapped memory.
-    mapped: bool,
-    stopped: bool,
-    runs: usize,
+    calls: Calls,
 }
 
 impl Tx {
     /// One `process_tx` call with every oracle. Returns true when calling again makes sense.
     fn run(&mut self, d: &Driver<'_>, q: &mut Queue) -> bool {
-        if self.stopped || self.runs >= MAX_RUNS {
+        let Some(pre) = self.calls.next(d, q) else {
             return false;
-        }
-        self.runs += 1;
-        let l = d.layout;
-        let mem = d.mem();
-        let hdr_len = self.opts.hdr_len;
-        let budget = self.opts.budget.max(1);
-        let pre = Pre::capture(d, q);
+        };
+        let (l, mem, hdr_len) = (d.layout, d.mem(), self.opts.hdr_len);
+        let (budget, st0) = (self.opts.budget.max(1), self.stats.snapshot());
         let sends0 = self.host.send_calls();
-        let st0 = self.stats.snapshot();
-
         let out = process_tx(
             q,
             mem,
@@ -142,28 +114,23 @@ impl Tx {
         );
 
         let sends = self.host.send_calls() - sends0;
-        let faults = self.faults.take(sends);
+        let faults = self.calls.faults.take(sends);
         let frames = self.host.take_all_frames();
         let st = self.stats.snapshot();
-        let consumed = usize::from(q.next_avail().wrapping_sub(pre.next_avail));
+        let consumed = consumed(&pre, q);
         if super::tracing() {
             eprintln!(
                 "tx call {}: layout {l:?} budget {budget}\n  pre next_avail {} announced {} \
                  chains {:?}\n  out {out:?} consumed {consumed} sends {sends} faults {faults:?}",
-                self.runs, pre.next_avail, pre.announced, pre.chains
+                self.calls.runs, pre.next_avail, pre.announced, pre.chains
             );
             for i in 0..l.size.min(16) {
                 eprintln!("  desc {i}: {:x?}", d.read_desc(i));
             }
         }
-        assert!(
-            consumed <= pre.chains.len(),
-            "consumed {consumed} chains, only {} were announced",
-            pre.chains.len()
-        );
         assert!(consumed <= budget, "consumed {consumed} > budget {budget}");
         assert!(sends <= budget, "{sends} sends > budget {budget}");
-        if self.mapped && pre.announced <= l.size {
+        if self.calls.mapped && pre.announced <= l.size {
             assert!(!out.broken, "a well-formed ring was declared broken");
         }
 
@@ -176,7 +143,7 @@ impl Tx {
             .any(|&t| overlaps(t, l.used_range()))
         {
             if out.broken {
-                self.stopped = true;
+                self.calls.stopped = true;
             }
             return out.more || out.blocked;
         }
@@ -275,13 +242,9 @@ impl Tx {
             );
         }
 
-        check_notify(&pre, q, self.event_idx, out.notify, out.broken);
-        if !out.broken && !out.more && !out.blocked {
-            check_kicks_enabled(d, self.event_idx, "TX drained");
-        }
-        if out.broken {
-            self.stopped = true;
-        }
+        let idle = !out.more && !out.blocked;
+        let flags = (out.notify, out.broken);
+        self.calls.finish(d, &pre, q, flags, idle, "TX drained");
         out.more || out.blocked
     }
 }

@@ -157,6 +157,35 @@ pub fn place(kind: u8, size: u16) -> (Layout, bool) {
 /// of unmapped fields give `None`).
 pub type Driver<'m> = SplitRing<&'m GuestMemoryMmap>;
 
+/// The rings of a target's queue for config byte `cfg` (size `1 << (cfg % 9)`, placement
+/// `cfg >> 4`, see [`place`]) over `mem`, zeroed: the driver, the device's queue, and whether
+/// the rings lie wholly in mapped memory.
+pub fn rings(mem: &GuestMemoryMmap, cfg: u8, event_idx: bool) -> (Driver<'_>, Queue, bool) {
+    let (l, mapped) = place(cfg >> 4, 1u16 << (cfg % 9));
+    let mut q = l.queue();
+    q.set_event_idx(event_idx);
+    (Driver::lenient(mem, l), q, mapped)
+}
+
+/// Runs the input's ops (at most [`MAX_OPS`]): op `c.u8() % kinds`, the shared driver ops
+/// ([`driver_op`], flags xored with `dir`) here, the target's own ops through `own`.
+pub fn run_ops(
+    c: &mut Cursor<'_>,
+    d: &mut Driver<'_>,
+    kinds: u8,
+    dir: u16,
+    mut own: impl FnMut(u8, &mut Cursor<'_>, &Driver<'_>),
+) {
+    let mut ops = 0;
+    while !c.is_empty() && ops < MAX_OPS {
+        ops += 1;
+        let op = c.u8() % kinds;
+        if !driver_op(op, c, d, dir) {
+            own(op, c, d);
+        }
+    }
+}
+
 /// The guest-driver ops both ring targets share (numbered as in their module docs): 0 a chain
 /// of 1–8 descriptors published, 1 a raw descriptor, 2 publish a head, 3 move `avail.idx`,
 /// 4 an indirect chain, 7 set `used_event`, 8 guest writes bytes. `dir` is xored into the
@@ -251,30 +280,33 @@ pub fn addr(c: &mut Cursor<'_>, l: &Layout) -> u64 {
     }
 }
 
+/// Descriptor lengths around the interesting bounds: empty, one byte, around both vnet header
+/// lengths, a minimal frame, around an MTU-sized frame, a page, around the largest GSO frame.
+pub const LEN_EDGES: [u32; 16] = [
+    0,
+    1,
+    9,
+    10,
+    11,
+    12,
+    13,
+    60,
+    1514,
+    1526,
+    1530,
+    4096,
+    65550,
+    65562,
+    65563,
+    u32::MAX,
+];
+
 /// A descriptor length: small, medium, around the interesting bounds, or anything.
 pub fn len(c: &mut Cursor<'_>) -> u32 {
-    const EDGES: [u32; 16] = [
-        0,
-        1,
-        9,
-        10,
-        11,
-        12,
-        13,
-        60,
-        1514,
-        1526,
-        1530,
-        4096,
-        65550,
-        65562,
-        65563,
-        u32::MAX,
-    ];
     match c.u8() % 6 {
         0 => u32::from(c.u8()),
         1 => u32::from(c.u16()),
-        2 => EDGES[usize::from(c.u8() % 16)],
+        2 => LEN_EDGES[usize::from(c.u8() % 16)],
         3 => c.u32(),
         4 => u32::from(c.u16()) % 2048,
         _ => 12 + u32::from(c.u8()),
@@ -490,6 +522,72 @@ pub fn same_heads(mut a: Vec<u16>, mut b: Vec<u16>) -> bool {
     a.sort_unstable();
     b.sort_unstable();
     a == b
+}
+
+/// What both ring targets keep across their datapath calls, and the checks around each call
+/// they share.
+#[derive(Debug)]
+pub struct Calls {
+    /// Host faults queued on the fake host queue.
+    pub faults: Faults,
+    pub event_idx: bool,
+    /// The rings lie wholly in mapped memory.
+    pub mapped: bool,
+    /// The ring broke: no more calls.
+    pub stopped: bool,
+    pub runs: usize,
+}
+
+impl Calls {
+    pub fn new(event_idx: bool, mapped: bool) -> Calls {
+        Calls {
+            faults: Faults::default(),
+            event_idx,
+            mapped,
+            stopped: false,
+            runs: 0,
+        }
+    }
+
+    /// The world before the next call, or `None` when no call makes sense any more (the ring
+    /// broke, or the input made its [`MAX_RUNS`] calls).
+    pub fn next(&mut self, d: &Driver<'_>, q: &Queue) -> Option<Pre> {
+        if self.stopped || self.runs >= MAX_RUNS {
+            return None;
+        }
+        self.runs += 1;
+        Some(Pre::capture(d, q))
+    }
+
+    /// After a call: the notification decision, guest kicks enabled when the device went
+    /// `idle` waiting for the guest (`what` says why), and no more calls on a broken ring.
+    pub fn finish(
+        &mut self,
+        d: &Driver<'_>,
+        pre: &Pre,
+        q: &Queue,
+        out: (bool, bool),
+        idle: bool,
+        what: &str,
+    ) {
+        let (notify, broken) = out;
+        check_notify(pre, q, self.event_idx, notify, broken);
+        if idle && !broken {
+            check_kicks_enabled(d, self.event_idx, what);
+        }
+        self.stopped |= broken;
+    }
+}
+
+/// Chains a call consumed (`next_avail` moved past them); never more than were announced.
+pub fn consumed(pre: &Pre, q: &Queue) -> usize {
+    let n = usize::from(q.next_avail().wrapping_sub(pre.next_avail));
+    assert!(
+        n <= pre.chains.len(),
+        "consumed {n} chains, only {} were announced",
+        pre.chains.len()
+    );
+    n
 }
 
 /// Queued host faults, mirrored so the oracles know which call got which errno.

@@ -190,6 +190,31 @@ fn ring_at(mem: &GuestMemoryMmap, base: u64) -> SplitRing<GuestMemoryMmap> {
     SplitRing::at(mem.clone(), base, QSIZE).without_ledger()
 }
 
+/// The lengths of the entries a pair-A ring's used ring gained, each id checked to be in
+/// range; none when descriptors are aimed at the rings (RX frames then overwrite used rings).
+fn used_lengths(ring: &mut SplitRing<GuestMemoryMmap>, aim_at_rings: bool, what: &str) -> Vec<u32> {
+    if aim_at_rings {
+        return Vec::new();
+    }
+    let used = ring.take_used();
+    for &(id, _) in &used {
+        assert!(id < u32::from(QSIZE), "{what} used id {id}");
+    }
+    used.into_iter().map(|(_, len)| len).collect()
+}
+
+/// Every frame dropped either way, plus a broken queue: what a well-behaved pair must never see.
+fn harm(s: &StatsSnapshot) -> u64 {
+    s.tx_drop_bad_chain
+        + s.tx_drop_too_short
+        + s.tx_drop_too_big
+        + s.tx_drop_host_error
+        + s.rx_drop_bad_chain
+        + s.rx_drop_buffer_too_small
+        + s.rx_drop_host_error
+        + s.queue_broken
+}
+
 /// A host queue for the datapath calls: the kit's fake, whose `peer()` is the host's end.
 fn host_queue() -> Arc<FakeHostQueue> {
     Arc::new(FakeHostQueue::new())
@@ -482,14 +507,7 @@ fn stress(name: &str, aim_at_rings: bool) {
                     "every consumed TX chain is counted exactly once"
                 );
                 rep.tx_blocked += u64::from(out.blocked);
-                // With descriptors aimed at the rings, RX frames overwrite the used rings.
-                let tx_used = if aim_at_rings {
-                    Vec::new()
-                } else {
-                    a_tx.take_used()
-                };
-                for (id, len) in tx_used {
-                    assert!(id < u32::from(QSIZE), "TX used id {id}");
+                for len in used_lengths(&mut a_tx, aim_at_rings, "TX") {
                     assert_eq!(len, 0, "TX used length");
                     rep.tx_used += 1;
                 }
@@ -525,13 +543,7 @@ fn stress(name: &str, aim_at_rings: bool) {
                     );
                     rep.rx_broken_by_guest += 1;
                 }
-                let rx_used = if aim_at_rings {
-                    Vec::new()
-                } else {
-                    a_rx.take_used()
-                };
-                for (id, len) in rx_used {
-                    assert!(id < u32::from(QSIZE), "RX used id {id}");
+                for len in used_lengths(&mut a_rx, aim_at_rings, "RX") {
                     // The fake host may hand over frames up to RX_HOST_MAX bytes (a real tap
                     // stays within max_frame_len); a used length can never exceed what was read.
                     assert!(len as usize <= RX_HOST_MAX, "RX used length {len}");
@@ -645,15 +657,7 @@ fn stress(name: &str, aim_at_rings: bool) {
         "pair A wrote into pair B's region at {:#x}",
         CANARY + hit.unwrap_or(0) as u64
     );
-    let b_drops = b.tx_drop_bad_chain
-        + b.tx_drop_too_short
-        + b.tx_drop_too_big
-        + b.tx_drop_host_error
-        + b.rx_drop_bad_chain
-        + b.rx_drop_buffer_too_small
-        + b.rx_drop_host_error
-        + b.queue_broken;
-    assert_eq!(b_drops, 0, "pair B was affected: {b:?}");
+    assert_eq!(harm(&b), 0, "pair B was affected: {b:?}");
     assert_eq!(a.stats.queue_broken, a.rx_broken_by_guest, "{:?}", a.stats);
     assert!(a.tx_calls > 100 && a.rx_calls > 100, "{a:?}");
     assert_eq!(
@@ -830,15 +834,7 @@ fn worker_keeps_other_pairs_intact_while_a_guest_rewrites_its_rings() {
     let (a, b) = (rig.stats[0].snapshot(), rig.stats[1].snapshot());
     assert_eq!(b.tx_frames, u64::from(b_tx), "{b:?}");
     assert_eq!(b.rx_frames, u64::from(b_rx), "{b:?}");
-    let b_bad = b.tx_drop_bad_chain
-        + b.tx_drop_too_short
-        + b.tx_drop_too_big
-        + b.tx_drop_host_error
-        + b.rx_drop_bad_chain
-        + b.rx_drop_buffer_too_small
-        + b.rx_drop_host_error
-        + b.queue_broken;
-    assert_eq!(b_bad, 0, "pair 1 was affected: {b:?}");
+    assert_eq!(harm(&b), 0, "pair 1 was affected: {b:?}");
     // Per round pair 0 gets two kicks and four host frames: a few wake-ups each, never a spin
     // (a broken RX ring with host frames pending used to wake it about a million times a second).
     assert!(

@@ -316,11 +316,8 @@ fn idle_window(mvh: &Daemon, window: Duration) -> (u64, f64) {
 /// epoll, so an EPOLLOUT-driven retry would), and traffic must flow again after `up`.
 #[test]
 fn tap_link_down_and_up_under_traffic_drops_counts_and_recovers() {
-    const NAME: &str = "tap_link_down_and_up_under_traffic_drops_counts_and_recovers";
     require!(HOST);
-    let t0 = Instant::now();
-    let dir = tempfile::tempdir().unwrap();
-    let ns = NetNs::new("host");
+    let (t0, dir, ns) = start("host");
     let mut mvh = Daemon::spawn(&ns, dir.path(), &["--tap", "tap0"]);
     let tap = TapTopo::attach(&ns, "tap0", Duration::from_secs(15));
     let peer = Peer::open(&ns, &tap.tap, PEER_MAC, GUEST_MAC);
@@ -369,9 +366,10 @@ fn tap_link_down_and_up_under_traffic_drops_counts_and_recovers() {
         "{log}"
     );
     println!(
-        "{NAME}: {DOWN} frames while down → tx_drop_host_error +{}, CPU {:.0} ms for them; \
+        "{}: {DOWN} frames while down → tx_drop_host_error +{}, CPU {:.0} ms for them; \
          idle down 2 s: {wakeups} wake-ups, {:.2}% of a core; traffic back {back:.2?} after up; \
          total {:.2?}",
+        test_name(),
         get(&d, "tx_drop_host_error"),
         busy_cpu * 1e3,
         idle_frac * 100.0,
@@ -387,11 +385,8 @@ fn tap_link_down_and_up_under_traffic_drops_counts_and_recovers() {
 /// counting them in a `tx_dropped`: macvhost sees success. Both directions must work again after `up`.
 #[test]
 fn macvtap_link_down_and_up_under_traffic_recovers() {
-    const NAME: &str = "macvtap_link_down_and_up_under_traffic_recovers";
     require!(HOST);
-    let t0 = Instant::now();
-    let dir = tempfile::tempdir().unwrap();
-    let ns = NetNs::new("host");
+    let (t0, dir, ns) = start("host");
     let topo = MacvtapTopo::create(&ns, "bridge");
     let mut mvh = Daemon::spawn(&ns, dir.path(), &["--macvtap", topo.macvtap]);
     let peer = Peer::open(&ns, topo.peer, topo.peer_mac, topo.macvtap_mac);
@@ -459,7 +454,12 @@ fn macvtap_link_down_and_up_under_traffic_recovers() {
     }
     drop(g);
     mvh.shutdown_clean();
-    println!("{NAME}: {}; total {:.2?}", summary.join("; "), t0.elapsed());
+    println!(
+        "{}: {}; total {:.2?}",
+        test_name(),
+        summary.join("; "),
+        t0.elapsed()
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -471,11 +471,8 @@ fn macvtap_link_down_and_up_under_traffic_recovers() {
 /// frontends (handshake and TX completions on a new connection), and must exit 0 on SIGTERM.
 #[test]
 fn macvtap_deleted_while_running_keeps_serving_the_socket() {
-    const NAME: &str = "macvtap_deleted_while_running_keeps_serving_the_socket";
     require!(HOST);
-    let t0 = Instant::now();
-    let dir = tempfile::tempdir().unwrap();
-    let ns = NetNs::new("host");
+    let (t0, dir, ns) = start("host");
     let topo = MacvtapTopo::create(&ns, "bridge");
     let mut mvh = Daemon::spawn(&ns, dir.path(), &["--macvtap", topo.macvtap]);
     let peer = Peer::open(&ns, topo.peer, topo.peer_mac, topo.macvtap_mac);
@@ -533,10 +530,11 @@ fn macvtap_deleted_while_running_keeps_serving_the_socket() {
     drop(g2);
     mvh.shutdown_clean();
     println!(
-        "{NAME}: 1000 frames across the deletion: tx_frames +{} tx_drop_host_error +{}; idle \
+        "{}: 1000 frames across the deletion: tx_frames +{} tx_drop_host_error +{}; idle \
          after deletion {wakeups} wake-ups {:.2}% CPU; 2nd frontend: handshake ok, 100 TX \
          completions, config status {status:#x}, idle {wakeups2} wake-ups {:.2}% CPU; SIGTERM → \
          exit 0; total {:.2?}",
+        test_name(),
         get(&d, "tx_frames"),
         get(&d, "tx_drop_host_error"),
         idle1 * 100.0,
@@ -551,11 +549,8 @@ fn macvtap_deleted_while_running_keeps_serving_the_socket() {
 /// must keep serving frontends until SIGTERM.
 #[test]
 fn tap_deleted_while_running_drops_and_keeps_serving() {
-    const NAME: &str = "tap_deleted_while_running_drops_and_keeps_serving";
     require!(HOST);
-    let t0 = Instant::now();
-    let dir = tempfile::tempdir().unwrap();
-    let ns = NetNs::new("host");
+    let (t0, dir, ns) = start("host");
     let mut mvh = Daemon::spawn(&ns, dir.path(), &["--tap", "tap0"]);
     let tap = TapTopo::attach(&ns, "tap0", Duration::from_secs(15));
     let peer = Peer::open(&ns, &tap.tap, PEER_MAC, GUEST_MAC);
@@ -624,10 +619,11 @@ fn tap_deleted_while_running_drops_and_keeps_serving() {
          {rx_failed} read and {tx_failed} write failures"
     );
     println!(
-        "{NAME}: 1000 frames across the deletion: tx_frames +{} tx_drop_host_error +{}; 50 RX \
+        "{}: 1000 frames across the deletion: tx_frames +{} tx_drop_host_error +{}; 50 RX \
          kicks → {} wake-ups; idle {wakeups} wake-ups {:.2}% CPU; 2nd frontend: 100/100 \
          dropped and returned, idle {wakeups2} wake-ups {:.2}% CPU; read/write failure \
          logged {rx_failed}×/{tx_failed}×; SIGTERM → exit 0; total {:.2?}",
+        test_name(),
         get(&d, "tx_frames"),
         get(&d, "tx_drop_host_error"),
         get(&kicked, "wakeups"),
@@ -656,13 +652,10 @@ fn tap_deleted_while_running_drops_and_keeps_serving() {
 /// `TapQueue::set_sndbuf`, and `server::serve` takes the host side as it is.
 #[test]
 fn tap_queue_full_waits_for_epollout_without_spinning() {
-    const NAME: &str = "tap_queue_full_waits_for_epollout_without_spinning";
     require!(HOST);
     const SNDBUF: i32 = 16 * 1024;
     const N: u32 = 3000;
-    let t0 = Instant::now();
-    let dir = tempfile::tempdir().unwrap();
-    let ns = NetNs::new("host");
+    let (t0, dir, ns) = start("host");
     let dev = ns
         .run(|| {
             HostDevice::open(
@@ -796,9 +789,10 @@ fn tap_queue_full_waits_for_epollout_without_spinning() {
         "worker used {worker_frac:.2} of a core while mostly blocked"
     );
     println!(
-        "{NAME}: sndbuf {SNDBUF} B, {N} frames / {bytes} B through a 16 Mbit/s link in \
+        "{}: sndbuf {SNDBUF} B, {N} frames / {bytes} B through a 16 Mbit/s link in \
          {send_time:.2?}: all arrived in order; tx_eagain {eagain}, wake-ups {wakeups}; worker \
          CPU {:.0} ms = {:.1}% of a core; total {:.2?}",
+        test_name(),
         worker_cpu * 1e3,
         worker_frac * 100.0,
         t0.elapsed()
@@ -815,7 +809,6 @@ fn tap_queue_full_waits_for_epollout_without_spinning() {
 /// frames and new ones arrive. Runs over a macvtap and over a tap.
 #[test]
 fn rx_flood_with_no_guest_buffers_costs_near_zero_cpu() {
-    const NAME: &str = "rx_flood_with_no_guest_buffers_costs_near_zero_cpu";
     require!(HOST);
     let t0 = Instant::now();
     let mut lines = Vec::new();
@@ -909,5 +902,10 @@ fn rx_flood_with_no_guest_buffers_costs_near_zero_cpu() {
             get(&d, "rx_no_buffers"),
         ));
     }
-    println!("{NAME}: {}; total {:.2?}", lines.join("; "), t0.elapsed());
+    println!(
+        "{}: {}; total {:.2?}",
+        test_name(),
+        lines.join("; "),
+        t0.elapsed()
+    );
 }

@@ -56,6 +56,21 @@ pub const E2E: &[Need] = &[Need::Root, Need::Tool("ip"), Need::Tool("dpdk-testpm
 /// What the host tests need: root and `ip` (the frontend is the in-process test driver).
 pub const HOST: &[Need] = &[Need::Root, Need::Tool("ip")];
 
+/// The running test's name (libtest names each test's thread after it), for summary lines.
+pub fn test_name() -> String {
+    std::thread::current().name().unwrap_or("?").to_owned()
+}
+
+/// How every privileged test here starts: the clock, a temp dir for sockets and logs, and a
+/// fresh network namespace (`mvh-<tag>-…`).
+pub fn start(tag: &str) -> (Instant, tempfile::TempDir, NetNs) {
+    (
+        Instant::now(),
+        tempfile::tempdir().expect("tempdir"),
+        NetNs::new(tag),
+    )
+}
+
 /// How long to wait for the datapath to come up (first probe frame echoed back).
 pub const READY_TIMEOUT: Duration = Duration::from_secs(30);
 

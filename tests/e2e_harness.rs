@@ -76,7 +76,7 @@ fn harness_generator_checker_over_veth_reflector() {
     let topo = MacvtapTopo::create(&ns, "bridge");
     // Clean reflector on the other veth end: everything must come back byte-exact.
     let refl = Reflector::start(&ns, topo.lower);
-    let peer = Peer::open(&ns, topo.peer, topo.peer_mac, topo.macvtap_mac);
+    let peer = Peer::on_macvtap(&ns, &topo);
     peer.wait_for_echo(FrameKind::Raw, Duration::from_secs(5), || {});
     let before = ns.stats(topo.peer);
     let raw = peer.roundtrip(&Traffic::raw(2000));
@@ -136,7 +136,7 @@ fn standin_roundtrip(queues: u16) {
         &TestpmdConfig::macswap(queues, GUEST_MAC),
     );
     let tap = TapTopo::attach(&ns, "tap0", Duration::from_secs(10));
-    let peer = Peer::open(&ns, &tap.tap, PEER_MAC, GUEST_MAC);
+    let peer = Peer::on_tap(&ns, &tap);
     let ready = peer.wait_for_echo(FrameKind::Raw, READY_TIMEOUT, || pmd.check_alive());
     let before = ns.stats(&tap.tap);
     let traffic = if queues == 1 {
@@ -190,7 +190,7 @@ fn harness_testpmd_reconnect_over_dpdk_vhost_standin() {
     for round in 1..=2 {
         let mut pmd = Testpmd::spawn(&sock, dir.path(), &TestpmdConfig::macswap(1, GUEST_MAC));
         let tap = TapTopo::attach(&ns, "tap0", Duration::from_secs(10));
-        let peer = Peer::open(&ns, &tap.tap, PEER_MAC, GUEST_MAC);
+        let peer = Peer::on_tap(&ns, &tap);
         peer.wait_for_echo(FrameKind::Raw, READY_TIMEOUT, || {
             pmd.check_alive();
             standin.check_alive();
@@ -221,7 +221,7 @@ fn harness_macvtap_queues_reflect_and_spread_udp_flows() {
     require!(E2E);
     let (t0, dir, ns) = start("e2e");
     let topo = MacvtapTopo::create(&ns, "bridge");
-    let peer = Peer::open(&ns, topo.peer, topo.peer_mac, topo.macvtap_mac);
+    let peer = Peer::on_macvtap(&ns, &topo);
 
     let refl = MacvtapReflector::start(&ns, &topo, dir.path(), 4);
     peer.wait_for_echo(FrameKind::Raw, Duration::from_secs(5), || {});

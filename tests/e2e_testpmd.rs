@@ -42,7 +42,7 @@ fn macvtap_run(
         dir.path(),
         &TestpmdConfig::macswap(queues, topo.macvtap_mac),
     );
-    let peer = Peer::open(&ns, topo.peer, topo.peer_mac, topo.macvtap_mac);
+    let peer = Peer::on_macvtap(&ns, &topo);
     let ready = peer.wait_for_echo(traffic.kind, READY_TIMEOUT, || {
         mvh.check_alive();
         pmd.check_alive();
@@ -117,7 +117,7 @@ fn tap_macswap_roundtrip_is_byte_exact() {
         &TestpmdConfig::macswap(1, GUEST_MAC),
     );
     let tap = TapTopo::attach(&ns, "tap0", Duration::from_secs(15));
-    let peer = Peer::open(&ns, &tap.tap, PEER_MAC, GUEST_MAC);
+    let peer = Peer::on_tap(&ns, &tap);
     let ready = peer.wait_for_echo(FrameKind::Raw, READY_TIMEOUT, || {
         mvh.check_alive();
         pmd.check_alive();
@@ -176,7 +176,7 @@ fn second_frontend_reconnects_after_first_exits() {
         &["--macvtap", topo.macvtap, "--queues", "1"],
     );
     let pid = mvh.pid();
-    let peer = Peer::open(&ns, topo.peer, topo.peer_mac, topo.macvtap_mac);
+    let peer = Peer::on_macvtap(&ns, &topo);
     let mut rounds = Vec::new();
     for round in 1..=2 {
         let mut pmd = Testpmd::spawn(

@@ -298,6 +298,29 @@ fn connect_guest(sock: &Path) -> VuGuest {
     g
 }
 
+/// macvhost on a fresh macvtap topology (`--macvtap mvt0`), and the peer.
+fn on_macvtap(ns: &NetNs, dir: &Path) -> (MacvtapTopo, Daemon, Peer) {
+    let topo = MacvtapTopo::create(ns, "bridge");
+    let mvh = Daemon::spawn(ns, dir, &["--macvtap", topo.macvtap]);
+    let peer = Peer::on_macvtap(ns, &topo);
+    (topo, mvh, peer)
+}
+
+/// macvhost on a tap it creates (`--tap tap0`), and the peer on the tap's netdev.
+fn on_tap(ns: &NetNs, dir: &Path) -> (TapTopo, Daemon, Peer) {
+    let mvh = Daemon::spawn(ns, dir, &["--tap", "tap0"]);
+    let tap = TapTopo::attach(ns, "tap0", Duration::from_secs(15));
+    let peer = Peer::on_tap(ns, &tap);
+    (tap, mvh, peer)
+}
+
+/// [`connect_guest`], then `n` frames from the guest that must all reach `peer`.
+fn connect_checked(mvh: &Daemon, peer: &Peer, n: u32) -> VuGuest {
+    let mut g = connect_guest(mvh.socket());
+    guest_to_peer_ok(&mut g, peer, n);
+    g
+}
+
 /// Waits on a quiet, down link and returns (worker wake-ups, CPU fraction) over `window`.
 fn idle_window(mvh: &Daemon, window: Duration) -> (u64, f64) {
     let c0 = counters(mvh);
@@ -318,11 +341,8 @@ fn idle_window(mvh: &Daemon, window: Duration) -> (u64, f64) {
 fn tap_link_down_and_up_under_traffic_drops_counts_and_recovers() {
     require!(HOST);
     let (t0, dir, ns) = start("host");
-    let mut mvh = Daemon::spawn(&ns, dir.path(), &["--tap", "tap0"]);
-    let tap = TapTopo::attach(&ns, "tap0", Duration::from_secs(15));
-    let peer = Peer::open(&ns, &tap.tap, PEER_MAC, GUEST_MAC);
-    let mut g = connect_guest(mvh.socket());
-    guest_to_peer_ok(&mut g, &peer, 300);
+    let (_tap, mut mvh, peer) = on_tap(&ns, dir.path());
+    let mut g = connect_checked(&mvh, &peer, 300);
 
     // Down, under traffic: frames are dropped with EIO and counted, descriptors come back.
     const DOWN: u32 = 1000;
@@ -387,11 +407,8 @@ fn tap_link_down_and_up_under_traffic_drops_counts_and_recovers() {
 fn macvtap_link_down_and_up_under_traffic_recovers() {
     require!(HOST);
     let (t0, dir, ns) = start("host");
-    let topo = MacvtapTopo::create(&ns, "bridge");
-    let mut mvh = Daemon::spawn(&ns, dir.path(), &["--macvtap", topo.macvtap]);
-    let peer = Peer::open(&ns, topo.peer, topo.peer_mac, topo.macvtap_mac);
-    let mut g = connect_guest(mvh.socket());
-    guest_to_peer_ok(&mut g, &peer, 300);
+    let (topo, mut mvh, peer) = on_macvtap(&ns, dir.path());
+    let mut g = connect_checked(&mvh, &peer, 300);
     assert_eq!(peer_to_guest(&mut g, &peer, 20, Duration::from_secs(2)), 20);
 
     let mut summary = Vec::new();
@@ -473,11 +490,8 @@ fn macvtap_link_down_and_up_under_traffic_recovers() {
 fn macvtap_deleted_while_running_keeps_serving_the_socket() {
     require!(HOST);
     let (t0, dir, ns) = start("host");
-    let topo = MacvtapTopo::create(&ns, "bridge");
-    let mut mvh = Daemon::spawn(&ns, dir.path(), &["--macvtap", topo.macvtap]);
-    let peer = Peer::open(&ns, topo.peer, topo.peer_mac, topo.macvtap_mac);
-    let mut g = connect_guest(mvh.socket());
-    guest_to_peer_ok(&mut g, &peer, 300);
+    let (topo, mut mvh, peer) = on_macvtap(&ns, dir.path());
+    let mut g = connect_checked(&mvh, &peer, 300);
 
     // Delete it while the guest is sending.
     let c0 = counters(&mvh);
@@ -551,11 +565,8 @@ fn macvtap_deleted_while_running_keeps_serving_the_socket() {
 fn tap_deleted_while_running_drops_and_keeps_serving() {
     require!(HOST);
     let (t0, dir, ns) = start("host");
-    let mut mvh = Daemon::spawn(&ns, dir.path(), &["--tap", "tap0"]);
-    let tap = TapTopo::attach(&ns, "tap0", Duration::from_secs(15));
-    let peer = Peer::open(&ns, &tap.tap, PEER_MAC, GUEST_MAC);
-    let mut g = connect_guest(mvh.socket());
-    guest_to_peer_ok(&mut g, &peer, 200);
+    let (_tap, mut mvh, peer) = on_tap(&ns, dir.path());
+    let mut g = connect_checked(&mvh, &peer, 200);
     drop(peer);
 
     let c0 = counters(&mvh);
@@ -816,14 +827,10 @@ fn rx_flood_with_no_guest_buffers_costs_near_zero_cpu() {
         let dir = tempfile::tempdir().unwrap();
         let ns = NetNs::new("host");
         let (mut mvh, peer, kernel_iface) = if kind == "macvtap" {
-            let topo = MacvtapTopo::create(&ns, "bridge");
-            let mvh = Daemon::spawn(&ns, dir.path(), &["--macvtap", topo.macvtap]);
-            let peer = Peer::open(&ns, topo.peer, topo.peer_mac, topo.macvtap_mac);
+            let (topo, mvh, peer) = on_macvtap(&ns, dir.path());
             (mvh, peer, topo.macvtap.to_string())
         } else {
-            let mvh = Daemon::spawn(&ns, dir.path(), &["--tap", "tap0"]);
-            let tap = TapTopo::attach(&ns, "tap0", Duration::from_secs(15));
-            let peer = Peer::open(&ns, &tap.tap, PEER_MAC, GUEST_MAC);
+            let (tap, mvh, peer) = on_tap(&ns, dir.path());
             (mvh, peer, tap.tap)
         };
         // Connected, rings enabled, no RX buffer posted. One TX frame proves the pair is live.

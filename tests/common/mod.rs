@@ -673,6 +673,16 @@ impl Peer {
         }
     }
 
+    /// The peer on `topo`'s veth end, sending to the macvtap's MAC.
+    pub fn on_macvtap(ns: &NetNs, topo: &MacvtapTopo) -> Peer {
+        Peer::open(ns, topo.peer, topo.peer_mac, topo.macvtap_mac)
+    }
+
+    /// The peer on a tap's own netdev, sending to [`GUEST_MAC`].
+    pub fn on_tap(ns: &NetNs, tap: &TapTopo) -> Peer {
+        Peer::open(ns, &tap.tap, PEER_MAC, GUEST_MAC)
+    }
+
     /// Sends one frame (retries briefly on ENOBUFS).
     pub fn send(&self, frame: &[u8]) -> io::Result<()> {
         for _ in 0..100 {

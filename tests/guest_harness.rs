@@ -18,9 +18,11 @@ use std::time::{Duration, Instant};
 
 use guest::{one_at_a_time as one_guest_at_a_time, secs};
 
+/// A guest test's timings; holds the one-guest-at-a-time lock while it lives.
 struct Timings {
     name: &'static str,
     rows: Vec<(String, Duration, String)>,
+    _one: std::sync::MutexGuard<'static, ()>,
 }
 
 impl Timings {
@@ -28,7 +30,14 @@ impl Timings {
         Timings {
             name,
             rows: Vec::new(),
+            _one: one_guest_at_a_time(),
         }
+    }
+
+    /// The last row, `what` up to now in `vm`'s life, and the file.
+    fn finish(mut self, what: &str, vm: &Qemu) {
+        self.add(what, vm.uptime(), "");
+        self.write();
     }
 
     fn add(&mut self, what: &str, d: Duration, note: impl Into<String>) {
@@ -63,7 +72,6 @@ impl Drop for KillOnDrop {
 #[test]
 fn batch_script_over_fw_cfg() {
     require!(&[QEMU, IMAGE]);
-    let _one = one_guest_at_a_time();
     let mut t = Timings::new("batch");
     let script = r#"
 result answer 42
@@ -90,8 +98,25 @@ exit 3
         .wait_exit(secs(120))
         .expect("guest did not power off after MVH-DONE");
     assert!(st.success(), "qemu exit status {st}");
-    t.add("spawn to QEMU exit", vm.uptime(), "");
-    t.write();
+    t.finish("spawn to QEMU exit", &vm);
+}
+
+/// The macvtap topology helper (used by the macvhost end-to-end tests).
+#[test]
+fn netns_macvtap_topology() {
+    require!(&[Need::Root, Need::Tool("ip")]);
+    let ns = NetNs::new("mvt");
+    guest::add_veth_macvtap(&ns);
+    let link = ns.ip(&["-o", "link", "show", "mvt0"]);
+    assert!(link.contains(guest::GUEST_MAC), "{link}");
+    assert!(link.contains("mvt0@mvh-lower"), "{link}");
+    let (maj, min) = ns.macvtap_devno("mvt0");
+    assert!(maj > 0, "{maj}:{min}");
+    // A socket bound in the namespace sees the peer address.
+    let l = ns
+        .tcp_listener(format!("{}:0", guest::PEER_IP).parse().unwrap())
+        .expect("bind inside the namespace");
+    assert_eq!(l.local_addr().unwrap().ip().to_string(), guest::PEER_IP);
 }
 
 #[test]
@@ -147,7 +172,6 @@ fn field<'a>(out: &'a str, key: &str) -> Option<&'a str> {
 fn tap_backend_end_to_end() {
     require!(GUEST);
     require!(&[Need::Tool("iperf3")]);
-    let _one = one_guest_at_a_time();
     let mut t = Timings::new("tap");
     const BLOB: usize = 64 << 20;
 
@@ -321,8 +345,7 @@ fn tap_backend_end_to_end() {
 
     let st = vm.shutdown(secs(120)).expect("guest did not power off");
     assert!(st.success(), "qemu exit status {st}");
-    t.add("total", vm.uptime(), "");
-    t.write();
+    t.finish("total", &vm);
 }
 
 /// The vhost-user command line is accepted by QEMU and QEMU opens the
@@ -367,22 +390,4 @@ fn vhost_user_command_line_reaches_backend_socket() {
     );
     assert_eq!(flags & 0x3, 1, "vhost-user protocol version 1");
     println!("qemu: {}", vm.command_string());
-}
-
-/// The macvtap topology helper (used by the macvhost end-to-end tests).
-#[test]
-fn netns_macvtap_topology() {
-    require!(&[Need::Root, Need::Tool("ip")]);
-    let ns = NetNs::new("mvt");
-    guest::add_veth_macvtap(&ns);
-    let link = ns.ip(&["-o", "link", "show", "mvt0"]);
-    assert!(link.contains(guest::GUEST_MAC), "{link}");
-    assert!(link.contains("mvt0@mvh-lower"), "{link}");
-    let (maj, min) = ns.macvtap_devno("mvt0");
-    assert!(maj > 0, "{maj}:{min}");
-    // A socket bound in the namespace sees the peer address.
-    let l = ns
-        .tcp_listener(format!("{}:0", guest::PEER_IP).parse().unwrap())
-        .expect("bind inside the namespace");
-    assert_eq!(l.local_addr().unwrap().ip().to_string(), guest::PEER_IP);
 }

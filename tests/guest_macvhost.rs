@@ -578,19 +578,7 @@ fn guest_migrates_between_two_macvhosts_while_pinging_the_peer() {
     // With MACVHOST_MIGRATION_STREAM=1 the peer also streams 96 MiB into the guest through the
     // migration (RX buffers written all along): see docs/testing.md for what that shows.
     let stream = std::env::var_os("MACVHOST_MIGRATION_STREAM").is_some_and(|v| v != "0");
-    let sender = stream.then(|| {
-        let blob = Arc::new(guest::random_blob(STREAM).unwrap());
-        let listener = ns
-            .tcp_listener(format!("{}:5001", guest::PEER_IP).parse().unwrap())
-            .unwrap();
-        let sender = guest::serve_blob(listener, blob, secs(600));
-        src.exec_ok(
-            "(nc $MVH_PEER 5001 > /tmp/rx; result stream_bytes $(wc -c < /tmp/rx); \
-             result stream_sha $(sha256 /tmp/rx)) &",
-            secs(60),
-        );
-        sender
-    });
+    let sender = stream.then(|| guest::stream_into_guest(&ns, &src, STREAM));
     std::thread::sleep(Duration::from_millis(500));
     let started = Instant::now();
     let info = migrate_and_wait(&mut qa, &mig);
@@ -750,16 +738,7 @@ fn qemu_tap_backend_stream_migration_control_compares_ram() {
     let dst = Qemu::spawn(&cfg_b).unwrap_or_else(|e| panic!("{e}"));
     let mut qa = guest::Qmp::connect(&qmp_a, secs(30)).expect("QMP a");
     let mut qb = guest::Qmp::connect(&qmp_b, secs(30)).expect("QMP b");
-    let blob = Arc::new(guest::random_blob(96 << 20).unwrap());
-    let listener = ns
-        .tcp_listener(format!("{}:5001", guest::PEER_IP).parse().unwrap())
-        .unwrap();
-    let _sender = guest::serve_blob(listener, blob, secs(600));
-    src.exec_ok(
-        "(nc $MVH_PEER 5001 > /tmp/rx; result stream_bytes $(wc -c < /tmp/rx); \
-         result stream_sha $(sha256 /tmp/rx)) &",
-        secs(60),
-    );
+    let _sender = guest::stream_into_guest(&ns, &src, 96 << 20);
     std::thread::sleep(Duration::from_millis(500));
     let info = migrate_and_wait(&mut qa, &mig);
     let differ = pages_left_behind(&mut qa, &mut qb, dir.path());

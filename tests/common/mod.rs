@@ -717,12 +717,7 @@ impl Peer {
         // SAFETY: `pfd` is a valid pollfd array of length 1 for the duration of the call.
         let rc = unsafe { libc::poll(&mut pfd, 1, ms) };
         if rc < 0 {
-            let e = io::Error::last_os_error();
-            return if e.kind() == io::ErrorKind::Interrupted {
-                Ok(None)
-            } else {
-                Err(e)
-            };
+            return nothing_unless_worse_than(io::ErrorKind::Interrupted);
         }
         if rc == 0 {
             return Ok(None);
@@ -737,12 +732,7 @@ impl Peer {
             )
         };
         if n < 0 {
-            let e = io::Error::last_os_error();
-            return if e.kind() == io::ErrorKind::WouldBlock {
-                Ok(None)
-            } else {
-                Err(e)
-            };
+            return nothing_unless_worse_than(io::ErrorKind::WouldBlock);
         }
         Ok(Some(n as usize))
     }
@@ -915,6 +905,17 @@ impl Peer {
         rep.received += 1;
         *rep.per_flow.entry(tag.flow).or_default() += 1;
         true
+    }
+}
+
+/// After a failed call: `Ok(None)` (nothing received) when errno is of the `benign` kind, the
+/// error otherwise.
+fn nothing_unless_worse_than(benign: io::ErrorKind) -> io::Result<Option<usize>> {
+    let e = io::Error::last_os_error();
+    if e.kind() == benign {
+        Ok(None)
+    } else {
+        Err(e)
     }
 }
 

@@ -1309,6 +1309,23 @@ impl Transfer {
 
 /// Accepts one connection on `listener` (within `timeout`), sends `data`,
 /// closes. Returns what was sent (its sha256 is computed beforehand).
+/// Streams `bytes` random bytes from the peer (`PEER_IP:5001` in `ns`) into `vm`, which keeps
+/// them in `/tmp/rx` and reports the results `stream_bytes` and `stream_sha` when done (in the
+/// background: `vm` stays usable). Returns the sender; its [`Transfer`] has the sha256.
+pub fn stream_into_guest(ns: &NetNs, vm: &Qemu, bytes: usize) -> JoinHandle<io::Result<Transfer>> {
+    let blob = Arc::new(random_blob(bytes).expect("random data"));
+    let listener = ns
+        .tcp_listener(format!("{PEER_IP}:5001").parse().unwrap())
+        .expect("listen in the namespace");
+    let sender = serve_blob(listener, blob, secs(600));
+    vm.exec_ok(
+        "(nc $MVH_PEER 5001 > /tmp/rx; result stream_bytes $(wc -c < /tmp/rx); \
+         result stream_sha $(sha256 /tmp/rx)) &",
+        secs(60),
+    );
+    sender
+}
+
 pub fn serve_blob(
     listener: TcpListener,
     data: Arc<Vec<u8>>,

@@ -374,6 +374,14 @@ impl Topo {
         }
     }
 
+    /// Opens the device with `nq` queue pairs exactly as macvhost does: the device and its
+    /// queue fds.
+    fn open(&self, nq: u16) -> (HostDevice, Vec<Arc<TapQueue>>) {
+        let dev = HostDevice::open(&self.spec(), nq).expect("open host device");
+        let queues = dev.queues().to_vec();
+        (dev, queues)
+    }
+
     fn spec(&self) -> HostSpec {
         match self.kind {
             "tap" => HostSpec::Tap {
@@ -641,29 +649,9 @@ fn generator(iface: &str, len: usize, dst: [u8; 6], stop: &AtomicBool, sent: &At
     );
     // SAFETY: `fd` is ours; closed when this guard drops.
     let _guard = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
-    let one: libc::c_int = 1;
-    // SAFETY: setsockopt with a valid int option.
-    unsafe {
-        libc::setsockopt(
-            fd,
-            libc::SOL_PACKET,
-            libc::PACKET_QDISC_BYPASS,
-            (&one as *const libc::c_int).cast(),
-            4,
-        )
-    };
+    set_int_opt(fd, libc::SOL_PACKET, libc::PACKET_QDISC_BYPASS, 1);
     // Queued frames stay charged to this socket until read: allow a large backlog.
-    let sndbuf: libc::c_int = 1 << 30;
-    // SAFETY: as above.
-    unsafe {
-        libc::setsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            libc::SO_SNDBUFFORCE,
-            (&sndbuf as *const libc::c_int).cast(),
-            4,
-        )
-    };
+    set_int_opt(fd, libc::SOL_SOCKET, libc::SO_SNDBUFFORCE, 1 << 30);
     // SAFETY: a zeroed sockaddr_ll is valid; fields set below.
     let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
     sll.sll_family = libc::AF_PACKET as u16;
@@ -705,6 +693,13 @@ fn generator(iface: &str, len: usize, dst: [u8; 6], stop: &AtomicBool, sent: &At
             thread::sleep(Duration::from_micros(200));
         }
     }
+}
+
+/// `setsockopt` of an int option (best effort: the generator works without either).
+fn set_int_opt(fd: RawFd, level: libc::c_int, name: libc::c_int, val: libc::c_int) {
+    let len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: `val` is a valid c_int for the duration of the call and `len` is its size.
+    unsafe { libc::setsockopt(fd, level, name, (&val as *const libc::c_int).cast(), len) };
 }
 
 fn read_ifindex(iface: &str) -> i32 {
@@ -973,6 +968,26 @@ struct Ctx<'a> {
     queues: &'a [Arc<TapQueue>],
     size: usize,
     mode: &'a str,
+}
+
+impl<'a> Ctx<'a> {
+    /// `mode` frames of `size` bytes through `queues` of `topo`.
+    fn new(
+        (opts, dir): (&'a Opts, &'a Path),
+        topo: &'a Topo,
+        queues: &'a [Arc<TapQueue>],
+        size: usize,
+        mode: &'a str,
+    ) -> Ctx<'a> {
+        Ctx {
+            opts,
+            dir,
+            topo,
+            queues,
+            size,
+            mode,
+        }
+    }
 }
 
 /// TX: rate over a fixed window after a warm-up. Returns (Mpps, CPU seconds, frames).
@@ -1336,19 +1351,11 @@ fn inside(opts: &Opts) {
     for kind in &opts.kinds {
         let topo = Topo::create(kind);
         for &nq in &opts.queues {
-            let dev = HostDevice::open(&topo.spec(), nq).expect("open host device");
-            let queues = dev.queues().to_vec();
+            let (dev, queues) = topo.open(nq);
             for &size in &opts.sizes {
                 topo.set_mtu(if size > 1500 { 9000 } else { 1500 });
                 for mode in &opts.modes {
-                    let ctx = Ctx {
-                        opts,
-                        dir: &dirp,
-                        topo: &topo,
-                        queues: &queues,
-                        size,
-                        mode,
-                    };
+                    let ctx = Ctx::new((opts, &dirp), &topo, &queues, size, mode);
                     let mut lim: Vec<Sample> = Vec::new();
                     let mut mv: Vec<Vec<Sample>> = vec![Vec::new(); opts.variants.len()];
                     for _rep in 0..opts.reps {
@@ -1452,16 +1459,8 @@ fn inside(opts: &Opts) {
 /// RSS of macvhost serving `nq` queue pairs (macvtap) under testpmd txonly traffic.
 fn rss_at(opts: &Opts, dir: &Path, nq: u16) -> String {
     let topo = Topo::create("macvtap");
-    let dev = HostDevice::open(&topo.spec(), nq).expect("open host device");
-    let queues = dev.queues().to_vec();
-    let ctx = Ctx {
-        opts,
-        dir,
-        topo: &topo,
-        queues: &queues,
-        size: 64,
-        mode: "tx",
-    };
+    let (dev, queues) = topo.open(nq);
+    let ctx = Ctx::new((opts, dir), &topo, &queues, 64, "tx");
     let mut lines = Vec::new();
     for (name, extra) in &opts.variants {
         let s = run_macvhost(&ctx, &format!("rss{nq}{name}"), extra);
@@ -1517,16 +1516,8 @@ fn flush() {
 fn probe_counters(opts: &Opts, dir: &Path) {
     for kind in &opts.kinds {
         let topo = Topo::create(kind);
-        let dev = HostDevice::open(&topo.spec(), 1).expect("open");
-        let queues = dev.queues().to_vec();
-        let ctx = Ctx {
-            opts,
-            dir,
-            topo: &topo,
-            queues: &queues,
-            size: 64,
-            mode: "rx",
-        };
+        let (dev, queues) = topo.open(1);
+        let ctx = Ctx::new((opts, dir), &topo, &queues, 64, "rx");
         let show = |what: &str| {
             let f = ["rx_packets", "rx_dropped", "tx_packets", "tx_dropped"];
             let v: Vec<String> = topo

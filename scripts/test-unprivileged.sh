@@ -4,7 +4,7 @@
 # read:
 #   1. plain: a test that cannot run prints `skipped: <test>: needs ...` and passes;
 #   2. with MACVHOST_E2E_REQUIRED=1: exactly those tests fail, nothing else, and no test prints
-#      `skipped:` except an opt-in experiment nobody opted into.
+#      `skipped:` except an opt-in test nobody opted into.
 # Exits non-zero when the two runs disagree, or when a test fails in the plain run.
 #
 #   sudo bash scripts/test-unprivileged.sh [OUTDIR]      # default /tmp/mvh-unprivileged
@@ -51,7 +51,7 @@ for exe in $exes; do
     p="$OUT/logs/plain-$name"
     r="$OUT/logs/required-$name"
     skipped=$(skipped_in "$p.err")
-    optin=$(grep '(opt-in experiment)$' "$p.err" | skipped_in /dev/stdin || true)
+    optin=$(grep '(opt-in)$' "$p.err" | skipped_in /dev/stdin || true)
     plain_failed=$(grep -o '^test .* \.\.\. FAILED' "$p.out" | cut -d' ' -f2 | sort -u || true)
     req_failed=$(grep -o '^test .* \.\.\. FAILED' "$r.out" | cut -d' ' -f2 | sort -u || true)
     req_skipped=$(skipped_in "$r.err")
@@ -70,7 +70,7 @@ for exe in $exes; do
         status=1
     fi
     if [[ "$req_skipped" != "$optin" ]]; then
-        echo "  skipped with the switch (only opt-in experiments may): $req_skipped" | tr '\n' ' '
+        echo "  skipped with the switch (only opt-in tests may): $req_skipped" | tr '\n' ' '
         echo
         status=1
     fi

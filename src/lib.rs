@@ -42,8 +42,9 @@
 //! getrandom), [`datapath::iovec`] (`readv`/`writev` on guest memory), [`datapath::dirty`] (the
 //! dirty-log mapping), [`datapath::uring`] (buffers handed to io_uring), [`datapath::vnet`]
 //! (`ByteValued` for the header), [`vhost_user::shim`] (fds received with `SCM_RIGHTS`) and
-//! [`vhost_user::backend`] (closing fds vhost-user-backend leaks). Every block says which
-//! invariant makes it sound.
+//! [`vhost_user::backend`] (closing fds vhost-user-backend leaks), and in test code only, the
+//! test kit's fuzz frontend (`testkit::fuzz`, ignoring SIGPIPE). Every block says which invariant
+//! makes it sound.
 //!
 //! # Errors
 //!

@@ -2,7 +2,8 @@
 //! and DPDK testpmd's `net_virtio_user` as the vhost-user frontend, forwarding in `macswap` mode.
 //! Frames are generated and checked byte for byte by an AF_PACKET peer (see tests/common).
 //!
-//! Needs root, `ip` and `dpdk-testpmd`; otherwise every test prints `skipped: …` and returns.
+//! Needs root, `ip` and `dpdk-testpmd`; otherwise every test skips through `require!` (and fails
+//! with `MACVHOST_E2E_REQUIRED=1`).
 //! Run them one at a time: `cargo test --release --all-targets -- --test-threads=1`.
 
 mod common;

@@ -10,6 +10,7 @@ pub mod replay {
     use std::sync::Mutex;
 
     use macvhost::testkit::fuzz as fuzzing;
+    use macvhost::testkit::Need;
 
     /// The vhost-user target counts the process's open fds and panics: the tests of this file
     /// run one at a time (whatever `--test-threads`).
@@ -87,13 +88,12 @@ pub mod replay {
     }
 
     /// `MACVHOST_FUZZ_REPRO=<target>:<file>` replays one file (say a crash artifact), with
-    /// `MACVHOST_FUZZ_TRACE=1` for a trace of each datapath call. Does nothing otherwise.
+    /// `MACVHOST_FUZZ_TRACE=1` for a trace of each datapath call. An opt-in tool: skipped
+    /// otherwise.
     #[test]
     fn repro_from_env() {
-        let Some(spec) = std::env::var_os("MACVHOST_FUZZ_REPRO") else {
-            return;
-        };
-        let spec = spec.to_string_lossy().into_owned();
+        macvhost::require!(&[Need::OptIn("MACVHOST_FUZZ_REPRO")]);
+        let spec = std::env::var("MACVHOST_FUZZ_REPRO").expect("MACVHOST_FUZZ_REPRO");
         let (target, file) = spec
             .split_once(':')
             .expect("MACVHOST_FUZZ_REPRO=<target>:<file>");

@@ -1,6 +1,7 @@
 //! Real guests on macvhost (issue 3): a Debian kernel's virtio-net driver under QEMU (TCG),
 //! macvhost on a macvtap (bridge mode) over a veth pair in a namespace the test creates, the
-//! traffic peer on the veth's other end. Root only; otherwise each test prints `skipped: …`.
+//! traffic peer on the veth's other end. Needs root, `ip`, QEMU and the guest image; otherwise each
+//! test skips through `require!` (and fails with `MACVHOST_E2E_REQUIRED=1`).
 
 #[path = "support/guest.rs"]
 mod guest;

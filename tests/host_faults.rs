@@ -11,7 +11,8 @@
 //! CPU fraction as a second, wide-margin check: a noisy machine slows a spinning thread down
 //! but never makes an idle one burn CPU.
 //!
-//! Needs root (netns, veth, macvtap, tap); otherwise every test prints `skipped: …` and returns.
+//! Needs root and `ip` (netns, veth, macvtap, tap); otherwise every test skips through `require!`
+//! (and fails with `MACVHOST_E2E_REQUIRED=1`).
 
 mod common;
 mod support {

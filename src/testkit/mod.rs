@@ -47,9 +47,10 @@ pub enum Need {
     /// Anything else: `holds` checks it, `what` names it in the skip line (e.g. the QEMU
     /// guest image or what builds it).
     Check(&'static str, fn() -> bool),
-    /// An opt-in experiment that runs only when this env var is set (and not `0`). Without it
-    /// the test is not selected: it skips, names only this, and `MACVHOST_E2E_REQUIRED` does not
-    /// turn that into a failure (nothing is missing; the run chose not to spend the time).
+    /// An opt-in test (an experiment, a tool) that runs only when this env var is set (and not
+    /// `0`). Without it the test is not selected: it skips, names only this, and
+    /// `MACVHOST_E2E_REQUIRED` does not turn that into a failure (nothing is missing; the run
+    /// chose not to spend the time).
     OptIn(&'static str),
 }
 
@@ -64,7 +65,7 @@ impl Need {
                 .err()
                 .map(|e| format!("io_uring ({e})")),
             Need::Check(what, holds) => (!holds()).then(|| what.to_owned()),
-            Need::OptIn(var) => (!opted_in(var)).then(|| format!("{var}=1 (opt-in experiment)")),
+            Need::OptIn(var) => (!opted_in(var)).then(|| format!("{var} set (opt-in)")),
         }
     }
 }
@@ -213,7 +214,7 @@ mod tests {
         .unwrap();
         assert!(!fatal, "never a failure");
         assert!(
-            msg.ends_with("needs MACVHOST_NO_SUCH_OPT_IN=1 (opt-in experiment)"),
+            msg.ends_with("needs MACVHOST_NO_SUCH_OPT_IN set (opt-in)"),
             "{msg}"
         );
     }

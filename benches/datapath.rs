@@ -18,6 +18,11 @@
 //! frame). RX variants: `nomrg` (one chain per frame: 1530-byte buffers, or 17 × 4 KiB "big
 //! packet" chains for GSO), `mrg` (MRG_RXBUF, 1536-byte buffers, MTU-sized max frame) and
 //! `mrg_gso` (MRG_RXBUF with GSO acked: every frame needs a window of 43 buffers).
+//!
+//! `mcast`: the guest-TX multicast membership check (`datapath::mcast`), one frame per
+//! iteration: the unicast reject (the cost every TX frame would pay), IP multicast that is not a
+//! report (a UDP stream, a neighbour solicitation), and reports of 1 and 20 records learned by
+//! the membership table (steady state: every group is a refresh).
 
 use std::fs::File;
 use std::hint::black_box;
@@ -333,13 +338,75 @@ fn bench_rx(c: &mut Criterion<ThreadCpu>) {
     g.finish();
 }
 
+fn bench_mcast(c: &mut Criterion<ThreadCpu>) {
+    use macvhost::datapath::mcast::frames::{self, Record};
+    use macvhost::datapath::mcast::{parse_report, Diff, MembershipTable, TableConfig, COPY_LEN};
+
+    let mut g = c.benchmark_group("mcast");
+    g.throughput(Throughput::Elements(1));
+    // Not reports: the verdict only.
+    let mut udp = frames::igmp_v2(0x16, frames::v4(239, 1, 1, 1), None);
+    udp[14 + 9] = 17;
+    let mut ns = vec![135, 0, 0, 0, 0, 0, 0, 0];
+    ns.extend_from_slice(&[0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x12, 0x34, 0x56]);
+    let ns = frames::ipv6_icmp(frames::v6("ff02::1:ff12:3456"), ns, false, None);
+    let cases: [(&str, Vec<u8>); 3] = [
+        ("unicast_reject", frames::unicast_udp(1514)),
+        ("multicast_udp", udp),
+        ("neighbour_solicitation", ns),
+    ];
+    for (name, f) in &cases {
+        let copy = &f[..f.len().min(COPY_LEN)];
+        g.bench_function(*name, |b| {
+            b.iter(|| {
+                parse_report(black_box(copy), black_box(f.len()), |m| {
+                    black_box(m);
+                })
+            })
+        });
+    }
+    // Reports, learned by a table that already holds their groups.
+    let v4 = |n: u8| -> Vec<Record> {
+        (0..n)
+            .map(|i| Record::new(2, frames::v4(239, 0, 0, i), 0))
+            .collect()
+    };
+    let v6 = |n: u8| -> Vec<Record> {
+        (0..n)
+            .map(|i| Record::new(2, frames::v6(&format!("ff02::1:ff00:{i:x}")), 0))
+            .collect()
+    };
+    let reports: [(&str, Vec<u8>); 4] = [
+        ("igmpv3_report/1", frames::igmpv3_report(&v4(1), None)),
+        ("igmpv3_report/20", frames::igmpv3_report(&v4(20), None)),
+        ("mldv2_report/1", frames::mldv2_report(&v6(1), true, None)),
+        ("mldv2_report/20", frames::mldv2_report(&v6(20), true, None)),
+    ];
+    for (name, f) in &reports {
+        let mut table = MembershipTable::new(TableConfig::default());
+        let mut diff = Diff::with_capacity(TableConfig::default().max_groups);
+        let now = Duration::from_secs(1);
+        table.learn(f, f.len(), now, &mut diff);
+        diff.clear();
+        g.bench_function(*name, |b| {
+            b.iter(|| {
+                let v = table.learn(black_box(f), f.len(), now, &mut diff);
+                debug_assert!(diff.is_empty());
+                v
+            })
+        });
+        assert!(table.counters().malformed == 0 && table.groups() > 0);
+    }
+    g.finish();
+}
+
 criterion_group! {
     name = benches;
     config = Criterion::default()
         .with_measurement(measurement())
         .warm_up_time(Duration::from_millis(500))
         .measurement_time(Duration::from_secs(2));
-    targets = bench_tx, bench_rx
+    targets = bench_tx, bench_rx, bench_mcast
 }
 // `cargo test --all-targets` runs bench targets with libtest's flags, which criterion refuses;
 // only `cargo bench` (which passes `--bench`) measures.

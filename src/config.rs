@@ -9,7 +9,8 @@ use std::path::PathBuf;
 use clap::Parser;
 
 use crate::host::{HostSpec, MacAddr};
-use crate::server::SocketMode;
+use crate::server::{SocketMode, SocketPerms};
+use crate::worker::l2::RxFilterMode;
 
 pub use crate::host::MAX_QUEUE_PAIRS;
 /// Largest virtqueue size accepted (virtio-net in QEMU allows 1024).
@@ -86,11 +87,21 @@ pub struct Args {
 
     /// MTU offered to the guest (default: the link's MTU).
     #[arg(long, value_name = "M")]
-    pub mtu: Option<u16>,
+    pub mtu: Option<u32>,
 
     /// Log filter: error, warn, info, debug, trace (or a tracing EnvFilter directive).
     #[arg(long, value_name = "LEVEL", default_value = "info")]
     pub log_level: String,
+
+    /// Owner of the vhost-user socket macvhost creates, so that a frontend running as another
+    /// user (libvirt's QEMU runs as `libvirt-qemu`) can connect: `USER[:GROUP]`.
+    #[arg(long, value_name = "USER[:GROUP]")]
+    pub socket_owner: Option<String>,
+
+    /// Permissions of the vhost-user socket macvhost creates, in octal (e.g. 0660). Connecting
+    /// needs write permission.
+    #[arg(long, value_name = "MODE")]
+    pub socket_mode: Option<String>,
 
     /// Serve per-queue counters on this unix socket (read them with `macvhost stats PATH`).
     #[arg(long, value_name = "PATH")]
@@ -116,6 +127,17 @@ pub struct Args {
     /// BENCHMARKS.md); falls back to writev when io_uring is unavailable.
     #[arg(long)]
     pub io_uring: bool,
+
+    /// How the guest's multicast groups reach the macvtap: follow (learn them from the guest's
+    /// IGMP/MLD reports; the default), allmulti (the macvtap takes every multicast frame) or
+    /// strict (only the macvtap's own groups).
+    #[arg(long, value_name = "MODE", default_value = "follow")]
+    pub rx_filter: String,
+
+    /// Most multicast groups followed per device; past it the macvtap goes allmulticast until
+    /// the count drops.
+    #[arg(long, value_name = "N", default_value_t = crate::datapath::mcast::DEFAULT_MAX_GROUPS)]
+    pub max_groups: usize,
 
     /// While the host link has no carrier, end the frontend's connection and serve none until
     /// carrier returns: QEMU (chardev `reconnect=N`) and DPDK virtio-user then show the guest
@@ -183,6 +205,8 @@ impl TryFrom<Args> for Config {
             (Some(p), None, true) => SocketMode::Connect(p.clone()),
             (Some(p), None, false) => SocketMode::Listen(p.clone()),
         };
+
+        let socket_perms = socket_perms(&args, &socket)?;
 
         if args.queues == 0 || args.queues > MAX_QUEUE_PAIRS {
             return Err(bad(
@@ -272,11 +296,15 @@ impl TryFrom<Args> for Config {
             HostSpec::TapFds { fds: args.tap_fd }
         };
 
-        if let Some(mtu) = args.mtu {
-            if !(68..=65535).contains(&mtu) {
-                return Err(bad("--mtu", format!("must be 68..=65535 (got {mtu})")));
-            }
-        }
+        let mtu = args
+            .mtu
+            .map(|mtu| {
+                u16::try_from(mtu)
+                    .ok()
+                    .filter(|m| *m >= 68)
+                    .ok_or_else(|| bad("--mtu", format!("must be 68..=65535 (got {mtu})")))
+            })
+            .transpose()?;
 
         let rate = |flag: &'static str, v: Option<String>| {
             v.map(|s| s.parse::<crate::ratelimit::RateSpec>())
@@ -286,8 +314,22 @@ impl TryFrom<Args> for Config {
         let tx_rate = rate("--tx-rate", args.tx_rate)?;
         let rx_rate = rate("--rx-rate", args.rx_rate)?;
 
+        let rx_filter = args
+            .rx_filter
+            .parse::<RxFilterMode>()
+            .map_err(|e| bad("--rx-filter", e))?;
+        let limit = crate::datapath::mcast::MAX_GROUPS_LIMIT;
+        if !(1..=limit).contains(&args.max_groups) {
+            return Err(bad(
+                "--max-groups",
+                format!("must be 1..={limit} (got {})", args.max_groups),
+            ));
+        }
+
         Ok(Config {
             io_uring: args.io_uring,
+            rx_filter,
+            max_groups: args.max_groups,
             disconnect_on_link_down: args.disconnect_on_link_down,
             create_macvtap,
             keep_macvtap: args.keep,
@@ -298,10 +340,75 @@ impl TryFrom<Args> for Config {
             queue_pairs: args.queues,
             queue_size: args.queue_size,
             mac,
-            mtu: args.mtu,
+            mtu,
+            socket_perms,
             control_socket: args.control_socket,
             metrics_addr: args.metrics_addr,
         })
+    }
+}
+
+/// `--socket-owner` / `--socket-mode`, resolved now (names are looked up before anything is
+/// created, and before any sandbox hides /etc/passwd).
+fn socket_perms(args: &Args, socket: &SocketMode) -> Result<SocketPerms, ConfigError> {
+    let mut perms = SocketPerms::default();
+    if let Some(spec) = &args.socket_owner {
+        let (user, group) = match spec.split_once(':') {
+            Some((u, g)) => (u, Some(g)),
+            None => (spec.as_str(), None),
+        };
+        let uid = resolve_id(user, |n| {
+            nix::unistd::User::from_name(n).map(|u| u.map(|u| u.uid.as_raw()))
+        })
+        .map_err(|r| bad("--socket-owner", format!("user {user:?}: {r}")))?;
+        let gid = group
+            .map(|g| {
+                resolve_id(g, |n| {
+                    nix::unistd::Group::from_name(n).map(|g| g.map(|g| g.gid.as_raw()))
+                })
+                .map_err(|r| bad("--socket-owner", format!("group {g:?}: {r}")))
+            })
+            .transpose()?;
+        perms.owner = Some((uid, gid));
+    }
+    if let Some(mode) = &args.socket_mode {
+        let m = u32::from_str_radix(mode.trim_start_matches("0o"), 8)
+            .ok()
+            .filter(|m| *m <= 0o777)
+            .ok_or_else(|| {
+                bad(
+                    "--socket-mode",
+                    format!("{mode:?} is not an octal mode like 0660"),
+                )
+            })?;
+        perms.mode = Some(m);
+    }
+    if perms != SocketPerms::default() && !matches!(socket, SocketMode::Listen(_)) {
+        let flag = if args.socket_owner.is_some() {
+            "--socket-owner"
+        } else {
+            "--socket-mode"
+        };
+        return Err(bad(
+            flag,
+            "only applies to a socket macvhost creates (--socket-path without --client)",
+        ));
+    }
+    Ok(perms)
+}
+
+/// A user or group given by name or number.
+fn resolve_id(
+    name: &str,
+    lookup: impl Fn(&str) -> nix::Result<Option<u32>>,
+) -> Result<u32, String> {
+    if let Ok(id) = name.parse::<u32>() {
+        return Ok(id);
+    }
+    match lookup(name) {
+        Ok(Some(id)) => Ok(id),
+        Ok(None) => Err("no such name".into()),
+        Err(e) => Err(e.to_string()),
     }
 }
 
@@ -326,6 +433,51 @@ mod tests {
         assert_eq!(c.queue_pairs, 1);
         assert_eq!(c.queue_size, 256);
         assert!(matches!(c.host, HostSpec::Macvtap { ref iface } if iface == "mvt0"));
+    }
+
+    #[test]
+    fn socket_owner_and_mode_take_names_numbers_and_octal() {
+        let c = parse(&[
+            "--socket-path",
+            "/s",
+            "--tap",
+            "t0",
+            "--socket-owner",
+            "root:0",
+            "--socket-mode",
+            "0660",
+        ])
+        .unwrap();
+        assert_eq!(c.socket_perms.owner, Some((0, Some(0))));
+        assert_eq!(c.socket_perms.mode, Some(0o660));
+        let c = parse(&[
+            "--socket-path",
+            "/s",
+            "--tap",
+            "t0",
+            "--socket-owner",
+            "1234",
+        ])
+        .unwrap();
+        assert_eq!(c.socket_perms.owner, Some((1234, None)));
+        for (flag, value) in [
+            ("--socket-mode", "0888"),
+            ("--socket-mode", "rw"),
+            ("--socket-mode", "01777"),
+            ("--socket-owner", "mvh-no-such-user"),
+            ("--socket-owner", "root:mvh-no-such-group"),
+        ] {
+            let e = parse(&["--socket-path", "/s", "--tap", "t0", flag, value]).unwrap_err();
+            assert_eq!(e.flag, flag, "{value}: {e}");
+        }
+    }
+
+    #[test]
+    fn mtu_above_65535_is_refused_with_the_real_range() {
+        let e = parse(&["--socket-path", "/s", "--tap", "t0", "--mtu", "70000"]).unwrap_err();
+        assert_eq!(e.to_string(), "--mtu: must be 68..=65535 (got 70000)");
+        let c = parse(&["--socket-path", "/s", "--tap", "t0", "--mtu", "65535"]).unwrap();
+        assert_eq!(c.mtu, Some(65535));
     }
 
     #[test]

@@ -13,6 +13,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::datapath::{QueueStats, StatsSnapshot};
+use crate::worker::l2::L2Stats;
 
 /// Errors of the control endpoints and of the `stats` client.
 #[derive(Debug, thiserror::Error)]
@@ -50,6 +51,9 @@ pub struct StatsReport {
     pub iface: String,
     /// Per-queue-pair counters, index = queue pair.
     pub queues: Vec<QueueReport>,
+    /// Device-wide counters (the guest's multicast groups and MAC), name → value.
+    #[serde(default)]
+    pub device: std::collections::BTreeMap<String, u64>,
 }
 
 /// One queue pair's counters.
@@ -66,6 +70,7 @@ pub struct QueueReport {
 pub struct StatsSource {
     iface: String,
     stats: Vec<Arc<QueueStats>>,
+    l2: Arc<L2Stats>,
 }
 
 impl StatsSource {
@@ -74,7 +79,14 @@ impl StatsSource {
         StatsSource {
             iface: iface.to_string(),
             stats,
+            l2: Arc::default(),
         }
+    }
+
+    /// The same view, with the device's layer-2 counters.
+    pub fn with_l2(mut self, l2: Arc<L2Stats>) -> StatsSource {
+        self.l2 = l2;
+        self
     }
 
     /// Snapshots every queue pair.
@@ -99,6 +111,13 @@ impl StatsSource {
                         .collect(),
                 })
                 .collect(),
+            device: self
+                .l2
+                .snapshot()
+                .fields()
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), v))
+                .collect(),
         }
     }
 
@@ -122,6 +141,18 @@ impl StatsSource {
                     self.iface
                 ));
             }
+        }
+        for (name, v) in self.l2.snapshot().fields() {
+            let kind = if name == "mcast_groups" {
+                "gauge"
+            } else {
+                "counter"
+            };
+            out.push_str(&format!("# TYPE macvhost_{name} {kind}\n"));
+            out.push_str(&format!(
+                "macvhost_{name}{{iface=\"{}\"}} {v}\n",
+                self.iface
+            ));
         }
         out
     }
@@ -239,6 +270,12 @@ pub fn render_table(r: &StatsReport) -> String {
         }
         out.push_str(&format!("{total:>14}\n"));
     }
+    if !r.device.is_empty() {
+        out.push_str("\ndevice\n");
+        for (name, v) in &r.device {
+            out.push_str(&format!("{name:<26}{v:>14}\n"));
+        }
+    }
     out
 }
 
@@ -289,5 +326,7 @@ mod tests {
         assert!(body.starts_with("HTTP/1.0 200 OK"));
         assert!(body.contains("# TYPE macvhost_tx_frames counter"));
         assert!(body.contains("macvhost_tx_frames{iface=\"mvt0\",queue_pair=\"1\"} 7"));
+        assert!(body.contains("# TYPE macvhost_mcast_groups gauge"));
+        assert!(body.contains("macvhost_mcast_joins{iface=\"mvt0\"} 0"));
     }
 }

@@ -18,6 +18,7 @@
 //! | 5 | [`datapath`] | the frame path over `virtio-queue` + `vm-memory`, no vhost-user types; the dirty-page log |
 //! | 6 | [`host`] | tap/macvtap queue fds, their ioctls, link facts, rtnetlink (create, watch, delete) |
 //! | - | [`ratelimit`] | token buckets (pure; used by config and worker) |
+//! | - | [`systemd`] | socket activation, `sd_notify` (readiness, status, watchdog), the fd store (leaf; used by server) |
 //! | - | `testkit` (tests, feature `test-utils`) | the test kit: `require`, guest ring driver, fake host queue, netns topologies, daemon guard, fuzz entry points; above everything, imported only by test code |
 //!
 //! # Threads
@@ -42,9 +43,10 @@
 //! getrandom), [`datapath::iovec`] (`readv`/`writev` on guest memory), [`datapath::dirty`] (the
 //! dirty-log mapping), [`datapath::uring`] (buffers handed to io_uring), [`datapath::vnet`]
 //! (`ByteValued` for the header), [`vhost_user::shim`] (fds received with `SCM_RIGHTS`) and
-//! [`vhost_user::backend`] (closing fds vhost-user-backend leaks), and in test code only, the
-//! test kit's fuzz frontend (`testkit::fuzz`, ignoring SIGPIPE). Every block says which invariant
-//! makes it sound.
+//! [`vhost_user::backend`] (closing fds vhost-user-backend leaks), [`systemd`] (adopting the
+//! fds a service manager or parent passed at exec), and in test code only, the test kit's fuzz
+//! frontend (`testkit::fuzz`, ignoring SIGPIPE). Every block says which invariant makes it
+//! sound.
 //!
 //! # Errors
 //!
@@ -62,6 +64,8 @@ pub mod datapath;
 pub mod host;
 pub mod ratelimit;
 pub mod server;
+#[allow(unsafe_code)] // adopts the fds a service manager or parent passed at exec
+pub mod systemd;
 #[cfg(any(test, feature = "test-utils"))]
 pub mod testkit;
 pub mod vhost_user;
@@ -72,10 +76,27 @@ pub fn capabilities_json() -> String {
     serde_json::json!({ "type": "net" }).to_string()
 }
 
-/// Installs the stderr log subscriber with the `--log-level` filter.
+/// `--log-level` as a filter, or why it is refused.
+fn check_log_filter(filter: &str) -> Result<tracing_subscriber::EnvFilter, String> {
+    let is_level = LOG_LEVELS.contains(&filter.to_ascii_lowercase().as_str());
+    if !is_level && !filter.contains(['=', ',']) {
+        return Err(format!(
+            "'{filter}' is not a level ({}) or a directive like info,macvhost=debug",
+            LOG_LEVELS.join(", ")
+        ));
+    }
+    tracing_subscriber::EnvFilter::try_new(filter)
+        .map_err(|e| format!("'{filter}' is not a log filter: {e}"))
+}
+
+/// The levels `--log-level` takes by name.
+pub const LOG_LEVELS: [&str; 6] = ["off", "error", "warn", "info", "debug", "trace"];
+
+/// Installs the stderr log subscriber with the `--log-level` filter: a level name, or a tracing
+/// directive list (`info,macvhost::worker=debug`). A bare word that is not a level is refused
+/// (tracing would read it as a target and silently log nothing).
 pub fn init_logging(filter: &str) -> Result<(), String> {
-    let filter = tracing_subscriber::EnvFilter::try_new(filter)
-        .map_err(|e| format!("'{filter}' is not a log filter: {e}"))?;
+    let filter = check_log_filter(filter)?;
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
@@ -83,4 +104,16 @@ pub fn init_logging(filter: &str) -> Result<(), String> {
         .with_target(false)
         .try_init()
         .map_err(|e| e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn log_level_takes_levels_and_directives_and_refuses_bare_words() {
+        assert!(super::check_log_filter("debug").is_ok());
+        assert!(super::check_log_filter("WARN").is_ok());
+        assert!(super::check_log_filter("info,macvhost::worker=trace").is_ok());
+        let e = super::check_log_filter("loud").unwrap_err();
+        assert!(e.contains("not a level"), "{e}");
+    }
 }

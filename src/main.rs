@@ -35,6 +35,29 @@ fn main() -> ExitCode {
         eprintln!("macvhost: --log-level: {e}");
         return ExitCode::from(2);
     }
+    // Socket activation: taken before any thread exists (it edits the environment). The
+    // vhost-user listener stands in for --socket-path; stored host queues go to the server.
+    let mut inherited = match macvhost::systemd::listen_fds() {
+        Ok(fds) => fds,
+        Err(e) => {
+            eprintln!("macvhost: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let mut args = args;
+    match inherited.take_unix_listener(macvhost::systemd::VHOST_USER_FD_NAME) {
+        Ok(Some(l)) if args.socket_path.is_none() && args.fd.is_none() => {
+            args.fd = Some(std::os::fd::IntoRawFd::into_raw_fd(l));
+        }
+        Ok(Some(_)) => {
+            tracing::warn!("socket activation: using --socket-path/--fd, not the passed socket")
+        }
+        Ok(None) => {}
+        Err(e) => {
+            eprintln!("macvhost: {e}");
+            return ExitCode::from(2);
+        }
+    }
     let config = match Config::try_from(args) {
         Ok(c) => c,
         Err(e) => {
@@ -42,12 +65,13 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    match macvhost::server::run(config) {
+    match macvhost::server::run(config, inherited) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e}");
             eprintln!("macvhost: {e}");
-            ExitCode::FAILURE
+            // The operator named something unusable: like a bad value, status 2.
+            ExitCode::from(if e.is_operator_error() { 2 } else { 1 })
         }
     }
 }

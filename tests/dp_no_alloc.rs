@@ -242,3 +242,62 @@ fn the_counter_sees_an_allocation() {
     assert_eq!(v.len(), 100);
     assert_eq!(n, 1);
 }
+
+/// The guest-TX multicast check allocates nothing per frame: parsing reports and updating the
+/// membership table (joins, refreshes, refusals at the cap, leaves, expiry, clear) with a diff
+/// built for the table's cap.
+#[cfg(feature = "test-utils")]
+#[test]
+fn mcast_report_learning_allocates_nothing_per_frame() {
+    use macvhost::datapath::mcast::frames::{self, Record};
+    use macvhost::datapath::mcast::{Diff, MembershipTable, TableConfig, Verdict};
+    use std::time::Duration;
+
+    let cap = 128;
+    let mut table = MembershipTable::new(TableConfig {
+        max_groups: cap,
+        ..TableConfig::default()
+    });
+    let mut diff = Diff::with_capacity(cap);
+    // 10 reports of 20 records over 200 groups (more than the cap); every fifth record leaves
+    // a group of the first report (`TO_IN({})`).
+    let group = |r: u16, i: u16| frames::v6(&format!("ff05::{:x}", r * 20 + i));
+    let reports: Vec<Vec<u8>> = (0..10u16)
+        .map(|r| {
+            let recs: Vec<Record> = (0..20u16)
+                .map(|i| {
+                    if r > 0 && (r + i) % 5 == 0 {
+                        Record::new(3, group(0, i), 0)
+                    } else {
+                        Record::new(4, group(r, i), 0)
+                    }
+                })
+                .collect();
+            frames::mldv2_report(&recs, r % 2 == 0, None)
+        })
+        .collect();
+    let unicast = frames::unicast_udp(1514);
+    let (_, allocs) = counted(|| {
+        let mut now = Duration::ZERO;
+        for _ in 0..FRAMES / 100 {
+            for r in &reports {
+                let v = table.learn(r, r.len(), now, &mut diff);
+                assert!(matches!(v, Verdict::Report { .. }));
+                table.expire(now, &mut diff);
+                diff.clear();
+                let v = table.learn(&unicast, unicast.len(), now, &mut diff);
+                assert_eq!(v, Verdict::NotMulticast);
+                now += Duration::from_secs(30);
+            }
+            table.expire(now, &mut diff);
+            diff.clear();
+        }
+        table.clear(&mut diff);
+    });
+    assert_eq!(allocs, 0, "{allocs} allocations");
+    let c = table.counters();
+    assert!(
+        c.joins > 0 && c.leaves > 0 && c.expiries > 0 && c.refused_joins > 0,
+        "{c:?}"
+    );
+}

@@ -87,6 +87,11 @@ pub mod replay {
         replay("vhost_user_msgs");
     }
 
+    #[test]
+    fn mcast_report_corpus() {
+        replay("mcast_report");
+    }
+
     /// `MACVHOST_FUZZ_REPRO=<target>:<file>` replays one file (say a crash artifact), with
     /// `MACVHOST_FUZZ_TRACE=1` for a trace of each datapath call. An opt-in tool: skipped
     /// otherwise.

@@ -713,6 +713,7 @@ fn tap_queue_full_waits_for_epollout_without_spinning() {
             supported_offloads: dev.supported_offloads(),
             link_up: std::sync::Arc::new(std::sync::atomic::AtomicBool::new(dev.carrier())),
             link_down_disconnects: false,
+            l2: Default::default(),
         };
         thread::spawn(move || serve(&SocketMode::Listen(sock), identity, side, &stats, &stop))
     };

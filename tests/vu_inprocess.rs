@@ -114,3 +114,117 @@ fn inherited_listening_fd_is_served() {
     let mut g = rig.guest(1, ALL);
     tx_one_and_check(&rig, &mut g, 7);
 }
+
+#[test]
+fn stale_socket_left_by_a_dead_process_is_replaced() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("vu.sock");
+    // A listener that went away without removing its file: nobody answers on it.
+    drop(std::os::unix::net::UnixListener::bind(&sock).unwrap());
+    assert!(std::os::unix::net::UnixStream::connect(&sock).is_err());
+    let rig = Rig::start_with(1, dir, SocketMode::Listen(sock.clone()), sock);
+    let mut g = rig.guest(1, ALL);
+    assert!(g.send(0, &frame(1, 100)));
+    g.kick(g.tx(0));
+    assert!(eventually(|| rig.stats[0].snapshot().tx_frames == 1));
+}
+
+#[test]
+fn socket_owner_and_mode_are_applied_before_serving() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("vu.sock");
+    let endpoint = macvhost::server::Endpoint {
+        mode: SocketMode::Listen(sock.clone()),
+        perms: macvhost::server::SocketPerms {
+            owner: Some((
+                nix::unistd::getuid().as_raw(),
+                Some(nix::unistd::getgid().as_raw()),
+            )),
+            mode: Some(0o660),
+        },
+    };
+    let rig = Rig::start_endpoint(1, dir, endpoint, sock.clone());
+    let meta = std::fs::metadata(&sock).unwrap();
+    assert_eq!(meta.permissions().mode() & 0o777, 0o660);
+    assert_eq!(meta.uid(), nix::unistd::getuid().as_raw());
+    let mut g = rig.guest(1, ALL);
+    assert!(g.send(0, &frame(2, 100)));
+}
+
+/// A multicast filter that records what macvhost put in it.
+#[derive(Debug, Default)]
+struct Filter {
+    macs: Vec<[u8; 6]>,
+}
+
+impl macvhost::worker::l2::FilterSink for Filter {
+    fn apply(
+        &mut self,
+        remove: &[[u8; 6]],
+        add: &[[u8; 6]],
+        _allmulti: Option<bool>,
+    ) -> Result<(), macvhost::host::mcfilter::McFilterError> {
+        self.macs.retain(|m| !remove.contains(m));
+        self.macs.extend(
+            add.iter()
+                .filter(|m| !self.macs.contains(m))
+                .collect::<Vec<_>>(),
+        );
+        Ok(())
+    }
+}
+
+#[test]
+fn guest_igmp_join_reaches_the_filter_queries_reach_the_guest_and_disconnect_clears() {
+    use macvhost::datapath::mcast::frames as tf;
+    use std::sync::{Arc, Mutex};
+    let filter = Arc::new(Mutex::new(Filter::default()));
+    let stats = Arc::new(macvhost::worker::l2::L2Stats::default());
+    let rig = Rig::start_l2(
+        1,
+        macvhost::worker::l2::L2Host {
+            filter: Some(filter.clone()),
+            table: Default::default(),
+            stats: stats.clone(),
+        },
+    );
+    let mut g = rig.guest(1, ALL);
+    g.post_rx(0, 64, 2048);
+    g.kick(g.rx(0));
+    let group = tf::v4(239, 1, 2, 3);
+    let join = tf::igmp_v2(0x16, group, None);
+    assert!(g.send(0, &join));
+    g.kick(g.tx(0));
+    assert!(
+        eventually(|| filter.lock().unwrap().macs == vec![group.mac()]),
+        "the group's MAC reached the filter"
+    );
+    // The join itself went on to the host queue unchanged.
+    let mut buf = vec![0u8; 2048];
+    let n = rig.peers[0].recv(&mut buf).unwrap();
+    assert_eq!(&buf[HDR_LEN..n], &join[..]);
+    // About a second after connecting, macvhost asks the guest to report its groups.
+    let mut got = Vec::new();
+    assert!(g.wait_until(Duration::from_secs(5), |g| {
+        got.extend(g.recv_frames(0));
+        got.len() >= 2
+    }));
+    let igmp = got
+        .iter()
+        .find(|f| f[12..14] == [0x08, 0x00])
+        .expect("an IGMP query");
+    let mld = got
+        .iter()
+        .find(|f| f[12..14] == [0x86, 0xdd])
+        .expect("an MLD query");
+    assert_eq!(&igmp[..6], &[0x01, 0x00, 0x5e, 0, 0, 1], "to all-hosts");
+    assert_eq!(&mld[..6], &[0x33, 0x33, 0, 0, 0, 1], "to all-nodes");
+    assert_eq!(stats.snapshot().queries_sent, 2);
+    assert_eq!(stats.snapshot().table.joins, 1);
+    drop(g);
+    assert!(
+        eventually(|| filter.lock().unwrap().macs.is_empty()),
+        "the frontend left: its groups left the filter"
+    );
+}

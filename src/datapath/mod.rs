@@ -9,6 +9,7 @@
 //! - [`tx`]: guest → host, one `writev` per frame.
 //! - [`rx`]: host → guest, one `readv` per frame, MRG_RXBUF across chains.
 //! - [`stats`]: per-queue-pair counters, one per drop reason.
+//! - [`mcast`]: IGMP/MLD report parsing and the guest's multicast membership table.
 //! - [`dirty`]: one connection's dirty-page log for live migration (`unsafe`: maps it).
 //! - [`uring`]: the opt-in io_uring TX submission (`unsafe`: buffers handed to the kernel).
 
@@ -16,6 +17,7 @@
 pub mod dirty;
 #[allow(unsafe_code)] // readv/writev on guest memory
 pub mod iovec;
+pub mod mcast;
 pub mod rx;
 pub mod stats;
 pub mod tx;

@@ -57,6 +57,9 @@ counters! {
     /// Of `tx_frames`, those whose vnet header asked the host for segmentation (TSO/UFO/USO):
     /// each leaves as several wire frames.
     tx_gso_frames,
+    /// Of `tx_frames`, those whose source MAC is not the guest's (the guest changed its MAC, or
+    /// bridges other hosts); counted only while the multicast following watches TX.
+    tx_foreign_src_mac,
     /// Frames delivered to the guest.
     rx_frames,
     /// Bytes of those frames (vnet header excluded).

@@ -49,6 +49,7 @@ use std::io;
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
 use vm_memory::{GuestMemory, Permissions};
 
+use super::mcast;
 use super::stats::QueueStats;
 use super::uring::{TxRing, URING_BATCH};
 use super::used::UsedBatch;
@@ -102,6 +103,66 @@ pub struct TxOutcome {
     pub host_error: Option<i32>,
 }
 
+/// Watches what the guest sends, for the layer-2 following above the datapath (see
+/// [`super::mcast`]). Every frame sent costs one 12-byte read of its MAC addresses:
+/// - a frame to an IP multicast MAC is copied — at most [`mcast::COPY_LEN`] bytes, into a buffer
+///   allocated once — and the copy handed to the sink with the frame's length (never guest
+///   memory: the guest may rewrite it meanwhile; the copy is what gets parsed);
+/// - a frame whose source MAC is not `own_mac` (and not multicast) is counted in
+///   `tx_foreign_src_mac`: the guest changed its MAC, or bridges other hosts.
+pub struct TxWatch {
+    own_mac: [u8; 6],
+    copy: Box<[u8]>,
+    sink: MulticastSink,
+    foreign: ForeignSink,
+}
+
+/// Gets a copy of a multicast frame's start and the frame's real length.
+pub type MulticastSink = Box<dyn FnMut(&[u8], usize) + Send>;
+/// Gets the source MAC of a frame not sent from the guest's MAC.
+pub type ForeignSink = Box<dyn FnMut([u8; 6]) + Send>;
+
+impl std::fmt::Debug for TxWatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TxWatch")
+            .field("own_mac", &self.own_mac)
+            .finish_non_exhaustive()
+    }
+}
+
+impl TxWatch {
+    /// A watch for a guest whose MAC is `own_mac`: `sink` gets the multicast frames,
+    /// `foreign` the source MAC of every frame not sent from `own_mac`.
+    pub fn new(own_mac: [u8; 6], sink: MulticastSink, foreign: ForeignSink) -> TxWatch {
+        TxWatch {
+            own_mac,
+            copy: vec![0u8; mcast::COPY_LEN].into_boxed_slice(),
+            sink,
+            foreign,
+        }
+    }
+
+    /// One sent frame of `len` bytes, header included.
+    fn frame(&mut self, iov: &IoVecBuf<'_>, hdr_len: usize, len: usize, stats: &QueueStats) {
+        let mut macs = [0u8; 12];
+        if iov.read_at(hdr_len, &mut macs) < macs.len() {
+            return;
+        }
+        let mut src = [0u8; 6];
+        src.copy_from_slice(&macs[6..]);
+        if src != self.own_mac && src[0] & 1 == 0 {
+            QueueStats::inc(&stats.tx_foreign_src_mac);
+            (self.foreign)(src);
+        }
+        if mcast::is_ip_multicast_mac(&macs[..4]) {
+            let wire_len = len - hdr_len;
+            let want = wire_len.min(self.copy.len());
+            let n = iov.read_at(hdr_len, &mut self.copy[..want]);
+            (self.sink)(&self.copy[..n], wire_len);
+        }
+    }
+}
+
 /// Reusable TX buffers (one per queue pair): no allocation per frame in steady state.
 #[derive(Debug, Default)]
 pub struct TxScratch {
@@ -109,6 +170,7 @@ pub struct TxScratch {
     /// io_uring mode: the ring, and one iovec list per frame of a batch.
     ring: Option<TxRing>,
     bufs: Vec<IoVecBuf<'static>>,
+    watch: Option<TxWatch>,
 }
 
 impl TxScratch {
@@ -118,6 +180,7 @@ impl TxScratch {
             iov: IoVecBuf::with_capacity(64),
             ring: None,
             bufs: Vec::new(),
+            watch: None,
         }
     }
 
@@ -130,7 +193,13 @@ impl TxScratch {
             bufs: (0..URING_BATCH)
                 .map(|_| IoVecBuf::with_capacity(64))
                 .collect(),
+            watch: None,
         })
+    }
+
+    /// Watches every frame sent from now on (`None`: stop watching).
+    pub fn set_watch(&mut self, watch: Option<TxWatch>) {
+        self.watch = watch;
     }
 
     /// Whether TX goes through io_uring.
@@ -201,13 +270,15 @@ pub fn process_tx<M: GuestMemory, H: HostQueue>(
     scratch: &mut TxScratch,
     opts: &TxOptions,
 ) -> TxOutcome {
+    let watch = scratch.watch.as_mut();
     if let Some(mut ring) = scratch.ring.take() {
         // Same allocation, rebound to this call's memory (in-place collect).
         let mut bufs: Vec<IoVecBuf<'_>> = std::mem::take(&mut scratch.bufs)
             .into_iter()
             .map(IoVecBuf::reuse)
             .collect();
-        let (out, ring_ok) = tx_batch_uring(queue, mem, host, stats, &mut bufs, &mut ring, opts);
+        let (out, ring_ok) =
+            tx_batch_uring(queue, mem, host, stats, &mut bufs, &mut ring, opts, watch);
         scratch.bufs = bufs.into_iter().map(IoVecBuf::reuse).collect();
         if ring_ok {
             scratch.ring = Some(ring);
@@ -219,7 +290,7 @@ pub fn process_tx<M: GuestMemory, H: HostQueue>(
         return out;
     }
     let mut iov: IoVecBuf<'_> = std::mem::take(&mut scratch.iov).reuse();
-    let out = tx_batch(queue, mem, host, stats, &mut iov, opts);
+    let out = tx_batch(queue, mem, host, stats, &mut iov, opts, watch);
     scratch.iov = iov.reuse();
     out
 }
@@ -236,6 +307,7 @@ enum Slot {
 
 /// [`tx_batch`] with the frames of each popped batch written by one linked io_uring submission.
 /// Returns the outcome and false when the ring itself failed (the batch was given back).
+#[allow(clippy::too_many_arguments)]
 fn tx_batch_uring<'m, M: GuestMemory, H: HostQueue>(
     queue: &mut Queue,
     mem: &'m M,
@@ -244,6 +316,7 @@ fn tx_batch_uring<'m, M: GuestMemory, H: HostQueue>(
     bufs: &mut [IoVecBuf<'m>],
     ring: &mut TxRing,
     opts: &TxOptions,
+    mut watch: Option<&mut TxWatch>,
 ) -> (TxOutcome, bool) {
     let mut out = TxOutcome::default();
     let mut ring_ok = true;
@@ -329,9 +402,7 @@ fn tx_batch_uring<'m, M: GuestMemory, H: HostQueue>(
                         let r = results[k];
                         if r >= 0 {
                             out.frames += 1;
-                            QueueStats::inc(&stats.tx_frames);
-                            QueueStats::add(&stats.tx_bytes, (len - opts.hdr_len) as u64);
-                            count_gso(&bufs[k], stats);
+                            sent(&bufs[k], len, opts, stats, watch.as_deref_mut());
                         } else if r == -libc::EAGAIN || r == -libc::ECANCELED || r == -libc::EINTR {
                             // Not written (full, cancelled after an earlier failure in the
                             // link, interrupted): this chain and the rest go back, in order.
@@ -390,6 +461,7 @@ fn tx_batch<'m, M: GuestMemory, H: HostQueue>(
     stats: &QueueStats,
     iov: &mut IoVecBuf<'m>,
     opts: &TxOptions,
+    mut watch: Option<&mut TxWatch>,
 ) -> TxOutcome {
     let mut out = TxOutcome::default();
     let budget = opts.budget.max(1);
@@ -453,9 +525,7 @@ fn tx_batch<'m, M: GuestMemory, H: HostQueue>(
                     Ok(len) => match host.send_frame(iov) {
                         Ok(_) => {
                             out.frames += 1;
-                            QueueStats::inc(&stats.tx_frames);
-                            QueueStats::add(&stats.tx_bytes, (len - opts.hdr_len) as u64);
-                            count_gso(iov, stats);
+                            sent(iov, len, opts, stats, watch.as_deref_mut());
                         }
                         Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                             put_back(queue, &mut chains);
@@ -510,6 +580,23 @@ fn tx_batch<'m, M: GuestMemory, H: HostQueue>(
     }
     out.notify = used.needs_notification(queue, mem);
     out
+}
+
+/// Counts one frame the host queue took (`len` bytes, header included), and shows it to the
+/// watch.
+fn sent(
+    iov: &IoVecBuf<'_>,
+    len: usize,
+    opts: &TxOptions,
+    stats: &QueueStats,
+    watch: Option<&mut TxWatch>,
+) {
+    QueueStats::inc(&stats.tx_frames);
+    QueueStats::add(&stats.tx_bytes, (len - opts.hdr_len) as u64);
+    count_gso(iov, stats);
+    if let Some(w) = watch {
+        w.frame(iov, opts.hdr_len, len, stats);
+    }
 }
 
 /// Counts a sent frame whose vnet header carries a GSO type. The byte is only counted, never
@@ -1421,5 +1508,111 @@ mod tests {
         require!(&[Need::IoUring]);
         fx.scratch = TxScratch::with_io_uring().expect("io_uring works");
         assert_eq!(send_gso_mix(&mut fx).tx_gso_frames, 2);
+    }
+
+    /// Sends `frames` (Ethernet frames, a header put before each, split after the destination
+    /// MAC's first bytes) through a watch for guest MAC `own`; returns what the sink and the
+    /// foreign-MAC callback saw.
+    #[allow(clippy::type_complexity)]
+    fn watched(
+        fx: &mut Fx,
+        own: [u8; 6],
+        frames: &[Vec<u8>],
+    ) -> (Vec<(Vec<u8>, usize)>, Vec<[u8; 6]>) {
+        use std::sync::{Arc, Mutex};
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let foreign = Arc::new(Mutex::new(Vec::new()));
+        let (s2, f2) = (seen.clone(), foreign.clone());
+        fx.scratch.set_watch(Some(TxWatch::new(
+            own,
+            Box::new(move |f, n| s2.lock().unwrap().push((f.to_vec(), n))),
+            Box::new(move |m| f2.lock().unwrap().push(m)),
+        )));
+        let mem = test_memory();
+        let mut gq = GuestQueue::new(&mem, 16);
+        let mut q = gq.create_queue();
+        for (i, eth) in frames.iter().enumerate() {
+            let mut frame = vec![0u8; HDR];
+            frame.extend_from_slice(eth);
+            let addr = DATA_BASE + i as u64 * 0x1000;
+            let cut = HDR + 3;
+            let d = put_frame(
+                &mem,
+                &frame,
+                &[
+                    (addr, cut as u32),
+                    (addr + 0x800, (frame.len() - cut) as u32),
+                ],
+            );
+            gq.add_desc_chain(&d);
+        }
+        let out = fx.run(&mut q, &mem, 64);
+        assert_eq!(out.frames, frames.len());
+        let seen = seen.lock().unwrap().clone();
+        let foreign = foreign.lock().unwrap().clone();
+        (seen, foreign)
+    }
+
+    fn eth(dst: [u8; 6], src: [u8; 6], len: usize) -> Vec<u8> {
+        let mut f = dst.to_vec();
+        f.extend_from_slice(&src);
+        f.resize(len, 0x5a);
+        f
+    }
+
+    #[test]
+    fn tx_watch_gets_a_copy_of_multicast_frames_only() {
+        let own = [0x52, 0x54, 0, 0, 0, 1];
+        let v4 = eth([0x01, 0x00, 0x5e, 0x01, 0x02, 0x03], own, 60);
+        let v6 = eth([0x33, 0x33, 0xff, 0, 0, 2], own, 3000);
+        let frames = vec![
+            eth([0x52, 0x54, 0, 0, 0, 9], own, 60),
+            v4.clone(),
+            eth([0xff; 6], own, 60),
+            // 01:00:5e with the next bit set is not IPv4 multicast.
+            eth([0x01, 0x00, 0x5e, 0x80, 0, 1], own, 60),
+            v6.clone(),
+        ];
+        for mut fx in [Fx::new(), {
+            let mut fx = Fx::new();
+            if let Ok(s) = TxScratch::with_io_uring() {
+                fx.scratch = s;
+            }
+            fx
+        }] {
+            let (seen, foreign) = watched(&mut fx, own, &frames);
+            assert_eq!(seen.len(), 2, "only the two IP multicast frames");
+            assert_eq!(seen[0], (v4.clone(), 60));
+            // A long frame is copied up to COPY_LEN, with its real length.
+            assert_eq!(seen[1].0, v6[..mcast::COPY_LEN].to_vec());
+            assert_eq!(seen[1].1, 3000);
+            assert!(foreign.is_empty());
+            assert_eq!(fx.snap().tx_foreign_src_mac, 0);
+        }
+    }
+
+    #[test]
+    fn tx_watch_counts_frames_from_a_mac_other_than_the_guests() {
+        let own = [0x52, 0x54, 0, 0, 0, 1];
+        let other = [0x02, 0, 0, 0, 0, 7];
+        let frames = vec![
+            eth([0xff; 6], other, 60),
+            eth([0xff; 6], own, 60),
+            eth([0xff; 6], other, 60),
+            // A multicast source MAC is nonsense, not a MAC change.
+            eth([0xff; 6], [0x03, 0, 0, 0, 0, 1], 60),
+        ];
+        let mut fx = Fx::new();
+        let (_, foreign) = watched(&mut fx, own, &frames);
+        assert_eq!(foreign, vec![other, other]);
+        assert_eq!(fx.snap().tx_foreign_src_mac, 2);
+    }
+
+    #[test]
+    fn tx_watch_sees_nothing_of_frames_too_short_for_two_macs() {
+        let own = [0x52, 0x54, 0, 0, 0, 1];
+        let mut fx = Fx::new();
+        let (seen, foreign) = watched(&mut fx, own, &[vec![0x33, 0x33, 0, 0, 0]]);
+        assert!(seen.is_empty() && foreign.is_empty());
     }
 }

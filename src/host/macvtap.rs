@@ -153,7 +153,9 @@ impl DevNode {
                     })
                 }
                 Ok(meta) => {
-                    tracing::warn!(
+                    // Normal on a host with several network namespaces (ifindexes repeat), so
+                    // not a warning.
+                    tracing::debug!(
                         node = %path.display(),
                         node_dev = %fmt_dev(meta.rdev()),
                         macvtap_dev = %fmt_dev(dev),

@@ -9,10 +9,12 @@
 //! - `macvtap`: `/dev/tapN` lookup by ifindex and char-device number, stale-node handling.
 //! - `tap`: `/dev/net/tun` taps by name, and manager-passed fds.
 //! - `link`: ifindex/MAC/MTU/carrier through a control socket; sysfs only where unavoidable.
+//! - [`mcfilter`]: the macvtap's multicast list and allmulticast (packet-socket memberships).
 
 mod link;
 mod mac;
 mod macvtap;
+pub mod mcfilter;
 pub mod netlink;
 #[allow(unsafe_code)] // ioctls, fd ownership, getrandom
 mod sys;
@@ -25,7 +27,7 @@ use std::sync::Arc;
 
 pub use link::validate_ifname;
 pub use mac::MacAddr;
-pub use sys::{adopt_fd, dup_cloexec, random_bytes};
+pub use sys::{dup_cloexec, random_bytes};
 
 /// vnet header length of `virtio_net_hdr_v1` (VERSION_1 or MRG_RXBUF guests), set at open.
 /// The one definition: `datapath::vnet` re-exports it.
@@ -134,6 +136,8 @@ pub enum HostError {
     Verify { name: String, detail: String },
     #[error("interface #{ifindex} no longer exists")]
     LinkGone { ifindex: u32 },
+    #[error("the queues of {name:?} have no interface any more (deleted)")]
+    QueueGone { name: String },
 }
 
 impl HostError {
@@ -447,6 +451,13 @@ impl TapQueue {
                 // macvtap answers TUNGETIFF while its link exists, and then EINVAL can only mean
                 // the queue is already enabled/disabled.
                 Ok(None) => return Ok(()),
+                // TUNGETIFF fails too: the link is gone (deleted under us). The link watcher
+                // reports that once; this queue has nothing to attach to.
+                Err(_) => {
+                    return Err(HostError::QueueGone {
+                        name: self.ifname.to_string(),
+                    })
+                }
                 _ => {}
             }
         }
@@ -459,6 +470,16 @@ impl TapQueue {
     }
 }
 
+/// A queue error as `io::Error`; a queue whose link is gone is `NotFound`, which callers
+/// expect and do not warn about.
+fn queue_err(e: HostError) -> io::Error {
+    let kind = match e {
+        HostError::QueueGone { .. } => io::ErrorKind::NotFound,
+        _ => io::ErrorKind::Other,
+    };
+    io::Error::new(kind, e)
+}
+
 impl QueueControl for TapQueue {
     fn set_offload(&self, tun_flags: u32) -> io::Result<()> {
         TapQueue::set_offload(self, tun_flags).map_err(io::Error::other)
@@ -467,10 +488,14 @@ impl QueueControl for TapQueue {
         TapQueue::set_vnet_hdr_len(self, len).map_err(io::Error::other)
     }
     fn attach(&self) -> io::Result<()> {
-        TapQueue::attach(self).map_err(io::Error::other)
+        TapQueue::attach(self).map_err(queue_err)
     }
     fn detach(&self) -> io::Result<()> {
-        TapQueue::detach(self).map_err(io::Error::other)
+        match TapQueue::detach(self) {
+            // A single-queue tap has nothing to steer frames away to: nothing to do.
+            Err(HostError::DetachUnsupported { .. }) => Ok(()),
+            other => other.map_err(queue_err),
+        }
     }
 }
 

@@ -163,19 +163,6 @@ pub fn dup_cloexec(raw: RawFd) -> io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(new) })
 }
 
-/// Takes ownership of `raw`, an fd a manager handed us to own (`--fd`, socket activation).
-/// Fails with EBADF when `raw` is not open.
-///
-/// Only for fds that are ours by contract: the caller promises nothing else in this process
-/// uses the number (they are inherited at exec and named once on the command line).
-pub fn adopt_fd(raw: RawFd) -> io::Result<OwnedFd> {
-    // SAFETY: `fcntl(F_GETFD)` takes integers only and touches no memory; a closed fd fails.
-    check(unsafe { libc::fcntl(raw, libc::F_GETFD) })?;
-    // SAFETY: `raw` is open (checked above) and, by this function's contract, handed to us to
-    // own: no other owner exists in this process.
-    Ok(unsafe { OwnedFd::from_raw_fd(raw) })
-}
-
 /// Fills `buf` from the kernel's random pool (getrandom(2)); falls back to the clock if the
 /// pool is unavailable. For names and MACs that must be hard to guess, not for keys.
 pub fn random_bytes(buf: &mut [u8]) {
@@ -243,6 +230,56 @@ pub fn if_set_flags(sock: BorrowedFd<'_>, name: &str, flags: i16) -> io::Result<
     let mut ifr = IfReq::new(name);
     ifr.set_flags(flags);
     if_ioctl(sock, libc::SIOCSIFFLAGS as _, &mut ifr)
+}
+
+/// An `AF_PACKET` socket of protocol 0: it receives no frames; it only holds link-layer
+/// multicast memberships ([`packet_membership`]), which the kernel drops when it is closed.
+/// Needs `CAP_NET_RAW` (`EPERM` otherwise).
+pub fn packet_membership_socket() -> io::Result<OwnedFd> {
+    // SAFETY: integer-only syscall; on success it returns a fresh fd.
+    let raw =
+        check(unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_CLOEXEC, 0) })?;
+    // SAFETY: `raw` was just returned by socket(2) and is owned by no one else.
+    Ok(unsafe { OwnedFd::from_raw_fd(raw) })
+}
+
+/// `PACKET_ADD_MEMBERSHIP` (`add`) or `PACKET_DROP_MEMBERSHIP` on interface `ifindex`:
+/// `PACKET_MR_MULTICAST` with a 6-byte `mac`, or `PACKET_MR_ALLMULTI` (`mac` = `None`).
+pub fn packet_membership(
+    sock: BorrowedFd<'_>,
+    add: bool,
+    ifindex: i32,
+    mac: Option<[u8; 6]>,
+) -> io::Result<()> {
+    let mut mreq = libc::packet_mreq {
+        mr_ifindex: ifindex,
+        mr_type: libc::PACKET_MR_ALLMULTI as u16,
+        mr_alen: 0,
+        mr_address: [0; 8],
+    };
+    if let Some(mac) = mac {
+        mreq.mr_type = libc::PACKET_MR_MULTICAST as u16;
+        mreq.mr_alen = 6;
+        mreq.mr_address[..6].copy_from_slice(&mac);
+    }
+    let opt = if add {
+        libc::PACKET_ADD_MEMBERSHIP
+    } else {
+        libc::PACKET_DROP_MEMBERSHIP
+    };
+    use std::os::fd::AsRawFd;
+    // SAFETY: `sock` is open for the call; the kernel reads `size_of::<packet_mreq>()` bytes
+    // from `&mreq`, which lives on the stack for the duration of the call.
+    check(unsafe {
+        libc::setsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_PACKET,
+            opt,
+            std::ptr::addr_of!(mreq).cast(),
+            std::mem::size_of::<libc::packet_mreq>() as libc::socklen_t,
+        )
+    })
+    .map(drop)
 }
 
 /// Test helper: an `AF_PACKET` raw socket bound to interface `ifindex`, for all ethertypes, so

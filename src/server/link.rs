@@ -58,12 +58,13 @@ pub(super) fn watch_link_state(
 /// connection. The frontend seeing its backend go away is the one link change QEMU and DPDK
 /// show their guests for vhost-user net (neither acts on a config change for net).
 ///
-/// Returns as soon as `ended` says the connection is over.
+/// Returns as soon as `ended` says the connection is over. Calls `tick` every poll.
 pub(super) fn follow_link_for_connection<Q>(
     host: &HostSide<Q>,
     notifier: &ConfigNotifier,
     ended: Receiver<()>,
     stopper: &Stopper,
+    tick: &dyn Fn(),
 ) {
     let mut was_up = host.link_up.load(Ordering::SeqCst);
     while !stopper.stopping() {
@@ -81,6 +82,8 @@ pub(super) fn follow_link_for_connection<Q>(
             stopper.end_connection();
             return;
         }
+        // The connection's periodic work (multicast expiry and queries) rides on this loop.
+        tick();
         match ended.recv_timeout(CARRIER_POLL) {
             Err(RecvTimeoutError::Timeout) => {}
             // The connection ended (its sender is gone).

@@ -12,23 +12,28 @@
 
 mod link;
 mod listen;
+mod service;
 mod signals;
 
 use std::os::fd::RawFd;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crate::control;
+use crate::datapath::mcast::TableConfig;
 use crate::datapath::QueueStats;
+use crate::host::mcfilter::{McFilter, McFilterError};
 use crate::host::netlink::MacvtapSpec;
 use crate::host::{HostDevice, HostError, HostKind, HostSpec, MacAddr};
 use crate::ratelimit::RateSpec;
 use crate::vhost_user::backend::{DeviceIdentity, HostSide};
 use crate::vhost_user::connection::Connection;
+use crate::worker::l2::{L2Host, RxFilterMode};
 use crate::worker::PairQueue;
 use listen::Frontends;
+use service::{Phase, Service};
 pub use signals::StopHandle;
 
 /// How the vhost-user socket is reached.
@@ -42,11 +47,40 @@ pub enum SocketMode {
     Connect(PathBuf),
 }
 
+/// Owner and permissions for a socket macvhost creates (`--socket-owner`, `--socket-mode`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SocketPerms {
+    /// uid and optional gid.
+    pub owner: Option<(u32, Option<u32>)>,
+    /// Permission bits.
+    pub mode: Option<u32>,
+}
+
+/// Where frontends come from, and how a socket macvhost creates is set up.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Endpoint {
+    /// Listen on a path, on an inherited fd, or connect.
+    pub mode: SocketMode,
+    /// Owner and mode of a socket macvhost creates.
+    pub perms: SocketPerms,
+}
+
+impl From<&SocketMode> for Endpoint {
+    fn from(mode: &SocketMode) -> Endpoint {
+        Endpoint {
+            mode: mode.clone(),
+            perms: SocketPerms::default(),
+        }
+    }
+}
+
 /// What the server runs with: the validated command line (`config` builds it).
 #[derive(Debug, Clone)]
 pub struct Settings {
     /// How frontends reach us.
     pub socket: SocketMode,
+    /// Owner and mode of the socket we create.
+    pub socket_perms: SocketPerms,
     /// Which host device to open.
     pub host: HostSpec,
     /// Queue pairs.
@@ -63,6 +97,10 @@ pub struct Settings {
     pub metrics_addr: Option<std::net::SocketAddr>,
     /// Batched TX writes through io_uring.
     pub io_uring: bool,
+    /// How the guest's multicast groups reach the macvtap (`--rx-filter`).
+    pub rx_filter: RxFilterMode,
+    /// Most multicast groups followed before falling back to allmulticast (`--max-groups`).
+    pub max_groups: usize,
     /// End the frontend connection while the host link has no carrier.
     pub disconnect_on_link_down: bool,
     /// The macvtap to create (`--macvtap-parent`); `host` then names it once created.
@@ -78,16 +116,22 @@ pub struct Settings {
 /// Why the server could not start or keep going.
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
-    /// The host device could not be opened or queried (host or operator).
-    #[error("host device: {0}")]
-    Host(#[from] HostError),
-    /// The socket could not be bound (operator: path, permissions).
-    #[error("cannot listen on {path}: {source}")]
+    /// The host device named by `flag` could not be opened or queried (operator or host:
+    /// [`ServerError::is_operator_error`] tells).
+    #[error("{flag}: {source}")]
+    Host {
+        /// The flag that named the host side.
+        flag: &'static str,
+        /// Cause.
+        source: HostError,
+    },
+    /// The socket could not be made (operator: path, permissions, someone else's file).
+    #[error("--socket-path {path}: {reason}")]
     Listen {
         /// Socket path.
         path: PathBuf,
-        /// Cause.
-        source: vhost::vhost_user::Error,
+        /// Why.
+        reason: String,
     },
     /// `--fd` is not a listening unix socket (operator).
     #[error("--fd {fd}: {reason}")]
@@ -98,17 +142,28 @@ pub enum ServerError {
         reason: String,
     },
     /// The control socket or metrics endpoint could not start (operator).
-    #[error(transparent)]
-    Control(#[from] control::ControlError),
+    #[error("{flag}: {source}")]
+    Control {
+        /// `--control-socket` or `--metrics-addr`.
+        flag: &'static str,
+        /// Cause.
+        source: control::ControlError,
+    },
     /// Creating the macvtap failed (operator: parent, mode, name; or host).
     #[error("--macvtap-parent: {0}")]
     Netlink(#[from] crate::host::netlink::NetlinkError),
+    /// The macvtap's multicast filter could not be opened (operator: capabilities; or host).
+    #[error("--rx-filter: {source}")]
+    RxFilter {
+        /// Cause.
+        source: McFilterError,
+    },
     /// Signal handling could not be installed (host).
     #[error("signal handling: {0}")]
     Signals(nix::Error),
 }
 
-fn device_identity(config: &Settings, host: &HostDevice) -> Result<DeviceIdentity, ServerError> {
+fn device_identity(config: &Settings, host: &HostDevice) -> Result<DeviceIdentity, HostError> {
     let link_mac = host.mac()?;
     let mac = match (config.mac, host.kind()) {
         (Some(m), HostKind::Macvtap) if m.0 != link_mac => {
@@ -138,10 +193,77 @@ fn device_identity(config: &Settings, host: &HostDevice) -> Result<DeviceIdentit
     })
 }
 
-/// Runs until SIGTERM/SIGINT. Returns Ok on a clean stop.
-pub fn run(config: Settings) -> Result<(), ServerError> {
+impl ServerError {
+    /// True when the command line named something unusable (exit status 2), false for a host
+    /// failure.
+    pub fn is_operator_error(&self) -> bool {
+        match self {
+            ServerError::Host { source, .. } => source.is_operator_error(),
+            ServerError::Netlink(e) => e.is_operator_error(),
+            ServerError::Listen { .. } | ServerError::BadFd { .. } => true,
+            ServerError::Control { .. } => true,
+            ServerError::RxFilter { source } => source.is_operator_error(),
+            ServerError::Signals(_) => false,
+        }
+    }
+}
+
+/// The macvtap's multicast filter for `--rx-filter`: opened now (it needs CAP_NET_RAW, which a
+/// sealed process no longer has). `allmulti` holds allmulticast for the process's life; a tap
+/// takes every frame anyway, so it gets no filter.
+fn l2_host(
+    config: &Settings,
+    host: &HostDevice,
+    stats: Arc<crate::worker::l2::L2Stats>,
+) -> Result<L2Host, ServerError> {
+    let mut l2 = L2Host {
+        table: TableConfig {
+            max_groups: config.max_groups,
+            ..TableConfig::default()
+        },
+        filter: None,
+        stats,
+    };
+    if host.kind() != HostKind::Macvtap || config.rx_filter == RxFilterMode::Strict {
+        return Ok(l2);
+    }
+    let err = |source| ServerError::RxFilter { source };
+    let mut filter = McFilter::open(host.ifindex()).map_err(err)?;
+    match config.rx_filter {
+        RxFilterMode::Follow => l2.filter = Some(Arc::new(Mutex::new(filter))),
+        RxFilterMode::AllMulti => {
+            filter.set_allmulti(true).map_err(err)?;
+            tracing::info!("the macvtap takes every multicast frame (--rx-filter allmulti)");
+            // Held until exit: the kernel drops the allmulticast with the socket.
+            std::mem::forget(filter);
+        }
+        RxFilterMode::Strict => {}
+    }
+    Ok(l2)
+}
+
+/// The flag that names the host side in `config`.
+fn host_flag(config: &Settings) -> &'static str {
+    match (&config.create_macvtap, &config.host) {
+        (Some(_), _) => "--macvtap-parent",
+        (None, HostSpec::Macvtap { .. }) => "--macvtap",
+        (None, HostSpec::Tap { .. }) => "--tap",
+        (None, HostSpec::TapFds { .. }) => "--tap-fd",
+    }
+}
+
+/// Runs until SIGTERM/SIGINT. Returns Ok on a clean stop. `inherited` holds the fds a service
+/// manager passed (socket activation and its fd store; empty otherwise): stored host queues
+/// are reused when they still belong to the configured device.
+pub fn run(config: Settings, mut inherited: crate::systemd::ListenFds) -> Result<(), ServerError> {
     let stopper = StopHandle::default();
     signals::install_signal_thread(stopper.0.clone())?;
+    // The socket first: a path that is someone else's is refused before anything is created.
+    let endpoint = Endpoint {
+        mode: config.socket.clone(),
+        perms: config.socket_perms,
+    };
+    let frontends = Frontends::open(&endpoint, &stopper.0)?;
     if config.io_uring {
         crate::worker::set_tx_io_uring(true);
     }
@@ -169,7 +291,23 @@ pub fn run(config: Settings) -> Result<(), ServerError> {
         }
         None => config.host.clone(),
     };
-    let host = HostDevice::open(&host_spec, config.queue_pairs)?;
+    let flag = host_flag(&config);
+    let host_err = |source| ServerError::Host { flag, source };
+    let service = Service::from_env();
+    let stored = inherited.take_queues();
+    let host = match reuse_stored_queues(&config, &stored, &service) {
+        Some(h) => h,
+        None => HostDevice::open(&host_spec, config.queue_pairs).map_err(host_err)?,
+    };
+    drop(stored);
+    for leftover in inherited.into_remaining() {
+        tracing::warn!(name = %leftover.name, "closing an inherited fd macvhost has no use for");
+    }
+    if config.create_macvtap.is_none() && !matches!(config.host, HostSpec::TapFds { .. }) {
+        // Named devices only: a macvtap we created is deleted on exit, and --tap-fd queues
+        // belong to the manager that passed them.
+        service.store_queues(&host);
+    }
     let mut watched = vec![host.ifindex()];
     if host.kind() == HostKind::Macvtap {
         match crate::host::netlink::macvtap_info(host.ifname()) {
@@ -189,7 +327,7 @@ pub fn run(config: Settings) -> Result<(), ServerError> {
             Err(e) => tracing::warn!("cannot read the macvtap's mode: {e}"),
         }
     }
-    let identity = device_identity(&config, &host)?;
+    let identity = device_identity(&config, &host).map_err(host_err)?;
     let stats: Vec<Arc<QueueStats>> = (0..config.queue_pairs)
         .map(|_| Arc::new(QueueStats::default()))
         .collect();
@@ -203,14 +341,24 @@ pub fn run(config: Settings) -> Result<(), ServerError> {
         "host device open"
     );
 
-    let source = crate::control::StatsSource::new(host.ifname(), stats.clone());
+    let l2_stats = Arc::new(crate::worker::l2::L2Stats::default());
+    let source =
+        crate::control::StatsSource::new(host.ifname(), stats.clone()).with_l2(l2_stats.clone());
     let _control = config
         .control_socket
         .as_deref()
         .map(|p| crate::control::serve_control_socket(p, source.clone()))
-        .transpose()?;
+        .transpose()
+        .map_err(|source| ServerError::Control {
+            flag: "--control-socket",
+            source,
+        })?;
     if let Some(addr) = config.metrics_addr {
-        let bound = crate::control::serve_metrics(addr, source)?;
+        let bound =
+            crate::control::serve_metrics(addr, source).map_err(|source| ServerError::Control {
+                flag: "--metrics-addr",
+                source,
+            })?;
         tracing::info!("Prometheus metrics on http://{bound}/metrics");
     }
 
@@ -221,8 +369,9 @@ pub fn run(config: Settings) -> Result<(), ServerError> {
         supported_offloads: host.supported_offloads(),
         link_up,
         link_down_disconnects: config.disconnect_on_link_down,
+        l2: l2_host(&config, &host, l2_stats)?,
     };
-    let result = serve(&config.socket, identity, side, &stats, &stopper);
+    let result = serve_on(frontends, identity, side, &stats, &stopper, &service);
     drop(host);
     drop(created);
     result
@@ -233,25 +382,89 @@ pub fn run(config: Settings) -> Result<(), ServerError> {
 /// The host queues and `stats` outlive every connection; each connection gets a fresh device.
 /// Generic over the queue type so tests can run it over fake host queues.
 pub fn serve<Q: PairQueue>(
-    socket: &SocketMode,
+    endpoint: impl Into<Endpoint>,
     identity: DeviceIdentity,
     host: HostSide<Q>,
     stats: &[Arc<QueueStats>],
     stop: &StopHandle,
+) -> Result<(), ServerError> {
+    let endpoint = endpoint.into();
+    let frontends = Frontends::open(&endpoint, &stop.0)?;
+    serve_on(frontends, identity, host, stats, stop, &Service::none())
+}
+
+/// Host queues from the service manager's fd store, when there is one per queue pair and they
+/// still belong to the configured device; stale ones are dropped from the store.
+fn reuse_stored_queues(
+    config: &Settings,
+    stored: &std::collections::BTreeMap<usize, std::os::fd::OwnedFd>,
+    service: &Service,
+) -> Option<HostDevice> {
+    use std::os::fd::AsRawFd;
+    if stored.is_empty() {
+        return None;
+    }
+    let want = match (&config.create_macvtap, &config.host) {
+        (None, HostSpec::Macvtap { iface } | HostSpec::Tap { iface }) => iface.as_str(),
+        _ => {
+            service.forget_queues(stored.keys().copied());
+            return None;
+        }
+    };
+    let complete = stored.len() == usize::from(config.queue_pairs)
+        && stored
+            .keys()
+            .copied()
+            .eq(0..usize::from(config.queue_pairs));
+    let fds: Vec<_> = stored.values().map(|fd| fd.as_raw_fd()).collect();
+    let reused = complete
+        .then(|| HostDevice::open(&HostSpec::TapFds { fds }, config.queue_pairs))
+        .and_then(Result::ok)
+        .filter(|h| h.ifname() == want);
+    match &reused {
+        Some(h) => tracing::info!(
+            iface = h.ifname(),
+            queues = stored.len(),
+            "reusing the host queues kept by the service manager"
+        ),
+        None => {
+            tracing::info!(
+                stored = stored.len(),
+                "the stored host queues are stale or incomplete; opening {want} afresh"
+            );
+            service.forget_queues(stored.keys().copied());
+        }
+    }
+    reused
+}
+
+/// The serve loop over frontends already set up.
+fn serve_on<Q: PairQueue>(
+    mut frontends: Frontends<'_>,
+    identity: DeviceIdentity,
+    host: HostSide<Q>,
+    stats: &[Arc<QueueStats>],
+    stop: &StopHandle,
+    service: &Service,
 ) -> Result<(), ServerError> {
     let stopper = &*stop.0;
     // No frontend yet: keep the kernel from queueing frames nobody will read.
     for q in &host.queues {
         let _ = q.detach();
     }
-    let mut frontends = Frontends::open(socket, stopper)?;
+    service.ready("waiting for a frontend");
     let link_gone = || host.link_down_disconnects && !host.link_up.load(Ordering::SeqCst);
 
     while !stopper.stopping() {
         if link_gone() {
+            service.phase(
+                Phase::NoCarrier,
+                "host link has no carrier: serving no frontend",
+            );
             frontends.pause_until_carrier(&host.link_up)?;
             continue;
         }
+        service.phase(Phase::Waiting, "waiting for a frontend");
         let frontend = match frontends.next() {
             // Carrier went while we waited for the frontend: refuse it (closing it is the
             // message), then wait for carrier.
@@ -286,11 +499,16 @@ pub fn serve<Q: PairQueue>(
             stopper.end_connection();
         }
         tracing::info!("frontend connected");
+        service.phase(Phase::Serving, "serving a frontend");
         // Dropping `connected` when the connection ends wakes the link follower at once.
         let (connected, ended_rx) = std::sync::mpsc::channel::<()>();
         let notifier = conn.notifier();
+        let l2 = conn.backend().l2().clone();
+        let tick = move || l2.tick();
         let ended = std::thread::scope(|scope| {
-            scope.spawn(|| link::follow_link_for_connection(&host, &notifier, ended_rx, stopper));
+            scope.spawn(|| {
+                link::follow_link_for_connection(&host, &notifier, ended_rx, stopper, &tick)
+            });
             let ended = conn.wait();
             drop(connected);
             ended
@@ -304,8 +522,10 @@ pub fn serve<Q: PairQueue>(
             Err(e) => tracing::warn!("frontend connection ended with an error: {e}"),
         }
         stopper.set_connection(None);
+        service.phase(Phase::Closing, "closing a connection");
         conn.close();
     }
+    service.stopping();
     drop(frontends);
     tracing::info!("stopped");
     Ok(())

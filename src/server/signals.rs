@@ -1,32 +1,72 @@
 //! Stopping: SIGTERM/SIGINT on a dedicated thread, and the handle that ends whatever the
 //! server is doing (the current connection, a blocked accept, the loop).
 
-use std::os::fd::RawFd;
+use std::os::fd::{AsFd, BorrowedFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use nix::sys::eventfd::{EfdFlags, EventFd};
 use nix::sys::signal::{SigSet, Signal};
 use vhost_user_backend::ShutdownHandle;
 
 use super::ServerError;
 
 /// What the signal thread needs to stop whatever the server is doing.
-#[derive(Default)]
 pub(super) struct Stopper {
     requested: AtomicBool,
     connection: Mutex<Option<ShutdownHandle>>,
-    listener_fd: Mutex<Option<RawFd>>,
+    /// Readable once a stop is requested: the serve loop waits on it beside the listener (a
+    /// `shutdown()` of the listener would also stop it for a service manager that holds it).
+    wake: EventFd,
+}
+
+impl Default for Stopper {
+    fn default() -> Self {
+        Stopper {
+            requested: AtomicBool::new(false),
+            connection: Mutex::new(None),
+            wake: EventFd::from_flags(EfdFlags::EFD_NONBLOCK | EfdFlags::EFD_CLOEXEC)
+                .expect("eventfd for the stop signal"),
+        }
+    }
 }
 
 impl Stopper {
     pub(super) fn stop(&self) {
         self.requested.store(true, Ordering::SeqCst);
         self.end_connection();
-        if let Some(fd) = *self.listener_fd.lock().unwrap_or_else(|e| e.into_inner()) {
-            // Wakes a blocked accept() with EINVAL; the fd itself stays valid until the serve
-            // loop drops it (it clears this slot first).
-            let _ = nix::sys::socket::shutdown(fd, nix::sys::socket::Shutdown::Both);
+        // Saturating is fine: the fd stays readable.
+        let _ = self.wake.write(1);
+    }
+
+    /// Waits up to `timeout` (forever: `None`) for `fd` to be readable; false when a stop came
+    /// first (or the wait failed).
+    pub(super) fn wait_readable(&self, fd: BorrowedFd<'_>, timeout: Option<Duration>) -> bool {
+        let ms = timeout.map_or(PollTimeout::NONE, |t| {
+            PollTimeout::try_from(t.as_millis().min(60_000) as u32).unwrap_or(PollTimeout::MAX)
+        });
+        let mut fds = [
+            PollFd::new(fd, PollFlags::POLLIN),
+            PollFd::new(self.wake.as_fd(), PollFlags::POLLIN),
+        ];
+        loop {
+            match poll(&mut fds, ms) {
+                Err(nix::errno::Errno::EINTR) => continue,
+                Err(_) => return false,
+                Ok(_) => break,
+            }
         }
+        let woken = |f: &PollFd<'_>| f.revents().is_some_and(|r| !r.is_empty());
+        !self.stopping() && !woken(&fds[1]) && woken(&fds[0])
+    }
+
+    /// Sleeps up to `d`, waking early on a stop.
+    pub(super) fn sleep(&self, d: Duration) {
+        let ms =
+            PollTimeout::try_from(d.as_millis().min(60_000) as u32).unwrap_or(PollTimeout::MAX);
+        let _ = poll(&mut [PollFd::new(self.wake.as_fd(), PollFlags::POLLIN)], ms);
     }
 
     pub(super) fn stopping(&self) -> bool {
@@ -48,11 +88,6 @@ impl Stopper {
     /// Sets (or clears) the connection a stop must end.
     pub(super) fn set_connection(&self, h: Option<ShutdownHandle>) {
         *self.connection.lock().unwrap_or_else(|e| e.into_inner()) = h;
-    }
-
-    /// Sets (or clears) the listener a stop must wake.
-    pub(super) fn set_listener_fd(&self, fd: Option<RawFd>) {
-        *self.listener_fd.lock().unwrap_or_else(|e| e.into_inner()) = fd;
     }
 }
 

@@ -148,15 +148,28 @@ impl Daemon {
         }
     }
 
-    /// Per-queue-pair counters, from `macvhost stats CONTROL --json` (the operator's view).
-    pub fn stats(&self) -> Vec<BTreeMap<String, u64>> {
+    /// `macvhost stats CONTROL --json` (the operator's view).
+    pub fn report(&self) -> crate::control::StatsReport {
         let out = run_ok(
             Command::new(Self::binary())
                 .args(["stats", "--json"])
                 .arg(&self.control),
         );
-        let report: crate::control::StatsReport = serde_json::from_str(&out).expect("stats JSON");
-        report.queues.into_iter().map(|q| q.counters).collect()
+        serde_json::from_str(&out).expect("stats JSON")
+    }
+
+    /// Per-queue-pair counters.
+    pub fn stats(&self) -> Vec<BTreeMap<String, u64>> {
+        self.report()
+            .queues
+            .into_iter()
+            .map(|q| q.counters)
+            .collect()
+    }
+
+    /// Device-wide counters (the guest's multicast groups and MAC).
+    pub fn device_stats(&self) -> BTreeMap<String, u64> {
+        self.report().device
     }
 
     /// SIGKILL (no cleanup: the crash case).

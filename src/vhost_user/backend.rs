@@ -24,6 +24,7 @@ use super::vring::NetVring;
 use crate::datapath::{vnet, DirtyLogState, QueueStats};
 use crate::host::MacAddr;
 use crate::ratelimit::RateSpec;
+use crate::worker::l2::{GuestL2, L2Host};
 use crate::worker::throttle::Limits;
 use crate::worker::{EventRegistry, GuestMem, PairQueue, PairSettings, PairWorker};
 
@@ -47,6 +48,8 @@ pub struct HostSide<Q> {
     /// true again (`--disconnect-on-link-down`): how a vhost-user frontend shows the guest a
     /// link change today (the serve loop does it).
     pub link_down_disconnects: bool,
+    /// The guest's multicast groups into the macvtap's filter (`--rx-filter`).
+    pub l2: L2Host,
 }
 
 /// Link status bit in the config space (`VIRTIO_NET_S_LINK_UP`).
@@ -75,8 +78,12 @@ pub struct NetBackend<Q: PairQueue = crate::host::TapQueue> {
     offered_features: u64,
     queues: Vec<Arc<Q>>,
     workers: Vec<PairWorker<Q>>,
+    /// The guest's multicast groups and MAC (see `worker::l2`).
+    l2: Arc<GuestL2>,
     link_up: Arc<AtomicBool>,
     acked_features: AtomicU64,
+    /// The feature set last logged (all ones before the first).
+    logged_features: AtomicU64,
     /// Where this connection's writes are logged while the frontend migrates the guest.
     dirty_log: Arc<DirtyLogState>,
     /// Exit-event fds handed to vhost-user-backend, which registers them with `into_raw_fd()`
@@ -146,6 +153,7 @@ impl<Q> Clone for HostSide<Q> {
             supported_offloads: self.supported_offloads,
             link_up: self.link_up.clone(),
             link_down_disconnects: self.link_down_disconnects,
+            l2: self.l2.clone(),
         }
     }
 }
@@ -186,14 +194,29 @@ impl<Q: PairQueue> NetBackend<Q> {
                     dirty_log.clone(),
                 )
             })
-            .collect::<io::Result<Vec<_>>>()?;
+            .collect::<io::Result<Vec<PairWorker<Q>>>>()?;
+        let l2 = GuestL2::new(
+            host.l2.table,
+            host.l2.filter.clone(),
+            identity.mac.0,
+            host.l2.stats.clone(),
+        )?;
+        let mut workers = workers;
+        for w in &workers {
+            w.set_watch(l2.watch());
+        }
+        if let Some(first) = workers.first_mut() {
+            first.set_injector(l2.injector());
+        }
         Ok(NetBackend {
             identity,
             offered_features,
             queues: host.queues,
             workers,
+            l2,
             link_up: host.link_up.clone(),
             acked_features: AtomicU64::new(0),
+            logged_features: AtomicU64::new(u64::MAX),
             dirty_log,
             exit_consumer_fds: Mutex::new(Vec::new()),
         })
@@ -207,8 +230,15 @@ impl<Q: PairQueue> NetBackend<Q> {
         }
     }
 
-    /// Ends the connection: detaches the host queues, stops watching.
+    /// The guest's layer-2 following.
+    pub fn l2(&self) -> &Arc<GuestL2> {
+        &self.l2
+    }
+
+    /// Ends the connection: the guest's groups leave the macvtap's filter, the host queues are
+    /// detached, nothing is watched.
     pub fn teardown(&self) {
+        self.l2.clear();
         for w in &self.workers {
             w.teardown();
         }
@@ -275,6 +305,10 @@ impl<Q: PairQueue> VhostUserBackend for NetBackend<Q> {
         }
         for w in &self.workers {
             w.set_settings(settings);
+        }
+        // QEMU sends SET_FEATURES once per queue pair's vhost device: say it once per value.
+        if self.logged_features.swap(features, Ordering::Relaxed) == features {
+            return;
         }
         tracing::info!(
             features = format_args!("{features:#x}"),

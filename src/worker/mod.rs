@@ -4,11 +4,12 @@
 //! hot path.
 //!
 //! - [`state`]: the pair's state as enums, every transition, and which fds it watches.
+//! - [`l2`]: the guest's multicast groups into the macvtap's filter, queries toward the guest.
 //! - [`throttle`]: `--tx-rate`/`--rx-rate` in front of the host queue.
 //!
 //! Epoll event ids on a worker thread: 0 = RX kick, 1 = TX kick (per-thread vring indices),
 //! `num_queues` = exit (reserved by vhost-user-backend), then ours: [`HOST_IN`], [`HOST_OUT`],
-//! [`VRING_STATE`], [`TIMER`] as offsets above `num_queues`. A worker registers its fds on a
+//! [`VRING_STATE`], [`TIMER`], [`INJECT`] as offsets above `num_queues`. A worker registers its fds on a
 //! duplicate of its thread's epoll fd ([`EpollRegistry`]): it holds no reference back to the
 //! vhost-user layer.
 //!
@@ -18,6 +19,7 @@
 //! for EPOLLOUT on a dup of the fd (epoll cannot hold one fd twice). When both vrings are disabled
 //! or stopped, the host queue is detached so the kernel stops steering frames to it.
 
+pub mod l2;
 pub mod state;
 pub mod throttle;
 
@@ -37,7 +39,7 @@ use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 
 use crate::datapath::rx::{process_rx, RxOptions, RxScratch};
-use crate::datapath::tx::{process_tx, TxOptions, TxScratch};
+use crate::datapath::tx::{process_tx, TxOptions, TxScratch, TxWatch};
 use crate::datapath::{vnet, DirtyLog, DirtyLogState, HostQueue, QueueStats, BATCH};
 use crate::host::QueueControl;
 use state::{Event, Live, PairState, RxRound, TxRound, Watches};
@@ -58,6 +60,8 @@ pub const HOST_OUT: u64 = 2;
 pub const VRING_STATE: u64 = 3;
 /// The rate limiter's wait is over, or the RX recheck is due.
 pub const TIMER: u64 = 4;
+/// Frames wait to be injected into the guest's RX queue ([`l2::Injector`]).
+pub const INJECT: u64 = 5;
 
 /// A vring as a worker needs it: the crate's vring plus an eventfd signalled whenever the
 /// frontend enables, disables, starts or stops it (the vhost-user layer's `NetVring`).
@@ -247,6 +251,10 @@ impl<Q: PairQueue> Watches for Io<'_, Q> {
         };
         match result {
             Ok(()) => tracing::debug!(queue_pair = self.index, active = on, "queue pair"),
+            // The link was deleted: the link watcher has said so once already.
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                tracing::debug!(queue_pair = self.index, "{what} host queue: {e}")
+            }
             Err(e) => tracing::warn!(queue_pair = self.index, "{what} host queue failed: {e}"),
         }
     }
@@ -263,6 +271,8 @@ pub struct PairWorker<Q: PairQueue> {
     limits: Limits,
     /// The connection's dirty-page log (live migration).
     dirty_log: Arc<DirtyLogState>,
+    /// Frames to deliver to the guest ahead of the host queue's (the first pair only).
+    injector: Option<Arc<l2::Injector>>,
     epoch: Instant,
     inner: Mutex<Inner>,
 }
@@ -306,6 +316,7 @@ impl<Q: PairQueue> PairWorker<Q> {
             stats,
             limits,
             dirty_log,
+            injector: None,
             epoch: Instant::now(),
             inner: Mutex::new(Inner {
                 registry: None,
@@ -327,6 +338,16 @@ impl<Q: PairQueue> PairWorker<Q> {
         // A panic while holding the lock would already have taken the worker down; the state
         // itself stays consistent, so keep serving.
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Makes this pair deliver `injector`'s frames to the guest (one pair per connection).
+    pub fn set_injector(&mut self, injector: Arc<l2::Injector>) {
+        self.injector = Some(injector);
+    }
+
+    /// Watches every frame the guest sends on this pair (see [`TxWatch`]).
+    pub fn set_watch(&self, watch: TxWatch) {
+        self.lock().tx_scratch.set_watch(Some(watch));
     }
 
     /// Hands over where this worker's thread watches fds.
@@ -391,6 +412,12 @@ impl<Q: PairQueue> PairWorker<Q> {
                 tx_vring.consume_state_event();
                 Event::VringState
             }
+            e if e == base + INJECT => {
+                if let Some(i) = &self.injector {
+                    i.consume_wake();
+                }
+                Event::Inject
+            }
             other => {
                 tracing::warn!(
                     queue_pair = self.index,
@@ -410,6 +437,11 @@ impl<Q: PairQueue> PairWorker<Q> {
             if let Some(r) = inner.registry.as_deref() {
                 for v in [rx_vring, tx_vring] {
                     if let Err(e) = r.add(v.state_fd(), EpollFlags::EPOLLIN, base + VRING_STATE) {
+                        tracing::error!(queue_pair = self.index, "epoll add failed: {e}");
+                    }
+                }
+                if let Some(i) = &self.injector {
+                    if let Err(e) = r.add(i.wake_fd(), EpollFlags::EPOLLIN, base + INJECT) {
                         tracing::error!(queue_pair = self.index, "epoll add failed: {e}");
                     }
                 }
@@ -497,7 +529,13 @@ impl<Q: PairQueue> PairWorker<Q> {
                 more |= self.tx_round(inner, mem, log, host, throttle, tx);
             }
             if inner.state.rx_runs() && vring_live(rx) {
-                more |= self.rx_round(inner, mem, log, host, throttle, rx);
+                more |= match self.injector.as_deref() {
+                    Some(inj) if inj.has_pending() => {
+                        let host = l2::Injecting::new(host, inj, inner.settings.hdr_len);
+                        self.rx_round(inner, mem, log, &host, throttle, rx)
+                    }
+                    _ => self.rx_round(inner, mem, log, host, throttle, rx),
+                };
             }
             if !more {
                 break;

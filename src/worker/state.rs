@@ -68,6 +68,8 @@ pub enum Event {
     Timer,
     /// A vring was enabled, disabled, started or stopped.
     VringState,
+    /// Frames wait to be injected into the guest's RX queue (they go with the next RX round).
+    Inject,
 }
 
 /// Which of the pair's vrings the frontend has live (ready and enabled).
@@ -207,7 +209,7 @@ impl PairState {
                     self.rx = RxState::Watching;
                 }
             }
-            Event::TxKick => {}
+            Event::TxKick | Event::Inject => {}
             Event::VringState => {
                 if matches!(self.rx, RxState::NoBuffers { .. } | RxState::HostFailed) {
                     // A ring became live or was reset: RX may read again.

@@ -44,8 +44,8 @@ use macvhost::testkit::daemon::terminate;
 pub use macvhost::testkit::daemon::Daemon;
 #[allow(unused_imports)]
 pub use macvhost::testkit::netns::{
-    dev_node, free_ifindex, DevNodeGuard, IfaceStats, MacvtapTopo, NetNs, TapTopo, GUEST_MAC,
-    LOWER_MAC, PEER_MAC,
+    dev_node, free_ifindex, run_ok, DevNodeGuard, IfaceStats, MacvtapTopo, NetNs, TapTopo,
+    GUEST_MAC, LOWER_MAC, PEER_MAC,
 };
 #[allow(unused_imports)]
 pub use macvhost::testkit::{wait_until, Need};

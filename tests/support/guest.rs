@@ -56,6 +56,7 @@ use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
 use macvhost::host::MacAddr;
+#[allow(unused_imports)] // guest_libvirt takes it from common
 pub use macvhost::require;
 #[allow(unused_imports)] // used by guest_macvhost, not guest_harness
 pub use macvhost::testkit::daemon::Daemon;

@@ -10,7 +10,7 @@ use std::time::Duration;
 use macvhost::datapath::QueueStats;
 use macvhost::host::MacAddr;
 use macvhost::server::SocketMode;
-use macvhost::server::{serve, StopHandle};
+use macvhost::server::{serve, Endpoint, StopHandle};
 use macvhost::testkit::FakeHostQueue;
 use macvhost::vhost_user::backend::{DeviceIdentity, HostSide};
 
@@ -43,7 +43,7 @@ impl Rig {
         mode: SocketMode,
         sock: std::path::PathBuf,
     ) -> Rig {
-        Rig::start_full(pairs, dir, mode, sock, None, None, false)
+        Rig::start_full(pairs, dir, &mode, sock, None, None, false)
     }
 
     /// A rig serving with `--disconnect-on-link-down`.
@@ -53,7 +53,7 @@ impl Rig {
         mode: SocketMode,
         sock: std::path::PathBuf,
     ) -> Rig {
-        Rig::start_full(pairs, dir, mode, sock, None, None, true)
+        Rig::start_full(pairs, dir, &mode, sock, None, None, true)
     }
 
     /// A rig whose device has `--tx-rate` / `--rx-rate` limits.
@@ -67,7 +67,7 @@ impl Rig {
         Rig::start_full(
             pairs,
             dir,
-            SocketMode::Listen(sock.clone()),
+            &SocketMode::Listen(sock.clone()),
             sock,
             tx_rate,
             rx_rate,
@@ -75,14 +75,55 @@ impl Rig {
         )
     }
 
+    /// A rig whose device follows the guest's multicast groups into `l2`'s filter.
+    pub fn start_l2(pairs: u16, l2: macvhost::worker::l2::L2Host) -> Rig {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("vu.sock");
+        let mode = SocketMode::Listen(sock.clone());
+        Rig::start_inner(pairs, dir, &mode, sock, None, None, false, l2)
+    }
+
+    /// A rig serving `endpoint` (socket mode plus owner and permissions).
+    pub fn start_endpoint(
+        pairs: u16,
+        dir: tempfile::TempDir,
+        endpoint: Endpoint,
+        sock: std::path::PathBuf,
+    ) -> Rig {
+        Rig::start_full(pairs, dir, endpoint, sock, None, None, false)
+    }
+
     fn start_full(
         pairs: u16,
         dir: tempfile::TempDir,
-        mode: SocketMode,
+        endpoint: impl Into<Endpoint>,
         sock: std::path::PathBuf,
         tx_rate: Option<macvhost::ratelimit::RateSpec>,
         rx_rate: Option<macvhost::ratelimit::RateSpec>,
         link_down_disconnects: bool,
+    ) -> Rig {
+        Rig::start_inner(
+            pairs,
+            dir,
+            endpoint,
+            sock,
+            tx_rate,
+            rx_rate,
+            link_down_disconnects,
+            Default::default(),
+        )
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn start_inner(
+        pairs: u16,
+        dir: tempfile::TempDir,
+        endpoint: impl Into<Endpoint>,
+        sock: std::path::PathBuf,
+        tx_rate: Option<macvhost::ratelimit::RateSpec>,
+        rx_rate: Option<macvhost::ratelimit::RateSpec>,
+        link_down_disconnects: bool,
+        l2: macvhost::worker::l2::L2Host,
     ) -> Rig {
         let queues: Vec<_> = (0..pairs)
             .map(|_| Arc::new(FakeHostQueue::with_peer_timeout(Duration::from_secs(2))))
@@ -109,11 +150,13 @@ impl Rig {
             supported_offloads: 0x1f,
             link_up: link_up.clone(),
             link_down_disconnects,
+            l2,
         };
         let (s2, st2) = (stop.clone(), stats.clone());
-        let listening = matches!(mode, SocketMode::Listen(_));
+        let endpoint = endpoint.into();
+        let listening = matches!(endpoint.mode, SocketMode::Listen(_));
         let thread = std::thread::spawn(move || {
-            serve(&mode, identity, side, &st2, &s2).expect("serve");
+            serve(endpoint, identity, side, &st2, &s2).expect("serve");
         });
         if listening {
             assert!(

@@ -12,10 +12,13 @@
 //! - [`vnet_hdr`]: header length, offload mapping and frame-size helpers for any feature set.
 //! - [`vhost_user_msgs`]: raw vhost-user message sequences (with memfd/eventfd attachments) into
 //!   a real `VhostUserDaemon` serving `NetBackend<FakeHostQueue>`.
+//! - [`mcast_report`]: guest IGMP/MLD reports (raw and built) into the report parser and the
+//!   multicast membership table, against a model.
 //!
 //! [`seeds`] builds the small seed corpora committed under `fuzz/corpus/`.
 
 mod cursor;
+mod mcast;
 mod rx;
 pub mod seeds;
 mod tx;
@@ -25,6 +28,7 @@ mod vnet;
 mod vq;
 
 pub use cursor::Cursor;
+pub use mcast::mcast_report;
 pub use rx::rx_fill;
 pub use tx::tx_chain;
 pub use vhost_user::vhost_user_msgs;
@@ -32,7 +36,13 @@ pub use vnet::vnet_hdr;
 pub use vq::LEN_EDGES;
 
 /// The fuzz target names, as used for `fuzz/fuzz_targets/<name>.rs` and `fuzz/corpus/<name>/`.
-pub const TARGETS: [&str; 4] = ["tx_chain", "rx_fill", "vnet_hdr", "vhost_user_msgs"];
+pub const TARGETS: [&str; 5] = [
+    "tx_chain",
+    "rx_fill",
+    "vnet_hdr",
+    "vhost_user_msgs",
+    "mcast_report",
+];
 
 /// True when `MACVHOST_FUZZ_TRACE` is set: the targets then print each datapath call's
 /// pre-state and outcome to stderr (for minimising and explaining a crash).
@@ -48,6 +58,7 @@ pub fn run(name: &str, data: &[u8]) {
         "rx_fill" => rx_fill(data),
         "vnet_hdr" => vnet_hdr(data),
         "vhost_user_msgs" => vhost_user_msgs(data),
+        "mcast_report" => mcast_report(data),
         other => panic!("no fuzz target called {other}"),
     }
 }

@@ -20,7 +20,131 @@ pub fn all() -> Vec<(&'static str, String, Vec<u8>)> {
     for (n, b) in vhost_user() {
         v.push(("vhost_user_msgs", n.to_string(), b));
     }
+    for (n, b) in mcast() {
+        v.push(("mcast_report", n.to_string(), b));
+    }
     v
+}
+
+/// `mcast_report` seeds: every report kind of the parser's positive tests, as raw frames and as
+/// built reports, plus churn at the cap with expiry and a clear.
+fn mcast() -> Vec<(&'static str, Vec<u8>)> {
+    use crate::datapath::mcast::frames::{self, Record};
+    let (g4, g6) = (frames::v4(239, 1, 2, 3), frames::v6("ff02::1:ff12:3456"));
+    // Op 0: a raw frame, whole, checksums as built.
+    let raw = |e: &mut Enc, dt: u16, f: &[u8]| {
+        e.u8(0)
+            .u16(dt)
+            .u16(f.len() as u16)
+            .u16(0xffff)
+            .u8(0)
+            .bytes(f);
+    };
+    // Op 1: a built report (kind, vlan, records (type, group, sources)), no patch.
+    let built = |e: &mut Enc, dt: u16, kind: u8, vlan: u8, recs: &[(u8, u8, u8)]| {
+        e.u8(1).u16(dt).u8(kind).u8(vlan).u8(recs.len() as u8);
+        for &(t, g, s) in recs {
+            e.u8(t).u8(g).u8(s);
+        }
+        e.u16(0xffff).u8(0).u8(0);
+    };
+    let head = |cap: u8, age: u8, hold: u8| {
+        let mut e = Enc::new();
+        e.u8(cap).u8(age).u8(hold);
+        e
+    };
+    let mut out = Vec::new();
+
+    let mut e = head(8, 60, 30);
+    raw(&mut e, 0, &frames::igmp_v2(0x12, g4, None));
+    raw(&mut e, 10, &frames::igmp_v2(0x16, g4, Some(10)));
+    raw(&mut e, 10, &frames::igmp_v2(0x17, g4, None));
+    out.push(("raw-igmp-v1-v2", e.finish()));
+
+    let mut e = head(8, 60, 30);
+    let recs: Vec<Record> = (1..=6)
+        .map(|t| Record::new(t, frames::v4(239, 0, 0, t), u16::from(t % 2)))
+        .collect();
+    raw(&mut e, 0, &frames::igmpv3_report(&recs, None));
+    out.push(("raw-igmpv3-every-record-type", e.finish()));
+
+    let mut e = head(8, 60, 30);
+    raw(&mut e, 0, &frames::mld_v1(131, g6, None));
+    raw(&mut e, 10, &frames::mld_v1(132, g6, None));
+    let recs = [
+        Record::new(4, g6, 0),
+        Record::new(1, frames::v6("ff05::1:3"), 1),
+        Record::new(3, frames::v6("ff0e::123"), 0),
+    ];
+    raw(&mut e, 10, &frames::mldv2_report(&recs, true, None));
+    raw(&mut e, 10, &frames::mldv2_report(&recs, false, Some(5)));
+    out.push(("raw-mld-v1-v2", e.finish()));
+
+    let mut e = head(8, 60, 30);
+    raw(
+        &mut e,
+        0,
+        &crate::datapath::mcast::igmpv3_general_query([2, 0, 0, 0, 0, 1], [0; 4]),
+    );
+    raw(
+        &mut e,
+        0,
+        &crate::datapath::mcast::mldv2_general_query([2, 0, 0, 0, 0, 1]),
+    );
+    raw(&mut e, 0, &frames::unicast_udp(64));
+    out.push(("raw-queries-and-unicast", e.finish()));
+
+    // A report longer than the prefix: Incomplete, then the whole of it.
+    let mut e = head(8, 60, 30);
+    let recs: Vec<Record> = (0..100u16)
+        .map(|i| Record::new(2, frames::v6(&format!("ff05::{i:x}")), 0))
+        .collect();
+    let long = frames::mldv2_report(&recs, true, None);
+    e.u8(0)
+        .u16(0)
+        .u16(long.len() as u16)
+        .u16(1500)
+        .u8(0)
+        .bytes(&long);
+    out.push(("raw-mldv2-longer-than-prefix", e.finish()));
+
+    // Built reports: joins past a cap of 3, shared MACs, leaves, expiry, clear.
+    let mut e = head(3, 20, 5);
+    built(
+        &mut e,
+        0,
+        2,
+        0,
+        &[(4, 0, 0), (4, 8, 0), (2, 1, 1), (4, 2, 0)],
+    );
+    built(&mut e, 100, 5, 7, &[(4, 3, 0), (1, 4, 2)]);
+    built(&mut e, 100, 1, 0, &[(0, 8, 0)]);
+    e.u8(2).u16(1000);
+    built(&mut e, 100, 3, 0, &[(0, 5, 0)]);
+    e.u8(2).u16(3000);
+    built(
+        &mut e,
+        100,
+        6,
+        0,
+        &[(3, 5, 0), (5, 6, 1), (6, 7, 1), (7, 9, 0)],
+    );
+    e.u8(3).u16(10);
+    out.push(("built-cap-churn-expiry-clear", e.finish()));
+
+    // Built reports with one byte patched and checksums recomputed: malformed classes.
+    let mut e = head(4, 60, 30);
+    for (kind, at, value) in [
+        (2u8, 47u16, 0xffu8),
+        (5, 62, 0x20),
+        (0, 14, 0x4f),
+        (6, 20, 0),
+    ] {
+        e.u8(1).u16(1).u8(kind).u8(0).u8(1).u8(4).u8(1).u8(1);
+        e.u16(at).u8(value).u8(1);
+    }
+    out.push(("built-patched-headers", e.finish()));
+    out
 }
 
 /// An address selector of the virtqueue targets (`vq::addr`).

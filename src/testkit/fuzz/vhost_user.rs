@@ -541,6 +541,7 @@ fn run_connection(data: &[u8]) {
         supported_offloads: offloads,
         link_up: Arc::new(std::sync::atomic::AtomicBool::new(cfg & 8 != 0)),
         link_down_disconnects: false,
+        l2: Default::default(),
     };
     // The frontend's end of a socketpair; the other end goes through the whole connection
     // set-up the server uses: the shim relay in front of vhost-user-backend's handler.

@@ -275,7 +275,7 @@ fn outer(opts: &Opts) {
         let _ = fs::write("/proc/self/autogroup", opts.nice.to_string());
     }
     // Deleted on drop, with everything still in it.
-    let ns = NetNs::new("bench");
+    let ns = NetNs::quiet("bench");
     // A Ctrl-C reaches the inner process (same process group), which stops its children; this
     // process only waits for it and then removes the namespace with everything in it.
     // SAFETY: ignoring SIGINT/SIGTERM in this process only; no handler runs.

@@ -17,7 +17,7 @@ use common::*;
 fn harness_netns_veth_macvtap_setup_and_teardown() {
     require!(E2E);
     let t0 = Instant::now();
-    let ns = NetNs::new("e2e");
+    let ns = NetNs::quiet("e2e");
     let name = ns.name().to_string();
     let topo = MacvtapTopo::create(&ns, "bridge");
     for iface in [topo.peer, topo.lower, topo.macvtap] {
@@ -72,7 +72,7 @@ fn harness_netns_veth_macvtap_setup_and_teardown() {
 fn harness_generator_checker_over_veth_reflector() {
     require!(E2E);
     let t0 = Instant::now();
-    let ns = NetNs::new("e2e");
+    let ns = NetNs::quiet("e2e");
     let topo = MacvtapTopo::create(&ns, "bridge");
     // Clean reflector on the other veth end: everything must come back byte-exact.
     let refl = Reflector::start(&ns, topo.lower);

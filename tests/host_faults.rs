@@ -827,7 +827,7 @@ fn rx_flood_with_no_guest_buffers_costs_near_zero_cpu() {
     let mut lines = Vec::new();
     for kind in ["macvtap", "tap"] {
         let dir = tempfile::tempdir().unwrap();
-        let ns = NetNs::new("host");
+        let ns = NetNs::quiet("host");
         let (mut mvh, peer, kernel_iface) = if kind == "macvtap" {
             let (topo, mvh, peer) = on_macvtap(&ns, dir.path());
             (mvh, peer, topo.macvtap.to_string())

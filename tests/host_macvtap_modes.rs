@@ -27,7 +27,7 @@ fn mac_str(m: [u8; 6]) -> String {
 }
 
 fn topo() -> NetNs {
-    let ns = NetNs::new("host");
+    let ns = NetNs::quiet("host");
     ns.ip(&[
         "link", "add", "peer0", "type", "veth", "peer", "name", "lower0",
     ]);

@@ -22,14 +22,8 @@ const TEST_ETHERTYPE: [u8; 2] = [0x88, 0xb5];
 /// What the privileged tests here need.
 const ROOT: &[Need] = &[Need::Root, Need::Tool("ip")];
 
-/// The links [`with_macvtap`] makes.
+/// The links `NetNs::add_veth_macvtap` makes.
 const LINKS: [&str; 3] = ["veth0", "veth1", "mvt0"];
-
-/// veth0 ═ veth1 plus macvtap `mvt0` (bridge mode, on veth0) with ifindex `index`, all down.
-fn with_macvtap(ns: &NetNs, index: u32) {
-    ns.add_veth("veth0", "veth1");
-    ns.add_macvtap_at("veth0", "mvt0", "bridge", index);
-}
 
 fn eth_frame(dst: [u8; 6], src: [u8; 6], marker: &[u8]) -> Vec<u8> {
     let mut f = Vec::with_capacity(64);
@@ -314,7 +308,7 @@ fn macvtap_opens_one_and_four_queues_with_the_right_flags() {
     require!(ROOT);
     let ns = NetNs::new("host");
     let index = free_ifindex();
-    with_macvtap(&ns, index);
+    ns.add_veth_macvtap(index);
     ns.run(|| {
         for queues in [1u16, 4] {
             let dev = HostDevice::open(&macvtap("mvt0"), queues).unwrap();
@@ -355,7 +349,7 @@ fn macvtap_opens_one_and_four_queues_with_the_right_flags() {
 fn macvtap_frames_flow_both_ways() {
     require!(ROOT);
     let ns = NetNs::new("host");
-    with_macvtap(&ns, free_ifindex());
+    ns.add_veth_macvtap(free_ifindex());
     ns.set_up(&LINKS);
     ns.run(|| {
         let dev = HostDevice::open(&macvtap("mvt0"), 1).unwrap();
@@ -396,7 +390,7 @@ fn stale_dev_node_is_left_alone_and_not_used() {
     mknod(&node, SFlag::S_IFCHR, Mode::S_IRUSR | Mode::S_IWUSR, stale).unwrap();
     let _cleanup = DevNodeGuard::remove_on_drop(node.clone());
     let ns = NetNs::new("host");
-    with_macvtap(&ns, index);
+    ns.add_veth_macvtap(index);
     ns.set_up(&LINKS);
     ns.run(|| {
         let dev = HostDevice::open(&macvtap("mvt0"), 2).unwrap();
@@ -434,7 +428,7 @@ fn missing_dev_node_is_created() {
     require!(ROOT);
     let index = free_ifindex();
     let ns = NetNs::new("host");
-    with_macvtap(&ns, index);
+    ns.add_veth_macvtap(index);
     let node = tap_node(index);
     // devtmpfs made the node; take it away, as on a host without devtmpfs/udev.
     let want = fs::metadata(&node).unwrap().rdev();
@@ -454,7 +448,7 @@ fn missing_dev_node_is_created() {
 fn macvtap_queue_detach_and_attach_steer_frames() {
     require!(ROOT);
     let ns = NetNs::new("host");
-    with_macvtap(&ns, free_ifindex());
+    ns.add_veth_macvtap(free_ifindex());
     ns.set_up(&LINKS);
     ns.run(|| {
         let dev = HostDevice::open(&macvtap("mvt0"), 2).unwrap();
@@ -503,7 +497,7 @@ fn macvtap_queue_detach_and_attach_steer_frames() {
 fn macvtap_link_facts() {
     require!(ROOT);
     let ns = NetNs::new("host");
-    with_macvtap(&ns, free_ifindex());
+    ns.add_veth_macvtap(free_ifindex());
     ns.ip(&[
         "link",
         "set",
@@ -546,7 +540,7 @@ fn macvtap_link_facts() {
 fn macvtap_spec_errors_name_the_operator() {
     require!(ROOT);
     let ns = NetNs::new("host");
-    with_macvtap(&ns, free_ifindex());
+    ns.add_veth_macvtap(free_ifindex());
     ns.run(|| {
         let err = HostDevice::open(&macvtap("nosuch0"), 1).unwrap_err();
         assert!(matches!(err, HostError::NoSuchInterface { .. }), "{err}");
@@ -560,7 +554,7 @@ fn macvtap_spec_errors_name_the_operator() {
 fn sysfs_of_another_namespace_is_detected() {
     require!(ROOT);
     let ns = NetNs::new("host");
-    with_macvtap(&ns, free_ifindex());
+    ns.add_veth_macvtap(free_ifindex());
     let ns_file = fs::File::open(format!("/run/netns/{}", ns.name())).unwrap();
     // Enter the netns but keep the root namespace's /sys, as `nsenter --net` would.
     let err = std::thread::scope(|s| {
@@ -764,7 +758,7 @@ fn macvtap_fds_from_a_manager_are_accepted() {
     require!(ROOT);
     let index = free_ifindex();
     let ns = NetNs::new("host");
-    with_macvtap(&ns, index);
+    ns.add_veth_macvtap(index);
     ns.run(|| {
         // Opened blocking, as `3<>/dev/tapN` in a shell would.
         let open = || -> OwnedFd {
@@ -797,7 +791,7 @@ fn macvtap_fds_from_a_manager_are_accepted() {
 fn writes_on_down_and_deleted_links() {
     require!(ROOT);
     let ns = NetNs::new("host");
-    with_macvtap(&ns, free_ifindex());
+    ns.add_veth_macvtap(free_ifindex());
     ns.run(|| {
         let frame = eth_frame([0xff; 6], [0x02, 0, 0, 0, 0, 1], b"down");
 
@@ -841,7 +835,7 @@ fn writes_on_down_and_deleted_links() {
 fn sndbuf_is_per_device_on_tap_and_settable_on_macvtap() {
     require!(ROOT);
     let ns = NetNs::new("host");
-    with_macvtap(&ns, free_ifindex());
+    ns.add_veth_macvtap(free_ifindex());
     ns.run(|| {
         // Both drivers start at INT_MAX: no EAGAIN on TX unless someone sets a finite value.
         let tp = HostDevice::open(&tap("mvhtap7"), 2).unwrap();
@@ -894,8 +888,8 @@ fn fds_of_a_same_named_link_in_another_namespace_are_refused() {
     // the macvtap, the same ifindex) and is where the backend runs.
     let (a, b) = (NetNs::new("host"), NetNs::new("host"));
     let index = free_ifindex();
-    with_macvtap(&a, index);
-    with_macvtap(&b, index);
+    a.add_veth_macvtap(index);
+    b.add_veth_macvtap(index);
     b.ip(&[
         "tuntap",
         "add",

@@ -3,10 +3,11 @@
 //! tests, the end-to-end and host suites (`tests/common`), the QEMU guest harness and the
 //! end-to-end bench. Needs root (`require(&[Need::Root, Need::Tool("ip")])` first).
 //!
-//! - [`NetNs::new`] makes `mvh-<tag>-<pid>-<n>` (loopback up, IPv6 off so the kernel sends no
-//!   ND/MLD chatter onto the test links) and deletes it on drop, killing whatever still runs in
-//!   it: only processes the test started can be in a namespace of that name. Namespaces left by
-//!   test processes that died (SIGKILL, a crash) are removed when the next one is made.
+//! - [`NetNs::new`] makes `mvh-<tag>-<pid>-<n>` (loopback up) and deletes it on drop, killing
+//!   whatever still runs in it: only processes the test started can be in a namespace of that
+//!   name. Namespaces left by test processes that died (SIGKILL, a crash) are removed when the
+//!   next one is made. [`NetNs::quiet`] also turns IPv6 off, so the kernel sends no ND/MLD
+//!   chatter onto the test links (for tests that count frames).
 //! - How code under test sees the namespace: [`NetNs::run`] runs a closure on a helper thread
 //!   that `setns(CLONE_NEWNET)`s into it, so sockets, tun devices and interface ioctls it makes
 //!   belong there while the test process stays put. sysfs shows the namespace that *mounted*
@@ -81,7 +82,7 @@ pub struct NetNs {
 }
 
 impl NetNs {
-    /// Creates `mvh-<tag>-<pid>-<n>` with loopback up and IPv6 off.
+    /// Creates `mvh-<tag>-<pid>-<n>` with loopback up.
     pub fn new(tag: &str) -> NetNs {
         remove_stale();
         let name = format!(
@@ -92,6 +93,13 @@ impl NetNs {
         ip(&["netns", "add", &name]);
         let ns = NetNs { name, owned: true };
         ns.ip(&["link", "set", "lo", "up"]);
+        ns
+    }
+
+    /// [`NetNs::new`] with IPv6 off: no ND/MLD chatter on the test links, so kernel counters
+    /// and captures see only the test's frames.
+    pub fn quiet(tag: &str) -> NetNs {
+        let ns = NetNs::new(tag);
         ns.spawn(|| {
             // /proc/sys/net shows the namespace of the thread that opens it.
             for conf in ["all", "default"] {
@@ -282,6 +290,13 @@ impl NetNs {
     /// A veth pair `a` ═ `b`, both down.
     pub fn add_veth(&self, a: &str, b: &str) {
         self.ip(&["link", "add", a, "type", "veth", "peer", "name", b]);
+    }
+
+    /// `veth0 ═ veth1` and macvtap `mvt0` (bridge mode, on `veth0`) with ifindex `index`, all
+    /// down: the host unit tests' topology.
+    pub fn add_veth_macvtap(&self, index: u32) {
+        self.add_veth("veth0", "veth1");
+        self.add_macvtap_at("veth0", "mvt0", "bridge", index);
     }
 
     /// A macvtap `name` in `mode` on `parent`, down, with an ifindex whose `/dev/tapN` does not

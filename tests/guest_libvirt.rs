@@ -505,7 +505,7 @@ fn boot_and_prove(test: &str, mode: Mode) {
     Domain::destroy_stale();
     let image = guest::guest_image();
 
-    let ns = NetNs::new("guest");
+    let ns = NetNs::quiet("guest");
     let topo = MacvtapTopo::create(&ns, "bridge");
     ns.ip(&[
         "addr",

@@ -160,7 +160,7 @@ fn frame_reaches_the_tap(ns: &NetNs, sock: &Path) {
 #[test]
 fn socket_activated_macvhost_is_ready_pings_and_gets_its_stored_queues_back() {
     require!(HOST);
-    let ns = NetNs::new("host");
+    let ns = NetNs::quiet("host");
     let dir = tempfile::tempdir().unwrap();
     let mgr = Manager::new(dir.path());
     let sock = dir.path().join("vu.sock");
@@ -216,7 +216,7 @@ fn socket_activated_macvhost_is_ready_pings_and_gets_its_stored_queues_back() {
 #[test]
 fn stored_queues_of_another_device_are_dropped_and_the_device_opened_afresh() {
     require!(HOST);
-    let ns = NetNs::new("host");
+    let ns = NetNs::quiet("host");
     let dir = tempfile::tempdir().unwrap();
     let mgr = Manager::new(dir.path());
     let sock = dir.path().join("vu.sock");

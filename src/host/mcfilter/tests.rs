@@ -59,8 +59,7 @@ pub(crate) fn fmt(mac: [u8; 6]) -> String {
 
 pub(crate) fn setup() -> NetNs {
     let ns = NetNs::new("mcast");
-    ns.add_veth("veth0", "veth1");
-    ns.add_macvtap_at("veth0", "mvt0", "bridge", free_ifindex());
+    ns.add_veth_macvtap(free_ifindex());
     ns.set_up(&["veth0", "veth1", "mvt0"]);
     ns
 }

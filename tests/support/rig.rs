@@ -16,6 +16,15 @@ use macvhost::vhost_user::backend::{DeviceIdentity, HostSide};
 
 use super::vu_driver::VuGuest;
 
+/// What a rig's device has beyond the defaults.
+#[derive(Default)]
+struct Options {
+    tx_rate: Option<macvhost::ratelimit::RateSpec>,
+    rx_rate: Option<macvhost::ratelimit::RateSpec>,
+    link_down_disconnects: bool,
+    l2: macvhost::worker::l2::L2Host,
+}
+
 pub struct Rig {
     pub dir: tempfile::TempDir,
     pub sock: std::path::PathBuf,
@@ -43,7 +52,7 @@ impl Rig {
         mode: SocketMode,
         sock: std::path::PathBuf,
     ) -> Rig {
-        Rig::start_full(pairs, dir, &mode, sock, None, None, false)
+        Rig::start_full(pairs, dir, &mode, sock, Options::default())
     }
 
     /// A rig serving with `--disconnect-on-link-down`.
@@ -53,7 +62,11 @@ impl Rig {
         mode: SocketMode,
         sock: std::path::PathBuf,
     ) -> Rig {
-        Rig::start_full(pairs, dir, &mode, sock, None, None, true)
+        let opts = Options {
+            link_down_disconnects: true,
+            ..Options::default()
+        };
+        Rig::start_full(pairs, dir, &mode, sock, opts)
     }
 
     /// A rig whose device has `--tx-rate` / `--rx-rate` limits.
@@ -64,15 +77,12 @@ impl Rig {
     ) -> Rig {
         let dir = tempfile::tempdir().unwrap();
         let sock = dir.path().join("vu.sock");
-        Rig::start_full(
-            pairs,
-            dir,
-            &SocketMode::Listen(sock.clone()),
-            sock,
+        let opts = Options {
             tx_rate,
             rx_rate,
-            false,
-        )
+            ..Options::default()
+        };
+        Rig::start_full(pairs, dir, &SocketMode::Listen(sock.clone()), sock, opts)
     }
 
     /// A rig whose device follows the guest's multicast groups into `l2`'s filter.
@@ -80,7 +90,11 @@ impl Rig {
         let dir = tempfile::tempdir().unwrap();
         let sock = dir.path().join("vu.sock");
         let mode = SocketMode::Listen(sock.clone());
-        Rig::start_inner(pairs, dir, &mode, sock, None, None, false, l2)
+        let opts = Options {
+            l2,
+            ..Options::default()
+        };
+        Rig::start_full(pairs, dir, &mode, sock, opts)
     }
 
     /// A rig serving `endpoint` (socket mode plus owner and permissions).
@@ -90,7 +104,7 @@ impl Rig {
         endpoint: Endpoint,
         sock: std::path::PathBuf,
     ) -> Rig {
-        Rig::start_full(pairs, dir, endpoint, sock, None, None, false)
+        Rig::start_full(pairs, dir, endpoint, sock, Options::default())
     }
 
     fn start_full(
@@ -98,33 +112,14 @@ impl Rig {
         dir: tempfile::TempDir,
         endpoint: impl Into<Endpoint>,
         sock: std::path::PathBuf,
-        tx_rate: Option<macvhost::ratelimit::RateSpec>,
-        rx_rate: Option<macvhost::ratelimit::RateSpec>,
-        link_down_disconnects: bool,
+        opts: Options,
     ) -> Rig {
-        Rig::start_inner(
-            pairs,
-            dir,
-            endpoint,
-            sock,
+        let Options {
             tx_rate,
             rx_rate,
             link_down_disconnects,
-            Default::default(),
-        )
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    fn start_inner(
-        pairs: u16,
-        dir: tempfile::TempDir,
-        endpoint: impl Into<Endpoint>,
-        sock: std::path::PathBuf,
-        tx_rate: Option<macvhost::ratelimit::RateSpec>,
-        rx_rate: Option<macvhost::ratelimit::RateSpec>,
-        link_down_disconnects: bool,
-        l2: macvhost::worker::l2::L2Host,
-    ) -> Rig {
+            l2,
+        } = opts;
         let queues: Vec<_> = (0..pairs)
             .map(|_| Arc::new(FakeHostQueue::with_peer_timeout(Duration::from_secs(2))))
             .collect();

@@ -144,6 +144,21 @@ pub struct Args {
     /// its link down, and up again when they reconnect.
     #[arg(long)]
     pub disconnect_on_link_down: bool,
+
+    /// Follow the guest's receive filter (MAC, address lists, rx modes) on QEMU's QMP socket:
+    /// QEMU needs `-qmp unix:PATH,server=on,wait=off`. Reconnects when QEMU restarts.
+    #[arg(long, value_name = "PATH")]
+    pub qmp: Option<PathBuf>,
+
+    /// The NIC to follow on --qmp: its `-device virtio-net-pci,id=ID` (libvirt: the interface's
+    /// alias, e.g. net0). Default: the VM's only NIC, or the one with our MAC.
+    #[arg(long, value_name = "ID")]
+    pub qmp_nic: Option<String>,
+
+    /// Apply the guest's MAC, unicast and multicast lists and rx modes (read with --qmp) to the
+    /// macvtap. The guest can then take any MAC and receive every frame sent to it.
+    #[arg(long)]
+    pub trust_guest_rx_filters: bool,
 }
 
 /// Subcommands.
@@ -207,6 +222,7 @@ impl TryFrom<Args> for Config {
         };
 
         let socket_perms = socket_perms(&args, &socket)?;
+        let qmp = qmp_settings(&args)?;
 
         if args.queues == 0 || args.queues > MAX_QUEUE_PAIRS {
             return Err(bad(
@@ -344,8 +360,51 @@ impl TryFrom<Args> for Config {
             socket_perms,
             control_socket: args.control_socket,
             metrics_addr: args.metrics_addr,
+            qmp,
         })
     }
+}
+
+/// `--qmp`, `--qmp-nic`, `--trust-guest-rx-filters`.
+fn qmp_settings(args: &Args) -> Result<Option<crate::server::qmp::QmpSettings>, ConfigError> {
+    let Some(path) = args.qmp.clone() else {
+        if args.qmp_nic.is_some() {
+            return Err(bad("--qmp-nic", "needs --qmp PATH"));
+        }
+        if args.trust_guest_rx_filters {
+            return Err(bad(
+                "--trust-guest-rx-filters",
+                "needs --qmp PATH: the guest's filter is read from QEMU's QMP socket",
+            ));
+        }
+        return Ok(None);
+    };
+    if let Some(id) = &args.qmp_nic {
+        // QEMU's id syntax (a letter, then letters, digits, '-', '.', '_'); also fits the
+        // names QEMU gives NICs without an id (virtio-net-pci.0).
+        let ok = id.len() <= 128
+            && id.starts_with(|c: char| c.is_ascii_alphabetic())
+            && id
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-._".contains(c));
+        if !ok {
+            return Err(bad(
+                "--qmp-nic",
+                format!("{id:?} is not a QEMU device id (a letter, then letters, digits, -._)"),
+            ));
+        }
+    }
+    if args.trust_guest_rx_filters && args.tap.is_some() {
+        return Err(bad(
+            "--trust-guest-rx-filters",
+            "applies to a macvtap (a tap already receives every frame)",
+        ));
+    }
+    Ok(Some(crate::server::qmp::QmpSettings {
+        path,
+        nic: args.qmp_nic.clone(),
+        trust: args.trust_guest_rx_filters,
+    }))
 }
 
 /// `--socket-owner` / `--socket-mode`, resolved now (names are looked up before anything is
@@ -599,6 +658,56 @@ mod tests {
         assert_eq!(spec.mode, crate::host::netlink::MacvtapMode::Passthru);
         assert_eq!(spec.name.as_deref(), Some("mv0"));
         assert_eq!(spec.mac, Some([0x52, 0x54, 0, 0, 0, 1]));
+    }
+
+    #[test]
+    fn qmp_flags_build_settings_and_trust_needs_qmp() {
+        let c = parse(&["--socket-path", "/s", "--macvtap", "m"]).unwrap();
+        assert_eq!(c.qmp, None);
+        let c = parse(&[
+            "--socket-path",
+            "/s",
+            "--macvtap",
+            "m",
+            "--qmp",
+            "/run/vm.qmp",
+            "--qmp-nic",
+            "net0",
+            "--trust-guest-rx-filters",
+        ])
+        .unwrap();
+        let q = c.qmp.expect("qmp settings");
+        assert_eq!(q.path, PathBuf::from("/run/vm.qmp"));
+        assert_eq!(q.nic.as_deref(), Some("net0"));
+        assert!(q.trust);
+        let c = parse(&["--socket-path", "/s", "--macvtap", "m", "--qmp", "/q"]).unwrap();
+        let q = c.qmp.unwrap();
+        assert_eq!((q.nic, q.trust), (None, false));
+        let cases: &[(&[&str], &str)] = &[
+            (&["--trust-guest-rx-filters"], "--trust-guest-rx-filters"),
+            (&["--qmp-nic", "net0"], "--qmp-nic"),
+            (&["--qmp", "/q", "--qmp-nic", "0net"], "--qmp-nic"),
+            (&["--qmp", "/q", "--qmp-nic", "net 0"], "--qmp-nic"),
+        ];
+        for (extra, flag) in cases {
+            let mut argv = vec!["--socket-path", "/s", "--macvtap", "m"];
+            argv.extend_from_slice(extra);
+            let e = parse(&argv).expect_err(&format!("{extra:?} must be refused"));
+            assert_eq!(e.flag, *flag, "{extra:?}: {e}");
+        }
+        let e = parse(&[
+            "--socket-path",
+            "/s",
+            "--tap",
+            "t0",
+            "--qmp",
+            "/q",
+            "--trust-guest-rx-filters",
+        ])
+        .unwrap_err();
+        assert_eq!(e.flag, "--trust-guest-rx-filters");
+        // Observing a tap-backed guest's filter is allowed.
+        assert!(parse(&["--socket-path", "/s", "--tap", "t0", "--qmp", "/q"]).is_ok());
     }
 
     #[test]

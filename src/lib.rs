@@ -24,7 +24,8 @@
 //! # Threads
 //!
 //! Per process: `main` (start-up, then the serve loop), `signals` (SIGTERM/SIGINT), the link
-//! watcher (rtnetlink), and the control socket and metrics servers when configured.
+//! watcher (rtnetlink), the control socket and metrics servers when configured, and `qmp` (the
+//! guest's rx filter from QEMU, [`server::qmp`]) with `--qmp`.
 //! Per connection: `vu-shim` and `vu-shim-replies` (the relay), `macvhost` (vhost-user-backend's
 //! request handler), and one `vring_worker` per queue pair (vhost-user-backend's epoll loop,
 //! calling [`worker::PairWorker::handle_event`]). A link follower runs beside each connection.

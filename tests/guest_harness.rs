@@ -391,3 +391,95 @@ fn vhost_user_command_line_reaches_backend_socket() {
     assert_eq!(flags & 0x3, 1, "vhost-user protocol version 1");
     println!("qemu: {}", vm.command_string());
 }
+
+/// The image's IPv4 multicast tool (`mvh-mcast`, built by build-guest.sh) on the guest's
+/// loopback: a join shows in `/proc/net/igmp`, a looped-back datagram to the group is counted
+/// and one to another group is not, the leave removes the group; then 10,000 distinct groups
+/// are joined and left (the L2 tests' cap test needs that many).
+#[test]
+fn multicast_tool_joins_counts_and_leaves_on_loopback() {
+    require!(&[QEMU, IMAGE]);
+    let mut t = Timings::new("mcast-tool");
+    let vm = Qemu::spawn(&QemuConfig::no_net("mcast-tool")).unwrap_or_else(|e| panic!("{e}"));
+    vm.wait_ready(secs(300)).unwrap_or_else(|e| panic!("{e}"));
+
+    // 239.1.2.3 in /proc/net/igmp: the group's bytes as a little-endian hex word.
+    let o = vm.exec_ok(
+        "ip link set lo multicast on\n\
+         mvh-mcast recv lo 239.1.2.3 5000 3 > /tmp/recv.out 2>&1 &\n\
+         i=0; until grep -q joined /tmp/recv.out || [ $i -ge 100 ]; do sleep 0.05; i=$((i+1)); done\n\
+         result joined_in_igmp $(grep -c 030201EF /proc/net/igmp)\n\
+         mvh-mcast send lo 239.1.2.3 5000 1\n\
+         mvh-mcast send lo 239.1.2.4 5000 1\n\
+         wait\n\
+         cat /tmp/recv.out\n\
+         result count $(sed -n 's/^count=//p' /tmp/recv.out)\n\
+         result left $(grep -c '^left 239.1.2.3' /tmp/recv.out)\n\
+         result after_leave_in_igmp $(grep -c 030201EF /proc/net/igmp)",
+        secs(120),
+    );
+    t.add("join, send 2, count, leave", o.elapsed, "");
+    assert_eq!(o.expect_result("joined_in_igmp"), "1", "{}", o.output);
+    assert_eq!(
+        o.expect_result("count"),
+        "1",
+        "one datagram to the group, one to another group:\n{}",
+        o.output
+    );
+    assert_eq!(o.expect_result("left"), "1", "{}", o.output);
+    assert_eq!(o.expect_result("after_leave_in_igmp"), "0", "{}", o.output);
+
+    // Bad usage is refused with status 2.
+    let o = vm
+        .exec("mvh-mcast recv lo 10.0.0.1 5000 1", secs(60))
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(o.rc, 2, "{}", o.output);
+
+    // 10,000 groups 239.2.0.0..239.2.39.15, held until SIGTERM, then left. Their
+    // /proc/net/igmp words end in 02EF.
+    let o = vm.exec_ok(
+        "mvh-mcast join-many lo 239.2.0.0 10000 600 > /tmp/many.out 2>&1 &\n\
+         echo $! > /tmp/many.pid\n\
+         i=0; until grep -q joined= /tmp/many.out || [ $i -ge 6000 ]; do sleep 0.05; i=$((i+1)); done\n\
+         cat /tmp/many.out\n\
+         result joined $(sed -n 's/^joined=\\([0-9]*\\).*/\\1/p' /tmp/many.out)\n\
+         result in_igmp $(grep -cE '^[[:space:]]+[0-9A-F]{4}02EF' /proc/net/igmp)\n\
+         result limit $(cat /proc/sys/net/ipv4/igmp_max_memberships)",
+        secs(600),
+    );
+    t.add("join 10,000 groups", o.elapsed, "");
+    assert_eq!(o.expect_result("joined"), "10000", "{}", o.output);
+    assert_eq!(o.expect_result("in_igmp"), "10000", "{}", o.output);
+    assert!(o.expect_result("limit").parse::<u32>().unwrap() >= 10000);
+    let o = vm.exec_ok(
+        "kill -TERM $(cat /tmp/many.pid)\n\
+         i=0; until grep -q left= /tmp/many.out || [ $i -ge 6000 ]; do sleep 0.05; i=$((i+1)); done\n\
+         result left $(sed -n 's/^left=//p' /tmp/many.out)\n\
+         result in_igmp $(grep -cE '^[[:space:]]+[0-9A-F]{4}02EF' /proc/net/igmp)",
+        secs(600),
+    );
+    t.add("leave 10,000 groups", o.elapsed, "");
+    assert_eq!(o.expect_result("left"), "10000", "{}", o.output);
+    assert_eq!(o.expect_result("in_igmp"), "0", "{}", o.output);
+    t.write();
+}
+
+/// The guest has IPv6 (built into the kernel) and busybox's `ping -6`: an address added with
+/// `ip -6 addr add` answers a ping.
+#[test]
+fn guest_has_ipv6_and_ping6() {
+    require!(&[QEMU, IMAGE]);
+    let _one = one_guest_at_a_time();
+    let vm = Qemu::spawn(&QemuConfig::no_net("ipv6")).unwrap_or_else(|e| panic!("{e}"));
+    vm.wait_ready(secs(300)).unwrap_or_else(|e| panic!("{e}"));
+    let o = vm.exec_ok(
+        "ip -6 addr add fd00::5/128 dev lo\n\
+         ip -6 addr show dev lo\n\
+         ping -6 -c 2 -W 5 fd00::5 && result ping6 ok\n\
+         ping6 -c 1 -W 5 ::1 && result ping6_applet ok",
+        secs(120),
+    );
+    assert!(o.output.contains("fd00::5/128"), "{}", o.output);
+    assert_eq!(o.expect_result("ping6"), "ok", "{}", o.output);
+    assert_eq!(o.expect_result("ping6_applet"), "ok", "{}", o.output);
+}

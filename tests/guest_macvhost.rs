@@ -881,3 +881,134 @@ fn the_host_reaches_its_guest_through_a_macvlan_sibling_not_through_the_parent()
     assert_eq!(via_parent, 0);
     assert_eq!(via_sibling, 3);
 }
+
+/// The link-layer multicast addresses in `ip maddr show dev mvt0`.
+fn macvtap_maddrs(s: &Setup) -> Vec<String> {
+    let out = s.ns.ip(&["maddr", "show", "dev", "mvt0"]);
+    out.lines()
+        .filter_map(|l| l.trim().strip_prefix("link "))
+        .map(|l| l.split_whitespace().next().unwrap_or_default().to_string())
+        .collect()
+}
+
+fn wait_for<T>(limit: Duration, mut f: impl FnMut() -> Option<T>) -> Option<(Duration, T)> {
+    let t = Instant::now();
+    while t.elapsed() < limit {
+        if let Some(v) = f() {
+            return Some((t.elapsed(), v));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    None
+}
+
+#[test]
+fn guest_joins_an_ipv4_group_receives_it_and_the_group_leaves_the_macvtap_with_it() {
+    require!(GUEST);
+    let s = setup("l2mc", 1, false);
+    let group_mac = "01:00:5e:01:02:03";
+    assert!(!macvtap_maddrs(&s).contains(&group_mac.to_string()));
+    let o = s.vm.exec_ok(
+        "mvh-mcast recv $MVH_IFACE 239.1.2.3 5000 12 > /tmp/r.out 2>&1 &\n\
+         i=0; until grep -q joined /tmp/r.out || [ $i -ge 200 ]; do sleep 0.05; i=$((i+1)); done\n\
+         cat /tmp/r.out",
+        secs(60),
+    );
+    assert!(o.output.contains("joined 239.1.2.3"), "{}", o.output);
+    let (t_join, _) = wait_for(secs(10), || {
+        macvtap_maddrs(&s)
+            .contains(&group_mac.to_string())
+            .then_some(())
+    })
+    .expect("the group's MAC never reached the macvtap");
+    // The peer sends to the group (a route for it out of the peer's interface first).
+    s.ns.ip(&["route", "add", "224.0.0.0/4", "dev", "mvh-peer"]);
+    for _ in 0..10 {
+        let st =
+            s.ns.command("bash")
+                .args(["-c", "echo x > /dev/udp/239.1.2.3/5000"])
+                .status()
+                .unwrap();
+        assert!(st.success());
+    }
+    // The receiver counts until its time is up, then leaves.
+    let o = s.vm.exec_ok(
+        "i=0; until grep -q '^left' /tmp/r.out || [ $i -ge 400 ]; do sleep 0.05; i=$((i+1)); done\n\
+         cat /tmp/r.out",
+        secs(60),
+    );
+    let count: u32 = o
+        .output
+        .lines()
+        .find_map(|l| l.strip_prefix("count="))
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no count: {}", o.output));
+    assert!(o.output.contains("left 239.1.2.3"), "{}", o.output);
+    let (t_leave, _) = wait_for(secs(10), || {
+        (!macvtap_maddrs(&s).contains(&group_mac.to_string())).then_some(())
+    })
+    .expect("the group's MAC stayed on the macvtap after the leave");
+    println!(
+        "join on the macvtap after {:.2} s; {count}/10 datagrams received; gone {:.2} s after \
+         the leave was printed",
+        t_join.as_secs_f64(),
+        t_leave.as_secs_f64()
+    );
+    assert_eq!(count, 10);
+    assert_eq!(macvtap_promisc_allmulti(&s), (false, false));
+    let dev = s.mvh.device_stats();
+    assert!(
+        dev["mcast_joins"] >= 1 && dev["mcast_leaves"] >= 1,
+        "{dev:?}"
+    );
+}
+
+#[test]
+fn ten_thousand_joins_fill_the_cap_turn_allmulticast_on_and_all_clear_at_disconnect() {
+    require!(GUEST);
+    let cap = 64;
+    let mut s = setup_with("l2cap", 1, false, &["--max-groups", &cap.to_string()]);
+    let base = macvtap_maddrs(&s);
+    let o = s.vm.exec_ok(
+        "mvh-mcast join-many $MVH_IFACE 239.20.0.1 10000 600 > /tmp/j.out 2>&1 &\n\
+         echo $! > /tmp/j.pid\n\
+         i=0; until grep -q '^joined=' /tmp/j.out || [ $i -ge 1200 ]; do sleep 0.05; i=$((i+1)); done\n\
+         cat /tmp/j.out",
+        secs(180),
+    );
+    assert!(o.output.contains("joined=10000"), "{}", o.output);
+    let (t, _) = wait_for(secs(60), || {
+        (s.mvh.device_stats()["mcast_overflows"] >= 1 && macvtap_promisc_allmulti(&s).1)
+            .then_some(())
+    })
+    .unwrap_or_else(|| panic!("no overflow: {:?}", s.mvh.device_stats()));
+    let dev = s.mvh.device_stats();
+    let added = macvtap_maddrs(&s).len() - base.len();
+    println!(
+        "10000 joins: allmulticast {:.2} s after the joins were printed; {added} group MACs \
+         on the macvtap (cap {cap}); {dev:?}",
+        t.as_secs_f64()
+    );
+    assert!(added <= cap, "{added} > {cap}");
+    assert_eq!(dev["mcast_groups"], cap as u64);
+    assert!(dev["mcast_refused_joins"] > 0);
+    // Still serving: the guest answers the peer.
+    let out =
+        s.ns.command("ping")
+            .args(["-c", "3", "-W", "2", "-i", "0.5", guest::GUEST_IP])
+            .output()
+            .unwrap();
+    assert!(String::from_utf8_lossy(&out.stdout).contains(" 3 received"));
+    // The frontend goes away: everything macvhost added goes with it.
+    s.vm.kill();
+    let cleared = wait_for(secs(20), || {
+        (macvtap_maddrs(&s) == base && !macvtap_promisc_allmulti(&s).1).then_some(())
+    });
+    assert!(
+        cleared.is_some(),
+        "left behind: {:?} allmulti {}",
+        macvtap_maddrs(&s),
+        macvtap_promisc_allmulti(&s).1
+    );
+    s.mvh.shutdown_clean();
+}

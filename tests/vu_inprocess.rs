@@ -187,6 +187,7 @@ fn guest_igmp_join_reaches_the_filter_queries_reach_the_guest_and_disconnect_cle
             filter: Some(filter.clone()),
             table: Default::default(),
             stats: stats.clone(),
+            guest_mac: None,
         },
     );
     let mut g = rig.guest(1, ALL);

@@ -45,6 +45,8 @@
 //! it, and log it once. Chains completed earlier in the same call are still notified.
 
 use std::io;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
 use vm_memory::{GuestMemory, Permissions};
@@ -111,10 +113,39 @@ pub struct TxOutcome {
 /// - a frame whose source MAC is not `own_mac` (and not multicast) is counted in
 ///   `tx_foreign_src_mac`: the guest changed its MAC, or bridges other hosts.
 pub struct TxWatch {
-    own_mac: [u8; 6],
+    own_mac: Arc<SharedMac>,
     copy: Box<[u8]>,
     sink: MulticastSink,
     foreign: ForeignSink,
+}
+
+/// The guest's MAC as the TX watch compares it: changed when the macvtap follows a trusted
+/// guest's new MAC, read (relaxed) once per frame.
+#[derive(Debug)]
+pub struct SharedMac(AtomicU64);
+
+impl SharedMac {
+    /// Starts as `mac`.
+    pub fn new(mac: [u8; 6]) -> SharedMac {
+        SharedMac(AtomicU64::new(Self::pack(mac)))
+    }
+
+    fn pack(mac: [u8; 6]) -> u64 {
+        let mut b = [0u8; 8];
+        b[..6].copy_from_slice(&mac);
+        u64::from_le_bytes(b)
+    }
+
+    /// The MAC now.
+    pub fn get(&self) -> [u8; 6] {
+        let b = self.0.load(Ordering::Relaxed).to_le_bytes();
+        [b[0], b[1], b[2], b[3], b[4], b[5]]
+    }
+
+    /// Changes it.
+    pub fn set(&self, mac: [u8; 6]) {
+        self.0.store(Self::pack(mac), Ordering::Relaxed);
+    }
 }
 
 /// Gets a copy of a multicast frame's start and the frame's real length.
@@ -133,7 +164,7 @@ impl std::fmt::Debug for TxWatch {
 impl TxWatch {
     /// A watch for a guest whose MAC is `own_mac`: `sink` gets the multicast frames,
     /// `foreign` the source MAC of every frame not sent from `own_mac`.
-    pub fn new(own_mac: [u8; 6], sink: MulticastSink, foreign: ForeignSink) -> TxWatch {
+    pub fn new(own_mac: Arc<SharedMac>, sink: MulticastSink, foreign: ForeignSink) -> TxWatch {
         TxWatch {
             own_mac,
             copy: vec![0u8; mcast::COPY_LEN].into_boxed_slice(),
@@ -150,7 +181,7 @@ impl TxWatch {
         }
         let mut src = [0u8; 6];
         src.copy_from_slice(&macs[6..]);
-        if src != self.own_mac && src[0] & 1 == 0 {
+        if src != self.own_mac.get() && src[0] & 1 == 0 {
             QueueStats::inc(&stats.tx_foreign_src_mac);
             (self.foreign)(src);
         }
@@ -1519,12 +1550,12 @@ mod tests {
         own: [u8; 6],
         frames: &[Vec<u8>],
     ) -> (Vec<(Vec<u8>, usize)>, Vec<[u8; 6]>) {
-        use std::sync::{Arc, Mutex};
+        use std::sync::Mutex;
         let seen = Arc::new(Mutex::new(Vec::new()));
         let foreign = Arc::new(Mutex::new(Vec::new()));
         let (s2, f2) = (seen.clone(), foreign.clone());
         fx.scratch.set_watch(Some(TxWatch::new(
-            own,
+            Arc::new(SharedMac::new(own)),
             Box::new(move |f, n| s2.lock().unwrap().push((f.to_vec(), n))),
             Box::new(move |m| f2.lock().unwrap().push(m)),
         )));

@@ -143,13 +143,19 @@ impl McFilter {
     }
 
     fn change(&self, add: bool, mac: Option<[u8; 6]>) -> Result<(), McFilterError> {
-        if let Some(m) = mac {
-            if m[0] & 1 == 0 {
-                return Err(McFilterError::NotMulticast { mac: MacAddr(m) });
+        let what = match mac {
+            Some(m) if m[0] & 1 == 0 => {
+                return Err(McFilterError::NotMulticast { mac: MacAddr(m) })
             }
-        }
+            Some(m) => sys::Membership::Multicast(m),
+            None => sys::Membership::AllMulti,
+        };
+        self.membership(add, what)
+    }
+
+    fn membership(&self, add: bool, what: sys::Membership) -> Result<(), McFilterError> {
         // `ifindex` fitted an i32 at open.
-        sys::packet_membership(self.sock.as_fd(), add, self.ifindex as i32, mac).map_err(|e| {
+        sys::packet_membership(self.sock.as_fd(), add, self.ifindex as i32, what).map_err(|e| {
             if e.raw_os_error() == Some(libc::ENODEV) {
                 McFilterError::LinkGone {
                     ifname: self.ifname.clone(),
@@ -158,12 +164,29 @@ impl McFilter {
             } else {
                 McFilterError::Membership {
                     op: if add { "adding" } else { "removing" },
-                    what: mac.map_or("allmulticast".into(), |m| MacAddr(m).to_string()),
+                    what: match what {
+                        sys::Membership::Multicast(m) | sys::Membership::Unicast(m) => {
+                            MacAddr(m).to_string()
+                        }
+                        sys::Membership::AllMulti => "allmulticast".into(),
+                        sys::Membership::Promisc => "promiscuity".into(),
+                    },
                     ifname: self.ifname.clone(),
                     source: e,
                 }
             }
         })
+    }
+
+    /// Adds (or removes) unicast `mac` to the interface's secondary unicast list (a trusted
+    /// guest's extra addresses; a macvtap delivers them only in passthru mode).
+    pub fn set_unicast(&self, mac: [u8; 6], on: bool) -> Result<(), McFilterError> {
+        self.membership(on, sys::Membership::Unicast(mac))
+    }
+
+    /// Holds (or releases) one reference on the interface's promiscuity.
+    pub fn set_promisc(&self, on: bool) -> Result<(), McFilterError> {
+        self.membership(on, sys::Membership::Promisc)
     }
 
     /// Adds multicast `mac` to the interface's list.

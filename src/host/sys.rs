@@ -243,22 +243,39 @@ pub fn packet_membership_socket() -> io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(raw) })
 }
 
-/// `PACKET_ADD_MEMBERSHIP` (`add`) or `PACKET_DROP_MEMBERSHIP` on interface `ifindex`:
-/// `PACKET_MR_MULTICAST` with a 6-byte `mac`, or `PACKET_MR_ALLMULTI` (`mac` = `None`).
+/// What a packet-socket membership holds on an interface.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Membership {
+    /// A multicast MAC in the device's list (`PACKET_MR_MULTICAST`).
+    Multicast([u8; 6]),
+    /// A unicast MAC in the device's secondary list (`PACKET_MR_UNICAST`).
+    Unicast([u8; 6]),
+    /// Allmulticast (`PACKET_MR_ALLMULTI`), reference-counted by the kernel.
+    AllMulti,
+    /// Promiscuity (`PACKET_MR_PROMISC`), reference-counted by the kernel.
+    Promisc,
+}
+
+/// `PACKET_ADD_MEMBERSHIP` (`add`) or `PACKET_DROP_MEMBERSHIP` of `what` on interface `ifindex`.
 pub fn packet_membership(
     sock: BorrowedFd<'_>,
     add: bool,
     ifindex: i32,
-    mac: Option<[u8; 6]>,
+    what: Membership,
 ) -> io::Result<()> {
+    let (mr_type, mac) = match what {
+        Membership::Multicast(m) => (libc::PACKET_MR_MULTICAST, Some(m)),
+        Membership::Unicast(m) => (libc::PACKET_MR_UNICAST, Some(m)),
+        Membership::AllMulti => (libc::PACKET_MR_ALLMULTI, None),
+        Membership::Promisc => (libc::PACKET_MR_PROMISC, None),
+    };
     let mut mreq = libc::packet_mreq {
         mr_ifindex: ifindex,
-        mr_type: libc::PACKET_MR_ALLMULTI as u16,
+        mr_type: mr_type as u16,
         mr_alen: 0,
         mr_address: [0; 8],
     };
     if let Some(mac) = mac {
-        mreq.mr_type = libc::PACKET_MR_MULTICAST as u16;
         mreq.mr_alen = 6;
         mreq.mr_address[..6].copy_from_slice(&mac);
     }

@@ -3,17 +3,20 @@
 //!
 //! The host queues and counters live for the whole process; everything a frontend negotiates
 //! lives in a [`Connection`] made for it. Threads of the process: main (this loop), `signals`,
-//! the link watcher, the control socket and metrics servers when asked for, and per connection
-//! those listed in [`crate::vhost_user::connection`].
+//! the link watcher, the control socket, metrics and `qmp` threads when asked for, and per
+//! connection those listed in [`crate::vhost_user::connection`].
 //!
 //! - `signals`: SIGTERM/SIGINT and the [`StopHandle`].
 //! - `listen`: where frontends come from (path, inherited fd, `--client`).
 //! - `link`: the host link's carrier, watched and followed by each connection.
+//! - [`qmp`]: the guest's receive filter as QEMU reports it (`--qmp`).
 
 mod link;
 mod listen;
+pub mod qmp;
 mod service;
 mod signals;
+mod trust;
 
 use std::os::fd::RawFd;
 use std::path::PathBuf;
@@ -23,6 +26,7 @@ use std::time::Duration;
 
 use crate::control;
 use crate::datapath::mcast::TableConfig;
+use crate::datapath::tx::SharedMac;
 use crate::datapath::QueueStats;
 use crate::host::mcfilter::{McFilter, McFilterError};
 use crate::host::netlink::MacvtapSpec;
@@ -111,6 +115,9 @@ pub struct Settings {
     pub tx_rate: Option<RateSpec>,
     /// Host → guest rate limit.
     pub rx_rate: Option<RateSpec>,
+    /// QEMU's QMP socket to follow the guest's rx filter on (`--qmp`, `--qmp-nic`,
+    /// `--trust-guest-rx-filters`).
+    pub qmp: Option<qmp::QmpSettings>,
 }
 
 /// Why the server could not start or keep going.
@@ -161,6 +168,9 @@ pub enum ServerError {
     /// Signal handling could not be installed (host).
     #[error("signal handling: {0}")]
     Signals(nix::Error),
+    /// The QMP watcher could not start (host).
+    #[error("--qmp: {0}")]
+    Qmp(qmp::QmpError),
 }
 
 fn device_identity(config: &Settings, host: &HostDevice) -> Result<DeviceIdentity, HostError> {
@@ -204,6 +214,7 @@ impl ServerError {
             ServerError::Control { .. } => true,
             ServerError::RxFilter { source } => source.is_operator_error(),
             ServerError::Signals(_) => false,
+            ServerError::Qmp(e) => e.is_operator_error(),
         }
     }
 }
@@ -215,6 +226,7 @@ fn l2_host(
     config: &Settings,
     host: &HostDevice,
     stats: Arc<crate::worker::l2::L2Stats>,
+    guest_mac: Arc<SharedMac>,
 ) -> Result<L2Host, ServerError> {
     let mut l2 = L2Host {
         table: TableConfig {
@@ -223,6 +235,7 @@ fn l2_host(
         },
         filter: None,
         stats,
+        guest_mac: Some(guest_mac),
     };
     if host.kind() != HostKind::Macvtap || config.rx_filter == RxFilterMode::Strict {
         return Ok(l2);
@@ -364,12 +377,37 @@ pub fn run(config: Settings, mut inherited: crate::systemd::ListenFds) -> Result
 
     let link_up = Arc::new(AtomicBool::new(host.carrier()));
     let _watcher = link::watch_link_state(host.ifname(), watched, link_up.clone());
+    // The guest's MAC as TX compares it; the trusted QMP path moves it with the macvtap's.
+    let guest_mac = Arc::new(SharedMac::new(identity.mac.0));
+    let _qmp = match &config.qmp {
+        Some(q) => {
+            let trust = if q.trust {
+                // Opened now: it needs CAP_NET_RAW, which a sealed process no longer has.
+                let filter = McFilter::open(host.ifindex())
+                    .map_err(|source| ServerError::RxFilter { source })?;
+                let ifindex = host.ifindex();
+                let set_mac: trust::SetMac = Box::new(move |mac| {
+                    crate::host::netlink::set_mac(ifindex, mac).map_err(|e| e.to_string())
+                });
+                Some(trust::Trust::new(
+                    filter,
+                    set_mac,
+                    guest_mac.clone(),
+                    l2_stats.clone(),
+                ))
+            } else {
+                None
+            };
+            Some(qmp::follow(q, identity.mac, trust, l2_stats.clone()).map_err(ServerError::Qmp)?)
+        }
+        None => None,
+    };
     let side = HostSide {
         queues: host.queues().to_vec(),
         supported_offloads: host.supported_offloads(),
         link_up,
         link_down_disconnects: config.disconnect_on_link_down,
-        l2: l2_host(&config, &host, l2_stats)?,
+        l2: l2_host(&config, &host, l2_stats, guest_mac)?,
     };
     let result = serve_on(frontends, identity, side, &stats, &stopper, &service);
     drop(host);

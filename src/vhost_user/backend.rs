@@ -21,6 +21,7 @@ use vmm_sys_util::event::{
 };
 
 use super::vring::NetVring;
+use crate::datapath::tx::SharedMac;
 use crate::datapath::{vnet, DirtyLogState, QueueStats};
 use crate::host::MacAddr;
 use crate::ratelimit::RateSpec;
@@ -198,7 +199,10 @@ impl<Q: PairQueue> NetBackend<Q> {
         let l2 = GuestL2::new(
             host.l2.table,
             host.l2.filter.clone(),
-            identity.mac.0,
+            host.l2
+                .guest_mac
+                .clone()
+                .unwrap_or_else(|| Arc::new(SharedMac::new(identity.mac.0))),
             host.l2.stats.clone(),
         )?;
         let mut workers = workers;

@@ -23,7 +23,7 @@ use crate::datapath::mcast::{
     self, Diff, McastCounters, MembershipTable, TableConfig, IGMPV3_QUERY_FRAME_LEN,
     MLDV2_QUERY_FRAME_LEN,
 };
-use crate::datapath::tx::TxWatch;
+use crate::datapath::tx::{SharedMac, TxWatch};
 use crate::datapath::{HostQueue, IoVecBuf};
 use crate::host::mcfilter::{McFilter, McFilterError};
 
@@ -88,6 +88,9 @@ pub struct L2Stats {
     pub guest_mac_changes_seen: AtomicU64,
     /// Guest MAC changes applied to the macvtap (`--trust-guest-rx-filters`).
     pub guest_mac_changes_applied: AtomicU64,
+    /// The last foreign guest MAC said (one line per new MAC, whoever saw it: the TX path or
+    /// QMP).
+    foreign_told: Mutex<Option<[u8; 6]>>,
 }
 
 /// A point-in-time copy of [`L2Stats`].
@@ -107,6 +110,23 @@ pub struct L2Snapshot {
 }
 
 impl L2Stats {
+    /// The guest uses MAC `new` while its receive path stays on `own` (not trusted, or not yet
+    /// followed): counted and said once per new MAC, whether TX or QMP noticed.
+    pub fn guest_left_its_mac(&self, new: [u8; 6], own: [u8; 6]) {
+        let mut told = self.foreign_told.lock().unwrap_or_else(|e| e.into_inner());
+        if *told == Some(new) {
+            return;
+        }
+        *told = Some(new);
+        self.guest_mac_changes_seen.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(
+            "the guest changed its MAC to {}; its receive path stays on {} because \
+             --trust-guest-rx-filters is off",
+            crate::host::MacAddr(new),
+            crate::host::MacAddr(own),
+        );
+    }
+
     /// Copies every counter.
     pub fn snapshot(&self) -> L2Snapshot {
         L2Snapshot {
@@ -258,6 +278,9 @@ pub struct L2Host {
     pub table: TableConfig,
     /// The device's counters.
     pub stats: Arc<L2Stats>,
+    /// The guest's MAC as the TX watch compares it, when something outside a connection (the
+    /// `--trust-guest-rx-filters` path) may move it; `None`: the device's MAC, fixed.
+    pub guest_mac: Option<Arc<SharedMac>>,
 }
 
 impl std::fmt::Debug for L2Host {
@@ -287,13 +310,12 @@ struct Inner {
 pub struct GuestL2 {
     inner: Mutex<Inner>,
     epoch: Instant,
-    guest_mac: [u8; 6],
+    /// The guest's MAC as TX compares it (moves with a trusted guest's MAC change).
+    guest_mac: Arc<SharedMac>,
     /// Source MAC of the queries: never the guest's.
     querier_mac: [u8; 6],
     injector: Arc<Injector>,
     stats: Arc<L2Stats>,
-    /// The last foreign source MAC logged (one line per new MAC, not per frame).
-    foreign_seen: Mutex<Option<[u8; 6]>>,
 }
 
 impl std::fmt::Debug for GuestL2 {
@@ -310,11 +332,11 @@ impl GuestL2 {
     pub fn new(
         cfg: TableConfig,
         filter: Option<Arc<Mutex<dyn FilterSink>>>,
-        guest_mac: [u8; 6],
+        guest_mac: Arc<SharedMac>,
         stats: Arc<L2Stats>,
     ) -> io::Result<Arc<GuestL2>> {
         let mut querier_mac = [0x02, 0x6d, 0x76, 0x68, 0x71, 0x00];
-        if querier_mac == guest_mac {
+        if querier_mac == guest_mac.get() {
             querier_mac[5] = 1;
         }
         Ok(Arc::new(GuestL2 {
@@ -330,7 +352,6 @@ impl GuestL2 {
             querier_mac,
             injector: Arc::new(Injector::new()?),
             stats,
-            foreign_seen: Mutex::new(None),
         }))
     }
 
@@ -351,7 +372,7 @@ impl GuestL2 {
     pub fn watch(self: &Arc<Self>) -> TxWatch {
         let (me, me2) = (self.clone(), self.clone());
         TxWatch::new(
-            self.guest_mac,
+            self.guest_mac.clone(),
             Box::new(move |frame, wire_len| me.learn(frame, wire_len)),
             Box::new(move |src| me2.foreign_source(src)),
         )
@@ -361,21 +382,7 @@ impl GuestL2 {
     /// hosts). Its receive path stays on its own MAC: a macvtap delivers unicast only to its
     /// own address. Said once per new MAC.
     pub fn foreign_source(&self, src: [u8; 6]) {
-        let mut seen = self.foreign_seen.lock().unwrap_or_else(|e| e.into_inner());
-        if *seen == Some(src) {
-            return;
-        }
-        *seen = Some(src);
-        self.stats
-            .guest_mac_changes_seen
-            .fetch_add(1, Ordering::Relaxed);
-        tracing::warn!(
-            "the guest sends from MAC {}, not its own {}: its receive path stays on {} because \
-             --trust-guest-rx-filters is off (or the guest bridges other hosts)",
-            crate::host::MacAddr(src),
-            crate::host::MacAddr(self.guest_mac),
-            crate::host::MacAddr(self.guest_mac),
-        );
+        self.stats.guest_left_its_mac(src, self.guest_mac.get());
     }
 
     /// One multicast frame the guest sent.
@@ -513,7 +520,7 @@ mod tests {
         let l2 = GuestL2::new(
             TableConfig::default(),
             Some(rec.clone()),
-            [0x52, 0x54, 0, 1, 2, 3],
+            Arc::new(SharedMac::new([0x52, 0x54, 0, 1, 2, 3])),
             stats.clone(),
         )
         .unwrap();
@@ -634,7 +641,7 @@ mod tests {
         let l2 = GuestL2::new(
             TableConfig::default(),
             None,
-            [0x52, 0, 0, 0, 0, 1],
+            Arc::new(SharedMac::new([0x52, 0, 0, 0, 0, 1])),
             stats.clone(),
         )
         .unwrap();

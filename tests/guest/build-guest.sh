@@ -9,11 +9,13 @@
 #   * the virtio-net-over-PCI kernel modules (+ qemu_fw_cfg) for that kernel,
 #     decompressed and listed in load order in /etc/mvh/modules,
 #   * iperf3 and ethtool with their shared libraries and the dynamic loader,
+#   * /usr/bin/mvh-mcast (tests/guest/mvh-mcast.c, built here with gcc -static):
+#     IPv4 multicast joins, leaves and datagram counts,
 #   * /init (tests/guest/init.sh) and /etc/mvh/lib.sh (helpers for scripts).
 #
 # Idempotent: nothing is rebuilt when OUTDIR/initrd.img is newer than every
-# input (this script, init.sh, lib.sh, kernel, busybox, iperf3, ethtool) and
-# was built for the same kernel version.
+# input (this script, init.sh, lib.sh, mvh-mcast.c, kernel, busybox, iperf3,
+# ethtool, gcc) and was built for the same kernel version.
 #
 # Environment:
 #   MACVHOST_GUEST_KVER   kernel version to use (default: newest one that has
@@ -21,7 +23,7 @@
 #   MACVHOST_GUEST_FORCE=1  rebuild unconditionally
 #
 # Needs (Debian 12 packages): linux-image-amd64 busybox-static iperf3 ethtool
-# plus coreutils, gzip, kmod (modinfo) and cpio or busybox's cpio.
+# gcc libc6-dev plus coreutils, gzip, kmod (modinfo) and cpio or busybox's cpio.
 set -euo pipefail
 
 die() { echo "build-guest: error: $*" >&2; exit 1; }
@@ -32,8 +34,10 @@ OUT=$1
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 INIT_SRC=$HERE/init.sh
 LIB_SRC=$HERE/lib.sh
+MCAST_SRC=$HERE/mvh-mcast.c
 [ -r "$INIT_SRC" ] || die "missing $INIT_SRC"
 [ -r "$LIB_SRC" ] || die "missing $LIB_SRC"
+[ -r "$MCAST_SRC" ] || die "missing $MCAST_SRC"
 
 # ---------------------------------------------------------------- inputs ----
 pick_kver() {
@@ -71,8 +75,11 @@ ETHTOOL=$(command -v ethtool || PATH=$PATH:/usr/sbin:/sbin command -v ethtool ||
 [ -n "$ETHTOOL" ] || die "ethtool not found (apt-get install ethtool)"
 command -v modinfo >/dev/null || PATH=$PATH:/usr/sbin:/sbin
 command -v modinfo >/dev/null || die "modinfo not found (apt-get install kmod)"
+CC=$(command -v gcc || true)
+[ -n "$CC" ] || die "gcc not found (apt-get install gcc libc6-dev): it builds mvh-mcast"
 
-INPUTS=("${BASH_SOURCE[0]}" "$INIT_SRC" "$LIB_SRC" "$KERNEL" "$BUSYBOX" "$IPERF3" "$ETHTOOL")
+INPUTS=("${BASH_SOURCE[0]}" "$INIT_SRC" "$LIB_SRC" "$MCAST_SRC" "$KERNEL" "$BUSYBOX" "$IPERF3"
+        "$ETHTOOL" "$CC")
 
 # ------------------------------------------------------------ up to date? ----
 up_to_date() {
@@ -177,6 +184,11 @@ mkdir -p "$ROOT/usr/lib"
 if [ -d "$ROOT/usr/lib/x86_64-linux-gnu" ] && [ ! -e "$ROOT/lib/x86_64-linux-gnu/libc.so.6" ]; then
     cp -a "$ROOT/usr/lib/x86_64-linux-gnu/." "$ROOT/lib/x86_64-linux-gnu/"
 fi
+
+# ------------------------------------------------------------ test tools ----
+# Static, so it needs nothing from the image's (partial) libc. -static needs libc6-dev's libc.a.
+"$CC" -static -O2 -Wall -Wextra -Werror -o "$ROOT/usr/bin/mvh-mcast" "$MCAST_SRC" \
+    || die "cannot build mvh-mcast with $CC -static (apt-get install libc6-dev)"
 
 # ------------------------------------------------------------- init + etc ----
 install -m 0755 "$INIT_SRC" "$ROOT/init"

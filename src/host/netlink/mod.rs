@@ -415,6 +415,26 @@ pub fn delete_link(ifindex: u32) -> Result<(), NetlinkError> {
     del_link(&mut rtnl, ifindex)
 }
 
+/// Sets link `ifindex`'s MAC (`RTM_SETLINK` with `IFLA_ADDRESS`) in the calling thread's
+/// network namespace. Needs `CAP_NET_ADMIN`; a MAC another macvlan on the same parent uses is
+/// refused by the kernel (`EADDRINUSE`).
+pub fn set_mac(ifindex: u32, mac: MacAddr) -> Result<(), NetlinkError> {
+    let mut rtnl = Rtnl::new()?;
+    let mut msg = LinkMessage::default();
+    msg.header.index = ifindex;
+    msg.attributes.push(LinkAttribute::Address(mac.0.to_vec()));
+    match rtnl.request(RouteNetlinkMessage::SetLink(msg), NLM_F_REQUEST | NLM_F_ACK) {
+        Ok(_) => Ok(()),
+        Err(KernelError::Errno { errno, .. }) if errno == libc::ENODEV => {
+            Err(NetlinkError::NoSuchIfindex { ifindex })
+        }
+        Err(e) => Err(NetlinkError::kernel(
+            format!("setting the MAC of link #{ifindex} to {mac}"),
+            e,
+        )),
+    }
+}
+
 /// Mode, MAC, MTU and parent of macvtap `name`.
 pub fn macvtap_info(name: &str) -> Result<MacvtapInfo, NetlinkError> {
     validate_ifname(name).map_err(|e| ifname_err(name, e))?;

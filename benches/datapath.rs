@@ -1,10 +1,10 @@
 //! Criterion micro-benchmarks of the frame path, without a vhost-user socket or a tap.
 //!
-//! `cargo bench --features test-utils --bench datapath`
+//! `cargo bench --bench datapath`
 //!
-//! Guest memory comes from `datapath::testutil`; the guest's side of each virtqueue is the
-//! ledger-free driver in `benches/support/ring.rs`, which keeps the ring full the way a guest in
-//! steady state does (every used chain is reposted at once). One criterion iteration is one
+//! Guest memory and the guest's side of each virtqueue come from the test kit
+//! (`macvhost::testkit`): its ring driver without the ledger keeps the ring full the way a guest
+//! in steady state does (every used chain is reposted at once, `SplitRing::recycle`). One criterion iteration is one
 //! `process_tx` / `process_rx` call with the worker's budget (64) plus the guest's repost.
 //!
 //! Host sides:
@@ -24,9 +24,6 @@
 //! report (a UDP stream, a neighbour solicitation), and reports of 1 and 20 records learned by
 //! the membership table (steady state: every group is a refresh).
 
-#[path = "support/ring.rs"]
-mod ring;
-
 use std::fs::File;
 use std::hint::black_box;
 use std::io;
@@ -34,14 +31,14 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::time::Duration;
 
 use criterion::measurement::{Measurement, ValueFormatter, WallTime};
-use criterion::{criterion_group, BenchmarkId, Criterion, Throughput};
-use macvhost::datapath::testutil::{memory_of, pattern_frame};
+use criterion::{criterion_group, BenchmarkGroup, BenchmarkId, Criterion, Throughput};
 use macvhost::datapath::vnet::{MAX_GSO_FRAME_LEN, VNET_HDR_LEN_V1};
 use macvhost::datapath::{
     process_rx, process_tx, HostQueue, IoVecBuf, QueueStats, RxOptions, RxScratch, TxOptions,
     TxScratch,
 };
-use ring::{layout, Ring};
+use macvhost::testkit::ring::{fill, SplitRing};
+use macvhost::testkit::{memory_of, pattern_frame};
 use vm_memory::GuestMemoryMmap;
 
 const HDR: usize = VNET_HDR_LEN_V1;
@@ -52,28 +49,43 @@ const SIZES: [usize; 3] = [64, 1500, 65536];
 const DATA: u64 = 1 << 20;
 const MEM: usize = 32 << 20;
 
-/// TX host: `writev` to `/dev/null`, or nothing at all.
-struct Sink {
+/// The bench's host queue. TX: `writev` to `/dev/null`, or nothing at all. RX: a frame of
+/// `frame.len()` bytes every call, copied in user space or read from `/dev/zero` (exactly the
+/// frame's length, so the kernel writes what a tap read would).
+struct BenchHost {
     file: File,
+    /// The RX frame (empty for a TX bench).
+    frame: Vec<u8>,
     syscall: bool,
 }
 
-impl Sink {
-    fn new(syscall: bool) -> Sink {
-        Sink {
-            file: File::options().write(true).open("/dev/null").unwrap(),
+impl BenchHost {
+    fn tx(syscall: bool) -> BenchHost {
+        let file = File::options().write(true).open("/dev/null").unwrap();
+        BenchHost {
+            file,
+            frame: Vec::new(),
+            syscall,
+        }
+    }
+
+    fn rx(frame: Vec<u8>, syscall: bool) -> BenchHost {
+        let file = File::open("/dev/zero").unwrap();
+        BenchHost {
+            file,
+            frame,
             syscall,
         }
     }
 }
 
-impl AsRawFd for Sink {
+impl AsRawFd for BenchHost {
     fn as_raw_fd(&self) -> RawFd {
         self.file.as_raw_fd()
     }
 }
 
-impl HostQueue for Sink {
+impl HostQueue for BenchHost {
     fn send_frame(&self, frame: &IoVecBuf<'_>) -> io::Result<usize> {
         if self.syscall {
             macvhost::datapath::iovec::writev_fd(self.file.as_raw_fd(), frame)
@@ -81,39 +93,7 @@ impl HostQueue for Sink {
             Ok(black_box(frame.total_len()))
         }
     }
-    fn recv_frame(&self, _bufs: &IoVecBuf<'_>) -> io::Result<usize> {
-        Err(io::ErrorKind::WouldBlock.into())
-    }
-}
 
-/// RX host: a frame of `frame.len()` bytes every call, copied in user space or read from
-/// `/dev/zero` (exactly the frame's length, so the kernel writes what a tap read would).
-struct Source {
-    file: File,
-    frame: Vec<u8>,
-    syscall: bool,
-}
-
-impl Source {
-    fn new(frame: Vec<u8>, syscall: bool) -> Source {
-        Source {
-            file: File::open("/dev/zero").unwrap(),
-            frame,
-            syscall,
-        }
-    }
-}
-
-impl AsRawFd for Source {
-    fn as_raw_fd(&self) -> RawFd {
-        self.file.as_raw_fd()
-    }
-}
-
-impl HostQueue for Source {
-    fn send_frame(&self, _frame: &IoVecBuf<'_>) -> io::Result<usize> {
-        Err(io::ErrorKind::WouldBlock.into())
-    }
     fn recv_frame(&self, bufs: &IoVecBuf<'_>) -> io::Result<usize> {
         let want = self.frame.len();
         if want > bufs.total_len() {
@@ -206,6 +186,35 @@ fn measurement() -> ThreadCpu {
     }
 }
 
+/// Benchmarks `call` (one datapath call plus the guest's repost; returns the frames it moved)
+/// as `id`, `per_call` frames each.
+fn bench_calls<M: Measurement>(
+    g: &mut BenchmarkGroup<'_, M>,
+    id: BenchmarkId,
+    per_call: usize,
+    mut call: impl FnMut() -> usize,
+) {
+    g.throughput(Throughput::Elements(per_call as u64));
+    g.bench_function(id, |b| {
+        b.iter(|| {
+            let n = call();
+            debug_assert_eq!(n, per_call);
+            n
+        })
+    });
+}
+
+/// Frames dropped either way: a bench that drops measures the wrong thing.
+fn drops(stats: &QueueStats) -> u64 {
+    let s = stats.snapshot();
+    s.tx_drop_bad_chain
+        + s.tx_drop_too_big
+        + s.tx_drop_host_error
+        + s.rx_drop_bad_chain
+        + s.rx_drop_buffer_too_small
+        + s.rx_drop_host_error
+}
+
 fn guest() -> GuestMemoryMmap {
     memory_of(&[(0, MEM)])
 }
@@ -216,11 +225,11 @@ fn bench_tx(c: &mut Criterion<ThreadCpu>) {
         let host_name = if syscall { "devnull" } else { "null" };
         for size in SIZES {
             let mem = guest();
-            let mut ring = Ring::new(&mem, 0, 256);
+            let mut ring = SplitRing::at(&mem, 0, 256).without_ledger();
             let frame = pattern_frame(HDR, size, 7);
-            let posted = layout::fill_tx(&mem, &mut ring, DATA, HDR, &frame, 256);
-            let mut q = ring.queue(true);
-            let host = Sink::new(syscall);
+            let posted = fill::fill_tx(&mut ring, DATA, HDR, &frame, 256);
+            let mut q = ring.create_queue_event_idx();
+            let host = BenchHost::tx(syscall);
             let stats = QueueStats::default();
             let mut scratch = TxScratch::new();
             let opts = TxOptions {
@@ -228,20 +237,12 @@ fn bench_tx(c: &mut Criterion<ThreadCpu>) {
                 budget: BUDGET,
             };
             let per_call = posted.min(BUDGET);
-            g.throughput(Throughput::Elements(per_call as u64));
-            g.bench_function(BenchmarkId::new(host_name, size), |b| {
-                b.iter(|| {
-                    let out = process_tx(&mut q, &mem, &host, &stats, &mut scratch, &opts);
-                    debug_assert_eq!(out.frames, per_call);
-                    ring.recycle(&mem);
-                    out
-                })
+            bench_calls(&mut g, BenchmarkId::new(host_name, size), per_call, || {
+                let n = process_tx(&mut q, &mem, &host, &stats, &mut scratch, &opts).frames;
+                ring.recycle();
+                n
             });
-            let s = stats.snapshot();
-            assert_eq!(
-                s.tx_drop_bad_chain + s.tx_drop_too_big + s.tx_drop_host_error,
-                0
-            );
+            assert_eq!(drops(&stats), 0);
         }
     }
     g.finish();
@@ -304,43 +305,33 @@ fn bench_rx(c: &mut Criterion<ThreadCpu>) {
         for syscall in [false, true] {
             let host_name = if syscall { "devzero" } else { "null" };
             for &size in case.sizes {
-                let mem = guest();
-                let mut ring = Ring::new(&mem, 0, case.qsize);
-                layout::fill_rx(&mem, &mut ring, DATA, case.buf_len, case.descs, usize::MAX);
-                let mut q = ring.queue(true);
-                let host = Source::new(pattern_frame(HDR, size, 9), syscall);
-                let stats = QueueStats::default();
-                let mut scratch = RxScratch::new();
+                let host = BenchHost::rx(pattern_frame(HDR, size, 9), syscall);
                 let opts = RxOptions {
                     hdr_len: HDR,
                     mrg_rxbuf: case.mrg,
                     max_frame_len: case.max_frame,
                     budget: BUDGET,
                 };
+                let (stats, mut scratch) = (QueueStats::default(), RxScratch::new());
+                let mem = guest();
+                let mut ring = SplitRing::at(&mem, 0, case.qsize).without_ledger();
+                fill::fill_rx(&mut ring, DATA, case.buf_len, case.descs, usize::MAX);
+                let mut q = ring.create_queue_event_idx();
                 // Warm up and learn how many frames one call moves in steady state.
                 let mut per_call = 0;
                 for _ in 0..4 {
                     per_call =
                         process_rx(&mut q, &mem, &host, &stats, &mut scratch, &opts, None).frames;
-                    ring.recycle(&mem);
+                    ring.recycle();
                 }
                 assert!(per_call > 0, "{} {size}: no frame per call", case.name);
-                g.throughput(Throughput::Elements(per_call as u64));
                 let id = BenchmarkId::new(format!("{}/{host_name}", case.name), size);
-                g.bench_function(id, |b| {
-                    b.iter(|| {
-                        let out =
-                            process_rx(&mut q, &mem, &host, &stats, &mut scratch, &opts, None);
-                        debug_assert_eq!(out.frames, per_call);
-                        ring.recycle(&mem);
-                        out
-                    })
+                bench_calls(&mut g, id, per_call, || {
+                    let out = process_rx(&mut q, &mem, &host, &stats, &mut scratch, &opts, None);
+                    ring.recycle();
+                    out.frames
                 });
-                let s = stats.snapshot();
-                assert_eq!(
-                    s.rx_drop_bad_chain + s.rx_drop_buffer_too_small + s.rx_drop_host_error,
-                    0
-                );
+                assert_eq!(drops(&stats), 0);
             }
         }
     }

@@ -52,12 +52,16 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use macvhost::host::{HostDevice, HostSpec, TapQueue};
+use macvhost::testkit::netns::{self, MacvtapTopo, NetNs};
+use macvhost::testkit::{is_root, wait_until, which};
 
 const HDR: usize = 12;
 /// MAC of the macvtap = the guest's MAC.
-const GUEST_MAC: [u8; 6] = [0x02, 0x6d, 0x76, 0x68, 0x00, 0x02];
-const PEER_MAC: [u8; 6] = [0x02, 0x6d, 0x76, 0x68, 0x00, 0x01];
-const LOWER_MAC: [u8; 6] = [0x02, 0x6d, 0x76, 0x68, 0x00, 0x03];
+/// The test kit's topology MACs (`MacvtapTopo::create`), as bytes.
+const GUEST_MAC: [u8; 6] = netns::GUEST_MAC.0;
+const PEER_MAC: [u8; 6] = netns::PEER_MAC.0;
+/// Env var naming the namespace the outer process made, for the inner one.
+const NETNS_ENV: &str = "MVHB_NETNS";
 /// testpmd txonly's default destination (`--eth-peer` default for port 0).
 const TESTPMD_PEER: [u8; 6] = [0x02, 0x00, 0x00, 0x00, 0x00, 0x00];
 const DEV_CPU: usize = 0;
@@ -245,15 +249,8 @@ fn main() {
     outer(&opts);
 }
 
-fn which(p: &str) -> bool {
-    std::env::var_os("PATH")
-        .map(|paths| std::env::split_paths(&paths).any(|d| d.join(p).is_file()))
-        .unwrap_or(false)
-}
-
 fn outer(opts: &Opts) {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 || !which("ip") || !which("dpdk-testpmd") {
+    if !is_root() || which("ip").is_none() || which("dpdk-testpmd").is_none() {
         eprintln!(
             "e2e: needs root, `ip` (iproute2) and `dpdk-testpmd` (Debian package `dpdk`); skipped"
         );
@@ -277,8 +274,8 @@ fn outer(opts: &Opts) {
         unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, opts.nice) };
         let _ = fs::write("/proc/self/autogroup", opts.nice.to_string());
     }
-    let ns = format!("mvhb-{}", std::process::id());
-    run(Command::new("ip").args(["netns", "add", &ns]));
+    // Deleted on drop, with everything still in it.
+    let ns = NetNs::quiet("bench");
     // A Ctrl-C reaches the inner process (same process group), which stops its children; this
     // process only waits for it and then removes the namespace with everything in it.
     // SAFETY: ignoring SIGINT/SIGTERM in this process only; no handler runs.
@@ -287,11 +284,10 @@ fn outer(opts: &Opts) {
         libc::signal(libc::SIGTERM, libc::SIG_IGN);
     }
     let me = std::env::current_exe().expect("current exe");
-    let mut cmd = Command::new("ip");
-    cmd.args(["netns", "exec", &ns])
-        .arg(me)
-        .arg("__inside")
-        .args(opts.to_args());
+    let mut cmd = ns.command(me);
+    cmd.arg("__inside")
+        .args(opts.to_args())
+        .env(NETNS_ENV, ns.name());
     // SAFETY: only resets two signal dispositions (async-signal-safe) between fork and exec, so
     // the inner run stops on Ctrl-C / SIGTERM while this process waits to clean up.
     unsafe {
@@ -302,7 +298,7 @@ fn outer(opts: &Opts) {
         });
     }
     let status = cmd.status();
-    cleanup_netns(&ns);
+    drop(ns);
     if let Some(n) = autogroup_before {
         let _ = fs::write("/proc/self/autogroup", n.to_string());
     }
@@ -315,41 +311,9 @@ fn outer(opts: &Opts) {
     }
 }
 
-fn cleanup_netns(ns: &str) {
-    let out = Command::new("ip")
-        .args(["netns", "pids", ns])
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
-        .unwrap_or_default();
-    for pid in out.split_whitespace().filter_map(|p| p.parse::<i32>().ok()) {
-        // SAFETY: only processes we started can be in our uniquely named namespace.
-        unsafe { libc::kill(pid, libc::SIGKILL) };
-    }
-    thread::sleep(Duration::from_millis(300));
-    let _ = Command::new("ip").args(["netns", "del", ns]).status();
-}
-
-fn run(cmd: &mut Command) -> String {
-    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
-    if !out.status.success() {
-        panic!(
-            "{cmd:?} failed: {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn ip(args: &[&str]) {
-    run(Command::new("ip").args(args));
-}
-
-fn mac_str(m: &[u8; 6]) -> String {
-    m.iter()
-        .map(|b| format!("{b:02x}"))
-        .collect::<Vec<_>>()
-        .join(":")
+/// The namespace this (inner) process runs in, made by the outer one.
+fn bench_ns() -> NetNs {
+    NetNs::attach(&std::env::var(NETNS_ENV).expect("run inside the bench's namespace"))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -372,10 +336,12 @@ struct Topo {
 
 impl Topo {
     fn create(kind: &str) -> Topo {
+        let ns = bench_ns();
         match kind {
             "tap" => {
-                ip(&["tuntap", "add", "dev", "mvb0", "mode", "tap", "multi_queue"]);
-                ip(&["link", "set", "mvb0", "address", &mac_str(&PEER_MAC), "up"]);
+                ns.add_tap("mvb0", true);
+                ns.set_mac("mvb0", netns::PEER_MAC);
+                ns.set_up(&["mvb0"]);
                 Topo {
                     kind: "tap",
                     dev: "mvb0",
@@ -385,48 +351,12 @@ impl Topo {
                 }
             }
             "macvtap" => {
-                ip(&[
-                    "link",
-                    "add",
-                    "peer0",
-                    "address",
-                    &mac_str(&PEER_MAC),
-                    "type",
-                    "veth",
-                    "peer",
-                    "name",
-                    "lower0",
-                    "address",
-                    &mac_str(&LOWER_MAC),
-                ]);
-                // An ifindex whose /dev/tapN is free: /dev is shared by all namespaces.
-                let index = (20000 + std::process::id() % 40000..)
-                    .find(|i| !Path::new(&format!("/dev/tap{i}")).exists())
-                    .unwrap();
-                ip(&[
-                    "link",
-                    "add",
-                    "link",
-                    "lower0",
-                    "name",
-                    "mvt0",
-                    "index",
-                    &index.to_string(),
-                    "address",
-                    &mac_str(&GUEST_MAC),
-                    "type",
-                    "macvtap",
-                    "mode",
-                    "bridge",
-                ]);
-                for l in ["peer0", "lower0", "mvt0"] {
-                    ip(&["link", "set", l, "up"]);
-                }
+                let t = MacvtapTopo::create(&ns, "bridge");
                 Topo {
                     kind: "macvtap",
-                    dev: "mvt0",
-                    peer: "peer0",
-                    links: vec!["peer0", "lower0", "mvt0"],
+                    dev: t.macvtap,
+                    peer: t.peer,
+                    links: vec![t.peer, t.lower, t.macvtap],
                     gen_dst: GUEST_MAC,
                 }
             }
@@ -435,15 +365,21 @@ impl Topo {
     }
 
     fn destroy(&self) {
-        let _ = Command::new("ip")
-            .args(["link", "del", self.links[0]])
-            .status();
+        let _ = bench_ns().try_ip(&["link", "del", self.links[0]]);
     }
 
     fn set_mtu(&self, mtu: usize) {
         for l in &self.links {
-            ip(&["link", "set", l, "mtu", &mtu.to_string()]);
+            bench_ns().ip(&["link", "set", l, "mtu", &mtu.to_string()]);
         }
+    }
+
+    /// Opens the device with `nq` queue pairs exactly as macvhost does: the device and its
+    /// queue fds.
+    fn open(&self, nq: u16) -> (HostDevice, Vec<Arc<TapQueue>>) {
+        let dev = HostDevice::open(&self.spec(), nq).expect("open host device");
+        let queues = dev.queues().to_vec();
+        (dev, queues)
     }
 
     fn spec(&self) -> HostSpec {
@@ -713,29 +649,9 @@ fn generator(iface: &str, len: usize, dst: [u8; 6], stop: &AtomicBool, sent: &At
     );
     // SAFETY: `fd` is ours; closed when this guard drops.
     let _guard = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
-    let one: libc::c_int = 1;
-    // SAFETY: setsockopt with a valid int option.
-    unsafe {
-        libc::setsockopt(
-            fd,
-            libc::SOL_PACKET,
-            libc::PACKET_QDISC_BYPASS,
-            (&one as *const libc::c_int).cast(),
-            4,
-        )
-    };
+    set_int_opt(fd, libc::SOL_PACKET, libc::PACKET_QDISC_BYPASS, 1);
     // Queued frames stay charged to this socket until read: allow a large backlog.
-    let sndbuf: libc::c_int = 1 << 30;
-    // SAFETY: as above.
-    unsafe {
-        libc::setsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            libc::SO_SNDBUFFORCE,
-            (&sndbuf as *const libc::c_int).cast(),
-            4,
-        )
-    };
+    set_int_opt(fd, libc::SOL_SOCKET, libc::SO_SNDBUFFORCE, 1 << 30);
     // SAFETY: a zeroed sockaddr_ll is valid; fields set below.
     let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
     sll.sll_family = libc::AF_PACKET as u16;
@@ -777,6 +693,13 @@ fn generator(iface: &str, len: usize, dst: [u8; 6], stop: &AtomicBool, sent: &At
             thread::sleep(Duration::from_micros(200));
         }
     }
+}
+
+/// `setsockopt` of an int option (best effort: the generator works without either).
+fn set_int_opt(fd: RawFd, level: libc::c_int, name: libc::c_int, val: libc::c_int) {
+    let len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: `val` is a valid c_int for the duration of the call and `len` is its size.
+    unsafe { libc::setsockopt(fd, level, name, (&val as *const libc::c_int).cast(), len) };
 }
 
 fn read_ifindex(iface: &str) -> i32 {
@@ -873,17 +796,6 @@ fn inheritable_dup(fd: RawFd) -> OwnedFd {
     unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(d) }
 }
 
-fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
-    let end = Instant::now() + timeout;
-    while Instant::now() < end {
-        if f() {
-            return true;
-        }
-        thread::sleep(Duration::from_millis(20));
-    }
-    false
-}
-
 fn forward_mode(mode: &str) -> &'static str {
     match mode {
         "tx" => "txonly",
@@ -929,7 +841,7 @@ fn start_macvhost_testpmd(ctx: &Ctx<'_>, tag: &str, extra: &[String]) -> Procs {
     cmd.args(["--socket-path", sock.to_str().unwrap()])
         .args(["--tap-fd", &fdlist, "--queues", &q])
         .args(["--control-socket", ctl.to_str().unwrap()])
-        .args(["--mac", &mac_str(&GUEST_MAC), "--log-level"])
+        .args(["--mac", &netns::GUEST_MAC.to_string(), "--log-level"])
         .arg(std::env::var("MVHB_MACVHOST_LOG").unwrap_or_else(|_| "warn".into()))
         .args(extra)
         .stdin(Stdio::null());
@@ -952,7 +864,7 @@ fn start_macvhost_testpmd(ctx: &Ctx<'_>, tag: &str, extra: &[String]) -> Procs {
         format!(
             "--vdev=net_virtio_user0,path={},queues={q},mac={}",
             sock.display(),
-            mac_str(&GUEST_MAC)
+            netns::GUEST_MAC.to_string()
         ),
         "--".into(),
         "-i".into(),
@@ -1058,6 +970,26 @@ struct Ctx<'a> {
     mode: &'a str,
 }
 
+impl<'a> Ctx<'a> {
+    /// `mode` frames of `size` bytes through `queues` of `topo`.
+    fn new(
+        (opts, dir): (&'a Opts, &'a Path),
+        topo: &'a Topo,
+        queues: &'a [Arc<TapQueue>],
+        size: usize,
+        mode: &'a str,
+    ) -> Ctx<'a> {
+        Ctx {
+            opts,
+            dir,
+            topo,
+            queues,
+            size,
+            mode,
+        }
+    }
+}
+
 /// TX: rate over a fixed window after a warm-up. Returns (Mpps, CPU seconds, frames).
 fn measure_window(ctx: &Ctx<'_>, cpu: &dyn Fn() -> f64) -> (f64, f64, f64) {
     thread::sleep(Duration::from_secs_f64(ctx.opts.warmup));
@@ -1125,7 +1057,7 @@ fn prefill(ctx: &Ctx<'_>) {
     // tun refuses rings much larger than 2^18 entries.
     let per_queue = (backlog_frames(ctx.size) / nq).min(1 << 18);
     for l in ctx.topo.backlog_links() {
-        ip(&["link", "set", l, "txqueuelen", &per_queue.to_string()]);
+        bench_ns().ip(&["link", "set", l, "txqueuelen", &per_queue.to_string()]);
     }
     let drops0 = ctx.topo.backlog_drops();
     let mut gen = Workers::new();
@@ -1407,15 +1339,7 @@ fn inside(opts: &Opts) {
     fs::copy(&opts.macvhost, &copy).expect("copy the macvhost binary");
     opts.macvhost = copy;
     let opts = &opts;
-    // No IPv6 chatter on the test links.
-    let _ = Command::new("sysctl")
-        .args([
-            "-qw",
-            "net.ipv6.conf.all.disable_ipv6=1",
-            "net.ipv6.conf.default.disable_ipv6=1",
-        ])
-        .status();
-    ip(&["link", "set", "lo", "up"]);
+    // The namespace came with IPv6 off (no chatter on the test links) and loopback up.
     if std::env::var_os("MVHB_PROBE").is_some() {
         probe_counters(opts, &dirp);
         return;
@@ -1427,19 +1351,11 @@ fn inside(opts: &Opts) {
     for kind in &opts.kinds {
         let topo = Topo::create(kind);
         for &nq in &opts.queues {
-            let dev = HostDevice::open(&topo.spec(), nq).expect("open host device");
-            let queues = dev.queues().to_vec();
+            let (dev, queues) = topo.open(nq);
             for &size in &opts.sizes {
                 topo.set_mtu(if size > 1500 { 9000 } else { 1500 });
                 for mode in &opts.modes {
-                    let ctx = Ctx {
-                        opts,
-                        dir: &dirp,
-                        topo: &topo,
-                        queues: &queues,
-                        size,
-                        mode,
-                    };
+                    let ctx = Ctx::new((opts, &dirp), &topo, &queues, size, mode);
                     let mut lim: Vec<Sample> = Vec::new();
                     let mut mv: Vec<Vec<Sample>> = vec![Vec::new(); opts.variants.len()];
                     for _rep in 0..opts.reps {
@@ -1543,16 +1459,8 @@ fn inside(opts: &Opts) {
 /// RSS of macvhost serving `nq` queue pairs (macvtap) under testpmd txonly traffic.
 fn rss_at(opts: &Opts, dir: &Path, nq: u16) -> String {
     let topo = Topo::create("macvtap");
-    let dev = HostDevice::open(&topo.spec(), nq).expect("open host device");
-    let queues = dev.queues().to_vec();
-    let ctx = Ctx {
-        opts,
-        dir,
-        topo: &topo,
-        queues: &queues,
-        size: 64,
-        mode: "tx",
-    };
+    let (dev, queues) = topo.open(nq);
+    let ctx = Ctx::new((opts, dir), &topo, &queues, 64, "tx");
     let mut lines = Vec::new();
     for (name, extra) in &opts.variants {
         let s = run_macvhost(&ctx, &format!("rss{nq}{name}"), extra);
@@ -1608,16 +1516,8 @@ fn flush() {
 fn probe_counters(opts: &Opts, dir: &Path) {
     for kind in &opts.kinds {
         let topo = Topo::create(kind);
-        let dev = HostDevice::open(&topo.spec(), 1).expect("open");
-        let queues = dev.queues().to_vec();
-        let ctx = Ctx {
-            opts,
-            dir,
-            topo: &topo,
-            queues: &queues,
-            size: 64,
-            mode: "rx",
-        };
+        let (dev, queues) = topo.open(1);
+        let ctx = Ctx::new((opts, dir), &topo, &queues, 64, "rx");
         let show = |what: &str| {
             let f = ["rx_packets", "rx_dropped", "tx_packets", "tx_dropped"];
             let v: Vec<String> = topo

@@ -20,7 +20,7 @@
 //! | - | [`ratelimit`] | token buckets (pure; used by config and worker) |
 //! | - | [`systemd`] | socket activation, `sd_notify` (readiness, status, watchdog), the fd store (leaf; used by server) |
 //! | - | [`sandbox`] | sealing after start-up: capabilities, the empty root, Landlock, seccomp per thread kind, the link helper (uses `host`; used by server; `docs/security.md`) |
-//! | - | `fuzzing` (feature `test-utils`) | fuzz entry points and the test kit; above everything |
+//! | - | `testkit` (tests, feature `test-utils`) | the test kit: `require`, guest ring driver, fake host queue, netns topologies, daemon guard, fuzz entry points; above everything, imported only by test code |
 //!
 //! # Threads
 //!
@@ -53,8 +53,9 @@
 //! and
 //! [`vhost_user::backend`] (closing fds vhost-user-backend leaks) and [`systemd`] (adopting the
 //! fds a service manager or parent passed at exec) and [`sandbox`] (raw syscalls for
-//! capabilities, namespaces, Landlock and seccomp, and async-signal-safe handlers). Every block
-//! says which invariant makes it sound.
+//! capabilities, namespaces, Landlock and seccomp, and async-signal-safe handlers), and in test
+//! code only the test kit's fuzz frontend (`testkit::fuzz`, ignoring SIGPIPE). Every block says
+//! which invariant makes it sound.
 //!
 //! # Errors
 //!
@@ -69,8 +70,6 @@
 pub mod config;
 pub mod control;
 pub mod datapath;
-#[cfg(feature = "test-utils")]
-pub mod fuzzing;
 pub mod host;
 pub mod ratelimit;
 #[allow(unsafe_code)] // raw syscalls: capabilities, namespaces, Landlock, seccomp, signal handlers
@@ -78,6 +77,8 @@ pub mod sandbox;
 pub mod server;
 #[allow(unsafe_code)] // adopts the fds a service manager or parent passed at exec
 pub mod systemd;
+#[cfg(any(test, feature = "test-utils"))]
+pub mod testkit;
 pub mod vhost_user;
 pub mod worker;
 

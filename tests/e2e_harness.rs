@@ -15,12 +15,9 @@ use common::*;
 
 #[test]
 fn harness_netns_veth_macvtap_setup_and_teardown() {
-    const NAME: &str = "harness_netns_veth_macvtap_setup_and_teardown";
-    if !require_root(NAME) {
-        return;
-    }
+    require!(E2E);
     let t0 = Instant::now();
-    let ns = Netns::new();
+    let ns = NetNs::quiet("e2e");
     let name = ns.name().to_string();
     let topo = MacvtapTopo::create(&ns, "bridge");
     for iface in [topo.peer, topo.lower, topo.macvtap] {
@@ -64,7 +61,8 @@ fn harness_netns_veth_macvtap_setup_and_teardown() {
         "{node} not removed with the macvtap"
     );
     println!(
-        "{NAME}: netns {name}, mvt0 ifindex {} dev {maj}:{min}, peer0 [{stats}], torn down, {:.2?}",
+        "{}: netns {name}, mvt0 ifindex {} dev {maj}:{min}, peer0 [{stats}], torn down, {:.2?}",
+        test_name(),
         topo.ifindex,
         t0.elapsed()
     );
@@ -72,16 +70,13 @@ fn harness_netns_veth_macvtap_setup_and_teardown() {
 
 #[test]
 fn harness_generator_checker_over_veth_reflector() {
-    const NAME: &str = "harness_generator_checker_over_veth_reflector";
-    if !require_root(NAME) {
-        return;
-    }
+    require!(E2E);
     let t0 = Instant::now();
-    let ns = Netns::new();
+    let ns = NetNs::quiet("e2e");
     let topo = MacvtapTopo::create(&ns, "bridge");
     // Clean reflector on the other veth end: everything must come back byte-exact.
     let refl = Reflector::start(&ns, topo.lower);
-    let peer = Peer::open(&ns, topo.peer, topo.peer_mac, topo.macvtap_mac);
+    let peer = Peer::on_macvtap(&ns, &topo);
     peer.wait_for_echo(FrameKind::Raw, Duration::from_secs(5), || {});
     let before = ns.stats(topo.peer);
     let raw = peer.roundtrip(&Traffic::raw(2000));
@@ -121,18 +116,17 @@ fn harness_generator_checker_over_veth_reflector() {
     assert!(lossy.first_mismatch.is_some());
     assert!(!lossy.is_lossless_byte_exact());
     println!(
-        "{NAME}: raw [{raw}]; udp [{udp}]; reflected {reflected}; lossy [{lossy}]; peer0 [{d}]; \
+        "{}: raw [{raw}]; udp [{udp}]; reflected {reflected}; lossy [{lossy}]; peer0 [{d}]; \
          {:.2?}",
+        test_name(),
         t0.elapsed()
     );
 }
 
 /// The virtio-user frontend + tap-as-peer flow of the real tests, with DPDK's vhost backend
 /// standing in for macvhost.
-fn standin_roundtrip(queues: u16, name: &str) {
-    let t0 = Instant::now();
-    let dir = tempfile::tempdir().unwrap();
-    let ns = Netns::new();
+fn standin_roundtrip(queues: u16) {
+    let (t0, dir, ns) = start("e2e");
     let sock = dir.path().join("vhost.sock");
     let _standin = spawn_dpdk_vhost_standin(&ns, dir.path(), &sock, "tap0", queues);
     let t_standin = t0.elapsed();
@@ -142,7 +136,7 @@ fn standin_roundtrip(queues: u16, name: &str) {
         &TestpmdConfig::macswap(queues, GUEST_MAC),
     );
     let tap = TapTopo::attach(&ns, "tap0", Duration::from_secs(10));
-    let peer = Peer::open(&ns, &tap.tap, PEER_MAC, GUEST_MAC);
+    let peer = Peer::on_tap(&ns, &tap);
     let ready = peer.wait_for_echo(FrameKind::Raw, READY_TIMEOUT, || pmd.check_alive());
     let before = ns.stats(&tap.tap);
     let traffic = if queues == 1 {
@@ -163,8 +157,9 @@ fn standin_roundtrip(queues: u16, name: &str) {
         }
     }
     println!(
-        "{name}: stand-in up {t_standin:.2?}, echo after {ready:.2?}; [{rep}]; tap0 [{d}]; \
+        "{}: stand-in up {t_standin:.2?}, echo after {ready:.2?}; [{rep}]; tap0 [{d}]; \
          testpmd rx {} tx {} per-queue {:?}; {:.2?}",
+        test_name(),
         st.rx_packets,
         st.tx_packets,
         st.per_queue,
@@ -174,31 +169,20 @@ fn standin_roundtrip(queues: u16, name: &str) {
 
 #[test]
 fn harness_testpmd_virtio_user_over_dpdk_vhost_standin() {
-    const NAME: &str = "harness_testpmd_virtio_user_over_dpdk_vhost_standin";
-    if !require_root(NAME) {
-        return;
-    }
-    standin_roundtrip(1, NAME);
+    require!(E2E);
+    standin_roundtrip(1);
 }
 
 #[test]
 fn harness_testpmd_four_queues_over_dpdk_vhost_standin() {
-    const NAME: &str = "harness_testpmd_four_queues_over_dpdk_vhost_standin";
-    if !require_root(NAME) {
-        return;
-    }
-    standin_roundtrip(4, NAME);
+    require!(E2E);
+    standin_roundtrip(4);
 }
 
 #[test]
 fn harness_testpmd_reconnect_over_dpdk_vhost_standin() {
-    const NAME: &str = "harness_testpmd_reconnect_over_dpdk_vhost_standin";
-    if !require_root(NAME) {
-        return;
-    }
-    let t0 = Instant::now();
-    let dir = tempfile::tempdir().unwrap();
-    let ns = Netns::new();
+    require!(E2E);
+    let (t0, dir, ns) = start("e2e");
     let sock = dir.path().join("vhost.sock");
     let mut standin = spawn_dpdk_vhost_standin(&ns, dir.path(), &sock, "tap0", 1);
     let standin_pid = standin.pid();
@@ -206,7 +190,7 @@ fn harness_testpmd_reconnect_over_dpdk_vhost_standin() {
     for round in 1..=2 {
         let mut pmd = Testpmd::spawn(&sock, dir.path(), &TestpmdConfig::macswap(1, GUEST_MAC));
         let tap = TapTopo::attach(&ns, "tap0", Duration::from_secs(10));
-        let peer = Peer::open(&ns, &tap.tap, PEER_MAC, GUEST_MAC);
+        let peer = Peer::on_tap(&ns, &tap);
         peer.wait_for_echo(FrameKind::Raw, READY_TIMEOUT, || {
             pmd.check_alive();
             standin.check_alive();
@@ -221,7 +205,12 @@ fn harness_testpmd_reconnect_over_dpdk_vhost_standin() {
     }
     standin.check_alive();
     assert_eq!(standin.pid(), standin_pid);
-    println!("{NAME}: {}; {:.2?}", reports.join("; "), t0.elapsed());
+    println!(
+        "{}: {}; {:.2?}",
+        test_name(),
+        reports.join("; "),
+        t0.elapsed()
+    );
 }
 
 /// The macvtap half of the topology with the queue fds opened by the harness itself: frames for
@@ -229,15 +218,10 @@ fn harness_testpmd_reconnect_over_dpdk_vhost_standin() {
 /// flows spread over all queues (flow hash), a single raw ethertype sticks to one queue.
 #[test]
 fn harness_macvtap_queues_reflect_and_spread_udp_flows() {
-    const NAME: &str = "harness_macvtap_queues_reflect_and_spread_udp_flows";
-    if !require_root(NAME) {
-        return;
-    }
-    let t0 = Instant::now();
-    let dir = tempfile::tempdir().unwrap();
-    let ns = Netns::new();
+    require!(E2E);
+    let (t0, dir, ns) = start("e2e");
     let topo = MacvtapTopo::create(&ns, "bridge");
-    let peer = Peer::open(&ns, topo.peer, topo.peer_mac, topo.macvtap_mac);
+    let peer = Peer::on_macvtap(&ns, &topo);
 
     let refl = MacvtapReflector::start(&ns, &topo, dir.path(), 4);
     peer.wait_for_echo(FrameKind::Raw, Duration::from_secs(5), || {});
@@ -264,8 +248,9 @@ fn harness_macvtap_queues_reflect_and_spread_udp_flows() {
     );
     assert!(m.rx_packets >= 6000 && m.tx_packets >= 6000, "mvt0 {m}");
     println!(
-        "{NAME}: raw [{raw}] per-queue {raw_q:?}; udp [{udp}] per-queue {udp_q:?}; mvt0 [{m}]; \
+        "{}: raw [{raw}] per-queue {raw_q:?}; udp [{udp}] per-queue {udp_q:?}; mvt0 [{m}]; \
          {:.2?}",
+        test_name(),
         t0.elapsed()
     );
 }

@@ -2,13 +2,14 @@
 //! and DPDK testpmd's `net_virtio_user` as the vhost-user frontend, forwarding in `macswap` mode.
 //! Frames are generated and checked byte for byte by an AF_PACKET peer (see tests/common).
 //!
-//! Needs root, `ip` and `dpdk-testpmd`; otherwise every test prints `skipped: …` and returns.
+//! Needs root, `ip` and `dpdk-testpmd`; otherwise every test skips through `require!` (and fails
+//! with `MACVHOST_E2E_REQUIRED=1`).
 //! Run them one at a time: `cargo test --release --all-targets -- --test-threads=1`.
 
 mod common;
 
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::*;
 
@@ -25,17 +26,14 @@ struct Outcome {
 /// macswap; waits for the first echo, runs `traffic`, stops testpmd, and shuts macvhost down
 /// (asserting exit code 0). Asserts the run was lossless and byte-exact.
 fn macvtap_run(
-    name: &str,
     queues: u16,
     traffic: &Traffic,
-    make_topo: impl FnOnce(&Netns) -> MacvtapTopo,
+    make_topo: impl FnOnce(&NetNs) -> MacvtapTopo,
 ) -> Outcome {
-    let t0 = Instant::now();
-    let dir = tempfile::tempdir().expect("tempdir");
-    let ns = Netns::new();
+    let (t0, dir, ns) = start("e2e");
     let topo = make_topo(&ns);
     let q = queues.to_string();
-    let mut mvh = Macvhost::spawn(
+    let mut mvh = Daemon::spawn(
         &ns,
         dir.path(),
         &["--macvtap", topo.macvtap, "--queues", &q],
@@ -45,7 +43,7 @@ fn macvtap_run(
         dir.path(),
         &TestpmdConfig::macswap(queues, topo.macvtap_mac),
     );
-    let peer = Peer::open(&ns, topo.peer, topo.peer_mac, topo.macvtap_mac);
+    let peer = Peer::on_macvtap(&ns, &topo);
     let ready = peer.wait_for_echo(traffic.kind, READY_TIMEOUT, || {
         mvh.check_alive();
         pmd.check_alive();
@@ -82,8 +80,9 @@ fn macvtap_run(
         out.pmd
     );
     println!(
-        "{name}: queues {queues}, first echo after {:.2?}; [{}]; peer0 [{}]; mvt0 [{}]; \
+        "{}: queues {queues}, first echo after {:.2?}; [{}]; peer0 [{}]; mvt0 [{}]; \
          testpmd rx {} tx {} per-queue {:?}; total {:.2?}",
+        test_name(),
         out.ready,
         out.report,
         out.peer,
@@ -98,11 +97,8 @@ fn macvtap_run(
 
 #[test]
 fn macvtap_macswap_roundtrip_is_byte_exact() {
-    const NAME: &str = "macvtap_macswap_roundtrip_is_byte_exact";
-    if !require_root(NAME) {
-        return;
-    }
-    macvtap_run(NAME, 1, &Traffic::raw(2000), |ns| {
+    require!(E2E);
+    macvtap_run(1, &Traffic::raw(2000), |ns| {
         MacvtapTopo::create(ns, "bridge")
     });
 }
@@ -113,21 +109,16 @@ fn macvtap_macswap_roundtrip_is_byte_exact() {
 /// received by the netdev, where the same AF_PACKET socket sees it. No bridge needed.
 #[test]
 fn tap_macswap_roundtrip_is_byte_exact() {
-    const NAME: &str = "tap_macswap_roundtrip_is_byte_exact";
-    if !require_root(NAME) {
-        return;
-    }
-    let t0 = Instant::now();
-    let dir = tempfile::tempdir().expect("tempdir");
-    let ns = Netns::new();
-    let mut mvh = Macvhost::spawn(&ns, dir.path(), &["--tap", "tap0", "--queues", "1"]);
+    require!(E2E);
+    let (t0, dir, ns) = start("e2e");
+    let mut mvh = Daemon::spawn(&ns, dir.path(), &["--tap", "tap0", "--queues", "1"]);
     let mut pmd = Testpmd::spawn(
         mvh.socket(),
         dir.path(),
         &TestpmdConfig::macswap(1, GUEST_MAC),
     );
     let tap = TapTopo::attach(&ns, "tap0", Duration::from_secs(15));
-    let peer = Peer::open(&ns, &tap.tap, PEER_MAC, GUEST_MAC);
+    let peer = Peer::on_tap(&ns, &tap);
     let ready = peer.wait_for_echo(FrameKind::Raw, READY_TIMEOUT, || {
         mvh.check_alive();
         pmd.check_alive();
@@ -143,8 +134,9 @@ fn tap_macswap_roundtrip_is_byte_exact() {
     assert!(d.tx_packets >= sent && d.rx_packets >= sent, "tap0 {d}");
     assert!(st.rx_packets >= sent && st.tx_packets >= sent, "{st:?}");
     println!(
-        "{NAME}: first echo after {ready:.2?}; [{report}]; tap0 [{d}]; testpmd rx {} tx {}; \
+        "{}: first echo after {ready:.2?}; [{report}]; tap0 [{d}]; testpmd rx {} tx {}; \
          total {:.2?}",
+        test_name(),
         st.rx_packets,
         st.tx_packets,
         t0.elapsed()
@@ -159,11 +151,8 @@ fn tap_macswap_roundtrip_is_byte_exact() {
 /// TX queue q), printed when testpmd stops.
 #[test]
 fn macvtap_four_queues_all_carry_traffic() {
-    const NAME: &str = "macvtap_four_queues_all_carry_traffic";
-    if !require_root(NAME) {
-        return;
-    }
-    let out = macvtap_run(NAME, 4, &Traffic::udp(8000, 64), |ns| {
+    require!(E2E);
+    let out = macvtap_run(4, &Traffic::udp(8000, 64), |ns| {
         MacvtapTopo::create(ns, "bridge")
     });
     assert_eq!(out.report.per_flow.len(), 64, "flows that came back");
@@ -179,21 +168,16 @@ fn macvtap_four_queues_all_carry_traffic() {
 
 #[test]
 fn second_frontend_reconnects_after_first_exits() {
-    const NAME: &str = "second_frontend_reconnects_after_first_exits";
-    if !require_root(NAME) {
-        return;
-    }
-    let t0 = Instant::now();
-    let dir = tempfile::tempdir().expect("tempdir");
-    let ns = Netns::new();
+    require!(E2E);
+    let (t0, dir, ns) = start("e2e");
     let topo = MacvtapTopo::create(&ns, "bridge");
-    let mut mvh = Macvhost::spawn(
+    let mut mvh = Daemon::spawn(
         &ns,
         dir.path(),
         &["--macvtap", topo.macvtap, "--queues", "1"],
     );
     let pid = mvh.pid();
-    let peer = Peer::open(&ns, topo.peer, topo.peer_mac, topo.macvtap_mac);
+    let peer = Peer::on_macvtap(&ns, &topo);
     let mut rounds = Vec::new();
     for round in 1..=2 {
         let mut pmd = Testpmd::spawn(
@@ -222,7 +206,12 @@ fn second_frontend_reconnects_after_first_exits() {
         ));
     }
     mvh.shutdown_clean();
-    println!("{NAME}: {}; total {:.2?}", rounds.join("; "), t0.elapsed());
+    println!(
+        "{}: {}; total {:.2?}",
+        test_name(),
+        rounds.join("; "),
+        t0.elapsed()
+    );
 }
 
 /// `/dev` is shared by all network namespaces but ifindexes are not, so `/dev/tap<ifindex>`
@@ -231,15 +220,12 @@ fn second_frontend_reconnects_after_first_exits() {
 /// right macvtap (e.g. via the major:minor in sysfs) and frames must round-trip.
 #[test]
 fn stale_dev_tap_node_is_not_used() {
-    const NAME: &str = "stale_dev_tap_node_is_not_used";
-    if !require_root(NAME) {
-        return;
-    }
-    let ifindex = pick_free_tap_index();
+    require!(E2E);
+    let ifindex = free_ifindex();
     let node_path = format!("/dev/tap{ifindex}");
     let node = DevNodeGuard::create_char(Path::new(&node_path), 1, 3);
     let mut chardev = (0, 0);
-    macvtap_run(NAME, 1, &Traffic::raw(1000), |ns| {
+    macvtap_run(1, &Traffic::raw(1000), |ns| {
         let topo = MacvtapTopo::create_with_ifindex(ns, "bridge", ifindex);
         chardev = topo.chardev(ns);
         assert_ne!(chardev, (1, 3));
@@ -253,7 +239,8 @@ fn stale_dev_tap_node_is_not_used() {
     let unchanged = node.is_unchanged();
     let replaced = now == Some((true, chardev.0, chardev.1));
     println!(
-        "{NAME}: {node_path} was c 1:3, macvtap was {}:{}, now {now:?} ({})",
+        "{}: {node_path} was c 1:3, macvtap was {}:{}, now {now:?} ({})",
+        test_name(),
         chardev.0,
         chardev.1,
         if unchanged {

@@ -1,22 +1,16 @@
 //! Replays the committed fuzz corpora (`fuzz/corpus/<target>/*`) through the very functions the
-//! cargo-fuzz targets call (`macvhost::fuzzing`), on stable Rust, with all their oracles.
+//! cargo-fuzz targets call (`macvhost::testkit::fuzz`), on stable Rust, with all their oracles.
+//! Needs nothing: the test kit reaches every test through the crate's dev-dependency on itself.
 //!
-//! Needs `--features test-utils`; without it the one test here only says it was skipped.
-//! `MACVHOST_WRITE_SEEDS=1 cargo test --features test-utils --test fuzz_corpus` rewrites the
-//! generated seeds (`seed-*` files) from `macvhost::fuzzing::seeds`.
+//! `MACVHOST_WRITE_SEEDS=1 cargo test --test fuzz_corpus` rewrites the generated seeds
+//! (`seed-*` files) from `macvhost::testkit::fuzz::seeds`.
 
-#[cfg(not(feature = "test-utils"))]
-#[test]
-fn fuzz_corpus_replay() {
-    eprintln!("skipped: needs --features test-utils");
-}
-
-#[cfg(feature = "test-utils")]
 pub mod replay {
     use std::path::PathBuf;
     use std::sync::Mutex;
 
-    use macvhost::fuzzing;
+    use macvhost::testkit::fuzz as fuzzing;
+    use macvhost::testkit::Need;
 
     /// The vhost-user target counts the process's open fds and panics: the tests of this file
     /// run one at a time (whatever `--test-threads`).
@@ -99,13 +93,12 @@ pub mod replay {
     }
 
     /// `MACVHOST_FUZZ_REPRO=<target>:<file>` replays one file (say a crash artifact), with
-    /// `MACVHOST_FUZZ_TRACE=1` for a trace of each datapath call. Does nothing otherwise.
+    /// `MACVHOST_FUZZ_TRACE=1` for a trace of each datapath call. An opt-in tool: skipped
+    /// otherwise.
     #[test]
     fn repro_from_env() {
-        let Some(spec) = std::env::var_os("MACVHOST_FUZZ_REPRO") else {
-            return;
-        };
-        let spec = spec.to_string_lossy().into_owned();
+        macvhost::require!(&[Need::OptIn("MACVHOST_FUZZ_REPRO")]);
+        let spec = std::env::var("MACVHOST_FUZZ_REPRO").expect("MACVHOST_FUZZ_REPRO");
         let (target, file) = spec
             .split_once(':')
             .expect("MACVHOST_FUZZ_REPRO=<target>:<file>");
@@ -139,9 +132,8 @@ pub mod replay {
 }
 
 /// Minimised findings, each also a file in its target's corpus.
-#[cfg(feature = "test-utils")]
 mod regressions {
-    use macvhost::fuzzing;
+    use macvhost::testkit::fuzz as fuzzing;
 
     /// vhost-user-backend 0.24 leaked the exit-event consumer eventfd of every worker thread of
     /// every connection (a connection with no message at all is enough); `NetBackend` now closes
@@ -156,7 +148,6 @@ mod regressions {
     }
 }
 
-#[cfg(feature = "test-utils")]
 mod regressions_vnet {
     /// With a GSO offload acked and an MTU above 65532, `rx_max_frame_len` was header + 65550,
     /// too small for an MTU-sized frame with a VLAN tag (MRG_RXBUF windows were sized from it).
@@ -164,11 +155,10 @@ mod regressions_vnet {
     fn regression_gso_mtu_65535_rx_max_frame_len() {
         let _g = super::replay::lock();
         let data = include_bytes!("../fuzz/corpus/vnet_hdr/regress-gso-mtu-65535");
-        macvhost::fuzzing::vnet_hdr(data);
+        macvhost::testkit::fuzz::vnet_hdr(data);
     }
 }
 
-#[cfg(feature = "test-utils")]
 mod regressions_rx {
     /// MRG_RXBUF frame over 16 chains, used ring partly outside guest memory: `add_used` failed
     /// on the 9th chain, `process_rx` reported `broken` and rewound `next_avail` over all 16
@@ -181,6 +171,6 @@ mod regressions_rx {
         let data = include_bytes!(
             "../fuzz/corpus/rx_fill/regress-broken-used-ring-mid-frame-rewinds-used-chains"
         );
-        macvhost::fuzzing::rx_fill(data);
+        macvhost::testkit::fuzz::rx_fill(data);
     }
 }

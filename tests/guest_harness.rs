@@ -9,26 +9,20 @@
 #[path = "support/guest.rs"]
 mod guest;
 
-use guest::{NetNs, Qemu, QemuConfig};
+use guest::{require, run_ok, Need, NetNs, Qemu, QemuConfig, GUEST, IMAGE, QEMU};
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Stdio};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-/// Guests run one at a time: there are only 2 cores and TCG is slow.
-fn one_guest_at_a_time() -> MutexGuard<'static, ()> {
-    static LOCK: Mutex<()> = Mutex::new(());
-    LOCK.lock().unwrap_or_else(|e| e.into_inner())
-}
+use guest::{one_at_a_time as one_guest_at_a_time, secs};
 
-fn secs(s: u64) -> Duration {
-    guest::scaled(Duration::from_secs(s))
-}
-
+/// A guest test's timings; holds the one-guest-at-a-time lock while it lives.
 struct Timings {
     name: &'static str,
     rows: Vec<(String, Duration, String)>,
+    _one: std::sync::MutexGuard<'static, ()>,
 }
 
 impl Timings {
@@ -36,7 +30,14 @@ impl Timings {
         Timings {
             name,
             rows: Vec::new(),
+            _one: one_guest_at_a_time(),
         }
+    }
+
+    /// The last row, `what` up to now in `vm`'s life, and the file.
+    fn finish(mut self, what: &str, vm: &Qemu) {
+        self.add(what, vm.uptime(), "");
+        self.write();
     }
 
     fn add(&mut self, what: &str, d: Duration, note: impl Into<String>) {
@@ -70,10 +71,7 @@ impl Drop for KillOnDrop {
 
 #[test]
 fn batch_script_over_fw_cfg() {
-    if guest::skip_unless_qemu("batch_script_over_fw_cfg") {
-        return;
-    }
-    let _one = one_guest_at_a_time();
+    require!(&[QEMU, IMAGE]);
     let mut t = Timings::new("batch");
     let script = r#"
 result answer 42
@@ -100,15 +98,30 @@ exit 3
         .wait_exit(secs(120))
         .expect("guest did not power off after MVH-DONE");
     assert!(st.success(), "qemu exit status {st}");
-    t.add("spawn to QEMU exit", vm.uptime(), "");
-    t.write();
+    t.finish("spawn to QEMU exit", &vm);
+}
+
+/// The macvtap topology helper (used by the macvhost end-to-end tests).
+#[test]
+fn netns_macvtap_topology() {
+    require!(&[Need::Root, Need::Tool("ip")]);
+    let ns = NetNs::new("mvt");
+    guest::add_veth_macvtap(&ns);
+    let link = ns.ip(&["-o", "link", "show", "mvt0"]);
+    assert!(link.contains(guest::GUEST_MAC), "{link}");
+    assert!(link.contains("mvt0@mvh-lower"), "{link}");
+    let (maj, min) = ns.macvtap_devno("mvt0");
+    assert!(maj > 0, "{maj}:{min}");
+    // A socket bound in the namespace sees the peer address.
+    let l = ns
+        .tcp_listener(format!("{}:0", guest::PEER_IP).parse().unwrap())
+        .expect("bind inside the namespace");
+    assert_eq!(l.local_addr().unwrap().ip().to_string(), guest::PEER_IP);
 }
 
 #[test]
 fn interactive_commands_over_serial() {
-    if guest::skip_unless_qemu("interactive_commands_over_serial") {
-        return;
-    }
+    require!(&[QEMU, IMAGE]);
     let _one = one_guest_at_a_time();
     let vm = Qemu::spawn(&QemuConfig::no_net("interactive")).unwrap_or_else(|e| panic!("{e}"));
     vm.wait_ready(secs(300)).unwrap_or_else(|e| panic!("{e}"));
@@ -157,18 +170,15 @@ fn field<'a>(out: &'a str, key: &str) -> Option<&'a str> {
 
 #[test]
 fn tap_backend_end_to_end() {
-    if guest::skip_unless_root("tap_backend_end_to_end")
-        || guest::skip_unless_qemu("tap_backend_end_to_end")
-    {
-        return;
-    }
-    let _one = one_guest_at_a_time();
+    require!(GUEST);
+    require!(&[Need::Tool("iperf3")]);
     let mut t = Timings::new("tap");
     const BLOB: usize = 64 << 20;
 
-    let ns = NetNs::new("tap").expect("create netns");
-    ns.add_tap("tap0", true, &format!("{}/24", guest::PEER_IP))
-        .expect("create tap");
+    let ns = NetNs::new("tap");
+    ns.add_tap("tap0", true);
+    ns.add_addr("tap0", guest::PEER_CIDR);
+    ns.set_up(&["tap0"]);
     let cfg = QemuConfig::tap("tap-e2e", ns.name(), "tap0", 2);
     let vm = Qemu::spawn(&cfg).unwrap_or_else(|e| panic!("{e}"));
     println!("qemu: {}", vm.command_string());
@@ -205,15 +215,9 @@ fn tap_backend_end_to_end() {
     let o = vm.exec_ok("ping -c 3 -W 5 $MVH_PEER", secs(180));
     t.add("ping guest->peer (3 packets)", o.elapsed, "");
     let t0 = Instant::now();
-    let out = ns
-        .command("busybox")
-        .args(["ping", "-c", "3", "-W", "5", guest::GUEST_IP])
-        .output()
-        .expect("run ping");
-    assert!(
-        out.status.success(),
-        "ping from the netns failed: {}",
-        String::from_utf8_lossy(&out.stdout)
+    run_ok(
+        ns.command("busybox")
+            .args(["ping", "-c", "3", "-W", "5", guest::GUEST_IP]),
     );
     t.add("ping peer->guest (3 packets)", t0.elapsed(), "");
 
@@ -341,8 +345,7 @@ fn tap_backend_end_to_end() {
 
     let st = vm.shutdown(secs(120)).expect("guest did not power off");
     assert!(st.success(), "qemu exit status {st}");
-    t.add("total", vm.uptime(), "");
-    t.write();
+    t.finish("total", &vm);
 }
 
 /// The vhost-user command line is accepted by QEMU and QEMU opens the
@@ -352,9 +355,7 @@ fn tap_backend_end_to_end() {
 fn vhost_user_command_line_reaches_backend_socket() {
     use std::io::Read;
     use std::os::unix::net::UnixListener;
-    if guest::skip_unless_qemu("vhost_user_command_line_reaches_backend_socket") {
-        return;
-    }
+    require!(&[QEMU, IMAGE]);
     let _one = one_guest_at_a_time();
     let dir = tempfile::tempdir().unwrap();
     let sock = dir.path().join("vhost.sock");
@@ -391,37 +392,13 @@ fn vhost_user_command_line_reaches_backend_socket() {
     println!("qemu: {}", vm.command_string());
 }
 
-/// The macvtap topology helper (used by the macvhost end-to-end tests).
-#[test]
-fn netns_macvtap_topology() {
-    if guest::skip_unless_root("netns_macvtap_topology") {
-        return;
-    }
-    let ns = NetNs::new("mvt").expect("create netns");
-    ns.add_veth_macvtap(&format!("{}/24", guest::PEER_IP), guest::GUEST_MAC)
-        .expect("veth + macvtap");
-    let link = ns.ip(&["-o", "link", "show", "mvt0"]).unwrap();
-    assert!(link.contains(guest::GUEST_MAC), "{link}");
-    assert!(link.contains("mvt0@mvh-lower"), "{link}");
-    let (maj, min) = ns.macvtap_devno("mvt0").expect("macvtap devno");
-    assert!(maj > 0, "{maj}:{min}");
-    // A socket bound in the namespace sees the peer address.
-    let l = ns
-        .tcp_listener(format!("{}:0", guest::PEER_IP).parse().unwrap())
-        .expect("bind inside the namespace");
-    assert_eq!(l.local_addr().unwrap().ip().to_string(), guest::PEER_IP);
-}
-
 /// The image's IPv4 multicast tool (`mvh-mcast`, built by build-guest.sh) on the guest's
 /// loopback: a join shows in `/proc/net/igmp`, a looped-back datagram to the group is counted
 /// and one to another group is not, the leave removes the group; then 10,000 distinct groups
 /// are joined and left (the L2 tests' cap test needs that many).
 #[test]
 fn multicast_tool_joins_counts_and_leaves_on_loopback() {
-    if guest::skip_unless_qemu("multicast_tool_joins_counts_and_leaves_on_loopback") {
-        return;
-    }
-    let _one = one_guest_at_a_time();
+    require!(&[QEMU, IMAGE]);
     let mut t = Timings::new("mcast-tool");
     let vm = Qemu::spawn(&QemuConfig::no_net("mcast-tool")).unwrap_or_else(|e| panic!("{e}"));
     vm.wait_ready(secs(300)).unwrap_or_else(|e| panic!("{e}"));
@@ -491,9 +468,7 @@ fn multicast_tool_joins_counts_and_leaves_on_loopback() {
 /// `ip -6 addr add` answers a ping.
 #[test]
 fn guest_has_ipv6_and_ping6() {
-    if guest::skip_unless_qemu("guest_has_ipv6_and_ping6") {
-        return;
-    }
+    require!(&[QEMU, IMAGE]);
     let _one = one_guest_at_a_time();
     let vm = Qemu::spawn(&QemuConfig::no_net("ipv6")).unwrap_or_else(|e| panic!("{e}"));
     vm.wait_ready(secs(300)).unwrap_or_else(|e| panic!("{e}"));

@@ -24,8 +24,8 @@
 //! Nothing starts libvirt without systemd as PID 1: the test starts `virtlogd -d` and
 //! `libvirtd -d` when their sockets do not answer, and stops what it started. Domains are
 //! transient (`virsh create`), named `mvh-lv-PID-N`, destroyed on the way out (ones left by a dead
-//! test process are destroyed by the next run). Needs root, libvirt and QEMU; otherwise it prints
-//! `skipped: …`, or fails when `MACVHOST_E2E_REQUIRED=1`.
+//! test process are destroyed by the next run). Needs root, libvirt, QEMU and the guest image;
+//! otherwise it skips through `require!`, or fails when `MACVHOST_E2E_REQUIRED=1`.
 
 mod common;
 #[path = "support/guest.rs"]
@@ -44,7 +44,8 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
-use common::{Macvhost, MacvtapTopo, Netns};
+use common::{require, run_ok, wait_until, Daemon, MacvtapTopo, Need, NetNs};
+use guest::{one_at_a_time, secs};
 
 const URI: &str = "qemu:///system";
 /// The user (and group) libvirt runs QEMU as on Debian (`user`/`group` in qemu.conf).
@@ -52,40 +53,26 @@ const QEMU_USER: &str = "libvirt-qemu";
 const QUEUES: &str = "2";
 const BLOB: usize = 4 << 20;
 
-/// Guests run one at a time: 2 cores, TCG.
-fn one_at_a_time() -> MutexGuard<'static, ()> {
-    static LOCK: Mutex<()> = Mutex::new(());
-    LOCK.lock().unwrap_or_else(|e| e.into_inner())
-}
+/// Root, the libvirt and QEMU programs, the `libvirt-qemu` user, and the guest image.
+const LIBVIRT: &[Need] = &[
+    Need::Root,
+    Need::Tool("ip"),
+    Need::Tool("virsh"),
+    Need::Tool("libvirtd"),
+    Need::Tool("virtlogd"),
+    guest::QEMU,
+    guest::IMAGE,
+    Need::Check(
+        "the libvirt-qemu user (apt-get install libvirt-daemon-system)",
+        qemu_user,
+    ),
+];
 
-fn secs(s: u64) -> Duration {
-    guest::scaled(Duration::from_secs(s))
-}
-
-/// Root, the libvirt and QEMU programs, and the `libvirt-qemu` user; otherwise prints
-/// `skipped: …` and returns false, or panics under `MACVHOST_E2E_REQUIRED=1`.
-fn require_libvirt(test: &str) -> bool {
-    let root = nix::unistd::geteuid().is_root();
-    let missing: Vec<&str> = ["ip", "virsh", "libvirtd", "virtlogd", "qemu-system-x86_64"]
-        .into_iter()
-        .filter(|p| guest::which(p).is_none())
-        .collect();
-    let user = nix::unistd::User::from_name(QEMU_USER)
+fn qemu_user() -> bool {
+    nix::unistd::User::from_name(QEMU_USER)
         .ok()
         .flatten()
-        .is_some();
-    if root && missing.is_empty() && user {
-        return true;
-    }
-    let msg = format!(
-        "skipped: {test}: needs root, libvirt and QEMU (apt-get install libvirt-daemon-system \
-         libvirt-clients qemu-system-x86); root={root} missing={missing:?} user {QEMU_USER}={user}"
-    );
-    if std::env::var(common::REQUIRE_ENV).as_deref() == Ok("1") {
-        panic!("{msg} [{}=1]", common::REQUIRE_ENV);
-    }
-    common::print_skip(&msg);
-    false
+        .is_some()
 }
 
 // ------------------------------------------------------------------------------- daemons ---
@@ -115,9 +102,9 @@ impl Daemons {
             if UnixStream::connect(sock).is_ok() {
                 continue;
             }
-            let bin = guest::which(name).expect("checked by require_libvirt");
-            common::run_ok(Command::new(bin).arg("-d"));
-            let up = common::wait_until(secs(15), || UnixStream::connect(sock).is_ok());
+            let bin = guest::which(name).expect("checked by require!(LIBVIRT)");
+            run_ok(Command::new(bin).arg("-d"));
+            let up = wait_until(secs(15), || UnixStream::connect(sock).is_ok());
             let pid = fs::read_to_string(pidfile)
                 .ok()
                 .and_then(|s| s.trim().parse::<i32>().ok());
@@ -148,7 +135,7 @@ impl Drop for Daemons {
             }
             let pid_t = nix::unistd::Pid::from_raw(pid);
             let _ = nix::sys::signal::kill(pid_t, nix::sys::signal::Signal::SIGTERM);
-            if !common::wait_until(Duration::from_secs(10), || !alive(pid, name)) {
+            if !wait_until(Duration::from_secs(10), || !alive(pid, name)) {
                 let _ = nix::sys::signal::kill(pid_t, nix::sys::signal::Signal::SIGKILL);
             }
         }
@@ -227,7 +214,7 @@ impl Domain {
         let Some(mut child) = self.create.take() else {
             return;
         };
-        let ok = common::wait_until(timeout, || !matches!(child.try_wait(), Ok(None)));
+        let ok = wait_until(timeout, || !matches!(child.try_wait(), Ok(None)));
         if !ok {
             let _ = child.kill();
             let _ = child.wait();
@@ -491,7 +478,7 @@ enum Mode {
 fn chown_to_qemu(path: &Path, mode: u32) {
     let user = nix::unistd::User::from_name(QEMU_USER)
         .unwrap()
-        .expect("checked by require_libvirt");
+        .expect("checked by require!(LIBVIRT)");
     let group = nix::unistd::Group::from_name(QEMU_USER)
         .unwrap()
         .map_or(user.gid, |g| g.gid);
@@ -501,18 +488,11 @@ fn chown_to_qemu(path: &Path, mode: u32) {
 }
 
 /// Per-queue-pair counters from `macvhost stats --json`, summed over the pairs.
-fn macvhost_totals(control: &Path) -> BTreeMap<String, u64> {
-    let out = common::run_ok(
-        Command::new(Macvhost::binary())
-            .arg("stats")
-            .arg(control)
-            .arg("--json"),
-    );
-    let v: serde_json::Value = serde_json::from_str(&out).expect("stats json");
+fn macvhost_totals(mvh: &Daemon) -> BTreeMap<String, u64> {
     let mut sum = BTreeMap::new();
-    for q in v["queues"].as_array().expect("queues") {
-        for (k, c) in q["counters"].as_object().expect("counters") {
-            *sum.entry(k.clone()).or_insert(0) += c.as_u64().unwrap_or(0);
+    for q in mvh.stats() {
+        for (k, c) in q {
+            *sum.entry(k).or_insert(0) += c;
         }
     }
     sum
@@ -525,7 +505,7 @@ fn boot_and_prove(test: &str, mode: Mode) {
     Domain::destroy_stale();
     let image = guest::guest_image();
 
-    let ns = Netns::new();
+    let ns = NetNs::quiet("guest");
     let topo = MacvtapTopo::create(&ns, "bridge");
     ns.ip(&[
         "addr",
@@ -549,16 +529,7 @@ fn boot_and_prove(test: &str, mode: Mode) {
     let serial_path = dir.path().join("serial.sock");
     let serial = UnixListener::bind(&serial_path).unwrap();
     chown_to_qemu(&serial_path, 0o600);
-    let control = dir.path().join("control.sock");
-    let control_arg = control.to_str().unwrap();
-    let mvh_args = [
-        "--macvtap",
-        topo.macvtap,
-        "--queues",
-        QUEUES,
-        "--control-socket",
-        control_arg,
-    ];
+    let mvh_args = ["--macvtap", topo.macvtap, "--queues", QUEUES];
 
     let name = Domain::unique_name();
     let xml_path = dir.path().join("domain.xml");
@@ -574,13 +545,13 @@ fn boot_and_prove(test: &str, mode: Mode) {
             ("SERIAL_SOCKET", serial_path.display().to_string()),
         ]
     };
-    let (mvh, domain) = match mode {
+    let (mut mvh, domain) = match mode {
         Mode::Client => {
             // QEMU runs as libvirt-qemu and needs write permission on the socket.
             let owner = format!("{QEMU_USER}:{QEMU_USER}");
             let mut args = mvh_args.to_vec();
             args.extend(["--socket-owner", owner.as_str(), "--socket-mode", "0660"]);
-            let mvh = Macvhost::spawn_named(&ns, dir.path(), "vhost", &args);
+            let mvh = Daemon::spawn_named(&ns, dir.path(), "vhost", &args);
             let meta = fs::metadata(mvh.socket()).unwrap();
             let qemu_uid = nix::unistd::User::from_name(QEMU_USER)
                 .unwrap()
@@ -612,17 +583,17 @@ fn boot_and_prove(test: &str, mode: Mode) {
             args.extend(mvh_args);
             // The documented order: macvhost first (it retries until QEMU's socket appears),
             // then `virsh create`, which returns once macvhost has connected.
-            // `Macvhost::spawn_named` returns when the socket exists, so it runs aside.
+            // `Daemon::spawn_named` returns when the socket exists, so it runs aside.
             thread::scope(|s| {
                 let log = sockdir.join("vhost.log");
-                let mvh = s.spawn(|| Macvhost::spawn_named(&ns, &sockdir, "vhost", &args));
-                let retrying = common::wait_until(secs(15), || {
+                let mvh = s.spawn(|| Daemon::spawn_named(&ns, &sockdir, "vhost", &args));
+                let retrying = wait_until(secs(15), || {
                     fs::read_to_string(&log).is_ok_and(|l| l.contains("waiting for a frontend"))
                 });
                 assert!(retrying, "macvhost --client never waited for the frontend");
                 let t = Instant::now();
                 let mut d = Domain::start(&name, &xml_path);
-                let up = common::wait_until(secs(30), || socket.exists() || !d.creating());
+                let up = wait_until(secs(30), || socket.exists() || !d.creating());
                 let appeared = t.elapsed();
                 if !d.creating() || !up {
                     // Failed early (or hangs): report virsh's error, not macvhost's wait.
@@ -666,10 +637,10 @@ fn boot_and_prove(test: &str, mode: Mode) {
     );
 
     // Host -> guest, 4 MiB.
-    let before = macvhost_totals(&control);
+    let before = macvhost_totals(&mvh);
     let blob = Arc::new(guest::random_blob(BLOB).unwrap());
     let addr = |port: u16| format!("{}:{port}", guest::PEER_IP);
-    let l = ns.run_in(|| TcpListener::bind(addr(5001)).unwrap());
+    let l = ns.run(|| TcpListener::bind(addr(5001)).unwrap());
     let sender = guest::serve_blob(l, blob, secs(120));
     let r = console.exec_ok(
         "nc $MVH_PEER 5001 > /tmp/rx && result rx_bytes $(wc -c < /tmp/rx) && \
@@ -689,7 +660,7 @@ fn boot_and_prove(test: &str, mode: Mode) {
         ),
         secs(60),
     );
-    let l = ns.run_in(|| TcpListener::bind(addr(5002)).unwrap());
+    let l = ns.run(|| TcpListener::bind(addr(5002)).unwrap());
     let receiver = guest::receive_sha256(l, secs(120));
     console.exec_ok("nc $MVH_PEER 5002 < /tmp/tx; rm -f /tmp/tx", secs(120));
     let got = receiver.join().unwrap().unwrap();
@@ -697,7 +668,7 @@ fn boot_and_prove(test: &str, mode: Mode) {
     assert_eq!(got.sha256, r["tx_sha"], "guest -> host data corrupted");
 
     // The bytes crossed macvhost (the guest has no other NIC).
-    let after = macvhost_totals(&control);
+    let after = macvhost_totals(&mvh);
     let moved = |k: &str| after[k] - before.get(k).copied().unwrap_or(0);
     assert!(
         moved("rx_bytes") >= BLOB as u64 && moved("tx_bytes") >= BLOB as u64,
@@ -730,17 +701,15 @@ fn boot_and_prove(test: &str, mode: Mode) {
 #[test]
 fn libvirt_client_mode_guest_reaches_the_macvtap_through_a_listening_macvhost() {
     const NAME: &str = "libvirt_client_mode_guest_reaches_the_macvtap_through_a_listening_macvhost";
-    if require_libvirt(NAME) {
-        boot_and_prove(NAME, Mode::Client);
-    }
+    require!(LIBVIRT);
+    boot_and_prove(NAME, Mode::Client);
 }
 
 #[test]
 fn libvirt_server_mode_guest_reaches_the_macvtap_through_macvhost_client() {
     const NAME: &str = "libvirt_server_mode_guest_reaches_the_macvtap_through_macvhost_client";
-    if require_libvirt(NAME) {
-        boot_and_prove(NAME, Mode::Server);
-    }
+    require!(LIBVIRT);
+    boot_and_prove(NAME, Mode::Server);
 }
 
 /// The docs show the domain XML the tests above boot, byte for byte (no root needed).

@@ -1,186 +1,32 @@
 //! Real guests on macvhost (issue 3): a Debian kernel's virtio-net driver under QEMU (TCG),
 //! macvhost on a macvtap (bridge mode) over a veth pair in a namespace the test creates, the
-//! traffic peer on the veth's other end. Root only; otherwise each test prints `skipped: …`.
+//! traffic peer on the veth's other end. Needs root, `ip`, QEMU and the guest image; otherwise each
+//! test skips through `require!` (and fails with `MACVHOST_E2E_REQUIRED=1`).
 
 #[path = "support/guest.rs"]
 mod guest;
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::path::Path;
+use std::process::Stdio;
+use std::sync::{Arc, MutexGuard};
 use std::time::{Duration, Instant};
 
-use guest::{NetNs, Qemu, QemuConfig};
+use guest::{one_at_a_time as one_guest_at_a_time, require, secs, Daemon, Need, NetNs};
+use guest::{Qemu, QemuConfig, GUEST};
 
-/// Guests run one at a time: there are only 2 cores and TCG is slow.
-fn one_guest_at_a_time() -> MutexGuard<'static, ()> {
-    static LOCK: Mutex<()> = Mutex::new(());
-    LOCK.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-fn secs(s: u64) -> Duration {
-    guest::scaled(Duration::from_secs(s))
-}
-
-fn skip(test: &str) -> bool {
-    guest::skip_unless_root(test) || guest::skip_unless_qemu(test)
-}
-
-/// The macvhost process, run inside the namespace; SIGTERM on drop.
-struct Macvhost {
-    child: Option<Child>,
-    ns: String,
-    socket: PathBuf,
-    control: PathBuf,
-    log: PathBuf,
-    queues: u16,
-    macvtap: String,
-    extra_args: Vec<String>,
-}
-
-impl Macvhost {
-    /// macvhost on macvtap `macvtap`, its sockets and log in `dir`.
-    fn start_on(ns: &NetNs, dir: &Path, macvtap: &str, queues: u16) -> Macvhost {
-        Self::start_with(ns, dir, macvtap, queues, &[])
-    }
-
-    /// Like [`Macvhost::start_on`] with more command-line arguments.
-    fn start_with(
-        ns: &NetNs,
-        dir: &Path,
-        macvtap: &str,
-        queues: u16,
-        extra_args: &[&str],
-    ) -> Macvhost {
-        let mut m = Macvhost {
-            child: None,
-            ns: ns.name().to_string(),
-            socket: dir.join("vhost.sock"),
-            control: dir.join("control.sock"),
-            log: dir.join("macvhost.log"),
-            queues,
-            macvtap: macvtap.to_string(),
-            extra_args: extra_args.iter().map(|a| a.to_string()).collect(),
-        };
-        m.spawn();
-        m
-    }
-
-    fn spawn(&mut self) {
-        let _ = std::fs::remove_file(&self.socket);
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.log)
-            .unwrap();
-        let child = Command::new("ip")
-            .args(["netns", "exec", &self.ns, env!("CARGO_BIN_EXE_macvhost")])
-            .arg("--socket-path")
-            .arg(&self.socket)
-            .args([
-                "--macvtap",
-                &self.macvtap,
-                "--queues",
-                &self.queues.to_string(),
-            ])
-            .arg("--control-socket")
-            .arg(&self.control)
-            .args(["--log-level", "debug"])
-            .args(&self.extra_args)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .expect("spawn macvhost");
-        self.child = Some(child);
-        let t = Instant::now();
-        while !self.socket.exists() {
-            assert!(
-                t.elapsed() < secs(20),
-                "macvhost never listened:\n{}",
-                self.log_text()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    fn kill9(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            // `ip netns exec` execs macvhost, so the child's pid is macvhost's.
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(c.id() as i32),
-                nix::sys::signal::Signal::SIGKILL,
-            );
-            let _ = c.wait();
-        }
-    }
-
-    /// Per-queue-pair counters from `macvhost stats --json`.
-    fn stats(&self) -> Vec<std::collections::BTreeMap<String, u64>> {
-        let out = Command::new(env!("CARGO_BIN_EXE_macvhost"))
-            .arg("stats")
-            .arg(&self.control)
-            .arg("--json")
-            .output()
-            .expect("macvhost stats");
-        assert!(out.status.success(), "macvhost stats failed: {out:?}");
-        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-        v["queues"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|q| serde_json::from_value(q["counters"].clone()).unwrap())
-            .collect()
-    }
-
-    /// Device-wide counters (multicast groups, guest MAC changes) from `macvhost stats --json`.
-    fn device_stats(&self) -> std::collections::BTreeMap<String, u64> {
-        let out = Command::new(env!("CARGO_BIN_EXE_macvhost"))
-            .arg("stats")
-            .arg(&self.control)
-            .arg("--json")
-            .output()
-            .expect("macvhost stats");
-        assert!(out.status.success(), "macvhost stats failed: {out:?}");
-        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-        serde_json::from_value(v["device"].clone()).unwrap()
-    }
-
-    fn stop_clean(&mut self) {
-        let mut c = self.child.take().expect("running");
-        nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(c.id() as i32),
-            nix::sys::signal::Signal::SIGTERM,
-        )
-        .unwrap();
-        let st = c.wait().unwrap();
-        assert!(st.success(), "macvhost exit {st:?}:\n{}", self.log_text());
-    }
-}
-
-impl Drop for Macvhost {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(c.id() as i32),
-                nix::sys::signal::Signal::SIGTERM,
-            );
-            let _ = c.wait();
-        }
-        if std::thread::panicking() {
-            eprintln!("--- macvhost log ---\n{}", self.log_text());
-        }
-    }
+/// macvhost on macvtap `macvtap` with `queues` queue pairs and more arguments, its sockets and
+/// log in `dir`.
+fn start_macvhost(ns: &NetNs, dir: &Path, macvtap: &str, queues: u16, extra: &[&str]) -> Daemon {
+    let queues = queues.to_string();
+    let mut args = vec!["--macvtap", macvtap, "--queues", &queues];
+    args.extend_from_slice(extra);
+    Daemon::spawn(ns, dir, &args)
 }
 
 struct Setup {
     _lock: MutexGuard<'static, ()>,
     vm: Qemu,
-    mvh: Macvhost,
+    mvh: Daemon,
     ns: NetNs,
     _dir: tempfile::TempDir,
     boot: Duration,
@@ -193,13 +39,11 @@ fn setup(tag: &str, queues: u16, reboot_in_place: bool) -> Setup {
 /// [`setup`] with more macvhost arguments.
 fn setup_with(tag: &str, queues: u16, reboot_in_place: bool, extra_args: &[&str]) -> Setup {
     let lock = one_guest_at_a_time();
-    let ns = NetNs::new(tag).expect("create netns");
-    // The macvtap carries the guest's MAC: macvtap only delivers frames for its own address.
-    ns.add_veth_macvtap(&format!("{}/24", guest::PEER_IP), guest::GUEST_MAC)
-        .expect("veth + macvtap");
+    let ns = NetNs::new(tag);
+    guest::add_veth_macvtap(&ns);
     let dir = tempfile::tempdir().unwrap();
-    let mvh = Macvhost::start_with(&ns, dir.path(), "mvt0", queues, extra_args);
-    let mut cfg = QemuConfig::vhost_user(tag, &mvh.socket, queues);
+    let mvh = start_macvhost(&ns, dir.path(), "mvt0", queues, extra_args);
+    let mut cfg = QemuConfig::vhost_user(tag, mvh.socket(), queues);
     cfg.no_reboot = !reboot_in_place;
     let vm = Qemu::spawn(&cfg).unwrap_or_else(|e| panic!("{e}"));
     let ready = vm
@@ -238,9 +82,7 @@ fn field<'a>(text: &'a str, key: &str) -> Option<&'a str> {
 
 #[test]
 fn guest_comes_up_with_the_macvtap_mac_and_pings_the_peer() {
-    if skip("guest_comes_up_with_the_macvtap_mac_and_pings_the_peer") {
-        return;
-    }
+    require!(GUEST);
     let s = setup("ping", 2, false);
     let macvtap_mac =
         s.ns.command("cat")
@@ -353,20 +195,18 @@ fn wait_guest_carrier(s: &Setup, want: &str, limit: Duration) -> Result<Duration
 
 #[test]
 fn guest_carrier_follows_the_macvtap_parent_with_disconnect_on_link_down() {
-    if skip("guest_carrier_follows_the_macvtap_parent_with_disconnect_on_link_down") {
-        return;
-    }
+    require!(GUEST);
     let s = setup_with("carrier", 1, false, &["--disconnect-on-link-down"]);
     wait_guest_carrier(&s, "1", secs(30)).unwrap();
     let o = s.vm.exec_ok("ping -c 2 -W 5 $MVH_PEER", secs(120));
     assert!(o.output.contains("2 packets received"), "{}", o.output);
 
     // The peer end of the veth goes down: the parent, and so the macvtap, lose carrier.
-    s.ns.ip(&["link", "set", "mvh-peer", "down"]).unwrap();
+    s.ns.ip(&["link", "set", "mvh-peer", "down"]);
     let down = wait_guest_carrier(&s, "0", secs(30))
         .unwrap_or_else(|e| panic!("{e}\n--- macvhost ---\n{}", s.mvh.log_text()));
     // Carrier returns: macvhost serves again, QEMU reconnects (reconnect=1) and raises the link.
-    s.ns.ip(&["link", "set", "mvh-peer", "up"]).unwrap();
+    s.ns.ip(&["link", "set", "mvh-peer", "up"]);
     let up = wait_guest_carrier(&s, "1", secs(60))
         .unwrap_or_else(|e| panic!("{e}\n--- macvhost ---\n{}", s.mvh.log_text()));
     let o = s.vm.exec_ok("ping -c 3 -W 5 $MVH_PEER", secs(120));
@@ -398,9 +238,7 @@ fn guest_carrier_follows_the_macvtap_parent_with_disconnect_on_link_down() {
 
 #[test]
 fn tcp_64mib_each_way_arrives_intact_with_checksum_and_tso_offloads() {
-    if skip("tcp_64mib_each_way_arrives_intact_with_checksum_and_tso_offloads") {
-        return;
-    }
+    require!(GUEST);
     const BLOB: usize = 64 << 20;
     let s = setup("tcp", 2, false);
     let o = s.vm.exec_ok("ethtool -k $MVH_IFACE", secs(120));
@@ -527,9 +365,7 @@ fn parallel_flows(s: &Setup, flows: u16) {
 
 #[test]
 fn two_queue_pairs_carry_flows_and_going_back_to_one_keeps_traffic_flowing() {
-    if skip("two_queue_pairs_carry_flows_and_going_back_to_one_keeps_traffic_flowing") {
-        return;
-    }
+    require!(GUEST);
     let s = setup("mq", 2, false);
     let o = s.vm.exec_ok("ping -c 2 -W 5 $MVH_PEER", secs(120));
     assert!(o.output.contains("2 packets received"), "{}", o.output);
@@ -575,16 +411,14 @@ fn two_queue_pairs_carry_flows_and_going_back_to_one_keeps_traffic_flowing() {
 
 #[test]
 fn macvhost_killed_and_restarted_under_ping_the_guest_recovers() {
-    if skip("macvhost_killed_and_restarted_under_ping_the_guest_recovers") {
-        return;
-    }
+    require!(GUEST);
     let mut s = setup("restart", 2, false);
     s.vm.exec_ok("ping -i 0.2 $MVH_PEER > /tmp/ping.log 2>&1 &", secs(60));
     std::thread::sleep(Duration::from_secs(2));
     s.mvh.kill9();
     let killed = Instant::now();
     std::thread::sleep(Duration::from_secs(1));
-    s.mvh.spawn();
+    s.mvh.restart();
     // QEMU (reconnect=1) redoes the handshake; pings must come back without a guest reboot.
     let mut resumed = None;
     while killed.elapsed() < secs(60) {
@@ -600,14 +434,12 @@ fn macvhost_killed_and_restarted_under_ping_the_guest_recovers() {
     println!("pings resumed {:.2} s after SIGKILL", resumed.as_secs_f64());
     let o = s.vm.exec_ok("cat /proc/uptime", secs(30));
     println!("guest uptime {} (no reboot)", o.output.trim());
-    s.mvh.stop_clean();
+    s.mvh.shutdown_clean();
 }
 
 #[test]
 fn a_rebooted_guest_is_served_again() {
-    if skip("a_rebooted_guest_is_served_again") {
-        return;
-    }
+    require!(GUEST);
     let s = setup("reboot", 2, true);
     s.vm.exec_ok("ping -c 2 -W 5 $MVH_PEER", secs(120));
     let mark = s.vm.mark();
@@ -650,44 +482,36 @@ fn ping_seqs(text: &str) -> Vec<u32> {
 /// management layer takes at switchover.
 #[test]
 fn guest_migrates_between_two_macvhosts_while_pinging_the_peer() {
-    if skip("guest_migrates_between_two_macvhosts_while_pinging_the_peer") {
-        return;
-    }
+    let tcpdump = Need::Tool("tcpdump");
+    require!(&[
+        Need::Root,
+        Need::Tool("ip"),
+        guest::QEMU,
+        guest::IMAGE,
+        tcpdump
+    ]);
     const STREAM: usize = 96 << 20;
     let _lock = one_guest_at_a_time();
-    let ns = NetNs::new("mig").expect("create netns");
-    ns.add_veth_macvtap(&format!("{}/24", guest::PEER_IP), guest::GUEST_MAC)
-        .expect("veth + macvtap");
-    ns.ip(&[
-        "link",
-        "add",
-        "link",
-        "mvh-lower",
-        "name",
-        "mvt1",
-        "type",
-        "macvtap",
-        "mode",
-        "bridge",
-    ])
-    .unwrap();
+    let ns = NetNs::new("mig");
+    guest::add_veth_macvtap(&ns);
+    ns.add_macvtap("mvh-lower", "mvt1", "bridge");
     let dir = tempfile::tempdir().unwrap();
     let (dir_a, dir_b) = (dir.path().join("a"), dir.path().join("b"));
     std::fs::create_dir_all(&dir_a).unwrap();
     std::fs::create_dir_all(&dir_b).unwrap();
-    let mvh_a = Macvhost::start_on(&ns, &dir_a, "mvt0", 1);
+    let mvh_a = start_macvhost(&ns, &dir_a, "mvt0", 1, &[]);
     // mvt1 cannot take the guest's MAC while mvt0 is up with it: B is told the guest's MAC.
-    let mvh_b = Macvhost::start_with(&ns, &dir_b, "mvt1", 1, &["--mac", guest::GUEST_MAC]);
+    let mvh_b = start_macvhost(&ns, &dir_b, "mvt1", 1, &["--mac", guest::GUEST_MAC]);
 
     let qmp_a = dir.path().join("qmp-a.sock");
     let qmp_b = dir.path().join("qmp-b.sock");
     let mig = dir.path().join("migrate.sock");
-    let mut cfg_a = QemuConfig::vhost_user("mig-src", &mvh_a.socket, 1);
+    let mut cfg_a = QemuConfig::vhost_user("mig-src", mvh_a.socket(), 1);
     cfg_a.extra_args.extend([
         "-qmp".into(),
         format!("unix:{},server=on,wait=off", qmp_a.display()),
     ]);
-    let mut cfg_b = QemuConfig::vhost_user("mig-dst", &mvh_b.socket, 1);
+    let mut cfg_b = QemuConfig::vhost_user("mig-dst", mvh_b.socket(), 1);
     cfg_b.extra_args.extend([
         "-qmp".into(),
         format!("unix:{},server=on,wait=off", qmp_b.display()),
@@ -755,19 +579,7 @@ fn guest_migrates_between_two_macvhosts_while_pinging_the_peer() {
     // With MACVHOST_MIGRATION_STREAM=1 the peer also streams 96 MiB into the guest through the
     // migration (RX buffers written all along): see docs/testing.md for what that shows.
     let stream = std::env::var_os("MACVHOST_MIGRATION_STREAM").is_some_and(|v| v != "0");
-    let sender = stream.then(|| {
-        let blob = Arc::new(guest::random_blob(STREAM).unwrap());
-        let listener = ns
-            .tcp_listener(format!("{}:5001", guest::PEER_IP).parse().unwrap())
-            .unwrap();
-        let sender = guest::serve_blob(listener, blob, secs(600));
-        src.exec_ok(
-            "(nc $MVH_PEER 5001 > /tmp/rx; result stream_bytes $(wc -c < /tmp/rx); \
-             result stream_sha $(sha256 /tmp/rx)) &",
-            secs(60),
-        );
-        sender
-    });
+    let sender = stream.then(|| guest::stream_into_guest(&ns, &src, STREAM));
     std::thread::sleep(Duration::from_millis(500));
     let started = Instant::now();
     let info = migrate_and_wait(&mut qa, &mig);
@@ -781,10 +593,9 @@ fn guest_migrates_between_two_macvhosts_while_pinging_the_peer() {
         qb.execute("cont", serde_json::json!({})).unwrap();
     }
     // Switchover: the destination's macvtap takes over the guest's MAC.
-    ns.ip(&["link", "set", "mvt0", "down"]).unwrap();
-    ns.ip(&["link", "set", "mvt1", "address", guest::GUEST_MAC])
-        .unwrap();
-    ns.ip(&["link", "set", "mvt1", "up"]).unwrap();
+    ns.ip(&["link", "set", "mvt0", "down"]);
+    ns.ip(&["link", "set", "mvt1", "address", guest::GUEST_MAC]);
+    ns.ip(&["link", "set", "mvt1", "up"]);
     let switched = started.elapsed();
     let status = qb.execute("query-status", serde_json::json!({})).unwrap();
     assert_eq!(
@@ -888,29 +699,24 @@ fn guest_migrates_between_two_macvhosts_while_pinging_the_peer() {
 /// many pages differ.
 #[test]
 fn qemu_tap_backend_stream_migration_control_compares_ram() {
-    if !std::env::var_os("MACVHOST_MIGRATION_STREAM").is_some_and(|v| v != "0") {
-        eprintln!(
-            "skipped: qemu_tap_backend_stream_migration_control_compares_ram: an experiment on \
-             QEMU itself; set MACVHOST_MIGRATION_STREAM=1 (and run as root) to run it"
-        );
-        return;
-    }
-    if skip("qemu_tap_backend_stream_migration_control_compares_ram") {
-        return;
-    }
+    let experiment = Need::OptIn("MACVHOST_MIGRATION_STREAM");
+    require!(&[
+        experiment,
+        Need::Root,
+        Need::Tool("ip"),
+        guest::QEMU,
+        guest::IMAGE
+    ]);
     let _lock = one_guest_at_a_time();
-    let ns = NetNs::new("tapc").expect("create netns");
-    ns.add_veth_peer(&format!("{}/24", guest::PEER_IP)).unwrap();
-    ns.ip(&["link", "add", "br0", "type", "bridge"]).unwrap();
+    let ns = NetNs::new("tapc");
+    guest::add_veth_peer(&ns);
+    ns.add_bridge("br0");
     for t in ["mtap0", "mtap1"] {
-        ns.ip(&["tuntap", "add", "mode", "tap", t]).unwrap();
-        ns.ip(&["link", "set", t, "master", "br0"]).unwrap();
+        ns.add_tap(t, false);
+        ns.ip(&["link", "set", t, "master", "br0"]);
     }
-    ns.ip(&["link", "set", "mvh-lower", "master", "br0"])
-        .unwrap();
-    for d in ["mvh-peer", "mvh-lower", "br0", "mtap0", "mtap1"] {
-        ns.ip(&["link", "set", d, "up"]).unwrap();
-    }
+    ns.ip(&["link", "set", "mvh-lower", "master", "br0"]);
+    ns.set_up(&["mvh-peer", "mvh-lower", "br0", "mtap0", "mtap1"]);
     let dir = tempfile::tempdir().unwrap();
     let qmp_a = dir.path().join("qmp-a.sock");
     let qmp_b = dir.path().join("qmp-b.sock");
@@ -933,16 +739,7 @@ fn qemu_tap_backend_stream_migration_control_compares_ram() {
     let dst = Qemu::spawn(&cfg_b).unwrap_or_else(|e| panic!("{e}"));
     let mut qa = guest::Qmp::connect(&qmp_a, secs(30)).expect("QMP a");
     let mut qb = guest::Qmp::connect(&qmp_b, secs(30)).expect("QMP b");
-    let blob = Arc::new(guest::random_blob(96 << 20).unwrap());
-    let listener = ns
-        .tcp_listener(format!("{}:5001", guest::PEER_IP).parse().unwrap())
-        .unwrap();
-    let _sender = guest::serve_blob(listener, blob, secs(600));
-    src.exec_ok(
-        "(nc $MVH_PEER 5001 > /tmp/rx; result stream_bytes $(wc -c < /tmp/rx); \
-         result stream_sha $(sha256 /tmp/rx)) &",
-        secs(60),
-    );
+    let _sender = guest::stream_into_guest(&ns, &src, 96 << 20);
     std::thread::sleep(Duration::from_millis(500));
     let info = migrate_and_wait(&mut qa, &mig);
     let differ = pages_left_behind(&mut qa, &mut qb, dir.path());
@@ -982,8 +779,7 @@ fn peer_pings_non_eui64_guest_addresses(s: &Setup) -> Vec<u32> {
         "dev",
         "mvh-peer",
         "nodad",
-    ])
-    .unwrap();
+    ]);
     let mut script = String::new();
     for a in addrs {
         script.push_str(&format!("ip -6 addr add {a}/64 dev $MVH_IFACE; "));
@@ -1013,9 +809,7 @@ fn peer_pings_non_eui64_guest_addresses(s: &Setup) -> Vec<u32> {
 
 #[test]
 fn guest_ipv6_addresses_not_from_its_mac_answer_a_peer_that_pings_first() {
-    if skip("guest_ipv6_addresses_not_from_its_mac_answer_a_peer_that_pings_first") {
-        return;
-    }
+    require!(GUEST);
     let s = setup("l2v6", 1, false);
     let replies = peer_pings_non_eui64_guest_addresses(&s);
     assert_eq!(replies, vec![3, 3], "replies per address");
@@ -1031,9 +825,7 @@ fn guest_ipv6_addresses_not_from_its_mac_answer_a_peer_that_pings_first() {
 
 #[test]
 fn with_rx_filter_strict_the_same_ipv6_pings_go_unanswered() {
-    if skip("with_rx_filter_strict_the_same_ipv6_pings_go_unanswered") {
-        return;
-    }
+    require!(GUEST);
     // The control for the test above: the only difference is the filter mode.
     let s = setup_with("l2v6s", 1, false, &["--rx-filter", "strict"]);
     let replies = peer_pings_non_eui64_guest_addresses(&s);
@@ -1043,9 +835,7 @@ fn with_rx_filter_strict_the_same_ipv6_pings_go_unanswered() {
 
 #[test]
 fn the_host_reaches_its_guest_through_a_macvlan_sibling_not_through_the_parent() {
-    if skip("the_host_reaches_its_guest_through_a_macvlan_sibling_not_through_the_parent") {
-        return;
-    }
+    require!(GUEST);
     let s = setup("l2host", 1, false);
     let ping_from = |src: &str| {
         let out =
@@ -1067,12 +857,10 @@ fn the_host_reaches_its_guest_through_a_macvlan_sibling_not_through_the_parent()
     };
     // The host's own address on the macvtap's parent: macvlan never delivers between the
     // parent and its macvlans, so this is what does not work.
-    s.ns.ip(&["addr", "add", "10.199.0.3/24", "dev", "mvh-lower"])
-        .unwrap();
-    s.ns.ip(&["link", "set", "mvh-lower", "up"]).unwrap();
+    s.ns.ip(&["addr", "add", "10.199.0.3/24", "dev", "mvh-lower"]);
+    s.ns.ip(&["link", "set", "mvh-lower", "up"]);
     let via_parent = ping_from("mvh-lower");
-    s.ns.ip(&["addr", "del", "10.199.0.3/24", "dev", "mvh-lower"])
-        .unwrap();
+    s.ns.ip(&["addr", "del", "10.199.0.3/24", "dev", "mvh-lower"]);
     // The documented way: a macvlan sibling in bridge mode carries the host's address.
     s.ns.ip(&[
         "link",
@@ -1085,11 +873,9 @@ fn the_host_reaches_its_guest_through_a_macvlan_sibling_not_through_the_parent()
         "macvlan",
         "mode",
         "bridge",
-    ])
-    .unwrap();
-    s.ns.ip(&["addr", "add", "10.199.0.4/24", "dev", "mvh-host"])
-        .unwrap();
-    s.ns.ip(&["link", "set", "mvh-host", "up"]).unwrap();
+    ]);
+    s.ns.ip(&["addr", "add", "10.199.0.4/24", "dev", "mvh-host"]);
+    s.ns.ip(&["link", "set", "mvh-host", "up"]);
     let via_sibling = ping_from("mvh-host");
     println!("host -> guest: via the parent {via_parent}/3, via a macvlan sibling {via_sibling}/3");
     assert_eq!(via_parent, 0);
@@ -1098,7 +884,7 @@ fn the_host_reaches_its_guest_through_a_macvlan_sibling_not_through_the_parent()
 
 /// The link-layer multicast addresses in `ip maddr show dev mvt0`.
 fn macvtap_maddrs(s: &Setup) -> Vec<String> {
-    let out = s.ns.ip(&["maddr", "show", "dev", "mvt0"]).unwrap();
+    let out = s.ns.ip(&["maddr", "show", "dev", "mvt0"]);
     out.lines()
         .filter_map(|l| l.trim().strip_prefix("link "))
         .map(|l| l.split_whitespace().next().unwrap_or_default().to_string())
@@ -1118,9 +904,7 @@ fn wait_for<T>(limit: Duration, mut f: impl FnMut() -> Option<T>) -> Option<(Dur
 
 #[test]
 fn guest_joins_an_ipv4_group_receives_it_and_the_group_leaves_the_macvtap_with_it() {
-    if skip("guest_joins_an_ipv4_group_receives_it_and_the_group_leaves_the_macvtap_with_it") {
-        return;
-    }
+    require!(GUEST);
     let s = setup("l2mc", 1, false);
     let group_mac = "01:00:5e:01:02:03";
     assert!(!macvtap_maddrs(&s).contains(&group_mac.to_string()));
@@ -1138,8 +922,7 @@ fn guest_joins_an_ipv4_group_receives_it_and_the_group_leaves_the_macvtap_with_i
     })
     .expect("the group's MAC never reached the macvtap");
     // The peer sends to the group (a route for it out of the peer's interface first).
-    s.ns.ip(&["route", "add", "224.0.0.0/4", "dev", "mvh-peer"])
-        .unwrap();
+    s.ns.ip(&["route", "add", "224.0.0.0/4", "dev", "mvh-peer"]);
     for _ in 0..10 {
         let st =
             s.ns.command("bash")
@@ -1182,9 +965,7 @@ fn guest_joins_an_ipv4_group_receives_it_and_the_group_leaves_the_macvtap_with_i
 
 #[test]
 fn ten_thousand_joins_fill_the_cap_turn_allmulticast_on_and_all_clear_at_disconnect() {
-    if skip("ten_thousand_joins_fill_the_cap_turn_allmulticast_on_and_all_clear_at_disconnect") {
-        return;
-    }
+    require!(GUEST);
     let cap = 64;
     let mut s = setup_with("l2cap", 1, false, &["--max-groups", &cap.to_string()]);
     let base = macvtap_maddrs(&s);
@@ -1229,5 +1010,5 @@ fn ten_thousand_joins_fill_the_cap_turn_allmulticast_on_and_all_clear_at_disconn
         macvtap_maddrs(&s),
         macvtap_promisc_allmulti(&s).1
     );
-    s.mvh.stop_clean();
+    s.mvh.shutdown_clean();
 }

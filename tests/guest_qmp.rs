@@ -4,8 +4,8 @@
 //! change and a multicast join and leave. Proves that under vhost-user QEMU reports the guest's
 //! filter changes, that the watcher sees them (MAC, group MAC, leave), and that macvhost
 //! without `--trust-guest-rx-filters` says once that the guest left its MAC and leaves the
-//! macvtap's MAC alone. Root and QEMU; otherwise `skipped: …`, or a failure under
-//! `MACVHOST_E2E_REQUIRED=1`.
+//! macvtap's MAC alone. Needs root, `ip`, QEMU and the guest image; otherwise it skips through
+//! `require!`, or fails under `MACVHOST_E2E_REQUIRED=1`.
 
 #[path = "support/guest.rs"]
 mod guest;
@@ -13,28 +13,12 @@ mod guest;
 mod common;
 
 use std::sync::mpsc::{channel, Receiver};
-use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use common::{Macvhost, MacvtapTopo, Netns};
-use guest::{Qemu, QemuConfig};
+use common::{require, Daemon, MacvtapTopo, NetNs};
+use guest::{one_at_a_time as one_guest_at_a_time, secs, Qemu, QemuConfig, GUEST};
 use macvhost::host::MacAddr;
 use macvhost::server::qmp::{RxFilter, WatchConfig, Watcher};
-
-/// Guests run one at a time: 2 cores, TCG.
-fn one_guest_at_a_time() -> MutexGuard<'static, ()> {
-    static LOCK: Mutex<()> = Mutex::new(());
-    LOCK.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-fn secs(s: u64) -> Duration {
-    guest::scaled(Duration::from_secs(s))
-}
-
-/// Root and QEMU, or `skipped: …` (a panic under `MACVHOST_E2E_REQUIRED=1`).
-fn require(test: &str) -> bool {
-    !(guest::skip_unless_root(test) || guest::skip_unless_qemu(test))
-}
 
 /// Filters from the watcher, kept in arrival order.
 struct Seen {
@@ -81,12 +65,9 @@ impl Seen {
 
 #[test]
 fn qmp_reports_the_guests_new_mac_and_multicast_group_under_vhost_user() {
-    let test = "qmp_reports_the_guests_new_mac_and_multicast_group_under_vhost_user";
-    if !require(test) {
-        return;
-    }
+    require!(GUEST);
     let _one = one_guest_at_a_time();
-    let ns = Netns::new();
+    let ns = NetNs::quiet("guest");
     let topo = MacvtapTopo::create(&ns, "bridge");
     ns.ip(&[
         "addr",
@@ -103,7 +84,7 @@ fn qmp_reports_the_guests_new_mac_and_multicast_group_under_vhost_user() {
     let qmp_test = dir.path().join("qmp-test.sock");
     let qmp_mvh = dir.path().join("qmp-macvhost.sock");
     let qmp_mvh_arg = qmp_mvh.to_str().unwrap();
-    let mvh = Macvhost::spawn(
+    let mut mvh = Daemon::spawn(
         &ns,
         dir.path(),
         &["--macvtap", topo.macvtap, "--qmp", qmp_mvh_arg],
@@ -222,27 +203,11 @@ fn qmp_reports_the_guests_new_mac_and_multicast_group_under_vhost_user() {
     mvh.shutdown_clean();
 }
 
-/// `macvhost stats --json`'s device-wide counters.
-fn device_stats(control: &std::path::Path) -> std::collections::BTreeMap<String, u64> {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_macvhost"))
-        .arg("stats")
-        .arg(control)
-        .arg("--json")
-        .output()
-        .expect("macvhost stats");
-    assert!(out.status.success(), "macvhost stats failed: {out:?}");
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    serde_json::from_value(v["device"].clone()).unwrap()
-}
-
 #[test]
 fn trusted_guest_mac_change_moves_the_macvtap_and_ping_goes_on() {
-    let test = "trusted_guest_mac_change_moves_the_macvtap_and_ping_goes_on";
-    if !require(test) {
-        return;
-    }
+    require!(GUEST);
     let _one = one_guest_at_a_time();
-    let ns = Netns::new();
+    let ns = NetNs::quiet("guest");
     let topo = MacvtapTopo::create(&ns, "bridge");
     ns.ip(&[
         "addr",
@@ -255,8 +220,7 @@ fn trusted_guest_mac_change_moves_the_macvtap_and_ping_goes_on() {
     let new_mac = "02:6d:76:68:00:98";
     let dir = tempfile::tempdir().unwrap();
     let qmp = dir.path().join("qmp.sock");
-    let control = dir.path().join("stats.sock");
-    let mvh = Macvhost::spawn(
+    let mut mvh = Daemon::spawn(
         &ns,
         dir.path(),
         &[
@@ -265,8 +229,6 @@ fn trusted_guest_mac_change_moves_the_macvtap_and_ping_goes_on() {
             "--qmp",
             qmp.to_str().unwrap(),
             "--trust-guest-rx-filters",
-            "--control-socket",
-            control.to_str().unwrap(),
         ],
     );
     let mut cfg = QemuConfig::vhost_user("qmptrust", mvh.socket(), 1);
@@ -300,7 +262,7 @@ fn trusted_guest_mac_change_moves_the_macvtap_and_ping_goes_on() {
     // The peer's ARP entry still names the old MAC: the guest announces nothing by itself.
     ns.ip(&["neigh", "flush", "dev", topo.peer]);
     assert!(ping(), "the guest answers on its new MAC");
-    let dev = device_stats(&control);
+    let dev = mvh.device_stats();
     assert!(dev["guest_mac_changes_applied"] >= 1, "{dev:?}");
     let st = vm.shutdown(secs(120)).expect("guest did not power off");
     assert!(st.success(), "qemu exit status {st}");

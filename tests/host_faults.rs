@@ -11,7 +11,8 @@
 //! CPU fraction as a second, wide-margin check: a noisy machine slows a spinning thread down
 //! but never makes an idle one burn CPU.
 //!
-//! Needs root (netns, veth, macvtap, tap); otherwise every test prints `skipped: …` and returns.
+//! Needs root and `ip` (netns, veth, macvtap, tap); otherwise every test skips through `require!`
+//! (and fails with `MACVHOST_E2E_REQUIRED=1`).
 
 mod common;
 mod support {
@@ -23,7 +24,6 @@ mod support {
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread;
@@ -121,20 +121,8 @@ fn thread_ticks(comm: &str) -> u64 {
 }
 
 /// Queue pair 0's counters, through `macvhost stats PATH --json` (the operator's view).
-fn counters(ctl: &Path) -> BTreeMap<String, u64> {
-    let out = Command::new(Macvhost::binary())
-        .args(["stats", "--json"])
-        .arg(ctl)
-        .output()
-        .expect("run macvhost stats");
-    assert!(
-        out.status.success(),
-        "macvhost stats failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let report: macvhost::control::StatsReport =
-        serde_json::from_slice(&out.stdout).expect("stats JSON");
-    report.queues[0].counters.clone()
+fn counters(mvh: &Daemon) -> BTreeMap<String, u64> {
+    mvh.stats().swap_remove(0)
 }
 
 /// `after - before` for every counter that changed.
@@ -155,7 +143,7 @@ fn get(m: &BTreeMap<String, u64>, k: &str) -> u64 {
 // ---------------------------------------------------------------------------------------------
 
 /// Tagged raw frames `src → dst` of run `run`, seq `first..first+n`, 60..=1514 bytes.
-fn frames(dst: Mac, src: Mac, run: u32, first: u32, n: u32) -> Vec<Vec<u8>> {
+fn frames(dst: MacAddr, src: MacAddr, run: u32, first: u32, n: u32) -> Vec<Vec<u8>> {
     let shape = Traffic::raw(0);
     (first..first + n)
         .map(|seq| {
@@ -311,18 +299,36 @@ fn connect_guest(sock: &Path) -> VuGuest {
     g
 }
 
-/// `ctl` as a `--control-socket` argument.
-fn path_arg(p: &Path) -> &str {
-    p.to_str().expect("utf-8 temp path")
+/// macvhost on a fresh macvtap topology (`--macvtap mvt0`), and the peer.
+fn on_macvtap(ns: &NetNs, dir: &Path) -> (MacvtapTopo, Daemon, Peer) {
+    let topo = MacvtapTopo::create(ns, "bridge");
+    let mvh = Daemon::spawn(ns, dir, &["--macvtap", topo.macvtap]);
+    let peer = Peer::on_macvtap(ns, &topo);
+    (topo, mvh, peer)
+}
+
+/// macvhost on a tap it creates (`--tap tap0`), and the peer on the tap's netdev.
+fn on_tap(ns: &NetNs, dir: &Path) -> (TapTopo, Daemon, Peer) {
+    let mvh = Daemon::spawn(ns, dir, &["--tap", "tap0"]);
+    let tap = TapTopo::attach(ns, "tap0", Duration::from_secs(15));
+    let peer = Peer::on_tap(ns, &tap);
+    (tap, mvh, peer)
+}
+
+/// [`connect_guest`], then `n` frames from the guest that must all reach `peer`.
+fn connect_checked(mvh: &Daemon, peer: &Peer, n: u32) -> VuGuest {
+    let mut g = connect_guest(mvh.socket());
+    guest_to_peer_ok(&mut g, peer, n);
+    g
 }
 
 /// Waits on a quiet, down link and returns (worker wake-ups, CPU fraction) over `window`.
-fn idle_window(ctl: &Path, pid: u32, window: Duration) -> (u64, f64) {
-    let c0 = counters(ctl);
-    let cpu = CpuMeter::process(pid);
+fn idle_window(mvh: &Daemon, window: Duration) -> (u64, f64) {
+    let c0 = counters(mvh);
+    let cpu = CpuMeter::process(mvh.pid());
     thread::sleep(window);
     let (_, frac) = cpu.read();
-    (get(&delta(&c0, &counters(ctl)), "wakeups"), frac)
+    (get(&delta(&c0, &counters(mvh)), "wakeups"), frac)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -334,33 +340,20 @@ fn idle_window(ctl: &Path, pid: u32, window: Duration) -> (u64, f64) {
 /// epoll, so an EPOLLOUT-driven retry would), and traffic must flow again after `up`.
 #[test]
 fn tap_link_down_and_up_under_traffic_drops_counts_and_recovers() {
-    const NAME: &str = "tap_link_down_and_up_under_traffic_drops_counts_and_recovers";
-    if !require_root(NAME) {
-        return;
-    }
-    let t0 = Instant::now();
-    let dir = tempfile::tempdir().unwrap();
-    let ctl = dir.path().join("ctl.sock");
-    let ns = Netns::new();
-    let mut mvh = Macvhost::spawn(
-        &ns,
-        dir.path(),
-        &["--tap", "tap0", "--control-socket", path_arg(&ctl)],
-    );
-    let tap = TapTopo::attach(&ns, "tap0", Duration::from_secs(15));
-    let peer = Peer::open(&ns, &tap.tap, PEER_MAC, GUEST_MAC);
-    let mut g = connect_guest(mvh.socket());
-    guest_to_peer_ok(&mut g, &peer, 300);
+    require!(HOST);
+    let (t0, dir, ns) = start("host");
+    let (_tap, mut mvh, peer) = on_tap(&ns, dir.path());
+    let mut g = connect_checked(&mvh, &peer, 300);
 
     // Down, under traffic: frames are dropped with EIO and counted, descriptors come back.
     const DOWN: u32 = 1000;
-    let c0 = counters(&ctl);
+    let c0 = counters(&mvh);
     ns.ip(&["link", "set", "tap0", "down"]);
     let run = new_run();
     let cpu = CpuMeter::process(mvh.pid());
     guest_send_all(&mut g, &frames(PEER_MAC, GUEST_MAC, run, 0, DOWN));
     let (busy_cpu, _) = cpu.read();
-    let d = delta(&c0, &counters(&ctl));
+    let d = delta(&c0, &counters(&mvh));
     mvh.check_alive();
     assert_eq!(get(&d, "tx_drop_host_error"), u64::from(DOWN), "{d:?}");
     assert_eq!(get(&d, "tx_frames"), 0, "{d:?}");
@@ -368,7 +361,7 @@ fn tap_link_down_and_up_under_traffic_drops_counts_and_recovers() {
     let (leaked, _) = peer_collect(&peer, run, 1, Duration::from_millis(200));
     assert!(leaked.is_empty(), "frames got out of a down tap");
     // Still down and idle: nothing to do, so no wake-ups and no CPU.
-    let (wakeups, idle_frac) = idle_window(&ctl, mvh.pid(), Duration::from_secs(2));
+    let (wakeups, idle_frac) = idle_window(&mvh, Duration::from_secs(2));
     assert!(
         wakeups <= 1,
         "{wakeups} worker wake-ups on an idle, down tap"
@@ -394,9 +387,10 @@ fn tap_link_down_and_up_under_traffic_drops_counts_and_recovers() {
         "{log}"
     );
     println!(
-        "{NAME}: {DOWN} frames while down → tx_drop_host_error +{}, CPU {:.0} ms for them; \
+        "{}: {DOWN} frames while down → tx_drop_host_error +{}, CPU {:.0} ms for them; \
          idle down 2 s: {wakeups} wake-ups, {:.2}% of a core; traffic back {back:.2?} after up; \
          total {:.2?}",
+        test_name(),
         get(&d, "tx_drop_host_error"),
         busy_cpu * 1e3,
         idle_frac * 100.0,
@@ -412,34 +406,16 @@ fn tap_link_down_and_up_under_traffic_drops_counts_and_recovers() {
 /// counting them in a `tx_dropped`: macvhost sees success. Both directions must work again after `up`.
 #[test]
 fn macvtap_link_down_and_up_under_traffic_recovers() {
-    const NAME: &str = "macvtap_link_down_and_up_under_traffic_recovers";
-    if !require_root(NAME) {
-        return;
-    }
-    let t0 = Instant::now();
-    let dir = tempfile::tempdir().unwrap();
-    let ctl = dir.path().join("ctl.sock");
-    let ns = Netns::new();
-    let topo = MacvtapTopo::create(&ns, "bridge");
-    let mut mvh = Macvhost::spawn(
-        &ns,
-        dir.path(),
-        &[
-            "--macvtap",
-            topo.macvtap,
-            "--control-socket",
-            path_arg(&ctl),
-        ],
-    );
-    let peer = Peer::open(&ns, topo.peer, topo.peer_mac, topo.macvtap_mac);
-    let mut g = connect_guest(mvh.socket());
-    guest_to_peer_ok(&mut g, &peer, 300);
+    require!(HOST);
+    let (t0, dir, ns) = start("host");
+    let (topo, mut mvh, peer) = on_macvtap(&ns, dir.path());
+    let mut g = connect_checked(&mvh, &peer, 300);
     assert_eq!(peer_to_guest(&mut g, &peer, 20, Duration::from_secs(2)), 20);
 
     let mut summary = Vec::new();
     for link in [topo.macvtap, topo.lower] {
         const DOWN: u32 = 500;
-        let (c0, k0, l0) = (counters(&ctl), ns.stats(topo.macvtap), ns.stats(topo.lower));
+        let (c0, k0, l0) = (counters(&mvh), ns.stats(topo.macvtap), ns.stats(topo.lower));
         ns.ip(&["link", "set", link, "down"]);
         let run = new_run();
         guest_send_all(
@@ -447,7 +423,7 @@ fn macvtap_link_down_and_up_under_traffic_recovers() {
             &frames(topo.peer_mac, topo.macvtap_mac, run, 0, DOWN),
         );
         let (d, k, l) = (
-            delta(&c0, &counters(&ctl)),
+            delta(&c0, &counters(&mvh)),
             ns.stats(topo.macvtap).since(&k0),
             ns.stats(topo.lower).since(&l0),
         );
@@ -468,7 +444,7 @@ fn macvtap_link_down_and_up_under_traffic_recovers() {
         assert!(leaked.is_empty(), "frames got through with {link} down");
         let rx_down = peer_to_guest(&mut g, &peer, 5, Duration::from_millis(100));
         assert_eq!(rx_down, 0, "frames reached the guest with {link} down");
-        let (wakeups, idle_frac) = idle_window(&ctl, mvh.pid(), Duration::from_secs(2));
+        let (wakeups, idle_frac) = idle_window(&mvh, Duration::from_secs(2));
         assert!(wakeups <= 1, "{wakeups} wake-ups with {link} down and idle");
         assert!(
             idle_frac < 0.05,
@@ -496,7 +472,12 @@ fn macvtap_link_down_and_up_under_traffic_recovers() {
     }
     drop(g);
     mvh.shutdown_clean();
-    println!("{NAME}: {}; total {:.2?}", summary.join("; "), t0.elapsed());
+    println!(
+        "{}: {}; total {:.2?}",
+        test_name(),
+        summary.join("; "),
+        t0.elapsed()
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -508,41 +489,23 @@ fn macvtap_link_down_and_up_under_traffic_recovers() {
 /// frontends (handshake and TX completions on a new connection), and must exit 0 on SIGTERM.
 #[test]
 fn macvtap_deleted_while_running_keeps_serving_the_socket() {
-    const NAME: &str = "macvtap_deleted_while_running_keeps_serving_the_socket";
-    if !require_root(NAME) {
-        return;
-    }
-    let t0 = Instant::now();
-    let dir = tempfile::tempdir().unwrap();
-    let ctl = dir.path().join("ctl.sock");
-    let ns = Netns::new();
-    let topo = MacvtapTopo::create(&ns, "bridge");
-    let mut mvh = Macvhost::spawn(
-        &ns,
-        dir.path(),
-        &[
-            "--macvtap",
-            topo.macvtap,
-            "--control-socket",
-            path_arg(&ctl),
-        ],
-    );
-    let peer = Peer::open(&ns, topo.peer, topo.peer_mac, topo.macvtap_mac);
-    let mut g = connect_guest(mvh.socket());
-    guest_to_peer_ok(&mut g, &peer, 300);
+    require!(HOST);
+    let (t0, dir, ns) = start("host");
+    let (topo, mut mvh, peer) = on_macvtap(&ns, dir.path());
+    let mut g = connect_checked(&mvh, &peer, 300);
 
     // Delete it while the guest is sending.
-    let c0 = counters(&ctl);
+    let c0 = counters(&mvh);
     let run = new_run();
     let burst = frames(topo.peer_mac, topo.macvtap_mac, run, 0, 1000);
     guest_send_all(&mut g, &burst[..500]);
     ns.ip(&["link", "del", topo.macvtap]);
     guest_send_all(&mut g, &burst[500..]);
-    let d = delta(&c0, &counters(&ctl));
+    let d = delta(&c0, &counters(&mvh));
     mvh.check_alive();
     let handled = get(&d, "tx_frames") + get(&d, "tx_drop_host_error");
     assert_eq!(handled, 1000, "every frame written or dropped: {d:?}");
-    let (wakeups, idle1) = idle_window(&ctl, mvh.pid(), Duration::from_secs(2));
+    let (wakeups, idle1) = idle_window(&mvh, Duration::from_secs(2));
     assert!(
         wakeups <= 1,
         "{wakeups} wake-ups after the macvtap was deleted"
@@ -557,20 +520,20 @@ fn macvtap_deleted_while_running_keeps_serving_the_socket() {
     thread::sleep(Duration::from_millis(200));
     mvh.check_alive();
     let mut g2 = connect_guest(mvh.socket());
-    let c1 = counters(&ctl);
+    let c1 = counters(&mvh);
     guest_send_all(
         &mut g2,
         &frames(topo.peer_mac, topo.macvtap_mac, new_run(), 0, 100),
     );
-    let d2 = delta(&c1, &counters(&ctl));
+    let d2 = delta(&c1, &counters(&mvh));
     assert_eq!(
         get(&d2, "tx_frames") + get(&d2, "tx_drop_host_error"),
         100,
         "{d2:?}"
     );
     // What the new guest is told about the link (status bit in the config space).
-    let status = link_status(&mut g2);
-    let (wakeups2, idle2) = idle_window(&ctl, mvh.pid(), Duration::from_secs(2));
+    let status = g2.link_status();
+    let (wakeups2, idle2) = idle_window(&mvh, Duration::from_secs(2));
     assert!(
         wakeups2 <= 1,
         "{wakeups2} wake-ups on the second connection"
@@ -582,10 +545,11 @@ fn macvtap_deleted_while_running_keeps_serving_the_socket() {
     drop(g2);
     mvh.shutdown_clean();
     println!(
-        "{NAME}: 1000 frames across the deletion: tx_frames +{} tx_drop_host_error +{}; idle \
+        "{}: 1000 frames across the deletion: tx_frames +{} tx_drop_host_error +{}; idle \
          after deletion {wakeups} wake-ups {:.2}% CPU; 2nd frontend: handshake ok, 100 TX \
          completions, config status {status:#x}, idle {wakeups2} wake-ups {:.2}% CPU; SIGTERM → \
          exit 0; total {:.2?}",
+        test_name(),
         get(&d, "tx_frames"),
         get(&d, "tx_drop_host_error"),
         idle1 * 100.0,
@@ -600,31 +564,18 @@ fn macvtap_deleted_while_running_keeps_serving_the_socket() {
 /// must keep serving frontends until SIGTERM.
 #[test]
 fn tap_deleted_while_running_drops_and_keeps_serving() {
-    const NAME: &str = "tap_deleted_while_running_drops_and_keeps_serving";
-    if !require_root(NAME) {
-        return;
-    }
-    let t0 = Instant::now();
-    let dir = tempfile::tempdir().unwrap();
-    let ctl = dir.path().join("ctl.sock");
-    let ns = Netns::new();
-    let mut mvh = Macvhost::spawn(
-        &ns,
-        dir.path(),
-        &["--tap", "tap0", "--control-socket", path_arg(&ctl)],
-    );
-    let tap = TapTopo::attach(&ns, "tap0", Duration::from_secs(15));
-    let peer = Peer::open(&ns, &tap.tap, PEER_MAC, GUEST_MAC);
-    let mut g = connect_guest(mvh.socket());
-    guest_to_peer_ok(&mut g, &peer, 200);
+    require!(HOST);
+    let (t0, dir, ns) = start("host");
+    let (_tap, mut mvh, peer) = on_tap(&ns, dir.path());
+    let mut g = connect_checked(&mvh, &peer, 200);
     drop(peer);
 
-    let c0 = counters(&ctl);
+    let c0 = counters(&mvh);
     let burst = frames(PEER_MAC, GUEST_MAC, new_run(), 0, 1000);
     guest_send_all(&mut g, &burst[..500]);
     ns.ip(&["link", "del", "tap0"]);
     guest_send_all(&mut g, &burst[500..]);
-    let d = delta(&c0, &counters(&ctl));
+    let d = delta(&c0, &counters(&mvh));
     mvh.check_alive();
     assert_eq!(
         get(&d, "tx_frames") + get(&d, "tx_drop_host_error"),
@@ -634,18 +585,18 @@ fn tap_deleted_while_running_drops_and_keeps_serving() {
     assert!(get(&d, "tx_drop_host_error") >= 500, "{d:?}");
     // The guest keeps posting RX buffers and kicking: each kick may re-arm the dead fd once,
     // but nothing may keep the worker awake on its own.
-    let c1 = counters(&ctl);
+    let c1 = counters(&mvh);
     for _ in 0..50 {
         g.kick(g.rx(0));
         thread::sleep(Duration::from_millis(2));
     }
-    let kicked = delta(&c1, &counters(&ctl));
+    let kicked = delta(&c1, &counters(&mvh));
     assert!(
         get(&kicked, "wakeups") <= 2 * 50 + 2,
         "50 RX kicks woke the worker {} times",
         get(&kicked, "wakeups")
     );
-    let (wakeups, idle1) = idle_window(&ctl, mvh.pid(), Duration::from_secs(2));
+    let (wakeups, idle1) = idle_window(&mvh, Duration::from_secs(2));
     assert!(wakeups <= 1, "{wakeups} wake-ups after the tap was deleted");
     assert!(
         idle1 < 0.05,
@@ -656,11 +607,11 @@ fn tap_deleted_while_running_drops_and_keeps_serving() {
     thread::sleep(Duration::from_millis(200));
     mvh.check_alive();
     let mut g2 = connect_guest(mvh.socket());
-    let c2 = counters(&ctl);
+    let c2 = counters(&mvh);
     guest_send_all(&mut g2, &frames(PEER_MAC, GUEST_MAC, new_run(), 0, 100));
-    let d2 = delta(&c2, &counters(&ctl));
+    let d2 = delta(&c2, &counters(&mvh));
     assert_eq!(get(&d2, "tx_drop_host_error"), 100, "{d2:?}");
-    let (wakeups2, idle2) = idle_window(&ctl, mvh.pid(), Duration::from_secs(2));
+    let (wakeups2, idle2) = idle_window(&mvh, Duration::from_secs(2));
     assert!(
         wakeups2 <= 1,
         "{wakeups2} wake-ups on the second connection"
@@ -680,10 +631,11 @@ fn tap_deleted_while_running_drops_and_keeps_serving() {
          {rx_failed} read and {tx_failed} write failures"
     );
     println!(
-        "{NAME}: 1000 frames across the deletion: tx_frames +{} tx_drop_host_error +{}; 50 RX \
+        "{}: 1000 frames across the deletion: tx_frames +{} tx_drop_host_error +{}; 50 RX \
          kicks → {} wake-ups; idle {wakeups} wake-ups {:.2}% CPU; 2nd frontend: 100/100 \
          dropped and returned, idle {wakeups2} wake-ups {:.2}% CPU; read/write failure \
          logged {rx_failed}×/{tx_failed}×; SIGTERM → exit 0; total {:.2?}",
+        test_name(),
         get(&d, "tx_frames"),
         get(&d, "tx_drop_host_error"),
         get(&kicked, "wakeups"),
@@ -691,17 +643,6 @@ fn tap_deleted_while_running_drops_and_keeps_serving() {
         idle2 * 100.0,
         t0.elapsed()
     );
-}
-
-/// The `status` field of `virtio_net_config` (offset 6) as GET_CONFIG reports it.
-fn link_status(g: &mut VuGuest) -> u16 {
-    use vhost::vhost_user::message::VhostUserConfigFlags;
-    use vhost::vhost_user::VhostUserFrontend;
-    let (_, data) = g
-        .frontend
-        .get_config(6, 2, VhostUserConfigFlags::empty(), &[0u8; 2])
-        .expect("GET_CONFIG");
-    u16::from_le_bytes([data[0], data[1]])
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -723,17 +664,12 @@ fn link_status(g: &mut VuGuest) -> u16 {
 /// `TapQueue::set_sndbuf`, and `server::serve` takes the host side as it is.
 #[test]
 fn tap_queue_full_waits_for_epollout_without_spinning() {
-    const NAME: &str = "tap_queue_full_waits_for_epollout_without_spinning";
-    if !require_root(NAME) {
-        return;
-    }
+    require!(HOST);
     const SNDBUF: i32 = 16 * 1024;
     const N: u32 = 3000;
-    let t0 = Instant::now();
-    let dir = tempfile::tempdir().unwrap();
-    let ns = Netns::new();
+    let (t0, dir, ns) = start("host");
     let dev = ns
-        .run_in(|| {
+        .run(|| {
             HostDevice::open(
                 &HostSpec::Tap {
                     iface: "tap0".into(),
@@ -866,9 +802,10 @@ fn tap_queue_full_waits_for_epollout_without_spinning() {
         "worker used {worker_frac:.2} of a core while mostly blocked"
     );
     println!(
-        "{NAME}: sndbuf {SNDBUF} B, {N} frames / {bytes} B through a 16 Mbit/s link in \
+        "{}: sndbuf {SNDBUF} B, {N} frames / {bytes} B through a 16 Mbit/s link in \
          {send_time:.2?}: all arrived in order; tx_eagain {eagain}, wake-ups {wakeups}; worker \
          CPU {:.0} ms = {:.1}% of a core; total {:.2?}",
+        test_name(),
         worker_cpu * 1e3,
         worker_frac * 100.0,
         t0.elapsed()
@@ -885,38 +822,17 @@ fn tap_queue_full_waits_for_epollout_without_spinning() {
 /// frames and new ones arrive. Runs over a macvtap and over a tap.
 #[test]
 fn rx_flood_with_no_guest_buffers_costs_near_zero_cpu() {
-    const NAME: &str = "rx_flood_with_no_guest_buffers_costs_near_zero_cpu";
-    if !require_root(NAME) {
-        return;
-    }
+    require!(HOST);
     let t0 = Instant::now();
     let mut lines = Vec::new();
     for kind in ["macvtap", "tap"] {
         let dir = tempfile::tempdir().unwrap();
-        let ctl = dir.path().join("ctl.sock");
-        let ns = Netns::new();
+        let ns = NetNs::quiet("host");
         let (mut mvh, peer, kernel_iface) = if kind == "macvtap" {
-            let topo = MacvtapTopo::create(&ns, "bridge");
-            let mvh = Macvhost::spawn(
-                &ns,
-                dir.path(),
-                &[
-                    "--macvtap",
-                    topo.macvtap,
-                    "--control-socket",
-                    path_arg(&ctl),
-                ],
-            );
-            let peer = Peer::open(&ns, topo.peer, topo.peer_mac, topo.macvtap_mac);
+            let (topo, mvh, peer) = on_macvtap(&ns, dir.path());
             (mvh, peer, topo.macvtap.to_string())
         } else {
-            let mvh = Macvhost::spawn(
-                &ns,
-                dir.path(),
-                &["--tap", "tap0", "--control-socket", path_arg(&ctl)],
-            );
-            let tap = TapTopo::attach(&ns, "tap0", Duration::from_secs(15));
-            let peer = Peer::open(&ns, &tap.tap, PEER_MAC, GUEST_MAC);
+            let (tap, mvh, peer) = on_tap(&ns, dir.path());
             (mvh, peer, tap.tap)
         };
         // Connected, rings enabled, no RX buffer posted. One TX frame proves the pair is live.
@@ -924,7 +840,7 @@ fn rx_flood_with_no_guest_buffers_costs_near_zero_cpu() {
         guest_to_peer_ok(&mut g, &peer, 1);
 
         let run = new_run();
-        let (c0, k0) = (counters(&ctl), ns.stats(&kernel_iface));
+        let (c0, k0) = (counters(&mvh), ns.stats(&kernel_iface));
         let cpu = CpuMeter::process(mvh.pid());
         let flood_until = Instant::now() + Duration::from_secs(3);
         let mut sent = 0u32;
@@ -944,7 +860,7 @@ fn rx_flood_with_no_guest_buffers_costs_near_zero_cpu() {
         }
         let (cpu_s, frac) = cpu.read();
         let (d, k) = (
-            delta(&c0, &counters(&ctl)),
+            delta(&c0, &counters(&mvh)),
             ns.stats(&kernel_iface).since(&k0),
         );
         mvh.check_alive();
@@ -995,5 +911,10 @@ fn rx_flood_with_no_guest_buffers_costs_near_zero_cpu() {
             get(&d, "rx_no_buffers"),
         ));
     }
-    println!("{NAME}: {}; total {:.2?}", lines.join("; "), t0.elapsed());
+    println!(
+        "{}: {}; total {:.2?}",
+        test_name(),
+        lines.join("; "),
+        t0.elapsed()
+    );
 }

@@ -4,7 +4,7 @@
 //! it within 2 s in every state a hostile frontend can leave it in.
 //!
 //! Needs root (netns, tap) and `--features test-utils` (the sequences live in
-//! `macvhost::fuzzing::hostile`); skips only through `require_root`, which fails instead when
+//! `macvhost::testkit::fuzz::hostile`); skips only through `require_root`, which fails instead when
 //! `MACVHOST_E2E_REQUIRED=1`.
 
 #[cfg(not(feature = "test-utils"))]
@@ -20,17 +20,17 @@ mod common;
 mod binary {
     use std::time::{Duration, Instant};
 
-    use macvhost::fuzzing::hostile::*;
+    use macvhost::testkit::fuzz::hostile::*;
     use nix::sys::signal::{kill, Signal};
     use nix::unistd::Pid;
 
-    use super::common::{require_root, Macvhost, Netns};
+    use super::common::{require, Daemon, NetNs, E2E};
 
     const TAP: &str = "hx0";
 
     /// macvhost on a tap it creates, 2 queue pairs, in a fresh namespace.
-    fn spawn(ns: &Netns, dir: &std::path::Path, name: &str) -> Macvhost {
-        Macvhost::spawn_named(ns, dir, name, &["--tap", TAP, "--queues", "2"])
+    fn spawn(ns: &NetNs, dir: &std::path::Path, name: &str) -> Daemon {
+        Daemon::spawn_named(ns, dir, name, &["--tap", TAP, "--queues", "2"])
     }
 
     /// Whether process `pid` (our child) has exited: a zombie or gone.
@@ -45,7 +45,7 @@ mod binary {
     }
 
     /// SIGTERM, then how long until the process exited (`None`: not within 2 s).
-    fn sigterm(m: &Macvhost) -> Option<Duration> {
+    fn sigterm(m: &Daemon) -> Option<Duration> {
         let t = Instant::now();
         kill(Pid::from_raw(m.pid() as i32), Signal::SIGTERM).expect("SIGTERM");
         while t.elapsed() < Duration::from_secs(2) {
@@ -57,17 +57,15 @@ mod binary {
         None
     }
 
-    fn served(m: &Macvhost) -> Duration {
+    fn served(m: &Daemon) -> Duration {
         probe(m.socket(), SERVE_BOUND)
             .unwrap_or_else(|e| panic!("the next frontend was not served within 5 s: {e}"))
     }
 
     #[test]
     fn issue_15_sequences_leave_the_binary_flat_and_serving() {
-        if !require_root("issue_15_sequences_leave_the_binary_flat_and_serving") {
-            return;
-        }
-        let ns = Netns::new();
+        require!(E2E);
+        let ns = NetNs::new("sbx");
         let dir = tempfile::tempdir().unwrap();
         let mut m = spawn(&ns, dir.path(), "flat");
         let p = Proc(m.pid());
@@ -146,10 +144,8 @@ mod binary {
 
     #[test]
     fn sigterm_ends_the_binary_within_2s_in_every_state() {
-        if !require_root("sigterm_ends_the_binary_within_2s_in_every_state") {
-            return;
-        }
-        let ns = Netns::new();
+        require!(E2E);
+        let ns = NetNs::new("sbx");
         let dir = tempfile::tempdir().unwrap();
         for state in [
             State::Idle,
@@ -159,7 +155,7 @@ mod binary {
             State::CallFdBlockingAgain,
             State::EarlyEnableFlood,
         ] {
-            let m = spawn(&ns, dir.path(), &format!("{state:?}").to_lowercase());
+            let mut m = spawn(&ns, dir.path(), &format!("{state:?}").to_lowercase());
             served(&m);
             let sock = m.socket().to_path_buf();
             // What the frontend holds while SIGTERM comes.

@@ -19,7 +19,7 @@ use std::path::Path;
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{require_root, wait_until, Netns};
+use common::{require, wait_until, Daemon, NetNs, HOST};
 use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
 use support::vu_driver::VuGuest;
 
@@ -89,7 +89,7 @@ impl Manager {
 
 /// Starts macvhost in `ns` as systemd would: `passed` at fds 3.. named by `names`, our
 /// notify socket, a 400 ms watchdog.
-fn start(ns: &Netns, dir: &Path, mgr: &Manager, passed: &[&OwnedFd], names: &str) -> Child {
+fn start(ns: &NetNs, dir: &Path, mgr: &Manager, passed: &[&OwnedFd], names: &str) -> Child {
     let high: Vec<RawFd> = passed
         .iter()
         .map(|fd| nix::fcntl::fcntl(*fd, nix::fcntl::FcntlArg::F_DUPFD_CLOEXEC(100)).unwrap())
@@ -98,7 +98,7 @@ fn start(ns: &Netns, dir: &Path, mgr: &Manager, passed: &[&OwnedFd], names: &str
     let mut cmd = ns.command("sh");
     cmd.arg("-c")
         .arg("export LISTEN_PID=$$; exec \"$0\" \"$@\"")
-        .arg(common::Macvhost::binary())
+        .arg(Daemon::binary())
         .args(["--tap", TAP, "--log-level", "debug", "--control-socket"])
         .arg(&control)
         .env("LISTEN_FDS", passed.len().to_string())
@@ -139,7 +139,7 @@ fn stop(mut child: Child, mgr: &Manager) {
 }
 
 /// A frontend passes one frame through macvhost onto the tap (counted by the tap's rx counter).
-fn frame_reaches_the_tap(ns: &Netns, sock: &Path) {
+fn frame_reaches_the_tap(ns: &NetNs, sock: &Path) {
     let before = ns.stats(TAP);
     let mut g = VuGuest::connect(sock, 1, 256, FEATURES, Duration::from_secs(5));
     let mut f = vec![0xffu8; 6];
@@ -159,10 +159,8 @@ fn frame_reaches_the_tap(ns: &Netns, sock: &Path) {
 
 #[test]
 fn socket_activated_macvhost_is_ready_pings_and_gets_its_stored_queues_back() {
-    if !require_root("socket_activated_macvhost_is_ready_pings_and_gets_its_stored_queues_back") {
-        return;
-    }
-    let ns = Netns::new();
+    require!(HOST);
+    let ns = NetNs::quiet("host");
     let dir = tempfile::tempdir().unwrap();
     let mgr = Manager::new(dir.path());
     let sock = dir.path().join("vu.sock");
@@ -217,10 +215,8 @@ fn socket_activated_macvhost_is_ready_pings_and_gets_its_stored_queues_back() {
 
 #[test]
 fn stored_queues_of_another_device_are_dropped_and_the_device_opened_afresh() {
-    if !require_root("stored_queues_of_another_device_are_dropped_and_the_device_opened_afresh") {
-        return;
-    }
-    let ns = Netns::new();
+    require!(HOST);
+    let ns = NetNs::quiet("host");
     let dir = tempfile::tempdir().unwrap();
     let mgr = Manager::new(dir.path());
     let sock = dir.path().join("vu.sock");
@@ -236,7 +232,7 @@ fn stored_queues_of_another_device_are_dropped_and_the_device_opened_afresh() {
         "vnet_hdr",
         "multi_queue",
     ]);
-    let other = ns.run_in(|| {
+    let other = ns.run(|| {
         let f = std::fs::OpenOptions::new()
             .read(true)
             .write(true)

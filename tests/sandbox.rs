@@ -9,7 +9,7 @@
 //!   seccomp mode 2, and its root (`/proc/PID/root`) is empty.
 //!
 //! The probe tests that need no privilege run as any user; the rest need root (and testpmd)
-//! and skip through `require_root` otherwise.
+//! and skip through the kit's `require` otherwise (a failure under `MACVHOST_E2E_REQUIRED=1`).
 
 mod common;
 mod support {
@@ -42,7 +42,7 @@ struct Probe {
 
 impl Probe {
     fn spawn(args: &[&str]) -> Probe {
-        Self::spawn_with(Command::new(Macvhost::binary()), args)
+        Self::spawn_with(Command::new(Daemon::binary()), args)
     }
 
     /// `cmd` is the program to run (the binary, or a wrapper like setpriv with it as argument).
@@ -382,10 +382,7 @@ fn thread_running_before_the_seal_cannot_open_a_host_file() {
 
 #[test]
 fn sealed_process_holds_no_capability_in_any_thread_and_sees_an_empty_root() {
-    const NAME: &str = "sealed_process_holds_no_capability_in_any_thread_and_sees_an_empty_root";
-    if !require_root(NAME) {
-        return;
-    }
+    require!(E2E);
     let dir = tempfile::tempdir().unwrap();
     let spec = format!("{}:listen", dir.path().display());
     // --seccomp log: the filter would refuse open outright; here the filesystem view answers.
@@ -409,10 +406,7 @@ fn sealed_process_holds_no_capability_in_any_thread_and_sees_an_empty_root() {
 
 #[test]
 fn user_and_group_apply_to_every_thread() {
-    const NAME: &str = "user_and_group_apply_to_every_thread";
-    if !require_root(NAME) {
-        return;
-    }
+    require!(E2E);
     let mut p = Probe::spawn(&["--threads", "2", "--uid", "65534", "--gid", "65534"]);
     for t in thread_status(p.pid) {
         let name = &t["Name"];
@@ -436,7 +430,7 @@ fn setpriv_net_admin_only() -> Command {
         "--inh-caps=+net_admin",
         "--ambient-caps=+net_admin",
     ])
-    .arg(Macvhost::binary());
+    .arg(Daemon::binary());
     c
 }
 
@@ -446,16 +440,8 @@ fn setpriv_net_admin_only() -> Command {
 /// (reported), which no_new_privs and the filter make moot.
 #[test]
 fn process_with_only_net_admin_seals_too() {
-    const NAME: &str = "process_with_only_net_admin_seals_too";
-    if !require_root(NAME) {
-        return;
-    }
-    if which("setpriv").is_none() {
-        let msg = format!("skipped: {NAME}: needs setpriv (util-linux)");
-        assert!(std::env::var(REQUIRE_ENV).as_deref() != Ok("1"), "{msg}");
-        print_skip(&msg);
-        return;
-    }
+    require!(E2E);
+    require!(&[Need::Tool("setpriv")]);
     let mut p = Probe::spawn_with(setpriv_net_admin_only(), &["--seccomp", "log"]);
     assert!(
         p.sealed.contains("fs MountNamespace { user_ns: true }"),
@@ -490,10 +476,7 @@ fn process_with_only_net_admin_seals_too() {
 /// mount namespace that path does not exist. Also prints what each costs to set up.
 #[test]
 fn mount_namespace_hides_unix_sockets_that_landlock_leaves_reachable() {
-    const NAME: &str = "mount_namespace_hides_unix_sockets_that_landlock_leaves_reachable";
-    if !require_root(NAME) {
-        return;
-    }
+    require!(E2E);
     let outside = tempfile::tempdir().unwrap();
     let sock = outside.path().join("host-service.sock");
     let _listener = std::os::unix::net::UnixListener::bind(&sock).unwrap();
@@ -519,14 +502,14 @@ fn mount_namespace_hides_unix_sockets_that_landlock_leaves_reachable() {
         runs.sort_unstable();
         took.insert(fs, runs[runs.len() / 2]);
     }
-    println!("{NAME}: median seal time (us): {took:?}");
+    println!("{}: median seal time (us): {took:?}", test_name());
 }
 
 // ---------------------------------------------------------------------------------------------
 // The daemon, sealed, with a real frontend (root + testpmd)
 // ---------------------------------------------------------------------------------------------
 
-fn metrics_addr_from_log(m: &Macvhost) -> String {
+fn metrics_addr_from_log(m: &Daemon) -> String {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let log = m.log_text();
@@ -540,7 +523,7 @@ fn metrics_addr_from_log(m: &Macvhost) -> String {
 }
 
 /// Checks the sealed daemon's threads and root while `pmd` forwards; returns thread names.
-fn check_sealed_daemon(mvh: &Macvhost) -> Vec<String> {
+fn check_sealed_daemon(mvh: &Daemon) -> Vec<String> {
     // The socket is bound early in start-up; sealing comes at its end.
     let sealed = wait_until(Duration::from_secs(10), || {
         mvh.log_text().contains("sandbox sealed")
@@ -553,16 +536,13 @@ fn check_sealed_daemon(mvh: &Macvhost) -> Vec<String> {
 
 #[test]
 fn sealed_daemon_passes_traffic_and_no_thread_holds_privilege() {
-    const NAME: &str = "sealed_daemon_passes_traffic_and_no_thread_holds_privilege";
-    if !require_root(NAME) {
-        return;
-    }
+    require!(E2E);
     let dir = tempfile::tempdir().unwrap();
-    let ns = Netns::new();
+    let ns = NetNs::new("sbx");
     let topo = MacvtapTopo::create(&ns, "bridge");
     let ctl = dir.path().join("ctl.sock");
     let ctl_s = ctl.display().to_string();
-    let mut mvh = Macvhost::spawn(
+    let mut mvh = Daemon::spawn(
         &ns,
         dir.path(),
         &[
@@ -614,12 +594,12 @@ fn sealed_daemon_passes_traffic_and_no_thread_holds_privilege() {
         );
     }
     // Both stats endpoints answer from the sealed process.
-    let stats = Command::new(Macvhost::binary())
+    let stats = Command::new(Daemon::binary())
         .args(["stats", &ctl_s, "--json"])
         .output()
         .unwrap();
     assert!(stats.status.success(), "{stats:?}");
-    let body = ns.run_in(|| {
+    let body = ns.run(|| {
         let mut c = std::net::TcpStream::connect(&metrics).expect("connect metrics");
         c.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").unwrap();
         let mut b = String::new();
@@ -632,26 +612,24 @@ fn sealed_daemon_passes_traffic_and_no_thread_holds_privilege() {
     mvh.shutdown_clean();
     assert!(!ctl.exists(), "control socket left behind");
     println!(
-        "{NAME}: [{report}], testpmd rx {}, threads {names:?}",
+        "{}: [{report}], testpmd rx {}, threads {names:?}",
+        test_name(),
         st.rx_packets
     );
 }
 
 #[test]
 fn sealed_daemon_in_client_mode_reconnects_to_a_restarted_frontend() {
-    const NAME: &str = "sealed_daemon_in_client_mode_reconnects_to_a_restarted_frontend";
-    if !require_root(NAME) {
-        return;
-    }
+    require!(E2E);
     let dir = tempfile::tempdir().unwrap();
-    let ns = Netns::new();
+    let ns = NetNs::new("sbx");
     let topo = MacvtapTopo::create(&ns, "bridge");
     let sock = dir.path().join("macvhost.sock");
     let mut cfg = TestpmdConfig::macswap(1, topo.macvtap_mac);
     cfg.vdev_extra = "server=1".into();
     let mut frontend = Some(Testpmd::spawn(&sock, dir.path(), &cfg));
     assert!(wait_until(Duration::from_secs(15), || sock.exists()));
-    let mut mvh = Macvhost::spawn(&ns, dir.path(), &["--client", "--macvtap", topo.macvtap]);
+    let mut mvh = Daemon::spawn(&ns, dir.path(), &["--client", "--macvtap", topo.macvtap]);
     let peer = Peer::open(&ns, topo.peer, topo.peer_mac, topo.macvtap_mac);
     let mut rounds = Vec::new();
     for round in 1..=2 {
@@ -675,22 +653,19 @@ fn sealed_daemon_in_client_mode_reconnects_to_a_restarted_frontend() {
         mvh.check_alive();
     }
     mvh.shutdown_clean();
-    println!("{NAME}: {}", rounds.join("; "));
+    println!("{}: {}", test_name(), rounds.join("; "));
 }
 
 #[test]
 fn killed_daemon_still_has_its_macvtap_deleted() {
-    const NAME: &str = "killed_daemon_still_has_its_macvtap_deleted";
-    if !require_root(NAME) {
-        return;
-    }
+    require!(E2E);
     let dir = tempfile::tempdir().unwrap();
-    let ns = Netns::new();
+    let ns = NetNs::new("sbx");
     ns.ip(&[
         "link", "add", "peer0", "type", "veth", "peer", "name", "lower0",
     ]);
     ns.ip(&["link", "set", "lower0", "up"]);
-    let mut mvh = Macvhost::spawn(
+    let mut mvh = Daemon::spawn(
         &ns,
         dir.path(),
         &["--macvtap-parent", "lower0", "--macvtap-name", "mvk0"],
@@ -714,10 +689,7 @@ fn killed_daemon_still_has_its_macvtap_deleted() {
 /// filters.
 #[test]
 fn sealed_daemon_as_nobody_logs_dirty_pages_for_migration() {
-    const NAME: &str = "sealed_daemon_as_nobody_logs_dirty_pages_for_migration";
-    if !require_root(NAME) {
-        return;
-    }
+    require!(E2E);
     let dir = tempfile::tempdir().unwrap();
     // Sealed as uid/gid 65534: its socket is bound after sealing, so the directory must be
     // writable for that user.
@@ -726,9 +698,9 @@ fn sealed_daemon_as_nobody_logs_dirty_pages_for_migration() {
         std::os::unix::fs::PermissionsExt::from_mode(0o777),
     )
     .unwrap();
-    let ns = Netns::new();
+    let ns = NetNs::new("sbx");
     let topo = MacvtapTopo::create(&ns, "bridge");
-    let mvh = Macvhost::spawn(
+    let mut mvh = Daemon::spawn(
         &ns,
         dir.path(),
         &[
@@ -774,7 +746,8 @@ fn sealed_daemon_as_nobody_logs_dirty_pages_for_migration() {
     drop(g);
     mvh.shutdown_clean();
     println!(
-        "{NAME}: {} frames, {} pages logged",
+        "{}: {} frames, {} pages logged",
+        test_name(),
         used.len(),
         pages.len()
     );
@@ -786,14 +759,11 @@ fn sealed_daemon_as_nobody_logs_dirty_pages_for_migration() {
 /// before sealing.
 #[test]
 fn sealed_daemon_unbinds_and_rebinds_its_socket_across_link_loss() {
-    const NAME: &str = "sealed_daemon_unbinds_and_rebinds_its_socket_across_link_loss";
-    if !require_root(NAME) {
-        return;
-    }
+    require!(E2E);
     let dir = tempfile::tempdir().unwrap();
-    let ns = Netns::new();
+    let ns = NetNs::new("sbx");
     let topo = MacvtapTopo::create(&ns, "bridge");
-    let mut mvh = Macvhost::spawn(
+    let mut mvh = Daemon::spawn(
         &ns,
         dir.path(),
         &["--macvtap", topo.macvtap, "--disconnect-on-link-down"],
@@ -825,14 +795,11 @@ fn sealed_daemon_unbinds_and_rebinds_its_socket_across_link_loss() {
 /// (threads, epolls, eventfds, timers, the rendezvous, teardown) runs under the filters.
 #[test]
 fn sealed_daemon_serves_five_hundred_connections_in_a_row() {
-    const NAME: &str = "sealed_daemon_serves_five_hundred_connections_in_a_row";
-    if !require_root(NAME) {
-        return;
-    }
+    require!(E2E);
     let dir = tempfile::tempdir().unwrap();
-    let ns = Netns::new();
+    let ns = NetNs::new("sbx");
     let topo = MacvtapTopo::create(&ns, "bridge");
-    let mut mvh = Macvhost::spawn(
+    let mut mvh = Daemon::spawn(
         &ns,
         dir.path(),
         &["--macvtap", topo.macvtap, "--queues", "2"],
@@ -850,7 +817,7 @@ fn sealed_daemon_serves_five_hundred_connections_in_a_row() {
     check_sealed_daemon(&mvh);
     drop(_g);
     mvh.shutdown_clean();
-    println!("{NAME}: 500 connections in {:.2?}", t0.elapsed());
+    println!("{}: 500 connections in {:.2?}", test_name(), t0.elapsed());
 }
 
 /// The guest's multicast groups in the sealed daemon: its IGMP join (guest TX) becomes a
@@ -858,15 +825,12 @@ fn sealed_daemon_serves_five_hundred_connections_in_a_row() {
 /// group frame from the wire reaches the guest; when the frontend leaves, the membership goes.
 #[test]
 fn sealed_daemon_follows_the_guests_multicast_groups() {
-    const NAME: &str = "sealed_daemon_follows_the_guests_multicast_groups";
-    if !require_root(NAME) {
-        return;
-    }
+    require!(E2E);
     use macvhost::datapath::mcast::frames as tf;
     let dir = tempfile::tempdir().unwrap();
-    let ns = Netns::new();
+    let ns = NetNs::new("sbx");
     let topo = MacvtapTopo::create(&ns, "bridge");
-    let mvh = Macvhost::spawn(&ns, dir.path(), &["--macvtap", topo.macvtap]);
+    let mut mvh = Daemon::spawn(&ns, dir.path(), &["--macvtap", topo.macvtap]);
     let mut g = VuGuest::connect(mvh.socket(), 1, 256, u64::MAX, Duration::from_secs(10));
     g.post_rx(0, 128, 2048);
     g.kick(g.rx(0));
@@ -908,7 +872,10 @@ fn sealed_daemon_follows_the_guests_multicast_groups() {
     let g = VuGuest::connect(mvh.socket(), 1, 256, u64::MAX, Duration::from_secs(10));
     drop(g);
     mvh.shutdown_clean();
-    println!("{NAME}: joined 239.1.2.3 through the sealed daemon");
+    println!(
+        "{}: joined 239.1.2.3 through the sealed daemon",
+        test_name()
+    );
 }
 
 /// A fake QEMU monitor: one connection's handshake and listing, answering
@@ -967,17 +934,14 @@ impl FakeQmp {
 /// helper's job), and reconnects to a restarted monitor.
 #[test]
 fn sealed_daemon_follows_qmp_and_reconnects_to_a_restarted_monitor() {
-    const NAME: &str = "sealed_daemon_follows_qmp_and_reconnects_to_a_restarted_monitor";
-    if !require_root(NAME) {
-        return;
-    }
+    require!(E2E);
     let dir = tempfile::tempdir().unwrap();
     let qmp_path = dir.path().join("qmp.sock");
     let listener = std::os::unix::net::UnixListener::bind(&qmp_path).unwrap();
-    let ns = Netns::new();
+    let ns = NetNs::new("sbx");
     let topo = MacvtapTopo::create(&ns, "bridge");
     let qmp_s = qmp_path.display().to_string();
-    let mut mvh = Macvhost::spawn(
+    let mut mvh = Daemon::spawn(
         &ns,
         dir.path(),
         &[
@@ -1017,5 +981,8 @@ fn sealed_daemon_follows_qmp_and_reconnects_to_a_restarted_monitor() {
     assert!(names.iter().any(|n| n == "qmp"), "{names:?}");
     drop(q);
     mvh.shutdown_clean();
-    println!("{NAME}: two monitor connections, a refused MAC change, still serving");
+    println!(
+        "{}: two monitor connections, a refused MAC change, still serving",
+        test_name()
+    );
 }

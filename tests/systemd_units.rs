@@ -1,10 +1,11 @@
 //! The unit files in `contrib/systemd/` (issue 12): `systemd-analyze verify` accepts them
 //! without a warning (it works without systemd as PID 1), and they say what
 //! `macvhost::systemd` expects: the socket's fd name, `Type=notify`, a watchdog, an fd store
-//! large enough for every queue pair. `systemd-analyze` missing prints `skipped: …` (a failure
-//! with `MACVHOST_E2E_REQUIRED=1`).
+//! large enough for every queue pair. Needs `systemd-analyze` (Debian `systemd`); without it the
+//! test skips through `require!` (a failure with `MACVHOST_E2E_REQUIRED=1`).
 
-mod common;
+use macvhost::require;
+use macvhost::testkit::Need;
 
 use std::fs;
 use std::path::PathBuf;
@@ -27,15 +28,7 @@ fn setting<'a>(text: &'a str, key: &str) -> Option<&'a str> {
 
 #[test]
 fn systemd_units_pass_systemd_analyze_verify_without_a_warning() {
-    const NAME: &str = "systemd_units_pass_systemd_analyze_verify_without_a_warning";
-    if common::which("systemd-analyze").is_none() {
-        let msg = format!("skipped: {NAME}: needs systemd-analyze (apt-get install systemd)");
-        if std::env::var(common::REQUIRE_ENV).as_deref() == Ok("1") {
-            panic!("{msg} [{}=1]", common::REQUIRE_ENV);
-        }
-        common::print_skip(&msg);
-        return;
-    }
+    require!(&[Need::Tool("systemd-analyze")]);
     let dir = tempfile::tempdir().unwrap();
     // verify checks that ExecStart= is executable: point it at the binary under test.
     let service = unit("macvhost@.service").replace(

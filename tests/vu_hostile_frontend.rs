@@ -4,7 +4,7 @@
 //! bounded fds and memory per connection whatever the frontend sends, the next frontend served
 //! within a bound after one leaves, a stop that finishes within 2 s in every state.
 //!
-//! The sequences themselves live in `macvhost::fuzzing::hostile` (shared with the fuzzer and
+//! The sequences themselves live in `macvhost::testkit::fuzz::hostile` (shared with the fuzzer and
 //! with `tests/host_hostile_binary.rs`, which replays them against the release binary). Needs
 //! `--features test-utils`; without it the one test here only says it was skipped.
 
@@ -28,7 +28,7 @@ mod hostile {
     use std::sync::{Mutex, MutexGuard};
     use std::time::{Duration, Instant};
 
-    use macvhost::fuzzing::hostile::*;
+    use macvhost::testkit::fuzz::hostile::*;
     use vhost::vhost_user::message::FrontendReq;
 
     use super::support::rig::Rig;

@@ -1,4 +1,4 @@
-//! The hostile-frontend fuzzer (`macvhost::fuzzing::hostile::fuzz`) against the real serve loop
+//! The hostile-frontend fuzzer (`macvhost::testkit::fuzz::hostile::fuzz`) against the real serve loop
 //! and socket (shim included) over fake host queues: randomized and structured-but-wrong
 //! connections, each followed by a health probe (next frontend served within 5 s, fd count back
 //! to its baseline, no CPU while idle, RSS flat over the run).
@@ -33,7 +33,7 @@ mod fuzz {
     use std::sync::atomic::Ordering;
     use std::time::Duration;
 
-    use macvhost::fuzzing::hostile::{fuzz, FuzzConfig, Proc, Target};
+    use macvhost::testkit::fuzz::hostile::{fuzz, FuzzConfig, Proc, Target};
 
     use super::support::rig::Rig;
 

@@ -1,4 +1,4 @@
 #![no_main]
-//! `mcast_report`: see `macvhost::fuzzing::mcast_report` for the input format and the oracles.
+//! `mcast_report`: see `macvhost::testkit::fuzz::mcast_report` for the input format and the oracles.
 
-libfuzzer_sys::fuzz_target!(|data: &[u8]| macvhost::fuzzing::mcast_report(data));
+libfuzzer_sys::fuzz_target!(|data: &[u8]| macvhost::testkit::fuzz::mcast_report(data));

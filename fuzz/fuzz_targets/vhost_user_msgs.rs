@@ -1,4 +1,4 @@
 #![no_main]
-//! `vhost_user_msgs`: see `macvhost::fuzzing::vhost_user_msgs` for the input format and the oracles.
+//! `vhost_user_msgs`: see `macvhost::testkit::fuzz::vhost_user_msgs` for the input format and the oracles.
 
-libfuzzer_sys::fuzz_target!(|data: &[u8]| macvhost::fuzzing::vhost_user_msgs(data));
+libfuzzer_sys::fuzz_target!(|data: &[u8]| macvhost::testkit::fuzz::vhost_user_msgs(data));

@@ -1,4 +1,4 @@
 #![no_main]
-//! `vnet_hdr`: see `macvhost::fuzzing::vnet_hdr` for the input format and the oracles.
+//! `vnet_hdr`: see `macvhost::testkit::fuzz::vnet_hdr` for the input format and the oracles.
 
-libfuzzer_sys::fuzz_target!(|data: &[u8]| macvhost::fuzzing::vnet_hdr(data));
+libfuzzer_sys::fuzz_target!(|data: &[u8]| macvhost::testkit::fuzz::vnet_hdr(data));

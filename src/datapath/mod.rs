@@ -12,7 +12,6 @@
 //! - [`mcast`]: IGMP/MLD report parsing and the guest's multicast membership table.
 //! - [`dirty`]: one connection's dirty-page log for live migration (`unsafe`: maps it).
 //! - [`uring`]: the opt-in io_uring TX submission (`unsafe`: buffers handed to the kernel).
-//! - `testutil` (tests and feature `test-utils`): fake host queue, mock guest queues.
 
 #[allow(unsafe_code)] // maps the frontend's dirty log
 pub mod dirty;
@@ -21,8 +20,6 @@ pub mod iovec;
 pub mod mcast;
 pub mod rx;
 pub mod stats;
-#[cfg(any(test, feature = "test-utils"))]
-pub mod testutil;
 pub mod tx;
 #[allow(unsafe_code)] // buffers handed to io_uring
 pub mod uring;

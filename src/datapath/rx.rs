@@ -669,8 +669,8 @@ impl<'m, M: GuestMemory, H: HostQueue> Rx<'_, 'm, M, H> {
 mod tests {
     use super::*;
     use crate::datapath::stats::StatsSnapshot;
-    use crate::datapath::testutil::*;
     use crate::datapath::vnet::{bit, MAX_GSO_FRAME_LEN, VIRTIO_F_VERSION_1, VNET_HDR_LEN_LEGACY};
+    use crate::testkit::*;
     use std::collections::HashMap;
     use vm_memory::GuestMemoryMmap;
 

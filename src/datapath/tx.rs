@@ -695,8 +695,9 @@ fn gather_tx<'m, M: GuestMemory>(
 mod tests {
     use super::*;
     use crate::datapath::stats::StatsSnapshot;
-    use crate::datapath::testutil::*;
     use crate::datapath::vnet::{MAX_GSO_FRAME_LEN, VNET_HDR_LEN_LEGACY, VNET_HDR_LEN_V1};
+    use crate::require;
+    use crate::testkit::*;
     use virtio_bindings::virtio_ring::VRING_DESC_F_INDIRECT;
     use vm_memory::GuestMemoryMmap;
 
@@ -1448,13 +1449,8 @@ mod tests {
         let mut gq = GuestQueue::new(&mem, 256);
         let mut q = gq.create_queue_event_idx();
         let mut fx = Fx::new();
-        fx.scratch = match TxScratch::with_io_uring() {
-            Ok(s) => s,
-            Err(e) => {
-                eprintln!("skipped: io_uring unavailable: {e}");
-                return;
-            }
-        };
+        require!(&[Need::IoUring]);
+        fx.scratch = TxScratch::with_io_uring().expect("io_uring works");
         assert!(fx.scratch.uses_io_uring());
         // 100 chains (more than one io_uring batch): good frames of distinct contents, with a
         // malformed chain and a too-short one in between.
@@ -1540,13 +1536,8 @@ mod tests {
             &[("tx_frames", 4), ("tx_bytes", 400), ("tx_gso_frames", 2)],
         );
         let mut fx = Fx::new();
-        match TxScratch::with_io_uring() {
-            Ok(scratch) => fx.scratch = scratch,
-            Err(e) => {
-                eprintln!("io_uring path skipped: io_uring unavailable: {e}");
-                return;
-            }
-        }
+        require!(&[Need::IoUring]);
+        fx.scratch = TxScratch::with_io_uring().expect("io_uring works");
         assert_eq!(send_gso_mix(&mut fx).tx_gso_frames, 2);
     }
 

@@ -243,22 +243,15 @@ impl Drop for DevNode {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn is_root() -> bool {
-        nix::unistd::geteuid().is_root()
-    }
+    use crate::require;
+    use crate::testkit::Need;
 
     // These run in a scratch directory on /tmp: mknod works there for root even when the mount
     // is nodev (only opening is refused), and no real /dev node is touched.
 
     #[test]
     fn missing_node_is_created_with_the_right_number() {
-        if !is_root() {
-            crate::host::testns::print_skip(
-                "skipped: missing_node_is_created_with_the_right_number needs root (mknod)",
-            );
-            return;
-        }
+        require!(&[Need::Root]);
         let dir = tempfile::tempdir().unwrap();
         let dev = libc::makedev(1, 3);
         let node = DevNode::resolve(dir.path(), 7, dev).unwrap();
@@ -278,12 +271,7 @@ mod tests {
 
     #[test]
     fn stale_node_is_left_alone_and_a_private_one_is_used() {
-        if !is_root() {
-            crate::host::testns::print_skip(
-                "skipped: stale_node_is_left_alone_and_a_private_one_is_used needs root (mknod)",
-            );
-            return;
-        }
+        require!(&[Need::Root]);
         let dir = tempfile::tempdir().unwrap();
         let stale = libc::makedev(1, 3);
         let ours = libc::makedev(1, 5);

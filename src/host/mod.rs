@@ -20,9 +20,6 @@ pub mod netlink;
 mod sys;
 mod tap;
 
-#[cfg(test)]
-pub(crate) mod testns;
-
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::path::PathBuf;

@@ -1,5 +1,5 @@
-//! Host-module tests. Privileged ones build a fresh network namespace each (see `testns`) and
-//! print why they are skipped when not root.
+//! Host-module tests. Privileged ones build a fresh network namespace each (the test kit's
+//! `netns`) and skip through `require` when not root.
 
 use std::fs::{self, OpenOptions};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
@@ -10,25 +10,20 @@ use nix::fcntl::{fcntl, FcntlArg, OFlag};
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::stat::{mknod, Mode, SFlag};
 
-use super::testns::{self, free_ifindex, is_root, tap_node, NetNs, RemoveOnDrop};
 use super::*;
-
-macro_rules! need_root {
-    ($name:literal) => {
-        if !is_root() {
-            testns::print_skip(concat!(
-                "skipped: ",
-                $name,
-                " needs root (creates netns/macvtap)"
-            ));
-            return;
-        }
-    };
-}
+use crate::require;
+use crate::testkit::netns::{self, free_ifindex, tap_node, DevNodeGuard, NetNs};
+use crate::testkit::Need;
 
 /// An ethertype from the IEEE "local experimental" range, so kernel chatter (IPv6 ND, MLD)
 /// on the same links is never mistaken for a test frame.
 const TEST_ETHERTYPE: [u8; 2] = [0x88, 0xb5];
+
+/// What the privileged tests here need.
+const ROOT: &[Need] = &[Need::Root, Need::Tool("ip")];
+
+/// The links `NetNs::add_veth_macvtap` makes.
+const LINKS: [&str; 3] = ["veth0", "veth1", "mvt0"];
 
 fn eth_frame(dst: [u8; 6], src: [u8; 6], marker: &[u8]) -> Vec<u8> {
     let mut f = Vec::with_capacity(64);
@@ -310,10 +305,10 @@ fn offload_probe_without_csum_credits_nothing_and_passes_real_errors() {
 
 #[test]
 fn macvtap_opens_one_and_four_queues_with_the_right_flags() {
-    need_root!("macvtap_opens_one_and_four_queues_with_the_right_flags");
-    let ns = NetNs::new();
+    require!(ROOT);
+    let ns = NetNs::new("host");
     let index = free_ifindex();
-    ns.with_macvtap(index);
+    ns.add_veth_macvtap(index);
     ns.run(|| {
         for queues in [1u16, 4] {
             let dev = HostDevice::open(&macvtap("mvt0"), queues).unwrap();
@@ -352,10 +347,10 @@ fn macvtap_opens_one_and_four_queues_with_the_right_flags() {
 
 #[test]
 fn macvtap_frames_flow_both_ways() {
-    need_root!("macvtap_frames_flow_both_ways");
-    let ns = NetNs::new();
-    ns.with_macvtap(free_ifindex());
-    ns.all_up();
+    require!(ROOT);
+    let ns = NetNs::new("host");
+    ns.add_veth_macvtap(free_ifindex());
+    ns.set_up(&LINKS);
     ns.run(|| {
         let dev = HostDevice::open(&macvtap("mvt0"), 1).unwrap();
         let q = &dev.queues()[0];
@@ -386,17 +381,17 @@ fn macvtap_frames_flow_both_ways() {
 
 #[test]
 fn stale_dev_node_is_left_alone_and_not_used() {
-    need_root!("stale_dev_node_is_left_alone_and_not_used");
+    require!(ROOT);
     let index = free_ifindex();
     // /dev is shared by all namespaces: a node named like our macvtap but for 1:3 (/dev/null).
     // If the backend opened it, writes would "succeed" into /dev/null and never reach veth1.
     let node = tap_node(index);
     let stale = libc::makedev(1, 3);
     mknod(&node, SFlag::S_IFCHR, Mode::S_IRUSR | Mode::S_IWUSR, stale).unwrap();
-    let _cleanup = RemoveOnDrop(node.clone());
-    let ns = NetNs::new();
-    ns.with_macvtap(index);
-    ns.all_up();
+    let _cleanup = DevNodeGuard::remove_on_drop(node.clone());
+    let ns = NetNs::new("host");
+    ns.add_veth_macvtap(index);
+    ns.set_up(&LINKS);
     ns.run(|| {
         let dev = HostDevice::open(&macvtap("mvt0"), 2).unwrap();
         let q = &dev.queues()[0];
@@ -430,15 +425,15 @@ fn stale_dev_node_is_left_alone_and_not_used() {
 
 #[test]
 fn missing_dev_node_is_created() {
-    need_root!("missing_dev_node_is_created");
+    require!(ROOT);
     let index = free_ifindex();
-    let ns = NetNs::new();
-    ns.with_macvtap(index);
+    let ns = NetNs::new("host");
+    ns.add_veth_macvtap(index);
     let node = tap_node(index);
     // devtmpfs made the node; take it away, as on a host without devtmpfs/udev.
     let want = fs::metadata(&node).unwrap().rdev();
     fs::remove_file(&node).unwrap();
-    let _cleanup = RemoveOnDrop(node.clone());
+    let _cleanup = DevNodeGuard::remove_on_drop(node.clone());
     ns.run(|| {
         let dev = HostDevice::open(&macvtap("mvt0"), 1).unwrap();
         assert_eq!(queue_flags(&dev.queues()[0]).0, "mvt0");
@@ -451,10 +446,10 @@ fn missing_dev_node_is_created() {
 
 #[test]
 fn macvtap_queue_detach_and_attach_steer_frames() {
-    need_root!("macvtap_queue_detach_and_attach_steer_frames");
-    let ns = NetNs::new();
-    ns.with_macvtap(free_ifindex());
-    ns.all_up();
+    require!(ROOT);
+    let ns = NetNs::new("host");
+    ns.add_veth_macvtap(free_ifindex());
+    ns.set_up(&LINKS);
     ns.run(|| {
         let dev = HostDevice::open(&macvtap("mvt0"), 2).unwrap();
         let (q0, q1) = (&dev.queues()[0], &dev.queues()[1]);
@@ -500,9 +495,9 @@ fn macvtap_queue_detach_and_attach_steer_frames() {
 
 #[test]
 fn macvtap_link_facts() {
-    need_root!("macvtap_link_facts");
-    let ns = NetNs::new();
-    ns.with_macvtap(free_ifindex());
+    require!(ROOT);
+    let ns = NetNs::new("host");
+    ns.add_veth_macvtap(free_ifindex());
     ns.ip(&[
         "link",
         "set",
@@ -519,23 +514,23 @@ fn macvtap_link_facts() {
         assert!(!dev.carrier(), "down link has no carrier");
 
         for l in ["veth0", "veth1", "mvt0"] {
-            testns::ip(&["link", "set", l, "up"]);
+            netns::ip(&["link", "set", l, "up"]);
         }
         assert!(wait_for(|| dev.carrier()), "all up: carrier");
-        testns::ip(&["link", "set", "veth1", "down"]);
+        netns::ip(&["link", "set", "veth1", "down"]);
         assert!(wait_for(|| !dev.carrier()), "lower link lost carrier");
-        testns::ip(&["link", "set", "veth1", "up"]);
+        netns::ip(&["link", "set", "veth1", "up"]);
         assert!(wait_for(|| dev.carrier()));
 
         // Facts follow the link by ifindex, across changes and a rename.
-        testns::ip(&["link", "set", "mvt0", "down"]);
-        testns::ip(&["link", "set", "mvt0", "name", "mvt-renamed"]);
-        testns::ip(&["link", "set", "mvt-renamed", "address", "02:aa:bb:cc:dd:ee"]);
-        testns::ip(&["link", "set", "mvt-renamed", "mtu", "1280"]);
+        netns::ip(&["link", "set", "mvt0", "down"]);
+        netns::ip(&["link", "set", "mvt0", "name", "mvt-renamed"]);
+        netns::ip(&["link", "set", "mvt-renamed", "address", "02:aa:bb:cc:dd:ee"]);
+        netns::ip(&["link", "set", "mvt-renamed", "mtu", "1280"]);
         assert_eq!(dev.mac().unwrap(), [0x02, 0xaa, 0xbb, 0xcc, 0xdd, 0xee]);
         assert_eq!(dev.mtu().unwrap(), 1280);
 
-        testns::ip(&["link", "del", "mvt-renamed"]);
+        netns::ip(&["link", "del", "mvt-renamed"]);
         assert!(matches!(dev.mac(), Err(HostError::LinkGone { .. })));
         assert!(!dev.carrier());
     });
@@ -543,9 +538,9 @@ fn macvtap_link_facts() {
 
 #[test]
 fn macvtap_spec_errors_name_the_operator() {
-    need_root!("macvtap_spec_errors_name_the_operator");
-    let ns = NetNs::new();
-    ns.with_macvtap(free_ifindex());
+    require!(ROOT);
+    let ns = NetNs::new("host");
+    ns.add_veth_macvtap(free_ifindex());
     ns.run(|| {
         let err = HostDevice::open(&macvtap("nosuch0"), 1).unwrap_err();
         assert!(matches!(err, HostError::NoSuchInterface { .. }), "{err}");
@@ -557,10 +552,10 @@ fn macvtap_spec_errors_name_the_operator() {
 
 #[test]
 fn sysfs_of_another_namespace_is_detected() {
-    need_root!("sysfs_of_another_namespace_is_detected");
-    let ns = NetNs::new();
-    ns.with_macvtap(free_ifindex());
-    let ns_file = fs::File::open(format!("/run/netns/{}", ns.name)).unwrap();
+    require!(ROOT);
+    let ns = NetNs::new("host");
+    ns.add_veth_macvtap(free_ifindex());
+    let ns_file = fs::File::open(format!("/run/netns/{}", ns.name())).unwrap();
     // Enter the netns but keep the root namespace's /sys, as `nsenter --net` would.
     let err = std::thread::scope(|s| {
         s.spawn(|| {
@@ -578,8 +573,8 @@ fn sysfs_of_another_namespace_is_detected() {
 
 #[test]
 fn tap_is_created_up_and_removed_on_drop() {
-    need_root!("tap_is_created_up_and_removed_on_drop");
-    let ns = NetNs::new();
+    require!(ROOT);
+    let ns = NetNs::new("host");
     ns.run(|| {
         let dev = HostDevice::open(&tap("mvhtap0"), 1).unwrap();
         assert_eq!(dev.kind(), HostKind::Tap);
@@ -617,8 +612,8 @@ fn tap_is_created_up_and_removed_on_drop() {
 
 #[test]
 fn multiqueue_tap_detach_and_attach() {
-    need_root!("multiqueue_tap_detach_and_attach");
-    let ns = NetNs::new();
+    require!(ROOT);
+    let ns = NetNs::new("host");
     ns.run(|| {
         let dev = HostDevice::open(&tap("mvhtap1"), 4).unwrap();
         let flags =
@@ -655,8 +650,8 @@ fn multiqueue_tap_detach_and_attach() {
 
 #[test]
 fn existing_taps_are_reused_or_refused_clearly() {
-    need_root!("existing_taps_are_reused_or_refused_clearly");
-    let ns = NetNs::new();
+    require!(ROOT);
+    let ns = NetNs::new("host");
     ns.ip(&["tuntap", "add", "dev", "mq0", "mode", "tap", "multi_queue"]);
     ns.ip(&["tuntap", "add", "dev", "sq0", "mode", "tap"]);
     ns.ip(&["tuntap", "add", "dev", "tun0", "mode", "tun"]);
@@ -697,8 +692,8 @@ fn existing_taps_are_reused_or_refused_clearly() {
 
 #[test]
 fn tap_fds_from_a_manager_are_validated() {
-    need_root!("tap_fds_from_a_manager_are_validated");
-    let ns = NetNs::new();
+    require!(ROOT);
+    let ns = NetNs::new("host");
     ns.run(|| {
         let mq = TAP_FLAGS | libc::IFF_MULTI_QUEUE;
         let a = raw_tun("fdtap0", mq);
@@ -760,10 +755,10 @@ fn tap_fds_from_a_manager_are_validated() {
 
 #[test]
 fn macvtap_fds_from_a_manager_are_accepted() {
-    need_root!("macvtap_fds_from_a_manager_are_accepted");
+    require!(ROOT);
     let index = free_ifindex();
-    let ns = NetNs::new();
-    ns.with_macvtap(index);
+    let ns = NetNs::new("host");
+    ns.add_veth_macvtap(index);
     ns.run(|| {
         // Opened blocking, as `3<>/dev/tapN` in a shell would.
         let open = || -> OwnedFd {
@@ -794,9 +789,9 @@ fn macvtap_fds_from_a_manager_are_accepted() {
 
 #[test]
 fn writes_on_down_and_deleted_links() {
-    need_root!("writes_on_down_and_deleted_links");
-    let ns = NetNs::new();
-    ns.with_macvtap(free_ifindex());
+    require!(ROOT);
+    let ns = NetNs::new("host");
+    ns.add_veth_macvtap(free_ifindex());
     ns.run(|| {
         let frame = eth_frame([0xff; 6], [0x02, 0, 0, 0, 0, 1], b"down");
 
@@ -809,7 +804,7 @@ fn writes_on_down_and_deleted_links() {
 
         // macvtap deleted: writes still "succeed", reads say EAGAIN, poll never reports an error;
         // only TUNGETIFF (ENOLINK) and the link facts tell.
-        testns::ip(&["link", "del", "mvt0"]);
+        netns::ip(&["link", "del", "mvt0"]);
         assert_eq!(try_send(q, &frame).unwrap(), 12 + frame.len());
         let mut fds = [PollFd::new(q.as_fd(), PollFlags::POLLIN)];
         poll(&mut fds, PollTimeout::ZERO).unwrap();
@@ -822,12 +817,12 @@ fn writes_on_down_and_deleted_links() {
         // tap down: the write fails with EIO.
         let tp = HostDevice::open(&tap("mvhtap9"), 1).unwrap();
         let q = &tp.queues()[0];
-        testns::ip(&["link", "set", "mvhtap9", "down"]);
+        netns::ip(&["link", "set", "mvhtap9", "down"]);
         let err = try_send(q, &frame).unwrap_err();
         assert_eq!(err.raw_os_error(), Some(libc::EIO));
 
         // tap deleted: EBADFD, and poll reports POLLERR.
-        testns::ip(&["link", "del", "mvhtap9"]);
+        netns::ip(&["link", "del", "mvhtap9"]);
         let err = try_send(q, &frame).unwrap_err();
         assert_eq!(err.raw_os_error(), Some(libc::EBADFD));
         let mut fds = [PollFd::new(q.as_fd(), PollFlags::POLLIN)];
@@ -838,9 +833,9 @@ fn writes_on_down_and_deleted_links() {
 
 #[test]
 fn sndbuf_is_per_device_on_tap_and_settable_on_macvtap() {
-    need_root!("sndbuf_is_per_device_on_tap_and_settable_on_macvtap");
-    let ns = NetNs::new();
-    ns.with_macvtap(free_ifindex());
+    require!(ROOT);
+    let ns = NetNs::new("host");
+    ns.add_veth_macvtap(free_ifindex());
     ns.run(|| {
         // Both drivers start at INT_MAX: no EAGAIN on TX unless someone sets a finite value.
         let tp = HostDevice::open(&tap("mvhtap7"), 2).unwrap();
@@ -873,8 +868,8 @@ fn sndbuf_is_per_device_on_tap_and_settable_on_macvtap() {
 
 #[test]
 fn tap_name_template_is_resolved() {
-    need_root!("tap_name_template_is_resolved");
-    let ns = NetNs::new();
+    require!(ROOT);
+    let ns = NetNs::new("host");
     ns.run(|| {
         // The kernel expands `%d` on creation; every queue must join that one tap.
         let dev = HostDevice::open(&tap("mvh%d"), 2).unwrap();
@@ -888,13 +883,13 @@ fn tap_name_template_is_resolved() {
 
 #[test]
 fn fds_of_a_same_named_link_in_another_namespace_are_refused() {
-    need_root!("fds_of_a_same_named_link_in_another_namespace_are_refused");
+    require!(ROOT);
     // Namespace A holds the devices behind the fds; B has links with the same names (and, for
     // the macvtap, the same ifindex) and is where the backend runs.
-    let (a, b) = (NetNs::new(), NetNs::new());
+    let (a, b) = (NetNs::new("host"), NetNs::new("host"));
     let index = free_ifindex();
-    a.with_macvtap(index);
-    b.with_macvtap(index);
+    a.add_veth_macvtap(index);
+    b.add_veth_macvtap(index);
     b.ip(&[
         "tuntap",
         "add",

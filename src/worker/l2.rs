@@ -601,7 +601,7 @@ mod tests {
 
     #[test]
     fn injected_frames_come_first_behind_a_zero_header_then_the_host_queue() {
-        use crate::datapath::testutil::FakeHostQueue;
+        use crate::testkit::FakeHostQueue;
         use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
         let inj = Injector::new().unwrap();
         assert!(inj.push(&[0xaa; 60]));

@@ -1,5 +1,6 @@
-//! Shared end-to-end harness: network namespaces, veth/macvtap topologies, the macvhost and
-//! DPDK testpmd process guards, and an AF_PACKET frame generator/checker.
+//! The end-to-end harness on top of the test kit (`macvhost::testkit`: `require`, the netns and
+//! topologies, the macvhost `Daemon` guard, which this module re-exports): the DPDK testpmd
+//! guard, tagged test frames, and an AF_PACKET frame generator/checker.
 //!
 //! Shape of every end-to-end test:
 //!
@@ -27,29 +28,51 @@ use std::fmt;
 use std::fs::{self, File};
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use nix::sys::signal::{kill, Signal};
-use nix::unistd::Pid;
+// Each suite uses part of this; together they are the harness's vocabulary.
+#[allow(unused_imports)]
+pub use macvhost::host::MacAddr;
+#[allow(unused_imports)]
+pub use macvhost::require;
+use macvhost::testkit::daemon::terminate;
+#[allow(unused_imports)]
+pub use macvhost::testkit::daemon::Daemon;
+#[allow(unused_imports)]
+pub use macvhost::testkit::netns::{
+    dev_node, free_ifindex, run_ok, DevNodeGuard, IfaceStats, MacvtapTopo, NetNs, TapTopo,
+    GUEST_MAC, LOWER_MAC, PEER_MAC,
+};
+#[allow(unused_imports)]
+pub use macvhost::testkit::{wait_until, Need};
+use nix::sys::signal::Signal;
 
-/// Env var: when set to `1`, a test that cannot run (not root, tools missing) fails instead of
-/// printing `skipped:`. `.ci/run` sets it so CI never passes by skipping.
-pub const REQUIRE_ENV: &str = "MACVHOST_E2E_REQUIRED";
+/// What the end-to-end tests need: root, `ip` and DPDK testpmd.
+pub const E2E: &[Need] = &[Need::Root, Need::Tool("ip"), Need::Tool("dpdk-testpmd")];
+/// What the host tests need: root and `ip` (the frontend is the in-process test driver).
+pub const HOST: &[Need] = &[Need::Root, Need::Tool("ip")];
+
+/// The running test's name (libtest names each test's thread after it), for summary lines.
+pub fn test_name() -> String {
+    std::thread::current().name().unwrap_or("?").to_owned()
+}
+
+/// How every privileged test here starts: the clock, a temp dir for sockets and logs, and a
+/// fresh network namespace (`mvh-<tag>-…`).
+pub fn start(tag: &str) -> (Instant, tempfile::TempDir, NetNs) {
+    (
+        Instant::now(),
+        tempfile::tempdir().expect("tempdir"),
+        NetNs::new(tag),
+    )
+}
 
 /// How long to wait for the datapath to come up (first probe frame echoed back).
 pub const READY_TIMEOUT: Duration = Duration::from_secs(30);
-
-/// MAC of the peer end of the veth pair (the "outside world").
-pub const PEER_MAC: Mac = Mac([0x02, 0x6d, 0x76, 0x68, 0x00, 0x01]);
-/// MAC of the macvtap, also given to the virtio-user frontend (the "guest").
-pub const GUEST_MAC: Mac = Mac([0x02, 0x6d, 0x76, 0x68, 0x00, 0x02]);
-/// MAC of the macvtap's lower device.
-pub const LOWER_MAC: Mac = Mac([0x02, 0x6d, 0x76, 0x68, 0x00, 0x03]);
 
 /// Local experimental ethertype used for raw test frames.
 pub const TEST_ETHERTYPE: u16 = 0x88B5;
@@ -71,653 +94,12 @@ fn unique_suffix() -> String {
     )
 }
 
-// ---------------------------------------------------------------------------------------------
-// Preconditions
-// ---------------------------------------------------------------------------------------------
-
-/// Returns true when this test can run: effective root, and `ip` and `dpdk-testpmd` on `PATH`.
-/// Otherwise prints a `skipped:` line and returns false (the test then returns early) — or, when
-/// `MACVHOST_E2E_REQUIRED=1`, panics so CI cannot pass by skipping.
-pub fn require_root(test_name: &str) -> bool {
-    let root = nix::unistd::geteuid().is_root();
-    let tools = which("ip").is_some() && which("dpdk-testpmd").is_some();
-    if root && tools {
-        return true;
-    }
-    let msg =
-        format!("skipped: {test_name}: needs root and dpdk-testpmd (creates netns, veth, macvtap)");
-    if std::env::var(REQUIRE_ENV).as_deref() == Ok("1") {
-        panic!("{msg} [{REQUIRE_ENV}=1: root={root} tools={tools}]");
-    }
-    print_skip(&msg);
-    false
-}
-
-/// Writes a skip notice straight to the process's stderr: libtest captures `eprintln!` of
-/// passing tests, and a skip must be visible in a plain `cargo test`.
-pub fn print_skip(msg: &str) {
-    use std::io::Write;
-    let _ = writeln!(std::io::stderr(), "{msg}");
-}
-
-/// Looks `program` up on `PATH`.
-pub fn which(program: &str) -> Option<PathBuf> {
-    let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path)
-        .map(|dir| dir.join(program))
-        .find(|p| {
-            p.metadata()
-                .map(|m| m.is_file() && m.mode() & 0o111 != 0)
-                .unwrap_or(false)
-        })
-}
-
-/// Runs a command to completion; panics with its stderr when it fails. Returns stdout.
-pub fn run_ok(cmd: &mut Command) -> String {
-    let out = cmd
-        .stdin(Stdio::null())
-        .output()
-        .unwrap_or_else(|e| panic!("spawning {cmd:?}: {e}"));
-    if !out.status.success() {
-        panic!(
-            "{cmd:?} failed ({}):\n{}{}",
-            out.status,
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-/// Polls `cond` every 20 ms until it holds or `timeout` passes. Returns whether it held.
-pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if cond() {
-            return true;
-        }
-        if Instant::now() >= deadline {
-            return false;
-        }
-        thread::sleep(Duration::from_millis(20));
-    }
-}
-
 /// Last `n` lines of a log file (for failure output).
 pub fn tail(path: &Path, n: usize) -> String {
     let text = fs::read_to_string(path).unwrap_or_else(|e| format!("<cannot read {path:?}: {e}>"));
     let lines: Vec<&str> = text.lines().collect();
     let start = lines.len().saturating_sub(n);
     lines[start..].join("\n")
-}
-
-// ---------------------------------------------------------------------------------------------
-// MAC addresses
-// ---------------------------------------------------------------------------------------------
-
-#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
-pub struct Mac(pub [u8; 6]);
-
-impl Mac {
-    pub fn parse(s: &str) -> Mac {
-        let mut b = [0u8; 6];
-        let parts: Vec<&str> = s.trim().split(':').collect();
-        assert_eq!(parts.len(), 6, "bad MAC {s:?}");
-        for (i, p) in parts.iter().enumerate() {
-            b[i] = u8::from_str_radix(p, 16).unwrap_or_else(|_| panic!("bad MAC {s:?}"));
-        }
-        Mac(b)
-    }
-}
-
-impl fmt::Display for Mac {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let b = self.0;
-        write!(
-            f,
-            "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
-            b[0], b[1], b[2], b[3], b[4], b[5]
-        )
-    }
-}
-
-// ---------------------------------------------------------------------------------------------
-// Network namespace guard
-// ---------------------------------------------------------------------------------------------
-
-/// A uniquely named network namespace (`mvh-<pid>-<counter>`), deleted with everything in it on
-/// drop (also when the test panics). IPv6 is disabled inside so the kernel emits no ND/MLD
-/// chatter onto the test links.
-#[derive(Debug)]
-pub struct Netns {
-    name: String,
-}
-
-impl Netns {
-    pub fn new() -> Netns {
-        let name = format!("mvh-{}", unique_suffix());
-        run_ok(Command::new("ip").args(["netns", "add", &name]));
-        let ns = Netns { name };
-        ns.exec(&[
-            "sysctl",
-            "-qw",
-            "net.ipv6.conf.all.disable_ipv6=1",
-            "net.ipv6.conf.default.disable_ipv6=1",
-        ]);
-        ns.ip(&["link", "set", "lo", "up"]);
-        ns
-    }
-
-    pub fn name(&self) -> &str {
-        &self.name
-    }
-
-    /// `ip netns exec NAME program` (not yet spawned). Inside, `/sys` shows this namespace.
-    pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
-        let mut c = Command::new("ip");
-        c.args(["netns", "exec", &self.name]).arg(program);
-        c
-    }
-
-    /// Runs `argv` inside the namespace; panics on failure; returns stdout.
-    pub fn exec(&self, argv: &[&str]) -> String {
-        run_ok(self.command(argv[0]).args(&argv[1..]))
-    }
-
-    /// Runs `argv` inside the namespace and returns its output whatever the status.
-    pub fn try_exec(&self, argv: &[&str]) -> Output {
-        self.command(argv[0])
-            .args(&argv[1..])
-            .stdin(Stdio::null())
-            .output()
-            .expect("spawn ip netns exec")
-    }
-
-    /// `ip -n NAME args...`; panics on failure.
-    pub fn ip(&self, args: &[&str]) -> String {
-        run_ok(Command::new("ip").args(["-n", &self.name]).args(args))
-    }
-
-    pub fn has_iface(&self, iface: &str) -> bool {
-        Command::new("ip")
-            .args(["-n", &self.name, "link", "show", "dev", iface])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .map(|s| s.success())
-            .unwrap_or(false)
-    }
-
-    /// Reads a sysfs (or any) file as seen from inside the namespace, trimmed.
-    pub fn read_file(&self, path: &str) -> String {
-        self.exec(&["cat", path]).trim().to_string()
-    }
-
-    pub fn mac(&self, iface: &str) -> Mac {
-        Mac::parse(&self.read_file(&format!("/sys/class/net/{iface}/address")))
-    }
-
-    pub fn ifindex(&self, iface: &str) -> u32 {
-        self.read_file(&format!("/sys/class/net/{iface}/ifindex"))
-            .parse()
-            .expect("ifindex")
-    }
-
-    /// Kernel counters of `iface` (`/sys/class/net/IFACE/statistics/*`) inside the namespace.
-    pub fn stats(&self, iface: &str) -> IfaceStats {
-        let files: Vec<String> = IfaceStats::FIELDS
-            .iter()
-            .map(|f| format!("/sys/class/net/{iface}/statistics/{f}"))
-            .collect();
-        let mut argv = vec!["cat"];
-        argv.extend(files.iter().map(String::as_str));
-        let out = self.exec(&argv);
-        let v: Vec<u64> = out
-            .lines()
-            .map(|l| l.trim().parse().expect("counter"))
-            .collect();
-        assert_eq!(
-            v.len(),
-            IfaceStats::FIELDS.len(),
-            "statistics of {iface}: {out}"
-        );
-        IfaceStats {
-            rx_packets: v[0],
-            rx_bytes: v[1],
-            rx_dropped: v[2],
-            tx_packets: v[3],
-            tx_bytes: v[4],
-            tx_dropped: v[5],
-        }
-    }
-
-    /// Runs `f` on a helper thread that has joined this namespace (`setns(CLONE_NEWNET)`).
-    /// Sockets created inside `f` stay in this namespace after the thread exits.
-    pub fn run_in<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
-        let path = format!("/run/netns/{}", self.name);
-        thread::scope(|s| {
-            s.spawn(move || {
-                let ns = File::open(&path).unwrap_or_else(|e| panic!("open {path}: {e}"));
-                // SAFETY: setns only changes this helper thread's network namespace; `ns` is an
-                // open namespace file descriptor that outlives the call.
-                let rc = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
-                assert_eq!(rc, 0, "setns({path}): {}", io::Error::last_os_error());
-                f()
-            })
-            .join()
-            .expect("netns helper thread panicked")
-        })
-    }
-
-    /// Pids of processes still running inside the namespace.
-    pub fn pids(&self) -> Vec<i32> {
-        let out = Command::new("ip")
-            .args(["netns", "pids", &self.name])
-            .output()
-            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
-            .unwrap_or_default();
-        out.split_whitespace()
-            .filter_map(|p| p.parse().ok())
-            .collect()
-    }
-}
-
-impl Default for Netns {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        // Only processes we started can be in our uniquely named namespace.
-        for pid in self.pids() {
-            let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
-        }
-        let _ = wait_until(Duration::from_secs(5), || self.pids().is_empty());
-        let status = Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .stdin(Stdio::null())
-            .status();
-        if !matches!(status, Ok(s) if s.success()) {
-            eprintln!("warning: could not delete netns {}: {status:?}", self.name);
-        }
-    }
-}
-
-/// Interface counters from sysfs.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct IfaceStats {
-    pub rx_packets: u64,
-    pub rx_bytes: u64,
-    pub rx_dropped: u64,
-    pub tx_packets: u64,
-    pub tx_bytes: u64,
-    pub tx_dropped: u64,
-}
-
-impl IfaceStats {
-    const FIELDS: [&'static str; 6] = [
-        "rx_packets",
-        "rx_bytes",
-        "rx_dropped",
-        "tx_packets",
-        "tx_bytes",
-        "tx_dropped",
-    ];
-
-    /// `self - earlier`, field by field.
-    pub fn since(&self, earlier: &IfaceStats) -> IfaceStats {
-        IfaceStats {
-            rx_packets: self.rx_packets - earlier.rx_packets,
-            rx_bytes: self.rx_bytes - earlier.rx_bytes,
-            rx_dropped: self.rx_dropped - earlier.rx_dropped,
-            tx_packets: self.tx_packets - earlier.tx_packets,
-            tx_bytes: self.tx_bytes - earlier.tx_bytes,
-            tx_dropped: self.tx_dropped - earlier.tx_dropped,
-        }
-    }
-}
-
-impl fmt::Display for IfaceStats {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "rx {}p/{}B drop {}, tx {}p/{}B drop {}",
-            self.rx_packets,
-            self.rx_bytes,
-            self.rx_dropped,
-            self.tx_packets,
-            self.tx_bytes,
-            self.tx_dropped
-        )
-    }
-}
-
-// ---------------------------------------------------------------------------------------------
-// Topologies
-// ---------------------------------------------------------------------------------------------
-
-/// `peer0 ═veth═ lower0`, and `mvt0` = macvtap on `lower0`, all up, inside one namespace.
-#[derive(Clone, Debug)]
-pub struct MacvtapTopo {
-    pub peer: &'static str,
-    pub lower: &'static str,
-    pub macvtap: &'static str,
-    pub peer_mac: Mac,
-    pub macvtap_mac: Mac,
-    /// The macvtap's ifindex; its character device is `/dev/tap<ifindex>`.
-    pub ifindex: u32,
-}
-
-impl MacvtapTopo {
-    /// Creates the topology with a macvtap in `mode` (bridge, vepa, private, passthru).
-    ///
-    /// The macvtap gets an explicit ifindex whose `/dev/tapN` does not exist yet: `/dev` is
-    /// shared by all namespaces, ifindexes are per namespace, so the kernel-chosen index (4 in a
-    /// fresh namespace) routinely collides with another namespace's macvtap and its node.
-    pub fn create(ns: &Netns, mode: &str) -> MacvtapTopo {
-        Self::create_with_ifindex(ns, mode, pick_free_tap_index())
-    }
-
-    /// As [`MacvtapTopo::create`], with the macvtap's ifindex chosen by the caller.
-    pub fn create_with_ifindex(ns: &Netns, mode: &str, ifindex: u32) -> MacvtapTopo {
-        let topo = MacvtapTopo {
-            peer: "peer0",
-            lower: "lower0",
-            macvtap: "mvt0",
-            peer_mac: PEER_MAC,
-            macvtap_mac: GUEST_MAC,
-            ifindex,
-        };
-        let (peer_mac, lower_mac, mvt_mac) = (
-            topo.peer_mac.to_string(),
-            LOWER_MAC.to_string(),
-            topo.macvtap_mac.to_string(),
-        );
-        ns.ip(&[
-            "link", "add", topo.peer, "address", &peer_mac, "type", "veth", "peer", "name",
-            topo.lower, "address", &lower_mac,
-        ]);
-        let index = ifindex.to_string();
-        ns.ip(&[
-            "link",
-            "add",
-            "link",
-            topo.lower,
-            "name",
-            topo.macvtap,
-            "index",
-            &index,
-            "address",
-            &mvt_mac,
-            "type",
-            "macvtap",
-            "mode",
-            mode,
-        ]);
-        for iface in [topo.peer, topo.lower, topo.macvtap] {
-            ns.ip(&["link", "set", iface, "up"]);
-        }
-        assert_eq!(ns.ifindex(topo.macvtap), ifindex);
-        topo
-    }
-
-    /// `major:minor` of the macvtap's character device, from sysfs inside the namespace.
-    pub fn chardev(&self, ns: &Netns) -> (u64, u64) {
-        let s = ns.read_file(&format!(
-            "/sys/class/net/{}/macvtap/tap{}/dev",
-            self.macvtap, self.ifindex
-        ));
-        let (maj, min) = s.split_once(':').expect("major:minor");
-        (maj.parse().unwrap(), min.parse().unwrap())
-    }
-}
-
-/// A pseudo-random ifindex in 20000..60000 for which `/dev/tapN` does not exist.
-pub fn pick_free_tap_index() -> u32 {
-    let mut x = seed();
-    loop {
-        let n = 20_000 + (splitmix64(&mut x) % 40_000) as u32;
-        if fs::symlink_metadata(format!("/dev/tap{n}")).is_err() {
-            return n;
-        }
-    }
-}
-
-/// `(is_char_device, major, minor)` of a device node, or None if the path does not exist.
-pub fn dev_node(path: &Path) -> Option<(bool, u64, u64)> {
-    let m = fs::symlink_metadata(path).ok()?;
-    let rdev = m.rdev();
-    Some((
-        m.file_type().is_char_device(),
-        nix::sys::stat::major(rdev),
-        nix::sys::stat::minor(rdev),
-    ))
-}
-
-/// A character device node the test created; removed on drop only if it is still exactly the
-/// node we made (same type and numbers).
-#[derive(Debug)]
-pub struct DevNodeGuard {
-    pub path: PathBuf,
-    pub major: u64,
-    pub minor: u64,
-}
-
-impl DevNodeGuard {
-    /// `mknod PATH c MAJOR MINOR`; panics if PATH exists.
-    pub fn create_char(path: &Path, major: u64, minor: u64) -> DevNodeGuard {
-        assert!(dev_node(path).is_none(), "{path:?} already exists");
-        nix::sys::stat::mknod(
-            path,
-            nix::sys::stat::SFlag::S_IFCHR,
-            nix::sys::stat::Mode::from_bits_truncate(0o600),
-            nix::sys::stat::makedev(major, minor),
-        )
-        .unwrap_or_else(|e| panic!("mknod {path:?} c {major} {minor}: {e}"));
-        DevNodeGuard {
-            path: path.to_path_buf(),
-            major,
-            minor,
-        }
-    }
-
-    pub fn is_unchanged(&self) -> bool {
-        dev_node(&self.path) == Some((true, self.major, self.minor))
-    }
-}
-
-impl Drop for DevNodeGuard {
-    fn drop(&mut self) {
-        if self.is_unchanged() {
-            let _ = fs::remove_file(&self.path);
-        } else {
-            eprintln!(
-                "note: {:?} is no longer the c {}:{} node the test made ({:?}); left alone",
-                self.path,
-                self.major,
-                self.minor,
-                dev_node(&self.path)
-            );
-        }
-    }
-}
-
-/// A tap created by macvhost (`--tap NAME`) inside the namespace. The test uses the tap's own
-/// netdev as the peer: frames sent on it with AF_PACKET are transmitted by the netdev, i.e.
-/// handed to the tap fd (macvhost RX); frames macvhost writes to the fd are received by the
-/// netdev, where the AF_PACKET socket sees them.
-#[derive(Clone, Debug)]
-pub struct TapTopo {
-    pub tap: String,
-    pub tap_mac: Mac,
-}
-
-impl TapTopo {
-    /// Waits for `tap` to appear (macvhost creates it), then sets it up.
-    pub fn attach(ns: &Netns, tap: &str, timeout: Duration) -> TapTopo {
-        assert!(
-            wait_until(timeout, || ns.has_iface(tap)),
-            "tap {tap} did not appear in netns {} within {timeout:?}",
-            ns.name()
-        );
-        ns.ip(&["link", "set", tap, "up"]);
-        TapTopo {
-            tap: tap.to_string(),
-            tap_mac: ns.mac(tap),
-        }
-    }
-}
-
-// ---------------------------------------------------------------------------------------------
-// macvhost process guard
-// ---------------------------------------------------------------------------------------------
-
-/// A running `macvhost` inside a namespace, serving a vhost-user socket in `dir`.
-/// On drop: SIGTERM, wait (then SIGKILL); prints its log when the test is failing.
-#[derive(Debug)]
-pub struct Macvhost {
-    child: Option<Child>,
-    socket: PathBuf,
-    log: PathBuf,
-    netns: String,
-}
-
-impl Macvhost {
-    /// The binary under test: `$MACVHOST_BIN` if set (e.g. an installed build), else the one
-    /// cargo built for this test run.
-    pub fn binary() -> PathBuf {
-        std::env::var_os("MACVHOST_BIN")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_macvhost")))
-    }
-
-    /// Spawns `ip netns exec NS macvhost --socket-path DIR/vhost.sock ARGS... --log-level debug`
-    /// and waits until the socket file exists.
-    pub fn spawn(ns: &Netns, dir: &Path, args: &[&str]) -> Macvhost {
-        Self::spawn_named(ns, dir, "macvhost", args)
-    }
-
-    /// As [`Macvhost::spawn`]; `name` distinguishes the socket and log files of several
-    /// instances in one tempdir.
-    pub fn spawn_named(ns: &Netns, dir: &Path, name: &str, args: &[&str]) -> Macvhost {
-        let socket = dir.join(format!("{name}.sock"));
-        let log = dir.join(format!("{name}.log"));
-        let out = File::create(&log).expect("create macvhost log");
-        let child = ns
-            .command(Self::binary())
-            .arg("--socket-path")
-            .arg(&socket)
-            .args(args)
-            .args(["--log-level", "debug"])
-            .env("RUST_BACKTRACE", "1")
-            .stdin(Stdio::null())
-            .stdout(out.try_clone().expect("dup log fd"))
-            .stderr(out)
-            .spawn()
-            .expect("spawn macvhost");
-        let mut m = Macvhost {
-            child: Some(child),
-            socket,
-            log,
-            netns: ns.name().to_string(),
-        };
-        let up = wait_until(Duration::from_secs(15), || {
-            m.check_alive();
-            fs::symlink_metadata(&m.socket)
-                .map(|md| md.file_type().is_socket())
-                .unwrap_or(false)
-        });
-        assert!(up, "macvhost did not create {:?} within 15 s", m.socket);
-        m
-    }
-
-    pub fn socket(&self) -> &Path {
-        &self.socket
-    }
-
-    pub fn log_path(&self) -> &Path {
-        &self.log
-    }
-
-    pub fn log_text(&self) -> String {
-        fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    pub fn pid(&self) -> u32 {
-        self.child.as_ref().expect("running").id()
-    }
-
-    /// Panics (with the log) if macvhost has exited.
-    pub fn check_alive(&mut self) {
-        let child = self.child.as_mut().expect("child");
-        if let Some(status) = child.try_wait().expect("try_wait") {
-            panic!(
-                "macvhost exited unexpectedly ({status}); log {:?}:\n{}",
-                self.log,
-                tail(&self.log, 200)
-            );
-        }
-    }
-
-    /// SIGTERM, then wait up to 10 s. Returns the exit status (panics on timeout).
-    pub fn shutdown(mut self) -> ExitStatus {
-        let mut child = self.child.take().expect("child");
-        match terminate(&mut child, Signal::SIGTERM, Duration::from_secs(10)) {
-            Ok(status) => status,
-            Err(status) => panic!(
-                "macvhost did not exit within 10 s of SIGTERM (killed: {status}); log:\n{}",
-                tail(&self.log, 200)
-            ),
-        }
-    }
-
-    /// [`Macvhost::shutdown`] and assert exit code 0.
-    pub fn shutdown_clean(self) {
-        let log = self.log.clone();
-        let status = self.shutdown();
-        assert!(
-            status.success(),
-            "macvhost exited with {status} after SIGTERM; log:\n{}",
-            tail(&log, 200)
-        );
-    }
-}
-
-impl Drop for Macvhost {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = terminate(&mut child, Signal::SIGTERM, Duration::from_secs(5));
-        }
-        if thread::panicking() {
-            eprintln!(
-                "---- macvhost log (netns {}, {:?}) ----\n{}\n---- end macvhost log ----",
-                self.netns,
-                self.log,
-                tail(&self.log, 300)
-            );
-        }
-    }
-}
-
-/// Sends `sig`, waits up to `timeout`; on timeout SIGKILLs and returns Err(status).
-fn terminate(child: &mut Child, sig: Signal, timeout: Duration) -> Result<ExitStatus, ExitStatus> {
-    if let Ok(Some(status)) = child.try_wait() {
-        return Ok(status);
-    }
-    let _ = kill(Pid::from_raw(child.id() as i32), sig);
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Ok(Some(status)) = child.try_wait() {
-            return Ok(status);
-        }
-        if Instant::now() >= deadline {
-            let _ = child.kill();
-            return Err(child.wait().expect("wait"));
-        }
-        thread::sleep(Duration::from_millis(20));
-    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -729,7 +111,7 @@ fn terminate(child: &mut Child, sig: Signal, timeout: Duration) -> Result<ExitSt
 pub struct TestpmdConfig {
     pub queues: u16,
     /// MAC of the virtio-user port (the guest's MAC).
-    pub mac: Mac,
+    pub mac: MacAddr,
     /// `--forward-mode`: `macswap` echoes frames back with the MAC fields swapped.
     pub forward_mode: String,
     /// Extra `net_virtio_user0` devargs, e.g. `packed_vq=1,mrg_rxbuf=0`.
@@ -739,7 +121,7 @@ pub struct TestpmdConfig {
 }
 
 impl TestpmdConfig {
-    pub fn macswap(queues: u16, mac: Mac) -> TestpmdConfig {
+    pub fn macswap(queues: u16, mac: MacAddr) -> TestpmdConfig {
         TestpmdConfig {
             queues,
             mac,
@@ -818,7 +200,7 @@ impl Testpmd {
     /// Spawns `dpdk-testpmd ARGS` (optionally inside `ns`), output to `DIR/NAME.log`. `args`
     /// must contain `--file-prefix=PREFIX`.
     pub fn spawn_raw(
-        ns: Option<&Netns>,
+        ns: Option<&NetNs>,
         dir: &Path,
         name: &str,
         prefix: &str,
@@ -1035,7 +417,7 @@ pub struct Tag {
 
 /// Builds a frame `dst ← src` of exactly `tag.len` bytes: headers, the tag, then filler derived
 /// from (run, flow, seq), so the checker can rebuild the exact bytes.
-pub fn build_frame(dst: Mac, src: Mac, tag: &Tag) -> Vec<u8> {
+pub fn build_frame(dst: MacAddr, src: MacAddr, tag: &Tag) -> Vec<u8> {
     let len = tag.len;
     assert!(
         len >= tag.kind.min_len() && len <= u16::MAX as usize,
@@ -1153,8 +535,8 @@ const PACKET_IGNORE_OUTGOING: libc::c_int = 23;
 pub struct Peer {
     fd: OwnedFd,
     pub iface: String,
-    pub local: Mac,
-    pub remote: Mac,
+    pub local: MacAddr,
+    pub remote: MacAddr,
 }
 
 /// A traffic run.
@@ -1280,15 +662,25 @@ impl fmt::Display for Report {
 
 impl Peer {
     /// Opens an AF_PACKET socket on `iface` inside `ns`. Frames go `local → remote`.
-    pub fn open(ns: &Netns, iface: &str, local: Mac, remote: Mac) -> Peer {
+    pub fn open(ns: &NetNs, iface: &str, local: MacAddr, remote: MacAddr) -> Peer {
         let name = iface.to_string();
-        let fd = ns.run_in(move || open_packet_socket(&name));
+        let fd = ns.run(move || open_packet_socket(&name));
         Peer {
             fd: fd.unwrap_or_else(|e| panic!("AF_PACKET socket on {iface}: {e}")),
             iface: iface.to_string(),
             local,
             remote,
         }
+    }
+
+    /// The peer on `topo`'s veth end, sending to the macvtap's MAC.
+    pub fn on_macvtap(ns: &NetNs, topo: &MacvtapTopo) -> Peer {
+        Peer::open(ns, topo.peer, topo.peer_mac, topo.macvtap_mac)
+    }
+
+    /// The peer on a tap's own netdev, sending to [`GUEST_MAC`].
+    pub fn on_tap(ns: &NetNs, tap: &TapTopo) -> Peer {
+        Peer::open(ns, &tap.tap, PEER_MAC, GUEST_MAC)
     }
 
     /// Sends one frame (retries briefly on ENOBUFS).
@@ -1325,12 +717,7 @@ impl Peer {
         // SAFETY: `pfd` is a valid pollfd array of length 1 for the duration of the call.
         let rc = unsafe { libc::poll(&mut pfd, 1, ms) };
         if rc < 0 {
-            let e = io::Error::last_os_error();
-            return if e.kind() == io::ErrorKind::Interrupted {
-                Ok(None)
-            } else {
-                Err(e)
-            };
+            return nothing_unless_worse_than(io::ErrorKind::Interrupted);
         }
         if rc == 0 {
             return Ok(None);
@@ -1345,12 +732,7 @@ impl Peer {
             )
         };
         if n < 0 {
-            let e = io::Error::last_os_error();
-            return if e.kind() == io::ErrorKind::WouldBlock {
-                Ok(None)
-            } else {
-                Err(e)
-            };
+            return nothing_unless_worse_than(io::ErrorKind::WouldBlock);
         }
         Ok(Some(n as usize))
     }
@@ -1526,6 +908,17 @@ impl Peer {
     }
 }
 
+/// After a failed call: `Ok(None)` (nothing received) when errno is of the `benign` kind, the
+/// error otherwise.
+fn nothing_unless_worse_than(benign: io::ErrorKind) -> io::Result<Option<usize>> {
+    let e = io::Error::last_os_error();
+    if e.kind() == benign {
+        Ok(None)
+    } else {
+        Err(e)
+    }
+}
+
 fn open_packet_socket(iface: &str) -> io::Result<OwnedFd> {
     let ifindex = nix::net::if_::if_nametoindex(iface).map_err(io::Error::from)?;
     // SAFETY: plain socket(2) call; the returned fd is checked and then owned.
@@ -1590,18 +983,18 @@ pub struct Reflector {
 
 impl Reflector {
     /// Reflects every frame, unchanged apart from the MAC swap.
-    pub fn start(ns: &Netns, iface: &str) -> Reflector {
+    pub fn start(ns: &NetNs, iface: &str) -> Reflector {
         Self::start_with(ns, iface, |_, f| Some(f.to_vec()))
     }
 
     /// Reflects `mutate(n, frame)` (frame already MAC-swapped, `n` counts received frames);
     /// `None` drops the frame. Used to prove the checker notices loss and corruption.
     pub fn start_with(
-        ns: &Netns,
+        ns: &NetNs,
         iface: &str,
         mut mutate: impl FnMut(u64, &[u8]) -> Option<Vec<u8>> + Send + 'static,
     ) -> Reflector {
-        let peer = Peer::open(ns, iface, Mac([0; 6]), Mac([0; 6]));
+        let peer = Peer::open(ns, iface, MacAddr([0; 6]), MacAddr([0; 6]));
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let stop2 = stop.clone();
         let handle = thread::spawn(move || {
@@ -1651,7 +1044,7 @@ impl Drop for Reflector {
 /// `macvhost --tap TAP`, so the virtio-user side of the harness can be validated without the
 /// real binary.
 pub fn spawn_dpdk_vhost_standin(
-    ns: &Netns,
+    ns: &NetNs,
     dir: &Path,
     socket: &Path,
     tap: &str,
@@ -1701,7 +1094,7 @@ pub struct MacvtapReflector {
 }
 
 impl MacvtapReflector {
-    pub fn start(ns: &Netns, topo: &MacvtapTopo, dir: &Path, queues: usize) -> MacvtapReflector {
+    pub fn start(ns: &NetNs, topo: &MacvtapTopo, dir: &Path, queues: usize) -> MacvtapReflector {
         let (major, minor) = topo.chardev(ns);
         let node = dir.join(format!("macvtap-{major}-{minor}"));
         if !node.exists() {

@@ -9,6 +9,9 @@
 //! mod guest;
 //! ```
 //!
+//! The namespace, topology and macvhost guard are the test kit's (`macvhost::testkit`); every
+//! test starts with `require!(GUEST);` (or the needs it has).
+//!
 //! # Serial channel
 //!
 //! QEMU's first serial port is a chardev socket *client* that connects to a
@@ -42,8 +45,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
-use std::os::fd::AsRawFd;
+use std::net::{Shutdown, TcpListener, TcpStream};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -52,6 +54,17 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
+
+use macvhost::host::MacAddr;
+#[allow(unused_imports)] // guest_libvirt takes it from common
+pub use macvhost::require;
+#[allow(unused_imports)] // used by guest_macvhost, not guest_harness
+pub use macvhost::testkit::daemon::Daemon;
+#[allow(unused_imports)] // used by guest_harness
+pub use macvhost::testkit::netns::run_ok;
+pub use macvhost::testkit::netns::NetNs;
+use macvhost::testkit::netns::{free_ifindex, MacvtapTopo};
+pub use macvhost::testkit::{which, Need};
 
 /// Default guest MAC address used by the tests.
 pub const GUEST_MAC: &str = "52:54:00:4d:56:48";
@@ -84,54 +97,50 @@ pub fn target_dir() -> PathBuf {
     }
 }
 
-/// Whether we run as root.
-pub fn is_root() -> bool {
-    nix::unistd::Uid::effective().is_root()
-}
+/// The guest's NIC needs QEMU.
+pub const QEMU: Need = Need::Tool("qemu-system-x86_64");
 
-/// Returns `true` (and prints why) when a test must be skipped because it
-/// needs root; panics instead under `MACVHOST_E2E_REQUIRED=1`. Use as
-/// `if guest::skip_unless_root("name") { return; }`.
-pub fn skip_unless_root(test: &str) -> bool {
-    if is_root() {
-        false
-    } else {
-        skip(&format!("skipped: {test} needs root"))
+/// The guest image and its logs: `target/guest` writable, the image built already or
+/// buildable by `tests/guest/build-guest.sh`.
+pub const IMAGE: Need = Need::Check(
+    "the guest image (a writable target/guest; tests/guest/build-guest.sh needs a readable \
+     /boot/vmlinuz-*, busybox-static, iperf3, ethtool)",
+    image_available,
+);
+
+/// What a guest on a NIC in a test namespace needs: root, `ip`, QEMU and the guest image.
+pub const GUEST: &[Need] = &[Need::Root, Need::Tool("ip"), QEMU, IMAGE];
+
+fn image_available() -> bool {
+    let dir = target_dir().join("guest");
+    let writable = |p: &Path| nix::unistd::access(p, nix::unistd::AccessFlags::W_OK).is_ok();
+    if !(writable(&dir) || !dir.exists() && writable(&target_dir())) {
+        return false;
     }
-}
-
-/// Prints a skip line and returns true, or panics with it when `MACVHOST_E2E_REQUIRED=1` (CI
-/// cannot pass by skipping).
-fn skip(msg: &str) -> bool {
-    if std::env::var("MACVHOST_E2E_REQUIRED").as_deref() == Ok("1") {
-        panic!("{msg} [MACVHOST_E2E_REQUIRED=1]");
+    let built = GuestImage::in_dir(&dir);
+    if built.kernel.exists() && built.initrd.exists() {
+        return true;
     }
-    // Straight to stderr: libtest captures the output of passing tests.
-    let _ = writeln!(io::stderr(), "{msg}");
-    true
+    let kernel_readable = fs::read_dir("/boot").is_ok_and(|d| {
+        d.flatten().any(|e| {
+            e.file_name().to_string_lossy().starts_with("vmlinuz-") && File::open(e.path()).is_ok()
+        })
+    });
+    kernel_readable
+        && ["busybox", "iperf3", "ethtool"]
+            .iter()
+            .all(|t| which(t).is_some())
 }
 
-/// Returns `true` (and prints why) when QEMU is not installed; panics instead under
-/// `MACVHOST_E2E_REQUIRED=1`.
-pub fn skip_unless_qemu(test: &str) -> bool {
-    if which("qemu-system-x86_64").is_some() {
-        false
-    } else {
-        skip(&format!(
-            "skipped: {test} needs qemu-system-x86_64 (apt-get install qemu-system-x86)"
-        ))
-    }
+/// Guests run one at a time: there are only 2 cores and TCG is slow.
+pub fn one_at_a_time() -> MutexGuard<'static, ()> {
+    static LOCK: Mutex<()> = Mutex::new(());
+    LOCK.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// Finds an executable in `PATH` (plus the sbin directories).
-pub fn which(prog: &str) -> Option<PathBuf> {
-    let path = std::env::var("PATH").unwrap_or_default();
-    let found = path
-        .split(':')
-        .chain(["/usr/sbin", "/sbin", "/usr/bin", "/bin"])
-        .map(|d| Path::new(d).join(prog))
-        .find(|p| p.is_file());
-    found
+/// `s` seconds, [`scaled`].
+pub fn secs(s: u64) -> Duration {
+    scaled(Duration::from_secs(s))
 }
 
 /// Multiplies test timeouts by `MACVHOST_TIMEOUT_SCALE` (default 1; useful
@@ -143,18 +152,6 @@ pub fn scaled(d: Duration) -> Duration {
         .filter(|f: &f64| *f > 0.0)
         .unwrap_or(1.0);
     d.mul_f64(f)
-}
-
-fn run_checked(cmd: &mut Command) -> io::Result<String> {
-    let out = cmd.stdin(Stdio::null()).output()?;
-    if !out.status.success() {
-        return Err(io::Error::other(format!(
-            "{cmd:?} failed ({}): {}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        )));
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 // ----------------------------------------------------------- guest image ---
@@ -1188,187 +1185,31 @@ impl Qmp {
 
 // ------------------------------------------------------ network namespace ---
 
-/// A network namespace made for one test, deleted on drop. Names are
-/// `mvhg-TAG-PID-N`; namespaces left behind by dead test processes are
-/// removed when the next one is made.
-pub struct NetNs {
-    name: String,
+/// The peer's address with its prefix.
+pub const PEER_CIDR: &str = "10.199.0.1/24";
+
+/// `mvh-peer` (with [`PEER_CIDR`], up) ═veth═ `mvh-lower` (down): the peer side of every guest
+/// test's topology.
+pub fn add_veth_peer(ns: &NetNs) {
+    ns.add_veth("mvh-peer", "mvh-lower");
+    ns.add_addr("mvh-peer", PEER_CIDR);
+    ns.set_up(&["mvh-peer"]);
 }
 
-impl NetNs {
-    /// Creates `mvhg-TAG-PID-N` with `lo` up.
-    pub fn new(tag: &str) -> io::Result<NetNs> {
-        static N: AtomicUsize = AtomicUsize::new(0);
-        cleanup_stale_netns();
-        let name = format!(
-            "mvhg-{tag}-{}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::Relaxed)
-        );
-        run_checked(Command::new("ip").args(["netns", "add", &name]))?;
-        let ns = NetNs { name };
-        ns.ip(&["link", "set", "lo", "up"])?;
-        Ok(ns)
-    }
-
-    /// The namespace's name.
-    pub fn name(&self) -> &str {
-        &self.name
-    }
-
-    /// Runs `ip -n NAME ARGS...`.
-    pub fn ip(&self, args: &[&str]) -> io::Result<String> {
-        run_checked(Command::new("ip").arg("-n").arg(&self.name).args(args))
-    }
-
-    /// A command that runs `prog` inside the namespace.
-    pub fn command(&self, prog: &str) -> Command {
-        let mut c = Command::new("ip");
-        c.args(["netns", "exec", &self.name, prog]);
-        c
-    }
-
-    /// Creates a tap device (multi_queue if asked), addresses and enables it.
-    pub fn add_tap(&self, ifname: &str, multi_queue: bool, cidr: &str) -> io::Result<()> {
-        let mut args = vec!["tuntap", "add", "dev", ifname, "mode", "tap"];
-        if multi_queue {
-            args.push("multi_queue");
-        }
-        self.ip(&args)?;
-        self.ip(&["addr", "add", cidr, "dev", ifname])?;
-        self.ip(&["link", "set", ifname, "up"])?;
-        Ok(())
-    }
-
-    /// A veth pair `mvh-peer` (with `peer_cidr`, up) <-> `mvh-lower` (down): the peer side of
-    /// every guest test's topology.
-    pub fn add_veth_peer(&self, peer_cidr: &str) -> io::Result<()> {
-        self.ip(&[
-            "link",
-            "add",
-            "mvh-peer",
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "mvh-lower",
-        ])?;
-        self.ip(&["addr", "add", peer_cidr, "dev", "mvh-peer"])?;
-        self.ip(&["link", "set", "mvh-peer", "up"])?;
-        Ok(())
-    }
-
-    /// The standard macvtap topology used by the guest tests and
-    /// `scripts/quickstart.sh`: a veth pair `mvh-peer` (with `peer_cidr`) <->
-    /// `mvh-lower`, and macvtap `mvt0` (bridge mode, MAC `mac` = the guest's)
-    /// on `mvh-lower`; everything up.
-    pub fn add_veth_macvtap(&self, peer_cidr: &str, mac: &str) -> io::Result<()> {
-        self.add_veth_peer(peer_cidr)?;
-        self.ip(&[
-            "link",
-            "add",
-            "link",
-            "mvh-lower",
-            "name",
-            "mvt0",
-            "type",
-            "macvtap",
-            "mode",
-            "bridge",
-        ])?;
-        self.ip(&["link", "set", "mvt0", "address", mac])?;
-        for dev in ["mvh-peer", "mvh-lower", "mvt0"] {
-            self.ip(&["link", "set", dev, "up"])?;
-        }
-        Ok(())
-    }
-
-    /// `(major, minor)` of a macvtap's character device. Open the device by
-    /// these numbers (e.g. a private `mknod`), not as `/dev/tapIFINDEX`: the
-    /// ifindex is per namespace, so another namespace's macvtap can own that
-    /// name.
-    pub fn macvtap_devno(&self, ifname: &str) -> io::Result<(u32, u32)> {
-        let out = run_checked(self.command("sh").args([
-            "-c",
-            &format!("cat /sys/class/net/{ifname}/macvtap/tap*/dev"),
-        ]))?;
-        let (maj, min) = out
-            .trim()
-            .split_once(':')
-            .ok_or_else(|| io::Error::other(format!("bad macvtap dev {out:?}")))?;
-        let num = |s: &str| {
-            s.parse::<u32>()
-                .map_err(|e| io::Error::other(format!("bad macvtap dev {out:?}: {e}")))
-        };
-        Ok((num(maj)?, num(min)?))
-    }
-
-    /// Runs `f` on a new thread that has entered this namespace. Sockets
-    /// created there stay in the namespace wherever they are used later.
-    pub fn spawn<F, T>(&self, f: F) -> JoinHandle<io::Result<T>>
-    where
-        F: FnOnce() -> io::Result<T> + Send + 'static,
-        T: Send + 'static,
-    {
-        let path = format!("/run/netns/{}", self.name);
-        thread::spawn(move || {
-            let fd = File::open(&path)?;
-            // SAFETY: setns(2) with a valid namespace fd only switches the
-            // network namespace of the calling thread (this new thread).
-            let r = unsafe { libc::setns(fd.as_raw_fd(), libc::CLONE_NEWNET) };
-            if r != 0 {
-                return Err(io::Error::last_os_error());
-            }
-            f()
-        })
-    }
-
-    /// A TCP listener bound inside the namespace.
-    pub fn tcp_listener(&self, addr: SocketAddr) -> io::Result<TcpListener> {
-        self.spawn(move || TcpListener::bind(addr))
-            .join()
-            .map_err(|_| io::Error::other("netns thread panicked"))?
-    }
-
-    /// A TCP connection made from inside the namespace.
-    pub fn tcp_connect(&self, addr: SocketAddr, timeout: Duration) -> io::Result<TcpStream> {
-        self.spawn(move || TcpStream::connect_timeout(&addr, timeout))
-            .join()
-            .map_err(|_| io::Error::other("netns thread panicked"))?
-    }
-}
-
-impl Drop for NetNs {
-    fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status();
-    }
-}
-
-fn cleanup_stale_netns() {
-    let Ok(list) = run_checked(Command::new("ip").args(["netns", "list"])) else {
-        return;
-    };
-    for line in list.lines() {
-        let name = line.split_whitespace().next().unwrap_or("");
-        let Some(rest) = name.strip_prefix("mvhg-") else {
-            continue;
-        };
-        let parts: Vec<&str> = rest.rsplitn(3, '-').collect();
-        if parts.len() != 3 {
-            continue;
-        }
-        let Ok(pid) = parts[1].parse::<u32>() else {
-            continue;
-        };
-        if !Path::new(&format!("/proc/{pid}")).exists() {
-            let _ = run_checked(Command::new("ip").args(["netns", "del", name]));
-        }
-    }
+/// The macvtap topology of the guest tests and `scripts/quickstart.sh`: `mvh-peer` (with
+/// [`PEER_CIDR`]) ═veth═ `mvh-lower`, and macvtap `mvt0` (bridge mode, a fresh `/dev/tapN`,
+/// MAC [`GUEST_MAC`]: macvtap only delivers frames for its own address) on `mvh-lower`; all up.
+pub fn add_veth_macvtap(ns: &NetNs) -> MacvtapTopo {
+    let mac = MacAddr::parse(GUEST_MAC).expect("guest MAC");
+    let topo = MacvtapTopo::build(
+        ns,
+        ["mvh-peer", "mvh-lower", "mvt0"],
+        "bridge",
+        mac,
+        free_ifindex(),
+    );
+    ns.add_addr("mvh-peer", PEER_CIDR);
+    topo
 }
 
 // ------------------------------------------------------------- traffic ---
@@ -1469,6 +1310,23 @@ impl Transfer {
 
 /// Accepts one connection on `listener` (within `timeout`), sends `data`,
 /// closes. Returns what was sent (its sha256 is computed beforehand).
+/// Streams `bytes` random bytes from the peer (`PEER_IP:5001` in `ns`) into `vm`, which keeps
+/// them in `/tmp/rx` and reports the results `stream_bytes` and `stream_sha` when done (in the
+/// background: `vm` stays usable). Returns the sender; its [`Transfer`] has the sha256.
+pub fn stream_into_guest(ns: &NetNs, vm: &Qemu, bytes: usize) -> JoinHandle<io::Result<Transfer>> {
+    let blob = Arc::new(random_blob(bytes).expect("random data"));
+    let listener = ns
+        .tcp_listener(format!("{PEER_IP}:5001").parse().unwrap())
+        .expect("listen in the namespace");
+    let sender = serve_blob(listener, blob, secs(600));
+    vm.exec_ok(
+        "(nc $MVH_PEER 5001 > /tmp/rx; result stream_bytes $(wc -c < /tmp/rx); \
+         result stream_sha $(sha256 /tmp/rx)) &",
+        secs(60),
+    );
+    sender
+}
+
 pub fn serve_blob(
     listener: TcpListener,
     data: Arc<Vec<u8>>,

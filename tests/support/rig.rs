@@ -2,71 +2,35 @@
 //! backend runs over a real vhost-user socket without root.
 #![allow(dead_code)]
 
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
 use std::os::unix::net::UnixDatagram;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Duration;
 
-use macvhost::datapath::iovec::{readv_fd, writev_fd};
-use macvhost::datapath::{HostQueue, IoVecBuf, QueueStats};
+use macvhost::datapath::QueueStats;
 use macvhost::host::MacAddr;
-use macvhost::host::QueueControl;
 use macvhost::server::SocketMode;
 use macvhost::server::{serve, Endpoint, StopHandle};
+use macvhost::testkit::FakeHostQueue;
 use macvhost::vhost_user::backend::{DeviceIdentity, HostSide};
 
 use super::vu_driver::VuGuest;
 
-#[derive(Debug)]
-pub struct FakeQueue {
-    pub ours: UnixDatagram,
-    pub attached: AtomicBool,
-    pub offloads: AtomicU32,
-    pub hdr_len: AtomicUsize,
-}
-
-impl AsRawFd for FakeQueue {
-    fn as_raw_fd(&self) -> RawFd {
-        self.ours.as_raw_fd()
-    }
-}
-impl AsFd for FakeQueue {
-    fn as_fd(&self) -> BorrowedFd<'_> {
-        self.ours.as_fd()
-    }
-}
-impl HostQueue for FakeQueue {
-    fn send_frame(&self, frame: &IoVecBuf<'_>) -> std::io::Result<usize> {
-        writev_fd(self.ours.as_raw_fd(), frame)
-    }
-    fn recv_frame(&self, bufs: &IoVecBuf<'_>) -> std::io::Result<usize> {
-        readv_fd(self.ours.as_raw_fd(), bufs)
-    }
-}
-impl QueueControl for FakeQueue {
-    fn set_offload(&self, f: u32) -> std::io::Result<()> {
-        self.offloads.store(f, Ordering::SeqCst);
-        Ok(())
-    }
-    fn set_vnet_hdr_len(&self, len: usize) -> std::io::Result<()> {
-        self.hdr_len.store(len, Ordering::SeqCst);
-        Ok(())
-    }
-    fn attach(&self) -> std::io::Result<()> {
-        self.attached.store(true, Ordering::SeqCst);
-        Ok(())
-    }
-    fn detach(&self) -> std::io::Result<()> {
-        self.attached.store(false, Ordering::SeqCst);
-        Ok(())
-    }
+/// What a rig's device has beyond the defaults.
+#[derive(Default)]
+struct Options {
+    tx_rate: Option<macvhost::ratelimit::RateSpec>,
+    rx_rate: Option<macvhost::ratelimit::RateSpec>,
+    link_down_disconnects: bool,
+    l2: macvhost::worker::l2::L2Host,
 }
 
 pub struct Rig {
     pub dir: tempfile::TempDir,
     pub sock: std::path::PathBuf,
-    pub queues: Vec<Arc<FakeQueue>>,
+    pub queues: Vec<Arc<FakeHostQueue>>,
+    /// The host's end of each queue (the same sockets as `queues[i].peer()`), blocking for up
+    /// to 2 s per read.
     pub peers: Vec<UnixDatagram>,
     pub stats: Vec<Arc<QueueStats>>,
     pub stop: StopHandle,
@@ -88,7 +52,7 @@ impl Rig {
         mode: SocketMode,
         sock: std::path::PathBuf,
     ) -> Rig {
-        Rig::start_full(pairs, dir, &mode, sock, None, None, false)
+        Rig::start_full(pairs, dir, &mode, sock, Options::default())
     }
 
     /// A rig serving with `--disconnect-on-link-down`.
@@ -98,7 +62,11 @@ impl Rig {
         mode: SocketMode,
         sock: std::path::PathBuf,
     ) -> Rig {
-        Rig::start_full(pairs, dir, &mode, sock, None, None, true)
+        let opts = Options {
+            link_down_disconnects: true,
+            ..Options::default()
+        };
+        Rig::start_full(pairs, dir, &mode, sock, opts)
     }
 
     /// A rig whose device has `--tx-rate` / `--rx-rate` limits.
@@ -109,15 +77,12 @@ impl Rig {
     ) -> Rig {
         let dir = tempfile::tempdir().unwrap();
         let sock = dir.path().join("vu.sock");
-        Rig::start_full(
-            pairs,
-            dir,
-            &SocketMode::Listen(sock.clone()),
-            sock,
+        let opts = Options {
             tx_rate,
             rx_rate,
-            false,
-        )
+            ..Options::default()
+        };
+        Rig::start_full(pairs, dir, &SocketMode::Listen(sock.clone()), sock, opts)
     }
 
     /// A rig whose device follows the guest's multicast groups into `l2`'s filter.
@@ -125,7 +90,11 @@ impl Rig {
         let dir = tempfile::tempdir().unwrap();
         let sock = dir.path().join("vu.sock");
         let mode = SocketMode::Listen(sock.clone());
-        Rig::start_inner(pairs, dir, &mode, sock, None, None, false, l2)
+        let opts = Options {
+            l2,
+            ..Options::default()
+        };
+        Rig::start_full(pairs, dir, &mode, sock, opts)
     }
 
     /// A rig serving `endpoint` (socket mode plus owner and permissions).
@@ -135,7 +104,7 @@ impl Rig {
         endpoint: Endpoint,
         sock: std::path::PathBuf,
     ) -> Rig {
-        Rig::start_full(pairs, dir, endpoint, sock, None, None, false)
+        Rig::start_full(pairs, dir, endpoint, sock, Options::default())
     }
 
     fn start_full(
@@ -143,48 +112,21 @@ impl Rig {
         dir: tempfile::TempDir,
         endpoint: impl Into<Endpoint>,
         sock: std::path::PathBuf,
-        tx_rate: Option<macvhost::ratelimit::RateSpec>,
-        rx_rate: Option<macvhost::ratelimit::RateSpec>,
-        link_down_disconnects: bool,
+        opts: Options,
     ) -> Rig {
-        Rig::start_inner(
-            pairs,
-            dir,
-            endpoint,
-            sock,
+        let Options {
             tx_rate,
             rx_rate,
             link_down_disconnects,
-            Default::default(),
-        )
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    fn start_inner(
-        pairs: u16,
-        dir: tempfile::TempDir,
-        endpoint: impl Into<Endpoint>,
-        sock: std::path::PathBuf,
-        tx_rate: Option<macvhost::ratelimit::RateSpec>,
-        rx_rate: Option<macvhost::ratelimit::RateSpec>,
-        link_down_disconnects: bool,
-        l2: macvhost::worker::l2::L2Host,
-    ) -> Rig {
-        let mut queues = Vec::new();
-        let mut peers = Vec::new();
-        for _ in 0..pairs {
-            let (a, b) = UnixDatagram::pair().unwrap();
-            a.set_nonblocking(true).unwrap();
-            b.set_read_timeout(Some(Duration::from_millis(2000)))
-                .unwrap();
-            queues.push(Arc::new(FakeQueue {
-                ours: a,
-                attached: AtomicBool::new(true),
-                offloads: AtomicU32::new(0),
-                hdr_len: AtomicUsize::new(12),
-            }));
-            peers.push(b);
-        }
+            l2,
+        } = opts;
+        let queues: Vec<_> = (0..pairs)
+            .map(|_| Arc::new(FakeHostQueue::with_peer_timeout(Duration::from_secs(2))))
+            .collect();
+        let peers = queues
+            .iter()
+            .map(|q| q.peer().try_clone().unwrap())
+            .collect();
         let stats: Vec<_> = (0..pairs)
             .map(|_| Arc::new(QueueStats::default()))
             .collect();
@@ -246,15 +188,8 @@ impl Drop for Rig {
 }
 
 /// Polls `cond` for up to two seconds.
-pub fn eventually(mut cond: impl FnMut() -> bool) -> bool {
-    let deadline = std::time::Instant::now() + Duration::from_secs(2);
-    while std::time::Instant::now() < deadline {
-        if cond() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(1));
-    }
-    cond()
+pub fn eventually(cond: impl FnMut() -> bool) -> bool {
+    macvhost::testkit::wait_until(Duration::from_secs(2), cond)
 }
 
 /// Every virtio feature the backend offers.

@@ -1,8 +1,10 @@
-//! A minimal virtio-net "guest driver" over a real vhost-user connection, for tests.
+//! A minimal virtio-net "guest" over a real vhost-user connection, for tests.
 //!
-//! It plays QEMU's part (the vhost-user frontend, through the `vhost` crate's `Frontend`) and
-//! the guest driver's part (split rings in memfd-backed shared memory), so tests can drive
-//! macvhost over its real socket without a VM and can also misbehave on purpose.
+//! It plays QEMU's part (the vhost-user frontend, through the `vhost` crate's `Frontend`: the
+//! handshake, memory table, vring setup, dirty log) over memfd-backed shared memory; the
+//! guest driver's part is the test kit's split-ring driver (`macvhost::testkit::ring`), one per
+//! virtqueue, with a buffer area per queue. Tests drive macvhost over its real socket without
+//! a VM and can also misbehave on purpose.
 #![allow(dead_code)]
 
 use std::fs::File;
@@ -10,42 +12,48 @@ use std::os::fd::AsRawFd;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use macvhost::testkit::ring::{Layout, SplitRing, WRITE};
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
 use vm_memory::{
-    Address, Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap,
-    GuestMemoryRegion,
+    Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
 };
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-/// virtio descriptor flags.
-pub const VIRTQ_DESC_F_NEXT: u16 = 1;
-pub const VIRTQ_DESC_F_WRITE: u16 = 2;
-pub const VIRTQ_DESC_F_INDIRECT: u16 = 4;
 /// `VHOST_F_LOG_ALL`.
 pub const VHOST_F_LOG_ALL: u64 = 1 << 26;
 /// vnet header length with VERSION_1.
-pub const HDR_LEN: usize = 12;
+pub const HDR_LEN: usize = macvhost::host::VNET_HDR_LEN_V1;
 /// Where the frontend pretends guest memory lives in its own address space (translated by
 /// the backend from vring addresses).
 const VMM_BASE: u64 = 0x7f00_0000_0000;
 
-/// One split virtqueue laid out in guest memory.
-#[derive(Debug, Clone)]
+/// One virtqueue: the kit's ring driver (no ledger) over the shared guest memory, the buffer
+/// area its descriptors use, and its kick and call eventfds. Derefs to the ring driver.
+#[derive(Debug)]
 pub struct Ring {
-    pub size: u16,
-    pub desc: u64,
-    pub avail: u64,
-    pub used: u64,
+    pub ring: SplitRing<GuestMemoryMmap>,
     /// Buffer area: descriptor i owns [bufs + i*buf_size, +buf_size).
     pub bufs: u64,
     pub buf_size: u64,
-    pub avail_idx: u16,
-    pub used_seen: u16,
+    /// Descriptor slots (= buffers) not handed to the device.
     pub free: Vec<u16>,
     pub kick: std::sync::Arc<EventFd>,
     pub call: std::sync::Arc<EventFd>,
+}
+
+impl std::ops::Deref for Ring {
+    type Target = SplitRing<GuestMemoryMmap>;
+    fn deref(&self) -> &Self::Target {
+        &self.ring
+    }
+}
+
+impl std::ops::DerefMut for Ring {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.ring
+    }
 }
 
 /// The fake guest.
@@ -141,31 +149,20 @@ impl VuGuest {
         let mut next_ring = 0x10_0000u64;
         let mut next_buf = 0x40_0000u64;
         for q in 0..pairs * 2 {
-            let size = u64::from(qsize);
-            let desc = next_ring;
-            let avail = desc + 16 * size;
-            let used = (avail + 6 + 2 * size + 3) & !3;
-            next_ring = (used + 6 + 8 * size + 0xfff) & !0xfff;
+            let layout = Layout::at(next_ring, qsize);
+            next_ring = (layout.end() + 0xfff) & !0xfff;
             let bufs = next_buf;
-            next_buf += buf_size * size;
+            next_buf += buf_size * u64::from(qsize);
             assert!(next_buf as usize <= MEM_SIZE, "guest memory too small");
+            // Zeroed rings (a reconnect may reuse the memory).
             let ring = Ring {
-                size: qsize,
-                desc,
-                avail,
-                used,
+                ring: SplitRing::at(self.mem.clone(), layout.desc, qsize).without_ledger(),
                 bufs,
                 buf_size,
-                avail_idx: 0,
-                used_seen: 0,
                 free: (0..qsize).rev().collect(),
                 kick: std::sync::Arc::new(EventFd::new(EFD_NONBLOCK).unwrap()),
                 call: std::sync::Arc::new(EventFd::new(EFD_NONBLOCK).unwrap()),
             };
-            // Zero ring memory (a reconnect may reuse it).
-            self.mem
-                .write_slice(&vec![0u8; (next_ring - desc) as usize], GuestAddress(desc))
-                .unwrap();
             let fe = &mut self.frontend;
             fe.set_vring_num(q, qsize).expect("SET_VRING_NUM");
             fe.set_vring_addr(
@@ -174,9 +171,9 @@ impl VuGuest {
                     queue_max_size: qsize,
                     queue_size: qsize,
                     flags: 0,
-                    desc_table_addr: VMM_BASE + desc,
-                    used_ring_addr: VMM_BASE + used,
-                    avail_ring_addr: VMM_BASE + avail,
+                    desc_table_addr: VMM_BASE + layout.desc,
+                    used_ring_addr: VMM_BASE + layout.used,
+                    avail_ring_addr: VMM_BASE + layout.avail,
                     log_addr: None,
                 },
             )
@@ -203,6 +200,16 @@ impl VuGuest {
         ours
     }
 
+    /// The `status` field of `virtio_net_config` (offset 6) as GET_CONFIG reports it.
+    pub fn link_status(&mut self) -> u16 {
+        let flags = vhost::vhost_user::message::VhostUserConfigFlags::empty();
+        let (_, data) = self
+            .frontend
+            .get_config(6, 2, flags, &[0u8; 2])
+            .expect("GET_CONFIG");
+        u16::from_le_bytes([data[0], data[1]])
+    }
+
     /// (Re)sends SET_MEM_TABLE for the one memfd region.
     pub fn set_mem_table(&mut self) {
         let region = self.mem.iter().next().unwrap();
@@ -225,40 +232,17 @@ impl VuGuest {
 
     /// Writes descriptor `i` of queue `q`.
     pub fn write_desc(&self, q: usize, i: u16, addr: u64, len: u32, flags: u16, next: u16) {
-        let r = &self.rings[q];
-        let base = GuestAddress(r.desc + 16 * u64::from(i));
-        self.mem.write_obj(addr.to_le(), base).unwrap();
-        self.mem
-            .write_obj(len.to_le(), base.unchecked_add(8))
-            .unwrap();
-        self.mem
-            .write_obj(flags.to_le(), base.unchecked_add(12))
-            .unwrap();
-        self.mem
-            .write_obj(next.to_le(), base.unchecked_add(14))
-            .unwrap();
+        self.rings[q].write_desc(i, addr, len, flags, next);
     }
 
     /// Makes `head` available on queue `q` (without kicking).
     pub fn push_avail(&mut self, q: usize, head: u16) {
-        let r = &mut self.rings[q];
-        let slot = r.avail + 4 + 2 * u64::from(r.avail_idx % r.size);
-        self.mem
-            .write_obj(head.to_le(), GuestAddress(slot))
-            .unwrap();
-        r.avail_idx = r.avail_idx.wrapping_add(1);
-        std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
-        self.mem
-            .write_obj(r.avail_idx.to_le(), GuestAddress(r.avail + 2))
-            .unwrap();
+        self.rings[q].publish(head);
     }
 
     /// Overwrites the avail index (for hostile-ring tests).
     pub fn set_avail_idx(&mut self, q: usize, idx: u16) {
-        self.rings[q].avail_idx = idx;
-        self.mem
-            .write_obj(idx.to_le(), GuestAddress(self.rings[q].avail + 2))
-            .unwrap();
+        self.rings[q].set_avail_idx(idx);
     }
 
     pub fn kick(&self, q: usize) {
@@ -292,14 +276,7 @@ impl VuGuest {
                 break;
             };
             let addr = self.rings[q].bufs + u64::from(i) * self.rings[q].buf_size;
-            self.write_desc(
-                q,
-                i,
-                addr,
-                len.min(self.rings[q].buf_size as u32),
-                VIRTQ_DESC_F_WRITE,
-                0,
-            );
+            self.write_desc(q, i, addr, len.min(self.rings[q].buf_size as u32), WRITE, 0);
             self.push_avail(q, i);
             posted += 1;
         }
@@ -308,25 +285,14 @@ impl VuGuest {
 
     /// New used entries of queue `q` as (head, len); frees their slots.
     pub fn take_used(&mut self, q: usize) -> Vec<(u16, u32)> {
-        let r = &self.rings[q];
-        let used_idx: u16 = u16::from_le(self.mem.read_obj(GuestAddress(r.used + 2)).unwrap());
-        let mut out = Vec::new();
-        let mut seen = r.used_seen;
-        while seen != used_idx {
-            let e = r.used + 4 + 8 * u64::from(seen % r.size);
-            let id: u32 = u32::from_le(self.mem.read_obj(GuestAddress(e)).unwrap());
-            let len: u32 = u32::from_le(self.mem.read_obj(GuestAddress(e + 4)).unwrap());
-            out.push((id as u16, len));
-            seen = seen.wrapping_add(1);
-        }
         let r = &mut self.rings[q];
-        r.used_seen = seen;
-        for (id, _) in &out {
-            if *id < r.size {
-                r.free.push(*id);
+        let used = r.ring.take_used();
+        for &(id, _) in &used {
+            if id < u32::from(r.layout.size) {
+                r.free.push(id as u16);
             }
         }
-        out
+        used.into_iter().map(|(id, len)| (id as u16, len)).collect()
     }
 
     /// Starts a migration's dirty logging as QEMU does: SET_LOG_BASE with a fresh memfd of
@@ -382,18 +348,18 @@ impl VuGuest {
     /// Sends SET_VRING_ADDR again for queue `q` with its current addresses, with or without
     /// `VHOST_VRING_F_LOG` (what QEMU does to a running ring when a migration starts or ends).
     pub fn resend_vring_addr(&mut self, q: usize, log: bool) {
-        let r = &self.rings[q];
+        let l = self.rings[q].layout;
         self.frontend
             .set_vring_addr(
                 q,
                 &VringConfigData {
-                    queue_max_size: r.size,
-                    queue_size: r.size,
+                    queue_max_size: l.size,
+                    queue_size: l.size,
                     flags: u32::from(log),
-                    desc_table_addr: VMM_BASE + r.desc,
-                    used_ring_addr: VMM_BASE + r.used,
-                    avail_ring_addr: VMM_BASE + r.avail,
-                    log_addr: log.then_some(r.used),
+                    desc_table_addr: VMM_BASE + l.desc,
+                    used_ring_addr: VMM_BASE + l.used,
+                    avail_ring_addr: VMM_BASE + l.avail,
+                    log_addr: log.then_some(l.used),
                 },
             )
             .expect("SET_VRING_ADDR");
@@ -401,8 +367,8 @@ impl VuGuest {
 
     /// Pages of the used ring of queue `q`.
     pub fn used_ring_pages(&self, q: usize) -> std::ops::RangeInclusive<u64> {
-        let r = &self.rings[q];
-        r.used / 4096..=(r.used + 6 + 8 * u64::from(r.size) - 1) / 4096
+        let (start, end) = self.rings[q].layout.used_range();
+        start / 4096..=(end - 1) / 4096
     }
 
     /// Pages of RX buffer `head` on `pair`, first `len` bytes.

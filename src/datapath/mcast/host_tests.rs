@@ -1,6 +1,6 @@
 //! Tests of this module against the host: the table's diffs applied to a real macvtap through
 //! `host::mcfilter`, and a Linux host answering our general queries. Root only (network
-//! namespaces); they skip through `host::mcfilter`'s `need_root`.
+//! namespaces, `ip`); they skip through `require!` otherwise.
 
 use std::fs;
 use std::os::fd::AsFd;
@@ -10,16 +10,15 @@ use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 
 use super::*;
 use crate::host::mcfilter::tests::{
-    fmt, ifindex, maddrs, need_root, packet_socket, setup, sys_flags, IFF_ALLMULTI,
+    fmt, ifindex, maddrs, packet_socket, setup, sys_flags, IFF_ALLMULTI, ROOT,
 };
 use crate::host::mcfilter::McFilter;
-use crate::host::testns::NetNs;
+use crate::require;
+use crate::testkit::netns::NetNs;
 
 #[test]
 fn table_diffs_applied_to_the_macvtap_follow_reports_and_clear() {
-    if !need_root("table_diffs_applied_to_the_macvtap_follow_reports_and_clear") {
-        return;
-    }
+    require!(ROOT);
     let ns = setup();
     ns.run(|| {
         let mut filter = McFilter::open(ifindex("mvt0")).unwrap();
@@ -73,10 +72,8 @@ fn table_diffs_applied_to_the_macvtap_follow_reports_and_clear() {
 /// both groups, and q1's solicited-node group.
 #[test]
 fn linux_answers_our_general_queries_with_reports_we_parse() {
-    if !need_root("linux_answers_our_general_queries_with_reports_we_parse") {
-        return;
-    }
-    let ns = NetNs::new();
+    require!(ROOT);
+    let ns = NetNs::new("mcast");
     ns.ip(&["link", "add", "q0", "type", "veth", "peer", "name", "q1"]);
     ns.ip(&["link", "set", "q0", "up"]);
     ns.ip(&["link", "set", "q1", "up"]);

@@ -1045,7 +1045,7 @@ fn learn_counts_reports_and_malformed_ones() {
 
 #[test]
 fn table_never_grows_its_memory() {
-    // Proxy for "no allocation per update" (tests/no_alloc.rs counts allocations): the slot
+    // Proxy for "no allocation per update" (tests/dp_no_alloc.rs counts allocations): the slot
     // arrays and the diff keep the capacity they were built with through churn at the cap.
     let mut t = table(16);
     let slots = (

@@ -1,34 +1,20 @@
 //! Multicast filter tests: each builds a network namespace with veth0/veth1 and macvtap `mvt0`
-//! (bridge mode on veth0), needs root, and skips through [`need_root`] otherwise.
+//! (bridge mode on veth0), needs root and `ip`, and skips through `require!` otherwise.
 
 use std::fs;
 use std::os::fd::{AsFd, OwnedFd};
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 
 use super::*;
-use crate::host::testns::{self, free_ifindex, is_root, NetNs, IP};
 use crate::host::{HostDevice, HostSpec, TapQueue};
+use crate::require;
+use crate::testkit::netns::{free_ifindex, ip_command, NetNs};
+use crate::testkit::Need;
 
-/// Env var that turns a skip into a failure (CI).
-const REQUIRE_ENV: &str = "MACVHOST_E2E_REQUIRED";
-
-/// True when the test can run (root). Otherwise prints a `skipped:` line, or panics when
-/// `MACVHOST_E2E_REQUIRED=1` so CI cannot pass by skipping.
-pub(crate) fn need_root(name: &str) -> bool {
-    if is_root() {
-        return true;
-    }
-    let msg = format!("skipped: {name} needs root (creates netns/macvtap)");
-    assert!(
-        std::env::var_os(REQUIRE_ENV).is_none_or(|v| v != "1"),
-        "{msg}, and {REQUIRE_ENV}=1"
-    );
-    testns::print_skip(&msg);
-    false
-}
+/// What these tests (and `datapath::mcast::host_tests`) need.
+pub(crate) const ROOT: &[Need] = &[Need::Root, Need::Tool("ip")];
 
 pub(crate) const IFF_PROMISC: u32 = 0x100;
 pub(crate) const IFF_ALLMULTI: u32 = 0x200;
@@ -51,7 +37,7 @@ pub(crate) fn ifindex(iface: &str) -> u32 {
 /// The link-layer entries of `ip maddr show dev IF`, as `aa:bb:…` strings (run inside
 /// `NetNs::run`: the child inherits the thread's namespace).
 pub(crate) fn maddrs(iface: &str) -> Vec<String> {
-    let out = Command::new(IP)
+    let out = ip_command()
         .args(["maddr", "show", "dev", iface])
         .output()
         .unwrap();
@@ -72,9 +58,9 @@ pub(crate) fn fmt(mac: [u8; 6]) -> String {
 }
 
 pub(crate) fn setup() -> NetNs {
-    let ns = NetNs::new();
-    ns.with_macvtap(free_ifindex());
-    ns.all_up();
+    let ns = NetNs::new("mcast");
+    ns.add_veth_macvtap(free_ifindex());
+    ns.set_up(&["veth0", "veth1", "mvt0"]);
     ns
 }
 
@@ -166,9 +152,7 @@ fn assert_not_promisc_nor_allmulti(iface: &str) {
 /// module doc: veth0, the lower device here, is promiscuous).
 #[test]
 fn group_frame_reaches_the_macvtap_only_after_add_and_not_after_remove() {
-    if !need_root("group_frame_reaches_the_macvtap_only_after_add_and_not_after_remove") {
-        return;
-    }
+    require!(ROOT);
     let ns = setup();
     ns.run(|| {
         let (dev, peer) = open_queue();
@@ -198,9 +182,7 @@ fn group_frame_reaches_the_macvtap_only_after_add_and_not_after_remove() {
 
 #[test]
 fn allmulti_delivers_every_group_until_turned_off() {
-    if !need_root("allmulti_delivers_every_group_until_turned_off") {
-        return;
-    }
+    require!(ROOT);
     let ns = setup();
     ns.run(|| {
         let (dev, peer) = open_queue();
@@ -223,9 +205,7 @@ fn allmulti_delivers_every_group_until_turned_off() {
 
 #[test]
 fn added_address_is_listed_and_removed_address_is_gone() {
-    if !need_root("added_address_is_listed_and_removed_address_is_gone") {
-        return;
-    }
+    require!(ROOT);
     let ns = setup();
     ns.run(|| {
         let filter = McFilter::open(ifindex("mvt0")).unwrap();
@@ -251,9 +231,7 @@ fn added_address_is_listed_and_removed_address_is_gone() {
 
 #[test]
 fn unicast_mac_is_refused() {
-    if !need_root("unicast_mac_is_refused") {
-        return;
-    }
+    require!(ROOT);
     let ns = setup();
     ns.run(|| {
         let filter = McFilter::open(ifindex("mvt0")).unwrap();
@@ -265,9 +243,7 @@ fn unicast_mac_is_refused() {
 
 #[test]
 fn allmulti_off_leaves_the_operators_allmulticast_on() {
-    if !need_root("allmulti_off_leaves_the_operators_allmulticast_on") {
-        return;
-    }
+    require!(ROOT);
     let ns = setup();
     ns.ip(&["link", "set", "mvt0", "allmulticast", "on"]);
     ns.run(|| {
@@ -287,9 +263,7 @@ fn allmulti_off_leaves_the_operators_allmulticast_on() {
 
 #[test]
 fn dropping_the_filter_removes_its_addresses_and_allmulti() {
-    if !need_root("dropping_the_filter_removes_its_addresses_and_allmulti") {
-        return;
-    }
+    require!(ROOT);
     let ns = setup();
     ns.run(|| {
         let before = maddrs("mvt0");
@@ -311,9 +285,7 @@ fn dropping_the_filter_removes_its_addresses_and_allmulti() {
 /// the setting): nothing needs adding them (see `datapath::mcast`).
 #[test]
 fn macvtap_has_all_hosts_and_all_nodes_even_with_ipv6_disabled() {
-    if !need_root("macvtap_has_all_hosts_and_all_nodes_even_with_ipv6_disabled") {
-        return;
-    }
+    require!(ROOT);
     let ns = setup();
     ns.ip(&[
         "link", "add", "link", "veth0", "name", "mvt1", "type", "macvtap", "mode", "bridge",
@@ -327,7 +299,7 @@ fn macvtap_has_all_hosts_and_all_nodes_even_with_ipv6_disabled() {
             list.contains(&all_hosts) && list.contains(&all_nodes),
             "{list:?}"
         );
-        let out = Command::new(IP)
+        let out = ip_command()
             .args(["link", "set", "mvt1", "up"])
             .status()
             .unwrap();
@@ -342,10 +314,8 @@ fn macvtap_has_all_hosts_and_all_nodes_even_with_ipv6_disabled() {
 
 #[test]
 fn missing_interface_is_an_operator_error() {
-    if !need_root("missing_interface_is_an_operator_error") {
-        return;
-    }
-    let ns = NetNs::new();
+    require!(ROOT);
+    let ns = NetNs::new("mcast");
     ns.run(|| {
         let err = McFilter::open(987_654).unwrap_err();
         assert!(
@@ -360,9 +330,7 @@ fn missing_interface_is_an_operator_error() {
 
 #[test]
 fn deleted_interface_is_a_host_error() {
-    if !need_root("deleted_interface_is_a_host_error") {
-        return;
-    }
+    require!(ROOT);
     let ns = setup();
     let filter = ns.run(|| McFilter::open(ifindex("mvt0")).unwrap());
     ns.ip(&["link", "del", "mvt0"]);
@@ -412,9 +380,7 @@ fn drop_cap_net_raw_in_this_thread() {
 
 #[test]
 fn missing_cap_net_raw_is_an_operator_error() {
-    if !need_root("missing_cap_net_raw_is_an_operator_error") {
-        return;
-    }
+    require!(ROOT);
     let err = std::thread::spawn(|| {
         drop_cap_net_raw_in_this_thread();
         McFilter::open(1).unwrap_err()

@@ -1,5 +1,5 @@
-//! Privileged netlink tests: each builds its own network namespace (`host::testns`) with a veth
-//! pair, creates macvtaps there over rtnetlink, and prints why it is skipped when not root.
+//! Privileged netlink tests: each builds its own network namespace (the test kit's `netns`) with
+//! a veth pair, creates macvtaps there over rtnetlink, and skips through `require` when not root.
 //!
 //! The mode tests show what each macvtap mode means at the link level, by writing frames into
 //! one macvtap's char device and looking where they arrive: at the other macvtap's char device,
@@ -16,24 +16,16 @@ use nix::sys::socket::{
 
 use super::rtnl::{KernelError, Rtnl};
 use super::*;
-use crate::host::testns::{is_root, NetNs};
 use crate::host::{HostDevice, HostSpec, TapQueue, VNET_HDR_LEN_V1};
-
-macro_rules! need_root {
-    ($name:literal) => {
-        if !is_root() {
-            eprintln!(concat!(
-                "skipped: ",
-                $name,
-                ": needs root (creates netns/macvtap)"
-            ));
-            return;
-        }
-    };
-}
+use crate::require;
+use crate::testkit::netns::NetNs;
+use crate::testkit::Need;
 
 /// IEEE "local experimental" ethertype: kernel chatter (ND, MLD) is never mistaken for ours.
 const TEST_ETHERTYPE: [u8; 2] = [0x88, 0xb5];
+
+/// What the tests here need.
+const ROOT: &[Need] = &[Need::Root, Need::Tool("ip")];
 
 fn spec(parent: &str, name: Option<&str>, mode: MacvtapMode) -> MacvtapSpec {
     MacvtapSpec {
@@ -46,12 +38,9 @@ fn spec(parent: &str, name: Option<&str>, mode: MacvtapMode) -> MacvtapSpec {
 
 /// A namespace with veth0 (the macvtaps' parent) and veth1 (its peer), both up.
 fn veth_ns() -> NetNs {
-    let ns = NetNs::new();
-    ns.ip(&[
-        "link", "add", "veth0", "type", "veth", "peer", "name", "veth1",
-    ]);
-    ns.ip(&["link", "set", "veth0", "up"]);
-    ns.ip(&["link", "set", "veth1", "up"]);
+    let ns = NetNs::new("nl");
+    ns.add_veth("veth0", "veth1");
+    ns.set_up(&["veth0", "veth1"]);
     ns
 }
 
@@ -115,7 +104,7 @@ fn bad_requests_are_refused_before_the_kernel() {
 
 #[test]
 fn each_mode_is_created_up_and_reported() {
-    need_root!("each_mode_is_created_up_and_reported");
+    require!(ROOT);
     let ns = veth_ns();
     ns.run(|| {
         let parent = macvtap_info("veth0").unwrap_err();
@@ -146,7 +135,7 @@ fn each_mode_is_created_up_and_reported() {
 
 #[test]
 fn names_macs_and_missing_parents() {
-    need_root!("names_macs_and_missing_parents");
+    require!(ROOT);
     let ns = veth_ns();
     ns.run(|| {
         let mac = [0x02, 0x11, 0x22, 0x33, 0x44, 0x55];
@@ -184,7 +173,7 @@ fn names_macs_and_missing_parents() {
 
 #[test]
 fn passthru_must_be_alone() {
-    need_root!("passthru_must_be_alone");
+    require!(ROOT);
     let ns = veth_ns();
     ns.run(|| {
         let p = create_macvtap(&spec("veth0", Some("mvtP"), MacvtapMode::Passthru)).unwrap();
@@ -218,7 +207,7 @@ fn passthru_must_be_alone() {
 
 #[test]
 fn drop_deletes_and_keep_keeps() {
-    need_root!("drop_deletes_and_keep_keeps");
+    require!(ROOT);
     let ns = veth_ns();
     ns.run(|| {
         let a = create_macvtap(&spec("veth0", None, MacvtapMode::Bridge)).unwrap();
@@ -385,7 +374,7 @@ const fn d(at_b: bool, at_peer: bool) -> Delivery {
 
 #[test]
 fn mode_bridge_switches_between_macvtaps_inside_the_kernel() {
-    need_root!("mode_bridge_switches_between_macvtaps_inside_the_kernel");
+    require!(ROOT);
     let (uni, bc) = deliveries(MacvtapMode::Bridge, false);
     // Unicast to a sibling never leaves the host; broadcast goes to siblings and out.
     assert_eq!(uni, d(true, false), "unicast");
@@ -394,7 +383,7 @@ fn mode_bridge_switches_between_macvtaps_inside_the_kernel() {
 
 #[test]
 fn mode_private_isolates_macvtaps() {
-    need_root!("mode_private_isolates_macvtaps");
+    require!(ROOT);
     let (uni, bc) = deliveries(MacvtapMode::Private, false);
     assert_eq!(uni, d(false, true), "unicast");
     assert_eq!(bc, d(false, true), "broadcast");
@@ -402,7 +391,7 @@ fn mode_private_isolates_macvtaps() {
 
 #[test]
 fn mode_vepa_sends_everything_out() {
-    need_root!("mode_vepa_sends_everything_out");
+    require!(ROOT);
     // A plain veth peer does not hairpin: nothing comes back to B.
     let (uni, bc) = deliveries(MacvtapMode::Vepa, false);
     assert_eq!(uni, d(false, true), "unicast");
@@ -411,7 +400,7 @@ fn mode_vepa_sends_everything_out() {
 
 #[test]
 fn mode_vepa_reaches_siblings_through_a_hairpin_switch() {
-    need_root!("mode_vepa_reaches_siblings_through_a_hairpin_switch");
+    require!(ROOT);
     // veth1 in a bridge with hairpin on = an 802.1Qbg reflective-relay switch.
     let (uni, bc) = deliveries(MacvtapMode::Vepa, true);
     assert_eq!(uni, d(true, true), "unicast");
@@ -420,7 +409,7 @@ fn mode_vepa_reaches_siblings_through_a_hairpin_switch() {
 
 #[test]
 fn mode_private_behind_a_hairpin_switch_only_stops_broadcast() {
-    need_root!("mode_private_behind_a_hairpin_switch_only_stops_broadcast");
+    require!(ROOT);
     // The kernel's private mode drops reflected multicast/broadcast whose source is a sibling
     // (macvlan_handle_frame), but a reflected *unicast* frame is delivered by destination MAC
     // like any other: isolation against a hairpinning switch holds for broadcast only.
@@ -431,7 +420,7 @@ fn mode_private_behind_a_hairpin_switch_only_stops_broadcast() {
 
 #[test]
 fn mode_bridge_behind_a_hairpin_switch_is_unchanged() {
-    need_root!("mode_bridge_behind_a_hairpin_switch_is_unchanged");
+    require!(ROOT);
     let (uni, bc) = deliveries(MacvtapMode::Bridge, true);
     assert_eq!(uni, d(true, false), "unicast");
     assert_eq!(bc, d(true, true), "broadcast");
@@ -476,7 +465,7 @@ fn expect_quiet(rx: &mpsc::Receiver<LinkEvent>, quiet: Duration) {
 
 #[test]
 fn watcher_reports_carrier_of_macvtap_and_parent_and_deletion() {
-    need_root!("watcher_reports_carrier_of_macvtap_and_parent_and_deletion");
+    require!(ROOT);
     let ns = veth_ns();
     ns.run(|| {
         let mut link = create_macvtap(&spec("veth0", Some("mvtW"), MacvtapMode::Bridge)).unwrap();
@@ -539,7 +528,7 @@ fn watcher_reports_carrier_of_macvtap_and_parent_and_deletion() {
 
 #[test]
 fn watcher_reports_missing_links_and_ignores_others() {
-    need_root!("watcher_reports_missing_links_and_ignores_others");
+    require!(ROOT);
     let ns = veth_ns();
     ns.run(|| {
         let parent = ifindex_of("veth0");
@@ -614,7 +603,7 @@ fn from_outside(mode: MacvtapMode) -> (bool, bool) {
 
 #[test]
 fn mode_passthru_receives_everything_the_parent_does() {
-    need_root!("mode_passthru_receives_everything_the_parent_does");
+    require!(ROOT);
     // Passthru puts the parent in promiscuous mode and hands the macvtap every frame;
     // the other modes take only frames for their own MAC (or broadcast/multicast).
     assert_eq!(from_outside(MacvtapMode::Passthru), (true, true));

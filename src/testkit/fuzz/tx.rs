@@ -25,16 +25,15 @@ use virtio_queue::{Queue, QueueT};
 
 use super::cursor::Cursor;
 use super::vq::*;
-use crate::datapath::testutil::FakeHostQueue;
 use crate::datapath::tx::MAX_SEGMENTS;
 use crate::datapath::vnet::{tx_max_frame_len, VNET_HDR_LEN_LEGACY, VNET_HDR_LEN_V1};
 use crate::datapath::{process_tx, QueueStats, TxOptions, TxScratch};
+use crate::testkit::FakeHostQueue;
 
 /// Runs one `tx_chain` input (see the module doc).
 pub fn tx_chain(data: &[u8]) {
     let mut c = Cursor::new(data);
     let cfg = c.u8();
-    let size = 1u16 << (cfg % 9);
     let opt = c.u8();
     let event_idx = opt & 1 != 0;
     let hdr_len = if opt & 2 != 0 {
@@ -44,106 +43,28 @@ pub fn tx_chain(data: &[u8]) {
     };
     let budget = usize::from(c.u8() % 65);
     let mem = memory();
-    let l = Layout::place(cfg >> 4, size);
-    let mut d = Driver::new(&mem, l);
-    let mut q = l.queue(event_idx);
+    let (mut d, mut q, mapped) = rings(&mem, cfg, event_idx);
     let mut t = Tx {
+        calls: Calls::new(event_idx, mapped),
+        opts: TxOptions { hdr_len, budget },
         host: FakeHostQueue::new(),
         stats: QueueStats::default(),
         scratch: TxScratch::new(),
-        faults: Faults::default(),
-        opts: TxOptions { hdr_len, budget },
-        event_idx,
-        stopped: false,
-        runs: 0,
     };
-
-    let mut ops = 0;
-    while !c.is_empty() && ops < MAX_OPS {
-        ops += 1;
-        match c.u8() % 9 {
-            0 => {
-                let n = 1 + c.u8() % 8;
-                let descs: Vec<_> = (0..n)
-                    .map(|_| (addr(&mut c, &l), len(&mut c), flags(&mut c) & !NEXT))
-                    .collect();
-                d.add_chain(&descs);
-            }
-            1 => {
-                let (i, a, n, f, x) = (
-                    c.u16(),
-                    addr(&mut c, &l),
-                    len(&mut c),
-                    flags(&mut c),
-                    next(&mut c, size),
-                );
-                d.write_desc(i, a, n, f, x);
-            }
-            2 => {
-                let h = next(&mut c, size);
-                d.publish(h);
-            }
-            3 => {
-                let b = c.u8();
-                let cur = d.avail_idx().unwrap_or(0);
-                let v = if b & 0x80 == 0 {
-                    cur.wrapping_add(u16::from(b))
-                } else {
-                    cur.wrapping_sub(u16::from(b & 0x7f))
-                };
-                d.set_avail_idx(v);
-            }
-            4 => indirect(&mut c, &mut d, 0),
-            5 => {
-                let e = errno(&mut c);
-                t.host.fail_next_send(e);
-                t.faults.0.push_back(e);
-            }
-            6 => {
-                t.run(&d, &mut q);
-            }
-            7 => d.set_used_event(c.u16()),
-            _ => {
-                let a = addr(&mut c, &l);
-                let n = usize::from(c.u8());
-                write_mapped(&mem, a, c.bytes(n));
-            }
+    run_ops(&mut c, &mut d, 9, 0, |op, c, d| {
+        if op == 5 {
+            let e = errno(c);
+            t.host.fail_next_send(e);
+            t.calls.faults.0.push_back(e);
+        } else {
+            t.run(d, &mut q);
         }
-    }
+    });
     for _ in 0..4 {
         if !t.run(&d, &mut q) {
             break;
         }
     }
-}
-
-/// Writes an indirect table and publishes a descriptor pointing at it. `dir` is xored into the
-/// table entries' flags (WRITE for RX, so that flag byte 0 means "device-writable" there).
-pub(super) fn indirect(c: &mut Cursor<'_>, d: &mut Driver<'_>, dir: u16) {
-    let l = d.l;
-    let table = addr(c, &l);
-    let n = c.u8() % 9;
-    let descs: Vec<_> = (0..n)
-        .map(|_| (addr(c, &l), len(c), (flags(c) ^ dir) & !NEXT))
-        .collect();
-    d.write_indirect(table, &descs);
-    let b = c.u8();
-    let tlen = if b & 1 == 0 {
-        16 * u32::from(n)
-    } else {
-        len(c)
-    };
-    // Bits 1..: extra flags on the indirect descriptor itself (NEXT, WRITE), usually none.
-    let extra = u16::from(b >> 1) & (NEXT | WRITE);
-    let slot = d.alloc();
-    d.write_desc(
-        slot,
-        table,
-        tlen,
-        INDIRECT | extra,
-        slot.wrapping_add(1) % l.size,
-    );
-    d.publish(slot);
 }
 
 /// The frame the device must send for `ch`, or None when the chain must be dropped.
@@ -170,28 +91,19 @@ struct Tx {
     host: FakeHostQueue,
     stats: QueueStats,
     scratch: TxScratch,
-    faults: Faults,
     opts: TxOptions,
-    event_idx: bool,
-    stopped: bool,
-    runs: usize,
+    calls: Calls,
 }
 
 impl Tx {
     /// One `process_tx` call with every oracle. Returns true when calling again makes sense.
     fn run(&mut self, d: &Driver<'_>, q: &mut Queue) -> bool {
-        if self.stopped || self.runs >= MAX_RUNS {
+        let Some(pre) = self.calls.next(d, q) else {
             return false;
-        }
-        self.runs += 1;
-        let l = d.l;
-        let mem = d.mem;
-        let hdr_len = self.opts.hdr_len;
-        let budget = self.opts.budget.max(1);
-        let pre = Pre::capture(d, q);
+        };
+        let (l, mem, hdr_len) = (d.layout, d.mem(), self.opts.hdr_len);
+        let (budget, st0) = (self.opts.budget.max(1), self.stats.snapshot());
         let sends0 = self.host.send_calls();
-        let st0 = self.stats.snapshot();
-
         let out = process_tx(
             q,
             mem,
@@ -202,28 +114,23 @@ impl Tx {
         );
 
         let sends = self.host.send_calls() - sends0;
-        let faults = self.faults.take(sends);
+        let faults = self.calls.faults.take(sends);
         let frames = self.host.take_all_frames();
         let st = self.stats.snapshot();
-        let consumed = usize::from(q.next_avail().wrapping_sub(pre.next_avail));
+        let consumed = consumed(&pre, q);
         if super::tracing() {
             eprintln!(
                 "tx call {}: layout {l:?} budget {budget}\n  pre next_avail {} announced {} \
                  chains {:?}\n  out {out:?} consumed {consumed} sends {sends} faults {faults:?}",
-                self.runs, pre.next_avail, pre.announced, pre.chains
+                self.calls.runs, pre.next_avail, pre.announced, pre.chains
             );
             for i in 0..l.size.min(16) {
                 eprintln!("  desc {i}: {:x?}", d.read_desc(i));
             }
         }
-        assert!(
-            consumed <= pre.chains.len(),
-            "consumed {consumed} chains, only {} were announced",
-            pre.chains.len()
-        );
         assert!(consumed <= budget, "consumed {consumed} > budget {budget}");
         assert!(sends <= budget, "{sends} sends > budget {budget}");
-        if l.mapped && pre.announced <= l.size {
+        if self.calls.mapped && pre.announced <= l.size {
             assert!(!out.broken, "a well-formed ring was declared broken");
         }
 
@@ -236,7 +143,7 @@ impl Tx {
             .any(|&t| overlaps(t, l.used_range()))
         {
             if out.broken {
-                self.stopped = true;
+                self.calls.stopped = true;
             }
             return out.more || out.blocked;
         }
@@ -321,7 +228,7 @@ impl Tx {
             assert_eq!(got, want_heads, "used heads vs consumed heads");
         }
         if !used.is_empty() {
-            if let Some(idx) = d.used_idx() {
+            if let Some(idx) = d.get(Field::UsedIdx) {
                 assert_eq!(idx, q.next_used(), "used.idx");
             }
         }
@@ -335,13 +242,9 @@ impl Tx {
             );
         }
 
-        check_notify(&pre, q, self.event_idx, out.notify, out.broken);
-        if !out.broken && !out.more && !out.blocked {
-            check_kicks_enabled(d, self.event_idx, "TX drained");
-        }
-        if out.broken {
-            self.stopped = true;
-        }
+        let idle = !out.more && !out.blocked;
+        let flags = (out.notify, out.broken);
+        self.calls.finish(d, &pre, q, flags, idle, "TX drained");
         out.more || out.blocked
     }
 }

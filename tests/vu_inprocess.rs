@@ -8,7 +8,6 @@ mod support {
     pub mod vu_driver;
 }
 
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use macvhost::server::SocketMode;
@@ -33,10 +32,7 @@ fn tx_frames_reach_the_host_queue_byte_exact() {
             g.wait_until(Duration::from_secs(2), |g| !g.take_used(g.tx(0)).is_empty()) || seq > 0
         );
     }
-    assert!(
-        rig.queues[0].attached.load(Ordering::SeqCst),
-        "active pair is attached"
-    );
+    assert!(rig.queues[0].is_attached(), "active pair is attached");
     assert!(eventually(|| rig.stats[0].snapshot().tx_frames == 100));
 }
 

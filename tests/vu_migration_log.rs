@@ -81,7 +81,7 @@ fn every_page_written_is_logged_while_log_all_is_on_and_none_after_it_is_off() {
     let txq = g.tx(0);
     assert!(g.wait_until(Duration::from_secs(2), |g| {
         g.take_used(txq);
-        g.rings[txq].free.len() == usize::from(g.rings[txq].size)
+        g.rings[txq].free.len() == usize::from(g.rings[txq].layout.size)
     }));
 
     let got = VuGuest::harvest_log(&log);
@@ -168,11 +168,7 @@ fn set_vring_addr_on_running_rings_under_traffic_loses_no_used_entry() {
     while got < FRAMES && std::time::Instant::now() < deadline {
         g.resend_vring_addr(rxq, resent % 2 == 0);
         resent += 1;
-        let r = &g.rings[rxq];
-        let idx: u16 = {
-            use vm_memory::Bytes;
-            u16::from_le(g.mem.read_obj(vm_memory::GuestAddress(r.used + 2)).unwrap())
-        };
+        let idx = g.rings[rxq].used_idx();
         assert!(
             idx.wrapping_sub(last_used_idx) < 0x8000,
             "used.idx went backwards: {last_used_idx} -> {idx}"

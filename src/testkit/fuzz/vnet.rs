@@ -24,9 +24,9 @@
 use vm_memory::{ByteValued, GuestAddress, GuestMemoryBackend};
 
 use super::cursor::Cursor;
-use crate::datapath::testutil::{memory_of, read_guest};
 use crate::datapath::vnet::*;
 use crate::datapath::{IoVecBuf, RxOptions, TxOptions};
+use crate::testkit::{memory_of, read_guest};
 use crate::vhost_user::backend::offered_features;
 use crate::worker::PairSettings;
 

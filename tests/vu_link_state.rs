@@ -22,18 +22,8 @@ use std::time::{Duration, Instant};
 use macvhost::server::SocketMode;
 use support::rig::*;
 use support::vu_driver::VuGuest;
-use vhost::vhost_user::message::VhostUserConfigFlags;
-use vhost::vhost_user::{Frontend, VhostUserFrontend};
+use vhost::vhost_user::Frontend;
 use vhost::VhostBackend;
-
-/// The `status` field of `virtio_net_config` (offset 6) as GET_CONFIG reports it.
-fn link_status(g: &mut VuGuest) -> u16 {
-    let (_, data) = g
-        .frontend
-        .get_config(6, 2, VhostUserConfigFlags::empty(), &[0u8; 2])
-        .expect("GET_CONFIG");
-    u16::from_le_bytes([data[0], data[1]])
-}
 
 /// True once a request on `g`'s connection fails (the backend closed it), within `limit`.
 fn closed_within(g: &mut VuGuest, limit: Duration) -> Option<Duration> {
@@ -51,14 +41,14 @@ fn closed_within(g: &mut VuGuest, limit: Duration) -> Option<Duration> {
 fn link_loss_without_the_flag_keeps_the_connection_and_clears_link_status() {
     let rig = Rig::start(1);
     let mut g = rig.guest(1, ALL);
-    assert_eq!(link_status(&mut g), 1);
+    assert_eq!(g.link_status(), 1);
     rig.link_up.store(false, Ordering::SeqCst);
-    assert_eq!(link_status(&mut g), 0, "STATUS still says link up");
+    assert_eq!(g.link_status(), 0, "STATUS still says link up");
     // Well past the carrier poll: the connection is kept and still carries frames.
     std::thread::sleep(Duration::from_millis(300));
     tx_one_and_check(&rig, &mut g, 1);
     rig.link_up.store(true, Ordering::SeqCst);
-    assert_eq!(link_status(&mut g), 1);
+    assert_eq!(g.link_status(), 1);
     tx_one_and_check(&rig, &mut g, 2);
 }
 
@@ -92,7 +82,7 @@ fn link_loss_ends_the_connection_and_unbinds_the_socket_until_carrier_returns() 
 
     rig.link_up.store(true, Ordering::SeqCst);
     let mut g2 = VuGuest::connect(&sock, 1, 256, ALL, Duration::from_secs(5));
-    assert_eq!(link_status(&mut g2), 1);
+    assert_eq!(g2.link_status(), 1);
     tx_one_and_check(&rig, &mut g2, 2);
     // Counted by the worker just after the write the peer already read.
     assert!(eventually(|| rig.stats[0].snapshot().tx_frames == 2));
@@ -172,7 +162,7 @@ fn carrier_changes_are_announced_with_config_change_msg_on_the_backend_channel()
         rig.link_up.store(up, Ordering::SeqCst);
         assert_eq!(next_message(&chan), config_change, "link_up {up}");
         // The frontend reads the config space on the message: it already says the new state.
-        assert_eq!(link_status(&mut g), status);
+        assert_eq!(g.link_status(), status);
     }
     // No change, no message; the connection still carries frames.
     chan.set_read_timeout(Some(Duration::from_millis(300)))

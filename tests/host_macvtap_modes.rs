@@ -11,7 +11,7 @@ mod support {
 
 use std::time::Duration;
 
-use common::{require_root, Mac, Macvhost, Netns, Peer};
+use common::{require, Daemon, MacAddr, NetNs, Peer, HOST};
 
 use support::vu_driver::VuGuest;
 
@@ -26,8 +26,8 @@ fn mac_str(m: [u8; 6]) -> String {
         .join(":")
 }
 
-fn topo() -> Netns {
-    let ns = Netns::new();
+fn topo() -> NetNs {
+    let ns = NetNs::quiet("host");
     ns.ip(&[
         "link", "add", "peer0", "type", "veth", "peer", "name", "lower0",
     ]);
@@ -84,13 +84,13 @@ fn run_mode(mode: &str) -> (bool, bool, bool) {
     };
     let a_args = args("mvA", MAC_A);
     let b_args = args("mvB", MAC_B);
-    let a = Macvhost::spawn_named(
+    let mut a = Daemon::spawn_named(
         &ns,
         dir.path(),
         "a",
         &a_args.iter().map(String::as_str).collect::<Vec<_>>(),
     );
-    let b = Macvhost::spawn_named(
+    let mut b = Daemon::spawn_named(
         &ns,
         dir.path(),
         "b",
@@ -103,7 +103,7 @@ fn run_mode(mode: &str) -> (bool, bool, bool) {
         g.post_rx(0, 64, 4096);
         g.kick(g.rx(0));
     }
-    let peer = Peer::open(&ns, "peer0", Mac(PEER), Mac(MAC_A));
+    let peer = Peer::open(&ns, "peer0", MacAddr(PEER), MacAddr(MAC_A));
     std::thread::sleep(Duration::from_millis(200));
 
     let a_to_b = frame(MAC_B, MAC_A, 1);
@@ -128,37 +128,29 @@ fn run_mode(mode: &str) -> (bool, bool, bool) {
 
 #[test]
 fn bridge_mode_guests_reach_each_other_inside_the_host() {
-    if !require_root("bridge_mode_guests_reach_each_other_inside_the_host") {
-        return;
-    }
+    require!(HOST);
     assert_eq!(run_mode("bridge"), (true, false, true));
 }
 
 #[test]
 fn private_mode_guests_cannot_reach_each_other() {
-    if !require_root("private_mode_guests_cannot_reach_each_other") {
-        return;
-    }
+    require!(HOST);
     // The frame leaves through the parent; the veth peer is not a hairpin switch.
     assert_eq!(run_mode("private"), (false, true, true));
 }
 
 #[test]
 fn vepa_mode_without_a_hairpin_switch_sends_everything_out() {
-    if !require_root("vepa_mode_without_a_hairpin_switch_sends_everything_out") {
-        return;
-    }
+    require!(HOST);
     assert_eq!(run_mode("vepa"), (false, true, true));
 }
 
 #[test]
 fn passthru_takes_the_parent_and_a_second_macvtap_is_refused() {
-    if !require_root("passthru_takes_the_parent_and_a_second_macvtap_is_refused") {
-        return;
-    }
+    require!(HOST);
     let ns = topo();
     let dir = tempfile::tempdir().unwrap();
-    let a = Macvhost::spawn_named(
+    let mut a = Daemon::spawn_named(
         &ns,
         dir.path(),
         "a",
@@ -173,7 +165,7 @@ fn passthru_takes_the_parent_and_a_second_macvtap_is_refused() {
     );
     // A second macvhost asking for any macvtap on the same parent fails with a clear error.
     let out = ns.try_exec(&[
-        Macvhost::binary().to_str().unwrap(),
+        Daemon::binary().to_str().unwrap(),
         "--socket-path",
         dir.path().join("b.sock").to_str().unwrap(),
         "--macvtap-parent",

@@ -36,6 +36,7 @@ pub use rx::rx_fill;
 pub use tx::tx_chain;
 pub use vhost_user::vhost_user_msgs;
 pub use vnet::vnet_hdr;
+pub use vq::LEN_EDGES;
 
 /// The fuzz target names, as used for `fuzz/fuzz_targets/<name>.rs` and `fuzz/corpus/<name>/`.
 pub const TARGETS: [&str; 5] = [

@@ -34,6 +34,20 @@ fn within_5_percent(what: &str, bytes: u64, elapsed: Duration) {
     );
 }
 
+/// Stops the host-side thread, checks `measured` bytes over the window were within 5% of the
+/// limit, and returns the counters.
+fn stop_and_check(
+    what: &str,
+    (stop, thread): (&AtomicBool, std::thread::JoinHandle<()>),
+    measured: u64,
+    rig: &Rig,
+) -> macvhost::datapath::StatsSnapshot {
+    stop.store(true, Ordering::Relaxed);
+    thread.join().unwrap();
+    within_5_percent(what, measured, WINDOW);
+    rig.stats[0].snapshot()
+}
+
 #[test]
 fn tx_rate_limit_holds_frames_and_achieves_the_average() {
     let spec: RateSpec = format!("average={RATE}").parse().unwrap();
@@ -71,10 +85,7 @@ fn tx_rate_limit_holds_frames_and_achieves_the_average() {
         std::thread::sleep(Duration::from_millis(2));
     }
     let measured = counted.load(Ordering::Relaxed);
-    stop.store(true, Ordering::Relaxed);
-    reader.join().unwrap();
-    within_5_percent("TX", measured, WINDOW);
-    let st = rig.stats[0].snapshot();
+    let st = stop_and_check("TX", (&stop, reader), measured, &rig);
     assert!(st.tx_throttled > 0, "the limiter never held TX");
     assert_eq!(
         st.tx_drop_host_error, 0,
@@ -122,10 +133,7 @@ fn rx_rate_limit_holds_frames_and_achieves_the_average() {
         }
         std::thread::sleep(Duration::from_millis(2));
     }
-    stop.store(true, Ordering::Relaxed);
-    writer.join().unwrap();
-    within_5_percent("RX", counted, WINDOW);
-    let st = rig.stats[0].snapshot();
+    let st = stop_and_check("RX", (&stop, writer), counted, &rig);
     assert!(st.rx_throttled > 0, "the limiter never held RX");
     println!(
         "RX: {} frames delivered, {} throttle rounds",

@@ -4,14 +4,12 @@
 
 use std::collections::VecDeque;
 
-use virtio_bindings::virtio_ring::{VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
-use virtio_queue::desc::split::Descriptor as SplitDescriptor;
-use virtio_queue::desc::RawDescriptor;
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemory, GuestMemoryMmap, Permissions};
 
 use super::cursor::Cursor;
-use crate::datapath::testutil::{memory_of, raw_queue};
+use crate::testkit::memory_of;
+pub use crate::testkit::ring::{Field, Layout, SplitRing, INDIRECT, NEXT, WRITE};
 
 /// `[R0, R1)` and `[R1, HOLE)` are adjacent regions; `[HOLE, R2)` is unmapped; `[R2, END)` is
 /// the third region.
@@ -26,13 +24,6 @@ pub const R2: u64 = 0x4_0000;
 pub const END: u64 = 0x5_0000;
 /// Where buffers usually go in the first region (rings at 0 end below it).
 pub const DATA0: u64 = 0x2000;
-
-/// Descriptor flags.
-pub const NEXT: u16 = VRING_DESC_F_NEXT as u16;
-/// Device-writable.
-pub const WRITE: u16 = VRING_DESC_F_WRITE as u16;
-/// Indirect table.
-pub const INDIRECT: u16 = VRING_DESC_F_INDIRECT as u16;
 
 /// Most ops one input may run (keeps every input fast and bounded).
 pub const MAX_OPS: usize = 256;
@@ -143,212 +134,133 @@ pub fn write_mapped(mem: &GuestMemoryMmap, addr: u64, bytes: &[u8]) {
     }
 }
 
-/// Where one split virtqueue's rings are.
-#[derive(Debug, Clone, Copy)]
-pub struct Layout {
-    pub size: u16,
-    pub desc: u64,
-    pub avail: u64,
-    pub used: u64,
-    /// Rings entirely in mapped memory (a well-behaved placement).
-    pub mapped: bool,
+/// Placement `kind` for a queue of `size` (a power of two), and whether the rings lie wholly
+/// in mapped memory (a well-behaved placement):
+/// 0 at address 0; 1 straddling the two adjacent regions; 2 in the third region;
+/// 3 with the used ring's entries running into the hole; 4 with the avail ring running into
+/// the hole (and the used ring in it).
+pub fn place(kind: u8, size: u16) -> (Layout, bool) {
+    let probe = Layout::at(0, size);
+    let bytes = probe.end();
+    let n = u64::from(size);
+    let (start, mapped) = match kind % 5 {
+        0 => (R0, true),
+        1 => ((R1 - bytes / 2) & !15, true),
+        2 => (R2, true),
+        3 => ((HOLE - probe.used - 4 - 8 * (n / 2)) & !15, false),
+        _ => ((HOLE - probe.avail - 4 - n) & !15, false),
+    };
+    (Layout::at(start, size), mapped)
 }
 
-impl Layout {
-    fn at(start: u64, size: u16) -> Layout {
-        let n = u64::from(size);
-        let desc = start;
-        let avail = desc + 16 * n;
-        let used = (avail + 6 + 2 * n + 3) & !3;
-        Layout {
-            size,
-            desc,
-            avail,
-            used,
-            mapped: true,
+/// The driver: the kit's ring in lenient mode (writes to unmapped memory are dropped, reads
+/// of unmapped fields give `None`).
+pub type Driver<'m> = SplitRing<&'m GuestMemoryMmap>;
+
+/// The rings of a target's queue for config byte `cfg` (size `1 << (cfg % 9)`, placement
+/// `cfg >> 4`, see [`place`]) over `mem`, zeroed: the driver, the device's queue, and whether
+/// the rings lie wholly in mapped memory.
+pub fn rings(mem: &GuestMemoryMmap, cfg: u8, event_idx: bool) -> (Driver<'_>, Queue, bool) {
+    let (l, mapped) = place(cfg >> 4, 1u16 << (cfg % 9));
+    let mut q = l.queue();
+    q.set_event_idx(event_idx);
+    (Driver::lenient(mem, l), q, mapped)
+}
+
+/// Runs the input's ops (at most [`MAX_OPS`]): op `c.u8() % kinds`, the shared driver ops
+/// ([`driver_op`], flags xored with `dir`) here, the target's own ops through `own`.
+pub fn run_ops(
+    c: &mut Cursor<'_>,
+    d: &mut Driver<'_>,
+    kinds: u8,
+    dir: u16,
+    mut own: impl FnMut(u8, &mut Cursor<'_>, &Driver<'_>),
+) {
+    let mut ops = 0;
+    while !c.is_empty() && ops < MAX_OPS {
+        ops += 1;
+        let op = c.u8() % kinds;
+        if !driver_op(op, c, d, dir) {
+            own(op, c, d);
         }
     }
-
-    /// Placement `kind` for a queue of `size` (a power of two):
-    /// 0 at address 0; 1 straddling the two adjacent regions; 2 in the third region;
-    /// 3 with the used ring's entries running into the hole; 4 with the avail ring running into
-    /// the hole (and the used ring in it).
-    pub fn place(kind: u8, size: u16) -> Layout {
-        let probe = Layout::at(0, size);
-        let bytes = probe.end();
-        let n = u64::from(size);
-        let (start, mapped) = match kind % 5 {
-            0 => (R0, true),
-            1 => ((R1 - bytes / 2) & !15, true),
-            2 => (R2, true),
-            3 => ((HOLE - probe.used - 4 - 8 * (n / 2)) & !15, false),
-            _ => ((HOLE - probe.avail - 4 - n) & !15, false),
-        };
-        let mut l = Layout::at(start, size);
-        l.mapped = mapped;
-        l
-    }
-
-    /// End of the used ring (`avail_event` included).
-    pub fn end(&self) -> u64 {
-        self.used + 6 + 8 * u64::from(self.size)
-    }
-
-    /// The used ring: flags, idx, entries, `avail_event`.
-    pub fn used_range(&self) -> (u64, u64) {
-        (self.used, self.end())
-    }
-
-    /// The descriptor table and the avail ring (`used_event` included).
-    pub fn driver_ranges(&self) -> [(u64, u64); 2] {
-        let n = u64::from(self.size);
-        [
-            (self.desc, self.desc + 16 * n),
-            (self.avail, self.avail + 6 + 2 * n),
-        ]
-    }
-
-    /// A ready device-side queue over these rings (not validated: rings may be unmapped).
-    pub fn queue(&self, event_idx: bool) -> Queue {
-        let mut q = raw_queue(self.size, self.desc, self.avail, self.used);
-        q.set_event_idx(event_idx);
-        q
-    }
 }
 
-/// The driver: writes descriptors and avail entries as told. Writes to unmapped memory are
-/// dropped (a broken placement), reads of unmapped fields give `None`.
-#[derive(Debug)]
-pub struct Driver<'m> {
-    pub mem: &'m GuestMemoryMmap,
-    pub l: Layout,
-    next_desc: u16,
-}
-
-impl<'m> Driver<'m> {
-    /// A driver over zeroed rings.
-    pub fn new(mem: &'m GuestMemoryMmap, l: Layout) -> Self {
-        write_mapped(mem, l.desc, &vec![0u8; (l.end() - l.desc) as usize]);
-        Driver {
-            mem,
-            l,
-            next_desc: 0,
+/// The guest-driver ops both ring targets share (numbered as in their module docs): 0 a chain
+/// of 1–8 descriptors published, 1 a raw descriptor, 2 publish a head, 3 move `avail.idx`,
+/// 4 an indirect chain, 7 set `used_event`, 8 guest writes bytes. `dir` is xored into the
+/// descriptors' flags (WRITE for RX, so that flag byte 0 means "device-writable" there).
+/// Returns false for an op the target handles itself.
+pub fn driver_op(op: u8, c: &mut Cursor<'_>, d: &mut Driver<'_>, dir: u16) -> bool {
+    let l = d.layout;
+    match op {
+        0 => {
+            let n = 1 + c.u8() % 8;
+            let descs: Vec<_> = (0..n)
+                .map(|_| {
+                    let (a, n) = (addr(c, &l), len(c));
+                    (a, n, (flags(c) ^ dir) & !NEXT)
+                })
+                .collect();
+            d.add_desc_chain(&descs);
         }
-    }
-
-    /// Writes descriptor `index % size`.
-    pub fn write_desc(&self, index: u16, addr: u64, len: u32, flags: u16, next: u16) {
-        let d = RawDescriptor::from(SplitDescriptor::new(addr, len, flags, next));
-        let at = self.l.desc + 16 * u64::from(index % self.l.size);
-        let _ = self.mem.write_obj(d, GuestAddress(at));
-    }
-
-    /// Reads descriptor `index` as `(addr, len, flags, next)`.
-    pub fn read_desc(&self, index: u16) -> Option<(u64, u32, u16, u16)> {
-        read_raw_desc(self.mem, self.l.desc + 16 * u64::from(index))
-    }
-
-    /// Writes a chain into the next free descriptor slots (NEXT links added) and publishes it.
-    pub fn add_chain(&mut self, descs: &[(u64, u32, u16)]) -> u16 {
-        let n = descs.len().max(1) as u16;
-        let first = self.next_desc;
-        self.next_desc = self.next_desc.wrapping_add(n) % self.l.size;
-        for (i, &(addr, len, flags)) in descs.iter().enumerate() {
-            let idx = first.wrapping_add(i as u16) % self.l.size;
-            let nidx = first.wrapping_add(i as u16 + 1) % self.l.size;
-            if i + 1 < descs.len() {
-                self.write_desc(idx, addr, len, flags | NEXT, nidx);
+        1 => {
+            let (i, a, n, f, x) = (c.u16(), addr(c, &l), len(c), flags(c), next(c, l.size));
+            d.write_desc(i, a, n, f, x);
+        }
+        2 => {
+            let h = next(c, l.size);
+            d.publish(h);
+        }
+        3 => {
+            let b = c.u8();
+            let cur = d.get(Field::AvailIdx).unwrap_or(0);
+            let v = if b & 0x80 == 0 {
+                cur.wrapping_add(u16::from(b))
             } else {
-                self.write_desc(idx, addr, len, flags & !NEXT, 0);
-            }
-        }
-        self.publish(first);
-        first
-    }
-
-    /// Writes an indirect table of `descs` at `table` (NEXT links added, unmapped parts
-    /// dropped).
-    pub fn write_indirect(&self, table: u64, descs: &[(u64, u32, u16)]) {
-        for (i, &(addr, len, flags)) in descs.iter().enumerate() {
-            let (flags, next) = if i + 1 < descs.len() {
-                (flags | NEXT, i as u16 + 1)
-            } else {
-                (flags & !NEXT, 0)
+                cur.wrapping_sub(u16::from(b & 0x7f))
             };
-            let d = RawDescriptor::from(SplitDescriptor::new(addr, len, flags, next));
-            let at = table.wrapping_add(16 * i as u64);
-            let _ = self.mem.write_obj(d, GuestAddress(at));
+            d.set_avail_idx(v);
         }
+        4 => indirect(c, d, dir),
+        7 => d.set_used_event(c.u16()),
+        8 => {
+            let a = addr(c, &l);
+            let n = usize::from(c.u8());
+            write_mapped(d.mem(), a, c.bytes(n));
+        }
+        _ => return false,
     }
-
-    /// Reserves one descriptor slot.
-    pub fn alloc(&mut self) -> u16 {
-        let i = self.next_desc;
-        self.next_desc = (self.next_desc + 1) % self.l.size;
-        i
-    }
-
-    /// Puts `head` in the next avail slot and bumps `avail.idx`.
-    pub fn publish(&self, head: u16) {
-        let idx = self.avail_idx().unwrap_or(0);
-        let slot = self.l.avail + 4 + 2 * u64::from(idx % self.l.size);
-        let _ = self.mem.write_obj(head.to_le(), GuestAddress(slot));
-        self.set_avail_idx(idx.wrapping_add(1));
-    }
-
-    pub fn avail_idx(&self) -> Option<u16> {
-        self.read_u16(self.l.avail + 2)
-    }
-
-    pub fn set_avail_idx(&self, v: u16) {
-        self.write_u16(self.l.avail + 2, v);
-    }
-
-    pub fn set_used_event(&self, v: u16) {
-        self.write_u16(self.l.avail + 4 + 2 * u64::from(self.l.size), v);
-    }
-
-    pub fn used_event(&self) -> Option<u16> {
-        self.read_u16(self.l.avail + 4 + 2 * u64::from(self.l.size))
-    }
-
-    pub fn used_flags(&self) -> Option<u16> {
-        self.read_u16(self.l.used)
-    }
-
-    pub fn used_idx(&self) -> Option<u16> {
-        self.read_u16(self.l.used + 2)
-    }
-
-    pub fn avail_event(&self) -> Option<u16> {
-        self.read_u16(self.l.end() - 2)
-    }
-
-    /// Used entry number `i` (mod size) as `(id, len)`.
-    pub fn used_elem(&self, i: u16) -> Option<(u32, u32)> {
-        let slot = self.l.used + 4 + 8 * u64::from(i % self.l.size);
-        let id: u32 = self.mem.read_obj(GuestAddress(slot)).ok()?;
-        let len: u32 = self.mem.read_obj(GuestAddress(slot + 4)).ok()?;
-        Some((u32::from_le(id), u32::from_le(len)))
-    }
-
-    fn read_u16(&self, a: u64) -> Option<u16> {
-        self.mem
-            .read_obj::<u16>(GuestAddress(a))
-            .ok()
-            .map(u16::from_le)
-    }
-
-    fn write_u16(&self, a: u64, v: u16) {
-        let _ = self.mem.write_obj(v.to_le(), GuestAddress(a));
-    }
+    true
 }
 
-/// Reads one raw descriptor at `at` as `(addr, len, flags, next)`.
-pub fn read_raw_desc(mem: &GuestMemoryMmap, at: u64) -> Option<(u64, u32, u16, u16)> {
-    let d: RawDescriptor = mem.read_obj(GuestAddress(at)).ok()?;
-    let d = SplitDescriptor::from(d);
-    Some((d.addr().0, d.len(), d.flags(), d.next()))
+/// Writes an indirect table and publishes a descriptor pointing at it. `dir` is xored into the
+/// table entries' flags.
+fn indirect(c: &mut Cursor<'_>, d: &mut Driver<'_>, dir: u16) {
+    let l = d.layout;
+    let table = addr(c, &l);
+    let n = c.u8() % 9;
+    let descs: Vec<_> = (0..n)
+        .map(|_| (addr(c, &l), len(c), (flags(c) ^ dir) & !NEXT))
+        .collect();
+    d.write_indirect_table(table, &descs);
+    let b = c.u8();
+    let tlen = if b & 1 == 0 {
+        16 * u32::from(n)
+    } else {
+        len(c)
+    };
+    // Bits 1..: extra flags on the indirect descriptor itself (NEXT, WRITE), usually none.
+    let extra = u16::from(b >> 1) & (NEXT | WRITE);
+    let slot = d.alloc_descs(1);
+    d.write_desc(
+        slot,
+        table,
+        tlen,
+        INDIRECT | extra,
+        slot.wrapping_add(1) % l.size,
+    );
+    d.publish(slot);
 }
 
 /// An address somewhere interesting: buffers in each region, across the region boundary,
@@ -368,30 +280,33 @@ pub fn addr(c: &mut Cursor<'_>, l: &Layout) -> u64 {
     }
 }
 
+/// Descriptor lengths around the interesting bounds: empty, one byte, around both vnet header
+/// lengths, a minimal frame, around an MTU-sized frame, a page, around the largest GSO frame.
+pub const LEN_EDGES: [u32; 16] = [
+    0,
+    1,
+    9,
+    10,
+    11,
+    12,
+    13,
+    60,
+    1514,
+    1526,
+    1530,
+    4096,
+    65550,
+    65562,
+    65563,
+    u32::MAX,
+];
+
 /// A descriptor length: small, medium, around the interesting bounds, or anything.
 pub fn len(c: &mut Cursor<'_>) -> u32 {
-    const EDGES: [u32; 16] = [
-        0,
-        1,
-        9,
-        10,
-        11,
-        12,
-        13,
-        60,
-        1514,
-        1526,
-        1530,
-        4096,
-        65550,
-        65562,
-        65563,
-        u32::MAX,
-    ];
     match c.u8() % 6 {
         0 => u32::from(c.u8()),
         1 => u32::from(c.u16()),
-        2 => EDGES[usize::from(c.u8() % 16)],
+        2 => LEN_EDGES[usize::from(c.u8() % 16)],
         3 => c.u32(),
         4 => u32::from(c.u16()) % 2048,
         _ => 12 + u32::from(c.u8()),
@@ -513,11 +428,11 @@ impl Pre {
     /// Pops every announced chain from a shadow queue (same rings, same `next_avail`) without
     /// touching guest memory, and snapshots memory.
     pub fn capture(d: &Driver<'_>, q: &Queue) -> Pre {
-        let l = d.l;
-        let mut shadow = raw_queue(l.size, l.desc, l.avail, l.used);
+        let l = d.layout;
+        let mut shadow = l.queue();
         shadow.set_next_avail(q.next_avail());
         let mut chains = Vec::new();
-        if let Ok(it) = shadow.iter(d.mem) {
+        if let Ok(it) = shadow.iter(d.mem()) {
             for c in it {
                 let head = c.head_index();
                 let mut descs = Vec::new();
@@ -538,14 +453,14 @@ impl Pre {
                 }
             }
         }
-        let avail_idx = d.avail_idx();
+        let avail_idx = d.get(Field::AvailIdx);
         Pre {
             chains,
             announced: avail_idx.map_or(0, |a| a.wrapping_sub(q.next_avail())),
             next_avail: q.next_avail(),
             next_used: q.next_used(),
-            used_event: d.used_event(),
-            mem: snapshot(d.mem),
+            used_event: d.get(Field::UsedEvent),
+            mem: snapshot(d.mem()),
             indirect_tables,
         }
     }
@@ -589,13 +504,13 @@ pub fn check_notify(pre: &Pre, q: &Queue, event_idx: bool, notify: bool, broken:
 pub fn check_kicks_enabled(d: &Driver<'_>, event_idx: bool, what: &str) {
     if event_idx {
         assert_eq!(
-            d.avail_event(),
-            d.avail_idx(),
+            d.get(Field::AvailEvent),
+            d.get(Field::AvailIdx),
             "{what}: avail_event must name the guest's avail index or the next kick is lost"
         );
     } else {
         assert_eq!(
-            d.used_flags().map(|f| f & 1),
+            d.get(Field::UsedFlags).map(|f| f & 1),
             Some(0),
             "{what}: VRING_USED_F_NO_NOTIFY left set"
         );
@@ -607,6 +522,72 @@ pub fn same_heads(mut a: Vec<u16>, mut b: Vec<u16>) -> bool {
     a.sort_unstable();
     b.sort_unstable();
     a == b
+}
+
+/// What both ring targets keep across their datapath calls, and the checks around each call
+/// they share.
+#[derive(Debug)]
+pub struct Calls {
+    /// Host faults queued on the fake host queue.
+    pub faults: Faults,
+    pub event_idx: bool,
+    /// The rings lie wholly in mapped memory.
+    pub mapped: bool,
+    /// The ring broke: no more calls.
+    pub stopped: bool,
+    pub runs: usize,
+}
+
+impl Calls {
+    pub fn new(event_idx: bool, mapped: bool) -> Calls {
+        Calls {
+            faults: Faults::default(),
+            event_idx,
+            mapped,
+            stopped: false,
+            runs: 0,
+        }
+    }
+
+    /// The world before the next call, or `None` when no call makes sense any more (the ring
+    /// broke, or the input made its [`MAX_RUNS`] calls).
+    pub fn next(&mut self, d: &Driver<'_>, q: &Queue) -> Option<Pre> {
+        if self.stopped || self.runs >= MAX_RUNS {
+            return None;
+        }
+        self.runs += 1;
+        Some(Pre::capture(d, q))
+    }
+
+    /// After a call: the notification decision, guest kicks enabled when the device went
+    /// `idle` waiting for the guest (`what` says why), and no more calls on a broken ring.
+    pub fn finish(
+        &mut self,
+        d: &Driver<'_>,
+        pre: &Pre,
+        q: &Queue,
+        out: (bool, bool),
+        idle: bool,
+        what: &str,
+    ) {
+        let (notify, broken) = out;
+        check_notify(pre, q, self.event_idx, notify, broken);
+        if idle && !broken {
+            check_kicks_enabled(d, self.event_idx, what);
+        }
+        self.stopped |= broken;
+    }
+}
+
+/// Chains a call consumed (`next_avail` moved past them); never more than were announced.
+pub fn consumed(pre: &Pre, q: &Queue) -> usize {
+    let n = usize::from(q.next_avail().wrapping_sub(pre.next_avail));
+    assert!(
+        n <= pre.chains.len(),
+        "consumed {n} chains, only {} were announced",
+        pre.chains.len()
+    );
+    n
 }
 
 /// Queued host faults, mirrored so the oracles know which call got which errno.

@@ -6,22 +6,17 @@
 //! thread-local switch), so the harness and the guest/host stand-ins around the calls do not
 //! count. Runs without root and without features.
 
-#[path = "../benches/support/ring.rs"]
-mod ring;
-
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
-use std::os::fd::AsRawFd;
-use std::os::unix::net::UnixDatagram;
 
-use macvhost::datapath::iovec::{readv_fd, writev_fd};
 use macvhost::datapath::vnet::{MAX_GSO_FRAME_LEN, VNET_HDR_LEN_V1};
 use macvhost::datapath::{
-    process_rx, process_tx, HostQueue, IoVecBuf, QueueStats, RxOptions, RxScratch, TxOptions,
-    TxScratch,
+    process_rx, process_tx, QueueStats, RxOptions, RxScratch, TxOptions, TxScratch,
 };
-use ring::{layout, Ring};
-use vm_memory::{GuestAddress, GuestMemoryMmap};
+use macvhost::require;
+use macvhost::testkit::ring::{fill, SplitRing};
+use macvhost::testkit::{memory_of, FakeHostQueue, Need};
+use vm_memory::GuestMemoryMmap;
 
 struct Counting;
 
@@ -81,40 +76,35 @@ const WARMUP: usize = 1_000;
 const BUDGET: usize = 64;
 const DATA: u64 = 1 << 20;
 
-/// A host queue over a datagram socketpair (frame boundaries like a tap fd).
-struct Host {
-    dev: UnixDatagram,
-    peer: UnixDatagram,
+/// Allocations counted once the warm-up is over.
+#[derive(Default)]
+struct Tally {
+    frames: usize,
+    allocs: usize,
 }
 
-impl Host {
-    fn new() -> Host {
-        let (dev, peer) = UnixDatagram::pair().unwrap();
-        dev.set_nonblocking(true).unwrap();
-        peer.set_nonblocking(true).unwrap();
-        Host { dev, peer }
+impl Tally {
+    /// One datapath call moved `frames` frames and made `allocs` allocations.
+    fn add(&mut self, frames: usize, allocs: usize) {
+        if self.frames >= WARMUP {
+            self.allocs += allocs;
+        }
+        self.frames += frames;
     }
-}
 
-impl AsRawFd for Host {
-    fn as_raw_fd(&self) -> std::os::fd::RawFd {
-        self.dev.as_raw_fd()
+    fn done(&self) -> bool {
+        self.frames >= WARMUP + FRAMES
     }
-}
 
-impl HostQueue for Host {
-    fn send_frame(&self, frame: &IoVecBuf<'_>) -> std::io::Result<usize> {
-        writev_fd(self.dev.as_raw_fd(), frame)
-    }
-    fn recv_frame(&self, bufs: &IoVecBuf<'_>) -> std::io::Result<usize> {
-        readv_fd(self.dev.as_raw_fd(), bufs)
+    fn assert_none(&self, what: &str) {
+        let n = self.allocs;
+        assert_eq!(n, 0, "{what}: {n} allocations over {FRAMES} frames");
     }
 }
 
 fn memory() -> GuestMemoryMmap {
     // Two adjacent regions, so some buffers straddle a boundary and take two iovecs.
-    GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 8 << 20), (GuestAddress(8 << 20), 8 << 20)])
-        .unwrap()
+    memory_of(&[(0, 8 << 20), (8 << 20, 8 << 20)])
 }
 
 fn frame(len: usize, seed: u8) -> Vec<u8> {
@@ -130,20 +120,17 @@ fn tx_allocates_nothing_per_frame() {
 
 #[test]
 fn tx_through_io_uring_allocates_nothing_per_frame() {
-    if let Err(e) = TxScratch::with_io_uring() {
-        println!("skipped: io_uring unavailable: {e}");
-        return;
-    }
+    require!(&[Need::IoUring]);
     tx_no_alloc(|| TxScratch::with_io_uring().unwrap());
 }
 
 fn tx_no_alloc(new_scratch: impl Fn() -> TxScratch) {
     for size in [64, 1500, 65536] {
         let mem = memory();
-        let mut ring = Ring::new(&mem, 0, 256);
-        layout::fill_tx(&mem, &mut ring, DATA, HDR, &frame(size, 1), 256);
-        let mut q = ring.queue(true);
-        let host = Host::new();
+        let mut ring = SplitRing::at(&mem, 0, 256).without_ledger();
+        fill::fill_tx(&mut ring, DATA, HDR, &frame(size, 1), 256);
+        let mut q = ring.create_queue_event_idx();
+        let host = FakeHostQueue::new();
         let stats = QueueStats::default();
         let mut scratch = new_scratch();
         let opts = TxOptions {
@@ -151,25 +138,19 @@ fn tx_no_alloc(new_scratch: impl Fn() -> TxScratch) {
             budget: BUDGET,
         };
         let mut sink = vec![0u8; 1 << 17];
-        let (mut sent, mut allocs) = (0, 0);
-        while sent < WARMUP + FRAMES {
+        let mut tally = Tally::default();
+        while !tally.done() {
             let (out, n) = counted(|| process_tx(&mut q, &mem, &host, &stats, &mut scratch, &opts));
             assert!(out.frames > 0 && !out.broken, "{out:?}");
-            if sent >= WARMUP {
-                allocs += n;
-            }
-            sent += out.frames;
+            tally.add(out.frames, n);
             for _ in 0..out.frames {
-                assert_eq!(host.peer.recv(&mut sink).unwrap(), HDR + size);
+                assert_eq!(host.peer().recv(&mut sink).unwrap(), HDR + size);
             }
-            ring.recycle(&mem);
+            ring.recycle();
         }
-        assert_eq!(
-            allocs, 0,
-            "TX {size} B: {allocs} allocations over {FRAMES} frames"
-        );
+        tally.assert_none(&format!("TX {size} B"));
         let s = stats.snapshot();
-        assert_eq!(s.tx_frames, sent as u64);
+        assert_eq!(s.tx_frames, tally.frames as u64);
         assert_eq!(s.tx_drop_host_error + s.tx_drop_bad_chain, 0, "{s:?}");
     }
 }
@@ -212,13 +193,13 @@ fn rx_allocates_nothing_per_frame() {
     for (name, mrg, max_frame, buf_len, descs, qsize, sizes) in cases {
         for &size in sizes {
             let mem = memory();
-            let mut ring = Ring::new(&mem, 0, qsize);
-            layout::fill_rx(&mem, &mut ring, DATA, buf_len, descs, usize::MAX);
-            let mut q = ring.queue(true);
-            let host = Host::new();
+            let mut ring = SplitRing::at(&mem, 0, qsize).without_ledger();
+            fill::fill_rx(&mut ring, DATA, buf_len, descs, usize::MAX);
+            let mut q = ring.create_queue_event_idx();
+            let host = FakeHostQueue::new();
             // Enough room in the socket for a batch of 64 KiB datagrams.
-            nix::sys::socket::setsockopt(&host.peer, nix::sys::socket::sockopt::SndBuf, &(8 << 20))
-                .unwrap();
+            let sndbuf = nix::sys::socket::sockopt::SndBuf;
+            nix::sys::socket::setsockopt(host.peer(), sndbuf, &(8 << 20)).unwrap();
             let stats = QueueStats::default();
             let mut scratch = RxScratch::new();
             let opts = RxOptions {
@@ -228,10 +209,10 @@ fn rx_allocates_nothing_per_frame() {
                 budget: BUDGET,
             };
             let f = frame(size, 2);
-            let (mut got, mut allocs) = (0, 0);
-            while got < WARMUP + FRAMES {
+            let mut tally = Tally::default();
+            while !tally.done() {
                 for _ in 0..BUDGET {
-                    host.peer.send(&f).unwrap();
+                    host.peer().send(&f).unwrap();
                 }
                 let mut left = BUDGET;
                 while left > 0 {
@@ -239,20 +220,14 @@ fn rx_allocates_nothing_per_frame() {
                         process_rx(&mut q, &mem, &host, &stats, &mut scratch, &opts, None)
                     });
                     assert!(!out.broken && out.host_error.is_none(), "{out:?}");
-                    if got >= WARMUP {
-                        allocs += n;
-                    }
-                    got += out.frames;
+                    tally.add(out.frames, n);
                     left -= out.frames;
-                    ring.recycle(&mem);
+                    ring.recycle();
                 }
             }
-            assert_eq!(
-                allocs, 0,
-                "RX {name} {size} B: {allocs} allocations over {FRAMES} frames"
-            );
+            tally.assert_none(&format!("RX {name} {size} B"));
             let s = stats.snapshot();
-            assert_eq!(s.rx_frames, got as u64);
+            assert_eq!(s.rx_frames, tally.frames as u64);
             assert_eq!(
                 s.rx_drop_bad_chain + s.rx_drop_buffer_too_small + s.rx_drop_host_error,
                 0

@@ -35,15 +35,14 @@ use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
 
 use super::cursor::Cursor;
-use super::tx::indirect;
 use super::vq::*;
-use crate::datapath::testutil::{pattern_frame, FakeHostQueue};
 use crate::datapath::tx::MAX_SEGMENTS;
 use crate::datapath::vnet::{
     bit, VIRTIO_F_VERSION_1, VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_GUEST_TSO4,
     VIRTIO_NET_F_MRG_RXBUF, VIRTIO_RING_F_EVENT_IDX,
 };
 use crate::datapath::{process_rx, QueueStats, RxOptions, RxScratch};
+use crate::testkit::{pattern_frame, FakeHostQueue};
 
 /// Most frame bytes one input may inject (the fake host queue's socket buffer is ~208 KiB and
 /// `inject_frame` must not block).
@@ -55,7 +54,6 @@ const INJECT_OVERHEAD: usize = 2048;
 pub fn rx_fill(data: &[u8]) {
     let mut c = Cursor::new(data);
     let cfg = c.u8();
-    let size = 1u16 << (cfg % 9);
     let opt = c.u8();
     let mut features = 0u64;
     if opt & 1 != 0 {
@@ -75,89 +73,38 @@ pub fn rx_fill(data: &[u8]) {
     let opts = RxOptions::new(features, mtu, budget);
     let event_idx = opt & 1 != 0;
     let mem = memory();
-    let l = Layout::place(cfg >> 4, size);
-    let mut d = Driver::new(&mem, l);
-    let mut q = l.queue(event_idx);
+    let (mut d, mut q, mapped) = rings(&mem, cfg, event_idx);
     let mut r = Rx {
         host: FakeHostQueue::new(),
         stats: QueueStats::default(),
-        scratch: RxScratch::new(),
-        faults: Faults::default(),
         opts,
-        event_idx,
-        stopped: false,
-        runs: 0,
+        scratch: RxScratch::new(),
+        calls: Calls::new(event_idx, mapped),
         injected: Vec::new(),
         inject_left: INJECT_BUDGET,
         next_frame: 0,
     };
-
-    let mut ops = 0;
-    while !c.is_empty() && ops < MAX_OPS {
-        ops += 1;
-        match c.u8() % 10 {
-            0 => {
-                let n = 1 + c.u8() % 8;
-                let descs: Vec<_> = (0..n)
-                    .map(|_| {
-                        let (a, n) = (addr(&mut c, &l), len(&mut c));
-                        (a, n, (flags(&mut c) ^ WRITE) & !NEXT)
-                    })
-                    .collect();
-                d.add_chain(&descs);
-            }
-            1 => {
-                let (i, a, n, f, x) = (
-                    c.u16(),
-                    addr(&mut c, &l),
-                    len(&mut c),
-                    flags(&mut c),
-                    next(&mut c, size),
-                );
-                d.write_desc(i, a, n, f, x);
-            }
-            2 => {
-                let h = next(&mut c, size);
-                d.publish(h);
-            }
-            3 => {
-                let b = c.u8();
-                let cur = d.avail_idx().unwrap_or(0);
-                let v = if b & 0x80 == 0 {
-                    cur.wrapping_add(u16::from(b))
-                } else {
-                    cur.wrapping_sub(u16::from(b & 0x7f))
-                };
-                d.set_avail_idx(v);
-            }
-            4 => indirect(&mut c, &mut d, WRITE),
-            5 => {
-                let e = errno(&mut c);
-                r.host.fail_next_recv(e);
-                r.faults.0.push_back(e);
-            }
-            6 => {
-                r.run(&d, &mut q);
-            }
-            7 => d.set_used_event(c.u16()),
-            8 => {
-                let a = addr(&mut c, &l);
-                let n = usize::from(c.u8());
-                write_mapped(&mem, a, c.bytes(n));
-            }
-            _ => {
-                const SIZES: [usize; 12] =
-                    [9, 10, 11, 12, 60, 64, 1514, 1526, 1530, 9000, 65562, 65563];
-                let n = match c.u8() % 4 {
-                    0 => usize::from(c.u8()),
-                    1 => usize::from(c.u16()) + usize::from(c.u8() & 7) * 10,
-                    2 => SIZES[usize::from(c.u8() % 12)],
-                    _ => usize::from(c.u16() % 2048),
-                };
-                r.inject(n);
-            }
+    run_ops(&mut c, &mut d, 10, WRITE, |op, c, d| match op {
+        5 => {
+            let e = errno(c);
+            r.host.fail_next_recv(e);
+            r.calls.faults.0.push_back(e);
         }
-    }
+        6 => {
+            r.run(d, &mut q);
+        }
+        _ => {
+            const SIZES: [usize; 12] =
+                [9, 10, 11, 12, 60, 64, 1514, 1526, 1530, 9000, 65562, 65563];
+            let n = match c.u8() % 4 {
+                0 => usize::from(c.u8()),
+                1 => usize::from(c.u16()) + usize::from(c.u8() & 7) * 10,
+                2 => SIZES[usize::from(c.u8() % 12)],
+                _ => usize::from(c.u16() % 2048),
+            };
+            r.inject(n);
+        }
+    });
     for _ in 0..4 {
         if !r.run(&d, &mut q) {
             break;
@@ -181,11 +128,8 @@ struct Rx {
     host: FakeHostQueue,
     stats: QueueStats,
     scratch: RxScratch,
-    faults: Faults,
     opts: RxOptions,
-    event_idx: bool,
-    stopped: bool,
-    runs: usize,
+    calls: Calls,
     injected: Vec<Vec<u8>>,
     inject_left: usize,
     /// Injected frames before this one were delivered or dropped.
@@ -231,49 +175,29 @@ impl Rx {
 
     /// One `process_rx` call with every oracle. Returns true when calling again makes sense.
     fn run(&mut self, d: &Driver<'_>, q: &mut Queue) -> bool {
-        if self.stopped || self.runs >= MAX_RUNS {
+        let Some(pre) = self.calls.next(d, q) else {
             return false;
-        }
-        self.runs += 1;
-        let l = d.l;
-        let mem = d.mem;
-        let hdr_len = self.opts.hdr_len;
+        };
+        let (l, mem, hdr_len) = (d.layout, d.mem(), self.opts.hdr_len);
         let budget = self.opts.budget.max(1);
-        let pre = Pre::capture(d, q);
-        let recv0 = self.host.recv_calls();
-        let st0 = self.stats.snapshot();
-
-        let out = process_rx(
-            q,
-            mem,
-            &self.host,
-            &self.stats,
-            &mut self.scratch,
-            &self.opts,
-            None,
-        );
+        let (recv0, st0) = (self.host.recv_calls(), self.stats.snapshot());
+        let (host, stats) = (&self.host, &self.stats);
+        let out = process_rx(q, mem, host, stats, &mut self.scratch, &self.opts, None);
 
         let recvs = self.host.recv_calls() - recv0;
-        let faults = self.faults.take(recvs);
+        let faults = self.calls.faults.take(recvs);
         let st = self.stats.snapshot();
-        if out.broken {
-            self.stopped = true;
-        }
-        let consumed = usize::from(q.next_avail().wrapping_sub(pre.next_avail));
+        self.calls.stopped |= out.broken;
+        let consumed = consumed(&pre, q);
         let added = usize::from(q.next_used().wrapping_sub(pre.next_used));
         if super::tracing() {
             eprintln!(
                 "rx call {}: layout {l:?} opts {:?}\n  pre next_avail {} announced {} \
                  chains {:?}\n  out {out:?} consumed {consumed} added {added} recvs {recvs} \
                  faults {faults:?}",
-                self.runs, self.opts, pre.next_avail, pre.announced, pre.chains
+                self.calls.runs, self.opts, pre.next_avail, pre.announced, pre.chains
             );
         }
-        assert!(
-            consumed <= pre.chains.len(),
-            "consumed {consumed} chains, only {} were announced",
-            pre.chains.len()
-        );
         assert!(
             added <= consumed,
             "{added} used entries for {consumed} chains"
@@ -317,7 +241,7 @@ impl Rx {
         if aliased {
             return out.more;
         }
-        if l.mapped && pre.announced <= l.size {
+        if self.calls.mapped && pre.announced <= l.size {
             assert!(!out.broken, "a well-formed ring was declared broken");
         }
 
@@ -431,10 +355,9 @@ impl Rx {
             );
         }
 
-        check_notify(&pre, q, self.event_idx, out.notify, out.broken);
-        if out.no_buffers && !out.broken {
-            check_kicks_enabled(d, self.event_idx, "RX out of buffers");
-        }
+        let flags = (out.notify, out.broken);
+        self.calls
+            .finish(d, &pre, q, flags, out.no_buffers, "RX out of buffers");
         out.more
     }
 }

@@ -33,9 +33,9 @@ use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::cursor::Cursor;
-use crate::datapath::testutil::{pattern_frame, FakeHostQueue};
 use crate::datapath::QueueStats;
 use crate::host::MacAddr;
+use crate::testkit::{pattern_frame, FakeHostQueue};
 use crate::vhost_user::backend::{DeviceIdentity, HostSide};
 use crate::vhost_user::connection::Connection;
 

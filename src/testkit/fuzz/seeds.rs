@@ -184,6 +184,15 @@ impl Vq {
         self.0.u8(3).u32(l);
     }
 
+    /// Op 0 `n` times: one-descriptor chains of `len` bytes with flag byte `flags`, from
+    /// `A::Data(0)` every `stride` bytes.
+    pub fn chains(&mut self, n: u16, stride: u16, len: u32, flags: u8) -> &mut Self {
+        for i in 0..n {
+            self.chain(&[(A::Data(i * stride), len, flags)]);
+        }
+        self
+    }
+
     /// Op 0: a chain of `(addr, len, flags)` (flags: bit 1 flips direction, bit 2 INDIRECT).
     pub fn chain(&mut self, descs: &[(A, u32, u8)]) -> &mut Self {
         self.0.u8(0).u8(descs.len() as u8 - 1);
@@ -366,9 +375,7 @@ fn tx() -> Vec<(&'static str, Vec<u8>)> {
 
     for (name, place) in [("used-ring-in-hole", 3u8), ("avail-ring-in-hole", 4)] {
         let mut v = tx_head(4, place, 0, 64);
-        for i in 0..12u16 {
-            v.chain(&[(A::Data(i * 0x100), 72, RO)]);
-        }
+        v.chains(12, 0x100, 72, RO);
         v.run();
         out.push((name, v.bytes()));
     }
@@ -397,23 +404,17 @@ fn rx() -> Vec<(&'static str, Vec<u8>)> {
     // opt: bit 0 EVENT_IDX, bit 1 MRG_RXBUF, bit 2 VERSION_1, bit 3 GSO.
     let mut out = Vec::new();
     let mut v = rx_head(4, 0, 4, 1500, 64);
-    for i in 0..4u16 {
-        v.chain(&[(A::Data(i * 0x800), 2048, RXW)]);
-    }
+    v.chains(4, 0x800, 2048, RXW);
     v.inject(60).inject(1526).inject(12).run();
     out.push(("no-mrg", v.bytes()));
 
     let mut v = rx_head(5, 0, 6, 1500, 64);
-    for i in 0..8u16 {
-        v.chain(&[(A::Data(i * 0x200), 512, RXW)]);
-    }
+    v.chains(8, 0x200, 512, RXW);
     v.inject(1526).inject(60).run().run();
     out.push(("mrg-small-buffers", v.bytes()));
 
     let mut v = rx_head(5, 0, 14, 1500, 64);
-    for i in 0..16u16 {
-        v.chain(&[(A::Data(i * 0x1000), 4096, RXW)]);
-    }
+    v.chains(16, 0x1000, 4096, RXW);
     v.inject(65535).run();
     v.chain(&[(A::High(0), 4096, RXW)]).run();
     out.push(("mrg-gso-waits-for-capacity", v.bytes()));
@@ -436,9 +437,7 @@ fn rx() -> Vec<(&'static str, Vec<u8>)> {
     out.push(("dead-chains-mixed", v.bytes()));
 
     let mut v = rx_head(4, 0, 6, 1500, 64);
-    for i in 0..4u16 {
-        v.chain(&[(A::Data(i * 0x800), 2048, RXW)]);
-    }
+    v.chains(4, 0x800, 2048, RXW);
     v.inject(200)
         .inject(200)
         .fault(5)
@@ -473,9 +472,7 @@ fn rx() -> Vec<(&'static str, Vec<u8>)> {
         ("avail-ring-in-hole", 4),
     ] {
         let mut v = rx_head(4, place, 6, 1500, 64);
-        for i in 0..10u16 {
-            v.chain(&[(A::Data(i * 0x100), 256, RXW)]);
-        }
+        v.chains(10, 0x100, 256, RXW);
         v.inject(300).inject(600).run();
         out.push((name, v.bytes()));
     }
@@ -496,17 +493,13 @@ fn rx() -> Vec<(&'static str, Vec<u8>)> {
     out.push(("indirect", v.bytes()));
 
     let mut v = rx_head(2, 0, 6, 1500, 64);
-    for i in 0..4u16 {
-        v.chain(&[(A::Data(i * 0x100), 256, RXW)]);
-    }
+    v.chains(4, 0x100, 256, RXW);
     // The whole ring is posted but holds less than max_frame_len: read into what there is.
     v.inject(500).run();
     out.push(("whole-ring-smaller-than-max-frame", v.bytes()));
 
     let mut v = rx_head(4, 0, 6, 1500, 1);
-    for i in 0..6u16 {
-        v.chain(&[(A::Data(i * 0x800), 2048, RXW)]);
-    }
+    v.chains(6, 0x800, 2048, RXW);
     v.inject(100).inject(100).inject(100).run().run().run();
     out.push(("budget-1", v.bytes()));
     out

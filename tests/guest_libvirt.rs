@@ -579,7 +579,9 @@ fn boot_and_prove(test: &str, mode: Mode) {
             )
             .unwrap();
             let socket = sockdir.join("vhost.sock");
-            let mut args = vec!["--client"];
+            // QEMU (libvirt-qemu) creates the socket writable by its owner only, and macvhost
+            // keeps no capability once sealed: it runs as libvirt-qemu too.
+            let mut args = vec!["--client", "--user", QEMU_USER, "--group", QEMU_USER];
             args.extend(mvh_args);
             // The documented order: macvhost first (it retries until QEMU's socket appears),
             // then `virsh create`, which returns once macvhost has connected.

@@ -7,12 +7,6 @@
 //! `macvhost::testkit::fuzz::hostile`); skips only through `require_root`, which fails instead when
 //! `MACVHOST_E2E_REQUIRED=1`.
 
-#[cfg(not(feature = "test-utils"))]
-#[test]
-fn host_hostile_binary() {
-    eprintln!("skipped: needs --features test-utils");
-}
-
 #[cfg(feature = "test-utils")]
 mod common;
 

@@ -8,12 +8,6 @@
 //! with `tests/host_hostile_binary.rs`, which replays them against the release binary). Needs
 //! `--features test-utils`; without it the one test here only says it was skipped.
 
-#[cfg(not(feature = "test-utils"))]
-#[test]
-fn vu_hostile_frontend() {
-    eprintln!("skipped: needs --features test-utils");
-}
-
 #[cfg(feature = "test-utils")]
 mod support {
     #[path = "rig.rs"]

@@ -11,14 +11,6 @@
 //! ```sh
 //! MACVHOST_HOSTILE_SECS=1200 cargo test --release --features test-utils --test vu_hostile_fuzz -- --nocapture
 //! ```
-//!
-//! Needs `--features test-utils`; without it the one test here only says it was skipped.
-
-#[cfg(not(feature = "test-utils"))]
-#[test]
-fn vu_hostile_fuzz() {
-    eprintln!("skipped: needs --features test-utils");
-}
 
 #[cfg(feature = "test-utils")]
 mod support {

@@ -195,7 +195,9 @@ fn listener_from_fd(fd: RawFd) -> Result<UnixListener, ServerError> {
 
 fn connect_with_backoff(path: &Path, stopper: &Stopper) -> Result<UnixStream, String> {
     let mut delay = Duration::from_millis(50);
-    let mut logged = false;
+    // Said once per kind of failure: "not there yet" and then "permission denied" are both worth
+    // a line, the hundredth retry is not.
+    let mut logged = None;
     loop {
         if stopper.stopping() {
             return Err("stopping".into());
@@ -203,9 +205,17 @@ fn connect_with_backoff(path: &Path, stopper: &Stopper) -> Result<UnixStream, St
         match UnixStream::connect(path) {
             Ok(s) => return Ok(s),
             Err(e) => {
-                if !logged {
-                    tracing::info!("waiting for a frontend at {} ({e})", path.display());
-                    logged = true;
+                if logged != Some(e.kind()) {
+                    if e.kind() == std::io::ErrorKind::PermissionDenied {
+                        tracing::warn!(
+                            "cannot connect to {}: {e} (the socket must be writable by \
+                             macvhost's user, e.g. --user of the frontend's user)",
+                            path.display()
+                        );
+                    } else {
+                        tracing::info!("waiting for a frontend at {} ({e})", path.display());
+                    }
+                    logged = Some(e.kind());
                 }
                 stopper.sleep(delay);
                 delay = (delay * 2).min(Duration::from_secs(2));

@@ -754,42 +754,153 @@ fn sealed_daemon_as_nobody_logs_dirty_pages_for_migration() {
     );
 }
 
-/// `--disconnect-on-link-down` in the sealed daemon: losing carrier unbinds the socket (the
-/// sealed process removes it from its read-write bind of the directory), carrier back binds it
-/// again, and a frontend connects; link loss and return arrive over the netlink socket opened
-/// before sealing.
+/// `--disconnect-on-link-down` in the sealed daemon, with `--socket-owner` and `--socket-mode`:
+/// losing carrier moves the socket aside (connects to its path fail at once), carrier back
+/// moves it back with the owner and mode it was given at start-up (a sealed process could not
+/// chown a socket bound again), and a frontend connects; link loss and return arrive over the
+/// netlink socket opened before sealing.
 #[test]
-fn sealed_daemon_unbinds_and_rebinds_its_socket_across_link_loss() {
+fn sealed_daemon_moves_its_socket_aside_across_link_loss_keeping_owner_and_mode() {
     require!(E2E);
+    use std::os::unix::fs::MetadataExt;
     let dir = tempfile::tempdir().unwrap();
     let ns = NetNs::new("sbx");
     let topo = MacvtapTopo::create(&ns, "bridge");
     let mut mvh = Daemon::spawn(
         &ns,
         dir.path(),
-        &["--macvtap", topo.macvtap, "--disconnect-on-link-down"],
+        &[
+            "--macvtap",
+            topo.macvtap,
+            "--disconnect-on-link-down",
+            "--socket-owner",
+            "65534:65534",
+            "--socket-mode",
+            "0660",
+        ],
     );
     let sock = mvh.socket().to_path_buf();
+    let aside = dir.path().join(".macvhost.sock.link-down");
+    let owner_mode = |p: &Path| {
+        let m = std::fs::symlink_metadata(p).unwrap();
+        (m.uid(), m.gid(), m.mode() & 0o7777, m.ino())
+    };
+    assert!(wait_until(Duration::from_secs(10), || mvh
+        .log_text()
+        .contains("sandbox sealed")));
+    let at_start = owner_mode(&sock);
+    assert_eq!(
+        (at_start.0, at_start.1, at_start.2),
+        (65534, 65534, 0o660),
+        "{at_start:?}"
+    );
+    let mut refused_in = Vec::new();
     for round in 1..=2 {
         let g = VuGuest::connect(&sock, 1, 256, u64::MAX, Duration::from_secs(10));
         ns.ip(&["link", "set", topo.lower, "down"]);
+        let t0 = Instant::now();
         assert!(
             wait_until(Duration::from_secs(5), || !sock.exists()),
             "round {round}: socket still there while the link is down"
         );
+        refused_in.push(t0.elapsed());
+        assert!(aside.exists(), "round {round}: not moved aside");
+        let e = std::os::unix::net::UnixStream::connect(&sock).unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::ENOENT), "round {round}");
         drop(g);
         ns.ip(&["link", "set", topo.lower, "up"]);
         assert!(
             wait_until(Duration::from_secs(5), || sock.exists()),
-            "round {round}: socket not bound again after carrier returned"
+            "round {round}: socket not back after carrier returned:\n{}",
+            mvh.log_text()
         );
+        assert!(!aside.exists(), "round {round}");
+        // The same socket: owner, mode and inode as at start.
+        assert_eq!(owner_mode(&sock), at_start, "round {round}");
         mvh.check_alive();
     }
-    let _g = VuGuest::connect(&sock, 1, 256, u64::MAX, Duration::from_secs(10));
+    let g = VuGuest::connect(&sock, 1, 256, u64::MAX, Duration::from_secs(10));
     check_sealed_daemon(&mvh);
-    drop(_g);
+    // Down once more (the loss ends this connection) and stop while the socket is aside:
+    // exit removes it there.
+    ns.ip(&["link", "set", topo.lower, "down"]);
+    assert!(
+        wait_until(Duration::from_secs(5), || aside.exists()),
+        "{}",
+        mvh.log_text()
+    );
+    drop(g);
     mvh.shutdown_clean();
-    assert!(!sock.exists(), "socket left behind on exit");
+    assert!(
+        !sock.exists() && !aside.exists(),
+        "socket left behind on exit"
+    );
+    println!(
+        "{}: connects refused {refused_in:.0?} after carrier loss; owner, mode and inode kept",
+        test_name()
+    );
+}
+
+/// A stale socket left at the hidden name (a macvhost killed while the link was down) is
+/// removed when the socket moves aside; something else there (here a regular file) is left
+/// alone, and the socket then stays at its path, each connection closed while the link is
+/// down.
+#[test]
+fn link_loss_with_the_aside_name_taken_refuses_connections_in_place() {
+    require!(E2E);
+    let dir = tempfile::tempdir().unwrap();
+    let ns = NetNs::new("sbx");
+    let topo = MacvtapTopo::create(&ns, "bridge");
+    let aside = dir.path().join(".macvhost.sock.link-down");
+    // A stale socket: bound, then its listener closed.
+    drop(std::os::unix::net::UnixListener::bind(&aside).unwrap());
+    let mut mvh = Daemon::spawn(
+        &ns,
+        dir.path(),
+        &["--macvtap", topo.macvtap, "--disconnect-on-link-down"],
+    );
+    let sock = mvh.socket().to_path_buf();
+    // The daemon acts on carrier loss when it ends a connection (or refuses one that arrives
+    // meanwhile): a frontend is connected each time the link goes down.
+    let g = VuGuest::connect(&sock, 1, 256, u64::MAX, Duration::from_secs(10));
+    ns.ip(&["link", "set", topo.lower, "down"]);
+    assert!(
+        wait_until(Duration::from_secs(5), || !sock.exists()),
+        "the stale socket kept ours from moving aside:\n{}",
+        mvh.log_text()
+    );
+    drop(g);
+    {
+        use std::os::unix::fs::FileTypeExt;
+        let m = std::fs::symlink_metadata(&aside).expect("not moved to the stale socket's name");
+        assert!(m.file_type().is_socket());
+    }
+    ns.ip(&["link", "set", topo.lower, "up"]);
+    assert!(wait_until(Duration::from_secs(5), || sock.exists()));
+    let g = VuGuest::connect(&sock, 1, 256, u64::MAX, Duration::from_secs(10));
+    // Now a regular file takes the hidden name.
+    std::fs::write(&aside, b"not ours").unwrap();
+    ns.ip(&["link", "set", topo.lower, "down"]);
+    assert!(wait_until(Duration::from_secs(5), || mvh
+        .log_text()
+        .contains(
+            "it stays, and each connection is closed as it comes"
+        )));
+    drop(g);
+    assert!(sock.exists());
+    assert_eq!(std::fs::read(&aside).unwrap(), b"not ours");
+    // Connecting works at the socket level, but the connection is closed unserved.
+    let mut c = std::os::unix::net::UnixStream::connect(&sock).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut b = [0u8; 1];
+    assert_eq!(c.read(&mut b).unwrap_or(0), 0, "a connection was served");
+    ns.ip(&["link", "set", topo.lower, "up"]);
+    let g = VuGuest::connect(&sock, 1, 256, u64::MAX, Duration::from_secs(10));
+    mvh.check_alive();
+    drop(g);
+    mvh.shutdown_clean();
+    assert!(!sock.exists());
+    assert_eq!(std::fs::read(&aside).unwrap(), b"not ours");
 }
 
 /// Many connections, one after another, against the sealed daemon: every per-connection path

@@ -53,7 +53,7 @@ fn link_loss_without_the_flag_keeps_the_connection_and_clears_link_status() {
 }
 
 #[test]
-fn link_loss_ends_the_connection_and_unbinds_the_socket_until_carrier_returns() {
+fn link_loss_ends_the_connection_and_hides_the_socket_path_until_carrier_returns() {
     let dir = tempfile::tempdir().unwrap();
     let sock = dir.path().join("vu.sock");
     let rig = Rig::start_disconnecting_on_link_down(
@@ -69,8 +69,8 @@ fn link_loss_ends_the_connection_and_unbinds_the_socket_until_carrier_returns() 
     let took = closed_within(&mut g, Duration::from_secs(2))
         .expect("the connection outlived the carrier by 2 s");
     println!("connection ended {took:.0?} after carrier loss");
-    // While down, connecting fails at once (no path, or nobody listening): a frontend with
-    // reconnect keeps retrying instead of hanging in a handshake.
+    // While down, connecting fails at once (the socket is moved aside, so nothing is at the
+    // path): a frontend with reconnect keeps retrying instead of hanging in a handshake.
     assert!(eventually(|| UnixStream::connect(&sock).is_err()));
     for _ in 0..10 {
         assert!(

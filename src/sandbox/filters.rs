@@ -274,7 +274,7 @@ fn process(l: &mut List, o: &Opts) {
         sys!(SYS_sched_getaffinity),
         "glibc sizes thread stacks / CPU count",
     );
-    // Sockets: vhost-user (listen, accept, re-bind, --client connect), the shim's rendezvous.
+    // Sockets: vhost-user (accept, --client connect), the shim's rendezvous.
     l.when(
         sys!(SYS_socket),
         unix_sockets(),
@@ -284,10 +284,7 @@ fn process(l: &mut List, o: &Opts) {
         sys!(SYS_connect),
         "--client (re)connects; the shim's rendezvous",
     );
-    l.allow(
-        sys!(SYS_bind),
-        "the shim's rendezvous listener; re-bind after link down",
-    );
+    l.allow(sys!(SYS_bind), "the shim's rendezvous listener (abstract)");
     l.allow(sys!(SYS_listen), "as bind");
     l.allow(
         sys!(SYS_accept4),
@@ -376,22 +373,15 @@ fn process(l: &mut List, o: &Opts) {
     l.allow(sys!(SYS_lseek), "rewinding that listing");
     l.allow(
         sys!(SYS_unlinkat),
-        "removing the sockets macvhost created (stale ones at re-bind, its own on exit)",
+        "removing the sockets macvhost created on exit (and a stale one in the way of a move)",
     );
     l.allow(
-        sys!(SYS_fchmodat),
-        "--socket-mode on a socket re-bound after link loss (our own file)",
-    );
-    l.allow(
-        sys!(SYS_fchownat),
-        "--socket-owner on a socket re-bound after link loss (without CAP_CHOWN only to ids \
-         we hold)",
+        sys!(SYS_renameat2),
+        "--disconnect-on-link-down: the socket moved aside while the link is down, and back",
     );
     #[cfg(target_arch = "x86_64")]
     {
         l.allow(sys!(SYS_unlink), "as unlinkat (glibc on x86_64)");
-        l.allow(sys!(SYS_chmod), "as fchmodat (glibc on x86_64)");
-        l.allow(sys!(SYS_chown), "as fchownat (glibc on x86_64)");
         l.allow(sys!(SYS_poll), "as ppoll (glibc on x86_64)");
         l.allow(sys!(SYS_epoll_wait), "as epoll_pwait (x86_64)");
     }

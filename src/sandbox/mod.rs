@@ -48,9 +48,9 @@
 //! `pivot_root` into it. Nothing of the host is visible except what the sealed process still
 //! uses, bind-mounted at its own path ([`SandboxConfig::dirs`]):
 //!
-//! - the directory of `--socket-path`: read-write when listening (the socket is re-bound after
-//!   `--disconnect-on-link-down` and removed on exit), read-only with `--client` (connecting to
-//!   a socket needs no write access to the mount);
+//! - the directory of `--socket-path`: read-write when listening (the socket is moved aside
+//!   and back across link loss with `--disconnect-on-link-down`, and removed on exit),
+//!   read-only with `--client` (connecting to a socket needs no write access to the mount);
 //! - the directory of `--control-socket` (removed on exit).
 //!
 //! The shim's rendezvous with vhost-user-backend is an abstract socket made by the main thread

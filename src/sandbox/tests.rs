@@ -215,3 +215,25 @@ fn enter_thread_without_a_seal_changes_nothing() {
     // SAFETY: prctl with integer arguments only.
     assert_eq!(unsafe { libc::prctl(libc::PR_GET_SECCOMP, 0, 0, 0, 0) }, 0);
 }
+
+#[test]
+fn no_thread_may_change_owner_or_mode_once_sealed() {
+    // The socket keeps the owner and mode set at start-up (it is moved aside on link loss,
+    // never bound again): a sealed process has no reason to chown or chmod anything.
+    for kind in ThreadKind::ALL {
+        for e in allowlist(kind, &opts(true)) {
+            for name in [
+                "chmod",
+                "fchmod",
+                "fchmodat",
+                "fchmodat2",
+                "chown",
+                "fchown",
+                "lchown",
+                "fchownat",
+            ] {
+                assert_ne!(e.name, name, "{kind:?}");
+            }
+        }
+    }
+}

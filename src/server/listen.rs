@@ -16,8 +16,9 @@ use super::{Endpoint, ServerError, SocketMode, SocketPerms};
 pub(super) const CARRIER_POLL: Duration = Duration::from_millis(50);
 
 /// The source of frontend connections for one [`SocketMode`]. The one listener is kept across
-/// connections, so a frontend reconnecting never races a re-created socket; the exception is
-/// [`Frontends::pause_until_carrier`].
+/// connections (and across link loss, see [`Frontends::pause_until_carrier`]), so a frontend
+/// reconnecting never races a re-created socket, and the socket keeps the owner and mode set
+/// at start-up.
 pub(super) struct Frontends<'a> {
     endpoint: &'a Endpoint,
     listener: Option<UnixListener>,
@@ -64,32 +65,38 @@ impl<'a> Frontends<'a> {
         }
     }
 
-    /// Serves nobody until `link_up` (or a stop): a socket path is unbound so that connects
-    /// fail at once (a frontend with reconnect keeps retrying), a passed-in listening fd has each
-    /// connection closed as it comes, and a client does not connect.
+    /// Serves nobody until `link_up` (or a stop): a `--socket-path` is moved aside so that
+    /// connects to it fail at once (a frontend with reconnect keeps retrying), a passed-in
+    /// listening fd has each connection closed as it comes, and a client does not connect.
+    ///
+    /// Moving aside renames the socket to a hidden name beside it ([`aside_path`]) and back
+    /// when carrier returns: the listener stays bound, so nothing is bound again and the file
+    /// keeps the owner and mode set at start-up (a sealed process could not chown a new one).
+    /// When the socket cannot be moved (the hidden name is taken by something that is not a
+    /// stale socket, or the path no longer names our socket), it stays where it is and each
+    /// connection is closed as it comes, like `--fd`.
     pub(super) fn pause_until_carrier(&mut self, link_up: &AtomicBool) -> Result<(), ServerError> {
         tracing::info!("host link has no carrier: serving no frontend until it returns");
-        if let SocketMode::Listen(_) = self.endpoint.mode {
-            self.listener = None;
-            self.file = None;
+        let mut aside = false;
+        if let (SocketMode::Listen(path), Some(file)) = (&self.endpoint.mode, &mut self.file) {
+            match file.move_to(&aside_path(path)) {
+                Ok(()) => aside = true,
+                Err(e) => tracing::warn!(
+                    "cannot move {} aside while the link is down ({e}): it stays, and each \
+                     connection is closed as it comes",
+                    path.display()
+                ),
+            }
         }
         while !link_up.load(Ordering::SeqCst) && !self.stopper.stopping() {
-            if let Some(l) = &self.listener {
-                while let Ok((refused, _)) = l.accept() {
-                    drop(refused);
-                }
-            }
+            self.refuse_pending();
             self.stopper.sleep(CARRIER_POLL);
         }
-        if let SocketMode::Listen(path) = &self.endpoint.mode {
-            if !self.stopper.stopping() {
-                let (l, f) = bind(path, &self.endpoint.perms)?;
-                l.set_nonblocking(true).map_err(|e| ServerError::Listen {
-                    path: path.clone(),
-                    reason: e.to_string(),
-                })?;
-                self.listener = Some(l);
-                self.file = Some(f);
+        if aside && !self.stopper.stopping() {
+            // Nobody is served from the backlog of the hidden name.
+            self.refuse_pending();
+            if let (SocketMode::Listen(path), Some(file)) = (&self.endpoint.mode, &mut self.file) {
+                file.move_back(path)?;
             }
         }
         if !self.stopper.stopping() {
@@ -97,6 +104,25 @@ impl<'a> Frontends<'a> {
         }
         Ok(())
     }
+
+    /// Accepts and closes every connection waiting on the listener.
+    fn refuse_pending(&self) {
+        if let Some(l) = &self.listener {
+            while let Ok((refused, _)) = l.accept() {
+                drop(refused);
+            }
+        }
+    }
+}
+
+/// Where a `--socket-path` waits while the link is down: a hidden name in the same directory
+/// (`/run/macvhost/vm0.sock` → `/run/macvhost/.vm0.sock.link-down`), so that renaming it stays
+/// inside the directory the sealed process may write.
+pub(super) fn aside_path(path: &Path) -> PathBuf {
+    let mut name = std::ffi::OsString::from(".");
+    name.push(path.file_name().unwrap_or_default());
+    name.push(".link-down");
+    path.with_file_name(name)
 }
 
 impl Drop for Frontends<'_> {
@@ -110,17 +136,87 @@ impl Drop for Frontends<'_> {
 /// names the same file: a successor that took over the path keeps its socket.
 #[derive(Debug)]
 pub(super) struct SocketFile {
+    /// Where the file is now (the socket path, or its aside name while the link is down).
     path: PathBuf,
     dev: u64,
     ino: u64,
 }
 
+impl SocketFile {
+    /// Whether `path` names this file.
+    fn is_at(&self, path: &Path) -> bool {
+        std::fs::symlink_metadata(path).is_ok_and(|m| m.dev() == self.dev && m.ino() == self.ino)
+    }
+
+    /// Renames the file to `to`, which must not exist; a stale socket there (nobody listens,
+    /// left by a killed macvhost) is removed first.
+    fn move_to(&mut self, to: &Path) -> io::Result<()> {
+        if !self.is_at(&self.path) {
+            return Err(io::Error::other(format!(
+                "{} is no longer our socket",
+                self.path.display()
+            )));
+        }
+        let rename = || {
+            nix::fcntl::renameat2(
+                nix::fcntl::AT_FDCWD,
+                self.path.as_path(),
+                nix::fcntl::AT_FDCWD,
+                to,
+                nix::fcntl::RenameFlags::RENAME_NOREPLACE,
+            )
+        };
+        match rename() {
+            Err(nix::errno::Errno::EEXIST) if is_stale_socket(to) => {
+                tracing::info!(path = %to.display(), "removing a stale socket");
+                std::fs::remove_file(to)?;
+                rename()?;
+            }
+            r => r?,
+        }
+        self.path = to.to_path_buf();
+        Ok(())
+    }
+
+    /// Renames the file back to `path` when carrier returns, refusing (like [`bind`]) to
+    /// replace anything there but a stale socket.
+    fn move_back(&mut self, path: &Path) -> Result<(), ServerError> {
+        let refuse = |reason: String| ServerError::Listen {
+            path: path.to_path_buf(),
+            reason,
+        };
+        match self.move_to(path) {
+            Ok(()) => Ok(()),
+            Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {
+                Err(refuse(match std::fs::symlink_metadata(path) {
+                    Ok(m) if !m.file_type().is_socket() => {
+                        "was replaced while the link was down by something that is not a \
+                         socket; refusing to replace it"
+                            .into()
+                    }
+                    _ => "another process listens on this socket since the link went down; \
+                          refusing to take it over"
+                        .into(),
+                }))
+            }
+            Err(e) => Err(refuse(format!(
+                "cannot move the socket back from {}: {e}",
+                self.path.display()
+            ))),
+        }
+    }
+}
+
+/// Whether `path` is a socket nobody listens on.
+fn is_stale_socket(path: &Path) -> bool {
+    std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_socket())
+        && UnixStream::connect(path).is_err_and(|e| e.raw_os_error() == Some(libc::ECONNREFUSED))
+}
+
 impl Drop for SocketFile {
     fn drop(&mut self) {
-        if let Ok(m) = std::fs::symlink_metadata(&self.path) {
-            if m.dev() == self.dev && m.ino() == self.ino {
-                let _ = std::fs::remove_file(&self.path);
-            }
+        if self.is_at(&self.path) {
+            let _ = std::fs::remove_file(&self.path);
         }
     }
 }
@@ -142,7 +238,8 @@ fn bind(path: &Path, perms: &SocketPerms) -> Result<(UnixListener, SocketFile), 
         Ok(_) => match UnixStream::connect(path) {
             Ok(_) => {
                 return Err(refuse(
-                    "another process is listening on this socket; refusing to take it over                      (stop it first, or choose another path)"
+                    "another process is listening on this socket; refusing to take it over \
+                     (stop it first, or choose another path)"
                         .into(),
                 ))
             }
@@ -244,5 +341,111 @@ fn accept_frontend(listener: &UnixListener, stopper: &Stopper) -> Result<UnixStr
             }
             Err(e) => return Err(e.to_string()),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn perms() -> SocketPerms {
+        SocketPerms {
+            owner: None,
+            mode: Some(0o640),
+        }
+    }
+
+    fn ino(p: &Path) -> u64 {
+        std::fs::symlink_metadata(p).unwrap().ino()
+    }
+
+    #[test]
+    fn moving_the_socket_aside_keeps_its_file_and_listener_and_hides_its_path() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("vm0.sock");
+        let aside = aside_path(&path);
+        assert_eq!(aside, dir.path().join(".vm0.sock.link-down"));
+        let (listener, mut file) = bind(&path, &perms()).unwrap();
+        let at_bind = ino(&path);
+
+        file.move_to(&aside).unwrap();
+        let e = UnixStream::connect(&path).unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::ENOENT));
+        // Still the same listening socket, only under another name.
+        assert_eq!(ino(&aside), at_bind);
+        drop(UnixStream::connect(&aside).unwrap());
+        listener.accept().unwrap();
+
+        file.move_back(&path).unwrap();
+        assert!(!aside.exists());
+        assert_eq!(ino(&path), at_bind);
+        let m = std::fs::symlink_metadata(&path).unwrap();
+        assert_eq!(m.mode() & 0o7777, 0o640, "mode lost on the way");
+        drop(UnixStream::connect(&path).unwrap());
+        listener.accept().unwrap();
+    }
+
+    #[test]
+    fn a_stale_socket_at_the_aside_name_is_replaced_anything_else_is_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("vm0.sock");
+        let aside = aside_path(&path);
+        drop(UnixListener::bind(&aside).unwrap());
+        let (_l, mut file) = bind(&path, &perms()).unwrap();
+        let ours = ino(&path);
+        file.move_to(&aside).unwrap();
+        assert_eq!(ino(&aside), ours);
+        file.move_back(&path).unwrap();
+
+        // A live socket (another process's) or a regular file: neither is replaced.
+        let other = UnixListener::bind(&aside).unwrap();
+        let e = file.move_to(&aside).unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::EEXIST), "{e}");
+        assert_eq!(ino(&path), ours);
+        drop(other);
+        std::fs::remove_file(&aside).unwrap();
+        std::fs::write(&aside, b"not ours").unwrap();
+        assert!(file.move_to(&aside).is_err());
+        assert_eq!(std::fs::read(&aside).unwrap(), b"not ours");
+        assert_eq!(ino(&path), ours);
+    }
+
+    #[test]
+    fn moving_back_refuses_a_path_taken_while_the_link_was_down() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("vm0.sock");
+        let (_l, mut file) = bind(&path, &perms()).unwrap();
+        file.move_to(&aside_path(&path)).unwrap();
+
+        let successor = UnixListener::bind(&path).unwrap();
+        let e = file.move_back(&path).unwrap_err().to_string();
+        assert!(e.contains("another process listens"), "{e}");
+        drop(successor);
+        std::fs::remove_file(&path).unwrap();
+        std::fs::write(&path, b"x").unwrap();
+        let e = file.move_back(&path).unwrap_err().to_string();
+        assert!(e.contains("not a socket"), "{e}");
+        assert_eq!(std::fs::read(&path).unwrap(), b"x");
+        // Our socket is still aside, and dropping it removes it there.
+        let aside = aside_path(&path);
+        assert!(aside.exists());
+        drop(file);
+        assert!(!aside.exists());
+        assert!(
+            path.exists(),
+            "the file at the socket path is not ours to remove"
+        );
+    }
+
+    #[test]
+    fn a_socket_removed_behind_our_back_is_not_moved() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("vm0.sock");
+        let (_l, mut file) = bind(&path, &perms()).unwrap();
+        std::fs::remove_file(&path).unwrap();
+        drop(UnixListener::bind(&path).unwrap());
+        let e = file.move_to(&aside_path(&path)).unwrap_err();
+        assert!(e.to_string().contains("no longer our socket"), "{e}");
+        assert!(!aside_path(&path).exists());
     }
 }

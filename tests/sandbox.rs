@@ -541,8 +541,6 @@ fn sealed_daemon_passes_traffic_and_no_thread_holds_privilege() {
     let dir = tempfile::tempdir().unwrap();
     let ns = NetNs::new("sbx");
     let topo = MacvtapTopo::create(&ns, "bridge");
-    let ctl = dir.path().join("ctl.sock");
-    let ctl_s = ctl.display().to_string();
     let mut mvh = Daemon::spawn(
         &ns,
         dir.path(),
@@ -552,8 +550,6 @@ fn sealed_daemon_passes_traffic_and_no_thread_holds_privilege() {
             "--queues",
             "2",
             "--io-uring",
-            "--control-socket",
-            &ctl_s,
             "--metrics-addr",
             "127.0.0.1:0",
             // High enough never to hold a frame back, low enough to run the limiter.
@@ -594,7 +590,10 @@ fn sealed_daemon_passes_traffic_and_no_thread_holds_privilege() {
             "no {want} thread in {names:?}"
         );
     }
-    // Both stats endpoints answer from the sealed process.
+    // Both stats endpoints answer from the sealed process (the kit gives every daemon a
+    // control socket).
+    let ctl = mvh.control().to_path_buf();
+    let ctl_s = ctl.display().to_string();
     let stats = Command::new(Daemon::binary())
         .args(["stats", &ctl_s, "--json"])
         .output()

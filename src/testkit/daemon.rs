@@ -68,10 +68,13 @@ impl Daemon {
     }
 
     /// Starts macvhost again with the same arguments (after [`Daemon::kill9`]), appending to
-    /// the same log, and waits for its socket.
+    /// the same log, and waits for its socket (with `--client`, the frontend's).
     pub fn restart(&mut self) {
         assert!(self.child.is_none(), "macvhost is still running");
-        let _ = fs::remove_file(&self.socket);
+        // With --client the socket is the frontend's (it listens there): not ours to remove.
+        if !self.args.iter().any(|a| a == "--client") {
+            let _ = fs::remove_file(&self.socket);
+        }
         let out = OpenOptions::new()
             .create(true)
             .append(true)

@@ -14,8 +14,9 @@
 //! reply are dropped (never reach the handler) and their largest index is kept; set-up requests
 //! (`is_setup`) still go through. The verdict comes with the first request of another kind,
 //! a dropped message that wants a reply, the frontend closing the connection (QEMU gives up
-//! when it wants more pairs than GET_QUEUE_NUM offered), or [`MAX_DRAINED`] dropped messages:
-//! by then every pair the frontend set up has been seen.
+//! when it wants more pairs than GET_QUEUE_NUM offered), the frontend staying silent for
+//! [`DRAIN_QUIET_MS`] (QEMU reconnecting under a running guest waits for the guest's driver), or
+//! [`MAX_DRAINED`] dropped messages: by then every pair the frontend set up has been seen.
 //!
 //! # Ring sizes
 //!
@@ -32,6 +33,10 @@ use super::wire::Message;
 /// Most vring messages dropped while draining before the verdict (QEMU sends two per ring:
 /// 4 × 256 pairs is ample).
 pub const MAX_DRAINED: usize = 1024;
+
+/// How long a draining frontend may stay silent before the verdict (ms): QEMU sets up all its
+/// pairs back to back.
+pub const DRAIN_QUIET_MS: u16 = 1000;
 
 /// `VHOST_USER_VRING_IDX_MASK`: the vring index bits of a KICK/CALL/ERR payload.
 const VRING_IDX_MASK: u64 = 0xff;
@@ -221,6 +226,11 @@ impl Fit {
             }
             _ => Verdict::Pass,
         }
+    }
+
+    /// Whether a vring beyond the device was seen and the verdict is pending.
+    pub fn draining(&self) -> bool {
+        self.drain.is_some()
     }
 
     /// The verdict when the frontend closes the connection: a misfit if it was draining (QEMU

@@ -206,7 +206,20 @@ impl Relay {
                 PollFd::new(self.frontend.as_fd(), PollFlags::POLLIN),
                 PollFd::new(self.handler.as_fd(), PollFlags::POLLIN),
             ];
-            match poll(&mut fds, PollTimeout::NONE) {
+            // While draining, a quiet frontend has set up every pair it wants: QEMU reconnecting
+            // to a running guest waits there for the guest's driver, which may be never.
+            let timeout = if self.fit.draining() {
+                PollTimeout::from(fit::DRAIN_QUIET_MS)
+            } else {
+                PollTimeout::NONE
+            };
+            match poll(&mut fds, timeout) {
+                Ok(0) if self.fit.draining() => {
+                    return Err(self.fit.at_close().map_or(
+                        ShimError::Handler(io::ErrorKind::TimedOut.into()),
+                        ShimError::Fit,
+                    ))
+                }
                 Ok(_) => {
                     let ready = |p: &PollFd<'_>| p.revents().is_some_and(|r| !r.is_empty());
                     return Ok((ready(&fds[0]), ready(&fds[1])));

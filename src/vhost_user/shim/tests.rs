@@ -254,6 +254,23 @@ fn frontend_that_leaves_after_setting_up_more_pairs_ends_with_the_misfit() {
 }
 
 #[test]
+fn frontend_that_sets_up_more_pairs_then_waits_for_its_guest_ends_with_the_misfit() {
+    // QEMU reconnecting under a running guest: it sets up every pair, then waits.
+    let rig = Rig::new(Duration::ZERO);
+    for index in 0..8 {
+        (&rig.front).write_all(&call_nofd(index)).unwrap();
+    }
+    let t = std::time::Instant::now();
+    let e = rig.ended();
+    assert!(e.to_string().contains("--queues 4"), "{e}");
+    assert!(
+        t.elapsed() < Duration::from_millis(u64::from(super::fit::DRAIN_QUIET_MS) * 3),
+        "verdict after {:?}",
+        t.elapsed()
+    );
+}
+
+#[test]
 fn ring_larger_than_queue_size_ends_with_the_flag_and_size_named() {
     let rig = Rig::new(Duration::ZERO);
     (&rig.front)

@@ -171,3 +171,75 @@ fn qemu_with_1024_entry_rings_against_queue_size_256_is_one_error_naming_queue_s
         "start macvhost with --queue-size 1024",
     );
 }
+
+/// `RssAnon` and `VmRSS` of `pid`, in KiB.
+fn rss_kib(pid: u32) -> (u64, u64) {
+    let status = read(Path::new(&format!("/proc/{pid}/status")));
+    let field = |k: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(k))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("no {k} in /proc/{pid}/status"))
+    };
+    (field("RssAnon:"), field("VmRSS:"))
+}
+
+/// Boots a guest whose NIC has `ring`-entry rings on macvhost with its default `--queue-size`,
+/// streams 32 MiB into it (sha checked) and returns macvhost's (RssAnon, VmRSS) after.
+fn served_rss(tag: &str, ring: u16) -> (u64, u64) {
+    let _lock = one_at_a_time();
+    let ns = NetNs::new(tag);
+    guest::add_veth_macvtap(&ns);
+    let dir = tempfile::tempdir().unwrap();
+    let mvh = Operator::start(&ns, dir.path(), &["--macvtap", "mvt0", "--queues", "1"]);
+    let mut cfg = QemuConfig::vhost_user(tag, &mvh.socket, 1);
+    cfg.nic_opts = format!(",rx_queue_size={ring},tx_queue_size={ring}");
+    let vm = Qemu::spawn(&cfg).unwrap_or_else(|e| panic!("{e}"));
+    vm.wait_ready(secs(300))
+        .unwrap_or_else(|e| panic!("{e}\n--- macvhost ---\n{}", read(&mvh.log)));
+    let o = vm.exec_ok("cat /sys/class/net/$MVH_IFACE/carrier", secs(60));
+    assert_eq!(o.output.trim(), "1");
+    const STREAM: usize = 32 << 20;
+    let sender = guest::stream_into_guest(&ns, &vm, STREAM);
+    vm.wait_for_line("MVH-RESULT stream_sha", secs(300))
+        .unwrap_or_else(|e| panic!("{e}\n--- macvhost ---\n{}", read(&mvh.log)));
+    let sent = sender.join().unwrap().unwrap();
+    let results = vm.results();
+    assert_eq!(results["stream_bytes"], STREAM.to_string());
+    assert_eq!(results["stream_sha"], sent.sha256, "stream corrupted");
+    let rss = rss_kib(mvh.child.id());
+    println!(
+        "{tag}: {ring}-entry rings: 32 MiB in {:.1} s ({:.0} Mbit/s); macvhost RssAnon {} KiB, \
+         VmRSS {} KiB",
+        sent.elapsed.as_secs_f64(),
+        sent.mbit_per_s(),
+        rss.0,
+        rss.1
+    );
+    assert!(
+        !read(&mvh.log).contains("ERROR"),
+        "errors:\n{}",
+        read(&mvh.log)
+    );
+    rss
+}
+
+#[test]
+fn default_queue_size_serves_qemus_largest_ring_at_the_memory_of_a_256_ring() {
+    require!(GUEST);
+    let big = served_rss("ring-1024", 1024);
+    let small = served_rss("ring-256", 256);
+    println!(
+        "RssAnon 1024 vs 256: {} vs {} KiB; VmRSS {} vs {} KiB",
+        big.0, small.0, big.1, small.1
+    );
+    // macvhost allocates nothing per ring entry (the ring is guest memory): a 4x ring may not
+    // cost a MiB of its own.
+    assert!(
+        big.0 < small.0 + 1024,
+        "1024-entry rings cost {} KiB more anonymous memory",
+        big.0.saturating_sub(small.0)
+    );
+}

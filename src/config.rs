@@ -198,7 +198,8 @@ pub enum Command {
     /// Test helper: seal a small process like the daemon and run commands from stdin.
     #[command(hide = true)]
     SandboxProbe(crate::sandbox::probe::ProbeArgs),
-    /// Started by the daemon: deletes the macvtap it created once the daemon is sealed.
+    /// Started by the daemon before it seals: deletes the macvtap it created, sets a trusted
+    /// guest's MAC on the macvtap (keeps only CAP_NET_ADMIN).
     #[command(hide = true)]
     LinkHelper(crate::sandbox::helper::LinkHelperArgs),
 }

@@ -25,6 +25,7 @@ use std::process::{Child, ChildStdin, ChildStdout, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use common::*;
+use macvhost::sandbox::helper::{self, Refusal, Reply, Request};
 use support::vu_driver::{VuGuest, MEM_SIZE};
 
 // ---------------------------------------------------------------------------------------------
@@ -928,12 +929,54 @@ impl FakeQmp {
     }
 }
 
+/// The pid in the daemon's "link helper started" line.
+fn helper_pid_from_log(m: &Daemon) -> u32 {
+    let mut pid = None;
+    let found = wait_until(Duration::from_secs(10), || {
+        let log = m.log_text();
+        pid = log
+            .lines()
+            .find(|l| l.contains("link helper started"))
+            .and_then(|l| l.split("pid=").nth(1))
+            .and_then(|r| r.split_whitespace().next())
+            .and_then(|p| p.parse().ok());
+        pid.is_some()
+    });
+    assert!(found, "no link helper in the log:\n{}", m.log_text());
+    pid.unwrap()
+}
+
+/// The helper holds `CAP_NET_ADMIN` and nothing else, no_new_privs, and maps no guest memory
+/// (no shared mapping of a memfd or hugetlbfs file: nothing but its own binary and libraries).
+fn assert_helper_holds_only_net_admin(pid: u32) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let field = |k: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(k))
+            .map(|v| v.trim().to_string())
+            .unwrap_or_default()
+    };
+    assert_eq!(field("CapEff:"), "0000000000001000", "{status}");
+    assert_eq!(field("CapPrm:"), "0000000000001000", "{status}");
+    assert_eq!(field("CapAmb:"), ZERO_CAPS, "{status}");
+    assert_eq!(field("NoNewPrivs:"), "1", "{status}");
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap();
+    for l in maps.lines() {
+        assert!(
+            !l.contains("memfd:") && !l.contains("hugepages") && !l.contains("/dev/shm"),
+            "the link helper maps {l}"
+        );
+    }
+}
+
 /// `--qmp` with `--trust-guest-rx-filters` in the sealed daemon: the `qmp` thread (started
 /// before the seal, under its own filter) applies the guest's multicast list as packet-socket
-/// memberships, survives a MAC change it cannot make without `CAP_NET_ADMIN` (the privileged
-/// helper's job), and reconnects to a restarted monitor.
+/// memberships, has the guest's new MAC put on the macvtap by the link helper (the sealed
+/// process holds no `CAP_NET_ADMIN`; the helper holds nothing else), and reconnects to a
+/// restarted monitor.
 #[test]
-fn sealed_daemon_follows_qmp_and_reconnects_to_a_restarted_monitor() {
+fn sealed_daemon_follows_qmp_and_a_guest_mac_change_through_the_link_helper() {
     require!(E2E);
     let dir = tempfile::tempdir().unwrap();
     let qmp_path = dir.path().join("qmp.sock");
@@ -952,13 +995,15 @@ fn sealed_daemon_follows_qmp_and_reconnects_to_a_restarted_monitor() {
             "--trust-guest-rx-filters",
         ],
     );
+    let helper = helper_pid_from_log(&mvh);
+    assert_helper_holds_only_net_admin(helper);
     let mac = topo.macvtap_mac.to_string();
     let mut q = FakeQmp::accept(&listener);
     q.handshake(&mac, &["01:00:5e:01:02:03"]);
-    std::thread::sleep(Duration::from_millis(300));
-    mvh.check_alive();
-    // The guest takes another MAC: the macvtap's cannot follow once sealed (EPERM), and
-    // macvhost must go on.
+    check_sealed_daemon(&mvh);
+    // The guest takes another MAC: the sealed qmp thread asks the helper, which sets it.
+    let new_mac = MacAddr::parse("02:6d:76:68:00:99").unwrap();
+    let changed_at = Instant::now();
     q.send(
         serde_json::json!({"timestamp": {"seconds": 1, "microseconds": 2},
         "event": "NIC_RX_FILTER_CHANGED",
@@ -967,9 +1012,40 @@ fn sealed_daemon_follows_qmp_and_reconnects_to_a_restarted_monitor() {
     let (cmd, id) = q.command();
     assert_eq!(cmd, "query-rx-filter");
     q.send(serde_json::json!({"return":
-        [FakeQmp::filter("02:6d:76:68:00:99", &["01:00:5e:01:02:04"])], "id": id}));
-    std::thread::sleep(Duration::from_millis(300));
+        [FakeQmp::filter(&new_mac.to_string(), &["01:00:5e:01:02:04"])], "id": id}));
+    let followed = wait_until(Duration::from_secs(5), || ns.mac(topo.macvtap) == new_mac);
+    let took = changed_at.elapsed();
+    assert!(
+        followed,
+        "the macvtap kept {} after the guest took {new_mac}:\n{}",
+        ns.mac(topo.macvtap),
+        mvh.log_text()
+    );
     mvh.check_alive();
+    let log = mvh.log_text();
+    assert!(
+        log.contains("the macvtap follows the guest's MAC 02:6d:76:68:00:99"),
+        "{log}"
+    );
+    assert!(
+        !log.contains("cannot apply the guest's receive filter"),
+        "{log}"
+    );
+    // And back (the helper paces changes, it does not drop them).
+    q.send(
+        serde_json::json!({"timestamp": {"seconds": 2, "microseconds": 2},
+        "event": "NIC_RX_FILTER_CHANGED",
+        "data": {"name": "net0", "path": "/machine/peripheral/net0/virtio-backend"}}),
+    );
+    let (cmd, id) = q.command();
+    assert_eq!(cmd, "query-rx-filter");
+    q.send(serde_json::json!({"return": [FakeQmp::filter(&mac, &[])], "id": id}));
+    assert!(
+        wait_until(Duration::from_secs(5), || ns.mac(topo.macvtap)
+            == topo.macvtap_mac),
+        "the macvtap did not take the guest's MAC back:\n{}",
+        mvh.log_text()
+    );
     check_sealed_daemon(&mvh);
     // QEMU restarts: the watcher connects again through the bound directory.
     drop(q);
@@ -981,8 +1057,161 @@ fn sealed_daemon_follows_qmp_and_reconnects_to_a_restarted_monitor() {
     assert!(names.iter().any(|n| n == "qmp"), "{names:?}");
     drop(q);
     mvh.shutdown_clean();
+    // The daemon let the helper go: it exits (and a macvtap not created by macvhost stays).
+    assert!(
+        wait_until(Duration::from_secs(5), || !Path::new(&format!(
+            "/proc/{helper}"
+        ))
+        .exists()),
+        "the link helper outlived the daemon"
+    );
+    assert!(ns.has_iface(topo.macvtap));
     println!(
-        "{}: two monitor connections, a refused MAC change, still serving",
+        "{}: the macvtap took the guest's MAC {:.0?} after the QMP event; two monitor \
+         connections",
+        test_name(),
+        took
+    );
+}
+
+/// A link helper started by hand, as a compromised sealed process would see it: it answers
+/// only for its own link, only with a unicast MAC, only the operations it was started for, and
+/// checks the link still is its macvtap before acting.
+struct HelperUnderTest {
+    child: Child,
+    sock: std::os::unix::net::UnixStream,
+}
+
+impl HelperUnderTest {
+    fn spawn(ns: &NetNs, ifindex: u32, name: &str, flags: &[&str]) -> HelperUnderTest {
+        let (ours, theirs) = std::os::unix::net::UnixStream::pair().unwrap();
+        ours.set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let child = ns
+            .command(Daemon::binary())
+            .arg("link-helper")
+            .arg(ifindex.to_string())
+            .arg(name)
+            .args(flags)
+            .stdin(Stdio::from(std::os::fd::OwnedFd::from(theirs)))
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn link-helper");
+        HelperUnderTest { child, sock: ours }
+    }
+
+    fn raw(&mut self, rec: [u8; helper::RECORD]) -> helper::Reply {
+        self.sock.write_all(&rec).unwrap();
+        let mut answer = [0u8; helper::RECORD];
+        self.sock.read_exact(&mut answer).expect("an answer");
+        helper::decode_reply(&answer).expect("a valid answer")
+    }
+
+    fn ask(&mut self, req: helper::Request, ifindex: u32) -> helper::Reply {
+        self.raw(helper::encode_request(req, ifindex))
+    }
+
+    /// Closes the socket; returns the exit status and stderr.
+    fn finish(mut self) -> (ExitStatus, String) {
+        drop(self.sock);
+        let status = self.child.wait().unwrap();
+        let mut err = String::new();
+        self.child
+            .stderr
+            .take()
+            .unwrap()
+            .read_to_string(&mut err)
+            .unwrap();
+        (status, err)
+    }
+}
+
+#[test]
+fn link_helper_refuses_multicast_zero_macs_and_any_other_ifindex() {
+    require!(E2E);
+    let ns = NetNs::new("sbx");
+    let topo = MacvtapTopo::create(&ns, "bridge");
+    let other_index = ns.add_macvtap(topo.lower, "mvo0", "bridge");
+    let other_mac = ns.mac("mvo0");
+    let mut h = HelperUnderTest::spawn(&ns, topo.ifindex, topo.macvtap, &["--set-mac"]);
+    // The pid of `ip netns exec` is the helper's once it execs.
+    let pid = h.child.id();
+    assert!(wait_until(Duration::from_secs(5), || {
+        std::fs::read_to_string(format!("/proc/{pid}/cmdline"))
+            .is_ok_and(|c| c.contains("link-helper"))
+    }));
+    let bad = [
+        ([0x01, 0x00, 0x5e, 0x00, 0x00, 0x01], Refusal::BadMac),
+        ([0x33, 0x33, 0x00, 0x00, 0x00, 0x01], Refusal::BadMac),
+        ([0xff; 6], Refusal::BadMac),
+        ([0x00; 6], Refusal::BadMac),
+    ];
+    for (mac, why) in bad {
+        assert_eq!(
+            h.ask(Request::SetMac(MacAddr(mac)), topo.ifindex),
+            Reply::Refused(why),
+            "{mac:02x?}"
+        );
+    }
+    let good = MacAddr::parse("02:6d:76:68:00:42").unwrap();
+    // Any other ifindex: the other macvtap on the same parent, the parent, loopback.
+    for idx in [other_index, ns.ifindex(topo.lower), 1, 0, u32::MAX] {
+        assert_eq!(
+            h.ask(Request::SetMac(good), idx),
+            Reply::Refused(Refusal::OtherIfindex),
+            "ifindex {idx}"
+        );
+    }
+    // Not started with --delete: no delete.
+    assert_eq!(
+        h.ask(Request::Delete, topo.ifindex),
+        Reply::Refused(Refusal::NotEnabled)
+    );
+    // A record that does not parse is refused, and the helper keeps serving.
+    let mut rec = helper::encode_request(Request::SetMac(good), topo.ifindex);
+    rec[0] = b'X';
+    assert_eq!(h.raw(rec), Reply::Refused(Refusal::UnknownOp));
+    rec[0] = b'M';
+    rec[2] = 7;
+    assert_eq!(h.raw(rec), Reply::Refused(Refusal::Reserved));
+    assert_eq!(ns.mac(topo.macvtap), topo.macvtap_mac);
+    assert_eq!(ns.mac("mvo0"), other_mac);
+    assert!(ns.has_iface("mvo0") && ns.has_iface(topo.macvtap));
+    assert_helper_holds_only_net_admin(pid);
+    // Its own link, a unicast MAC: done.
+    assert_eq!(h.ask(Request::SetMac(good), topo.ifindex), Reply::Done);
+    assert_eq!(ns.mac(topo.macvtap), good);
+    let (status, err) = h.finish();
+    assert!(status.success(), "{status}: {err}");
+    // Each kind of refusal is said once.
+    assert_eq!(err.matches("not a unicast MAC").count(), 1, "{err}");
+    assert_eq!(err.matches("another ifindex").count(), 1, "{err}");
+    // EOF without --delete leaves the link.
+    assert!(ns.has_iface(topo.macvtap));
+
+    // A helper whose ifindex no longer carries its name (renamed, or a name the sealed side
+    // made up) acts on nothing, neither set-mac nor delete, not even at EOF.
+    let mut h = HelperUnderTest::spawn(&ns, other_index, topo.macvtap, &["--set-mac", "--delete"]);
+    assert_eq!(
+        h.ask(Request::SetMac(good), other_index),
+        Reply::Refused(Refusal::NotOurLink)
+    );
+    let (status, err) = h.finish();
+    assert!(status.success(), "{status}: {err}");
+    assert_eq!(ns.mac("mvo0"), other_mac);
+    assert!(ns.has_iface("mvo0") && ns.has_iface(topo.macvtap));
+    // The lower device is no macvtap: refused by kind.
+    let lower_index = ns.ifindex(topo.lower);
+    let mut h = HelperUnderTest::spawn(&ns, lower_index, topo.lower, &["--set-mac"]);
+    assert_eq!(
+        h.ask(Request::SetMac(good), lower_index),
+        Reply::Refused(Refusal::NotOurLink)
+    );
+    drop(h.finish());
+    println!(
+        "{}: 4 bad MACs, 5 other ifindexes, a delete, 2 malformed records refused; \
+         a renamed link and a non-macvtap left alone",
         test_name()
     );
 }

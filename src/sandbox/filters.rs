@@ -85,19 +85,14 @@ pub(super) struct Opts {
     pub pid: u32,
     /// The link helper's pid: `wait4` only for it.
     pub helper_pid: Option<u32>,
-    /// `--trust-guest-rx-filters`: the `qmp` thread asks rtnetlink to change the macvtap's MAC
-    /// (which fails without `CAP_NET_ADMIN` until the privileged helper does it; the call must
-    /// fail, not kill).
-    pub route_netlink: bool,
 }
 
 impl Opts {
-    pub fn for_config(config: &super::SandboxConfig, helper_pid: Option<u32>) -> Opts {
+    pub fn for_config(config: &super::SandboxConfig) -> Opts {
         Opts {
             io_uring: config.io_uring,
             pid: std::process::id(),
-            helper_pid,
-            route_netlink: config.route_netlink,
+            helper_pid: config.helper_pid,
         }
     }
 }
@@ -219,16 +214,9 @@ fn fcntl_cmds() -> Vec<Vec<Cond>> {
     ]
 }
 
-/// `socket()` families: unix only, and rtnetlink with `--trust-guest-rx-filters`.
-fn socket_families(o: &Opts) -> Vec<Vec<Cond>> {
-    let mut v = vec![vec![Cond::Eq(0, libc::AF_UNIX as u64)]];
-    if o.route_netlink {
-        v.push(vec![
-            Cond::Eq(0, libc::AF_NETLINK as u64),
-            Cond::Eq(2, libc::NETLINK_ROUTE as u64),
-        ]);
-    }
-    v
+/// `socket()` families: unix only (rtnetlink requests go through the link helper).
+fn unix_sockets() -> Vec<Vec<Cond>> {
+    vec![vec![Cond::Eq(0, libc::AF_UNIX as u64)]]
 }
 
 /// `setsockopt` calls of the macvtap's multicast filter (`host::mcfilter`): packet-socket
@@ -289,7 +277,7 @@ fn process(l: &mut List, o: &Opts) {
     // Sockets: vhost-user (listen, accept, re-bind, --client connect), the shim's rendezvous.
     l.when(
         sys!(SYS_socket),
-        socket_families(o),
+        unix_sockets(),
         "unix sockets only: --client connect, the shim's rendezvous connect",
     );
     l.allow(
@@ -424,7 +412,7 @@ fn process(l: &mut List, o: &Opts) {
         l.when(
             sys!(SYS_wait4),
             vec![vec![Cond::Eq(0, u64::from(pid))]],
-            "reaping the link helper after it deleted the macvtap (its pid only)",
+            "reaping the link helper on exit (its pid only)",
         );
     }
     if o.io_uring {
@@ -472,8 +460,8 @@ fn qmp(l: &mut List, o: &Opts) {
     common(l, o);
     l.when(
         sys!(SYS_socket),
-        socket_families(o),
-        "reconnecting to QEMU's QMP socket; rtnetlink for a trusted guest's MAC",
+        unix_sockets(),
+        "reconnecting to QEMU's QMP socket",
     );
     l.allow(
         sys!(SYS_connect),
@@ -483,11 +471,11 @@ fn qmp(l: &mut List, o: &Opts) {
         sys!(SYS_read),
         "the monitor's replies and events; the stop eventfd",
     );
-    l.allow(sys!(SYS_recvfrom), "the monitor's replies; rtnetlink acks");
     l.allow(
-        sys!(SYS_sendto),
-        "commands to the monitor; rtnetlink requests",
+        sys!(SYS_recvfrom),
+        "the monitor's replies; the link helper's answers (a trusted guest's MAC)",
     );
+    l.allow(sys!(SYS_sendto), "commands to the monitor");
     l.allow(sys!(SYS_shutdown), "ending a monitor connection");
     l.allow(
         sys!(SYS_ppoll),
@@ -501,19 +489,11 @@ fn qmp(l: &mut List, o: &Opts) {
         "nonblocking connect",
     );
     l.when(sys!(SYS_fcntl), fcntl_cmds(), "socket flags");
-    l.allow(sys!(SYS_getsockopt), "socket errors; rtnetlink");
+    l.allow(sys!(SYS_getsockopt), "socket errors");
     l.allow(
         sys!(SYS_setsockopt),
-        "read/write timeouts; the trusted guest's lists as packet-socket memberships; \
-         rtnetlink ack options",
+        "read/write timeouts; the trusted guest's lists as packet-socket memberships",
     );
-    if o.route_netlink {
-        l.allow(
-            sys!(SYS_bind),
-            "rtnetlink socket for a trusted guest's MAC change",
-        );
-        l.allow(sys!(SYS_getsockname), "as bind");
-    }
 }
 
 fn worker(l: &mut List, o: &Opts) {
@@ -656,7 +636,6 @@ pub fn allowlist_table() -> Vec<(ThreadKind, &'static str, &'static str, bool)> 
         io_uring: true,
         pid: std::process::id(),
         helper_pid: Some(1),
-        route_netlink: true,
     };
     let mut out = Vec::new();
     for kind in ThreadKind::ALL {

@@ -68,9 +68,11 @@
 //!
 //! # What still needs privilege
 //!
-//! Deleting the macvtap macvhost created is done by [`helper::LinkHelper`], a process started
-//! before sealing that keeps only `CAP_NET_ADMIN` and never maps guest memory (the first
-//! request of the privileged-helper split in `docs/security.md`).
+//! Deleting the macvtap macvhost created and, with `--trust-guest-rx-filters`, giving it the
+//! guest's MAC are done by [`helper::LinkHelper`], a process the server starts before sealing
+//! that keeps only `CAP_NET_ADMIN`, never maps guest memory and answers a fixed list of
+//! requests on a socketpair (the privileged-helper split in `docs/security.md`). `seal` only
+//! needs its pid ([`SandboxConfig::helper_pid`]): the sealed process may reap it.
 //!
 //! # Where threads stack their filter
 //!
@@ -173,11 +175,9 @@ pub struct SandboxConfig {
     pub dirs: Vec<(PathBuf, DirUse)>,
     /// Allow the io_uring syscalls (`--io-uring`).
     pub io_uring: bool,
-    /// The macvtap (ifindex, name) to delete on exit through the [`helper::LinkHelper`].
-    pub delete_on_exit: Option<(u32, String)>,
-    /// Allow rtnetlink sockets (`--trust-guest-rx-filters`: MAC changes, which fail without
-    /// `CAP_NET_ADMIN` once sealed, instead of killing the process).
-    pub route_netlink: bool,
+    /// The pid of the [`helper::LinkHelper`] started before sealing: the sealed process may
+    /// reap it (`wait4` on that pid only).
+    pub helper_pid: Option<u32>,
 }
 
 /// The sandbox options on the command line, validated.
@@ -209,7 +209,7 @@ pub enum FsView {
     Host,
 }
 
-/// What [`seal`] did. Dropping it has the link helper (if any) delete the macvtap.
+/// What [`seal`] did.
 #[derive(Debug)]
 pub struct Sealed {
     /// The filesystem view of the main thread (and every later thread).
@@ -222,8 +222,6 @@ pub struct Sealed {
     pub landlock_abi: u32,
     /// Seccomp mode in force (`None`: `--no-sandbox`).
     pub seccomp: Option<SeccompMode>,
-    /// Deletes the created macvtap when dropped.
-    pub link_helper: Option<helper::LinkHelper>,
 }
 
 /// Why sealing failed. Each is the host's doing (kernel features, limits) unless it names the
@@ -297,20 +295,10 @@ pub fn seal(config: &SandboxConfig) -> Result<Sealed, SandboxError> {
             bounding_set_kept: true,
             landlock_abi: fs::landlock_abi(),
             seccomp: None,
-            link_helper: None,
         });
     }
     let started = std::time::Instant::now();
-    // The helper starts first: it must not inherit a sealed process.
-    let link_helper = match &config.delete_on_exit {
-        Some((ifindex, name)) => Some(helper::LinkHelper::spawn(*ifindex, name)?),
-        None => None,
-    };
-    let helper_pid = link_helper.as_ref().map(helper::LinkHelper::pid);
-    // On failure the helper drops here and deletes the macvtap: the daemon exits anyway, and
-    // may already lack the privilege to do it itself.
-    let mut sealed = seal_inner(config, helper_pid)?;
-    sealed.link_helper = link_helper;
+    let sealed = seal_inner(config)?;
     tracing::info!(
         fs = ?sealed.fs,
         other_threads = sealed.other_threads,
@@ -329,7 +317,7 @@ pub fn seal(config: &SandboxConfig) -> Result<Sealed, SandboxError> {
     Ok(sealed)
 }
 
-fn seal_inner(config: &SandboxConfig, helper_pid: Option<u32>) -> Result<Sealed, SandboxError> {
+fn seal_inner(config: &SandboxConfig) -> Result<Sealed, SandboxError> {
     static ONCE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
     if ONCE.swap(true, std::sync::atomic::Ordering::SeqCst) {
         return Err(SandboxError::AlreadySealed);
@@ -345,7 +333,7 @@ fn seal_inner(config: &SandboxConfig, helper_pid: Option<u32>) -> Result<Sealed,
     }
     // Everything that allocates, reads /proc or compiles happens before the first drop.
     prime_libc();
-    let compiled = seccomp::compile(config, helper_pid)?;
+    let compiled = seccomp::compile(config)?;
     let last_cap = caps::last_cap()?;
     let abi = fs::landlock_abi();
     let tasks = threads::Tasks::open()?;
@@ -407,7 +395,6 @@ fn seal_inner(config: &SandboxConfig, helper_pid: Option<u32>) -> Result<Sealed,
         bounding_set_kept: bounding_kept_main || bounding_kept_others,
         landlock_abi: abi,
         seccomp: Some(config.seccomp),
-        link_helper: None,
     })
 }
 

@@ -83,8 +83,7 @@ fn config(a: &ProbeArgs) -> Result<SandboxConfig, String> {
         fs,
         dirs,
         io_uring: a.io_uring,
-        delete_on_exit: None,
-        route_netlink: false,
+        helper_pid: None,
     })
 }
 

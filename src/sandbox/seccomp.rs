@@ -156,11 +156,8 @@ fn compile_clone3() -> Result<BpfProgram, SandboxError> {
 }
 
 /// Compiles every filter for `config` (before anything is dropped: this allocates).
-pub(super) fn compile(
-    config: &SandboxConfig,
-    helper_pid: Option<u32>,
-) -> Result<State, SandboxError> {
-    let opts = Opts::for_config(config, helper_pid);
+pub(super) fn compile(config: &SandboxConfig) -> Result<State, SandboxError> {
+    let opts = Opts::for_config(config);
     let mut kinds = Vec::new();
     for kind in ThreadKind::NARROW {
         kinds.push((kind, compile_kind(kind, &opts, config.seccomp)?));
@@ -422,7 +419,6 @@ mod tests {
                 io_uring,
                 pid: 1234,
                 helper_pid: Some(4321),
-                route_netlink: io_uring,
             };
             for kind in ThreadKind::ALL {
                 for mode in [SeccompMode::Enforce, SeccompMode::Log] {

@@ -9,7 +9,6 @@ fn opts(io_uring: bool) -> Opts {
         io_uring,
         pid: std::process::id(),
         helper_pid: Some(1),
-        route_netlink: io_uring,
     }
 }
 

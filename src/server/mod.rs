@@ -382,6 +382,9 @@ pub fn run(config: Settings, mut inherited: crate::systemd::ListenFds) -> Result
         tracing::info!("Prometheus metrics on http://{bound}/metrics");
     }
 
+    // Before the qmp thread (it may hold a MAC setter) and before sealing (the helper must not
+    // inherit a sealed process).
+    let helper = start_link_helper(&config, created.as_mut(), &host)?;
     let link_up = Arc::new(AtomicBool::new(host.carrier()));
     let _watcher = link::watch_link_state(host.ifname(), watched, link_up.clone());
     // The guest's MAC as TX compares it; the trusted QMP path moves it with the macvtap's.
@@ -392,10 +395,19 @@ pub fn run(config: Settings, mut inherited: crate::systemd::ListenFds) -> Result
                 // Opened now: it needs CAP_NET_RAW, which a sealed process no longer has.
                 let filter = McFilter::open(host.ifindex())
                     .map_err(|source| ServerError::RxFilter { source })?;
-                let ifindex = host.ifindex();
-                let set_mac: trust::SetMac = Box::new(move |mac| {
-                    crate::host::netlink::set_mac(ifindex, mac).map_err(|e| e.to_string())
-                });
+                let set_mac: trust::SetMac = match &helper {
+                    // Sealed: RTM_SETLINK needs CAP_NET_ADMIN, which only the helper keeps.
+                    Some(h) => {
+                        let setter = h.mac_setter();
+                        Box::new(move |mac| setter.set_mac(mac).map_err(|e| e.to_string()))
+                    }
+                    None => {
+                        let ifindex = host.ifindex();
+                        Box::new(move |mac| {
+                            crate::host::netlink::set_mac(ifindex, mac).map_err(|e| e.to_string())
+                        })
+                    }
+                };
                 Some(trust::Trust::new(
                     filter,
                     set_mac,
@@ -417,19 +429,58 @@ pub fn run(config: Settings, mut inherited: crate::systemd::ListenFds) -> Result
         l2: l2_host(&config, &host, l2_stats, guest_mac)?,
     };
     // Start-up is over: drop every privilege before the first frontend (docs/security.md).
-    let _sealed = seal(&config, created.as_mut())?;
+    // On failure `helper` drops on the way out and deletes a macvtap we created.
+    let _sealed = seal(&config, helper.as_ref())?;
     let result = serve_on(frontends, identity, side, &stats, &stopper, &service);
     drop(host);
+    // The helper deletes the macvtap we created (the sealed process cannot).
+    drop(helper);
     drop(created);
     result
 }
 
-/// Seals the process for `config`: the directories of the sockets it still binds, removes or
-/// connects to stay visible; a macvtap it created goes to the link helper, which deletes it
-/// when the returned value drops (the sealed process could not).
-fn seal(
+/// The privileged helper, when the sealed process will need one: to delete the macvtap it
+/// created (`--macvtap-parent` without `--keep`), and to give the macvtap a trusted guest's MAC
+/// (`--trust-guest-rx-filters`). From here on the helper owns the deletion, also when macvhost
+/// is killed. None with `--no-sandbox`: the process keeps the privilege to do both itself.
+fn start_link_helper(
     config: &Settings,
     created: Option<&mut crate::host::netlink::CreatedLink>,
+    host: &HostDevice,
+) -> Result<Option<crate::sandbox::helper::LinkHelper>, ServerError> {
+    use crate::sandbox::helper::{HelperSpec, LinkHelper};
+    if config.sandbox.disabled {
+        return Ok(None);
+    }
+    let created = created.filter(|l| !l.is_kept());
+    let spec = HelperSpec {
+        ifindex: host.ifindex(),
+        name: host.ifname().to_string(),
+        delete: created.is_some(),
+        set_mac: host.kind() == HostKind::Macvtap && config.qmp.as_ref().is_some_and(|q| q.trust),
+    };
+    if !spec.delete && !spec.set_mac {
+        return Ok(None);
+    }
+    let helper = LinkHelper::spawn(&spec)?;
+    if let Some(link) = created {
+        link.keep();
+    }
+    tracing::info!(
+        iface = %spec.name,
+        pid = helper.pid(),
+        delete = spec.delete,
+        set_mac = spec.set_mac,
+        "link helper started (keeps only CAP_NET_ADMIN)"
+    );
+    Ok(Some(helper))
+}
+
+/// Seals the process for `config`: the directories of the sockets it still binds, removes or
+/// connects to stay visible; the link helper's pid may be reaped.
+fn seal(
+    config: &Settings,
+    helper: Option<&crate::sandbox::helper::LinkHelper>,
 ) -> Result<crate::sandbox::Sealed, ServerError> {
     use crate::sandbox::{DirUse, SandboxConfig};
     let parent = |p: &std::path::Path| match p.parent() {
@@ -449,25 +500,16 @@ fn seal(
         // The watcher reconnects when QEMU restarts.
         dirs.push((parent(&q.path), DirUse::Connect));
     }
-    let created = created.filter(|l| !l.is_kept());
     let sandbox = SandboxConfig {
         disabled: config.sandbox.disabled,
         seccomp: config.sandbox.seccomp,
         run_as: config.sandbox.run_as,
         dirs,
         io_uring: config.io_uring || crate::worker::tx_io_uring(),
-        delete_on_exit: created
-            .as_ref()
-            .filter(|_| !config.sandbox.disabled)
-            .map(|l| (l.ifindex(), l.name().to_string())),
-        route_netlink: config.qmp.as_ref().is_some_and(|q| q.trust),
+        helper_pid: helper.map(crate::sandbox::helper::LinkHelper::pid),
         ..SandboxConfig::default()
     };
-    let sealed = crate::sandbox::seal(&sandbox)?;
-    if let (Some(_), Some(link)) = (&sealed.link_helper, created) {
-        link.keep();
-    }
-    Ok(sealed)
+    Ok(crate::sandbox::seal(&sandbox)?)
 }
 
 /// Serves frontends one after another over `host` until `stop` is triggered.

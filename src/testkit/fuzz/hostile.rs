@@ -208,7 +208,7 @@ pub enum FdKind {
     RegularFile,
     /// One end of a stream socketpair.
     Socket,
-    /// A memfd of [`MEM_SIZE`] bytes.
+    /// A memfd of `MEM_SIZE` bytes.
     Memfd,
     /// A memfd of one page (too small for most regions).
     SmallMemfd,

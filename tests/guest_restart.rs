@@ -10,7 +10,8 @@
 //! - QEMU `server=on,wait=off`, `macvhost --client`: the new macvhost connects as it starts.
 //!
 //! The asserts are generous (the stream survives, the gap stays under a few seconds); the
-//! figures are printed. Needs root, `ip`, iputils `ping`, QEMU and the guest image.
+//! figures are printed. `MACVHOST_RESTART_DEBUG=1` runs macvhost with `--log-level debug`.
+//! Needs root, `ip`, iputils `ping`, QEMU and the guest image.
 
 #[path = "support/guest.rs"]
 mod guest;
@@ -51,6 +52,9 @@ impl Mvh {
         ];
         if client {
             args.push("--client".into());
+        }
+        if std::env::var_os("MACVHOST_RESTART_DEBUG").is_some() {
+            args.extend(["--log-level".into(), "debug".into()]);
         }
         let mut m = Mvh {
             ns: ns.name().to_string(),
@@ -195,7 +199,7 @@ fn restart_case(label: &str, ns: &NetNs, vm: &Qemu, mvh: &mut Mvh, kill9: bool) 
         }
         mvh.start();
     });
-    vm.wait_for_line_from(mark, "MVH-RESULT stream_sha", secs(300))
+    vm.wait_for_line_from(mark, "MVH-RESULT stream_sha", secs(120))
         .unwrap_or_else(|e| {
             panic!(
                 "{label}: the stream did not finish: {e}\n{}",

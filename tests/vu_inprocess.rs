@@ -229,3 +229,60 @@ fn guest_igmp_join_reaches_the_filter_queries_reach_the_guest_and_disconnect_cle
         "the frontend left: its groups left the filter"
     );
 }
+
+/// A frontend that sets up vrings 2 and 3 (a second queue pair) against a one-pair device and
+/// starts it, then waits for macvhost to close the connection. Returns when it is closed.
+fn misfit_frontend_once(sock: &std::path::Path) {
+    use std::io::{Read, Write};
+    let mut s = std::os::unix::net::UnixStream::connect(sock).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut bytes = Vec::new();
+    let mut put = |code: u32, payload: u64| {
+        bytes.extend_from_slice(&code.to_ne_bytes());
+        bytes.extend_from_slice(&1u32.to_ne_bytes());
+        bytes.extend_from_slice(&8u32.to_ne_bytes());
+        bytes.extend_from_slice(&payload.to_ne_bytes());
+    };
+    // SET_VRING_CALL (13) without an fd (bit 8) for vrings 2 and 3, then SET_FEATURES (2).
+    put(13, 2 | 0x100);
+    put(13, 3 | 0x100);
+    put(2, 1 << 32);
+    s.write_all(&bytes).expect("send");
+    let mut sink = [0u8; 256];
+    while s
+        .read(&mut sink)
+        .map(|n| n > 0)
+        .expect("macvhost closes, not a timeout")
+    {}
+}
+
+#[test]
+fn frontend_that_keeps_reconnecting_with_more_pairs_is_paused_and_a_good_one_resets_the_pause() {
+    let rig = Rig::start(1);
+    // Without a pause this frontend gets hundreds of connections a second.
+    let t0 = std::time::Instant::now();
+    let mut served = 0;
+    while t0.elapsed() < Duration::from_secs(3) {
+        misfit_frontend_once(&rig.sock);
+        served += 1;
+    }
+    // Pauses of 0.25, 0.5, 1 and 2 s: five connections end within 3 s at most.
+    assert!(
+        (3..=5).contains(&served),
+        "{served} misfit connections served in 3 s"
+    );
+    // A frontend that fits is served (after the current pause) and works.
+    let mut g = rig.guest(1, ALL);
+    tx_one_and_check(&rig, &mut g, 1);
+    drop(g);
+    // It reset the pause: the next misfit is answered within the first pause.
+    std::thread::sleep(Duration::from_millis(200));
+    let t = std::time::Instant::now();
+    misfit_frontend_once(&rig.sock);
+    misfit_frontend_once(&rig.sock);
+    assert!(
+        t.elapsed() < Duration::from_millis(900),
+        "two misfits after a good connection took {:?}",
+        t.elapsed()
+    );
+}

@@ -11,6 +11,7 @@
 //! - `link`: the host link's carrier, watched and followed by each connection.
 //! - [`qmp`]: the guest's receive filter as QEMU reports it (`--qmp`).
 
+mod failures;
 mod link;
 mod listen;
 pub mod qmp;
@@ -588,8 +589,15 @@ fn serve_on<Q: PairQueue>(
     }
     service.ready("waiting for a frontend");
     let link_gone = || host.link_down_disconnects && !host.link_up.load(Ordering::SeqCst);
+    let mut failures = failures::Failures::default();
+    let mut pause = Duration::ZERO;
 
     while !stopper.stopping() {
+        if !pause.is_zero() {
+            // After a misfit: the same frontend would fail the same way at once.
+            stopper.sleep(std::mem::take(&mut pause));
+            continue;
+        }
         if link_gone() {
             service.phase(
                 Phase::NoCarrier,
@@ -632,7 +640,11 @@ fn serve_on<Q: PairQueue>(
         if stopper.stopping() {
             stopper.end_connection();
         }
-        tracing::info!("frontend connected");
+        if failures.failing() {
+            tracing::debug!("frontend connected");
+        } else {
+            tracing::info!("frontend connected");
+        }
         service.phase(Phase::Serving, "serving a frontend");
         // Dropping `connected` when the connection ends wakes the link follower at once.
         let (connected, ended_rx) = std::sync::mpsc::channel::<()>();
@@ -647,17 +659,52 @@ fn serve_on<Q: PairQueue>(
             drop(connected);
             ended
         });
-        match ended {
-            Ok(())
-            | Err(vhost_user_backend::Error::HandleRequest(
-                vhost::vhost_user::Error::Disconnected | vhost::vhost_user::Error::PartialMessage,
-            )) => tracing::info!("frontend disconnected"),
-            Err(e) if stopper.stopping() => tracing::debug!("connection ended: {e}"),
-            Err(e) => tracing::warn!("frontend connection ended with an error: {e}"),
-        }
         stopper.set_connection(None);
         service.phase(Phase::Closing, "closing a connection");
-        conn.close();
+        let fault = conn.close();
+        let failure = match (fault, ended) {
+            (_, Err(e)) if stopper.stopping() => {
+                tracing::debug!("connection ended: {e}");
+                None
+            }
+            // The shim's reason says more than the handler's "invalid parameters".
+            (Some(f), _) => Some(match f.misfit() {
+                Some(m) => (m.to_string(), failures::Severity::Misfit),
+                None => (
+                    format!("{f}; closing the connection"),
+                    failures::Severity::Fault,
+                ),
+            }),
+            (
+                None,
+                Ok(())
+                | Err(vhost_user_backend::Error::HandleRequest(
+                    vhost::vhost_user::Error::Disconnected
+                    | vhost::vhost_user::Error::PartialMessage,
+                )),
+            ) => None,
+            (None, Err(e)) => Some((
+                format!("frontend connection ended with an error: {e}"),
+                failures::Severity::Fault,
+            )),
+        };
+        let now = std::time::Instant::now();
+        match failure {
+            None => {
+                tracing::info!("frontend disconnected");
+                if let Some(line) = failures.good(now) {
+                    line.log();
+                }
+            }
+            Some((line, severity)) => {
+                let (lines, next) = failures.failed(line, severity, now);
+                lines.iter().for_each(failures::Line::log);
+                pause = next;
+            }
+        }
+    }
+    if let Some(line) = failures.summary(std::time::Instant::now()) {
+        line.log();
     }
     service.stopping();
     drop(frontends);

@@ -320,6 +320,16 @@ impl<Q: PairQueue> VhostUserBackend for NetBackend<Q> {
         if self.logged_features.swap(features, Ordering::Relaxed) == features {
             return;
         }
+        // A frontend that reconnects (or keeps failing, see `server::failures`) acks the same
+        // set every time: say it again only when it changes.
+        static LAST_CONNECTION: AtomicU64 = AtomicU64::new(u64::MAX);
+        if LAST_CONNECTION.swap(features, Ordering::Relaxed) == features {
+            tracing::debug!(
+                features = format_args!("{features:#x}"),
+                "frontend acked features"
+            );
+            return;
+        }
         tracing::info!(
             features = format_args!("{features:#x}"),
             mrg_rxbuf = settings.mrg_rxbuf,

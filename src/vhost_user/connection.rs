@@ -50,7 +50,7 @@ pub struct Connection<Q: PairQueue> {
     notifier: Arc<ConfigNotifier>,
     /// Our copy of the frontend's socket: shutting it down wakes the relay (see `close`).
     frontend: UnixStream,
-    relay: Option<JoinHandle<()>>,
+    relay: Option<JoinHandle<Result<(), shim::ShimError>>>,
 }
 
 impl<Q: PairQueue> std::fmt::Debug for Connection<Q> {
@@ -100,6 +100,7 @@ impl<Q: PairQueue> Connection<Q> {
             dirty_log: backend.dirty_log(),
             notifier: notifier.clone(),
             vrings: usize::from(identity.queue_pairs) * 2,
+            queue_size: identity.queue_size,
         };
         let ours = frontend.try_clone().map_err(ConnectionError::Socket)?;
         let relay = std::thread::Builder::new()
@@ -108,12 +109,14 @@ impl<Q: PairQueue> Connection<Q> {
                 if let Err(e) = crate::sandbox::enter_thread(crate::sandbox::ThreadKind::Relay) {
                     tracing::error!("the relay thread stays under the process filter: {e}");
                 }
-                match shim::relay(frontend, to_daemon, ctx) {
+                let ended = shim::relay(frontend, to_daemon, ctx);
+                match &ended {
                     Ok(()) => tracing::debug!("vhost-user relay ended"),
-                    // One line per connection, naming the frontend's fault.
-                    Err(e) if e.frontend_fault() => tracing::warn!("{e}; closing the connection"),
+                    // The serve loop logs the frontend's fault (rate-limited across connections).
+                    Err(e) if e.frontend_fault() => {}
                     Err(e) => tracing::debug!("vhost-user relay ended: {e}"),
                 }
+                ended
             })
             .map_err(|e| ConnectionError::Daemon(e.to_string()))?;
         Ok(Connection {
@@ -146,17 +149,24 @@ impl<Q: PairQueue> Connection<Q> {
     }
 
     /// Tears the connection down: ends the relay, detaches the host queues, stops the workers.
-    pub fn close(mut self) {
+    /// Returns what ended the relay when it was the frontend's doing (a refused message, or a
+    /// device other than the one configured: [`shim::ShimError::misfit`]), for the caller to
+    /// log once.
+    pub fn close(mut self) -> Option<shim::ShimError> {
         self.daemon.request_shutdown();
         // Wakes the relay whether it waits to read from the frontend or to write to it.
         let _ = self.frontend.shutdown(std::net::Shutdown::Both);
-        if let Some(relay) = self.relay.take() {
-            let _ = relay.join();
-        }
+        let fault = self
+            .relay
+            .take()
+            .and_then(|relay| relay.join().ok())
+            .and_then(Result::err)
+            .filter(shim::ShimError::frontend_fault);
         self.backend.teardown();
         for h in self.daemon.get_epoll_handlers() {
             h.send_exit_event();
         }
+        fault
     }
 }
 

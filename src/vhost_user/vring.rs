@@ -206,7 +206,25 @@ impl<M: 'static + GuestAddressSpace> VringT<M> for NetVring<M> {
         if state.get_queue().ready() {
             return;
         }
-        state.get_queue_mut().set_next_used(idx);
+        let queue = state.get_queue_mut();
+        // The base (SET_VRING_BASE, sent just before) is stale when the previous backend went
+        // away without answering GET_VRING_BASE: QEMU 7.2 then sets last_avail_idx from its
+        // cached used index *before* refreshing that cache (`vhost_virtqueue_stop`), so after
+        // a restart under traffic the base lags the guest's ring by any amount, and the ring
+        // looks broken (seen with `--client` restarts, tests/guest_restart.rs). What the guest
+        // got back is `used.idx` (macvhost completes in order): resume there, as DPDK's vhost
+        // library does. Entries taken but not completed are taken again (a TX frame resent,
+        // an RX buffer filled anew). A guest that writes `used.idx` only misleads itself.
+        if queue.next_avail() != idx {
+            tracing::info!(
+                base = queue.next_avail(),
+                used_idx = idx,
+                "the frontend's vring base differs from the guest's used index; resuming at \
+                 the used index"
+            );
+            queue.set_next_avail(idx);
+        }
+        queue.set_next_used(idx);
     }
 
     fn queue_used_idx(&self) -> Result<u16, VirtQueError> {
@@ -513,6 +531,29 @@ mod tests {
         // What SET_VRING_ADDR does with a used.idx it read before the worker's last round.
         v.set_queue_next_used(5);
         assert_eq!(v.get_ref().get_queue().next_used(), 7);
+    }
+
+    #[test]
+    fn stale_base_after_a_broken_connection_resumes_at_the_guests_used_index() {
+        let v = vring();
+        v.set_queue_size(256);
+        // QEMU's base from a stale cache, far behind a guest that kept going.
+        v.set_queue_next_avail(3);
+        v.set_queue_next_used(40_000);
+        let state = v.get_ref();
+        let q = state.get_queue();
+        assert_eq!((q.next_avail(), q.next_used()), (40_000, 40_000));
+    }
+
+    #[test]
+    fn matching_base_and_used_index_are_kept() {
+        let v = vring();
+        v.set_queue_size(256);
+        v.set_queue_next_avail(17);
+        v.set_queue_next_used(17);
+        let state = v.get_ref();
+        let q = state.get_queue();
+        assert_eq!((q.next_avail(), q.next_used()), (17, 17));
     }
 
     #[test]

@@ -358,6 +358,11 @@ pub struct QemuConfig {
     pub echo: bool,
     /// Exit QEMU when the guest reboots (`-no-reboot`); false lets a guest reboot in place.
     pub no_reboot: bool,
+    /// vhost-user: QEMU listens on the socket (`server=on,wait=off`, for `macvhost --client`)
+    /// instead of connecting to it (`reconnect=1`, the default).
+    pub vhost_user_server: bool,
+    /// Appended to the `virtio-net-pci` device's options (e.g. `,rx_queue_size=1024`).
+    pub nic_opts: String,
 }
 
 impl QemuConfig {
@@ -377,6 +382,8 @@ impl QemuConfig {
             extra_args: Vec::new(),
             echo: std::env::var_os("MACVHOST_GUEST_ECHO").is_some_and(|v| v != "0"),
             no_reboot: true,
+            vhost_user_server: false,
+            nic_opts: String::new(),
         }
     }
 
@@ -483,10 +490,12 @@ impl QemuConfig {
         let queues = match &self.net {
             NetBackend::VhostUser { socket, queues } => {
                 v.push("-chardev".into());
-                v.push(format!(
-                    "socket,id=c0,path={},reconnect=1",
-                    socket.display()
-                ));
+                let mode = if self.vhost_user_server {
+                    "server=on,wait=off"
+                } else {
+                    "reconnect=1"
+                };
+                v.push(format!("socket,id=c0,path={},{mode}", socket.display()));
                 v.push("-netdev".into());
                 v.push(format!("vhost-user,id=n0,chardev=c0,queues={queues}"));
                 Some(*queues)
@@ -517,8 +526,8 @@ impl QemuConfig {
             };
             v.push("-device".into());
             v.push(format!(
-                "virtio-net-pci,netdev=n0,mac={}{mq},romfile=",
-                self.mac
+                "virtio-net-pci,netdev=n0,mac={}{mq},romfile={}",
+                self.mac, self.nic_opts
             ));
         }
         if let Some(f) = script_file {

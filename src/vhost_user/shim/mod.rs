@@ -20,6 +20,8 @@
 //! # Jobs
 //!
 //! - [`wire`]: reading and writing one message; the only `SCM_RIGHTS` code.
+//! - [`fit`]: a frontend that wants more queue pairs than `--queues` or larger rings than
+//!   `--queue-size` ends with an error naming the flag and the value to use.
 //! - [`quirks`]: QEMU's early SET_VRING_ENABLE and repeated ADD/REM_MEM_REG.
 //! - [`log_base`]: SET_LOG_BASE into the connection's dirty log.
 //! - [`notifier`]: CONFIG_CHANGE_MSG on the backend request channel ([`ConfigNotifier`]).
@@ -28,6 +30,7 @@
 //! connection on any request its backend refuses, so a request the shim forwarded is either
 //! applied or the connection is ending.
 
+pub mod fit;
 pub mod log_base;
 pub mod notifier;
 pub mod quirks;
@@ -47,6 +50,7 @@ use vhost::vhost_user::message::{
 use vm_memory::ByteValued;
 
 use crate::datapath::DirtyLogState;
+use fit::{Fit, FitError, Verdict};
 pub use notifier::ConfigNotifier;
 use quirks::{EarlyEnables, Region, RegionVerdict, Regions};
 use wire::{read_message, write_message, Header, Message, Side, WireError};
@@ -85,6 +89,10 @@ pub enum ShimError {
         /// The filesystem.
         fs: &'static str,
     },
+    /// The frontend wants more queue pairs or larger rings than macvhost was started with
+    /// (operator).
+    #[error(transparent)]
+    Fit(#[from] FitError),
     /// The frontend's socket failed (the frontend reset it).
     #[error("frontend socket: {0}")]
     Frontend(io::Error),
@@ -94,6 +102,15 @@ pub enum ShimError {
 }
 
 impl ShimError {
+    /// The misfit, when the frontend wants another device than the one configured: the
+    /// operator's to fix (`--queues`, `--queue-size`), and the same on every reconnect.
+    pub fn misfit(&self) -> Option<&FitError> {
+        match self {
+            ShimError::Fit(e) => Some(e),
+            _ => None,
+        }
+    }
+
     /// Whether the frontend is at fault (worth a warning; the rest is a disconnect).
     pub fn frontend_fault(&self) -> bool {
         !matches!(
@@ -114,6 +131,8 @@ pub struct RelayContext {
     pub notifier: Arc<ConfigNotifier>,
     /// Vrings of the device (2 × queue pairs).
     pub vrings: usize,
+    /// Largest ring size (`--queue-size`).
+    pub queue_size: u16,
 }
 
 /// Relays between `frontend` and `handler` until either closes (see the module doc). Shuts
@@ -127,6 +146,7 @@ pub fn relay(
         frontend,
         handler,
         early: EarlyEnables::new(ctx.vrings),
+        fit: Fit::new(ctx.vrings, ctx.queue_size),
         regions: Regions::new(MEM_SLOTS),
         ctx,
         features_set: false,
@@ -145,6 +165,7 @@ struct Relay {
     handler: UnixStream,
     ctx: RelayContext,
     early: EarlyEnables,
+    fit: Fit,
     regions: Regions,
     /// SET_FEATURES went through (early SET_VRING_ENABLEs are over).
     features_set: bool,
@@ -172,7 +193,7 @@ impl Relay {
             if front {
                 match read_message(&self.frontend, Side::Frontend).map_err(frontend_err)? {
                     Some(m) => self.request(m)?,
-                    None => return Ok(()),
+                    None => return self.fit.at_close().map_or(Ok(()), |e| Err(e.into())),
                 }
             }
         }
@@ -185,7 +206,20 @@ impl Relay {
                 PollFd::new(self.frontend.as_fd(), PollFlags::POLLIN),
                 PollFd::new(self.handler.as_fd(), PollFlags::POLLIN),
             ];
-            match poll(&mut fds, PollTimeout::NONE) {
+            // While draining, a quiet frontend has set up every pair it wants: QEMU reconnecting
+            // to a running guest waits there for the guest's driver, which may be never.
+            let timeout = if self.fit.draining() {
+                PollTimeout::from(fit::DRAIN_QUIET_MS)
+            } else {
+                PollTimeout::NONE
+            };
+            match poll(&mut fds, timeout) {
+                Ok(0) if self.fit.draining() => {
+                    return Err(self.fit.at_close().map_or(
+                        ShimError::Handler(io::ErrorKind::TimedOut.into()),
+                        ShimError::Fit,
+                    ))
+                }
                 Ok(_) => {
                     let ready = |p: &PollFd<'_>| p.revents().is_some_and(|r| !r.is_empty());
                     return Ok((ready(&fds[0]), ready(&fds[1])));
@@ -267,6 +301,12 @@ impl Relay {
             "frontend message"
         );
         check_fds(code, &m.fds)?;
+        match self.fit.check(&m) {
+            Verdict::Pass => {}
+            // A vring beyond the device while the shim learns how many the frontend wants.
+            Verdict::Drop => return Ok(()),
+            Verdict::Misfit(e) => return Err(e.into()),
+        }
         self.ctx.notifier.observe(&m);
         match code {
             FrontendReq::GET_FEATURES => {

@@ -100,6 +100,7 @@ impl Rig {
             dirty_log: log.clone(),
             notifier: Arc::new(ConfigNotifier::default()),
             vrings: 4,
+            queue_size: 256,
         };
         let relay = std::thread::spawn(move || relay(front_inner, handler_inner, ctx));
         front
@@ -204,15 +205,84 @@ fn early_vring_enable_is_replayed_after_set_features() {
 }
 
 #[test]
-fn early_vring_enable_for_a_vring_the_device_lacks_ends_the_connection() {
+fn early_vring_enable_for_a_pair_the_device_lacks_ends_with_a_misfit_naming_queues() {
     let rig = Rig::new(Duration::ZERO);
     (&rig.front).write_all(&enable(4, 1, V)).unwrap();
+    (&rig.front)
+        .write_all(&u64_msg(FrontendReq::SET_FEATURES, V, 1 << 30))
+        .unwrap();
     let e = rig.ended();
-    assert!(e.frontend_fault());
+    assert!(e.misfit().is_some(), "{e:?}");
+    assert!(e.to_string().contains("--queues 3"), "{e}");
+}
+
+/// `SET_VRING_CALL` without an fd (`VHOST_USER_VRING_NOFD_MASK`) for vring `index`.
+fn call_nofd(index: u64) -> Vec<u8> {
+    u64_msg(FrontendReq::SET_VRING_CALL, V, index | 0x100)
+}
+
+#[test]
+fn frontend_with_four_pairs_against_two_ends_with_one_misfit_and_the_handler_never_sees_them() {
+    let rig = Rig::new(Duration::ZERO);
+    for index in 0..8 {
+        (&rig.front).write_all(&call_nofd(index)).unwrap();
+    }
+    // QEMU starts the device once every pair is set up.
+    (&rig.front)
+        .write_all(&u64_msg(FrontendReq::SET_FEATURES, V, 1 << 30))
+        .unwrap();
+    for index in 0..4 {
+        assert_eq!(rig.next_forwarded().0, call_nofd(index));
+    }
+    let seen = rig.seen.recv_timeout(Duration::from_secs(5));
+    let Rig { front, relay, .. } = rig;
+    let e = relay.join().unwrap().unwrap_err();
+    drop(front);
+    assert!(seen.is_err(), "the handler got more: {seen:?}");
+    assert!(e.to_string().contains("uses 4 queue pairs"), "{e}");
+    assert!(e.to_string().contains("--queues 4"), "{e}");
+}
+
+#[test]
+fn frontend_that_leaves_after_setting_up_more_pairs_ends_with_the_misfit() {
+    let rig = Rig::new(Duration::ZERO);
+    for index in 0..12 {
+        (&rig.front).write_all(&call_nofd(index)).unwrap();
+    }
+    let e = rig.finish().unwrap_err();
+    assert!(e.to_string().contains("--queues 6"), "{e}");
+}
+
+#[test]
+fn frontend_that_sets_up_more_pairs_then_waits_for_its_guest_ends_with_the_misfit() {
+    // QEMU reconnecting under a running guest: it sets up every pair, then waits.
+    let rig = Rig::new(Duration::ZERO);
+    for index in 0..8 {
+        (&rig.front).write_all(&call_nofd(index)).unwrap();
+    }
+    let t = std::time::Instant::now();
+    let e = rig.ended();
+    assert!(e.to_string().contains("--queues 4"), "{e}");
     assert!(
-        e.to_string().contains("vring 4, but the device has 4"),
-        "{e}"
+        t.elapsed() < Duration::from_millis(u64::from(super::fit::DRAIN_QUIET_MS) * 3),
+        "verdict after {:?}",
+        t.elapsed()
     );
+}
+
+#[test]
+fn ring_larger_than_queue_size_ends_with_the_flag_and_size_named() {
+    let rig = Rig::new(Duration::ZERO);
+    (&rig.front)
+        .write_all(&msg(
+            FrontendReq::SET_VRING_NUM,
+            V,
+            VhostUserVringState::new(0, 1024).as_slice(),
+        ))
+        .unwrap();
+    let e = rig.ended();
+    assert!(e.misfit().is_some(), "{e:?}");
+    assert!(e.to_string().contains("--queue-size 1024"), "{e}");
 }
 
 #[test]

@@ -1,0 +1,289 @@
+//! What a guest loses while macvhost restarts (issue 12, the restart-gap test), with real QEMU
+//! (TCG, `vectors=0`): the peer in the test's namespace pings the guest every 10 ms (iputils
+//! `ping -i 0.01`) while a TCP stream runs into the guest, and macvhost is killed (SIGKILL) or
+//! stopped (SIGTERM) and started again. Measured: pings lost, the longest run of missing
+//! sequence numbers (the gap), and whether the stream arrived intact (no reset, same sha256).
+//!
+//! Two ways to run macvhost:
+//! - QEMU `reconnect=1`, macvhost listens: the gap is macvhost's start plus QEMU's reconnect
+//!   timer (whole seconds);
+//! - QEMU `server=on,wait=off`, `macvhost --client`: the new macvhost connects as it starts.
+//!
+//! The asserts are generous (the stream survives, the gap stays under a few seconds); the
+//! figures are printed. `MACVHOST_RESTART_DEBUG=1` runs macvhost with `--log-level debug`.
+//! Needs root, `ip`, iputils `ping`, QEMU and the guest image.
+
+#[path = "support/guest.rs"]
+mod guest;
+
+use std::fs::{self, OpenOptions};
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Stdio};
+use std::time::{Duration, Instant};
+
+use guest::{one_at_a_time, require, secs, Daemon, Need, NetNs, Qemu, QemuConfig, GUEST};
+use macvhost::testkit::daemon::terminate;
+use nix::sys::signal::Signal;
+
+/// The stream into the guest across each restart.
+const STREAM: usize = 96 << 20;
+/// How long each ping run lasts (the restart happens [`LEAD`] into it).
+const PING_FOR: Duration = Duration::from_secs(12);
+const LEAD: Duration = Duration::from_secs(2);
+/// Bound on the gap for the asserts (TCG on a loaded 2-core host; the figures are printed).
+const MAX_GAP: Duration = Duration::from_secs(6);
+
+/// macvhost in the namespace at its default log level, listening or (`client`) connecting.
+struct Mvh {
+    ns: String,
+    args: Vec<String>,
+    log: PathBuf,
+    child: Option<Child>,
+}
+
+impl Mvh {
+    fn new(ns: &NetNs, dir: &Path, socket: &Path, client: bool) -> Mvh {
+        let mut args = vec![
+            "--socket-path".to_string(),
+            socket.display().to_string(),
+            "--macvtap".into(),
+            "mvt0".into(),
+        ];
+        if client {
+            args.push("--client".into());
+        }
+        if std::env::var_os("MACVHOST_RESTART_DEBUG").is_some() {
+            args.extend(["--log-level".into(), "debug".into()]);
+        }
+        let mut m = Mvh {
+            ns: ns.name().to_string(),
+            args,
+            log: dir.join("macvhost.log"),
+            child: None,
+        };
+        m.start();
+        m
+    }
+
+    fn start(&mut self) {
+        let out = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .unwrap();
+        let child = NetNs::attach(&self.ns)
+            .command(Daemon::binary())
+            .args(&self.args)
+            .stdin(Stdio::null())
+            .stdout(out.try_clone().unwrap())
+            .stderr(out)
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+    }
+
+    fn kill9(&mut self) {
+        let mut c = self.child.take().expect("running");
+        c.kill().unwrap();
+        c.wait().unwrap();
+    }
+
+    fn sigterm(&mut self) {
+        let mut c = self.child.take().expect("running");
+        let status = terminate(&mut c, Signal::SIGTERM, secs(10)).expect("stops on SIGTERM");
+        assert!(status.success(), "{status}; log:\n{}", self.log_text());
+    }
+
+    fn log_text(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Waits until the log has `n` lines with "frontend connected".
+    fn wait_connected(&self, n: usize, timeout: Duration) {
+        let t = Instant::now();
+        while self.log_text().matches("frontend connected").count() < n {
+            assert!(
+                t.elapsed() < timeout,
+                "no frontend connection #{n} within {timeout:?}; log:\n{}",
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Mvh {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = terminate(&mut c, Signal::SIGTERM, secs(5));
+        }
+        if std::thread::panicking() {
+            eprintln!("---- macvhost log ----\n{}", self.log_text());
+        }
+    }
+}
+
+/// One ping run: what was sent, answered, and the longest run of unanswered sequence numbers.
+#[derive(Debug)]
+struct Pings {
+    sent: u64,
+    received: u64,
+    /// The longest run of missing sequence numbers × the interval.
+    gap: Duration,
+}
+
+fn parse_pings(out: &str) -> Pings {
+    let mut seqs: Vec<u64> = out
+        .lines()
+        .filter(|l| l.contains("bytes from"))
+        .filter_map(|l| l.split("icmp_seq=").nth(1))
+        .filter_map(|s| s.split_whitespace().next()?.parse().ok())
+        .collect();
+    seqs.sort_unstable();
+    seqs.dedup();
+    let sent = out
+        .lines()
+        .find_map(|l| {
+            l.split(" packets transmitted")
+                .next()
+                .filter(|_| l.contains("packets transmitted"))
+        })
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no summary in ping's output:\n{out}"));
+    let longest = seqs
+        .windows(2)
+        .map(|w| w[1] - w[0] - 1)
+        .chain(seqs.last().map(|l| sent - l))
+        .max()
+        .unwrap_or(sent);
+    Pings {
+        sent,
+        received: seqs.len() as u64,
+        gap: Duration::from_millis(longest * 10),
+    }
+}
+
+/// Pings the guest every 10 ms for [`PING_FOR`], running `restart` [`LEAD`] into it.
+fn ping_across(ns: &NetNs, restart: impl FnOnce()) -> Pings {
+    let mut ping = ns
+        .command("ping")
+        .args(["-n", "-i", "0.01", "-W", "1", "-w"])
+        .arg(PING_FOR.as_secs().to_string())
+        .arg(guest::GUEST_IP)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("iputils ping");
+    let mut stdout = ping.stdout.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut s = String::new();
+        stdout.read_to_string(&mut s).unwrap();
+        s
+    });
+    std::thread::sleep(LEAD);
+    restart();
+    let _ = ping.wait();
+    parse_pings(&reader.join().unwrap())
+}
+
+/// One restart with the stream running: figures printed, stream checked, gap bounded.
+fn restart_case(label: &str, ns: &NetNs, vm: &Qemu, mvh: &mut Mvh, kill9: bool) -> Pings {
+    let mark = vm.mark();
+    let sender = guest::stream_into_guest(ns, vm, STREAM);
+    let pings = ping_across(ns, || {
+        if kill9 {
+            mvh.kill9();
+        } else {
+            mvh.sigterm();
+        }
+        mvh.start();
+    });
+    vm.wait_for_line_from(mark, "MVH-RESULT stream_sha", secs(120))
+        .unwrap_or_else(|e| {
+            panic!(
+                "{label}: the stream did not finish: {e}\n{}",
+                mvh.log_text()
+            )
+        });
+    let sent = sender.join().unwrap().expect("the stream's sender");
+    let results = vm.results();
+    println!(
+        "restart gap, {label}: {} of {} pings lost, longest gap {} ms; {} MiB stream in {:.1} s, \
+         sha {}",
+        pings.sent - pings.received,
+        pings.sent,
+        pings.gap.as_millis(),
+        STREAM >> 20,
+        sent.elapsed.as_secs_f64(),
+        if results["stream_sha"] == sent.sha256 {
+            "intact"
+        } else {
+            "DIFFERS"
+        }
+    );
+    assert_eq!(
+        results["stream_bytes"],
+        STREAM.to_string(),
+        "{label}: stream cut"
+    );
+    assert_eq!(
+        results["stream_sha"], sent.sha256,
+        "{label}: stream corrupted"
+    );
+    assert!(pings.received > 0, "{label}: no ping answered: {pings:?}");
+    assert!(
+        pings.gap < MAX_GAP,
+        "{label}: {pings:?}; log:\n{}",
+        mvh.log_text()
+    );
+    pings
+}
+
+/// Boots a guest on macvhost (`server`: QEMU listens and macvhost connects) and restarts
+/// macvhost twice under traffic: SIGKILL, then SIGTERM.
+fn restarts(tag: &str, server: bool) {
+    let _lock = one_at_a_time();
+    let ns = NetNs::new(tag);
+    guest::add_veth_macvtap(&ns);
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("vhost.sock");
+    let mut cfg = QemuConfig::vhost_user(tag, &socket, 1);
+    cfg.vhost_user_server = server;
+    let (vm, mut mvh) = if server {
+        let vm = Qemu::spawn(&cfg).unwrap_or_else(|e| panic!("{e}"));
+        (vm, Mvh::new(&ns, dir.path(), &socket, true))
+    } else {
+        let mvh = Mvh::new(&ns, dir.path(), &socket, false);
+        let t = Instant::now();
+        while !socket.exists() {
+            assert!(t.elapsed() < secs(20), "no socket:\n{}", mvh.log_text());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        (Qemu::spawn(&cfg).unwrap_or_else(|e| panic!("{e}")), mvh)
+    };
+    vm.wait_ready(secs(300))
+        .unwrap_or_else(|e| panic!("{e}\n--- macvhost ---\n{}", mvh.log_text()));
+    mvh.wait_connected(1, secs(60));
+    let mode = if server {
+        "server=on + --client"
+    } else {
+        "reconnect=1"
+    };
+    restart_case(&format!("{mode}, kill -9"), &ns, &vm, &mut mvh, true);
+    restart_case(&format!("{mode}, SIGTERM"), &ns, &vm, &mut mvh, false);
+}
+
+#[test]
+fn guest_keeps_its_tcp_stream_across_macvhost_restarts_with_qemu_reconnecting() {
+    require!(GUEST);
+    require!(&[Need::Tool("ping")]);
+    restarts("restart-reconnect", false);
+}
+
+#[test]
+fn guest_keeps_its_tcp_stream_across_macvhost_client_restarts_with_qemu_listening() {
+    require!(GUEST);
+    require!(&[Need::Tool("ping")]);
+    restarts("restart-client", true);
+}

@@ -123,11 +123,6 @@ pub struct Args {
     #[arg(long, value_name = "ADDR:PORT")]
     pub metrics_addr: Option<std::net::SocketAddr>,
 
-    /// Write TX frames to the host queue through io_uring, a batch per submission (see
-    /// BENCHMARKS.md); falls back to writev when io_uring is unavailable.
-    #[arg(long)]
-    pub io_uring: bool,
-
     /// How the guest's multicast groups reach the macvtap: follow (learn them from the guest's
     /// IGMP/MLD reports; the default), allmulti (the macvtap takes every multicast frame) or
     /// strict (only the macvtap's own groups).
@@ -374,7 +369,6 @@ impl TryFrom<Args> for Config {
         }
 
         Ok(Config {
-            io_uring: args.io_uring,
             rx_filter,
             max_groups: args.max_groups,
             disconnect_on_link_down: args.disconnect_on_link_down,

@@ -551,7 +551,6 @@ fn sealed_daemon_passes_traffic_and_no_thread_holds_privilege() {
             topo.macvtap,
             "--queues",
             "2",
-            "--io-uring",
             "--control-socket",
             &ctl_s,
             "--metrics-addr",

@@ -11,7 +11,6 @@
 //! - [`stats`]: per-queue-pair counters, one per drop reason.
 //! - [`mcast`]: IGMP/MLD report parsing and the guest's multicast membership table.
 //! - [`dirty`]: one connection's dirty-page log for live migration (`unsafe`: maps it).
-//! - [`uring`]: the opt-in io_uring TX submission (`unsafe`: buffers handed to the kernel).
 
 #[allow(unsafe_code)] // maps the frontend's dirty log
 pub mod dirty;
@@ -21,8 +20,6 @@ pub mod mcast;
 pub mod rx;
 pub mod stats;
 pub mod tx;
-#[allow(unsafe_code)] // buffers handed to io_uring
-pub mod uring;
 mod used;
 #[allow(unsafe_code)] // ByteValued for the header
 pub mod vnet;
@@ -30,8 +27,7 @@ pub mod vnet;
 use std::io;
 use std::os::fd::AsRawFd;
 
-/// Chains handled per batch: popped per read of the avail index, submitted per io_uring enter,
-/// and handled per direction before the other direction of a queue pair gets a turn. The one
+/// Chains handled per batch: popped per read of the avail index, and handled per direction before the other direction of a queue pair gets a turn. The one
 /// batch size; everything else derives from it.
 pub const BATCH: usize = 64;
 

@@ -25,7 +25,7 @@ pub mod throttle;
 
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -110,35 +110,6 @@ impl EventRegistry for EpollRegistry {
             Err(e) => Err(e.into()),
         }
     }
-}
-
-/// TX through io_uring (the `--io-uring` runtime option): one `io_uring_enter` per batch of
-/// frames instead of one `writev` per frame. Set once at start-up, before serving.
-static TX_IO_URING: AtomicBool = AtomicBool::new(false);
-
-/// Turns the io_uring TX path on or off for queue pairs created from now on.
-pub fn set_tx_io_uring(on: bool) {
-    TX_IO_URING.store(on, Ordering::Relaxed);
-}
-
-/// Whether new queue pairs write TX frames through io_uring (`set_tx_io_uring`, or the
-/// environment variable `MACVHOST_IO_URING=1`).
-pub fn tx_io_uring() -> bool {
-    TX_IO_URING.load(Ordering::Relaxed)
-        || std::env::var_os("MACVHOST_IO_URING").is_some_and(|v| v == "1")
-}
-
-fn new_tx_scratch(index: usize) -> TxScratch {
-    if tx_io_uring() {
-        match TxScratch::with_io_uring() {
-            Ok(s) => return s,
-            Err(e) => tracing::warn!(
-                queue_pair = index,
-                "io_uring unavailable ({e}); TX uses one writev per frame"
-            ),
-        }
-    }
-    TxScratch::default()
 }
 
 /// What the acked features mean for one queue pair's datapath.
@@ -322,7 +293,7 @@ impl<Q: PairQueue> PairWorker<Q> {
                 registry: None,
                 mem: None,
                 settings: PairSettings::from_features(0, mtu),
-                tx_scratch: new_tx_scratch(index),
+                tx_scratch: TxScratch::default(),
                 rx_scratch: RxScratch::default(),
                 state: PairState::default(),
                 watched: Watched::default(),

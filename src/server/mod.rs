@@ -99,6 +99,8 @@ pub struct Settings {
     pub control_socket: Option<PathBuf>,
     /// Prometheus endpoint.
     pub metrics_addr: Option<std::net::SocketAddr>,
+    /// Busy polling after each wake-up, µs (`--poll-us`; 0 = off).
+    pub poll_us: u32,
     /// How the guest's multicast groups reach the macvtap (`--rx-filter`).
     pub rx_filter: RxFilterMode,
     /// Most multicast groups followed before falling back to allmulticast (`--max-groups`).
@@ -281,6 +283,7 @@ pub fn run(config: Settings, mut inherited: crate::systemd::ListenFds) -> Result
         perms: config.socket_perms,
     };
     let frontends = Frontends::open(&endpoint, &stopper.0)?;
+    crate::worker::set_poll_us(config.poll_us);
 
     // With --macvtap-parent, create the macvtap first; it is deleted when `created` drops at the
     // end of `run` (after the last frontend), unless --keep.

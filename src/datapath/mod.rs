@@ -31,6 +31,27 @@ use std::os::fd::AsRawFd;
 /// batch size; everything else derives from it.
 pub const BATCH: usize = 64;
 
+/// `len` bytes at guest address `addr` as one slice when they lie inside one memory region;
+/// `None` when they do not (or are not guest memory): the caller then takes vm-memory's general
+/// `get_slices` path, which splits across regions and reports the error. Per descriptor this
+/// saves the general path's iterator and `Result` plumbing, which the micro-benchmark measured
+/// at half of the TX call's CPU (`tx/null/64` 402 → 189 ns per frame). Only for memory without
+/// an IOMMU in between (`GuestMemory::physical_memory`), where no access check applies.
+fn one_region_slice<P: vm_memory::GuestMemoryBackend + ?Sized>(
+    phys: &P,
+    addr: vm_memory::GuestAddress,
+    len: usize,
+) -> Option<
+    vm_memory::VolatileSlice<
+        '_,
+        vm_memory::bitmap::BS<'_, <P::R as vm_memory::GuestMemoryRegion>::B>,
+    >,
+> {
+    use vm_memory::GuestMemoryRegion;
+    let (region, off) = phys.to_region_addr(addr)?;
+    region.get_slice(off, len).ok()
+}
+
 pub use dirty::{DirtyLog, DirtyLogState};
 pub use iovec::IoVecBuf;
 pub use rx::{process_rx, RxOptions, RxOutcome, RxScratch};

@@ -468,6 +468,17 @@ fn gather_tx<'m, M: GuestMemory>(
         if len == 0 {
             continue;
         }
+        // Fast path: the whole descriptor inside one region (the common case) is one slice.
+        if let Some(s) = mem
+            .physical_memory()
+            .and_then(|p| super::one_region_slice(p, desc.addr(), len))
+        {
+            if iov.len() == MAX_SEGMENTS {
+                return Err(TxDrop::BadChain);
+            }
+            iov.push(&s);
+            continue;
+        }
         let slices = mem
             .get_slices(desc.addr(), len, Permissions::Read)
             .map_err(|_| TxDrop::BadChain)?;

@@ -31,6 +31,13 @@
 //!   `tx_packets` / the macvtap's `rx_packets` minus its `rx_dropped`.
 //! - macswap: generator → RX → frontend swaps MACs → TX → back to the peer (counted there);
 //!   limit = `readv` + swap + `writev` on the same fd.
+//! - lat: one 64 B frame in flight from the peer (AF_PACKET), echoed by testpmd `macswap`
+//!   through macvhost, or by the limit's `readv` → swap → `writev` thread on the same fd (which
+//!   sleeps in `poll` between frames, as macvhost sleeps in `epoll_wait`); p50 and p99.
+//! - dpdk (tap TX rows): DPDK's own vhost-user backend in the same alternation — a second
+//!   testpmd with `net_vhost` on the socket and `net_tap` on a tap of its own (`net_tap` cannot
+//!   attach to a vnet-header tap), io forwarding, both lcores on the device CPU; counted where
+//!   its tap receives the frames.
 //!
 //! CPU: the device side (macvhost, or the limit threads) is pinned to CPU 0, testpmd's forwarding
 //! lcore and the generator to CPU 1 (`-l 0,1`: lcore 0 is testpmd's mostly idle main lcore).
@@ -87,6 +94,8 @@ struct Opts {
     out: Option<PathBuf>,
     macvhost: PathBuf,
     keep_logs: bool,
+    /// A DPDK net_vhost + net_tap row on tap TX rows.
+    dpdk: bool,
 }
 
 const HELP: &str = "\
@@ -97,7 +106,8 @@ cargo bench --bench e2e -- [OPTIONS]
   --kinds LIST        tap,macvtap (default both)
   --queues LIST       queue pairs, e.g. 1,2 (default 1,2)
   --sizes LIST        Ethernet frame sizes, e.g. 64,1500,9000 (default all three; 9000 uses MTU 9000)
-  --modes LIST        tx,rx,macswap (default all)
+  --modes LIST        tx,rx,macswap,lat (default all; lat = one 64 B frame in flight through
+                      testpmd macswap vs the readv→writev echo, p50/p99)
   --variant NAME=ARGS an extra macvhost row with these extra arguments (space separated),
                       e.g. --variant 'poll50=--poll-us 50'; a first word @PATH runs
                       another macvhost binary (e.g. a build of the previous commit); repeatable
@@ -106,6 +116,7 @@ cargo bench --bench e2e -- [OPTIONS]
   --out FILE          also write the markdown table to FILE (default target/e2e-bench.md)
   --macvhost PATH     binary to benchmark (default: the one cargo built)
   --keep-logs         keep the temporary directory with macvhost/testpmd logs
+  --no-dpdk           no DPDK net_vhost + net_tap row (tap TX rows have one by default)
   --quick             --reps 1 --secs 1 --sizes 64 --queues 1 --rss-queues 0
 ";
 
@@ -128,7 +139,7 @@ impl Opts {
             kinds: vec!["tap".into(), "macvtap".into()],
             queues: vec![1, 2],
             sizes: vec![64, 1500, 9000],
-            modes: vec!["tx".into(), "rx".into(), "macswap".into()],
+            modes: vec!["tx".into(), "rx".into(), "macswap".into(), "lat".into()],
             variants: vec![("macvhost".into(), vec![])],
             rss_queues: 8,
             nice: -20,
@@ -138,6 +149,7 @@ impl Opts {
             ))),
             macvhost: PathBuf::from(env!("CARGO_BIN_EXE_macvhost")),
             keep_logs: false,
+            dpdk: true,
         };
         let mut it = args.iter();
         while let Some(a) = it.next() {
@@ -167,6 +179,7 @@ impl Opts {
                 "--out" => o.out = Some(PathBuf::from(val())),
                 "--macvhost" => o.macvhost = PathBuf::from(val()),
                 "--keep-logs" => o.keep_logs = true,
+                "--no-dpdk" => o.dpdk = false,
                 "--quick" => {
                     o.reps = 1;
                     o.secs = 1.0;
@@ -222,6 +235,9 @@ impl Opts {
         }
         if self.keep_logs {
             a.push("--keep-logs".into());
+        }
+        if !self.dpdk {
+            a.push("--no-dpdk".into());
         }
         a
     }
@@ -852,6 +868,26 @@ fn start_macvhost_testpmd(ctx: &Ctx<'_>, tag: &str, extra: &[String]) -> Procs {
         "macvhost did not create {sock:?}; log: {}",
         fs::read_to_string(&mvh_log).unwrap_or_default()
     );
+    let (testpmd, stdin, tp_log, prefix) = start_frontend(ctx, tag, &sock);
+    Procs {
+        macvhost,
+        testpmd,
+        stdin,
+        tp_log,
+        ctl,
+        prefix,
+    }
+}
+
+/// Starts testpmd's `net_virtio_user` frontend on the vhost-user socket `sock` in interactive
+/// mode (`-i --auto-start`, commands through the returned pipe) and waits for its prompt.
+/// Returns (testpmd, its stdin, its log, its `--file-prefix`).
+fn start_frontend(
+    ctx: &Ctx<'_>,
+    tag: &str,
+    sock: &Path,
+) -> (Child, Option<std::process::ChildStdin>, PathBuf, String) {
+    let q = ctx.queues.len().to_string();
     let prefix = format!("mvhb{}{tag}", std::process::id());
     let mut args: Vec<String> = vec![
         "-l".into(),
@@ -864,7 +900,7 @@ fn start_macvhost_testpmd(ctx: &Ctx<'_>, tag: &str, extra: &[String]) -> Procs {
         format!(
             "--vdev=net_virtio_user0,path={},queues={q},mac={}",
             sock.display(),
-            netns::GUEST_MAC.to_string()
+            netns::GUEST_MAC
         ),
         "--".into(),
         "-i".into(),
@@ -886,7 +922,7 @@ fn start_macvhost_testpmd(ctx: &Ctx<'_>, tag: &str, extra: &[String]) -> Procs {
         format!("--rxq={q}"),
         format!("--txq={q}"),
     ]);
-    let tp_log = dir.join(format!("{tag}.testpmd.log"));
+    let tp_log = ctx.dir.join(format!("{tag}.testpmd.log"));
     // Line-buffered stdout (stdbuf), so answers to commands reach the log at once.
     let mut tcmd = Command::new("stdbuf");
     tcmd.args(["-oL", "dpdk-testpmd"])
@@ -894,22 +930,23 @@ fn start_macvhost_testpmd(ctx: &Ctx<'_>, tag: &str, extra: &[String]) -> Procs {
         .stdin(Stdio::piped());
     let mut testpmd = spawn_pinned(&mut tcmd, None, &tp_log);
     let stdin = testpmd.stdin.take();
-    let mut p = Procs {
-        macvhost,
-        testpmd,
-        stdin,
-        tp_log,
-        ctl,
-        prefix,
-    };
     let ok = wait_until(Duration::from_secs(60), || {
-        if let Ok(Some(st)) = p.testpmd.try_wait() {
-            panic!("testpmd exited ({st}):\n{}", p.tp_text());
+        if let Ok(Some(st)) = testpmd.try_wait() {
+            panic!(
+                "testpmd exited ({st}):\n{}",
+                fs::read_to_string(&tp_log).unwrap_or_default()
+            );
         }
-        p.tp_text().contains("testpmd> ")
+        fs::read_to_string(&tp_log)
+            .unwrap_or_default()
+            .contains("testpmd> ")
     });
-    assert!(ok, "testpmd did not start:\n{}", p.tp_text());
-    p
+    assert!(
+        ok,
+        "testpmd did not start:\n{}",
+        fs::read_to_string(&tp_log).unwrap_or_default()
+    );
+    (testpmd, stdin, tp_log, prefix)
 }
 
 /// testpmd's accumulated totals after `stop`: (RX-packets, TX-packets).
@@ -992,12 +1029,21 @@ impl<'a> Ctx<'a> {
 
 /// TX: rate over a fixed window after a warm-up. Returns (Mpps, CPU seconds, frames).
 fn measure_window(ctx: &Ctx<'_>, cpu: &dyn Fn() -> f64) -> (f64, f64, f64) {
+    measure_window_on(ctx, &|| ctx.topo.counter(ctx.mode).0, cpu)
+}
+
+/// [`measure_window`] counting frames with `frames`.
+fn measure_window_on(
+    ctx: &Ctx<'_>,
+    frames: &dyn Fn() -> u64,
+    cpu: &dyn Fn() -> f64,
+) -> (f64, f64, f64) {
     thread::sleep(Duration::from_secs_f64(ctx.opts.warmup));
-    let f0 = ctx.topo.counter(ctx.mode).0;
+    let f0 = frames();
     let c0 = cpu();
     let t0 = Instant::now();
     thread::sleep(Duration::from_secs_f64(ctx.opts.secs));
-    let f1 = ctx.topo.counter(ctx.mode).0;
+    let f1 = frames();
     let c1 = cpu();
     let dt = t0.elapsed().as_secs_f64();
     let frames = (f1 - f0) as f64;
@@ -1243,6 +1289,267 @@ fn run_macvhost(ctx: &Ctx<'_>, tag: &str, extra: &[String]) -> Sample {
     s
 }
 
+// ---------------------------------------------------------------------------------------------
+// DPDK's own vhost-user backend as a peer row
+// ---------------------------------------------------------------------------------------------
+
+/// The tap DPDK's `net_tap` creates (it cannot attach to a tap opened with a vnet header:
+/// TUNSETIFF answers EINVAL), counted where its frames come out like the harness's tap.
+const DPDK_TAP: &str = "dvt0";
+
+/// TX through DPDK's vhost-user backend: a second testpmd with `net_vhost` (the socket) and
+/// `net_tap` (its own tap) in io forwarding, both lcores on the device CPU, driven by the same
+/// `net_virtio_user` frontend as macvhost. Frames counted as the tap netdev receives them.
+fn run_dpdk(ctx: &Ctx<'_>, tag: &str) -> Sample {
+    let dir = ctx.dir;
+    let sock = dir.join(format!("{tag}.sock"));
+    let _ = fs::remove_file(&sock);
+    let q = ctx.queues.len();
+    let prefix = format!("mvhb{}{tag}b", std::process::id());
+    let mut args: Vec<String> = vec![
+        // Main lcore 0 and forwarding lcore 1, both on the device CPU, as macvhost is.
+        format!("--lcores=0@{DEV_CPU},1@{DEV_CPU}"),
+        "--no-huge".into(),
+        "-m".into(),
+        "512".into(),
+        "--no-pci".into(),
+        format!("--file-prefix={prefix}"),
+        format!("--vdev=net_vhost0,iface={},queues={q}", sock.display()),
+        format!("--vdev=net_tap0,iface={DPDK_TAP}"),
+        "--".into(),
+        "-i".into(),
+        "--auto-start".into(),
+        "--forward-mode=io".into(),
+        "--nb-cores=1".into(),
+        format!("--rxq={q}"),
+        format!("--txq={q}"),
+        "--total-num-mbufs=16384".into(),
+    ];
+    if ctx.size > 1500 {
+        args.push("--mbuf-size=10240".into());
+        args.push(format!("--max-pkt-len={}", ctx.size + 18));
+    }
+    let log = dir.join(format!("{tag}.dpdk.log"));
+    let mut cmd = Command::new("stdbuf");
+    cmd.args(["-oL", "dpdk-testpmd"])
+        .args(&args)
+        .stdin(Stdio::piped());
+    let mut backend = spawn_pinned(&mut cmd, Some(DEV_CPU), &log);
+    let mut backend_in = backend.stdin.take();
+    let text = || fs::read_to_string(&log).unwrap_or_default();
+    let up = wait_until(Duration::from_secs(60), || {
+        if let Ok(Some(st)) = backend.try_wait() {
+            panic!("DPDK backend exited ({st}):\n{}", text());
+        }
+        text().contains("testpmd> ") && sock.exists()
+    });
+    assert!(up, "DPDK backend did not start:\n{}", text());
+    let counter = || read_counter(DPDK_TAP, "rx_packets");
+    let bytes = || read_counter(DPDK_TAP, "rx_bytes");
+    let out0 = counter();
+    let (f0, b0) = (counter(), bytes());
+    let (mut testpmd, mut stdin, tp_log, fe_prefix) = start_frontend(ctx, tag, &sock);
+    let stat = format!("/proc/{}/stat", backend.id());
+    let (mpps, cpu, frames) = measure_window_on(ctx, &counter, &|| cpu_secs(&stat));
+    let frame_bytes = {
+        let (f, b) = (counter() - f0, bytes() - b0);
+        if f > 0 {
+            b as f64 / f as f64
+        } else {
+            ctx.size as f64
+        }
+    };
+    let (rss, anon) = rss_kib(backend.id());
+    let say = |i: &mut Option<std::process::ChildStdin>, c: &str| {
+        if let Some(i) = i.as_mut() {
+            let _ = writeln!(i, "{c}");
+            let _ = i.flush();
+        }
+    };
+    say(&mut stdin, "stop");
+    wait_until(Duration::from_secs(10), || {
+        fs::read_to_string(&tp_log)
+            .unwrap_or_default()
+            .contains("Accumulated forward statistics for all ports")
+    });
+    thread::sleep(Duration::from_millis(300));
+    let out = counter() - out0;
+    let fe_log = fs::read_to_string(&tp_log).unwrap_or_default();
+    say(&mut stdin, "quit");
+    stop_child(&mut testpmd, libc::SIGINT, Duration::from_secs(20));
+    say(&mut backend_in, "quit");
+    stop_child(&mut backend, libc::SIGINT, Duration::from_secs(20));
+    for p in [&fe_prefix, &prefix] {
+        let _ = fs::remove_dir_all(format!("/var/run/dpdk/{p}"));
+    }
+    let mut s = Sample {
+        mpps,
+        frame_bytes,
+        cpu_per_mframe: cpu / (frames / 1e6),
+        rss_kib: rss,
+        anon_kib: anon,
+        ..Default::default()
+    };
+    match testpmd_totals(&fe_log) {
+        Some((_, tp_tx)) => s.unaccounted = tp_tx as i64 - out as i64,
+        None => s.note = "no testpmd totals".into(),
+    }
+    s
+}
+
+// ---------------------------------------------------------------------------------------------
+// Latency: one frame in flight
+// ---------------------------------------------------------------------------------------------
+
+/// Round trips of one frame at a time from the peer side: an AF_PACKET socket on `iface` sends
+/// a 64 B frame to `dst` and waits for it to come back with the MACs swapped (the device side
+/// echoes it), `secs` long after `warmup` seconds. Returns the round-trip times in µs; a frame
+/// not back within 100 ms counts as lost (and is not a sample).
+fn ping_pong(iface: &str, dst: [u8; 6], warmup: f64, secs: f64) -> (Vec<f64>, u64) {
+    let ifindex = read_ifindex(iface);
+    // SAFETY: plain socket(2) call.
+    let fd = unsafe {
+        libc::socket(
+            libc::AF_PACKET,
+            libc::SOCK_RAW,
+            i32::from((libc::ETH_P_IP as u16).to_be()),
+        )
+    };
+    assert!(fd >= 0, "AF_PACKET: {}", std::io::Error::last_os_error());
+    // SAFETY: `fd` is ours; closed when the guard drops.
+    let _guard = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+    set_int_opt(fd, libc::SOL_PACKET, libc::PACKET_QDISC_BYPASS, 1);
+    // Our own frames would otherwise come back on this socket as outgoing copies.
+    set_int_opt(fd, libc::SOL_PACKET, libc::PACKET_IGNORE_OUTGOING, 1);
+    // SAFETY: a zeroed sockaddr_ll is valid; fields set below.
+    let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+    sll.sll_family = libc::AF_PACKET as u16;
+    sll.sll_protocol = (libc::ETH_P_IP as u16).to_be();
+    sll.sll_ifindex = ifindex;
+    // SAFETY: `sll` is a valid sockaddr_ll of the given size.
+    let rc = unsafe {
+        libc::bind(
+            fd,
+            (&sll as *const libc::sockaddr_ll).cast(),
+            std::mem::size_of::<libc::sockaddr_ll>() as u32,
+        )
+    };
+    assert_eq!(rc, 0, "bind AF_PACKET: {}", std::io::Error::last_os_error());
+    let mut frame = eth_frame(64, dst, PEER_MAC, 7);
+    let mut buf = vec![0u8; 2048];
+    let mut rtts = Vec::with_capacity(200_000);
+    let mut lost = 0u64;
+    let start = Instant::now();
+    let end = start + Duration::from_secs_f64(warmup + secs);
+    let mut seq = 0u64;
+    while Instant::now() < end {
+        seq += 1;
+        frame[42..50].copy_from_slice(&seq.to_be_bytes());
+        let t0 = Instant::now();
+        // SAFETY: sends `frame`, alive for the call.
+        let n = unsafe { libc::send(fd, frame.as_ptr().cast(), frame.len(), 0) };
+        assert!(n > 0, "send: {}", std::io::Error::last_os_error());
+        let back = loop {
+            let left = Duration::from_millis(100).saturating_sub(t0.elapsed());
+            if left.is_zero() {
+                break false;
+            }
+            wait_fd(fd, libc::POLLIN);
+            // SAFETY: reads into `buf`, which is large enough for any frame here.
+            let n =
+                unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), libc::MSG_DONTWAIT) };
+            if n >= 50 && buf[0..6] == PEER_MAC && buf[42..50] == seq.to_be_bytes() {
+                break true;
+            }
+        };
+        let rtt = t0.elapsed();
+        if !back {
+            lost += 1;
+        } else if t0.duration_since(start).as_secs_f64() >= warmup {
+            rtts.push(rtt.as_secs_f64() * 1e6);
+        }
+    }
+    (rtts, lost)
+}
+
+/// p-th percentile (0..=100) of `v`.
+fn percentile(mut v: Vec<f64>, p: f64) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    let i = ((v.len() - 1) as f64 * p / 100.0).round() as usize;
+    v[i]
+}
+
+/// A latency sample from round-trip times: p50 and p99 in µs (in `mpps` and `cpu_per_mframe`,
+/// which the latency table reads as such), round trips in `frame_bytes`.
+fn latency_sample(rtts: Vec<f64>, lost: u64) -> Sample {
+    let n = rtts.len();
+    Sample {
+        mpps: percentile(rtts.clone(), 50.0),
+        cpu_per_mframe: percentile(rtts, 99.0),
+        frame_bytes: n as f64,
+        unaccounted: lost as i64,
+        ..Default::default()
+    }
+}
+
+/// The pinger, on the device CPU (the device side sleeps between frames, as the pinger does;
+/// testpmd's busy lcore owns the other CPU).
+fn ping_from_peer(ctx: &Ctx<'_>) -> Sample {
+    let (peer, dst) = (ctx.topo.peer.to_string(), ctx.topo.gen_dst);
+    let (warm, secs) = (ctx.opts.warmup, ctx.opts.secs);
+    let (rtts, lost) = thread::spawn(move || {
+        pin_to(DEV_CPU);
+        ping_pong(&peer, dst, warm, secs)
+    })
+    .join()
+    .unwrap();
+    latency_sample(rtts, lost)
+}
+
+/// The limit: `readv`, swap the MACs, `writev` back on the same fd, one thread per fd that
+/// sleeps in `poll` between frames.
+fn run_latency_limit(ctx: &Ctx<'_>) -> Sample {
+    for q in ctx.queues {
+        q.attach().expect("attach queue");
+        q.set_vnet_hdr_len(HDR).expect("vnet hdr");
+        q.set_offload(0).expect("offloads");
+    }
+    drain(ctx.queues);
+    let mut w = Workers::new();
+    for q in ctx.queues {
+        let fd = q.as_raw_fd();
+        w.spawn(DEV_CPU, move |stop, reads| {
+            limit_rx(fd, 2048, true, stop, reads)
+        });
+    }
+    let s = ping_from_peer(ctx);
+    w.stop();
+    s
+}
+
+/// macvhost under testpmd macswap (a busy-polling frontend on the other CPU).
+fn run_latency_macvhost(ctx: &Ctx<'_>, tag: &str, extra: &[String]) -> Sample {
+    for q in ctx.queues {
+        q.attach().expect("attach queue");
+    }
+    drain(ctx.queues);
+    let mut p = start_macvhost_testpmd(ctx, tag, extra);
+    let s = ping_from_peer(ctx);
+    p.stop_forwarding();
+    p.command("quit");
+    let tp = &mut p.testpmd;
+    wait_until(Duration::from_secs(15), || {
+        matches!(tp.try_wait(), Ok(Some(_)))
+    });
+    stop_child(&mut p.testpmd, libc::SIGINT, Duration::from_secs(20));
+    let _ = fs::remove_dir_all(format!("/var/run/dpdk/{}", p.prefix));
+    stop_child(&mut p.macvhost, libc::SIGTERM, Duration::from_secs(10));
+    s
+}
+
 /// A note when the kernel counted frames of another mean size than asked for.
 fn size_note(size: usize, seen: Vec<f64>) -> String {
     let m = median(seen);
@@ -1323,6 +1630,42 @@ fn fmt_row(r: &Row) -> String {
     )
 }
 
+/// One latency row: round trips of one frame in flight (64 B), µs.
+struct LatRow {
+    kind: String,
+    queues: u16,
+    who: String,
+    p50: f64,
+    p99: f64,
+    /// Median over repetitions of (this p50 − the limit's p50 of the same repetition).
+    over_limit: f64,
+    rounds: u64,
+    lost: u64,
+    runs: Vec<f64>,
+}
+
+const LAT_HEAD: &str = "\
+| device | qp | latency, one 64 B frame in flight | p50 µs | p99 µs | p50 over the limit, µs | round trips | lost | runs (p50 µs) |
+|---|---|---|---|---|---|---|---|---|";
+
+fn fmt_lat(r: &LatRow, is_limit: bool) -> String {
+    let over = if is_limit {
+        "—".to_string()
+    } else {
+        format!("{:+.1}", r.over_limit)
+    };
+    let runs = r
+        .runs
+        .iter()
+        .map(|x| format!("{x:.1}"))
+        .collect::<Vec<_>>()
+        .join(" ");
+    format!(
+        "| {} | {} | {} | {:.1} | {:.1} | {} | {} | {} | {} |",
+        r.kind, r.queues, r.who, r.p50, r.p99, over, r.rounds, r.lost, runs
+    )
+}
+
 const TABLE_HEAD: &str = "\
 | device | qp | frame B | mode | who | Mpps | Gbps | ratio | CPU s/Mframe | RSS MiB | drops / unaccounted | runs (Mpps) | note |
 |---|---|---|---|---|---|---|---|---|---|---|---|---|";
@@ -1347,6 +1690,7 @@ fn inside(opts: &Opts) {
     let started = chrono_now();
     println!("{TABLE_HEAD}");
     let mut rows: Vec<Row> = Vec::new();
+    let mut lat_rows: Vec<LatRow> = Vec::new();
     let mut tagn = 0;
     for kind in &opts.kinds {
         let topo = Topo::create(kind);
@@ -1355,15 +1699,62 @@ fn inside(opts: &Opts) {
             for &size in &opts.sizes {
                 topo.set_mtu(if size > 1500 { 9000 } else { 1500 });
                 for mode in &opts.modes {
+                    let lat = mode == "lat";
+                    // Latency: 64 B frames, once per device and pair count.
+                    if lat && size != opts.sizes[0] {
+                        continue;
+                    }
+                    let size = if lat { 64 } else { size };
                     let ctx = Ctx::new((opts, &dirp), &topo, &queues, size, mode);
                     let mut lim: Vec<Sample> = Vec::new();
                     let mut mv: Vec<Vec<Sample>> = vec![Vec::new(); opts.variants.len()];
+                    // DPDK's backend has a TX row on tap only (net_tap makes its own tap; it
+                    // cannot drive a macvtap, and its RX is signal-driven, see BENCHMARKS.md).
+                    let dpdk = opts.dpdk && kind == "tap" && mode == "tx";
+                    let mut dp: Vec<Sample> = Vec::new();
                     for _rep in 0..opts.reps {
-                        lim.push(run_limit(&ctx));
+                        lim.push(if lat {
+                            run_latency_limit(&ctx)
+                        } else {
+                            run_limit(&ctx)
+                        });
                         for (vi, (_, extra)) in opts.variants.iter().enumerate() {
                             tagn += 1;
-                            mv[vi].push(run_macvhost(&ctx, &format!("r{tagn}"), extra));
+                            let tag = format!("r{tagn}");
+                            mv[vi].push(if lat {
+                                run_latency_macvhost(&ctx, &tag, extra)
+                            } else {
+                                run_macvhost(&ctx, &tag, extra)
+                            });
                         }
+                        if dpdk {
+                            tagn += 1;
+                            dp.push(run_dpdk(&ctx, &format!("r{tagn}")));
+                        }
+                    }
+                    if lat {
+                        let mut push = |who: &str, s: &[Sample]| {
+                            let r = LatRow {
+                                kind: kind.clone(),
+                                queues: nq,
+                                who: who.to_string(),
+                                p50: median(s.iter().map(|x| x.mpps).collect()),
+                                p99: median(s.iter().map(|x| x.cpu_per_mframe).collect()),
+                                over_limit: median(
+                                    s.iter().zip(&lim).map(|(m, l)| m.mpps - l.mpps).collect(),
+                                ),
+                                rounds: s.iter().map(|x| x.frame_bytes).sum::<f64>() as u64,
+                                lost: s.iter().map(|x| x.unaccounted.max(0) as u64).sum(),
+                                runs: s.iter().map(|x| x.mpps).collect(),
+                            };
+                            println!("{}", fmt_lat(&r, who == "limit"));
+                            lat_rows.push(r);
+                        };
+                        push("limit", &lim);
+                        for (vi, (name, _)) in opts.variants.iter().enumerate() {
+                            push(name, &mv[vi]);
+                        }
+                        continue;
                     }
                     let lim_row = Row {
                         kind: kind.clone(),
@@ -1413,6 +1804,44 @@ fn inside(opts: &Opts) {
                         println!("{}", fmt_row(&row));
                         rows.push(row);
                     }
+                    if dpdk {
+                        // Each macvhost run against the DPDK run of the same repetition.
+                        let mv0 = &mv[0];
+                        let rate: Vec<f64> =
+                            mv0.iter().zip(&dp).map(|(m, d)| m.mpps / d.mpps).collect();
+                        let cpu: Vec<f64> = mv0
+                            .iter()
+                            .zip(&dp)
+                            .map(|(m, d)| m.cpu_per_mframe / d.cpu_per_mframe)
+                            .collect();
+                        let row = Row {
+                            kind: kind.clone(),
+                            queues: nq,
+                            size,
+                            mode: mode.clone(),
+                            who: "dpdk".into(),
+                            mpps: median(dp.iter().map(|x| x.mpps).collect()),
+                            gbps: median(
+                                dp.iter().map(|x| x.mpps * x.frame_bytes * 8e-3).collect(),
+                            ),
+                            ratio: median(
+                                dp.iter().zip(&lim).map(|(d, l)| d.mpps / l.mpps).collect(),
+                            ),
+                            cpu: median(dp.iter().map(|x| x.cpu_per_mframe).collect()),
+                            rss_mib: median(dp.iter().map(|x| x.rss_kib as f64).collect()) / 1024.0,
+                            drops: 0,
+                            unaccounted: dp.iter().map(|x| x.unaccounted).max().unwrap_or(0),
+                            runs: dp.iter().map(|x| x.mpps).collect(),
+                            note: format!(
+                                "{}/dpdk: Mpps {:.2}, CPU per frame {:.2}",
+                                opts.variants[0].0,
+                                median(rate),
+                                median(cpu)
+                            ),
+                        };
+                        println!("{}", fmt_row(&row));
+                        rows.push(row);
+                    }
                 }
             }
             drop(queues);
@@ -1440,6 +1869,12 @@ fn inside(opts: &Opts) {
         let _ = writeln!(md, "\n{TABLE_HEAD}");
         for r in &rows {
             let _ = writeln!(md, "{}", fmt_row(r));
+        }
+        if !lat_rows.is_empty() {
+            let _ = writeln!(md, "\n{LAT_HEAD}");
+            for r in &lat_rows {
+                let _ = writeln!(md, "{}", fmt_lat(r, r.who == "limit"));
+            }
         }
         if !rss_line.is_empty() {
             let _ = writeln!(md, "\n{rss_line}");

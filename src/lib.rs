@@ -47,7 +47,7 @@
 //!
 //! `#![deny(unsafe_code)]` holds everywhere except: [`host`]'s `sys` (ioctls, fd ownership,
 //! getrandom), [`datapath::iovec`] (`readv`/`writev` on guest memory), [`datapath::dirty`] (the
-//! dirty-log mapping), [`datapath::uring`] (buffers handed to io_uring), [`datapath::vnet`]
+//! dirty-log mapping), [`datapath::vnet`]
 //! (`ByteValued` for the header), [`vhost_user::shim`] (fds received with `SCM_RIGHTS`),
 //! [`vhost_user::vring`] (the kick fd borrowed under the vring lock, the fd watchdog's signal)
 //! and

@@ -13,9 +13,8 @@ use macvhost::datapath::vnet::{MAX_GSO_FRAME_LEN, VNET_HDR_LEN_V1};
 use macvhost::datapath::{
     process_rx, process_tx, QueueStats, RxOptions, RxScratch, TxOptions, TxScratch,
 };
-use macvhost::require;
 use macvhost::testkit::ring::{fill, SplitRing};
-use macvhost::testkit::{memory_of, FakeHostQueue, Need};
+use macvhost::testkit::{memory_of, FakeHostQueue};
 use vm_memory::GuestMemoryMmap;
 
 struct Counting;
@@ -116,12 +115,6 @@ fn frame(len: usize, seed: u8) -> Vec<u8> {
 #[test]
 fn tx_allocates_nothing_per_frame() {
     tx_no_alloc(TxScratch::new);
-}
-
-#[test]
-fn tx_through_io_uring_allocates_nothing_per_frame() {
-    require!(&[Need::IoUring]);
-    tx_no_alloc(|| TxScratch::with_io_uring().unwrap());
 }
 
 fn tx_no_alloc(new_scratch: impl Fn() -> TxScratch) {

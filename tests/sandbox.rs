@@ -549,7 +549,6 @@ fn sealed_daemon_passes_traffic_and_no_thread_holds_privilege() {
             topo.macvtap,
             "--queues",
             "2",
-            "--io-uring",
             "--metrics-addr",
             "127.0.0.1:0",
             // High enough never to hold a frame back, low enough to run the limiter.

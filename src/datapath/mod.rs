@@ -11,7 +11,6 @@
 //! - [`stats`]: per-queue-pair counters, one per drop reason.
 //! - [`mcast`]: IGMP/MLD report parsing and the guest's multicast membership table.
 //! - [`dirty`]: one connection's dirty-page log for live migration (`unsafe`: maps it).
-//! - [`uring`]: the opt-in io_uring TX submission (`unsafe`: buffers handed to the kernel).
 
 #[allow(unsafe_code)] // maps the frontend's dirty log
 pub mod dirty;
@@ -21,8 +20,6 @@ pub mod mcast;
 pub mod rx;
 pub mod stats;
 pub mod tx;
-#[allow(unsafe_code)] // buffers handed to io_uring
-pub mod uring;
 mod used;
 #[allow(unsafe_code)] // ByteValued for the header
 pub mod vnet;
@@ -30,10 +27,30 @@ pub mod vnet;
 use std::io;
 use std::os::fd::AsRawFd;
 
-/// Chains handled per batch: popped per read of the avail index, submitted per io_uring enter,
-/// and handled per direction before the other direction of a queue pair gets a turn. The one
+/// Chains handled per batch: popped per read of the avail index, and handled per direction before the other direction of a queue pair gets a turn. The one
 /// batch size; everything else derives from it.
 pub const BATCH: usize = 64;
+
+/// `len` bytes at guest address `addr` as one slice when they lie inside one memory region;
+/// `None` when they do not (or are not guest memory): the caller then takes vm-memory's general
+/// `get_slices` path, which splits across regions and reports the error. Per descriptor this
+/// saves the general path's iterator and `Result` plumbing, which the micro-benchmark measured
+/// at half of the TX call's CPU (`tx/null/64` 402 → 189 ns per frame). Only for memory without
+/// an IOMMU in between (`GuestMemory::physical_memory`), where no access check applies.
+fn one_region_slice<P: vm_memory::GuestMemoryBackend + ?Sized>(
+    phys: &P,
+    addr: vm_memory::GuestAddress,
+    len: usize,
+) -> Option<
+    vm_memory::VolatileSlice<
+        '_,
+        vm_memory::bitmap::BS<'_, <P::R as vm_memory::GuestMemoryRegion>::B>,
+    >,
+> {
+    use vm_memory::GuestMemoryRegion;
+    let (region, off) = phys.to_region_addr(addr)?;
+    region.get_slice(off, len).ok()
+}
 
 pub use dirty::{DirtyLog, DirtyLogState};
 pub use iovec::IoVecBuf;

@@ -452,22 +452,37 @@ impl<'m, M: GuestMemory, H: HostQueue> Rx<'_, 'm, M, H> {
                 if len == 0 {
                     continue;
                 }
-                let Ok(slices) = mem.get_slices(desc.addr(), len, Permissions::Write) else {
-                    h.dead = Some(Dead::BadChain);
-                    break;
-                };
-                for s in slices {
-                    let Ok(s) = s else {
-                        h.dead = Some(Dead::BadChain);
-                        break 'walk;
-                    };
+                // Fast path: the whole descriptor inside one region (the common case).
+                if let Some(s) = mem
+                    .physical_memory()
+                    .and_then(|p| super::one_region_slice(p, desc.addr(), len))
+                {
                     h.slices += 1;
                     if h.slices > MAX_SEGMENTS {
                         h.dead = Some(Dead::BadChain);
-                        break 'walk;
+                        break;
                     }
                     if self.iov_valid && self.iov.len() < MAX_SEGMENTS {
                         self.iov.push(&s);
+                    }
+                } else {
+                    let Ok(slices) = mem.get_slices(desc.addr(), len, Permissions::Write) else {
+                        h.dead = Some(Dead::BadChain);
+                        break;
+                    };
+                    for s in slices {
+                        let Ok(s) = s else {
+                            h.dead = Some(Dead::BadChain);
+                            break 'walk;
+                        };
+                        h.slices += 1;
+                        if h.slices > MAX_SEGMENTS {
+                            h.dead = Some(Dead::BadChain);
+                            break 'walk;
+                        }
+                        if self.iov_valid && self.iov.len() < MAX_SEGMENTS {
+                            self.iov.push(&s);
+                        }
                     }
                 }
                 h.capacity += len;

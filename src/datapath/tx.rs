@@ -53,7 +53,6 @@ use vm_memory::{GuestMemory, Permissions};
 
 use super::mcast;
 use super::stats::QueueStats;
-use super::uring::{TxRing, URING_BATCH};
 use super::used::UsedBatch;
 use super::vnet::{
     tx_max_frame_len, vnet_hdr_len, GSO_TYPE_OFFSET, VIRTIO_NET_HDR_GSO_ECN,
@@ -198,9 +197,6 @@ impl TxWatch {
 #[derive(Debug, Default)]
 pub struct TxScratch {
     iov: IoVecBuf<'static>,
-    /// io_uring mode: the ring, and one iovec list per frame of a batch.
-    ring: Option<TxRing>,
-    bufs: Vec<IoVecBuf<'static>>,
     watch: Option<TxWatch>,
 }
 
@@ -209,33 +205,13 @@ impl TxScratch {
     pub fn new() -> Self {
         TxScratch {
             iov: IoVecBuf::with_capacity(64),
-            ring: None,
-            bufs: Vec::new(),
             watch: None,
         }
-    }
-
-    /// Scratch for the io_uring TX path: each batch of up to [`URING_BATCH`] frames goes to the
-    /// host queue in one `io_uring_enter` (see [`super::uring`]).
-    pub fn with_io_uring() -> io::Result<Self> {
-        Ok(TxScratch {
-            iov: IoVecBuf::with_capacity(64),
-            ring: Some(TxRing::new()?),
-            bufs: (0..URING_BATCH)
-                .map(|_| IoVecBuf::with_capacity(64))
-                .collect(),
-            watch: None,
-        })
     }
 
     /// Watches every frame sent from now on (`None`: stop watching).
     pub fn set_watch(&mut self, watch: Option<TxWatch>) {
         self.watch = watch;
-    }
-
-    /// Whether TX goes through io_uring.
-    pub fn uses_io_uring(&self) -> bool {
-        self.ring.is_some()
     }
 }
 
@@ -302,187 +278,10 @@ pub fn process_tx<M: GuestMemory, H: HostQueue>(
     opts: &TxOptions,
 ) -> TxOutcome {
     let watch = scratch.watch.as_mut();
-    if let Some(mut ring) = scratch.ring.take() {
-        // Same allocation, rebound to this call's memory (in-place collect).
-        let mut bufs: Vec<IoVecBuf<'_>> = std::mem::take(&mut scratch.bufs)
-            .into_iter()
-            .map(IoVecBuf::reuse)
-            .collect();
-        let (out, ring_ok) =
-            tx_batch_uring(queue, mem, host, stats, &mut bufs, &mut ring, opts, watch);
-        scratch.bufs = bufs.into_iter().map(IoVecBuf::reuse).collect();
-        if ring_ok {
-            scratch.ring = Some(ring);
-        } else {
-            // The ring itself failed (not a frame): go on with one writev per frame.
-            tracing::warn!("io_uring TX failed; falling back to writev");
-            scratch.bufs = Vec::new();
-        }
-        return out;
-    }
     let mut iov: IoVecBuf<'_> = std::mem::take(&mut scratch.iov).reuse();
     let out = tx_batch(queue, mem, host, stats, &mut iov, opts, watch);
     scratch.iov = iov.reuse();
     out
-}
-
-/// What one popped chain of an io_uring batch turned out to be.
-#[derive(Debug, Clone, Copy)]
-enum Slot {
-    /// Head index out of range: no used entry.
-    BadHead,
-    Drop(TxDrop),
-    /// A frame of this length (header included), submitted.
-    Frame(usize),
-}
-
-/// [`tx_batch`] with the frames of each popped batch written by one linked io_uring submission.
-/// Returns the outcome and false when the ring itself failed (the batch was given back).
-#[allow(clippy::too_many_arguments)]
-fn tx_batch_uring<'m, M: GuestMemory, H: HostQueue>(
-    queue: &mut Queue,
-    mem: &'m M,
-    host: &H,
-    stats: &QueueStats,
-    bufs: &mut [IoVecBuf<'m>],
-    ring: &mut TxRing,
-    opts: &TxOptions,
-    mut watch: Option<&mut TxWatch>,
-) -> (TxOutcome, bool) {
-    let mut out = TxOutcome::default();
-    let mut ring_ok = true;
-    let budget = opts.budget.max(1);
-    let max_len = tx_max_frame_len(opts.hdr_len);
-    let mut done = 0usize;
-    let mut used = UsedBatch::new(queue);
-    let batch = POP_BATCH.min(URING_BATCH).min(bufs.len());
-
-    if queue.disable_notification(mem).is_err() {
-        out.broken = true;
-    }
-    let mut recheck = false;
-    let mut chains: [Option<DescriptorChain<&'m M>>; POP_BATCH] = std::array::from_fn(|_| None);
-    let mut slots = [Slot::BadHead; POP_BATCH];
-    let mut heads = [0u16; POP_BATCH];
-    let mut which = [0usize; POP_BATCH];
-    let mut results = [0i32; POP_BATCH];
-    'batch: while !out.broken {
-        let mut popped = 0usize;
-        while done < budget {
-            let want = (budget - done).min(batch);
-            let n = match pop_batch(queue, mem, &mut chains, want) {
-                Pop::Chain(n) => n,
-                Pop::Empty => 0,
-                Pop::NotReady => break 'batch,
-                Pop::Broken => {
-                    out.broken = true;
-                    break 'batch;
-                }
-            };
-            if n == 0 {
-                if recheck && popped == 0 {
-                    out.broken = true;
-                    break 'batch;
-                }
-                break;
-            }
-            // Walk every chain of the batch, then write all its frames at once.
-            let mut nw = 0usize;
-            for k in 0..n {
-                let Some(chain) = chains[k].take() else {
-                    continue;
-                };
-                heads[k] = chain.head_index();
-                if heads[k] >= queue.size() {
-                    slots[k] = Slot::BadHead;
-                    continue;
-                }
-                bufs[k].clear();
-                slots[k] = match gather_tx(chain, mem, &mut bufs[k], opts.hdr_len, max_len) {
-                    Ok(len) => {
-                        which[nw] = k;
-                        nw += 1;
-                        Slot::Frame(len)
-                    }
-                    Err(d) => Slot::Drop(d),
-                };
-            }
-            results[..n].fill(0);
-            if ring
-                .write_linked(host.as_raw_fd(), bufs, &which[..nw], &mut results)
-                .is_err()
-            {
-                queue.set_next_avail(queue.next_avail().wrapping_sub(n as u16));
-                ring_ok = false;
-                out.more = true;
-                break 'batch;
-            }
-            // Complete in avail order.
-            for k in 0..n {
-                done += 1;
-                popped += 1;
-                match slots[k] {
-                    Slot::BadHead => {
-                        QueueStats::inc(&stats.tx_drop_bad_chain);
-                        continue;
-                    }
-                    Slot::Drop(TxDrop::BadChain) => QueueStats::inc(&stats.tx_drop_bad_chain),
-                    Slot::Drop(TxDrop::TooShort) => QueueStats::inc(&stats.tx_drop_too_short),
-                    Slot::Drop(TxDrop::TooBig) => QueueStats::inc(&stats.tx_drop_too_big),
-                    Slot::Frame(len) => {
-                        let r = results[k];
-                        if r >= 0 {
-                            out.frames += 1;
-                            sent(&bufs[k], len, opts, stats, watch.as_deref_mut());
-                        } else if r == -libc::EAGAIN || r == -libc::ECANCELED || r == -libc::EINTR {
-                            // Not written (full, cancelled after an earlier failure in the
-                            // link, interrupted): this chain and the rest go back, in order.
-                            queue.set_next_avail(queue.next_avail().wrapping_sub((n - k) as u16));
-                            if r == -libc::EAGAIN {
-                                QueueStats::inc(&stats.tx_eagain);
-                                out.blocked = true;
-                            } else {
-                                out.more = true;
-                            }
-                            break 'batch;
-                        } else {
-                            QueueStats::inc(&stats.tx_drop_host_error);
-                            out.host_error = Some(-r);
-                        }
-                    }
-                }
-                if used.add(queue, mem, heads[k], 0).is_err() {
-                    out.broken = true;
-                    break 'batch;
-                }
-            }
-        }
-        if done >= budget {
-            out.more = true;
-            break;
-        }
-        match queue.enable_notification(mem) {
-            Ok(false) => break,
-            Ok(true) => {
-                recheck = true;
-                if queue.disable_notification(mem).is_err() {
-                    out.broken = true;
-                }
-            }
-            Err(_) => out.broken = true,
-        }
-    }
-    for b in bufs.iter_mut() {
-        b.clear();
-    }
-    if used.publish(queue, mem).is_err() {
-        out.broken = true;
-    }
-    if out.broken {
-        QueueStats::inc(&stats.queue_broken);
-    }
-    out.notify = used.needs_notification(queue, mem);
-    (out, ring_ok)
 }
 
 fn tx_batch<'m, M: GuestMemory, H: HostQueue>(
@@ -669,6 +468,17 @@ fn gather_tx<'m, M: GuestMemory>(
         if len == 0 {
             continue;
         }
+        // Fast path: the whole descriptor inside one region (the common case) is one slice.
+        if let Some(s) = mem
+            .physical_memory()
+            .and_then(|p| super::one_region_slice(p, desc.addr(), len))
+        {
+            if iov.len() == MAX_SEGMENTS {
+                return Err(TxDrop::BadChain);
+            }
+            iov.push(&s);
+            continue;
+        }
         let slices = mem
             .get_slices(desc.addr(), len, Permissions::Read)
             .map_err(|_| TxDrop::BadChain)?;
@@ -696,7 +506,6 @@ mod tests {
     use super::*;
     use crate::datapath::stats::StatsSnapshot;
     use crate::datapath::vnet::{MAX_GSO_FRAME_LEN, VNET_HDR_LEN_LEGACY, VNET_HDR_LEN_V1};
-    use crate::require;
     use crate::testkit::*;
     use virtio_bindings::virtio_ring::VRING_DESC_F_INDIRECT;
     use vm_memory::GuestMemoryMmap;
@@ -1443,68 +1252,6 @@ mod tests {
         assert_eq!(s.tx_drop_host_error, 10);
     }
 
-    #[test]
-    fn tx_io_uring_sends_frames_in_order_and_returns_every_head_once() {
-        let mem = test_memory();
-        let mut gq = GuestQueue::new(&mem, 256);
-        let mut q = gq.create_queue_event_idx();
-        let mut fx = Fx::new();
-        require!(&[Need::IoUring]);
-        fx.scratch = TxScratch::with_io_uring().expect("io_uring works");
-        assert!(fx.scratch.uses_io_uring());
-        // 100 chains (more than one io_uring batch): good frames of distinct contents, with a
-        // malformed chain and a too-short one in between.
-        let mut want = Vec::new();
-        for i in 0..100u64 {
-            let addr = DATA_BASE + i * 256;
-            match i % 10 {
-                3 => {
-                    gq.add_desc_chain(&[(HOLE_START, 112, 0)]);
-                }
-                7 => {
-                    gq.add_desc_chain(&[(addr, 5, 0)]);
-                }
-                _ => {
-                    let frame = pattern_frame(HDR, 60 + i as usize, i as u8);
-                    let d = put_frame(
-                        &mem,
-                        &frame,
-                        &[(addr, 40), (addr + 40, frame.len() as u32 - 40)],
-                    );
-                    gq.add_desc_chain(&d);
-                    want.push(frame);
-                }
-            }
-        }
-        let mut got = Vec::new();
-        loop {
-            let out = fx.run(&mut q, &mem, 64);
-            assert!(!out.broken && !out.blocked, "{out:?}");
-            // The datagram socket holds a limited queue: empty it between calls.
-            got.extend(fx.host.take_all_frames());
-            if !out.more {
-                break;
-            }
-        }
-        assert_eq!(got, want);
-        gq.assert_popped_returned_once(&q);
-        let s = fx.snap();
-        expect_counters(
-            s,
-            &[
-                ("tx_frames", 80),
-                (
-                    "tx_bytes",
-                    want.iter().map(|f| (f.len() - HDR) as u64).sum(),
-                ),
-                ("tx_drop_bad_chain", 10),
-                ("tx_drop_too_short", 10),
-            ],
-        );
-        // Nothing went through `send_frame`: the ring wrote to the fd directly.
-        assert_eq!(fx.host.send_calls(), 0);
-    }
-
     /// Frames with gso_type TCPV4, TCPV6|ECN, NONE and NONE|ECN: two of four ask for
     /// segmentation. Returns the counters after sending them through `fx`.
     fn send_gso_mix(fx: &mut Fx) -> StatsSnapshot {
@@ -1535,10 +1282,6 @@ mod tests {
             s,
             &[("tx_frames", 4), ("tx_bytes", 400), ("tx_gso_frames", 2)],
         );
-        let mut fx = Fx::new();
-        require!(&[Need::IoUring]);
-        fx.scratch = TxScratch::with_io_uring().expect("io_uring works");
-        assert_eq!(send_gso_mix(&mut fx).tx_gso_frames, 2);
     }
 
     /// Sends `frames` (Ethernet frames, a header put before each, split after the destination
@@ -1604,22 +1347,15 @@ mod tests {
             eth([0x01, 0x00, 0x5e, 0x80, 0, 1], own, 60),
             v6.clone(),
         ];
-        for mut fx in [Fx::new(), {
-            let mut fx = Fx::new();
-            if let Ok(s) = TxScratch::with_io_uring() {
-                fx.scratch = s;
-            }
-            fx
-        }] {
-            let (seen, foreign) = watched(&mut fx, own, &frames);
-            assert_eq!(seen.len(), 2, "only the two IP multicast frames");
-            assert_eq!(seen[0], (v4.clone(), 60));
-            // A long frame is copied up to COPY_LEN, with its real length.
-            assert_eq!(seen[1].0, v6[..mcast::COPY_LEN].to_vec());
-            assert_eq!(seen[1].1, 3000);
-            assert!(foreign.is_empty());
-            assert_eq!(fx.snap().tx_foreign_src_mac, 0);
-        }
+        let mut fx = Fx::new();
+        let (seen, foreign) = watched(&mut fx, own, &frames);
+        assert_eq!(seen.len(), 2, "only the two IP multicast frames");
+        assert_eq!(seen[0], (v4.clone(), 60));
+        // A long frame is copied up to COPY_LEN, with its real length.
+        assert_eq!(seen[1].0, v6[..mcast::COPY_LEN].to_vec());
+        assert_eq!(seen[1].1, 3000);
+        assert!(foreign.is_empty());
+        assert_eq!(fx.snap().tx_foreign_src_mac, 0);
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! The seccomp allowlists, one per thread kind, each entry with the reason it is there.
 //!
 //! Found by running the daemon under `strace -f` through the privileged suites (testpmd
-//! traffic, reconnects, `--client`, `--io-uring`, rate limits, stats and Prometheus, migration
+//! traffic, reconnects, `--client`, rate limits, stats and Prometheus, migration
 //! logging, link down/up); `docs/security.md` lists them with the same reasons.
 //!
 //! The [`ThreadKind::Process`] filter is on every thread. The narrower ones are stacked on top
@@ -79,8 +79,6 @@ pub(super) struct Entry {
 /// What the lists depend on.
 #[derive(Debug, Clone, Copy)]
 pub(super) struct Opts {
-    /// `--io-uring`: the io_uring syscalls.
-    pub io_uring: bool,
     /// Our pid: `tgkill` only to our own threads.
     pub pid: u32,
     /// The link helper's pid: `wait4` only for it.
@@ -90,7 +88,6 @@ pub(super) struct Opts {
 impl Opts {
     pub fn for_config(config: &super::SandboxConfig) -> Opts {
         Opts {
-            io_uring: config.io_uring,
             pid: std::process::id(),
             helper_pid: config.helper_pid,
         }
@@ -405,17 +402,6 @@ fn process(l: &mut List, o: &Opts) {
             "reaping the link helper on exit (its pid only)",
         );
     }
-    if o.io_uring {
-        l.allow(
-            sys!(SYS_io_uring_setup),
-            "--io-uring: a TX ring per queue pair",
-        );
-        l.allow(
-            sys!(SYS_io_uring_enter),
-            "--io-uring: one submission per TX batch",
-        );
-        l.allow(sys!(SYS_io_uring_register), "--io-uring: ring set-up");
-    }
 }
 
 fn service(l: &mut List, o: &Opts) {
@@ -513,16 +499,6 @@ fn worker(l: &mut List, o: &Opts) {
         "attach/detach the queue when a vring is enabled or disabled (TUNGETIFF when that \
          answers EINVAL)",
     );
-    if o.io_uring {
-        l.allow(
-            sys!(SYS_io_uring_enter),
-            "--io-uring: one submission per TX batch",
-        );
-        l.allow(
-            sys!(SYS_io_uring_setup),
-            "--io-uring: a ring is replaced after a failed submission",
-        );
-    }
 }
 
 fn relay(l: &mut List, o: &Opts) {
@@ -625,10 +601,9 @@ pub(super) fn allowlist(kind: ThreadKind, o: &Opts) -> Vec<Entry> {
 }
 
 /// Every allowed syscall per kind, with its reason and a note of its argument conditions
-/// (with `--io-uring` on), for documentation and audits.
+/// (every option on), for documentation and audits.
 pub fn allowlist_table() -> Vec<(ThreadKind, &'static str, &'static str, bool)> {
     let o = Opts {
-        io_uring: true,
         pid: std::process::id(),
         helper_pid: Some(1),
     };

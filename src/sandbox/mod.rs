@@ -173,8 +173,6 @@ pub struct SandboxConfig {
     pub fs: FsIsolation,
     /// Directories the sealed process still uses, and for what.
     pub dirs: Vec<(PathBuf, DirUse)>,
-    /// Allow the io_uring syscalls (`--io-uring`).
-    pub io_uring: bool,
     /// The pid of the [`helper::LinkHelper`] started before sealing: the sealed process may
     /// reap it (`wait4` on that pid only).
     pub helper_pid: Option<u32>,

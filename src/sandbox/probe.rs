@@ -30,9 +30,6 @@ pub struct ProbeArgs {
     /// Idle threads to start before sealing (to exercise sealing running threads).
     #[arg(long, default_value_t = 0)]
     pub threads: usize,
-    /// Allow the io_uring syscalls.
-    #[arg(long)]
-    pub io_uring: bool,
     /// Switch to this uid (with --gid).
     #[arg(long)]
     pub uid: Option<u32>,
@@ -82,7 +79,6 @@ fn config(a: &ProbeArgs) -> Result<SandboxConfig, String> {
         run_as,
         fs,
         dirs,
-        io_uring: a.io_uring,
         helper_pid: None,
     })
 }

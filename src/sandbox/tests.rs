@@ -4,9 +4,8 @@
 use super::filters::{allowlist, Cond, Opts};
 use super::*;
 
-fn opts(io_uring: bool) -> Opts {
+fn opts() -> Opts {
     Opts {
-        io_uring,
         pid: std::process::id(),
         helper_pid: Some(1),
     }
@@ -62,10 +61,8 @@ const NEVER: &[&str] = &[
 #[test]
 fn no_allowlist_contains_a_syscall_that_undoes_the_sandbox() {
     for kind in ThreadKind::ALL {
-        for io_uring in [false, true] {
-            for e in allowlist(kind, &opts(io_uring)) {
-                assert!(!NEVER.contains(&e.name), "{kind:?} allows {}", e.name);
-            }
+        for e in allowlist(kind, &opts()) {
+            assert!(!NEVER.contains(&e.name), "{kind:?} allows {}", e.name);
         }
     }
 }
@@ -73,7 +70,7 @@ fn no_allowlist_contains_a_syscall_that_undoes_the_sandbox() {
 #[test]
 fn every_allowed_syscall_has_a_name_a_reason_and_a_number_that_matches() {
     for kind in ThreadKind::ALL {
-        for e in allowlist(kind, &opts(true)) {
+        for e in allowlist(kind, &opts()) {
             assert!(!e.why.is_empty(), "{kind:?} {}", e.name);
             assert_eq!(syscall_name(e.nr), Some(e.name), "{kind:?} nr {}", e.nr);
         }
@@ -84,43 +81,41 @@ fn every_allowed_syscall_has_a_name_a_reason_and_a_number_that_matches() {
 fn narrow_filters_allow_nothing_the_process_filter_denies() {
     // A narrower filter is stacked on the process filter: an entry the process filter lacks
     // would be dead (and would hide a missing entry there).
-    for io_uring in [false, true] {
-        let process: Vec<_> = allowlist(ThreadKind::Process, &opts(io_uring));
-        for kind in ThreadKind::NARROW {
-            for e in allowlist(kind, &opts(io_uring)) {
-                assert!(
-                    process.iter().any(|p| p.nr == e.nr),
-                    "{kind:?} allows {} but the process filter does not",
-                    e.name
-                );
-            }
+    let process: Vec<_> = allowlist(ThreadKind::Process, &opts());
+    for kind in ThreadKind::NARROW {
+        for e in allowlist(kind, &opts()) {
+            assert!(
+                process.iter().any(|p| p.nr == e.nr),
+                "{kind:?} allows {} but the process filter does not",
+                e.name
+            );
         }
     }
 }
 
 #[test]
-fn io_uring_syscalls_only_with_io_uring() {
+fn no_allowlist_lets_io_uring_bypass_seccomp() {
+    // Operations submitted to a ring are never seen by seccomp: a ring in the sealed process
+    // would reopen every syscall the filters close.
     for kind in ThreadKind::ALL {
-        let off = allowlist(kind, &opts(false));
+        let list = allowlist(kind, &opts());
         assert!(
-            !off.iter().any(|e| e.name.starts_with("io_uring")),
+            !list.iter().any(|e| e.name.starts_with("io_uring")),
             "{kind:?}"
         );
     }
-    let on = allowlist(ThreadKind::Worker, &opts(true));
-    assert!(on.iter().any(|e| e.name == "io_uring_enter"));
 }
 
 #[test]
 fn workers_cannot_open_connect_or_spawn() {
-    let w = allowlist(ThreadKind::Worker, &opts(true));
+    let w = allowlist(ThreadKind::Worker, &opts());
     for name in [
         "socket", "connect", "bind", "accept4", "openat", "clone", "clone3", "sendmsg", "mkdirat",
         "unlinkat",
     ] {
         assert!(!w.iter().any(|e| e.name == name), "worker allows {name}");
     }
-    let s = allowlist(ThreadKind::Service, &opts(false));
+    let s = allowlist(ThreadKind::Service, &opts());
     for name in ["socket", "connect", "bind", "openat", "clone", "mmap_exec"] {
         assert!(!s.iter().any(|e| e.name == name), "service allows {name}");
     }
@@ -131,7 +126,7 @@ fn calls_that_multiplex_many_operations_are_always_argument_filtered() {
     // One allowed number would open every operation behind it (any ioctl of any fd, fcntl's
     // F_SETOWN, prctl's PR_SET_SECCOMP mode 1, fork-style clone, any socket family).
     for kind in ThreadKind::ALL {
-        for e in allowlist(kind, &opts(true)) {
+        for e in allowlist(kind, &opts()) {
             if [
                 "ioctl", "fcntl", "prctl", "clone", "socket", "tgkill", "seccomp", "wait4",
             ]
@@ -147,7 +142,7 @@ fn calls_that_multiplex_many_operations_are_always_argument_filtered() {
 fn no_thread_may_open_a_file_once_sealed() {
     // Everything is opened at start-up; the shim's rendezvous is an abstract socket.
     for kind in ThreadKind::ALL {
-        for e in allowlist(kind, &opts(true)) {
+        for e in allowlist(kind, &opts()) {
             for name in [
                 "open", "openat", "openat2", "creat", "mkdir", "mkdirat", "mknod",
             ] {
@@ -160,7 +155,7 @@ fn no_thread_may_open_a_file_once_sealed() {
 #[test]
 fn memory_can_never_be_made_executable() {
     for kind in ThreadKind::ALL {
-        for e in allowlist(kind, &opts(true)) {
+        for e in allowlist(kind, &opts()) {
             if e.name == "mmap" || e.name == "mprotect" {
                 assert_eq!(
                     e.when,
@@ -176,7 +171,7 @@ fn memory_can_never_be_made_executable() {
 
 #[test]
 fn sockets_are_unix_only_and_clone_makes_threads_only() {
-    let p = allowlist(ThreadKind::Process, &opts(false));
+    let p = allowlist(ThreadKind::Process, &opts());
     let get = |n: &str| p.iter().find(|e| e.name == n).unwrap().when.clone();
     assert_eq!(get("socket"), vec![vec![Cond::Eq(0, libc::AF_UNIX as u64)]]);
     assert_eq!(

@@ -100,8 +100,8 @@ pub struct Settings {
     pub control_socket: Option<PathBuf>,
     /// Prometheus endpoint.
     pub metrics_addr: Option<std::net::SocketAddr>,
-    /// Batched TX writes through io_uring.
-    pub io_uring: bool,
+    /// Busy polling after each wake-up, µs (`--poll-us`; 0 = off).
+    pub poll_us: u32,
     /// How the guest's multicast groups reach the macvtap (`--rx-filter`).
     pub rx_filter: RxFilterMode,
     /// Most multicast groups followed before falling back to allmulticast (`--max-groups`).
@@ -284,9 +284,7 @@ pub fn run(config: Settings, mut inherited: crate::systemd::ListenFds) -> Result
         perms: config.socket_perms,
     };
     let frontends = Frontends::open(&endpoint, &stopper.0)?;
-    if config.io_uring {
-        crate::worker::set_tx_io_uring(true);
-    }
+    crate::worker::set_poll_us(config.poll_us);
 
     // With --macvtap-parent, create the macvtap first; it is deleted when `created` drops at the
     // end of `run` (after the last frontend), unless --keep.
@@ -505,7 +503,6 @@ fn seal(
         seccomp: config.sandbox.seccomp,
         run_as: config.sandbox.run_as,
         dirs,
-        io_uring: config.io_uring || crate::worker::tx_io_uring(),
         helper_pid: helper.map(crate::sandbox::helper::LinkHelper::pid),
         ..SandboxConfig::default()
     };

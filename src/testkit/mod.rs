@@ -42,8 +42,6 @@ pub enum Need {
     Tool(&'static str),
     /// A file or device node, e.g. `/dev/net/tun`.
     File(&'static str),
-    /// A working io_uring (the kernel has it and no sysctl or seccomp filter refuses it).
-    IoUring,
     /// Anything else: `holds` checks it, `what` names it in the skip line (e.g. the QEMU
     /// guest image or what builds it).
     Check(&'static str, fn() -> bool),
@@ -61,9 +59,6 @@ impl Need {
             Need::Root => (!is_root()).then(|| "root".to_owned()),
             Need::Tool(t) => which(t).is_none().then(|| format!("`{t}` on PATH")),
             Need::File(f) => (!Path::new(f).exists()).then(|| f.to_owned()),
-            Need::IoUring => io_uring::IoUring::new(8)
-                .err()
-                .map(|e| format!("io_uring ({e})")),
             Need::Check(what, holds) => (!holds()).then(|| what.to_owned()),
             Need::OptIn(var) => (!opted_in(var)).then(|| format!("{var} set (opt-in)")),
         }

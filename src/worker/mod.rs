@@ -25,7 +25,7 @@ pub mod throttle;
 
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -112,33 +112,27 @@ impl EventRegistry for EpollRegistry {
     }
 }
 
-/// TX through io_uring (the `--io-uring` runtime option): one `io_uring_enter` per batch of
-/// frames instead of one `writev` per frame. Set once at start-up, before serving.
-static TX_IO_URING: AtomicBool = AtomicBool::new(false);
+/// Busy polling after a wake-up (`--poll-us`), in µs; 0 = off. Set once at start-up, before
+/// serving; read per event.
+static POLL_US: AtomicU32 = AtomicU32::new(0);
 
-/// Turns the io_uring TX path on or off for queue pairs created from now on.
-pub fn set_tx_io_uring(on: bool) {
-    TX_IO_URING.store(on, Ordering::Relaxed);
+/// Longest `--poll-us` (1 s): a longer spin only burns a core.
+pub const MAX_POLL_US: u32 = 1_000_000;
+
+/// Longest continuous polling before the worker's thread looks at its other events again.
+const POLL_SLICE: Duration = Duration::from_millis(1);
+
+/// Sets how long a worker keeps polling its rings and host queue after it handled an event,
+/// before it goes back to sleep (as vhost-net's `busyloop_timeout`). Each round that moves a
+/// frame starts the window again; a window with nothing to do ends it. A pair that is idle is
+/// never woken, so it never polls: idle stays at zero wake-ups and zero CPU.
+pub fn set_poll_us(us: u32) {
+    POLL_US.store(us.min(MAX_POLL_US), Ordering::Relaxed);
 }
 
-/// Whether new queue pairs write TX frames through io_uring (`set_tx_io_uring`, or the
-/// environment variable `MACVHOST_IO_URING=1`).
-pub fn tx_io_uring() -> bool {
-    TX_IO_URING.load(Ordering::Relaxed)
-        || std::env::var_os("MACVHOST_IO_URING").is_some_and(|v| v == "1")
-}
-
-fn new_tx_scratch(index: usize) -> TxScratch {
-    if tx_io_uring() {
-        match TxScratch::with_io_uring() {
-            Ok(s) => return s,
-            Err(e) => tracing::warn!(
-                queue_pair = index,
-                "io_uring unavailable ({e}); TX uses one writev per frame"
-            ),
-        }
-    }
-    TxScratch::default()
+/// The `--poll-us` in force.
+pub fn poll_us() -> u32 {
+    POLL_US.load(Ordering::Relaxed)
 }
 
 /// What the acked features mean for one queue pair's datapath.
@@ -322,7 +316,7 @@ impl<Q: PairQueue> PairWorker<Q> {
                 registry: None,
                 mem: None,
                 settings: PairSettings::from_features(0, mtu),
-                tx_scratch: new_tx_scratch(index),
+                tx_scratch: TxScratch::default(),
                 rx_scratch: RxScratch::default(),
                 state: PairState::default(),
                 watched: Watched::default(),
@@ -459,8 +453,52 @@ impl<Q: PairQueue> PairWorker<Q> {
         }
         if inner.state.active {
             self.service(inner, rx_vring, tx_vring);
+            let poll = poll_us();
+            if poll > 0 {
+                drop(guard);
+                self.busy_poll(rx_vring, tx_vring, Duration::from_micros(poll.into()));
+            }
         }
         Ok(())
+    }
+
+    /// `--poll-us`: keeps servicing the pair without sleeping until `window` passes with no
+    /// frame moved either way. Each service call is what a kick or a readable host queue would
+    /// have run (a TX round on the avail ring, an RX round whose `readv` answers EAGAIN when the
+    /// host queue is empty), so no new syscall is made and every state rule still holds; the
+    /// state machine may stop a direction meanwhile (EAGAIN, no buffers, a broken ring), and a
+    /// pair with nothing that may run stops polling. The lock is taken per round, so control
+    /// calls (memory table, teardown) get in between, and the thread goes back to its epoll
+    /// loop at least every [`POLL_SLICE`] (longer windows: every window) even under
+    /// continuous traffic, so its other events (exit, ring state) are never starved.
+    fn busy_poll<V: PairVring>(&self, rx: &V, tx: &V, window: Duration) {
+        let moved = || {
+            self.stats.tx_frames.load(Ordering::Relaxed)
+                + self.stats.rx_frames.load(Ordering::Relaxed)
+        };
+        let start = Instant::now();
+        let slice = window.max(POLL_SLICE);
+        let mut last = moved();
+        let mut until = start + window;
+        loop {
+            let now = Instant::now();
+            if now >= until || now.duration_since(start) >= slice {
+                break;
+            }
+            std::hint::spin_loop();
+            let mut guard = self.lock();
+            let inner = &mut *guard;
+            if !(inner.state.tx_runs() || inner.state.rx_runs()) {
+                break;
+            }
+            self.service(inner, rx, tx);
+            drop(guard);
+            let m = moved();
+            if m != last {
+                last = m;
+                until = Instant::now() + window;
+            }
+        }
     }
 
     fn io<R>(&self, inner: &mut Inner, f: impl FnOnce(&mut PairState, &mut Io<'_, Q>) -> R) -> R {

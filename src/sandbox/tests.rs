@@ -216,7 +216,7 @@ fn no_thread_may_change_owner_or_mode_once_sealed() {
     // The socket keeps the owner and mode set at start-up (it is moved aside on link loss,
     // never bound again): a sealed process has no reason to chown or chmod anything.
     for kind in ThreadKind::ALL {
-        for e in allowlist(kind, &opts(true)) {
+        for e in allowlist(kind, &opts()) {
             for name in [
                 "chmod",
                 "fchmod",

@@ -923,12 +923,18 @@ fn testpmd_totals(log: &str) -> Option<(u64, u64)> {
     Some((grab("RX-packets:")?, grab("TX-packets:")?))
 }
 
+/// `a - b` of two frame counters, signed (saturating; counters stay far below 2^63).
+fn signed_gap(a: u64, b: u64) -> i64 {
+    let d = i128::from(a) - i128::from(b);
+    i64::try_from(d).unwrap_or(if d < 0 { i64::MIN } else { i64::MAX })
+}
+
 fn stop_child(c: &mut Child, sig: i32, timeout: Duration) {
     if let Ok(Some(_)) = c.try_wait() {
         return;
     }
     // SAFETY: signalling our own child.
-    unsafe { libc::kill(c.id() as i32, sig) };
+    unsafe { libc::kill(i32::try_from(c.id()).expect("Linux pids fit pid_t"), sig) };
     let end = Instant::now() + timeout;
     while Instant::now() < end {
         if let Ok(Some(_)) = c.try_wait() {
@@ -1219,8 +1225,8 @@ fn run_macvhost(ctx: &Ctx<'_>, tag: &str, extra: &[String]) -> Sample {
         .sum();
     match testpmd_totals(&log) {
         Some((tp_rx, tp_tx)) => {
-            let rx_gap = into_macvhost_rx as i64 - tp_rx as i64;
-            let tx_gap = tp_tx as i64 - out_of_macvhost_tx as i64;
+            let rx_gap = signed_gap(into_macvhost_rx, tp_rx);
+            let tx_gap = signed_gap(tp_tx, out_of_macvhost_tx);
             s.unaccounted = match ctx.mode {
                 "tx" => tx_gap,
                 "rx" => rx_gap,

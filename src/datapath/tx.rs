@@ -256,6 +256,15 @@ pub(super) enum Pop<C> {
     Broken,
 }
 
+/// Gives the last `n` popped chains back to the avail ring: the next pop returns them again, in
+/// the same order. `n` is at most one batch.
+pub(super) fn rewind_avail(queue: &mut Queue, n: usize) {
+    // Ring indices count modulo 2^16, so subtracting n's low 16 bits is subtracting n.
+    #[allow(clippy::cast_possible_truncation)]
+    let n = n as u16;
+    queue.set_next_avail(queue.next_avail().wrapping_sub(n));
+}
+
 /// Pops up to `want` chains (at least one, at most `chains.len()`) into `chains[..n]` with one
 /// read of the avail index: `Chain(n)` with `n > 0`, or why none came.
 pub(super) fn pop_batch<'m, M: GuestMemory>(
@@ -412,7 +421,7 @@ fn tx_batch_uring<'m, M: GuestMemory, H: HostQueue>(
                 .write_linked(host.as_raw_fd(), bufs, &which[..nw], &mut results)
                 .is_err()
             {
-                queue.set_next_avail(queue.next_avail().wrapping_sub(n as u16));
+                rewind_avail(queue, n);
                 ring_ok = false;
                 out.more = true;
                 break 'batch;
@@ -437,7 +446,7 @@ fn tx_batch_uring<'m, M: GuestMemory, H: HostQueue>(
                         } else if r == -libc::EAGAIN || r == -libc::ECANCELED || r == -libc::EINTR {
                             // Not written (full, cancelled after an earlier failure in the
                             // link, interrupted): this chain and the rest go back, in order.
-                            queue.set_next_avail(queue.next_avail().wrapping_sub((n - k) as u16));
+                            rewind_avail(queue, n - k);
                             if r == -libc::EAGAIN {
                                 QueueStats::inc(&stats.tx_eagain);
                                 out.blocked = true;
@@ -539,7 +548,7 @@ fn tx_batch<'m, M: GuestMemory, H: HostQueue>(
                         for c in chains[k + 1..n].iter_mut() {
                             *c = None;
                         }
-                        queue.set_next_avail(queue.next_avail().wrapping_sub((n - k) as u16));
+                        rewind_avail(queue, n - k);
                     };
                 done += 1;
                 popped += 1;

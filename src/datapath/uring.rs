@@ -35,7 +35,7 @@ impl TxRing {
     /// A ring with room for one batch.
     pub fn new() -> io::Result<TxRing> {
         Ok(TxRing {
-            ring: IoUring::new((URING_BATCH * 2) as u32)?,
+            ring: IoUring::new(u32::try_from(URING_BATCH * 2).map_err(io::Error::other)?)?,
         })
     }
 
@@ -59,7 +59,10 @@ impl TxRing {
             // RWF_NOWAIT: a queue that cannot take the frame now answers -EAGAIN (the datapath
             // then waits for EPOLLOUT) instead of io_uring parking the request on a poll, which
             // would block this thread in io_uring_enter.
-            let mut e = opcode::Writev::new(types::Fd(fd), iovs.as_ptr(), iovs.len() as u32)
+            // The kernel refuses a list longer than IOV_MAX (1024) with -EINVAL in the
+            // completion, so a length saturated at u32::MAX fails like any other overlong list.
+            let count = u32::try_from(iovs.len()).unwrap_or(u32::MAX);
+            let mut e = opcode::Writev::new(types::Fd(fd), iovs.as_ptr(), count)
                 .rw_flags(libc::RWF_NOWAIT)
                 .build()
                 .user_data(i as u64);
@@ -97,8 +100,9 @@ impl TxRing {
                 }
             }
             for cqe in self.ring.completion() {
-                let i = cqe.user_data() as usize;
-                if let Some(r) = results.get_mut(i) {
+                // `user_data` is the frame index set above.
+                let i = usize::try_from(cqe.user_data()).ok();
+                if let Some(r) = i.and_then(|i| results.get_mut(i)) {
                     *r = cqe.result();
                 }
                 done += 1;

@@ -208,7 +208,7 @@ pub enum FdKind {
     RegularFile,
     /// One end of a stream socketpair.
     Socket,
-    /// A memfd of [`MEM_SIZE`] bytes.
+    /// A memfd the size of guest memory (1 MiB).
     Memfd,
     /// A memfd of one page (too small for most regions).
     SmallMemfd,

@@ -127,14 +127,11 @@ impl HostQueue for BenchHost {
             left -= len;
             n += 1;
         }
+        let cnt = libc::c_int::try_from(n).expect("at most 64 iovecs");
         // SAFETY: every iovec is a prefix of one of `bufs`' segments, which point at mapped,
         // device-writable guest memory for the duration of this call.
-        let r = unsafe { libc::readv(self.file.as_raw_fd(), iovs.as_ptr(), n as libc::c_int) };
-        if r < 0 {
-            Err(io::Error::last_os_error())
-        } else {
-            Ok(r as usize)
-        }
+        let r = unsafe { libc::readv(self.file.as_raw_fd(), iovs.as_ptr(), cnt) };
+        usize::try_from(r).map_err(|_| io::Error::last_os_error())
     }
 }
 

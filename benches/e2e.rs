@@ -960,12 +960,18 @@ fn testpmd_totals(log: &str) -> Option<(u64, u64)> {
     Some((grab("RX-packets:")?, grab("TX-packets:")?))
 }
 
+/// `a - b` of two frame counters, signed (saturating; counters stay far below 2^63).
+fn signed_gap(a: u64, b: u64) -> i64 {
+    let d = i128::from(a) - i128::from(b);
+    i64::try_from(d).unwrap_or(if d < 0 { i64::MIN } else { i64::MAX })
+}
+
 fn stop_child(c: &mut Child, sig: i32, timeout: Duration) {
     if let Ok(Some(_)) = c.try_wait() {
         return;
     }
     // SAFETY: signalling our own child.
-    unsafe { libc::kill(c.id() as i32, sig) };
+    unsafe { libc::kill(i32::try_from(c.id()).expect("Linux pids fit pid_t"), sig) };
     let end = Instant::now() + timeout;
     while Instant::now() < end {
         if let Ok(Some(_)) = c.try_wait() {
@@ -1265,8 +1271,8 @@ fn run_macvhost(ctx: &Ctx<'_>, tag: &str, extra: &[String]) -> Sample {
         .sum();
     match testpmd_totals(&log) {
         Some((tp_rx, tp_tx)) => {
-            let rx_gap = into_macvhost_rx as i64 - tp_rx as i64;
-            let tx_gap = tp_tx as i64 - out_of_macvhost_tx as i64;
+            let rx_gap = signed_gap(into_macvhost_rx, tp_rx);
+            let tx_gap = signed_gap(tp_tx, out_of_macvhost_tx);
             s.unaccounted = match ctx.mode {
                 "tx" => tx_gap,
                 "rx" => rx_gap,
@@ -1391,7 +1397,10 @@ fn run_dpdk(ctx: &Ctx<'_>, tag: &str) -> Sample {
         ..Default::default()
     };
     match testpmd_totals(&fe_log) {
-        Some((_, tp_tx)) => s.unaccounted = tp_tx as i64 - out as i64,
+        Some((_, tp_tx)) => {
+            s.unaccounted =
+                i64::try_from(tp_tx).unwrap_or(i64::MAX) - i64::try_from(out).unwrap_or(i64::MAX)
+        }
         None => s.note = "no testpmd totals".into(),
     }
     s
@@ -1490,7 +1499,7 @@ fn latency_sample(rtts: Vec<f64>, lost: u64) -> Sample {
         mpps: percentile(rtts.clone(), 50.0),
         cpu_per_mframe: percentile(rtts, 99.0),
         frame_bytes: n as f64,
-        unaccounted: lost as i64,
+        unaccounted: i64::try_from(lost).unwrap_or(i64::MAX),
         ..Default::default()
     }
 }

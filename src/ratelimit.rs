@@ -202,12 +202,11 @@ impl Bucket {
         if room <= 0 {
             return self.tokens;
         }
-        // u64 × u64 always fits u128; `room` is positive and below 2^127.
+        // u64 × u64 always fits u128; an `add` beyond i128 is beyond `room` too.
         let add = u128::from(self.rate) * u128::from(dt_ns);
-        if add >= room as u128 {
-            self.cap
-        } else {
-            self.tokens + add as i128
+        match i128::try_from(add) {
+            Ok(add) if add < room => self.tokens + add,
+            _ => self.cap,
         }
     }
 
@@ -218,12 +217,12 @@ impl Bucket {
 
     /// Nanoseconds from `level` until `units` fit.
     fn wait_from(&self, level: i128, units: u64) -> u64 {
-        let short = self.need(units) - level;
-        if short <= 0 {
-            return 0;
-        }
+        let short = match u128::try_from(self.need(units) - level) {
+            Ok(short) if short > 0 => short,
+            _ => return 0,
+        };
         let rate = u128::from(self.rate);
-        u64::try_from((short as u128).div_ceil(rate)).unwrap_or(u64::MAX)
+        u64::try_from(short.div_ceil(rate)).unwrap_or(u64::MAX)
     }
 }
 

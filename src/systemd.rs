@@ -283,9 +283,14 @@ impl ListenFds {
     /// Those fds must belong to the caller to give away: nothing else in the process may own
     /// or close them afterwards.
     pub unsafe fn adopt(names: Vec<String>, start: RawFd) -> Result<ListenFds, SystemdError> {
-        let mut fds = Vec::with_capacity(names.len());
+        let count = names.len();
+        let mut fds = Vec::with_capacity(count);
         for (i, name) in names.into_iter().enumerate() {
-            let fd = start + i as RawFd;
+            // Fd numbers past `RawFd::MAX` do not exist: that many fds is too many.
+            let fd = RawFd::try_from(i)
+                .ok()
+                .and_then(|i| start.checked_add(i))
+                .ok_or(SystemdError::TooManyFds(count))?;
             // SAFETY: F_GETFD only probes the number; a closed fd fails with EBADF.
             let probe = unsafe { BorrowedFd::borrow_raw(fd) };
             let Ok(flags) = fcntl(probe, FcntlArg::F_GETFD) else {

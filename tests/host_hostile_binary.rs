@@ -41,7 +41,8 @@ mod binary {
     /// SIGTERM, then how long until the process exited (`None`: not within 2 s).
     fn sigterm(m: &Daemon) -> Option<Duration> {
         let t = Instant::now();
-        kill(Pid::from_raw(m.pid() as i32), Signal::SIGTERM).expect("SIGTERM");
+        let pid = i32::try_from(m.pid()).expect("Linux pids fit pid_t");
+        kill(Pid::from_raw(pid), Signal::SIGTERM).expect("SIGTERM");
         while t.elapsed() < Duration::from_secs(2) {
             if exited(m.pid()) {
                 return Some(t.elapsed());

@@ -111,8 +111,8 @@ fn start(ns: &NetNs, dir: &Path, mgr: &Manager, passed: &[&OwnedFd], names: &str
     // SAFETY: only dup2 (async-signal-safe) on fds open in the forked child.
     unsafe {
         cmd.pre_exec(move || {
-            for (i, &fd) in fds.iter().enumerate() {
-                if libc::dup2(fd, 3 + i as RawFd) < 0 {
+            for (target, &fd) in (3..).zip(fds.iter()) {
+                if libc::dup2(fd, target) < 0 {
                     return Err(std::io::Error::last_os_error());
                 }
             }
@@ -129,7 +129,7 @@ fn start(ns: &NetNs, dir: &Path, mgr: &Manager, passed: &[&OwnedFd], names: &str
 
 fn stop(mut child: Child, mgr: &Manager) {
     nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::unistd::Pid::from_raw(i32::try_from(child.id()).expect("Linux pids fit pid_t")),
         nix::sys::signal::Signal::SIGTERM,
     )
     .unwrap();
@@ -244,7 +244,7 @@ fn stored_queues_of_another_device_are_dropped_and_the_device_opened_afresh() {
             (libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR | libc::IFF_MULTI_QUEUE) as i16;
         req[16..18].copy_from_slice(&flags.to_ne_bytes());
         // SAFETY: TUNSETIFF reads and writes a 40-byte struct ifreq we own.
-        let r = unsafe { libc::ioctl(f.as_raw_fd(), libc::TUNSETIFF as _, req.as_mut_ptr()) };
+        let r = unsafe { libc::ioctl(f.as_raw_fd(), libc::TUNSETIFF, req.as_mut_ptr()) };
         assert_eq!(r, 0, "TUNSETIFF: {}", std::io::Error::last_os_error());
         OwnedFd::from(f)
     });

@@ -674,7 +674,7 @@ fn killed_daemon_still_has_its_macvtap_deleted() {
     mvh.check_alive();
     // SIGKILL: no destructor runs; the link helper sees its socket close.
     let _ = nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(mvh.pid() as i32),
+        nix::unistd::Pid::from_raw(i32::try_from(mvh.pid()).expect("Linux pids fit pid_t")),
         nix::sys::signal::Signal::SIGKILL,
     );
     let gone = wait_until(Duration::from_secs(5), || !ns.has_iface("mvk0"));

@@ -162,9 +162,11 @@ impl LogMapping {
         }
         let page = 4096u64;
         let aligned = offset - offset % page;
-        let skip = (offset - aligned) as usize;
-        // size <= MAX_LOG_BYTES, so these fit a usize.
-        let map_len = skip + size as usize;
+        // skip < one page and size <= MAX_LOG_BYTES: both fit a usize, the sum cannot overflow.
+        let skip = usize::try_from(offset - aligned)
+            .map_err(|e| DirtyLogError::Map(io::Error::other(e)))?;
+        let len = usize::try_from(size).map_err(|_| DirtyLogError::BadSize(size))?;
+        let map_len = skip + len;
         let file_offset =
             libc::off_t::try_from(aligned).map_err(|e| DirtyLogError::Map(io::Error::other(e)))?;
         // SAFETY: a fresh shared mapping of `map_len` bytes of a file we hold; the range was
@@ -189,7 +191,7 @@ impl LogMapping {
             base,
             map_len,
             skip,
-            len: size as usize,
+            len,
         })
     }
 

@@ -182,10 +182,10 @@ impl<'m> IoVecBuf<'m> {
 /// Clamps an iovec count to what one `readv`/`writev` accepts.
 fn iov_count(buf: &IoVecBuf<'_>) -> io::Result<libc::c_int> {
     // IOV_MAX is 1024 on Linux; a longer list is a guest-built chain we refuse rather than cut.
-    if buf.len() > 1024 {
-        return Err(io::Error::from_raw_os_error(libc::EMSGSIZE));
+    match libc::c_int::try_from(buf.len()) {
+        Ok(n) if n <= 1024 => Ok(n),
+        _ => Err(io::Error::from_raw_os_error(libc::EMSGSIZE)),
     }
-    Ok(buf.len() as libc::c_int)
 }
 
 /// Gathers the list into one `writev` on `fd`. Returns bytes written.
@@ -194,11 +194,8 @@ pub fn writev_fd(fd: RawFd, buf: &IoVecBuf<'_>) -> io::Result<usize> {
     // SAFETY: every iovec points at `iov_len` readable bytes of guest memory mapped for the
     // buffer's lifetime `'m` (see `IoVecBuf::push`); the kernel only reads them.
     let ret = unsafe { libc::writev(fd, buf.iovs.as_ptr(), cnt) };
-    if ret < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(ret as usize)
-    }
+    // Negative (-1) is the one failure, and errno names it.
+    usize::try_from(ret).map_err(|_| io::Error::last_os_error())
 }
 
 /// Scatters one `readv` on `fd` into the list. Returns bytes read.
@@ -207,11 +204,8 @@ pub fn readv_fd(fd: RawFd, buf: &IoVecBuf<'_>) -> io::Result<usize> {
     // SAFETY: every iovec points at `iov_len` bytes of guest memory mapped for `'m`; the datapath
     // only builds RX lists from device-writable descriptors, so the kernel may write all of them.
     let ret = unsafe { libc::readv(fd, buf.iovs.as_ptr(), cnt) };
-    if ret < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(ret as usize)
-    }
+    // Negative (-1) is the one failure, and errno names it.
+    usize::try_from(ret).map_err(|_| io::Error::last_os_error())
 }
 
 #[cfg(test)]

@@ -99,8 +99,8 @@ pub const DEFAULT_MAX_GROUPS: usize = 256;
 /// The largest cap a table accepts (memory: about 100 bytes per group).
 pub const MAX_GROUPS_LIMIT: usize = 65_536;
 
-/// Robustness variable (RFC 3376 §8.1, RFC 3810 §9.1).
-pub const ROBUSTNESS: u32 = 2;
+/// Robustness variable (RFC 3376 §8.1, RFC 3810 §9.1); our queries carry it in their 3-bit QRV.
+pub const ROBUSTNESS: u8 = 2;
 /// Query interval (RFC 3376 §8.2, RFC 3810 §9.2).
 pub const QUERY_INTERVAL: Duration = Duration::from_secs(125);
 /// Query response interval: the max response time our queries carry.
@@ -286,7 +286,10 @@ fn fold(mut acc: u64) -> u16 {
     while acc >> 16 != 0 {
         acc = (acc & 0xffff) + (acc >> 16);
     }
-    acc as u16
+    // The loop leaves no bit above 15.
+    #[allow(clippy::cast_possible_truncation)]
+    let sum = acc as u16;
+    sum
 }
 
 /// The Internet checksum of `data`, to store in a zeroed checksum field.
@@ -655,10 +658,22 @@ pub const IGMPV3_QUERY_FRAME_LEN: usize = ETH_HLEN + 24 + 12;
 /// Length of [`mldv2_general_query`]'s frame.
 pub const MLDV2_QUERY_FRAME_LEN: usize = ETH_HLEN + 40 + 8 + 28;
 
-/// Max Resp Code / QQIC encoding (RFC 3376 §4.1.1): values below 128 are exact.
+/// Max Resp Code / QQIC encoding (RFC 3376 §4.1.1): values below 128 are exact. The casts keep
+/// every bit: the assertion below holds the values under 128.
+#[allow(clippy::cast_possible_truncation)]
 const QUERY_MAX_RESP_DECISECONDS: u8 = (QUERY_RESPONSE_INTERVAL.as_millis() / 100) as u8;
+#[allow(clippy::cast_possible_truncation)]
 const QQIC_SECONDS: u8 = QUERY_INTERVAL.as_secs() as u8;
-const _: () = assert!(QUERY_MAX_RESP_DECISECONDS < 128 && QQIC_SECONDS < 128);
+/// MLDv2 Maximum Response Code (RFC 3810 §5.1.3): milliseconds, exact below 32768 (asserted
+/// below, so the cast keeps every bit).
+#[allow(clippy::cast_possible_truncation)]
+const QUERY_MAX_RESP_MS: u16 = QUERY_RESPONSE_INTERVAL.as_millis() as u16;
+const _: () = assert!(
+    QUERY_MAX_RESP_DECISECONDS < 128
+        && QQIC_SECONDS < 128
+        && QUERY_RESPONSE_INTERVAL.as_millis() < 32768
+        && ROBUSTNESS < 8
+);
 
 /// An IGMPv3 general query (to 224.0.0.1, TTL 1, Router Alert, max response 10 s, QRV 2,
 /// QQIC 125 s) from `src_mac` / `src_ip` (0.0.0.0 is fine: RFC 4541 §2.1.1 queriers use it and
@@ -684,7 +699,7 @@ pub fn igmpv3_general_query(src_mac: [u8; 6], src_ip: [u8; 4]) -> [u8; IGMPV3_QU
     q[0] = IGMP_QUERY;
     q[1] = QUERY_MAX_RESP_DECISECONDS;
     // Group 0.0.0.0 (general), S = 0, QRV, QQIC, no sources.
-    q[8] = ROBUSTNESS as u8;
+    q[8] = ROBUSTNESS;
     q[9] = QQIC_SECONDS;
     let c = checksum(q, 0);
     q[2..4].copy_from_slice(&c.to_be_bytes());
@@ -731,9 +746,9 @@ pub fn mldv2_general_query(src_mac: [u8; 6]) -> [u8; MLDV2_QUERY_FRAME_LEN] {
     f[ETH_HLEN + 40..ETH_HLEN + 48].copy_from_slice(&[IPPROTO_ICMPV6, 0, 5, 2, 0, 0, 1, 0]);
     let q = &mut f[ETH_HLEN + 48..];
     q[0] = MLD_QUERY;
-    q[4..6].copy_from_slice(&(QUERY_RESPONSE_INTERVAL.as_millis() as u16).to_be_bytes());
+    q[4..6].copy_from_slice(&QUERY_MAX_RESP_MS.to_be_bytes());
     // Multicast address :: (general), S = 0, QRV, QQIC, no sources.
-    q[24] = ROBUSTNESS as u8;
+    q[24] = ROBUSTNESS;
     q[25] = QQIC_SECONDS;
     let c = checksum(q, pseudo_sum(&src, &all_nodes, 28, IPPROTO_ICMPV6));
     q[2..4].copy_from_slice(&c.to_be_bytes());
@@ -768,9 +783,18 @@ impl<K: Hash + Eq + Copy, V> FixedMap<K, V> {
         }
     }
 
+    /// The slot a key of hash `h` probes first: the hash's low bits.
+    fn home(&self, h: u64) -> usize {
+        // The mask keeps fewer bits than a usize has, so dropping the hash's high half on a
+        // 32-bit target changes nothing.
+        #[allow(clippy::cast_possible_truncation)]
+        let low = h as usize;
+        low & self.mask
+    }
+
     fn find(&self, k: &K) -> Result<usize, (usize, u64)> {
         let h = self.hasher.hash_one(k);
-        let mut i = h as usize & self.mask;
+        let mut i = self.home(h);
         // Ends: at least half the slots are empty.
         loop {
             match &self.slots[i] {
@@ -817,7 +841,7 @@ impl<K: Hash + Eq + Copy, V> FixedMap<K, V> {
             let Some((h, _, _)) = &self.slots[j] else {
                 break;
             };
-            let home = *h as usize & self.mask;
+            let home = self.home(*h);
             if (j.wrapping_sub(home) & self.mask) >= (j.wrapping_sub(hole) & self.mask) {
                 self.slots[hole] = self.slots[j].take();
                 hole = j;

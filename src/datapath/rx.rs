@@ -64,7 +64,7 @@ use vm_memory::{GuestAddress, GuestMemory, Permissions};
 
 use super::dirty::DirtyLog;
 use super::stats::QueueStats;
-use super::tx::{errno_of, pop_batch, Pop, MAX_SEGMENTS};
+use super::tx::{errno_of, pop_batch, rewind_avail, Pop, MAX_SEGMENTS};
 use super::used::UsedBatch;
 use super::vnet::{
     has, rx_max_frame_len, vnet_hdr_len, NUM_BUFFERS_OFFSET, VIRTIO_NET_F_MRG_RXBUF,
@@ -333,8 +333,7 @@ impl<'m, M: GuestMemory, H: HostQueue> Rx<'_, 'm, M, H> {
         let unused = self.held.len() - self.front + (self.ahead_end - self.ahead_start);
         if unused > 0 {
             // `unused` <= queue size <= 32768 (see `gather`).
-            let back = self.queue.next_avail().wrapping_sub(unused as u16);
-            self.queue.set_next_avail(back);
+            rewind_avail(self.queue, unused);
         }
         // One `used.idx` update and one notification decision for the whole batch.
         if self.used.publish(self.queue, self.mem).is_err() {
@@ -486,8 +485,7 @@ impl<'m, M: GuestMemory, H: HostQueue> Rx<'_, 'm, M, H> {
                     }
                 }
                 h.capacity += len;
-                // `len` came from a u32.
-                self.segs.push((desc.addr().0, len as u32));
+                self.segs.push((desc.addr().0, desc.len()));
             }
             if h.dead.is_none() && (h.descs == 0 || last_has_next) {
                 h.dead = Some(Dead::BadChain);
@@ -595,10 +593,12 @@ impl<'m, M: GuestMemory, H: HostQueue> Rx<'_, 'm, M, H> {
             if let Some(log) = self.log {
                 self.log_written(log, &h, take);
             }
-            // A chain never exceeds u32::MAX bytes (virtio-queue stops a longer one).
+            // take <= n, the length of one frame (at most `rx_max_frame_len`), far below
+            // u32::MAX; saturating only guards against a length that would wrap.
+            let used_len = u32::try_from(take).unwrap_or(u32::MAX);
             if self
                 .used
-                .add(self.queue, self.mem, h.head, take as u32)
+                .add(self.queue, self.mem, h.head, used_len)
                 .is_err()
             {
                 self.out.broken = true;

@@ -232,6 +232,15 @@ pub(super) enum Pop<C> {
     Broken,
 }
 
+/// Gives the last `n` popped chains back to the avail ring: the next pop returns them again, in
+/// the same order. `n` is at most one batch.
+pub(super) fn rewind_avail(queue: &mut Queue, n: usize) {
+    // Ring indices count modulo 2^16, so subtracting n's low 16 bits is subtracting n.
+    #[allow(clippy::cast_possible_truncation)]
+    let n = n as u16;
+    queue.set_next_avail(queue.next_avail().wrapping_sub(n));
+}
+
 /// Pops up to `want` chains (at least one, at most `chains.len()`) into `chains[..n]` with one
 /// read of the avail index: `Chain(n)` with `n > 0`, or why none came.
 pub(super) fn pop_batch<'m, M: GuestMemory>(
@@ -338,7 +347,7 @@ fn tx_batch<'m, M: GuestMemory, H: HostQueue>(
                         for c in chains[k + 1..n].iter_mut() {
                             *c = None;
                         }
-                        queue.set_next_avail(queue.next_avail().wrapping_sub((n - k) as u16));
+                        rewind_avail(queue, n - k);
                     };
                 done += 1;
                 popped += 1;

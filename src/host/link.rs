@@ -77,7 +77,7 @@ impl Link {
     /// The ifindex of `name`, or `None` when no such interface exists in this namespace.
     pub fn index(&self, name: &str) -> Result<Option<u32>, HostError> {
         match sys::if_index(self.sock.as_fd(), name) {
-            Ok(i) => Ok(Some(i as u32)),
+            Ok(i) => Ok(Some(i)),
             Err(e) if e.raw_os_error() == Some(libc::ENODEV) => Ok(None),
             Err(e) => Err(ioctl_err("SIOCGIFINDEX", name, e)),
         }
@@ -92,7 +92,7 @@ impl Link {
 
     /// The current name of interface `ifindex` (it may have been renamed since open).
     pub fn name_of(&self, ifindex: u32) -> Result<String, HostError> {
-        sys::if_name(self.sock.as_fd(), ifindex as i32).map_err(|e| {
+        sys::if_name(self.sock.as_fd(), ifindex).map_err(|e| {
             if e.raw_os_error() == Some(libc::ENODEV) {
                 HostError::LinkGone { ifindex }
             } else {
@@ -114,18 +114,18 @@ impl Link {
         Ok(mac)
     }
 
+    /// The MTU of `name` (`SIOCGIFMTU`).
     pub fn mtu(&self, name: &str) -> Result<u32, HostError> {
-        let mtu =
-            sys::if_mtu(self.sock.as_fd(), name).map_err(|e| ioctl_err("SIOCGIFMTU", name, e))?;
-        Ok(mtu as u32)
+        sys::if_mtu(self.sock.as_fd(), name).map_err(|e| ioctl_err("SIOCGIFMTU", name, e))
     }
 
-    /// `IFF_*` flags (low 16 bits).
+    /// `IFF_*` flags (low 16 bits), widened to the `c_int` of libc's constants.
     pub fn flags(&self, name: &str) -> Result<i32, HostError> {
-        let f = sys::if_flags(self.sock.as_fd(), name)
-            .map_err(|e| ioctl_err("SIOCGIFFLAGS", name, e))?;
-        // The C short carries unsigned flag bits; keep them unsigned when widening.
-        Ok(i32::from(f as u16))
+        self.flags16(name).map(i32::from)
+    }
+
+    fn flags16(&self, name: &str) -> Result<u16, HostError> {
+        sys::if_flags(self.sock.as_fd(), name).map_err(|e| ioctl_err("SIOCGIFFLAGS", name, e))
     }
 
     /// Administratively up and operationally running. `IFF_RUNNING` is the kernel's
@@ -137,11 +137,12 @@ impl Link {
 
     /// Sets `IFF_UP` (a freshly created tap starts down and would drop every frame).
     pub fn set_up(&self, name: &str) -> Result<(), HostError> {
-        let f = self.flags(name)?;
-        if f & libc::IFF_UP != 0 {
+        const UP: u16 = sys::c_u16(libc::IFF_UP);
+        let f = self.flags16(name)?;
+        if f & UP != 0 {
             return Ok(());
         }
-        sys::if_set_flags(self.sock.as_fd(), name, (f | libc::IFF_UP) as u16 as i16)
+        sys::if_set_flags(self.sock.as_fd(), name, f | UP)
             .map_err(|e| ioctl_err("SIOCSIFFLAGS", name, e))
     }
 

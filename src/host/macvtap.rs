@@ -80,12 +80,11 @@ fn setup_queue(fd: std::os::fd::BorrowedFd<'_>, iface: &str) -> Result<(), HostE
     };
     // macvtap ignores the name for TUNSETIFF and only updates the queue's flags.
     let mut req = sys::IfReq::new("");
-    req.set_flags(QUEUE_FLAGS as i16);
+    req.set_flags(const { sys::c_u16(QUEUE_FLAGS) });
     sys::tun_set_iff(fd, &mut req).map_err(|e| ioctl("TUNSETIFF", e))?;
-    sys::tun_set_vnet_hdr_sz(fd, VNET_HDR_LEN_V1 as i32)
-        .map_err(|e| ioctl("TUNSETVNETHDRSZ", e))?;
+    sys::tun_set_vnet_hdr_sz(fd, VNET_HDR_LEN_V1).map_err(|e| ioctl("TUNSETVNETHDRSZ", e))?;
     let got = sys::tun_get_iff(fd).map_err(|e| ioctl("TUNGETIFF", e))?;
-    let flags = i32::from(got.flags() as u16);
+    let flags = i32::from(got.flags());
     if got.name() != iface || flags & QUEUE_FLAGS != QUEUE_FLAGS {
         return Err(HostError::Verify {
             name: iface.to_owned(),

@@ -117,8 +117,7 @@ impl McFilter {
                 McFilterError::Socket(e)
             }
         })?;
-        let index = i32::try_from(ifindex).map_err(|_| McFilterError::NoSuchInterface(ifindex))?;
-        let ifname = sys::if_name(sock.as_fd(), index).map_err(|e| {
+        let ifname = sys::if_name(sock.as_fd(), ifindex).map_err(|e| {
             if e.raw_os_error() == Some(libc::ENODEV) {
                 McFilterError::NoSuchInterface(ifindex)
             } else {
@@ -155,7 +154,7 @@ impl McFilter {
 
     fn membership(&self, add: bool, what: sys::Membership) -> Result<(), McFilterError> {
         // `ifindex` fitted an i32 at open.
-        sys::packet_membership(self.sock.as_fd(), add, self.ifindex as i32, what).map_err(|e| {
+        sys::packet_membership(self.sock.as_fd(), add, self.ifindex, what).map_err(|e| {
             if e.raw_os_error() == Some(libc::ENODEV) {
                 McFilterError::LinkGone {
                     ifname: self.ifname.clone(),

@@ -386,7 +386,7 @@ impl TapQueue {
         if len != VNET_HDR_LEN_V1 && len != VNET_HDR_LEN_LEGACY {
             return Err(HostError::BadVnetHdrLen(len));
         }
-        sys::tun_set_vnet_hdr_sz(self.fd.as_fd(), len as i32)
+        sys::tun_set_vnet_hdr_sz(self.fd.as_fd(), len)
             .map_err(|e| self.ioctl_err("TUNSETVNETHDRSZ", e))
     }
 
@@ -415,14 +415,14 @@ impl TapQueue {
     pub fn is_attached(&self) -> Result<Option<bool>, HostError> {
         let req = sys::tun_get_iff(self.fd.as_fd()).map_err(|e| self.ioctl_err("TUNGETIFF", e))?;
         Ok(match self.kind {
-            HostKind::Tap => Some(i32::from(req.flags() as u16) & libc::IFF_DETACH_QUEUE == 0),
+            HostKind::Tap => Some(i32::from(req.flags()) & libc::IFF_DETACH_QUEUE == 0),
             HostKind::Macvtap => None,
         })
     }
 
     /// `TUNSETQUEUE IFF_ATTACH_QUEUE`; succeeds without change if already attached.
     pub fn attach(&self) -> Result<(), HostError> {
-        self.set_queue(libc::IFF_ATTACH_QUEUE, true)
+        self.set_queue(const { sys::c_u16(libc::IFF_ATTACH_QUEUE) }, true)
     }
 
     /// `TUNSETQUEUE IFF_DETACH_QUEUE`: the kernel stops steering frames to this queue;
@@ -434,10 +434,10 @@ impl TapQueue {
                 index: self.index,
             });
         }
-        self.set_queue(libc::IFF_DETACH_QUEUE, false)
+        self.set_queue(const { sys::c_u16(libc::IFF_DETACH_QUEUE) }, false)
     }
 
-    fn set_queue(&self, flag: i32, attach: bool) -> Result<(), HostError> {
+    fn set_queue(&self, flag: u16, attach: bool) -> Result<(), HostError> {
         let err = match sys::tun_set_queue(self.fd.as_fd(), flag) {
             Ok(()) => return Ok(()),
             Err(e) => e,

@@ -44,12 +44,15 @@ impl IfReq {
         String::from_utf8_lossy(&self.name[..end]).into_owned()
     }
 
-    /// `ifr_flags` (a C `short`; interface flags above bit 15 are not reported through it).
-    pub fn flags(&self) -> i16 {
-        i16::from_ne_bytes([self.data[0], self.data[1]])
+    /// `ifr_flags`: a C `short` holding 16 flag bits, read unsigned (bit 15, `IFF_TUN_EXCL` or
+    /// `IFF_DYNAMIC`, is a flag, not a sign). Interface flags above bit 15 are not reported
+    /// through it. `i32::from` widens it to the `c_int` of libc's `IFF_*` constants.
+    pub fn flags(&self) -> u16 {
+        u16::from_ne_bytes([self.data[0], self.data[1]])
     }
 
-    pub fn set_flags(&mut self, flags: i16) {
+    /// Sets `ifr_flags`; build the value with [`c_u16`] from libc's `IFF_*` constants.
+    pub fn set_flags(&mut self, flags: u16) {
         self.data[..2].copy_from_slice(&flags.to_ne_bytes());
     }
 
@@ -58,6 +61,7 @@ impl IfReq {
         i32::from_ne_bytes([self.data[0], self.data[1], self.data[2], self.data[3]])
     }
 
+    /// Sets `ifr_ifindex` (the `int` at offset 0).
     pub fn set_int(&mut self, v: i32) {
         self.data[..4].copy_from_slice(&v.to_ne_bytes());
     }
@@ -69,6 +73,29 @@ impl IfReq {
         mac.copy_from_slice(&self.data[2..8]);
         (family, mac)
     }
+}
+
+/// A libc constant spelled `c_int` (`IFF_*`, `PACKET_MR_*`, `AF_PACKET`, `ETH_P_*`) as the 16-bit
+/// field the kernel keeps it in (`ifr_flags`, `mr_type`, `sll_family`, `sll_protocol`). Call it in
+/// a `const` context (a `const` item or `const { .. }`): a value that does not fit 16 bits then
+/// stops the build instead of being cut off.
+pub const fn c_u16(v: libc::c_int) -> u16 {
+    assert!(v >= 0 && v <= 0xffff, "does not fit a 16-bit field");
+    // In range: checked just above.
+    #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+    let bits = v as u16;
+    bits
+}
+
+/// `size_of::<T>()` as the `socklen_t` the socket calls take. Call it in a `const` context: a
+/// type too large for a `socklen_t` then stops the build.
+const fn socklen_of<T>() -> libc::socklen_t {
+    let n = std::mem::size_of::<T>();
+    assert!(n <= 0xffff, "socket argument structs are small");
+    // In range: checked just above.
+    #[allow(clippy::cast_possible_truncation)]
+    let len = n as libc::socklen_t;
+    len
 }
 
 fn check(ret: libc::c_int) -> io::Result<libc::c_int> {
@@ -84,29 +111,31 @@ fn check(ret: libc::c_int) -> io::Result<libc::c_int> {
 pub fn tun_set_iff(fd: BorrowedFd<'_>, req: &mut IfReq) -> io::Result<()> {
     // SAFETY: `fd` is open for the call (borrowed); `req` is a valid, writable `struct ifreq`
     // (size checked above) that outlives the call. The kernel reads and writes only that struct.
-    check(unsafe { ioctl_with_mut_ref(&fd, libc::TUNSETIFF as _, req) }).map(drop)
+    check(unsafe { ioctl_with_mut_ref(&fd, libc::TUNSETIFF, req) }).map(drop)
 }
 
 /// `TUNGETIFF`: the interface name and `IFF_*` flags of a tun or macvtap queue fd.
 pub fn tun_get_iff(fd: BorrowedFd<'_>) -> io::Result<IfReq> {
     let mut req = IfReq::new("");
     // SAFETY: as in `tun_set_iff`; the kernel only writes into `req`.
-    check(unsafe { ioctl_with_mut_ref(&fd, libc::TUNGETIFF as _, &mut req) })?;
+    check(unsafe { ioctl_with_mut_ref(&fd, libc::TUNGETIFF, &mut req) })?;
     Ok(req)
 }
 
-/// `TUNSETVNETHDRSZ`: the vnet header length prepended to every frame.
-pub fn tun_set_vnet_hdr_sz(fd: BorrowedFd<'_>, len: i32) -> io::Result<()> {
+/// `TUNSETVNETHDRSZ`: the vnet header length prepended to every frame. A length beyond the C
+/// `int` is refused with `EINVAL`, as the kernel refuses any length it does not support.
+pub fn tun_set_vnet_hdr_sz(fd: BorrowedFd<'_>, len: usize) -> io::Result<()> {
+    let len = libc::c_int::try_from(len).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
     // SAFETY: `fd` is open for the call; the kernel reads one `int` from `&len`, which lives on
     // the stack for the duration of the call.
-    check(unsafe { ioctl_with_ref(&fd, libc::TUNSETVNETHDRSZ as _, &len) }).map(drop)
+    check(unsafe { ioctl_with_ref(&fd, libc::TUNSETVNETHDRSZ, &len) }).map(drop)
 }
 
 /// `TUNGETVNETHDRSZ`.
 pub fn tun_get_vnet_hdr_sz(fd: BorrowedFd<'_>) -> io::Result<i32> {
     let mut len: libc::c_int = 0;
     // SAFETY: `fd` is open for the call; the kernel writes one `int` into `len`.
-    check(unsafe { ioctl_with_mut_ref(&fd, libc::TUNGETVNETHDRSZ as _, &mut len) })?;
+    check(unsafe { ioctl_with_mut_ref(&fd, libc::TUNGETVNETHDRSZ, &mut len) })?;
     Ok(len)
 }
 
@@ -114,7 +143,7 @@ pub fn tun_get_vnet_hdr_sz(fd: BorrowedFd<'_>) -> io::Result<i32> {
 /// by value, not by pointer.
 pub fn tun_set_offload(fd: BorrowedFd<'_>, tun_flags: u32) -> io::Result<()> {
     // SAFETY: `fd` is open for the call; the argument is an integer, no memory is shared.
-    check(unsafe { ioctl_with_val(&fd, libc::TUNSETOFFLOAD as _, tun_flags.into()) }).map(drop)
+    check(unsafe { ioctl_with_val(&fd, libc::TUNSETOFFLOAD, tun_flags.into()) }).map(drop)
 }
 
 /// `TUNSETSNDBUF`: the send buffer (bytes) that bounds how much written-but-not-yet-consumed
@@ -122,30 +151,29 @@ pub fn tun_set_offload(fd: BorrowedFd<'_>, tun_flags: u32) -> io::Result<()> {
 pub fn tun_set_sndbuf(fd: BorrowedFd<'_>, bytes: i32) -> io::Result<()> {
     // SAFETY: `fd` is open for the call; the kernel reads one `int` from `&bytes`, which lives on
     // the stack for the duration of the call.
-    check(unsafe { ioctl_with_ref(&fd, libc::TUNSETSNDBUF as _, &bytes) }).map(drop)
+    check(unsafe { ioctl_with_ref(&fd, libc::TUNSETSNDBUF, &bytes) }).map(drop)
 }
 
 /// `TUNGETSNDBUF`.
 pub fn tun_get_sndbuf(fd: BorrowedFd<'_>) -> io::Result<i32> {
     let mut bytes: libc::c_int = 0;
     // SAFETY: `fd` is open for the call; the kernel writes one `int` into `bytes`.
-    check(unsafe { ioctl_with_mut_ref(&fd, libc::TUNGETSNDBUF as _, &mut bytes) })?;
+    check(unsafe { ioctl_with_mut_ref(&fd, libc::TUNGETSNDBUF, &mut bytes) })?;
     Ok(bytes)
 }
 
 /// `TUNSETQUEUE` with `IFF_ATTACH_QUEUE` or `IFF_DETACH_QUEUE`.
-pub fn tun_set_queue(fd: BorrowedFd<'_>, flags: i32) -> io::Result<()> {
+pub fn tun_set_queue(fd: BorrowedFd<'_>, flags: u16) -> io::Result<()> {
     let mut req = IfReq::new("");
-    // Flag values are below 0x8000, so they fit the C short.
-    req.set_flags(flags as i16);
+    req.set_flags(flags);
     // SAFETY: `fd` is open for the call; the kernel reads the `struct ifreq` at `&req`.
-    check(unsafe { ioctl_with_ref(&fd, libc::TUNSETQUEUE as _, &req) }).map(drop)
+    check(unsafe { ioctl_with_ref(&fd, libc::TUNSETQUEUE, &req) }).map(drop)
 }
 
 /// `TUNGETDEVNETNS` (tun only, Linux 5.2+): an fd for the network namespace of the tap.
 pub fn tun_get_dev_netns(fd: BorrowedFd<'_>) -> io::Result<OwnedFd> {
     // SAFETY: `fd` is open for the call; this ioctl takes no argument and returns a new fd.
-    let ns = check(unsafe { ioctl(&fd, libc::TUNGETDEVNETNS as _) })?;
+    let ns = check(unsafe { ioctl(&fd, libc::TUNGETDEVNETNS) })?;
     // SAFETY: on success the return value is a fresh fd installed for us and owned by nobody
     // else, so taking ownership of it is sound.
     Ok(unsafe { OwnedFd::from_raw_fd(ns) })
@@ -189,47 +217,70 @@ fn if_ioctl(sock: BorrowedFd<'_>, req: libc::c_ulong, ifr: &mut IfReq) -> io::Re
     check(unsafe { ioctl_with_mut_ref(&sock, req, ifr) }).map(drop)
 }
 
+/// The kernel's ifindex is a positive C `int`; rtnetlink and sysfs show it unsigned.
+fn ifindex_from_c(index: libc::c_int) -> io::Result<u32> {
+    u32::try_from(index).map_err(|_| {
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("kernel reported ifindex {index}"),
+        )
+    })
+}
+
+/// An ifindex as the C `int` the kernel takes. No interface has an index above `i32::MAX`, so
+/// such an index names no interface: `ENODEV`, as for any other index the kernel does not know.
+fn ifindex_to_c(index: u32) -> io::Result<libc::c_int> {
+    libc::c_int::try_from(index).map_err(|_| io::Error::from_raw_os_error(libc::ENODEV))
+}
+
 /// `SIOCGIFINDEX`.
-pub fn if_index(sock: BorrowedFd<'_>, name: &str) -> io::Result<i32> {
+pub fn if_index(sock: BorrowedFd<'_>, name: &str) -> io::Result<u32> {
     let mut ifr = IfReq::new(name);
-    if_ioctl(sock, libc::SIOCGIFINDEX as _, &mut ifr)?;
-    Ok(ifr.int())
+    if_ioctl(sock, libc::SIOCGIFINDEX, &mut ifr)?;
+    ifindex_from_c(ifr.int())
 }
 
 /// `SIOCGIFNAME`: the current name of interface `index` (follows renames).
-pub fn if_name(sock: BorrowedFd<'_>, index: i32) -> io::Result<String> {
+pub fn if_name(sock: BorrowedFd<'_>, index: u32) -> io::Result<String> {
     let mut ifr = IfReq::new("");
-    ifr.set_int(index);
-    if_ioctl(sock, libc::SIOCGIFNAME as _, &mut ifr)?;
+    ifr.set_int(ifindex_to_c(index)?);
+    if_ioctl(sock, libc::SIOCGIFNAME, &mut ifr)?;
     Ok(ifr.name())
 }
 
 /// `SIOCGIFHWADDR`: (`ARPHRD_*` type, first six address bytes).
 pub fn if_hwaddr(sock: BorrowedFd<'_>, name: &str) -> io::Result<(u16, [u8; 6])> {
     let mut ifr = IfReq::new(name);
-    if_ioctl(sock, libc::SIOCGIFHWADDR as _, &mut ifr)?;
+    if_ioctl(sock, libc::SIOCGIFHWADDR, &mut ifr)?;
     Ok(ifr.hwaddr())
 }
 
-/// `SIOCGIFMTU`.
-pub fn if_mtu(sock: BorrowedFd<'_>, name: &str) -> io::Result<i32> {
+/// `SIOCGIFMTU`. The kernel keeps the MTU unsigned and hands it out as a C `int`; a negative
+/// one would be a kernel bug, reported as `InvalidData`.
+pub fn if_mtu(sock: BorrowedFd<'_>, name: &str) -> io::Result<u32> {
     let mut ifr = IfReq::new(name);
-    if_ioctl(sock, libc::SIOCGIFMTU as _, &mut ifr)?;
-    Ok(ifr.int())
+    if_ioctl(sock, libc::SIOCGIFMTU, &mut ifr)?;
+    let mtu = ifr.int();
+    u32::try_from(mtu).map_err(|_| {
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("kernel reported MTU {mtu}"),
+        )
+    })
 }
 
 /// `SIOCGIFFLAGS` (the low 16 `IFF_*` bits: `IFF_UP`, `IFF_RUNNING`, ...).
-pub fn if_flags(sock: BorrowedFd<'_>, name: &str) -> io::Result<i16> {
+pub fn if_flags(sock: BorrowedFd<'_>, name: &str) -> io::Result<u16> {
     let mut ifr = IfReq::new(name);
-    if_ioctl(sock, libc::SIOCGIFFLAGS as _, &mut ifr)?;
+    if_ioctl(sock, libc::SIOCGIFFLAGS, &mut ifr)?;
     Ok(ifr.flags())
 }
 
 /// `SIOCSIFFLAGS`.
-pub fn if_set_flags(sock: BorrowedFd<'_>, name: &str, flags: i16) -> io::Result<()> {
+pub fn if_set_flags(sock: BorrowedFd<'_>, name: &str, flags: u16) -> io::Result<()> {
     let mut ifr = IfReq::new(name);
     ifr.set_flags(flags);
-    if_ioctl(sock, libc::SIOCSIFFLAGS as _, &mut ifr)
+    if_ioctl(sock, libc::SIOCSIFFLAGS, &mut ifr)
 }
 
 /// An `AF_PACKET` socket of protocol 0: it receives no frames; it only holds link-layer
@@ -260,18 +311,19 @@ pub enum Membership {
 pub fn packet_membership(
     sock: BorrowedFd<'_>,
     add: bool,
-    ifindex: i32,
+    ifindex: u32,
     what: Membership,
 ) -> io::Result<()> {
+    // libc spells the `PACKET_MR_*` types as `c_int`; `mr_type` is a `c_ushort`.
     let (mr_type, mac) = match what {
-        Membership::Multicast(m) => (libc::PACKET_MR_MULTICAST, Some(m)),
-        Membership::Unicast(m) => (libc::PACKET_MR_UNICAST, Some(m)),
-        Membership::AllMulti => (libc::PACKET_MR_ALLMULTI, None),
-        Membership::Promisc => (libc::PACKET_MR_PROMISC, None),
+        Membership::Multicast(m) => (const { c_u16(libc::PACKET_MR_MULTICAST) }, Some(m)),
+        Membership::Unicast(m) => (const { c_u16(libc::PACKET_MR_UNICAST) }, Some(m)),
+        Membership::AllMulti => (const { c_u16(libc::PACKET_MR_ALLMULTI) }, None),
+        Membership::Promisc => (const { c_u16(libc::PACKET_MR_PROMISC) }, None),
     };
     let mut mreq = libc::packet_mreq {
-        mr_ifindex: ifindex,
-        mr_type: mr_type as u16,
+        mr_ifindex: ifindex_to_c(ifindex)?,
+        mr_type,
         mr_alen: 0,
         mr_address: [0; 8],
     };
@@ -293,7 +345,7 @@ pub fn packet_membership(
             libc::SOL_PACKET,
             opt,
             std::ptr::addr_of!(mreq).cast(),
-            std::mem::size_of::<libc::packet_mreq>() as libc::socklen_t,
+            const { socklen_of::<libc::packet_mreq>() },
         )
     })
     .map(drop)
@@ -302,10 +354,10 @@ pub fn packet_membership(
 /// Test helper: an `AF_PACKET` raw socket bound to interface `ifindex`, for all ethertypes, so
 /// plain `read`/`write` receive from and send on that one interface.
 #[cfg(test)]
-pub fn packet_socket(ifindex: i32) -> io::Result<OwnedFd> {
+pub fn packet_socket(ifindex: u32) -> io::Result<OwnedFd> {
     use std::os::fd::AsRawFd;
 
-    let proto = (libc::ETH_P_ALL as u16).to_be();
+    let proto = const { c_u16(libc::ETH_P_ALL) }.to_be();
     // SAFETY: integer-only syscall; on success it returns a fresh fd.
     let raw = check(unsafe {
         libc::socket(
@@ -318,16 +370,16 @@ pub fn packet_socket(ifindex: i32) -> io::Result<OwnedFd> {
     let sock = unsafe { OwnedFd::from_raw_fd(raw) };
     // SAFETY: `sockaddr_ll` is plain old data; all-zero is a valid value.
     let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-    sll.sll_family = libc::AF_PACKET as u16;
+    sll.sll_family = const { c_u16(libc::AF_PACKET) };
     sll.sll_protocol = proto;
-    sll.sll_ifindex = ifindex;
+    sll.sll_ifindex = ifindex_to_c(ifindex)?;
     // SAFETY: `sock` is open; the kernel reads `size_of::<sockaddr_ll>()` bytes from `&sll`,
     // which lives on the stack for the call.
     check(unsafe {
         libc::bind(
             sock.as_raw_fd(),
             std::ptr::addr_of!(sll).cast(),
-            std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t,
+            const { socklen_of::<libc::sockaddr_ll>() },
         )
     })?;
     Ok(sock)

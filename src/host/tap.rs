@@ -16,7 +16,8 @@ const TUN_PATH: &str = "/dev/net/tun";
 /// `/dev/net/tun` is the misc device 10:200; a tun/tap queue fd has this `st_rdev`.
 const TUN_DEV: (u32, u32) = (10, 200);
 
-const QUEUE_FLAGS: i32 = libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR;
+/// `ifr_flags` of every queue we open: a tap (layer 2), no packet info, vnet headers.
+const QUEUE_FLAGS: u16 = sys::c_u16(libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR);
 
 /// Opens `queues` queues on tap `iface`, creating it when absent.
 ///
@@ -47,7 +48,7 @@ pub fn open(link: &Link, iface: &str, queues: u16) -> Result<Opened, HostError> 
         None => queues > 1,
     };
     let mq_flag = if multi_queue {
-        libc::IFF_MULTI_QUEUE
+        const { sys::c_u16(libc::IFF_MULTI_QUEUE) }
     } else {
         0
     };
@@ -68,7 +69,7 @@ pub fn open(link: &Link, iface: &str, queues: u16) -> Result<Opened, HostError> 
             })?;
         let fd: OwnedFd = file.into();
         let mut req = sys::IfReq::new(&name);
-        req.set_flags(flags as i16);
+        req.set_flags(flags);
         sys::tun_set_iff(fd.as_fd(), &mut req).map_err(|e| match e.raw_os_error() {
             Some(libc::EBUSY) => HostError::TapBusy { name: name.clone() },
             _ => HostError::Ioctl {
@@ -78,12 +79,10 @@ pub fn open(link: &Link, iface: &str, queues: u16) -> Result<Opened, HostError> 
             },
         })?;
         name = req.name();
-        sys::tun_set_vnet_hdr_sz(fd.as_fd(), VNET_HDR_LEN_V1 as i32).map_err(|e| {
-            HostError::Ioctl {
-                op: "TUNSETVNETHDRSZ",
-                name: name.clone(),
-                source: e,
-            }
+        sys::tun_set_vnet_hdr_sz(fd.as_fd(), VNET_HDR_LEN_V1).map_err(|e| HostError::Ioctl {
+            op: "TUNSETVNETHDRSZ",
+            name: name.clone(),
+            source: e,
         })?;
         let (got_name, got_flags) = get_iff(fd.as_fd(), &name)?;
         // IFF_NO_PI is not checked here: TUNGETIFF on tun reports IFF_NOFILTER in the same bit.
@@ -136,7 +135,7 @@ fn get_iff(fd: BorrowedFd<'_>, name: &str) -> Result<(String, i32), HostError> {
         name: name.to_owned(),
         source: e,
     })?;
-    Ok((req.name(), i32::from(req.flags() as u16)))
+    Ok((req.name(), i32::from(req.flags())))
 }
 
 /// Takes queue fds opened by a manager (libvirt style), one per queue pair, after checking them.
@@ -176,7 +175,7 @@ pub fn from_fds(link: &Link, raw_fds: &[RawFd], queues: u16) -> Result<Opened, H
                 },
             )
         })?;
-        let (name, flags) = (req.name(), i32::from(req.flags() as u16));
+        let (name, flags) = (req.name(), i32::from(req.flags()));
         if flags & libc::IFF_TAP == 0 {
             return Err(bad(raw, format!("{name:?} is a tun (layer 3), not a tap")));
         }
@@ -258,12 +257,10 @@ pub fn from_fds(link: &Link, raw_fds: &[RawFd], queues: u16) -> Result<Opened, H
         let fl = OFlag::from_bits_retain(fl) | OFlag::O_NONBLOCK;
         fcntl(fd.as_fd(), FcntlArg::F_SETFL(fl))
             .map_err(|e| bad(raw, format!("cannot set O_NONBLOCK: {e}")))?;
-        sys::tun_set_vnet_hdr_sz(fd.as_fd(), VNET_HDR_LEN_V1 as i32).map_err(|e| {
-            HostError::Ioctl {
-                op: "TUNSETVNETHDRSZ",
-                name: iface.clone(),
-                source: e,
-            }
+        sys::tun_set_vnet_hdr_sz(fd.as_fd(), VNET_HDR_LEN_V1).map_err(|e| HostError::Ioctl {
+            op: "TUNSETVNETHDRSZ",
+            name: iface.clone(),
+            source: e,
         })?;
         out.push(fd);
     }

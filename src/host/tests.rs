@@ -115,7 +115,7 @@ fn count_on_queue(q: &TapQueue, marker: &[u8]) -> usize {
 
 fn queue_flags(q: &TapQueue) -> (String, i32) {
     let req = sys::tun_get_iff(q.as_fd()).unwrap();
-    (req.name(), i32::from(req.flags() as u16))
+    (req.name(), i32::from(req.flags()))
 }
 
 fn ifindex_in_ns(name: &str) -> u32 {
@@ -156,7 +156,7 @@ fn raw_tun(name: &str, flags: i32) -> OwnedFd {
         .unwrap()
         .into();
     let mut req = sys::IfReq::new(name);
-    req.set_flags(flags as i16);
+    req.set_flags(u16::try_from(flags).expect("ifr_flags are 16 bits"));
     sys::tun_set_iff(fd.as_fd(), &mut req).unwrap();
     fd
 }
@@ -355,7 +355,7 @@ fn macvtap_frames_flow_both_ways() {
         let dev = HostDevice::open(&macvtap("mvt0"), 1).unwrap();
         let q = &dev.queues()[0];
         let mac = dev.mac().unwrap();
-        let peer = sys::packet_socket(ifindex_in_ns("veth1") as i32).unwrap();
+        let peer = sys::packet_socket(ifindex_in_ns("veth1")).unwrap();
         let peer_mac = link::Link::new().unwrap().mac("veth1").unwrap();
 
         // Guest → host: out of the macvtap, through its lower veth0, into veth1.
@@ -400,7 +400,7 @@ fn stale_dev_node_is_left_alone_and_not_used() {
             name, "mvt0",
             "the queue fd must be the macvtap, not /dev/null"
         );
-        let peer = sys::packet_socket(ifindex_in_ns("veth1") as i32).unwrap();
+        let peer = sys::packet_socket(ifindex_in_ns("veth1")).unwrap();
         let out = eth_frame([0xff; 6], dev.mac().unwrap(), b"stale-test");
         send_via_queue(q, &out);
         assert!(capture(&peer, b"stale-test", Duration::from_secs(2)).is_some());
@@ -454,7 +454,7 @@ fn macvtap_queue_detach_and_attach_steer_frames() {
         let dev = HostDevice::open(&macvtap("mvt0"), 2).unwrap();
         let (q0, q1) = (&dev.queues()[0], &dev.queues()[1]);
         let mac = dev.mac().unwrap();
-        let peer = sys::packet_socket(ifindex_in_ns("veth1") as i32).unwrap();
+        let peer = sys::packet_socket(ifindex_in_ns("veth1")).unwrap();
         let burst = |marker: &[u8]| {
             // Varying source MACs spread flows over queues when several are enabled.
             for i in 0..16u8 {
@@ -600,7 +600,7 @@ fn tap_is_created_up_and_removed_on_drop() {
         assert_eq!(q.is_attached().unwrap(), Some(true));
 
         // A frame written to the queue is received by the tap interface.
-        let sniff = sys::packet_socket(dev.ifindex() as i32).unwrap();
+        let sniff = sys::packet_socket(dev.ifindex()).unwrap();
         let out = eth_frame([0xff; 6], [0x02, 0, 0, 0, 0, 1], b"tap-tx");
         send_via_queue(q, &out);
         assert!(capture(&sniff, b"tap-tx", Duration::from_secs(2)).is_some());
@@ -627,7 +627,7 @@ fn multiqueue_tap_detach_and_attach() {
             q.detach().unwrap();
         }
         // With queues 1..3 detached, everything sent to the tap reaches queue 0.
-        let inject = sys::packet_socket(dev.ifindex() as i32).unwrap();
+        let inject = sys::packet_socket(dev.ifindex()).unwrap();
         for i in 0..8u8 {
             let f = eth_frame([0x02, 0, 0, 0, 0, 9], [0x02, 0, 0, 0, 2, i], b"mq-rx");
             nix::unistd::write(&inject, &f).unwrap();
@@ -640,7 +640,7 @@ fn multiqueue_tap_detach_and_attach() {
         }
         // Detaching only stops RX steering: a detached tun queue still transmits.
         qs[3].detach().unwrap();
-        let sniff = sys::packet_socket(dev.ifindex() as i32).unwrap();
+        let sniff = sys::packet_socket(dev.ifindex()).unwrap();
         let out = eth_frame([0xff; 6], [0x02, 0, 0, 0, 0, 1], b"detached-tx");
         assert_eq!(send_via_queue(&qs[3], &out), 12 + out.len());
         assert!(capture(&sniff, b"detached-tx", Duration::from_secs(2)).is_some());

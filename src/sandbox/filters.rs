@@ -124,10 +124,10 @@ impl List {
 
 const PROT_EXEC: u64 = libc::PROT_EXEC as u64;
 
+/// `ioctl` with one of `reqs` as its request. Request numbers are 32 bits (`_IOC`), the width
+/// of every compare here (`SeccompCmpArgLen::Dword`).
 fn ioctls(reqs: &[libc::c_ulong]) -> Vec<Vec<Cond>> {
-    reqs.iter()
-        .map(|&r| vec![Cond::Eq(1, u64::from(r as u32))])
-        .collect()
+    reqs.iter().map(|&r| vec![Cond::Eq(1, r)]).collect()
 }
 
 /// What every thread needs to live, log, allocate, sleep and die (also of SIGSYS, naming it).
@@ -219,25 +219,23 @@ fn unix_sockets() -> Vec<Vec<Cond>> {
 /// `setsockopt` calls of the macvtap's multicast filter (`host::mcfilter`): packet-socket
 /// memberships on the socket opened at start-up, which need no capability.
 fn packet_memberships() -> Vec<Vec<Cond>> {
-    [libc::PACKET_ADD_MEMBERSHIP, libc::PACKET_DROP_MEMBERSHIP]
-        .iter()
-        .map(|&opt| {
-            vec![
-                Cond::Eq(1, libc::SOL_PACKET as u64),
-                Cond::Eq(2, opt as u64),
-            ]
-        })
-        .collect()
+    [
+        libc::PACKET_ADD_MEMBERSHIP as u64,
+        libc::PACKET_DROP_MEMBERSHIP as u64,
+    ]
+    .iter()
+    .map(|&opt| vec![Cond::Eq(1, libc::SOL_PACKET as u64), Cond::Eq(2, opt)])
+    .collect()
 }
 
 /// The queue ioctls a connection makes: attach/detach (and, when the kernel answers EINVAL,
 /// the queue's state), offloads and vnet header length.
 fn tun_ioctls_runtime() -> Vec<libc::c_ulong> {
     vec![
-        libc::TUNSETQUEUE as _,
-        libc::TUNGETIFF as _,
-        libc::TUNSETOFFLOAD as _,
-        libc::TUNSETVNETHDRSZ as _,
+        libc::TUNSETQUEUE,
+        libc::TUNGETIFF,
+        libc::TUNSETOFFLOAD,
+        libc::TUNSETVNETHDRSZ,
     ]
 }
 
@@ -344,7 +342,7 @@ fn process(l: &mut List, o: &Opts) {
         sys!(SYS_ioctl),
         {
             let mut v = tun_ioctls_runtime();
-            v.push(libc::FIONBIO as _);
+            v.push(libc::FIONBIO);
             ioctls(&v)
         },
         "queue attach/detach (TUNGETIFF when that answers EINVAL), offloads and vnet header \
@@ -466,7 +464,7 @@ fn qmp(l: &mut List, o: &Opts) {
     l.allow(sys!(SYS_poll), "as ppoll (x86_64)");
     l.when(
         sys!(SYS_ioctl),
-        ioctls(&[libc::FIONBIO as _]),
+        ioctls(&[libc::FIONBIO]),
         "nonblocking connect",
     );
     l.when(sys!(SYS_fcntl), fcntl_cmds(), "socket flags");

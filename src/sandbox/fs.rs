@@ -110,8 +110,11 @@ fn create_ruleset(attr: &RulesetAttr) -> Result<Ruleset, SandboxError> {
             io::Error::last_os_error(),
         ));
     }
+    // Nonnegative here, and the kernel's fds are C ints.
+    let fd = RawFd::try_from(fd)
+        .map_err(|e| SandboxError::step("landlock_create_ruleset")(io::Error::other(e)))?;
     // SAFETY: a fresh fd returned by the kernel, owned by nobody else.
-    Ok(Ruleset(unsafe { OwnedFd::from_raw_fd(fd as RawFd) }))
+    Ok(Ruleset(unsafe { OwnedFd::from_raw_fd(fd) }))
 }
 
 fn add_rule(rs: &Ruleset, dir: &Path, allowed: u64) -> Result<(), SandboxError> {
@@ -317,8 +320,9 @@ fn enter_empty_root(config: &SandboxConfig, user_ns: bool) -> Result<(), String>
         // SAFETY: `c` is NUL-terminated; the call returns a new fd for a detached mount tree.
         let rc = unsafe { libc::syscall(libc::SYS_open_tree, libc::AT_FDCWD, c.as_ptr(), flags) };
         let fd = check(rc, format!("open_tree {}", d.display()))?;
+        let fd = RawFd::try_from(fd).map_err(|e| format!("open_tree {}: {e}", d.display()))?;
         // SAFETY: a fresh fd owned by nobody else.
-        let fd = unsafe { OwnedFd::from_raw_fd(fd as RawFd) };
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
         let mut set = MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV | MOUNT_ATTR_NOEXEC;
         if *u == DirUse::Connect {
             // Connecting to a socket needs no write access to its mount.

@@ -303,7 +303,7 @@ pub fn seal(config: &SandboxConfig) -> Result<Sealed, SandboxError> {
         seccomp = ?config.seccomp,
         landlock_abi = sealed.landlock_abi,
         bounding_set_kept = sealed.bounding_set_kept,
-        took_us = started.elapsed().as_micros() as u64,
+        took_us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX),
         "sandbox sealed: no capabilities, no_new_privs, empty filesystem view, seccomp allowlist"
     );
     if sealed.bounding_set_kept {

@@ -205,8 +205,10 @@ fn command(words: &[&str]) -> String {
                 unsafe { libc::syscall(nr as libc::c_long, a[0], a[1], a[2], a[3], a[4], a[5]) };
             let e = std::io::Error::last_os_error().raw_os_error().unwrap_or(0);
             if rc >= 0 && *name == "socket" {
-                // SAFETY: closing the fd the call just returned.
-                unsafe { libc::close(rc as libc::c_int) };
+                if let Ok(fd) = libc::c_int::try_from(rc) {
+                    // SAFETY: closing the fd the call just returned.
+                    unsafe { libc::close(fd) };
+                }
             }
             if rc < 0 {
                 format!("rc -1 err {e}")

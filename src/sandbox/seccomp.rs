@@ -54,7 +54,8 @@ impl State {
         FilterRef {
             ptr: p.as_ptr(),
             // BPF programs are at most 4096 instructions (BPF_MAXINSNS); compile() checks.
-            len: p.len() as u16,
+            // Saturating keeps a longer one too long, which the kernel refuses (EINVAL).
+            len: u16::try_from(p.len()).unwrap_or(u16::MAX),
         }
     }
 
@@ -249,8 +250,7 @@ pub(super) fn enter_thread(kind: ThreadKind) -> Result<(), SandboxError> {
 }
 
 fn current_tid() -> i32 {
-    // SAFETY: gettid takes no arguments.
-    unsafe { libc::syscall(libc::SYS_gettid) as i32 }
+    nix::unistd::gettid().as_raw()
 }
 
 /// The name of syscall `nr` on this architecture, if known.

@@ -86,6 +86,25 @@ impl Step {
 }
 
 impl Failure {
+    /// `self` and the thread id in one word (never 0: `step` is at least 1), for an atomic a
+    /// signal handler can set: the tid's 4 bytes, a zero byte, the step, then the errno's low
+    /// 16 bits (errnos are below 4096).
+    fn pack(&self, tid: i32) -> u64 {
+        let [t0, t1, t2, t3] = tid.to_be_bytes();
+        let [.., e0, e1] = self.errno.to_be_bytes();
+        u64::from_be_bytes([t0, t1, t2, t3, 0, self.step as u8, e0, e1])
+    }
+
+    /// The inverse of [`Failure::pack`]: the failure and the thread id.
+    fn unpack(word: u64) -> (Failure, i32) {
+        let [t0, t1, t2, t3, _, step, e0, e1] = word.to_be_bytes();
+        let f = Failure {
+            step: Step::from_u8(step),
+            errno: i32::from(u16::from_be_bytes([e0, e1])),
+        };
+        (f, i32::from_be_bytes([t0, t1, t2, t3]))
+    }
+
     pub fn into_error(self, tid: i32) -> SandboxError {
         let source = std::io::Error::from_raw_os_error(self.errno);
         if tid == 0 {
@@ -141,7 +160,7 @@ fn is_qmp_thread() -> bool {
 
 static PLAN: AtomicPtr<Plan> = AtomicPtr::new(std::ptr::null_mut());
 static ANSWERS: AtomicUsize = AtomicUsize::new(0);
-/// First failure: tid << 32 | step << 16 | errno (errno < 65536).
+/// First failure, packed by [`Failure::pack`]; 0 for none.
 static FAILURE: AtomicU64 = AtomicU64::new(0);
 static BOUNDING_KEPT: AtomicBool = AtomicBool::new(false);
 
@@ -167,9 +186,7 @@ extern "C" fn on_seal_signal(_sig: libc::c_int) {
                 }
             }
             Err(f) => {
-                // SAFETY: gettid takes no arguments.
-                let tid = unsafe { libc::syscall(libc::SYS_gettid) } as u64;
-                let packed = (tid << 32) | ((f.step as u64) << 16) | (f.errno as u64 & 0xffff);
+                let packed = f.pack(nix::unistd::gettid().as_raw());
                 let _ = FAILURE.compare_exchange(0, packed, Ordering::AcqRel, Ordering::Relaxed);
             }
         }
@@ -195,8 +212,7 @@ impl Tasks {
     /// Thread ids other than the caller's.
     pub fn others(&self) -> Result<Vec<i32>, SandboxError> {
         use std::os::fd::AsRawFd;
-        // SAFETY: gettid takes no arguments.
-        let me = unsafe { libc::syscall(libc::SYS_gettid) } as i32;
+        let me = nix::unistd::gettid().as_raw();
         // fdopendir takes ownership of its fd: give it a duplicate.
         // SAFETY: F_DUPFD_CLOEXEC on an fd we own; integers only.
         let fd = unsafe { libc::fcntl(self.dir.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 0) };
@@ -262,11 +278,8 @@ pub(super) fn broadcast(tasks: &Tasks, plan: &Plan) -> Result<bool, SandboxError
     result?;
     let failure = FAILURE.load(Ordering::Acquire);
     if failure != 0 {
-        let f = Failure {
-            step: Step::from_u8((failure >> 16) as u8),
-            errno: (failure & 0xffff) as i32,
-        };
-        return Err(f.into_error((failure >> 32) as i32));
+        let (f, tid) = Failure::unpack(failure);
+        return Err(f.into_error(tid));
     }
     Ok(BOUNDING_KEPT.load(Ordering::Acquire))
 }

@@ -1110,7 +1110,7 @@ fn parse_mac(s: &str) -> Option<[u8; 6]> {
             return None;
         }
         let hex = |c: u8| (c as char).to_digit(16);
-        *byte = (hex(part[0])? * 16 + hex(part[1])?) as u8;
+        *byte = u8::try_from(hex(part[0])? * 16 + hex(part[1])?).ok()?;
     }
     Some(mac)
 }

@@ -28,8 +28,7 @@ fn cloexec(fd: RawFd) -> bool {
 /// Places dups of `fds` at `start`, `start + 1`, … (numbers no other test uses) without
 /// close-on-exec, as a service manager leaves them. The caller adopts or closes them.
 fn place_at(start: RawFd, fds: &[BorrowedFd<'_>]) {
-    for (i, fd) in fds.iter().enumerate() {
-        let target = start + i as RawFd;
+    for (target, fd) in (start..).zip(fds) {
         assert!(!is_open(target), "fd {target} is already in use");
         // SAFETY: dup2 onto a number nothing in this process uses (checked above); the new fd
         // is adopted or closed by the calling test.
@@ -195,12 +194,12 @@ fn a_passed_fd_that_is_no_unix_listener_is_the_operators_fault() {
         (tcp.as_fd(), "not a unix socket"),
         (file.as_fd(), "not a socket"),
     ];
-    for (i, (fd, why)) in cases.into_iter().enumerate() {
-        let mut fds = adopt_one(fd, 630 + i as RawFd, VHOST_USER_FD_NAME);
+    for (target, (fd, why)) in (630..).zip(cases) {
+        let mut fds = adopt_one(fd, target, VHOST_USER_FD_NAME);
         let e = fds.take_unix_listener(VHOST_USER_FD_NAME).unwrap_err();
         let msg = e.to_string();
         assert!(msg.starts_with("operator:"), "{msg}");
-        assert!(msg.contains(why), "case {i}: {msg}");
+        assert!(msg.contains(why), "case {why}: {msg}");
         assert!(msg.contains("ListenStream="), "{msg}");
     }
 }
@@ -528,8 +527,8 @@ fn run_activated_child(
     // SAFETY: only dup2 (async-signal-safe) on fds that are open in the forked child.
     unsafe {
         cmd.pre_exec(move || {
-            for (i, &fd) in raw.iter().enumerate() {
-                if libc::dup2(fd, LISTEN_FDS_START + i as RawFd) < 0 {
+            for (target, &fd) in (LISTEN_FDS_START..).zip(raw.iter()) {
+                if libc::dup2(fd, target) < 0 {
                     return Err(std::io::Error::last_os_error());
                 }
             }

@@ -235,7 +235,8 @@ pub fn terminate(
     if let Ok(Some(status)) = child.try_wait() {
         return Ok(status);
     }
-    let _ = kill(Pid::from_raw(child.id() as i32), sig);
+    let pid = i32::try_from(child.id()).expect("Linux pids fit pid_t");
+    let _ = kill(Pid::from_raw(pid), sig);
     let deadline = Instant::now() + timeout;
     loop {
         if let Ok(Some(status)) = child.try_wait() {

@@ -690,7 +690,7 @@ impl Peer {
             // call; the fd is an open socket owned by self.
             let n =
                 unsafe { libc::send(self.fd.as_raw_fd(), frame.as_ptr().cast(), frame.len(), 0) };
-            if n == frame.len() as isize {
+            if usize::try_from(n) == Ok(frame.len()) {
                 return Ok(());
             }
             let err = io::Error::last_os_error();
@@ -954,7 +954,7 @@ fn open_packet_socket(iface: &str) -> io::Result<OwnedFd> {
     let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
     sll.sll_family = libc::AF_PACKET as u16;
     sll.sll_protocol = (libc::ETH_P_ALL as u16).to_be();
-    sll.sll_ifindex = ifindex as i32;
+    sll.sll_ifindex = i32::try_from(ifindex).map_err(io::Error::other)?;
     // SAFETY: `sll` is a valid sockaddr_ll and its exact size is passed.
     let rc = unsafe {
         libc::bind(

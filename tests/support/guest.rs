@@ -516,7 +516,7 @@ impl QemuConfig {
             let vhost_under_tcg = matches!(self.net, NetBackend::VhostUser { .. })
                 && self.accel.unwrap_or_else(accel) == Accel::Tcg;
             let mq = if q > 1 && !vhost_under_tcg {
-                format!(",mq=on,vectors={}", 2 * q as u32 + 2)
+                format!(",mq=on,vectors={}", 2 * u32::from(q) + 2)
             } else if q > 1 {
                 ",mq=on,vectors=0".to_string()
             } else if vhost_under_tcg {

@@ -131,7 +131,7 @@ fn open_queue() -> (HostDevice, OwnedFd) {
         1,
     )
     .unwrap();
-    let peer = sys::packet_socket(ifindex("veth1") as i32).unwrap();
+    let peer = sys::packet_socket(ifindex("veth1")).unwrap();
     (dev, peer)
 }
 
@@ -394,5 +394,5 @@ fn missing_cap_net_raw_is_an_operator_error() {
 
 /// An `AF_PACKET` socket bound to `ifindex`, for tests of the layers above.
 pub(crate) fn packet_socket(ifindex: u32) -> OwnedFd {
-    sys::packet_socket(ifindex as i32).unwrap()
+    sys::packet_socket(ifindex).unwrap()
 }

@@ -433,7 +433,8 @@ fn fd_kind(fd: &OwnedFd) -> &'static str {
 /// cannot be interrupted: a worker touching such memory could hang for good.
 fn remote_fs(fd: &OwnedFd) -> Option<&'static str> {
     // `f_type` is a C long; every magic fits in 32 bits.
-    let magic = nix::sys::statfs::fstatfs(fd).ok()?.filesystem_type().0 as u64 & 0xffff_ffff;
+    let f_type = nix::sys::statfs::fstatfs(fd).ok()?.filesystem_type().0;
+    let magic = u64::try_from(f_type & 0xffff_ffff).ok()?;
     match magic {
         0x6573_5546 => Some("FUSE"),
         0x6969 => Some("NFS"),

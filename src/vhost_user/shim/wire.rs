@@ -42,8 +42,19 @@ const VERSION: u32 = 0x1;
 /// Control buffer for [`MAX_FDS`] fds: the kernel installs at most that many and sets
 /// `MSG_CTRUNC` for the rest (which it closes itself).
 // SAFETY: CMSG_SPACE is arithmetic on its argument; it reads no memory.
-const CMSG_SPACE: usize =
-    unsafe { libc::CMSG_SPACE((MAX_FDS * size_of::<RawFd>()) as u32) } as usize;
+const CMSG_SPACE: usize = unsafe { libc::CMSG_SPACE(CMSG_FDS_LEN) } as usize;
+/// The bytes of [`MAX_FDS`] fds (a few hundred at most: asserted below, so the cast keeps every
+/// bit).
+#[allow(clippy::cast_possible_truncation)]
+const CMSG_FDS_LEN: u32 = (MAX_FDS * size_of::<RawFd>()) as u32;
+const _: () = assert!(MAX_FDS * size_of::<RawFd>() <= 4096);
+
+/// The header's `size` for a payload of `size` bytes. Payloads this process builds are at most
+/// [`MAX_PAYLOAD`]; a longer one would saturate, which every receiver refuses as oversized,
+/// rather than wrap to a size that frames the stream wrongly.
+fn size_field(size: usize) -> u32 {
+    u32::try_from(size).unwrap_or(u32::MAX)
+}
 
 /// A message header (see the module doc for why it is not the crate's).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -57,7 +68,8 @@ pub struct Header {
 }
 
 impl Header {
-    /// A request header with version 1 and `NEED_REPLY` when asked.
+    /// A request header with version 1 and `NEED_REPLY` when asked. `size` is the length of a
+    /// payload this process built (at most [`MAX_PAYLOAD`]).
     pub fn request(code: FrontendReq, need_reply: bool, size: usize) -> Header {
         let reply = if need_reply {
             VhostUserHeaderFlag::NEED_REPLY.bits()
@@ -67,16 +79,16 @@ impl Header {
         Header {
             request: code.into(),
             flags: VERSION | reply,
-            size: size as u32,
+            size: size_field(size),
         }
     }
 
-    /// A reply header for `code`.
+    /// A reply header for `code`, `size` as in [`Header::request`].
     pub fn reply(code: FrontendReq, size: usize) -> Header {
         Header {
             request: code.into(),
             flags: VERSION | VhostUserHeaderFlag::REPLY.bits(),
-            size: size as u32,
+            size: size_field(size),
         }
     }
 
@@ -513,13 +525,14 @@ fn recv_with_fds(
     mh.msg_iov = &mut iov;
     mh.msg_iovlen = 1;
     mh.msg_control = cmsg.0.as_mut_ptr().cast();
-    mh.msg_controllen = CMSG_SPACE as _;
+    mh.msg_controllen = CMSG_SPACE;
     let n = loop {
         // SAFETY: `mh` points at `iov` (over `buf`, writable for its length) and at `cmsg`
         // (writable for `msg_controllen` bytes); both outlive the call.
         let r = unsafe { libc::recvmsg(fd.as_raw_fd(), &mut mh, libc::MSG_CMSG_CLOEXEC) };
-        if r >= 0 {
-            break r as usize;
+        // Negative (-1) is the one failure, and errno names it.
+        if let Ok(n) = usize::try_from(r) {
+            break n;
         }
         let e = io::Error::last_os_error();
         if e.kind() != io::ErrorKind::Interrupted {

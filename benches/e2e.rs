@@ -647,27 +647,23 @@ fn limit_rx(fd: RawFd, buf_len: usize, echo: bool, stop: &AtomicBool, reads: &At
     }
 }
 
-/// AF_PACKET generator on `iface`: `sendmmsg` batches of 64 frames over 64 UDP flows.
-fn generator(iface: &str, len: usize, dst: [u8; 6], stop: &AtomicBool, sent: &AtomicU64) {
+/// An AF_PACKET socket on `iface` (protocol `proto`), bypassing the qdisc, with the extra
+/// `(level, option, value)` options set, bound to IPv4 frames of that link.
+fn packet_socket(iface: &str, proto: u16, opts: &[(i32, i32, i32)]) -> OwnedFd {
     let ifindex = read_ifindex(iface);
     // SAFETY: plain socket(2) call.
-    let fd = unsafe {
-        libc::socket(
-            libc::AF_PACKET,
-            libc::SOCK_RAW,
-            i32::from((libc::ETH_P_ALL as u16).to_be()),
-        )
-    };
+    let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, i32::from(proto.to_be())) };
     assert!(
         fd >= 0,
         "AF_PACKET socket: {}",
         std::io::Error::last_os_error()
     );
-    // SAFETY: `fd` is ours; closed when this guard drops.
-    let _guard = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+    // SAFETY: `fd` is a new socket nobody else owns; the OwnedFd closes it.
+    let sock = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
     set_int_opt(fd, libc::SOL_PACKET, libc::PACKET_QDISC_BYPASS, 1);
-    // Queued frames stay charged to this socket until read: allow a large backlog.
-    set_int_opt(fd, libc::SOL_SOCKET, libc::SO_SNDBUFFORCE, 1 << 30);
+    for &(level, opt, value) in opts {
+        set_int_opt(fd, level, opt, value);
+    }
     // SAFETY: a zeroed sockaddr_ll is valid; fields set below.
     let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
     sll.sll_family = libc::AF_PACKET as u16;
@@ -682,6 +678,18 @@ fn generator(iface: &str, len: usize, dst: [u8; 6], stop: &AtomicBool, sent: &At
         )
     };
     assert_eq!(rc, 0, "bind AF_PACKET: {}", std::io::Error::last_os_error());
+    sock
+}
+
+/// AF_PACKET generator on `iface`: `sendmmsg` batches of 64 frames over 64 UDP flows.
+fn generator(iface: &str, len: usize, dst: [u8; 6], stop: &AtomicBool, sent: &AtomicU64) {
+    // Queued frames stay charged to this socket until read: allow a large backlog.
+    let sock = packet_socket(
+        iface,
+        libc::ETH_P_ALL as u16,
+        &[(libc::SOL_SOCKET, libc::SO_SNDBUFFORCE, 1 << 30)],
+    );
+    let fd = std::os::fd::AsRawFd::as_raw_fd(&sock);
     let frames: Vec<Vec<u8>> = (0..64)
         .map(|i| eth_frame(len, dst, PEER_MAC, 10_000 + i))
         .collect();
@@ -1415,35 +1423,13 @@ fn run_dpdk(ctx: &Ctx<'_>, tag: &str) -> Sample {
 /// echoes it), `secs` long after `warmup` seconds. Returns the round-trip times in µs; a frame
 /// not back within 100 ms counts as lost (and is not a sample).
 fn ping_pong(iface: &str, dst: [u8; 6], warmup: f64, secs: f64) -> (Vec<f64>, u64) {
-    let ifindex = read_ifindex(iface);
-    // SAFETY: plain socket(2) call.
-    let fd = unsafe {
-        libc::socket(
-            libc::AF_PACKET,
-            libc::SOCK_RAW,
-            i32::from((libc::ETH_P_IP as u16).to_be()),
-        )
-    };
-    assert!(fd >= 0, "AF_PACKET: {}", std::io::Error::last_os_error());
-    // SAFETY: `fd` is ours; closed when the guard drops.
-    let _guard = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
-    set_int_opt(fd, libc::SOL_PACKET, libc::PACKET_QDISC_BYPASS, 1);
     // Our own frames would otherwise come back on this socket as outgoing copies.
-    set_int_opt(fd, libc::SOL_PACKET, libc::PACKET_IGNORE_OUTGOING, 1);
-    // SAFETY: a zeroed sockaddr_ll is valid; fields set below.
-    let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-    sll.sll_family = libc::AF_PACKET as u16;
-    sll.sll_protocol = (libc::ETH_P_IP as u16).to_be();
-    sll.sll_ifindex = ifindex;
-    // SAFETY: `sll` is a valid sockaddr_ll of the given size.
-    let rc = unsafe {
-        libc::bind(
-            fd,
-            (&sll as *const libc::sockaddr_ll).cast(),
-            std::mem::size_of::<libc::sockaddr_ll>() as u32,
-        )
-    };
-    assert_eq!(rc, 0, "bind AF_PACKET: {}", std::io::Error::last_os_error());
+    let sock = packet_socket(
+        iface,
+        libc::ETH_P_IP as u16,
+        &[(libc::SOL_PACKET, libc::PACKET_IGNORE_OUTGOING, 1)],
+    );
+    let fd = std::os::fd::AsRawFd::as_raw_fd(&sock);
     let mut frame = eth_frame(64, dst, PEER_MAC, 7);
     let mut buf = vec![0u8; 2048];
     let mut rtts = Vec::with_capacity(200_000);

@@ -1131,11 +1131,16 @@ fn sealed_daemon_follows_qmp_and_a_guest_mac_change_through_the_link_helper() {
         mvh.log_text()
     );
     mvh.check_alive();
-    let log = mvh.log_text();
+    // The daemon logs after the helper's reply, which can come after `ip link` already shows
+    // the new MAC: wait for the line rather than read the log once.
     assert!(
-        log.contains("the macvtap follows the guest's MAC 02:6d:76:68:00:99"),
-        "{log}"
+        wait_until(Duration::from_secs(5), || mvh
+            .log_text()
+            .contains("the macvtap follows the guest's MAC 02:6d:76:68:00:99")),
+        "{}",
+        mvh.log_text()
     );
+    let log = mvh.log_text();
     assert!(
         !log.contains("cannot apply the guest's receive filter"),
         "{log}"

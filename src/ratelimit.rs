@@ -58,6 +58,7 @@ pub struct RateSpec {
 pub struct RateSpecError {
     /// The key at fault (`average`, `peak`, `burst`, `pps`, or what was given).
     pub key: String,
+    /// What is wrong with its value.
     pub reason: String,
 }
 
@@ -263,6 +264,7 @@ impl RateLimiter {
         }
     }
 
+    /// The limits this limiter enforces, as the operator gave them.
     pub fn spec(&self) -> &RateSpec {
         &self.spec
     }

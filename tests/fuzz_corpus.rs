@@ -5,6 +5,7 @@
 //! `MACVHOST_WRITE_SEEDS=1 cargo test --test fuzz_corpus` rewrites the generated seeds
 //! (`seed-*` files) from `macvhost::testkit::fuzz::seeds`.
 
+/// One test per fuzz target, replaying its committed corpus.
 pub mod replay {
     use std::path::PathBuf;
     use std::sync::Mutex;

@@ -144,7 +144,9 @@ const BLOCK_OLD_SOURCES: u8 = 6;
 /// An IP multicast group.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum GroupAddr {
+    /// An IPv4 group (IGMP), network byte order.
     V4([u8; 4]),
+    /// An IPv6 group (MLD), network byte order.
     V6([u8; 16]),
 }
 
@@ -180,54 +182,80 @@ impl std::fmt::Display for GroupAddr {
 /// `group` on `vlan` (`None`: untagged or priority-tagged).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Membership {
+    /// The VID of the report's one tag (802.1Q or 802.1ad); `None` untagged or VID 0.
     pub vlan: Option<u16>,
+    /// The group, checked to be multicast.
     pub group: GroupAddr,
     /// `group.mac()`.
     pub mac: [u8; 6],
+    /// Join (a report, EXCLUDE, or INCLUDE/ALLOW with sources) or leave (a leave/done, or
+    /// INCLUDE with no source).
     pub joined: bool,
 }
 
 /// The header a frame ended inside of.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub enum Layer {
+    /// The 20-byte IPv4 header.
     Ipv4,
+    /// The 40-byte IPv6 header.
     Ipv6,
+    /// The IPv6 hop-by-hop options header (MLD carries the router alert in it).
     HopByHop,
+    /// The IGMP message.
     Igmp,
+    /// The MLD message (ICMPv6).
     Mld,
 }
 
 /// Why a report was dropped without learning anything. The guest is at fault in every case.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum MalformedReport {
+    /// The frame ends inside a header that must be whole.
     #[error("guest report: frame ends inside the {0:?} header")]
     Truncated(Layer),
+    /// The IPv4 header's version field is not 4.
     #[error("guest report: IPv4 version field is {0}")]
     Ipv4Version(u8),
+    /// The IPv4 IHL (in bytes) is below the minimum or runs past the frame.
     #[error("guest report: IPv4 header length {0} bytes is below 20 or beyond the frame")]
     Ipv4HeaderLength(usize),
+    /// The IPv4 total length is below the header length or past the frame.
     #[error("guest report: IPv4 total length {0} is below the header or beyond the frame")]
     Ipv4TotalLength(usize),
+    /// The IPv4 header checksum does not verify.
     #[error("guest report: bad IPv4 header checksum")]
     Ipv4HeaderChecksum,
+    /// A fragment (MF set or an offset): reports are never fragmented, and a fragment cannot
+    /// be parsed alone.
     #[error("guest report: IPv4 fragment")]
     Ipv4Fragment,
+    /// The IPv6 header's version field is not 6.
     #[error("guest report: IPv6 version field is {0}")]
     Ipv6Version(u8),
+    /// The IPv6 payload length is 0 (a jumbogram, never a report) or past the frame.
     #[error("guest report: IPv6 payload length {0} is zero (jumbogram) or beyond the frame")]
     Ipv6PayloadLength(usize),
+    /// The hop-by-hop header's length field runs past the IPv6 payload.
     #[error("guest report: hop-by-hop header runs past the IPv6 payload")]
     HopByHopBeyondPayload,
+    /// The IGMP checksum does not verify.
     #[error("guest report: bad IGMP checksum")]
     IgmpChecksum,
+    /// The ICMPv6 checksum (over the pseudo-header) does not verify.
     #[error("guest report: bad ICMPv6 checksum")]
     Icmpv6Checksum,
+    /// The record count announces more records than the message holds.
     #[error("guest report: {0} group records announced, the message ends before them")]
     RecordCountBeyondMessage(u16),
+    /// A record's source count runs past the message.
     #[error("guest report: a group record's source list runs past the message")]
     SourcesBeyondMessage,
+    /// A record's auxiliary data length runs past the message.
     #[error("guest report: a group record's auxiliary data runs past the message")]
     AuxDataBeyondMessage,
+    /// A report names a unicast (or unspecified) address as a group; nothing of the report is
+    /// learned, even from its valid records.
     #[error("guest report: group {0} is not a multicast address")]
     GroupNotMulticast(GroupAddr),
 }
@@ -243,9 +271,17 @@ pub enum Verdict {
     Query,
     /// A valid report: `records` memberships went to the callback, `ignored` records carried
     /// nothing usable (BLOCK, empty ALLOW, unknown record type, node-local scope).
-    Report { records: u16, ignored: u16 },
+    Report {
+        /// Memberships passed to the callback.
+        records: u16,
+        /// Records skipped.
+        ignored: u16,
+    },
     /// The report is longer than the prefix given: `needed` bytes of the frame are required.
-    Incomplete { needed: usize },
+    Incomplete {
+        /// Frame bytes needed to parse it (at most the frame's length).
+        needed: usize,
+    },
     /// A report (or what can only be one) that is broken; nothing learned.
     Malformed(MalformedReport),
 }
@@ -874,7 +910,9 @@ struct GroupKey {
 /// one of the lists; a MAC added and removed within the same diff cancels out.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Diff {
+    /// MACs to add to the macvtap's multicast list.
     pub add: Vec<[u8; 6]>,
+    /// MACs to remove from it (no group maps to them any more).
     pub remove: Vec<[u8; 6]>,
     /// `Some(on)` when allmulticast changed.
     pub allmulti: Option<bool>,
@@ -891,12 +929,14 @@ impl Diff {
         }
     }
 
+    /// Empties the diff after it was applied, keeping the lists' capacity.
     pub fn clear(&mut self) {
         self.add.clear();
         self.remove.clear();
         self.allmulti = None;
     }
 
+    /// Nothing to apply.
     pub fn is_empty(&self) -> bool {
         self.add.is_empty() && self.remove.is_empty() && self.allmulti.is_none()
     }
@@ -1002,6 +1042,7 @@ impl MembershipTable {
         }
     }
 
+    /// The parameters the table was made with.
     pub fn config(&self) -> &TableConfig {
         &self.cfg
     }
@@ -1167,6 +1208,7 @@ impl MembershipTable {
         self.groups.iter().map(|(k, _)| (k.vlan, k.group))
     }
 
+    /// The table's counters so far (groups is the current size).
     pub fn counters(&self) -> McastCounters {
         self.counters
     }
@@ -1186,13 +1228,18 @@ pub mod frames {
     /// One v3/MLDv2 group record.
     #[derive(Debug, Clone)]
     pub struct Record {
+        /// Record type (1..=6 are RFC 3376's; others test the unknown-type path).
         pub rtype: u8,
+        /// The group.
         pub group: GroupAddr,
+        /// Number of made-up sources written after the group.
         pub sources: u16,
+        /// Auxiliary data length in 32-bit words (filled with `0xaa`).
         pub aux_words: u8,
     }
 
     impl Record {
+        /// A record without auxiliary data.
         pub fn new(rtype: u8, group: GroupAddr, sources: u16) -> Record {
             Record {
                 rtype,
@@ -1203,6 +1250,7 @@ pub mod frames {
         }
     }
 
+    /// IPv4 group `a.b.c.d`.
     pub fn v4(a: u8, b: u8, c: u8, d: u8) -> GroupAddr {
         GroupAddr::V4([a, b, c, d])
     }

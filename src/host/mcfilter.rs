@@ -60,28 +60,50 @@ const ALL_HOSTS_MAC: [u8; 6] = [0x01, 0x00, 0x5e, 0x00, 0x00, 0x01];
 #[derive(Debug, thiserror::Error)]
 pub enum McFilterError {
     // --- Operator errors ---
+    /// The process lacks `CAP_NET_RAW` in the interface's network namespace, so it cannot
+    /// open the packet socket that holds the memberships.
     #[error(
         "the multicast filter needs CAP_NET_RAW in this network namespace (an AF_PACKET \
          socket holds the guest's groups): {0}"
     )]
     NotPermitted(io::Error),
+    /// No interface has this index in the caller's network namespace.
     #[error("no network interface with index {0} in this network namespace")]
     NoSuchInterface(u32),
 
     // --- Caller (programming) errors ---
+    /// A unicast MAC was passed to the multicast list ([`McFilter::add`]/[`McFilter::remove`]);
+    /// group MACs derived from IP groups always have the group bit.
     #[error("{mac} is not a multicast MAC (group bit clear)")]
-    NotMulticast { mac: MacAddr },
+    NotMulticast {
+        /// The MAC passed.
+        mac: MacAddr,
+    },
 
     // --- Host errors ---
+    /// The packet socket could not be created, or the interface name not read, for another
+    /// reason than a missing capability or interface.
     #[error("opening the multicast control socket: {0}")]
     Socket(io::Error),
+    /// The interface was deleted while the filter held it (`ENODEV` on a membership change).
     #[error("interface {ifname:?} (#{ifindex}) is gone")]
-    LinkGone { ifname: String, ifindex: u32 },
+    LinkGone {
+        /// Its name at open time.
+        ifname: String,
+        /// Its index.
+        ifindex: u32,
+    },
+    /// The kernel refused a membership change (`PACKET_ADD_MEMBERSHIP` or
+    /// `PACKET_DROP_MEMBERSHIP`), e.g. out of memory.
     #[error("{op} {what} on {ifname:?}: {source}")]
     Membership {
+        /// `adding` or `removing`.
         op: &'static str,
+        /// The MAC, `allmulticast` or `promiscuity`.
         what: String,
+        /// The interface's name at open time.
         ifname: String,
+        /// The kernel's answer.
         source: io::Error,
     },
 }
@@ -132,6 +154,7 @@ impl McFilter {
         })
     }
 
+    /// The interface this filter changes (fixed at open).
     pub fn ifindex(&self) -> u32 {
         self.ifindex
     }

@@ -66,78 +66,196 @@ pub const TUN_F_ALL: u32 = libc::TUN_F_CSUM
 #[derive(Debug, thiserror::Error)]
 pub enum HostError {
     // --- Operator errors ---
+    /// An interface name from the command line the kernel would refuse: empty, 16 bytes or
+    /// longer, `.` or `..`, or holding `/`, `:`, NUL or whitespace.
     #[error("invalid interface name {name:?}: {reason}")]
-    InvalidIfName { name: String, reason: &'static str },
+    InvalidIfName {
+        /// The name as given.
+        name: String,
+        /// Which rule it breaks.
+        reason: &'static str,
+    },
+    /// The named interface does not exist in this process's network namespace.
     #[error("no network interface named {name:?} in this network namespace")]
-    NoSuchInterface { name: String },
+    NoSuchInterface {
+        /// The name as given.
+        name: String,
+    },
+    /// `--macvtap` names an interface of another kind.
     #[error("interface {name:?} is not a macvtap")]
-    NotMacvtap { name: String },
+    NotMacvtap {
+        /// The name as given.
+        name: String,
+    },
+    /// `--tap` names an existing interface that is no tun/tap device at all.
     #[error("interface {name:?} exists but is not a tap")]
-    NotTap { name: String },
+    NotTap {
+        /// The name as given.
+        name: String,
+    },
+    /// `--tap` names a layer-3 tun device, which carries no Ethernet frames.
     #[error("interface {name:?} is a tun (layer 3) device; a tap (Ethernet) is needed")]
-    TunNotTap { name: String },
+    TunNotTap {
+        /// The name as given.
+        name: String,
+    },
+    /// An existing single-queue tap cannot give one fd per queue pair for `--queues` > 1.
     #[error(
         "tap {name:?} exists without multi-queue support and cannot serve {queue_pairs} queue \
          pairs; recreate it with `ip tuntap add dev {name} mode tap multi_queue` or use 1 pair"
     )]
-    TapNotMultiQueue { name: String, queue_pairs: u16 },
+    TapNotMultiQueue {
+        /// The tap.
+        name: String,
+        /// Queue pairs asked for.
+        queue_pairs: u16,
+    },
+    /// The tap is attached to another process (`TUNSETIFF` answered `EBUSY`).
     #[error("tap {name:?} is already in use by another process")]
-    TapBusy { name: String },
+    TapBusy {
+        /// The tap.
+        name: String,
+    },
+    /// `--tap-fd` lists a different number of fds than `--queues` asks for.
     #[error("{got} tap fds given for {expected} queue pairs; pass exactly one per queue pair")]
-    FdCount { expected: u16, got: usize },
+    FdCount {
+        /// Queue pairs asked for.
+        expected: u16,
+        /// Fds given.
+        got: usize,
+    },
+    /// A `--tap-fd` fd is not usable as a queue: not open, given twice, not a tap/macvtap queue,
+    /// a tun (layer 3) queue, opened without `IFF_VNET_HDR` or `IFF_NO_PI`, or of another
+    /// interface or network namespace than the others.
     #[error("tap fd {fd}: {reason}")]
-    BadTapFd { fd: RawFd, reason: String },
+    BadTapFd {
+        /// The fd number as given.
+        fd: RawFd,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// `--queues 0`.
     #[error("at least one queue pair is needed")]
     NoQueues,
+    /// More queue pairs than a tap or macvtap has queues ([`MAX_QUEUE_PAIRS`]).
     #[error("{0} queue pairs asked for; tap and macvtap take at most {MAX_QUEUE_PAIRS}")]
     TooManyQueues(u16),
+    /// The interface's hardware type is not Ethernet, so it has no MAC to give the guest.
     #[error("interface {name:?} is not Ethernet (ARPHRD {arphrd})")]
-    NotEthernet { name: String, arphrd: u16 },
+    NotEthernet {
+        /// The interface.
+        name: String,
+        /// Its `ARPHRD_*` type.
+        arphrd: u16,
+    },
 
     // --- Caller (programming) errors ---
+    /// A caller asked for a vnet header length the kernel does not take; the vhost-user layer
+    /// only ever passes [`VNET_HDR_LEN_V1`] or [`VNET_HDR_LEN_LEGACY`].
     #[error("vnet header length {0} is not 10 (legacy) or 12 (VERSION_1 / MRG_RXBUF)")]
     BadVnetHdrLen(usize),
+    /// A queue of a single-queue tap cannot be detached; the caller should leave it attached.
     #[error("queue {index} of {name:?} cannot be detached: the tap is not multi-queue")]
-    DetachUnsupported { name: String, index: usize },
+    DetachUnsupported {
+        /// The tap.
+        name: String,
+        /// The queue pair.
+        index: usize,
+    },
 
     // --- Host errors ---
+    /// `/sys/class/net/NAME` belongs to another network namespace than this process's sockets
+    /// (the host's mount setup is at fault, or the operator entered the netns without `ip
+    /// netns exec`).
     #[error(
         "/sys/class/net/{name} does not describe the interface this process sees: sysfs is \
          mounted for another network namespace (enter it with `ip netns exec`, which remounts \
          /sys)"
     )]
-    SysfsOtherNetns { name: String },
+    SysfsOtherNetns {
+        /// The interface.
+        name: String,
+    },
+    /// A sysfs attribute could not be read, or did not parse.
     #[error("reading {path}: {source}", path = path.display())]
-    Sysfs { path: PathBuf, source: io::Error },
+    Sysfs {
+        /// The attribute file.
+        path: PathBuf,
+        /// Why (for a parse failure, `InvalidData`).
+        source: io::Error,
+    },
+    /// `/dev/tapN` exists but is no character device: refused rather than opened.
     #[error("{path} is not a character device; refusing to use it", path = path.display())]
-    DevNodeNotChar { path: PathBuf },
+    DevNodeNotChar {
+        /// The node.
+        path: PathBuf,
+    },
+    /// The node opened is not the macvtap's device (major:minor changed under us, e.g. the
+    /// macvtap was recreated between the check and the open).
     #[error("{path} opened device {got}, expected {want}", path = path.display())]
     DevNodeChanged {
+        /// The node.
         path: PathBuf,
+        /// The macvtap's `major:minor` from sysfs.
         want: String,
+        /// The opened node's `major:minor`.
         got: String,
     },
+    /// A private device node for the macvtap could not be made.
     #[error("cannot create device node {path}: {source}", path = path.display())]
-    Mknod { path: PathBuf, source: io::Error },
+    Mknod {
+        /// The node.
+        path: PathBuf,
+        /// Why.
+        source: io::Error,
+    },
+    /// `/dev/tapN` or `/dev/net/tun` could not be opened.
     #[error("cannot open {path}: {source}", path = path.display())]
-    Open { path: PathBuf, source: io::Error },
+    Open {
+        /// The device node.
+        path: PathBuf,
+        /// Why (`EACCES`, `ENOENT`, ...).
+        source: io::Error,
+    },
+    /// An ioctl on a queue fd or the control socket failed.
     #[error("{op} on {name:?} failed: {source}")]
     Ioctl {
+        /// The ioctl (`TUNSETIFF`, `SIOCGIFHWADDR`, ...).
         op: &'static str,
+        /// The interface.
         name: String,
+        /// The kernel's answer.
         source: io::Error,
     },
+    /// Another system call failed (creating the interface control socket).
     #[error("{what}: {source}")]
     Io {
+        /// What was being done.
         what: &'static str,
+        /// Why.
         source: io::Error,
     },
+    /// The kernel reports other state than what was just set (a queue of another interface,
+    /// missing flags, an MTU over 16 bits): the fd is not what it should be.
     #[error("kernel state of {name:?} is not what was set: {detail}")]
-    Verify { name: String, detail: String },
+    Verify {
+        /// The interface.
+        name: String,
+        /// What differs.
+        detail: String,
+    },
+    /// The interface was deleted after it was opened.
     #[error("interface #{ifindex} no longer exists")]
-    LinkGone { ifindex: u32 },
+    LinkGone {
+        /// Its index at open time.
+        ifindex: u32,
+    },
+    /// A queue's interface was deleted: the fd stays open but serves no link.
     #[error("the queues of {name:?} have no interface any more (deleted)")]
-    QueueGone { name: String },
+    QueueGone {
+        /// The interface's name at open time.
+        name: String,
+    },
 }
 
 impl HostError {
@@ -165,17 +283,28 @@ impl HostError {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum HostSpec {
     /// `--macvtap IFACE`: an existing macvtap, opened through `/dev/tapN`.
-    Macvtap { iface: String },
+    Macvtap {
+        /// Its name in this process's network namespace.
+        iface: String,
+    },
     /// `--tap IFACE`: a tap, created when absent.
-    Tap { iface: String },
+    Tap {
+        /// Its name in this process's network namespace.
+        iface: String,
+    },
     /// `--tap-fd FD[,FD...]`: queue fds (tap or macvtap) opened by a manager, one per pair.
-    TapFds { fds: Vec<RawFd> },
+    TapFds {
+        /// Raw fd numbers inherited from the manager; duplicated at open, never adopted.
+        fds: Vec<RawFd>,
+    },
 }
 
 /// What kind of device the queues belong to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum HostKind {
+    /// A macvtap, opened through its `/dev/tapN` node; queues always detachable.
     Macvtap,
+    /// A tap, opened through `/dev/net/tun`; queues detachable only with `IFF_MULTI_QUEUE`.
     Tap,
 }
 
@@ -259,6 +388,7 @@ impl HostDevice {
         })
     }
 
+    /// The queue fds, one per queue pair, in pair order.
     pub fn queues(&self) -> &[Arc<TapQueue>] {
         &self.queues
     }
@@ -268,10 +398,13 @@ impl HostDevice {
         &self.ifname
     }
 
+    /// The interface index, fixed for the link's life (facts are looked up by it, not by
+    /// name, so a rename does not matter).
     pub fn ifindex(&self) -> u32 {
         self.ifindex
     }
 
+    /// Whether the queues belong to a macvtap or a tap (`--tap-fd` fds are classified at open).
     pub fn kind(&self) -> HostKind {
         self.kind
     }

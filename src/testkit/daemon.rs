@@ -118,10 +118,12 @@ impl Daemon {
         &self.control
     }
 
+    /// The file macvhost's stderr goes to.
     pub fn log_path(&self) -> &Path {
         &self.log
     }
 
+    /// The whole log so far (empty when it cannot be read).
     pub fn log_text(&self) -> String {
         fs::read_to_string(&self.log).unwrap_or_default()
     }

@@ -120,6 +120,7 @@ impl NetNs {
         }
     }
 
+    /// The namespace's name (`ip netns exec NAME`).
     pub fn name(&self) -> &str {
         &self.name
     }
@@ -416,6 +417,7 @@ pub fn dev_node(path: &Path) -> Option<(bool, u64, u64)> {
 /// exactly that node (same type and numbers).
 #[derive(Debug)]
 pub struct DevNodeGuard {
+    /// The node.
     pub path: PathBuf,
     made: Option<(u64, u64)>,
 }
@@ -466,11 +468,17 @@ impl Drop for DevNodeGuard {
 /// Interface counters from sysfs.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct IfaceStats {
+    /// `statistics/rx_packets`: frames the interface received.
     pub rx_packets: u64,
+    /// `statistics/rx_bytes`.
     pub rx_bytes: u64,
+    /// `statistics/rx_dropped`.
     pub rx_dropped: u64,
+    /// `statistics/tx_packets`: frames the interface sent.
     pub tx_packets: u64,
+    /// `statistics/tx_bytes`.
     pub tx_bytes: u64,
+    /// `statistics/tx_dropped`.
     pub tx_dropped: u64,
 }
 
@@ -516,10 +524,15 @@ impl fmt::Display for IfaceStats {
 /// a guest on a macvtap and needs a peer outside it.
 #[derive(Clone, Debug)]
 pub struct MacvtapTopo {
+    /// The veth end the test talks through, standing for the outside world.
     pub peer: &'static str,
+    /// The veth end the macvtap sits on (its parent).
     pub lower: &'static str,
+    /// The macvtap.
     pub macvtap: &'static str,
+    /// `peer`'s MAC ([`PEER_MAC`]).
     pub peer_mac: MacAddr,
+    /// The macvtap's MAC, the one the guest uses.
     pub macvtap_mac: MacAddr,
     /// The macvtap's ifindex; its character device is `/dev/tap<ifindex>` (fresh).
     pub ifindex: u32,
@@ -575,7 +588,9 @@ impl MacvtapTopo {
 /// macvhost writes to the fd arrive on it.
 #[derive(Clone, Debug)]
 pub struct TapTopo {
+    /// The tap's name.
     pub tap: String,
+    /// Its MAC (the host side's, not the guest's).
     pub tap_mac: MacAddr,
 }
 

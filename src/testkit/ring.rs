@@ -45,9 +45,13 @@ pub const INDIRECT: u16 = VRING_DESC_F_INDIRECT as u16;
 /// Where one split virtqueue's rings are.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Layout {
+    /// Queue size (entries).
     pub size: u16,
+    /// Guest address of the descriptor table.
     pub desc: u64,
+    /// Guest address of the available ring.
     pub avail: u64,
+    /// Guest address of the used ring.
     pub used: u64,
 }
 

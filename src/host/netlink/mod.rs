@@ -115,6 +115,7 @@ pub struct MacvtapSpec {
     pub parent: String,
     /// The macvtap's name; `None` generates `mvh<parent ifindex>-<n>` with the first free `n`.
     pub name: Option<String>,
+    /// How it shares the parent (`--mode`, default bridge).
     pub mode: MacvtapMode,
     /// The macvtap's MAC; `None` lets the kernel pick a random local one (passthru always
     /// takes the parent's).
@@ -124,7 +125,9 @@ pub struct MacvtapSpec {
 /// Facts about a macvtap, from one `RTM_GETLINK`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MacvtapInfo {
+    /// `IFLA_IFNAME`: the name now (it may have been renamed since creation).
     pub name: String,
+    /// The interface index in the namespace the query ran in.
     pub ifindex: u32,
     /// `IFLA_INFO_DATA` / `IFLA_MACVLAN_MODE`.
     pub mode: MacvtapMode,
@@ -146,62 +149,151 @@ pub struct MacvtapInfo {
 #[derive(Debug, thiserror::Error)]
 pub enum NetlinkError {
     // --- Operator errors ---
+    /// `--mode` is not a macvtap mode.
     #[error("unknown macvtap mode {given:?}; expected one of private, vepa, bridge, passthru")]
-    UnknownMode { given: String },
+    UnknownMode {
+        /// The mode as given.
+        given: String,
+    },
+    /// `--macvtap-parent` or `--macvtap-name` is not a name the kernel takes.
     #[error("invalid interface name {name:?}: {reason}")]
-    InvalidIfName { name: String, reason: String },
+    InvalidIfName {
+        /// The name as given.
+        name: String,
+        /// Which rule it breaks.
+        reason: String,
+    },
+    /// `--macvtap-parent` names no interface in this network namespace.
     #[error("macvtap parent {parent:?} does not exist in this network namespace")]
-    NoSuchParent { parent: String },
+    NoSuchParent {
+        /// The parent as given.
+        parent: String,
+    },
+    /// The parent is loopback or not Ethernet; checked here because the kernel answers only
+    /// a bare `EINVAL`.
     #[error("{parent:?} cannot be a macvtap parent: {reason}")]
-    BadParent { parent: String, reason: String },
+    BadParent {
+        /// The parent as given.
+        parent: String,
+        /// Why it cannot carry a macvtap.
+        reason: String,
+    },
+    /// A passthru macvtap was asked for on a parent that already carries macvlans/macvtaps.
     #[error(
         "parent {parent:?} already has a macvlan/macvtap ({holders}); a passthru macvtap must be \
          the only one on its parent"
     )]
-    PassthruTaken { parent: String, holders: String },
+    PassthruTaken {
+        /// The parent.
+        parent: String,
+        /// The links already on it, comma-separated.
+        holders: String,
+    },
+    /// The parent already carries a passthru macvlan/macvtap, which admits no sibling.
     #[error(
         "parent {parent:?} is held by passthru macvtap/macvlan {holder:?}; no other macvtap can \
          share it"
     )]
-    ParentInPassthru { parent: String, holder: String },
+    ParentInPassthru {
+        /// The parent.
+        parent: String,
+        /// The passthru link on it.
+        holder: String,
+    },
+    /// `--macvtap-name` is already taken (`EEXIST`).
     #[error("an interface named {name:?} already exists")]
-    NameTaken { name: String },
+    NameTaken {
+        /// The name.
+        name: String,
+    },
+    /// `--mac` is already the address of a sibling macvlan/macvtap (`EADDRINUSE`).
     #[error("MAC {mac} is already used by another macvlan/macvtap on {parent:?}")]
-    MacInUse { mac: MacAddr, parent: String },
+    MacInUse {
+        /// The MAC asked for.
+        mac: MacAddr,
+        /// The parent.
+        parent: String,
+    },
+    /// `--mac` for a new macvtap is multicast or all zeros.
     #[error("MAC {mac} is not a valid unicast address")]
-    InvalidMac { mac: MacAddr },
+    InvalidMac {
+        /// The MAC asked for.
+        mac: MacAddr,
+    },
+    /// A link looked up by name does not exist in this network namespace.
     #[error("no interface named {name:?} in this network namespace")]
-    NoSuchLink { name: String },
+    NoSuchLink {
+        /// The name.
+        name: String,
+    },
+    /// A link looked up by index does not exist (any more) in this network namespace; deleting
+    /// a link treats this as done.
     #[error("interface #{ifindex} does not exist in this network namespace")]
-    NoSuchIfindex { ifindex: u32 },
+    NoSuchIfindex {
+        /// The index.
+        ifindex: u32,
+    },
+    /// The link is a macvlan, veth or other kind, not a macvtap.
     #[error("interface {name:?} is not a macvtap (kind {kind:?})")]
-    NotMacvtap { name: String, kind: String },
+    NotMacvtap {
+        /// The link.
+        name: String,
+        /// Its `IFLA_INFO_KIND`, `none` when it has none.
+        kind: String,
+    },
+    /// The kernel answered `EPERM`: the process lacks `CAP_NET_ADMIN` in the namespace.
     #[error("{op}: not permitted (needs CAP_NET_ADMIN in this network namespace)")]
-    NotPermitted { op: String },
+    NotPermitted {
+        /// The request refused.
+        op: String,
+    },
 
     // --- Host errors ---
+    /// Every generated name `mvh<ifindex>-<n>` on this parent is taken.
     #[error("no free macvtap name on {parent:?} (tried {first}..{last})")]
     NamesExhausted {
+        /// The parent.
         parent: String,
+        /// First name tried.
         first: String,
+        /// Last name tried.
         last: String,
     },
+    /// The kernel reports a macvlan mode newer than the four macvhost knows (e.g. `source`).
     #[error("macvtap {name:?} reports mode {raw}, which macvhost does not handle")]
-    UnsupportedMode { name: String, raw: u32 },
+    UnsupportedMode {
+        /// The link.
+        name: String,
+        /// The kernel's `IFLA_MACVLAN_MODE` value.
+        raw: u32,
+    },
+    /// Opening, binding, sending on or receiving from the netlink socket failed.
     #[error("netlink socket: {what}: {source}")]
     Socket {
+        /// The step that failed.
         what: &'static str,
+        /// Why.
         source: io::Error,
     },
+    /// The kernel refused a request with an errno other than those above.
     #[error("{op}: {source}{}", extack.as_deref().map(|m| format!(" ({m})")).unwrap_or_default())]
     Kernel {
+        /// The request.
         op: String,
+        /// The errno.
         source: io::Error,
         /// The kernel's extended-ack message, when it gave one.
         extack: Option<String>,
     },
+    /// A reply that does not decode, or lacks an attribute every kernel sends.
     #[error("{op}: unexpected reply: {detail}")]
-    Protocol { op: String, detail: String },
+    Protocol {
+        /// The request.
+        op: String,
+        /// What was wrong with the reply.
+        detail: String,
+    },
+    /// The link watcher thread could not be spawned.
     #[error("link watcher thread: {0}")]
     Thread(io::Error),
 }
@@ -271,10 +363,12 @@ pub struct CreatedLink {
 }
 
 impl CreatedLink {
+    /// The name it was created with (the generated one when none was asked for).
     pub fn name(&self) -> &str {
         &self.name
     }
 
+    /// Its index in the namespace it was created in.
     pub fn ifindex(&self) -> u32 {
         self.ifindex
     }
@@ -284,10 +378,12 @@ impl CreatedLink {
         self.mac
     }
 
+    /// The parent's index.
     pub fn parent_ifindex(&self) -> u32 {
         self.parent_ifindex
     }
 
+    /// The mode it was created in.
     pub fn mode(&self) -> MacvtapMode {
         self.mode
     }

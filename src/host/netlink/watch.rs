@@ -38,11 +38,19 @@ const IFINFOMSG_LEN: usize = 16;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LinkEvent {
     /// The link is (`up: true`) or is not administratively and operationally up.
-    Carrier { ifindex: u32, up: bool },
+    Carrier {
+        /// The link.
+        ifindex: u32,
+        /// `IFF_UP && IFF_RUNNING` (for a macvtap, its parent's carrier shows through).
+        up: bool,
+    },
     /// The link was deleted (or moved to another network namespace); it is no longer watched.
     /// Deleting a link that was up reports `Carrier { up: false }` first (it is closed before
     /// it is unregistered).
-    Deleted { ifindex: u32 },
+    Deleted {
+        /// The link's index before it went.
+        ifindex: u32,
+    },
 }
 
 /// The watcher thread. Dropping it stops the thread (an eventfd wakes its `poll`) and joins it.

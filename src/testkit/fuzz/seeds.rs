@@ -277,6 +277,7 @@ impl Vq {
         self
     }
 
+    /// The encoded fuzz input.
     pub fn bytes(&self) -> Vec<u8> {
         self.0.finish()
     }
@@ -591,11 +592,13 @@ impl Vu {
         self
     }
 
+    /// Op 22: signal vring `q`'s kick eventfd.
     pub fn kick(&mut self, q: u8) -> &mut Self {
         self.op(22).u8(q);
         self
     }
 
+    /// Op 23: inject a host frame of `len` bytes into queue pair `pair`'s fake host queue.
     pub fn inject(&mut self, pair: u8, len: u16) -> &mut Self {
         self.op(23).u8(pair).u8(1).u16(len);
         self
@@ -623,6 +626,7 @@ impl Vu {
         self
     }
 
+    /// The encoded fuzz input.
     pub fn bytes(&self) -> Vec<u8> {
         self.0.finish()
     }

@@ -18,7 +18,7 @@ pub enum ThreadKind {
     Service,
     /// A queue pair's worker (`vring_worker`, vhost-user-backend's epoll thread).
     Worker,
-    /// The vhost-user relay threads (`vu-shim`, `vu-shim-replies`).
+    /// The vhost-user relay thread (`vu-shim`).
     Relay,
     /// vhost-user-backend's request thread (named `macvhost`).
     Request,

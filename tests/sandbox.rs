@@ -1092,18 +1092,7 @@ fn sealed_daemon_follows_qmp_and_a_guest_mac_change_through_the_link_helper() {
     let listener = std::os::unix::net::UnixListener::bind(&qmp_path).unwrap();
     let ns = NetNs::new("sbx");
     let topo = MacvtapTopo::create(&ns, "bridge");
-    let qmp_s = qmp_path.display().to_string();
-    let mut mvh = Daemon::spawn(
-        &ns,
-        dir.path(),
-        &[
-            "--macvtap",
-            topo.macvtap,
-            "--qmp",
-            &qmp_s,
-            "--trust-guest-rx-filters",
-        ],
-    );
+    let mut mvh = Daemon::spawn_trusting_qmp(&ns, dir.path(), topo.macvtap, &qmp_path);
     let helper = helper_pid_from_log(&mvh);
     assert_helper_holds_only_net_admin(helper);
     let mac = topo.macvtap_mac.to_string();

@@ -18,7 +18,6 @@ mod support {
 
 #[cfg(feature = "test-utils")]
 mod hostile {
-    use std::sync::atomic::Ordering;
     use std::sync::{Mutex, MutexGuard};
     use std::time::{Duration, Instant};
 
@@ -122,15 +121,7 @@ mod hostile {
         // SET_FEATURES: 400 of them held 12,800 fds and 25 MiB for as long as the frontend
         // stayed. Now the first one ends the connection.
         let (s, sent) = seq_early_enable_flood(&rig.sock, 400).unwrap();
-        let (fds, rss) = (p.fds(), p.rss_kib());
-        assert!(
-            fds <= fds0 + 64,
-            "{sent} early enables: {fds0} → {fds} fds while the frontend is connected"
-        );
-        assert!(
-            rss <= rss0 + 16 * 1024,
-            "{sent} early enables: RSS {rss0} → {rss} KiB while the frontend is connected"
-        );
+        assert_flat_after_early_enables(p, fds0, rss0, sent);
         assert!(
             s.closed_within(Duration::from_secs(5)),
             "the frontend was not disconnected"
@@ -163,13 +154,7 @@ mod hostile {
     fn backend_channel_nobody_reads_delays_neither_the_next_frontend_nor_a_stop() {
         let _one = one_at_a_time();
         let rig = Leaky::start(1);
-        let link = rig.link_up.clone();
-        let set_link = move |up: bool| link.store(up, Ordering::SeqCst);
-        let target = Target {
-            socket: rig.sock.clone(),
-            proc_: Proc::this(),
-            set_link: Some(&set_link),
-        };
+        let target = rig.target();
         // Issue 15: the link follower blocked in write_all on the full channel, the serve loop
         // waited for it after the connection ended, and nobody was served again.
         let channel = seq_backend_channel_full(&target).unwrap();

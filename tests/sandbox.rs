@@ -642,13 +642,7 @@ fn sealed_daemon_in_client_mode_reconnects_to_a_restarted_frontend() {
             pmd.check_alive();
         });
         check_sealed_daemon(&mvh);
-        let report = peer.roundtrip(&Traffic::raw(1000));
-        report.assert_lossless_byte_exact();
-        let st = pmd.stop();
-        rounds.push(format!(
-            "round {round}: [{report}] testpmd rx {}",
-            st.rx_packets
-        ));
+        rounds.push(peer.lossless_round(round, 1000, pmd));
         mvh.check_alive();
     }
     mvh.shutdown_clean();

@@ -356,6 +356,13 @@ fn unsupported_or_oversized_requests_end_the_connection() {
     assert!(e.to_string().contains("1073741824-byte payload"), "{e}");
 }
 
+/// A file of `len` bytes to pass as the dirty log's fd.
+fn log_file(len: u64) -> std::fs::File {
+    let file = tempfile::tempfile().unwrap();
+    file.set_len(len).unwrap();
+    file
+}
+
 fn log_base_msg(size: u64, offset: u64) -> Vec<u8> {
     msg(
         FrontendReq::SET_LOG_BASE,
@@ -368,8 +375,7 @@ fn log_base_msg(size: u64, offset: u64) -> Vec<u8> {
 fn set_log_base_is_mapped_and_answered_by_the_shim() {
     let mut rig = Rig::new(Duration::ZERO);
     rig.negotiate(LOG_SHMFD);
-    let file = tempfile::tempfile().unwrap();
-    file.set_len(4096).unwrap();
+    let file = log_file(4096);
     let m = log_base_msg(4096, 0);
     send(&rig.front, &m, &[file.as_raw_fd()]);
     let mut want = m.clone();
@@ -384,8 +390,7 @@ fn set_log_base_is_mapped_and_answered_by_the_shim() {
 #[test]
 fn set_log_base_without_log_shmfd_or_larger_than_its_fd_ends_the_connection() {
     let rig = Rig::new(Duration::ZERO);
-    let file = tempfile::tempfile().unwrap();
-    file.set_len(4096).unwrap();
+    let file = log_file(4096);
     send(&rig.front, &log_base_msg(4096, 0), &[file.as_raw_fd()]);
     let log = rig.log.clone();
     assert!(matches!(rig.ended(), ShimError::LogShmfd));

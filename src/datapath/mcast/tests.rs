@@ -84,27 +84,13 @@ fn igmpv1_report_joins_its_group() {
 
 #[test]
 fn igmpv2_and_mldv1_reports_join_and_leave_or_done_leaves() {
+    let igmp = |t| igmp_v2(t, g4(), None);
+    let mld = |t| mld_v1(t, g6(), None);
     for (case, frame, want) in [
-        (
-            "IGMPv2 report",
-            igmp_v2(IGMPV2_REPORT, g4(), None),
-            joined(None, g4()),
-        ),
-        (
-            "IGMPv2 leave",
-            igmp_v2(IGMPV2_LEAVE, g4(), None),
-            left(None, g4()),
-        ),
-        (
-            "MLDv1 report",
-            mld_v1(MLDV1_REPORT, g6(), None),
-            joined(None, g6()),
-        ),
-        (
-            "MLDv1 done",
-            mld_v1(MLDV1_DONE, g6(), None),
-            left(None, g6()),
-        ),
+        ("IGMPv2 report", igmp(IGMPV2_REPORT), joined(None, g4())),
+        ("IGMPv2 leave", igmp(IGMPV2_LEAVE), left(None, g4())),
+        ("MLDv1 report", mld(MLDV1_REPORT), joined(None, g6())),
+        ("MLDv1 done", mld(MLDV1_DONE), left(None, g6())),
     ] {
         let (v, out) = parse(&frame);
         assert_eq!((v, out), (report(1, 0), vec![want]), "{case}");

@@ -225,30 +225,48 @@ fn guest() -> GuestMemoryMmap {
     memory_of(&[(0, MEM)])
 }
 
+/// One TX benchmark: a full ring of `frame`, `process_tx` into `host` with `scratch` (a TX
+/// watch installed or not), the ring refilled after each call. No frame may be dropped; returns
+/// the queue's counters for further checks.
+fn bench_tx_frame(
+    g: &mut BenchmarkGroup<'_, ThreadCpu>,
+    id: BenchmarkId,
+    frame: &[u8],
+    host: &BenchHost,
+    mut scratch: TxScratch,
+) -> QueueStats {
+    let mem = guest();
+    let mut ring = SplitRing::at(&mem, 0, 256).without_ledger();
+    let posted = fill::fill_tx(&mut ring, DATA, HDR, frame, 256);
+    let mut q = ring.create_queue_event_idx();
+    let stats = QueueStats::default();
+    let opts = TxOptions {
+        hdr_len: HDR,
+        budget: BUDGET,
+    };
+    bench_calls(g, id, posted.min(BUDGET), || {
+        let n = process_tx(&mut q, &mem, host, &stats, &mut scratch, &opts).frames;
+        ring.recycle();
+        n
+    });
+    assert_eq!(drops(&stats), 0);
+    stats
+}
+
 fn bench_tx(c: &mut Criterion<ThreadCpu>) {
     let mut g = c.benchmark_group("tx");
     for syscall in [false, true] {
         let host_name = if syscall { "devnull" } else { "null" };
         for size in SIZES {
-            let mem = guest();
-            let mut ring = SplitRing::at(&mem, 0, 256).without_ledger();
+            let id = BenchmarkId::new(host_name, size);
             let frame = pattern_frame(HDR, size, 7);
-            let posted = fill::fill_tx(&mut ring, DATA, HDR, &frame, 256);
-            let mut q = ring.create_queue_event_idx();
-            let host = BenchHost::tx(syscall);
-            let stats = QueueStats::default();
-            let mut scratch = TxScratch::new();
-            let opts = TxOptions {
-                hdr_len: HDR,
-                budget: BUDGET,
-            };
-            let per_call = posted.min(BUDGET);
-            bench_calls(&mut g, BenchmarkId::new(host_name, size), per_call, || {
-                let n = process_tx(&mut q, &mem, &host, &stats, &mut scratch, &opts).frames;
-                ring.recycle();
-                n
-            });
-            assert_eq!(drops(&stats), 0);
+            bench_tx_frame(
+                &mut g,
+                id,
+                &frame,
+                &BenchHost::tx(syscall),
+                TxScratch::new(),
+            );
         }
     }
     // The TX watch (multicast following, `TxWatch`): the same call with a watch installed.
@@ -261,15 +279,9 @@ fn bench_tx(c: &mut Criterion<ThreadCpu>) {
     ] {
         for size in [64, 1500] {
             let own = [0x52, 0x54, 0, 0, 0, 1];
-            let mem = guest();
-            let mut ring = SplitRing::at(&mem, 0, 256).without_ledger();
             let mut frame = pattern_frame(HDR, size, 7);
             frame[HDR..HDR + 6].copy_from_slice(&dst);
             frame[HDR + 6..HDR + 12].copy_from_slice(&own);
-            let posted = fill::fill_tx(&mut ring, DATA, HDR, &frame, 256);
-            let mut q = ring.create_queue_event_idx();
-            let host = BenchHost::tx(false);
-            let stats = QueueStats::default();
             let mut scratch = TxScratch::new();
             scratch.set_watch(Some(TxWatch::new(
                 Arc::new(SharedMac::new(own)),
@@ -280,17 +292,8 @@ fn bench_tx(c: &mut Criterion<ThreadCpu>) {
                     black_box(m);
                 }),
             )));
-            let opts = TxOptions {
-                hdr_len: HDR,
-                budget: BUDGET,
-            };
-            let per_call = posted.min(BUDGET);
-            bench_calls(&mut g, BenchmarkId::new(name, size), per_call, || {
-                let n = process_tx(&mut q, &mem, &host, &stats, &mut scratch, &opts).frames;
-                ring.recycle();
-                n
-            });
-            assert_eq!(drops(&stats), 0);
+            let id = BenchmarkId::new(name, size);
+            let stats = bench_tx_frame(&mut g, id, &frame, &BenchHost::tx(false), scratch);
             assert_eq!(stats.snapshot().tx_foreign_src_mac, 0);
         }
     }

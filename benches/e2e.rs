@@ -774,6 +774,17 @@ impl Procs {
         0
     }
 
+    /// `quit`, wait for testpmd to exit (SIGINT after 15 s), and remove its DPDK runtime dir.
+    fn quit_testpmd(&mut self) {
+        self.command("quit");
+        let tp = &mut self.testpmd;
+        wait_until(Duration::from_secs(15), || {
+            matches!(tp.try_wait(), Ok(Some(_)))
+        });
+        stop_child(&mut self.testpmd, libc::SIGINT, Duration::from_secs(20));
+        let _ = fs::remove_dir_all(format!("/var/run/dpdk/{}", self.prefix));
+    }
+
     /// `stop`, and wait for the statistics it prints.
     fn stop_forwarding(&mut self) {
         let before = self.tp_text().len();
@@ -1137,12 +1148,7 @@ fn prefill(ctx: &Ctx<'_>) {
 }
 
 fn run_limit(ctx: &Ctx<'_>) -> Sample {
-    for q in ctx.queues {
-        q.attach().expect("attach queue");
-        q.set_vnet_hdr_len(HDR).expect("vnet hdr");
-        q.set_offload(0).expect("offloads");
-    }
-    drain(ctx.queues);
+    attach_and_drain(ctx.queues, true);
     if ctx.mode != "tx" {
         prefill(ctx);
     }
@@ -1193,6 +1199,19 @@ fn frame_bytes(ctx: &Ctx<'_>, before: (u64, u64)) -> f64 {
 }
 
 /// Reads and discards whatever sits in the queues.
+/// Attaches every queue and empties it. `for_limit`: the limit reads and writes the fds itself,
+/// so it also sets the vnet header length and no offloads (macvhost sets its own).
+fn attach_and_drain(queues: &[Arc<TapQueue>], for_limit: bool) {
+    for q in queues {
+        q.attach().expect("attach queue");
+        if for_limit {
+            q.set_vnet_hdr_len(HDR).expect("vnet hdr");
+            q.set_offload(0).expect("offloads");
+        }
+    }
+    drain(queues);
+}
+
 fn drain(queues: &[Arc<TapQueue>]) {
     let mut buf = vec![0u8; 65536 + 64];
     for q in queues {
@@ -1202,10 +1221,7 @@ fn drain(queues: &[Arc<TapQueue>]) {
 }
 
 fn run_macvhost(ctx: &Ctx<'_>, tag: &str, extra: &[String]) -> Sample {
-    for q in ctx.queues {
-        q.attach().expect("attach queue");
-    }
-    drain(ctx.queues);
+    attach_and_drain(ctx.queues, false);
     let mut in0 = ctx.topo.counter("rx").0;
     let mut out0 = ctx.topo.counter("tx").0;
     let mut p = start_macvhost_testpmd(ctx, tag, extra);
@@ -1241,13 +1257,7 @@ fn run_macvhost(ctx: &Ctx<'_>, tag: &str, extra: &[String]) -> Sample {
     let into_macvhost_rx = ctx.topo.counter("rx").0 - in0;
     let out_of_macvhost_tx = ctx.topo.counter("tx").0 - out0;
     let report = macvhost::control::fetch_stats(&p.ctl).ok();
-    p.command("quit");
-    let tp = &mut p.testpmd;
-    wait_until(Duration::from_secs(15), || {
-        matches!(tp.try_wait(), Ok(Some(_)))
-    });
-    stop_child(&mut p.testpmd, libc::SIGINT, Duration::from_secs(20));
-    let _ = fs::remove_dir_all(format!("/var/run/dpdk/{}", p.prefix));
+    p.quit_testpmd();
     let log = p.tp_text();
     stop_child(&mut p.macvhost, libc::SIGTERM, Duration::from_secs(10));
     if let Some(r) = &report {
@@ -1507,12 +1517,7 @@ fn ping_from_peer(ctx: &Ctx<'_>) -> Sample {
 /// The limit: `readv`, swap the MACs, `writev` back on the same fd, one thread per fd that
 /// sleeps in `poll` between frames.
 fn run_latency_limit(ctx: &Ctx<'_>) -> Sample {
-    for q in ctx.queues {
-        q.attach().expect("attach queue");
-        q.set_vnet_hdr_len(HDR).expect("vnet hdr");
-        q.set_offload(0).expect("offloads");
-    }
-    drain(ctx.queues);
+    attach_and_drain(ctx.queues, true);
     let mut w = Workers::new();
     for q in ctx.queues {
         let fd = q.as_raw_fd();
@@ -1527,20 +1532,11 @@ fn run_latency_limit(ctx: &Ctx<'_>) -> Sample {
 
 /// macvhost under testpmd macswap (a busy-polling frontend on the other CPU).
 fn run_latency_macvhost(ctx: &Ctx<'_>, tag: &str, extra: &[String]) -> Sample {
-    for q in ctx.queues {
-        q.attach().expect("attach queue");
-    }
-    drain(ctx.queues);
+    attach_and_drain(ctx.queues, false);
     let mut p = start_macvhost_testpmd(ctx, tag, extra);
     let s = ping_from_peer(ctx);
     p.stop_forwarding();
-    p.command("quit");
-    let tp = &mut p.testpmd;
-    wait_until(Duration::from_secs(15), || {
-        matches!(tp.try_wait(), Ok(Some(_)))
-    });
-    stop_child(&mut p.testpmd, libc::SIGINT, Duration::from_secs(20));
-    let _ = fs::remove_dir_all(format!("/var/run/dpdk/{}", p.prefix));
+    p.quit_testpmd();
     stop_child(&mut p.macvhost, libc::SIGTERM, Duration::from_secs(10));
     s
 }
@@ -1585,28 +1581,30 @@ struct Row {
     note: String,
 }
 
-fn fmt_row(r: &Row) -> String {
-    let ratio = if r.ratio.is_nan() {
+/// A table cell: `value()` when it means something for this row, else a dash.
+fn cell(applies: bool, value: impl FnOnce() -> String) -> String {
+    if applies {
+        value()
+    } else {
         "—".to_string()
-    } else {
-        format!("{:.2}", r.ratio)
-    };
-    let rss = if r.rss_mib > 0.0 {
-        format!("{:.1}", r.rss_mib)
-    } else {
-        "—".into()
-    };
-    let drops = if r.who == "limit" {
-        "—".to_string()
-    } else {
-        format!("{} / {}", r.drops, r.unaccounted)
-    };
-    let runs = r
-        .runs
-        .iter()
-        .map(|x| format!("{x:.3}"))
+    }
+}
+
+/// Each repetition's figure with `decimals` decimals, space separated.
+fn join_runs(runs: &[f64], decimals: usize) -> String {
+    runs.iter()
+        .map(|x| format!("{x:.decimals$}"))
         .collect::<Vec<_>>()
-        .join(" ");
+        .join(" ")
+}
+
+fn fmt_row(r: &Row) -> String {
+    let ratio = cell(!r.ratio.is_nan(), || format!("{:.2}", r.ratio));
+    let rss = cell(r.rss_mib > 0.0, || format!("{:.1}", r.rss_mib));
+    let drops = cell(r.who != "limit", || {
+        format!("{} / {}", r.drops, r.unaccounted)
+    });
+    let runs = join_runs(&r.runs, 3);
     format!(
         "| {} | {} | {} | {} | {} | {:.3} | {:.2} | {} | {:.2} | {} | {} | {} | {} |",
         r.kind,
@@ -1644,17 +1642,8 @@ const LAT_HEAD: &str = "\
 |---|---|---|---|---|---|---|---|---|";
 
 fn fmt_lat(r: &LatRow, is_limit: bool) -> String {
-    let over = if is_limit {
-        "—".to_string()
-    } else {
-        format!("{:+.1}", r.over_limit)
-    };
-    let runs = r
-        .runs
-        .iter()
-        .map(|x| format!("{x:.1}"))
-        .collect::<Vec<_>>()
-        .join(" ");
+    let over = cell(!is_limit, || format!("{:+.1}", r.over_limit));
+    let runs = join_runs(&r.runs, 1);
     format!(
         "| {} | {} | {} | {:.1} | {:.1} | {} | {} | {} | {} |",
         r.kind, r.queues, r.who, r.p50, r.p99, over, r.rounds, r.lost, runs

@@ -195,13 +195,7 @@ fn harness_testpmd_reconnect_over_dpdk_vhost_standin() {
             pmd.check_alive();
             standin.check_alive();
         });
-        let rep = peer.roundtrip(&Traffic::raw(500));
-        rep.assert_lossless_byte_exact();
-        let st = pmd.stop();
-        reports.push(format!(
-            "round {round}: [{rep}] testpmd rx {}",
-            st.rx_packets
-        ));
+        reports.push(peer.lossless_round(round, 500, pmd));
     }
     standin.check_alive();
     assert_eq!(standin.pid(), standin_pid);

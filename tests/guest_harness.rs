@@ -119,12 +119,18 @@ fn netns_macvtap_topology() {
     assert_eq!(l.local_addr().unwrap().ip().to_string(), guest::PEER_IP);
 }
 
+/// A guest without a NIC, booted to its prompt (panics with the reason if it does not boot).
+fn booted_without_net(name: &str) -> Qemu {
+    let vm = Qemu::spawn(&QemuConfig::no_net(name)).unwrap_or_else(|e| panic!("{e}"));
+    vm.wait_ready(secs(300)).unwrap_or_else(|e| panic!("{e}"));
+    vm
+}
+
 #[test]
 fn interactive_commands_over_serial() {
     require!(&[QEMU, IMAGE]);
     let _one = one_guest_at_a_time();
-    let vm = Qemu::spawn(&QemuConfig::no_net("interactive")).unwrap_or_else(|e| panic!("{e}"));
-    vm.wait_ready(secs(300)).unwrap_or_else(|e| panic!("{e}"));
+    let vm = booted_without_net("interactive");
 
     let o = vm.exec_ok("echo hello; result a 1", secs(120));
     assert_eq!(o.output.trim(), "hello\nMVH-RESULT a=1");
@@ -400,8 +406,7 @@ fn vhost_user_command_line_reaches_backend_socket() {
 fn multicast_tool_joins_counts_and_leaves_on_loopback() {
     require!(&[QEMU, IMAGE]);
     let mut t = Timings::new("mcast-tool");
-    let vm = Qemu::spawn(&QemuConfig::no_net("mcast-tool")).unwrap_or_else(|e| panic!("{e}"));
-    vm.wait_ready(secs(300)).unwrap_or_else(|e| panic!("{e}"));
+    let vm = booted_without_net("mcast-tool");
 
     // 239.1.2.3 in /proc/net/igmp: the group's bytes as a little-endian hex word.
     let o = vm.exec_ok(
@@ -470,8 +475,7 @@ fn multicast_tool_joins_counts_and_leaves_on_loopback() {
 fn guest_has_ipv6_and_ping6() {
     require!(&[QEMU, IMAGE]);
     let _one = one_guest_at_a_time();
-    let vm = Qemu::spawn(&QemuConfig::no_net("ipv6")).unwrap_or_else(|e| panic!("{e}"));
-    vm.wait_ready(secs(300)).unwrap_or_else(|e| panic!("{e}"));
+    let vm = booted_without_net("ipv6");
     let o = vm.exec_ok(
         "ip -6 addr add fd00::5/128 dev lo\n\
          ip -6 addr show dev lo\n\

@@ -44,7 +44,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
-use common::{require, run_ok, wait_until, Daemon, MacvtapTopo, Need, NetNs};
+use common::{require, run_ok, wait_until, Daemon, Need, NetNs};
 use guest::{one_at_a_time, secs};
 
 const URI: &str = "qemu:///system";
@@ -506,14 +506,7 @@ fn boot_and_prove(test: &str, mode: Mode) {
     let image = guest::guest_image();
 
     let ns = NetNs::quiet("guest");
-    let topo = MacvtapTopo::create(&ns, "bridge");
-    ns.ip(&[
-        "addr",
-        "add",
-        &format!("{}/24", guest::PEER_IP),
-        "dev",
-        topo.peer,
-    ]);
+    let topo = guest::macvtap_with_peer(&ns);
 
     // QEMU (libvirt-qemu) must reach the kernel, initrd and sockets: a world-traversable dir.
     let dir = tempfile::Builder::new()

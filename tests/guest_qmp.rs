@@ -63,31 +63,45 @@ impl Seen {
     }
 }
 
+/// What both tests start from: the guest lock, a namespace with a bridge macvtap and its peer,
+/// the guest's MAC (the macvtap's) and a temp dir for sockets and logs.
+struct Net {
+    _one: std::sync::MutexGuard<'static, ()>,
+    ns: NetNs,
+    topo: MacvtapTopo,
+    guest_mac: String,
+    dir: tempfile::TempDir,
+}
+
+impl Net {
+    fn new() -> Net {
+        let _one = one_guest_at_a_time();
+        let ns = NetNs::quiet("guest");
+        let topo = guest::macvtap_with_peer(&ns);
+        Net {
+            _one,
+            guest_mac: topo.macvtap_mac.to_string(),
+            ns,
+            topo,
+            dir: tempfile::tempdir().unwrap(),
+        }
+    }
+}
+
 #[test]
 fn qmp_reports_the_guests_new_mac_and_multicast_group_under_vhost_user() {
     require!(GUEST);
-    let _one = one_guest_at_a_time();
-    let ns = NetNs::quiet("guest");
-    let topo = MacvtapTopo::create(&ns, "bridge");
-    ns.ip(&[
-        "addr",
-        "add",
-        &format!("{}/24", guest::PEER_IP),
-        "dev",
-        topo.peer,
-    ]);
-    let guest_mac = topo.macvtap_mac.to_string();
+    let net = Net::new();
     let new_mac = "02:6d:76:68:00:99";
     let group = MacAddr([0x01, 0x00, 0x5e, 0x01, 0x02, 0x03]); // 239.1.2.3
 
-    let dir = tempfile::tempdir().unwrap();
-    let qmp_test = dir.path().join("qmp-test.sock");
-    let qmp_mvh = dir.path().join("qmp-macvhost.sock");
+    let qmp_test = net.dir.path().join("qmp-test.sock");
+    let qmp_mvh = net.dir.path().join("qmp-macvhost.sock");
     let qmp_mvh_arg = qmp_mvh.to_str().unwrap();
     let mut mvh = Daemon::spawn(
-        &ns,
-        dir.path(),
-        &["--macvtap", topo.macvtap, "--qmp", qmp_mvh_arg],
+        &net.ns,
+        net.dir.path(),
+        &["--macvtap", net.topo.macvtap, "--qmp", qmp_mvh_arg],
     );
 
     // The watcher starts before QEMU exists: it retries until the socket appears.
@@ -96,7 +110,7 @@ fn qmp_reports_the_guests_new_mac_and_multicast_group_under_vhost_user() {
         WatchConfig::new(
             qmp_test.clone(),
             None,
-            Some(MacAddr::parse(&guest_mac).unwrap()),
+            Some(MacAddr::parse(&net.guest_mac).unwrap()),
         ),
         move |f: &RxFilter| {
             let _ = tx.send(f.clone());
@@ -109,7 +123,7 @@ fn qmp_reports_the_guests_new_mac_and_multicast_group_under_vhost_user() {
     };
 
     let mut cfg = QemuConfig::vhost_user("qmp", mvh.socket(), 1);
-    cfg.mac = guest_mac.clone();
+    cfg.mac = net.guest_mac.clone();
     for sock in [&qmp_test, &qmp_mvh] {
         cfg.extra_args.push("-qmp".into());
         cfg.extra_args
@@ -119,14 +133,14 @@ fn qmp_reports_the_guests_new_mac_and_multicast_group_under_vhost_user() {
     let ready = vm
         .wait_ready(secs(300))
         .unwrap_or_else(|e| panic!("{e}\n--- macvhost ---\n{}", mvh.log_text()));
-    assert_eq!(ready.mac, guest_mac);
+    assert_eq!(ready.mac, net.guest_mac);
     println!("guest ready in {:.2} s", ready.wall.as_secs_f64());
 
     // The driver is up: not promiscuous, our MAC, the all-hosts groups.
     let (_, f) = seen.wait_for("the guest's driver's filter", secs(60), |f| {
         !f.promisc && f.multicast.contains(&MacAddr([0x01, 0, 0x5e, 0, 0, 1]))
     });
-    assert_eq!(f.mac.to_string(), guest_mac);
+    assert_eq!(f.mac.to_string(), net.guest_mac);
     assert_eq!(
         f.nic, "virtio-net-pci.0",
         "a NIC without id, found without --qmp-nic"
@@ -187,15 +201,16 @@ fn qmp_reports_the_guests_new_mac_and_multicast_group_under_vhost_user() {
     // macvhost followed the same NIC on its own socket, without trust: one line, and the
     // macvtap keeps its MAC.
     let said = format!(
-        "the guest changed its MAC to {new_mac}; its receive path stays on {guest_mac} because \
-         --trust-guest-rx-filters is off"
+        "the guest changed its MAC to {new_mac}; its receive path stays on {} because \
+         --trust-guest-rx-filters is off",
+        net.guest_mac
     );
     let saw = common::wait_until(secs(10), || mvh.log_text().contains(&said));
     let log = mvh.log_text();
     assert!(saw, "macvhost did not say {said:?}:\n{log}");
     assert_eq!(log.matches(&said).count(), 1, "{log}");
     assert!(log.contains("QMP connected"), "{log}");
-    assert_eq!(ns.mac(topo.macvtap), topo.macvtap_mac);
+    assert_eq!(net.ns.mac(net.topo.macvtap), net.topo.macvtap_mac);
 
     drop(watcher);
     let st = vm.shutdown(secs(120)).expect("guest did not power off");
@@ -206,33 +221,12 @@ fn qmp_reports_the_guests_new_mac_and_multicast_group_under_vhost_user() {
 #[test]
 fn trusted_guest_mac_change_moves_the_macvtap_and_ping_goes_on() {
     require!(GUEST);
-    let _one = one_guest_at_a_time();
-    let ns = NetNs::quiet("guest");
-    let topo = MacvtapTopo::create(&ns, "bridge");
-    ns.ip(&[
-        "addr",
-        "add",
-        &format!("{}/24", guest::PEER_IP),
-        "dev",
-        topo.peer,
-    ]);
-    let guest_mac = topo.macvtap_mac.to_string();
+    let net = Net::new();
     let new_mac = "02:6d:76:68:00:98";
-    let dir = tempfile::tempdir().unwrap();
-    let qmp = dir.path().join("qmp.sock");
-    let mut mvh = Daemon::spawn(
-        &ns,
-        dir.path(),
-        &[
-            "--macvtap",
-            topo.macvtap,
-            "--qmp",
-            qmp.to_str().unwrap(),
-            "--trust-guest-rx-filters",
-        ],
-    );
+    let qmp = net.dir.path().join("qmp.sock");
+    let mut mvh = Daemon::spawn_trusting_qmp(&net.ns, net.dir.path(), net.topo.macvtap, &qmp);
     let mut cfg = QemuConfig::vhost_user("qmptrust", mvh.socket(), 1);
-    cfg.mac = guest_mac.clone();
+    cfg.mac = net.guest_mac.clone();
     cfg.extra_args.push("-qmp".into());
     cfg.extra_args
         .push(format!("unix:{},server=on,wait=off", qmp.display()));
@@ -240,7 +234,8 @@ fn trusted_guest_mac_change_moves_the_macvtap_and_ping_goes_on() {
     vm.wait_ready(secs(300))
         .unwrap_or_else(|e| panic!("{e}\n--- macvhost ---\n{}", mvh.log_text()));
     let ping = || {
-        let out = ns
+        let out = net
+            .ns
             .command("ping")
             .args(["-c", "3", "-W", "2", "-i", "0.5", guest::GUEST_IP])
             .output()
@@ -251,7 +246,8 @@ fn trusted_guest_mac_change_moves_the_macvtap_and_ping_goes_on() {
     let t = Instant::now();
     vm.exec_ok(&format!("ip link set eth0 address {new_mac}"), secs(60));
     assert!(
-        common::wait_until(secs(30), || ns.mac(topo.macvtap).to_string() == new_mac),
+        common::wait_until(secs(30), || net.ns.mac(net.topo.macvtap).to_string()
+            == new_mac),
         "the macvtap never took the guest's new MAC:\n{}",
         mvh.log_text()
     );
@@ -260,7 +256,7 @@ fn trusted_guest_mac_change_moves_the_macvtap_and_ping_goes_on() {
         t.elapsed().as_secs_f64()
     );
     // The peer's ARP entry still names the old MAC: the guest announces nothing by itself.
-    ns.ip(&["neigh", "flush", "dev", topo.peer]);
+    net.ns.ip(&["neigh", "flush", "dev", net.topo.peer]);
     assert!(ping(), "the guest answers on its new MAC");
     let dev = mvh.device_stats();
     assert!(dev["guest_mac_changes_applied"] >= 1, "{dev:?}");

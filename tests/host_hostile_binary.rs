@@ -87,15 +87,7 @@ mod binary {
 
         // 2: early SET_VRING_ENABLE flood (64 KiB, 32 fds each), measured while connected.
         let (s, sent) = seq_early_enable_flood(m.socket(), 2000).unwrap();
-        let (fds, rss) = (p.fds(), p.rss_kib());
-        assert!(
-            fds <= fds0 + 64,
-            "early enables ({sent} sent): {fds0} → {fds} fds"
-        );
-        assert!(
-            rss <= rss0 + 16 * 1024,
-            "early enables: RSS {rss0} → {rss} KiB"
-        );
+        assert_flat_after_early_enables(p, fds0, rss0, sent);
         assert!(s.closed_within(Duration::from_secs(5)), "not disconnected");
         drop(s);
         slowest = slowest.max(served(&m));

@@ -15,7 +15,7 @@ use std::io::IoSliceMut;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::{UnixDatagram, UnixListener};
 use std::os::unix::process::CommandExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
@@ -157,14 +157,21 @@ fn frame_reaches_the_tap(ns: &NetNs, sock: &Path) {
     );
 }
 
-#[test]
-fn socket_activated_macvhost_is_ready_pings_and_gets_its_stored_queues_back() {
-    require!(HOST);
+/// What a socket-activating launcher holds before it starts macvhost: a namespace, a dir, the
+/// fake service manager and the bound vhost-user socket (with its path).
+fn launcher() -> (NetNs, tempfile::TempDir, Manager, PathBuf, OwnedFd) {
     let ns = NetNs::quiet("host");
     let dir = tempfile::tempdir().unwrap();
     let mgr = Manager::new(dir.path());
     let sock = dir.path().join("vu.sock");
     let listener = OwnedFd::from(UnixListener::bind(&sock).unwrap());
+    (ns, dir, mgr, sock, listener)
+}
+
+#[test]
+fn socket_activated_macvhost_is_ready_pings_and_gets_its_stored_queues_back() {
+    require!(HOST);
+    let (ns, dir, mgr, sock, listener) = launcher();
 
     // First start: the socket comes from the launcher, the tap is created.
     let child = start(&ns, dir.path(), &mgr, &[&listener], "vhost-user");
@@ -216,11 +223,7 @@ fn socket_activated_macvhost_is_ready_pings_and_gets_its_stored_queues_back() {
 #[test]
 fn stored_queues_of_another_device_are_dropped_and_the_device_opened_afresh() {
     require!(HOST);
-    let ns = NetNs::quiet("host");
-    let dir = tempfile::tempdir().unwrap();
-    let mgr = Manager::new(dir.path());
-    let sock = dir.path().join("vu.sock");
-    let listener = OwnedFd::from(UnixListener::bind(&sock).unwrap());
+    let (ns, dir, mgr, sock, listener) = launcher();
     // A queue of another tap stands in for a stale store entry.
     ns.ip(&[
         "tuntap",

@@ -642,13 +642,7 @@ fn sealed_daemon_in_client_mode_reconnects_to_a_restarted_frontend() {
             pmd.check_alive();
         });
         check_sealed_daemon(&mvh);
-        let report = peer.roundtrip(&Traffic::raw(1000));
-        report.assert_lossless_byte_exact();
-        let st = pmd.stop();
-        rounds.push(format!(
-            "round {round}: [{report}] testpmd rx {}",
-            st.rx_packets
-        ));
+        rounds.push(peer.lossless_round(round, 1000, pmd));
         mvh.check_alive();
     }
     mvh.shutdown_clean();
@@ -1092,18 +1086,7 @@ fn sealed_daemon_follows_qmp_and_a_guest_mac_change_through_the_link_helper() {
     let listener = std::os::unix::net::UnixListener::bind(&qmp_path).unwrap();
     let ns = NetNs::new("sbx");
     let topo = MacvtapTopo::create(&ns, "bridge");
-    let qmp_s = qmp_path.display().to_string();
-    let mut mvh = Daemon::spawn(
-        &ns,
-        dir.path(),
-        &[
-            "--macvtap",
-            topo.macvtap,
-            "--qmp",
-            &qmp_s,
-            "--trust-guest-rx-filters",
-        ],
-    );
+    let mut mvh = Daemon::spawn_trusting_qmp(&ns, dir.path(), topo.macvtap, &qmp_path);
     let helper = helper_pid_from_log(&mvh);
     assert_helper_holds_only_net_admin(helper);
     let mac = topo.macvtap_mac.to_string();

@@ -18,7 +18,6 @@ mod support {
 
 #[cfg(feature = "test-utils")]
 mod hostile {
-    use std::sync::atomic::Ordering;
     use std::sync::{Mutex, MutexGuard};
     use std::time::{Duration, Instant};
 
@@ -76,6 +75,28 @@ mod hostile {
         rx.recv_timeout(limit).ok().map(|()| t.elapsed())
     }
 
+    /// A rig that has served one frontend already, and this process (which serves it) to watch.
+    fn served_rig(pairs: u16) -> (Leaky, Proc) {
+        let rig = Leaky::start(pairs);
+        served(&rig);
+        (rig, Proc::this())
+    }
+
+    /// Asserts that a stop finishes within 2 s (`what` says which case failed).
+    fn assert_stops_within_2s(rig: Leaky, what: &str) {
+        assert!(
+            stop_within(rig, Duration::from_secs(2)).is_some(),
+            "{what}: a stop did not finish within 2 s"
+        );
+    }
+
+    /// The frontend `s` leaves, the next one is served and a stop finishes within 2 s.
+    fn leaves_then_next_served_and_stops(s: Session, rig: Leaky, what: &str) {
+        drop(s);
+        served(&rig);
+        assert_stops_within_2s(rig, what);
+    }
+
     fn served(rig: &Rig) -> Duration {
         probe(&rig.sock, SERVE_BOUND)
             .unwrap_or_else(|e| panic!("the next frontend was not served within 5 s: {e}"))
@@ -93,9 +114,7 @@ mod hostile {
     #[test]
     fn message_with_33_fds_leaks_nothing() {
         let _one = one_at_a_time();
-        let rig = Leaky::start(1);
-        let p = Proc::this();
-        served(&rig);
+        let (rig, p) = served_rig(1);
         let before = p.fds_settle(0, Duration::from_millis(200));
         for _ in 0..10 {
             seq_33_fds(&rig.sock).unwrap();
@@ -108,29 +127,19 @@ mod hostile {
             "10 connections with 33 fds each left {} fds open ({before} → {after})",
             after.saturating_sub(before)
         );
-        assert!(stop_within(rig, Duration::from_secs(2)).is_some());
+        assert_stops_within_2s(rig, "after 33-fd messages");
     }
 
     #[test]
     fn early_vring_enable_flood_keeps_memory_and_fds_flat() {
         let _one = one_at_a_time();
-        let rig = Leaky::start(2);
-        let p = Proc::this();
-        served(&rig);
+        let (rig, p) = served_rig(2);
         let (fds0, rss0) = (p.fds_settle(0, Duration::from_millis(200)), p.rss_kib());
         // Issue 15: each early SET_VRING_ENABLE (64 KiB payload, 32 fds) was kept until
         // SET_FEATURES: 400 of them held 12,800 fds and 25 MiB for as long as the frontend
         // stayed. Now the first one ends the connection.
         let (s, sent) = seq_early_enable_flood(&rig.sock, 400).unwrap();
-        let (fds, rss) = (p.fds(), p.rss_kib());
-        assert!(
-            fds <= fds0 + 64,
-            "{sent} early enables: {fds0} → {fds} fds while the frontend is connected"
-        );
-        assert!(
-            rss <= rss0 + 16 * 1024,
-            "{sent} early enables: RSS {rss0} → {rss} KiB while the frontend is connected"
-        );
+        assert_flat_after_early_enables(p, fds0, rss0, sent);
         assert!(
             s.closed_within(Duration::from_secs(5)),
             "the frontend was not disconnected"
@@ -154,22 +163,14 @@ mod hostile {
             "RSS {rss0} → {} KiB",
             p.rss_kib()
         );
-        drop(s);
-        served(&rig);
-        assert!(stop_within(rig, Duration::from_secs(2)).is_some());
+        leaves_then_next_served_and_stops(s, rig, "after well-formed early enables");
     }
 
     #[test]
     fn backend_channel_nobody_reads_delays_neither_the_next_frontend_nor_a_stop() {
         let _one = one_at_a_time();
         let rig = Leaky::start(1);
-        let link = rig.link_up.clone();
-        let set_link = move |up: bool| link.store(up, Ordering::SeqCst);
-        let target = Target {
-            socket: rig.sock.clone(),
-            proc_: Proc::this(),
-            set_link: Some(&set_link),
-        };
+        let target = rig.target();
         // Issue 15: the link follower blocked in write_all on the full channel, the serve loop
         // waited for it after the connection ended, and nobody was served again.
         let channel = seq_backend_channel_full(&target).unwrap();
@@ -208,12 +209,7 @@ mod hostile {
                 dropped >= Some(1),
                 "{kind:?}: notify_dropped is {dropped:?}"
             );
-            drop(s);
-            served(&rig);
-            assert!(
-                stop_within(rig, Duration::from_secs(2)).is_some(),
-                "{kind:?}: a stop did not finish within 2 s"
-            );
+            leaves_then_next_served_and_stops(s, rig, &format!("{kind:?}"));
         }
     }
 
@@ -256,9 +252,7 @@ mod hostile {
             dropped >= Some(2),
             "notify_dropped {dropped:?}, tx_notifications {sent:?}"
         );
-        drop(s);
-        served(&rig);
-        assert!(stop_within(rig, Duration::from_secs(2)).is_some());
+        leaves_then_next_served_and_stops(s, rig, "with a call fd made blocking");
     }
 
     /// Clears `O_NONBLOCK` on every fd the frontend kept (what a hostile frontend can do to
@@ -281,28 +275,34 @@ mod hostile {
             1,
         );
         std::thread::sleep(Duration::from_millis(100));
-        assert!(stop_within(rig, Duration::from_secs(2)).is_some());
+        assert_stops_within_2s(rig, "mid-message");
         drop(s);
     }
 
-    #[test]
-    fn stop_with_replies_left_unread_finishes_within_2s() {
-        let _one = one_at_a_time();
-        let rig = Leaky::start(1);
+    /// A frontend that sends GET_FEATURES and never reads the replies, until every socket
+    /// buffer is full and its sends stop (or 100,000 went out).
+    fn replies_left_unread(rig: &Rig) -> Session {
         let mut s = Session::connect(&rig.sock, Duration::from_millis(500)).unwrap();
-        // Requests pile up with their replies unread until every socket buffer is full.
         for _ in 0..100_000 {
             s.send(FrontendReq::GET_FEATURES, &[], &[]);
             if s.stopped.is_some() {
                 break;
             }
         }
+        s
+    }
+
+    #[test]
+    fn stop_with_replies_left_unread_finishes_within_2s() {
+        let _one = one_at_a_time();
+        let rig = Leaky::start(1);
+        let s = replies_left_unread(&rig);
         assert_eq!(
             s.stopped,
             Some(Stop::Stalled),
             "the sends never filled the buffers"
         );
-        assert!(stop_within(rig, Duration::from_secs(2)).is_some());
+        assert_stops_within_2s(rig, "with replies unread");
         drop(s);
     }
 
@@ -310,16 +310,10 @@ mod hostile {
     fn frontend_leaving_with_replies_unread_delays_the_next_one_by_less_than_a_second() {
         let _one = one_at_a_time();
         let rig = Leaky::start(1);
-        let mut s = Session::connect(&rig.sock, Duration::from_millis(500)).unwrap();
-        for _ in 0..100_000 {
-            s.send(FrontendReq::GET_FEATURES, &[], &[]);
-            if s.stopped.is_some() {
-                break;
-            }
-        }
+        let s = replies_left_unread(&rig);
         drop(s);
         let took = served(&rig);
         assert!(took < Duration::from_secs(1), "{took:?}");
-        assert!(stop_within(rig, Duration::from_secs(2)).is_some());
+        assert_stops_within_2s(rig, "after a frontend left replies unread");
     }
 }

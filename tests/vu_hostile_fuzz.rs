@@ -22,10 +22,9 @@ mod support {
 
 #[cfg(feature = "test-utils")]
 mod fuzz {
-    use std::sync::atomic::Ordering;
     use std::time::Duration;
 
-    use macvhost::testkit::fuzz::hostile::{fuzz, FuzzConfig, Proc, Target};
+    use macvhost::testkit::fuzz::hostile::{fuzz, FuzzConfig};
 
     use super::support::rig::Rig;
 
@@ -60,13 +59,7 @@ mod fuzz {
             let _ = macvhost::init_logging(&filter);
         }
         let rig = Rig::start(2);
-        let link = rig.link_up.clone();
-        let set_link = move |up: bool| link.store(up, Ordering::SeqCst);
-        let target = Target {
-            socket: rig.sock.clone(),
-            proc_: Proc::this(),
-            set_link: Some(&set_link),
-        };
+        let target = rig.target();
         for seed in seeds {
             // Printed first, so that a failing run can be replayed.
             println!("hostile fuzz: seed {seed:#x}, {secs} s (MACVHOST_HOSTILE_SEED={seed:#x})");

@@ -161,13 +161,12 @@ struct Filter {
 impl macvhost::worker::l2::FilterSink for Filter {
     fn apply(
         &mut self,
-        remove: &[[u8; 6]],
-        add: &[[u8; 6]],
-        _allmulti: Option<bool>,
+        diff: &macvhost::datapath::mcast::Diff,
     ) -> Result<(), macvhost::host::mcfilter::McFilterError> {
-        self.macs.retain(|m| !remove.contains(m));
+        self.macs.retain(|m| !diff.remove.contains(m));
         self.macs.extend(
-            add.iter()
+            diff.add
+                .iter()
                 .filter(|m| !self.macs.contains(m))
                 .collect::<Vec<_>>(),
         );

@@ -126,17 +126,12 @@ pub fn tun_get_iff(fd: BorrowedFd<'_>) -> io::Result<IfReq> {
 /// `int` is refused with `EINVAL`, as the kernel refuses any length it does not support.
 pub fn tun_set_vnet_hdr_sz(fd: BorrowedFd<'_>, len: usize) -> io::Result<()> {
     let len = libc::c_int::try_from(len).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
-    // SAFETY: `fd` is open for the call; the kernel reads one `int` from `&len`, which lives on
-    // the stack for the duration of the call.
-    check(unsafe { ioctl_with_ref(&fd, libc::TUNSETVNETHDRSZ, &len) }).map(drop)
+    set_int(fd, libc::TUNSETVNETHDRSZ, len)
 }
 
 /// `TUNGETVNETHDRSZ`.
 pub fn tun_get_vnet_hdr_sz(fd: BorrowedFd<'_>) -> io::Result<i32> {
-    let mut len: libc::c_int = 0;
-    // SAFETY: `fd` is open for the call; the kernel writes one `int` into `len`.
-    check(unsafe { ioctl_with_mut_ref(&fd, libc::TUNGETVNETHDRSZ, &mut len) })?;
-    Ok(len)
+    get_int(fd, libc::TUNGETVNETHDRSZ)
 }
 
 /// `TUNSETOFFLOAD`: the `TUN_F_*` offloads the reader of this fd accepts. The argument is passed
@@ -149,17 +144,28 @@ pub fn tun_set_offload(fd: BorrowedFd<'_>, tun_flags: u32) -> io::Result<()> {
 /// `TUNSETSNDBUF`: the send buffer (bytes) that bounds how much written-but-not-yet-consumed
 /// data the queue may hold; a write beyond it fails with `EAGAIN` on a nonblocking fd.
 pub fn tun_set_sndbuf(fd: BorrowedFd<'_>, bytes: i32) -> io::Result<()> {
-    // SAFETY: `fd` is open for the call; the kernel reads one `int` from `&bytes`, which lives on
-    // the stack for the duration of the call.
-    check(unsafe { ioctl_with_ref(&fd, libc::TUNSETSNDBUF, &bytes) }).map(drop)
+    set_int(fd, libc::TUNSETSNDBUF, bytes)
 }
 
 /// `TUNGETSNDBUF`.
 pub fn tun_get_sndbuf(fd: BorrowedFd<'_>) -> io::Result<i32> {
-    let mut bytes: libc::c_int = 0;
-    // SAFETY: `fd` is open for the call; the kernel writes one `int` into `bytes`.
-    check(unsafe { ioctl_with_mut_ref(&fd, libc::TUNGETSNDBUF, &mut bytes) })?;
-    Ok(bytes)
+    get_int(fd, libc::TUNGETSNDBUF)
+}
+
+/// An ioctl `req` that reads one `int` from its argument pointer (a `TUNSET*` of a number).
+fn set_int(fd: BorrowedFd<'_>, req: libc::c_ulong, value: libc::c_int) -> io::Result<()> {
+    // SAFETY: `fd` is open for the call; for the requests passed here the kernel reads one `int`
+    // from `&value`, which lives on the stack for the duration of the call.
+    check(unsafe { ioctl_with_ref(&fd, req, &value) }).map(drop)
+}
+
+/// An ioctl `req` that writes one `int` through its argument pointer (a `TUNGET*` of a number).
+fn get_int(fd: BorrowedFd<'_>, req: libc::c_ulong) -> io::Result<libc::c_int> {
+    let mut value: libc::c_int = 0;
+    // SAFETY: `fd` is open for the call; for the requests passed here the kernel writes one
+    // `int` into `value`.
+    check(unsafe { ioctl_with_mut_ref(&fd, req, &mut value) })?;
+    Ok(value)
 }
 
 /// `TUNSETQUEUE` with `IFF_ATTACH_QUEUE` or `IFF_DETACH_QUEUE`.

@@ -256,20 +256,26 @@ fn current_tid() -> i32 {
 /// The name of syscall `nr` on this architecture, if known.
 pub fn syscall_name(nr: i64) -> Option<&'static str> {
     let nr = u32::try_from(nr).ok()?;
-    let table = super::syscall_names::NAMES;
-    table
-        .binary_search_by_key(&nr, |&(n, _)| n)
-        .ok()
-        .map(|i| table[i].1)
+    SYSCALL_TABLES.iter().find_map(|table| {
+        table
+            .binary_search_by_key(&nr, |&(n, _)| n)
+            .ok()
+            .map(|i| table[i].1)
+    })
 }
 
 /// The number of syscall `name` on this architecture, if known.
 pub(super) fn syscall_number(name: &str) -> Option<i64> {
-    super::syscall_names::NAMES
+    SYSCALL_TABLES
         .iter()
+        .flat_map(|table| table.iter())
         .find(|(_, n)| *n == name)
         .map(|&(nr, _)| i64::from(nr))
 }
+
+/// This architecture's own numbers, then the ones every architecture shares; each sorted.
+const SYSCALL_TABLES: [&[(u32, &str)]; 2] =
+    [super::syscall_names::ARCH, super::syscall_names::UNIFIED];
 
 /// The SIGSYS part of `siginfo_t` (x86_64 and aarch64 layout: the union starts at byte 16).
 #[repr(C)]

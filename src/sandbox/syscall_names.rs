@@ -2,7 +2,8 @@
 // Syscall number -> name, sorted by number, for the SIGSYS message.
 
 #[cfg(target_arch = "x86_64")]
-pub(super) const NAMES: &[(u32, &str)] = &[
+/// Numbers below 424: x86_64's own.
+pub(super) const ARCH: &[(u32, &str)] = &[
     (0, "read"),
     (1, "write"),
     (2, "open"),
@@ -338,56 +339,11 @@ pub(super) const NAMES: &[(u32, &str)] = &[
     (332, "statx"),
     (333, "io_pgetevents"),
     (334, "rseq"),
-    (424, "pidfd_send_signal"),
-    (425, "io_uring_setup"),
-    (426, "io_uring_enter"),
-    (427, "io_uring_register"),
-    (428, "open_tree"),
-    (429, "move_mount"),
-    (430, "fsopen"),
-    (431, "fsconfig"),
-    (432, "fsmount"),
-    (433, "fspick"),
-    (434, "pidfd_open"),
-    (435, "clone3"),
-    (436, "close_range"),
-    (437, "openat2"),
-    (438, "pidfd_getfd"),
-    (439, "faccessat2"),
-    (440, "process_madvise"),
-    (441, "epoll_pwait2"),
-    (442, "mount_setattr"),
-    (443, "quotactl_fd"),
-    (444, "landlock_create_ruleset"),
-    (445, "landlock_add_rule"),
-    (446, "landlock_restrict_self"),
-    (447, "memfd_secret"),
-    (448, "process_mrelease"),
-    (449, "futex_waitv"),
-    (450, "set_mempolicy_home_node"),
-    (451, "cachestat"),
-    (452, "fchmodat2"),
-    (453, "map_shadow_stack"),
-    (454, "futex_wake"),
-    (455, "futex_wait"),
-    (456, "futex_requeue"),
-    (457, "statmount"),
-    (458, "listmount"),
-    (459, "lsm_get_self_attr"),
-    (460, "lsm_set_self_attr"),
-    (461, "lsm_list_modules"),
-    (462, "mseal"),
-    (463, "setxattrat"),
-    (464, "getxattrat"),
-    (465, "listxattrat"),
-    (466, "removexattrat"),
-    (467, "open_tree_attr"),
-    (468, "file_getattr"),
-    (469, "file_setattr"),
 ];
 
 #[cfg(target_arch = "aarch64")]
-pub(super) const NAMES: &[(u32, &str)] = &[
+/// Numbers below 424: aarch64's own.
+pub(super) const ARCH: &[(u32, &str)] = &[
     (0, "io_setup"),
     (1, "io_destroy"),
     (2, "io_submit"),
@@ -687,6 +643,10 @@ pub(super) const NAMES: &[(u32, &str)] = &[
     (421, "rt_sigtimedwait_time64"),
     (422, "futex_time64"),
     (423, "sched_rr_get_interval_time64"),
+];
+
+/// Numbers from 424 on: the same on every architecture.
+pub(super) const UNIFIED: &[(u32, &str)] = &[
     (424, "pidfd_send_signal"),
     (425, "io_uring_setup"),
     (426, "io_uring_enter"),

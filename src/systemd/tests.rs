@@ -347,6 +347,13 @@ impl FakeManager {
         let n = msg.bytes;
         (String::from_utf8(buf[..n].to_vec()).unwrap(), fds)
     }
+
+    /// Asserts that the next datagram is `text` and carries no fd.
+    fn expect_without_fds(&self, text: &str) {
+        let (got, fds) = self.recv();
+        assert_eq!(got, text);
+        assert!(fds.is_empty(), "{text:?} came with {} fds", fds.len());
+    }
 }
 
 #[test]
@@ -366,9 +373,7 @@ fn readiness_status_watchdog_and_stopping_reach_a_path_notify_socket() {
     n.main_pid(1234).unwrap();
     assert_eq!(m.recv().0, "MAINPID=1234\n");
     n.stopping("SIGTERM").unwrap();
-    let (text, fds) = m.recv();
-    assert_eq!(text, "STOPPING=1\nSTATUS=SIGTERM\n");
-    assert!(fds.is_empty());
+    m.expect_without_fds("STOPPING=1\nSTATUS=SIGTERM\n");
 }
 
 #[test]
@@ -398,9 +403,7 @@ fn fdstore_sends_the_queue_fd_with_scm_rights() {
     assert!(same_file(&fds[0], &a) && same_file(&fds[1], &b));
 
     n.remove_fds("queue-3").unwrap();
-    let (text, fds) = m.recv();
-    assert_eq!(text, "FDSTOREREMOVE=1\nFDNAME=queue-3\n");
-    assert!(fds.is_empty());
+    m.expect_without_fds("FDSTOREREMOVE=1\nFDNAME=queue-3\n");
 }
 
 #[test]

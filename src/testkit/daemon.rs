@@ -53,6 +53,20 @@ impl Daemon {
         Self::spawn_named(ns, dir, "macvhost", args)
     }
 
+    /// macvhost on `macvtap` applying the guest's filters and MAC, which it learns from QEMU's
+    /// monitor at `qmp` (`--qmp PATH --trust-guest-rx-filters`).
+    pub fn spawn_trusting_qmp(ns: &NetNs, dir: &Path, macvtap: &str, qmp: &Path) -> Daemon {
+        let qmp = qmp.to_str().expect("UTF-8 QMP socket path");
+        let args = [
+            "--macvtap",
+            macvtap,
+            "--qmp",
+            qmp,
+            "--trust-guest-rx-filters",
+        ];
+        Daemon::spawn(ns, dir, &args)
+    }
+
     /// As [`Daemon::spawn`]; `name` tells the files of several instances in one dir apart.
     pub fn spawn_named(ns: &NetNs, dir: &Path, name: &str, args: &[&str]) -> Daemon {
         let mut d = Daemon {

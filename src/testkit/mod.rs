@@ -156,6 +156,15 @@ pub fn wait_until(timeout: std::time::Duration, mut cond: impl FnMut() -> bool) 
     }
 }
 
+/// Drops `v` (a watcher, a worker: something whose drop stops a thread) and asserts that the
+/// drop took less than `limit`, i.e. that stopping did not wait out a timeout or a backoff.
+pub fn assert_drops_within<T>(v: T, limit: std::time::Duration) {
+    let t = std::time::Instant::now();
+    drop(v);
+    let took = t.elapsed();
+    assert!(took < limit, "stopping took {took:?} (limit {limit:?})");
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -534,26 +534,21 @@ mod tests {
     }
 
     #[test]
-    fn stale_base_after_a_broken_connection_resumes_at_the_guests_used_index() {
-        let v = vring();
-        v.set_queue_size(256);
-        // QEMU's base from a stale cache, far behind a guest that kept going.
-        v.set_queue_next_avail(3);
-        v.set_queue_next_used(40_000);
-        let state = v.get_ref();
-        let q = state.get_queue();
-        assert_eq!((q.next_avail(), q.next_used()), (40_000, 40_000));
-    }
-
-    #[test]
-    fn matching_base_and_used_index_are_kept() {
-        let v = vring();
-        v.set_queue_size(256);
-        v.set_queue_next_avail(17);
-        v.set_queue_next_used(17);
-        let state = v.get_ref();
-        let q = state.get_queue();
-        assert_eq!((q.next_avail(), q.next_used()), (17, 17));
+    fn stale_base_resumes_at_the_guests_used_index_and_a_matching_one_is_kept() {
+        // (case, SET_VRING_BASE, used.idx in memory, where the ring resumes)
+        for (case, base, used_idx, resume) in [
+            // QEMU's base from a stale cache, far behind a guest that kept going.
+            ("stale base after a broken connection", 3, 40_000, 40_000),
+            ("base matching the used index", 17, 17, 17),
+        ] {
+            let v = vring();
+            v.set_queue_size(256);
+            v.set_queue_next_avail(base);
+            v.set_queue_next_used(used_idx);
+            let state = v.get_ref();
+            let q = state.get_queue();
+            assert_eq!((q.next_avail(), q.next_used()), (resume, resume), "{case}");
+        }
     }
 
     #[test]

@@ -56,22 +56,12 @@ impl std::str::FromStr for RxFilterMode {
 /// Where membership changes go: the macvtap's filter ([`McFilter`]), or a fake in tests.
 pub trait FilterSink: Send + std::fmt::Debug {
     /// Applies one diff: removals, additions, then allmulticast.
-    fn apply(
-        &mut self,
-        remove: &[[u8; 6]],
-        add: &[[u8; 6]],
-        allmulti: Option<bool>,
-    ) -> Result<(), McFilterError>;
+    fn apply(&mut self, diff: &Diff) -> Result<(), McFilterError>;
 }
 
 impl FilterSink for McFilter {
-    fn apply(
-        &mut self,
-        remove: &[[u8; 6]],
-        add: &[[u8; 6]],
-        allmulti: Option<bool>,
-    ) -> Result<(), McFilterError> {
-        McFilter::apply(self, remove, add, allmulti)
+    fn apply(&mut self, diff: &Diff) -> Result<(), McFilterError> {
+        McFilter::apply(self, &diff.remove, &diff.add, diff.allmulti)
     }
 }
 
@@ -453,11 +443,13 @@ impl GuestL2 {
         let mut filter = filter.lock().unwrap_or_else(|e| e.into_inner());
         let result = if inner.failing {
             // Resync: drop what may be stale, then install the table's MACs.
-            let macs: Vec<[u8; 6]> = inner.table.macs().collect();
-            let stale: Vec<[u8; 6]> = inner.diff.remove.clone();
-            filter.apply(&stale, &macs, Some(inner.table.allmulti()))
+            filter.apply(&Diff {
+                remove: inner.diff.remove.clone(),
+                add: inner.table.macs().collect(),
+                allmulti: Some(inner.table.allmulti()),
+            })
         } else {
-            filter.apply(&inner.diff.remove, &inner.diff.add, inner.diff.allmulti)
+            filter.apply(&inner.diff)
         };
         inner.diff.clear();
         match result {
@@ -492,22 +484,17 @@ mod tests {
     }
 
     impl FilterSink for Recorder {
-        fn apply(
-            &mut self,
-            remove: &[[u8; 6]],
-            add: &[[u8; 6]],
-            allmulti: Option<bool>,
-        ) -> Result<(), McFilterError> {
+        fn apply(&mut self, diff: &Diff) -> Result<(), McFilterError> {
             if self.fail {
                 return Err(McFilterError::NoSuchInterface(0));
             }
-            self.macs.retain(|m| !remove.contains(m));
-            for m in add {
+            self.macs.retain(|m| !diff.remove.contains(m));
+            for m in &diff.add {
                 if !self.macs.contains(m) {
                     self.macs.push(*m);
                 }
             }
-            if let Some(on) = allmulti {
+            if let Some(on) = diff.allmulti {
                 self.allmulti = on;
             }
             Ok(())

@@ -787,6 +787,15 @@ impl Peer {
         );
     }
 
+    /// One round against testpmd: `count` raw frames, every one back byte-exact, then testpmd
+    /// stopped. Returns the round's summary line.
+    pub fn lossless_round(&self, round: usize, count: u32, pmd: Testpmd) -> String {
+        let rep = self.roundtrip(&Traffic::raw(count));
+        rep.assert_lossless_byte_exact();
+        let st = pmd.stop();
+        format!("round {round}: [{rep}] testpmd rx {}", st.rx_packets)
+    }
+
     /// Sends `t.count` frames with at most `t.window` in flight and checks every returned
     /// frame. Never panics on loss: inspect (or assert on) the [`Report`].
     pub fn roundtrip(&self, t: &Traffic) -> Report {

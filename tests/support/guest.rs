@@ -75,6 +75,14 @@ pub const GUEST_CIDR: &str = "10.199.0.2/24";
 /// Guest address without prefix.
 pub const GUEST_IP: &str = "10.199.0.2";
 
+/// A bridge macvtap in `ns` with its peer at [`PEER_IP`]/24: where every guest test on a
+/// macvtap starts.
+pub fn macvtap_with_peer(ns: &NetNs) -> MacvtapTopo {
+    let topo = MacvtapTopo::create(ns, "bridge");
+    ns.ip(&["addr", "add", &format!("{PEER_IP}/24"), "dev", topo.peer]);
+    topo
+}
+
 // ------------------------------------------------------------------ misc ---
 
 /// The crate root (where `Cargo.toml` lives).

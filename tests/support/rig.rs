@@ -3,7 +3,7 @@
 #![allow(dead_code)]
 
 use std::os::unix::net::UnixDatagram;
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -11,6 +11,7 @@ use macvhost::datapath::QueueStats;
 use macvhost::host::MacAddr;
 use macvhost::server::SocketMode;
 use macvhost::server::{serve, Endpoint, StopHandle};
+use macvhost::testkit::fuzz::hostile::{Proc, Target};
 use macvhost::testkit::FakeHostQueue;
 use macvhost::vhost_user::backend::{DeviceIdentity, HostSide};
 
@@ -36,6 +37,9 @@ pub struct Rig {
     pub stop: StopHandle,
     /// The host link's carrier as the serve loop sees it (the link watcher's flag).
     pub link_up: Arc<AtomicBool>,
+    /// Sets `link_up`, as the link watcher would: how a hostile frontend's [`Target`] turns the
+    /// link down and up.
+    set_link: Box<dyn Fn(bool) + Send + Sync>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
@@ -160,6 +164,7 @@ impl Rig {
                 sock.display()
             );
         }
+        let link = link_up.clone();
         Rig {
             dir,
             sock,
@@ -168,7 +173,18 @@ impl Rig {
             stats,
             stop,
             link_up,
+            set_link: Box::new(move |up| link.store(up, Ordering::SeqCst)),
             thread: Some(thread),
+        }
+    }
+
+    /// What a hostile frontend attacks: this rig's socket, served by this process, with the
+    /// link flag to flip.
+    pub fn target(&self) -> Target<'_> {
+        Target {
+            socket: self.sock.clone(),
+            proc_: Proc::this(),
+            set_link: Some(&*self.set_link),
         }
     }
 

@@ -83,11 +83,18 @@ fn igmpv1_report_joins_its_group() {
 }
 
 #[test]
-fn igmpv2_report_joins_and_leave_leaves() {
-    let (v, out) = parse(&igmp_v2(IGMPV2_REPORT, g4(), None));
-    assert_eq!((v, out), (report(1, 0), vec![joined(None, g4())]));
-    let (v, out) = parse(&igmp_v2(IGMPV2_LEAVE, g4(), None));
-    assert_eq!((v, out), (report(1, 0), vec![left(None, g4())]));
+fn igmpv2_and_mldv1_reports_join_and_leave_or_done_leaves() {
+    let igmp = |t| igmp_v2(t, g4(), None);
+    let mld = |t| mld_v1(t, g6(), None);
+    for (case, frame, want) in [
+        ("IGMPv2 report", igmp(IGMPV2_REPORT), joined(None, g4())),
+        ("IGMPv2 leave", igmp(IGMPV2_LEAVE), left(None, g4())),
+        ("MLDv1 report", mld(MLDV1_REPORT), joined(None, g6())),
+        ("MLDv1 done", mld(MLDV1_DONE), left(None, g6())),
+    ] {
+        let (v, out) = parse(&frame);
+        assert_eq!((v, out), (report(1, 0), vec![want]), "{case}");
+    }
 }
 
 #[test]
@@ -139,14 +146,6 @@ fn igmpv3_report_with_many_records_emits_each_in_order() {
     let groups: Vec<GroupAddr> = out.iter().map(|m| m.group).collect();
     let want: Vec<GroupAddr> = (0..40).map(|i| v4(239, 0, 0, i)).collect();
     assert_eq!(groups, want);
-}
-
-#[test]
-fn mldv1_report_joins_and_done_leaves() {
-    let (v, out) = parse(&mld_v1(MLDV1_REPORT, g6(), None));
-    assert_eq!((v, out), (report(1, 0), vec![joined(None, g6())]));
-    let (v, out) = parse(&mld_v1(MLDV1_DONE, g6(), None));
-    assert_eq!((v, out), (report(1, 0), vec![left(None, g6())]));
 }
 
 #[test]

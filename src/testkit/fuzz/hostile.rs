@@ -39,6 +39,8 @@ use vhost::vhost_user::message::{
 };
 use vm_memory::ByteValued;
 
+use super::layout::{MEM_SIZE, RINGS, RING_STRIDE, VMM_BASE};
+
 /// A new frontend must be answered this soon after the previous one left.
 pub const SERVE_BOUND: Duration = Duration::from_secs(5);
 /// fds the target may hold above its baseline once a connection is over (none are expected;
@@ -53,13 +55,6 @@ pub const IDLE_EVERY: u64 = 25;
 const VERSION: u32 = 0x1;
 const REPLY: u32 = 0x4;
 const NEED_REPLY: u32 = 0x8;
-/// Guest memory: one memfd of this size at guest address 0.
-const MEM_SIZE: u64 = 1 << 20;
-/// Where the frontend pretends guest memory is in its own address space.
-const VMM_BASE: u64 = 0x7f00_0000_0000;
-/// Vring `q` lives at `RINGS + q * RING_STRIDE` (size 256 fits).
-const RINGS: u64 = 0x1_0000;
-const RING_STRIDE: u64 = 0x2000;
 /// TX buffers live from here.
 const BUFS: u64 = 0x8_0000;
 const QSIZE: u16 = 256;
@@ -609,6 +604,21 @@ pub fn seq_early_enable_flood(sock: &Path, n: usize) -> io::Result<(Session, usi
         }
     }
     Ok((s, sent))
+}
+
+/// Asserts that `p` holds at most 64 more fds and 16 MiB more RSS than `fds0`/`rss0` after
+/// [`seq_early_enable_flood`] sent `sent` messages, measured while that frontend is still
+/// connected (before issue 15, 400 of them held 12,800 fds and 25 MiB).
+pub fn assert_flat_after_early_enables(p: Proc, fds0: usize, rss0: u64, sent: usize) {
+    let (fds, rss) = (p.fds(), p.rss_kib());
+    assert!(
+        fds <= fds0 + 64,
+        "{sent} early enables: {fds0} → {fds} fds while the frontend is connected"
+    );
+    assert!(
+        rss <= rss0 + 16 * 1024,
+        "{sent} early enables: RSS {rss0} → {rss} KiB while the frontend is connected"
+    );
 }
 
 /// The protocol features a full-featured frontend acks.

@@ -19,6 +19,18 @@
 //!
 //! [`seeds`] builds the small seed corpora committed under `fuzz/corpus/`.
 
+/// The guest memory both vhost-user frontends here ([`vhost_user_msgs`], [`hostile`]) hand the
+/// daemon.
+mod layout {
+    /// One memfd of this size at guest address 0.
+    pub(super) const MEM_SIZE: u64 = 1 << 20;
+    /// Where the frontend pretends guest memory is in its own address space.
+    pub(super) const VMM_BASE: u64 = 0x7f00_0000_0000;
+    /// The rings of vring `q` start at `RINGS + q * RING_STRIDE` (guest physical; size 256 fits).
+    pub(super) const RINGS: u64 = 0x1_0000;
+    pub(super) const RING_STRIDE: u64 = 0x2000;
+}
+
 mod cursor;
 pub mod hostile;
 mod mcast;

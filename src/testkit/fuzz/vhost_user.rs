@@ -33,19 +33,13 @@ use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::cursor::Cursor;
+use super::layout::{MEM_SIZE, RINGS, RING_STRIDE, VMM_BASE};
 use crate::datapath::QueueStats;
 use crate::host::MacAddr;
 use crate::testkit::{pattern_frame, FakeHostQueue};
 use crate::vhost_user::backend::{DeviceIdentity, HostSide};
 use crate::vhost_user::connection::Connection;
 
-/// Guest memory (one memfd) size.
-const MEM_SIZE: u64 = 1 << 20;
-/// Where the frontend pretends guest memory is in its own address space.
-const VMM_BASE: u64 = 0x7f00_0000_0000;
-/// Rings of vring `i` start at `RINGS + i * RING_STRIDE` (guest physical).
-const RINGS: u64 = 0x1_0000;
-const RING_STRIDE: u64 = 0x2000;
 /// Buffers live in `[BUFS, MEM_SIZE)`.
 const BUFS: u64 = 0x2_0000;
 /// Most ops per input.

@@ -147,21 +147,24 @@ mod tests {
         }
     }
 
+    /// SET_PROTOCOL_FEATURES(`features`).
+    fn protocol_features(features: u64) -> Message {
+        let payload = VhostUserU64::new(features).as_slice().to_vec();
+        message(FrontendReq::SET_PROTOCOL_FEATURES, payload, vec![])
+    }
+
+    /// SET_BACKEND_REQ_FD carrying `fd`.
+    fn backend_req_fd(fd: OwnedFd) -> Message {
+        message(FrontendReq::SET_BACKEND_REQ_FD, vec![], vec![fd])
+    }
+
     /// A notifier that saw SET_PROTOCOL_FEATURES(`features`) and a SET_BACKEND_REQ_FD; returns
     /// it with the frontend's end of the channel.
     fn notifier_with(features: u64) -> (ConfigNotifier, UnixStream) {
         let n = ConfigNotifier::default();
         let (ours, theirs) = UnixStream::pair().unwrap();
-        n.observe(&message(
-            FrontendReq::SET_PROTOCOL_FEATURES,
-            VhostUserU64::new(features).as_slice().to_vec(),
-            vec![],
-        ));
-        n.observe(&message(
-            FrontendReq::SET_BACKEND_REQ_FD,
-            vec![],
-            vec![OwnedFd::from(theirs)],
-        ));
+        n.observe(&protocol_features(features));
+        n.observe(&backend_req_fd(OwnedFd::from(theirs)));
         ours.set_nonblocking(true).unwrap();
         (n, ours)
     }
@@ -193,11 +196,7 @@ mod tests {
     #[test]
     fn config_change_without_a_backend_channel_or_after_it_broke_is_not_sent() {
         let n = ConfigNotifier::default();
-        n.observe(&message(
-            FrontendReq::SET_PROTOCOL_FEATURES,
-            VhostUserU64::new(BOTH).as_slice().to_vec(),
-            vec![],
-        ));
+        n.observe(&protocol_features(BOTH));
         assert!(!n.config_changed());
         let (n, front) = notifier_with(BOTH);
         drop(front);
@@ -232,23 +231,11 @@ mod tests {
     fn backend_channel_that_is_not_a_unix_stream_socket_is_not_kept() {
         let n = ConfigNotifier::default();
         let (a, _b) = std::os::unix::net::UnixDatagram::pair().unwrap();
-        n.observe(&message(
-            FrontendReq::SET_PROTOCOL_FEATURES,
-            VhostUserU64::new(BOTH).as_slice().to_vec(),
-            vec![],
-        ));
-        n.observe(&message(
-            FrontendReq::SET_BACKEND_REQ_FD,
-            vec![],
-            vec![OwnedFd::from(a)],
-        ));
+        n.observe(&protocol_features(BOTH));
+        n.observe(&backend_req_fd(OwnedFd::from(a)));
         assert!(!n.available());
         let pipe = nix::unistd::pipe().unwrap();
-        n.observe(&message(
-            FrontendReq::SET_BACKEND_REQ_FD,
-            vec![],
-            vec![pipe.1],
-        ));
+        n.observe(&backend_req_fd(pipe.1));
         assert!(!n.available());
     }
 }

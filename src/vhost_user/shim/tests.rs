@@ -114,6 +114,15 @@ impl Rig {
         }
     }
 
+    /// A rig whose frontend has sent SET_VRING_CALL (no fd) for vrings `0..vrings`.
+    fn with_calls(vrings: u64) -> Rig {
+        let rig = Rig::new(Duration::ZERO);
+        for index in 0..vrings {
+            (&rig.front).write_all(&call_nofd(index)).unwrap();
+        }
+        rig
+    }
+
     /// The next message the handler got that is not a barrier.
     fn next_forwarded(&self) -> Seen {
         loop {
@@ -124,11 +133,33 @@ impl Rig {
         }
     }
 
-    /// GET_FEATURES + SET_PROTOCOL_FEATURES(`pf`): what makes the handler ack NEED_REPLY.
-    fn negotiate(&mut self, pf: u64) {
+    /// Sends GET_FEATURES.
+    fn ask_features(&mut self) {
         self.front
             .write_all(&msg(FrontendReq::GET_FEATURES, V, &[]))
             .unwrap();
+    }
+
+    /// Asserts that the next bytes back are the handler's GET_FEATURES reply.
+    fn expect_features_reply(&mut self) {
+        assert_eq!(
+            read_n(&mut self.front, 20),
+            u64_msg(FrontendReq::GET_FEATURES, V | REPLY, 1 << 30)
+        );
+    }
+
+    /// Sends SET_OWNER and asserts that it is the next message the handler sees: what was
+    /// sent before it was not forwarded.
+    fn assert_next_forwarded_is_the_next_sent(&mut self) {
+        self.front
+            .write_all(&msg(FrontendReq::SET_OWNER, V, &[]))
+            .unwrap();
+        assert_eq!(self.next_forwarded().0, msg(FrontendReq::SET_OWNER, V, &[]));
+    }
+
+    /// GET_FEATURES + SET_PROTOCOL_FEATURES(`pf`): what makes the handler ack NEED_REPLY.
+    fn negotiate(&mut self, pf: u64) {
+        self.ask_features();
         read_n(&mut self.front, 20);
         self.front
             .write_all(&u64_msg(FrontendReq::SET_PROTOCOL_FEATURES, V, pf))
@@ -163,10 +194,7 @@ fn early_vring_disable_is_acked_by_the_shim_and_not_forwarded() {
         u64_msg(FrontendReq::SET_VRING_ENABLE, V | REPLY, 0)
     );
     // The next message the handler sees is the one after it.
-    rig.front
-        .write_all(&msg(FrontendReq::SET_OWNER, V, &[]))
-        .unwrap();
-    assert_eq!(rig.next_forwarded().0, msg(FrontendReq::SET_OWNER, V, &[]));
+    rig.assert_next_forwarded_is_the_next_sent();
     rig.finish().unwrap();
 }
 
@@ -174,14 +202,9 @@ fn early_vring_disable_is_acked_by_the_shim_and_not_forwarded() {
 fn early_vring_enable_is_not_acked_without_reply_ack() {
     let mut rig = Rig::new(Duration::ZERO);
     rig.front.write_all(&enable(2, 1, V | NEED_REPLY)).unwrap();
-    rig.front
-        .write_all(&msg(FrontendReq::GET_FEATURES, V, &[]))
-        .unwrap();
+    rig.ask_features();
     // The first thing back is GET_FEATURES's reply: no ack for the early enable.
-    assert_eq!(
-        read_n(&mut rig.front, 20),
-        u64_msg(FrontendReq::GET_FEATURES, V | REPLY, 1 << 30)
-    );
+    rig.expect_features_reply();
     rig.finish().unwrap();
 }
 
@@ -223,10 +246,7 @@ fn call_nofd(index: u64) -> Vec<u8> {
 
 #[test]
 fn frontend_with_four_pairs_against_two_ends_with_one_misfit_and_the_handler_never_sees_them() {
-    let rig = Rig::new(Duration::ZERO);
-    for index in 0..8 {
-        (&rig.front).write_all(&call_nofd(index)).unwrap();
-    }
+    let rig = Rig::with_calls(8);
     // QEMU starts the device once every pair is set up.
     (&rig.front)
         .write_all(&u64_msg(FrontendReq::SET_FEATURES, V, 1 << 30))
@@ -245,10 +265,7 @@ fn frontend_with_four_pairs_against_two_ends_with_one_misfit_and_the_handler_nev
 
 #[test]
 fn frontend_that_leaves_after_setting_up_more_pairs_ends_with_the_misfit() {
-    let rig = Rig::new(Duration::ZERO);
-    for index in 0..12 {
-        (&rig.front).write_all(&call_nofd(index)).unwrap();
-    }
+    let rig = Rig::with_calls(12);
     let e = rig.finish().unwrap_err();
     assert!(e.to_string().contains("--queues 6"), "{e}");
 }
@@ -256,10 +273,7 @@ fn frontend_that_leaves_after_setting_up_more_pairs_ends_with_the_misfit() {
 #[test]
 fn frontend_that_sets_up_more_pairs_then_waits_for_its_guest_ends_with_the_misfit() {
     // QEMU reconnecting under a running guest: it sets up every pair, then waits.
-    let rig = Rig::new(Duration::ZERO);
-    for index in 0..8 {
-        (&rig.front).write_all(&call_nofd(index)).unwrap();
-    }
+    let rig = Rig::with_calls(8);
     let t = std::time::Instant::now();
     let e = rig.ended();
     assert!(e.to_string().contains("--queues 4"), "{e}");
@@ -290,14 +304,9 @@ fn replies_keep_request_order_when_the_shim_answers_itself() {
     // The handler takes 200 ms to answer GET_FEATURES; the shim's own ack must come after it.
     let mut rig = Rig::new(Duration::from_millis(200));
     rig.negotiate(REPLY_ACK);
-    rig.front
-        .write_all(&msg(FrontendReq::GET_FEATURES, V, &[]))
-        .unwrap();
+    rig.ask_features();
     rig.front.write_all(&enable(0, 1, V | NEED_REPLY)).unwrap();
-    assert_eq!(
-        read_n(&mut rig.front, 20),
-        u64_msg(FrontendReq::GET_FEATURES, V | REPLY, 1 << 30)
-    );
+    rig.expect_features_reply();
     assert_eq!(
         read_n(&mut rig.front, 20),
         u64_msg(FrontendReq::SET_VRING_ENABLE, V | REPLY, 0)
@@ -312,13 +321,8 @@ fn fds_and_replies_cross_unchanged() {
     let m = u64_msg(FrontendReq::SET_VRING_CALL, V, 0);
     send(&rig.front, &m, &[e.as_raw_fd()]);
     assert_eq!(rig.next_forwarded(), (m, 1));
-    rig.front
-        .write_all(&msg(FrontendReq::GET_FEATURES, V, &[]))
-        .unwrap();
-    assert_eq!(
-        read_n(&mut rig.front, 20),
-        u64_msg(FrontendReq::GET_FEATURES, V | REPLY, 1 << 30)
-    );
+    rig.ask_features();
+    rig.expect_features_reply();
     rig.finish().unwrap();
 }
 
@@ -352,6 +356,13 @@ fn unsupported_or_oversized_requests_end_the_connection() {
     assert!(e.to_string().contains("1073741824-byte payload"), "{e}");
 }
 
+/// A file of `len` bytes to pass as the dirty log's fd.
+fn log_file(len: u64) -> std::fs::File {
+    let file = tempfile::tempfile().unwrap();
+    file.set_len(len).unwrap();
+    file
+}
+
 fn log_base_msg(size: u64, offset: u64) -> Vec<u8> {
     msg(
         FrontendReq::SET_LOG_BASE,
@@ -364,8 +375,7 @@ fn log_base_msg(size: u64, offset: u64) -> Vec<u8> {
 fn set_log_base_is_mapped_and_answered_by_the_shim() {
     let mut rig = Rig::new(Duration::ZERO);
     rig.negotiate(LOG_SHMFD);
-    let file = tempfile::tempfile().unwrap();
-    file.set_len(4096).unwrap();
+    let file = log_file(4096);
     let m = log_base_msg(4096, 0);
     send(&rig.front, &m, &[file.as_raw_fd()]);
     let mut want = m.clone();
@@ -373,18 +383,14 @@ fn set_log_base_is_mapped_and_answered_by_the_shim() {
     assert_eq!(read_n(&mut rig.front, m.len()), want);
     assert_eq!(rig.log.bases_set(), 1);
     // Not forwarded: the handler's next message is the one sent after it.
-    rig.front
-        .write_all(&msg(FrontendReq::SET_OWNER, V, &[]))
-        .unwrap();
-    assert_eq!(rig.next_forwarded().0, msg(FrontendReq::SET_OWNER, V, &[]));
+    rig.assert_next_forwarded_is_the_next_sent();
     rig.finish().unwrap();
 }
 
 #[test]
 fn set_log_base_without_log_shmfd_or_larger_than_its_fd_ends_the_connection() {
     let rig = Rig::new(Duration::ZERO);
-    let file = tempfile::tempfile().unwrap();
-    file.set_len(4096).unwrap();
+    let file = log_file(4096);
     send(&rig.front, &log_base_msg(4096, 0), &[file.as_raw_fd()]);
     let log = rig.log.clone();
     assert!(matches!(rig.ended(), ShimError::LogShmfd));

@@ -615,8 +615,8 @@ mod tests {
         );
     }
 
-    #[test]
-    fn header_split_over_three_reads_is_one_message_with_its_fds() {
+    /// A connected pair, an fd to pass and the bytes of a `SET_VRING_CALL` that carries it.
+    fn vring_call_to_send() -> (UnixStream, UnixStream, std::fs::File, Vec<u8>) {
         let (a, b) = UnixStream::pair().unwrap();
         let f = std::fs::File::open("/dev/null").unwrap();
         let m = bytes(
@@ -624,6 +624,12 @@ mod tests {
             VERSION,
             &0u64.to_ne_bytes(),
         );
+        (a, b, f, m)
+    }
+
+    #[test]
+    fn header_split_over_three_reads_is_one_message_with_its_fds() {
+        let (a, b, f, m) = vring_call_to_send();
         send(&a, &m[..3], &[f.as_raw_fd()]);
         let writer = std::thread::spawn(move || {
             std::thread::sleep(std::time::Duration::from_millis(20));
@@ -641,13 +647,7 @@ mod tests {
 
     #[test]
     fn fds_after_the_first_bytes_of_a_message_are_refused() {
-        let (a, b) = UnixStream::pair().unwrap();
-        let f = std::fs::File::open("/dev/null").unwrap();
-        let m = bytes(
-            FrontendReq::SET_VRING_CALL.into(),
-            VERSION,
-            &0u64.to_ne_bytes(),
-        );
+        let (a, b, f, m) = vring_call_to_send();
         (&a).write_all(&m[..4]).unwrap();
         let writer = std::thread::spawn(move || {
             std::thread::sleep(std::time::Duration::from_millis(20));

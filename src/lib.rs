@@ -18,6 +18,7 @@
 //! | 5 | [`datapath`] | the frame path over `virtio-queue` + `vm-memory`, no vhost-user types; the dirty-page log |
 //! | 6 | [`host`] | tap/macvtap queue fds, their ioctls, link facts, rtnetlink (create, watch, delete) |
 //! | - | [`ratelimit`] | token buckets (pure; used by config and worker) |
+//! | - | [`takeover`] | `--take-over`: the listener and host queue fds handed from a running macvhost to its successor over the control socket (leaf; used by server and control) |
 //! | - | [`systemd`] | socket activation, `sd_notify` (readiness, status, watchdog), the fd store (leaf; used by server) |
 //! | - | [`sandbox`] | sealing after start-up: capabilities, the empty root, Landlock, seccomp per thread kind, the link helper (uses `host`; used by server; `docs/security.md`) |
 //! | - | `testkit` (tests, feature `test-utils`) | the test kit: `require`, guest ring driver, fake host queue, netns topologies, daemon guard, fuzz entry points; above everything, imported only by test code |
@@ -52,7 +53,8 @@
 //! [`vhost_user::vring`] (the kick fd borrowed under the vring lock, the fd watchdog's signal)
 //! and
 //! [`vhost_user::backend`] (closing fds vhost-user-backend leaks) and [`systemd`] (adopting the
-//! fds a service manager or parent passed at exec) and [`sandbox`] (raw syscalls for
+//! fds a service manager or parent passed at exec) and [`takeover`] (owning the fds received
+//! with `SCM_RIGHTS`) and [`sandbox`] (raw syscalls for
 //! capabilities, namespaces, Landlock and seccomp, and async-signal-safe handlers), and in test
 //! code only the test kit's fuzz frontend (`testkit::fuzz`, ignoring SIGPIPE). Every block says
 //! which invariant makes it sound.
@@ -77,6 +79,8 @@ pub mod sandbox;
 pub mod server;
 #[allow(unsafe_code)] // adopts the fds a service manager or parent passed at exec
 pub mod systemd;
+#[allow(unsafe_code)] // owns the fds a running macvhost hands over with SCM_RIGHTS
+pub mod takeover;
 #[cfg(any(test, feature = "test-utils"))]
 pub mod testkit;
 pub mod vhost_user;

@@ -55,6 +55,64 @@ impl<'a> Frontends<'a> {
         })
     }
 
+    /// Takes over a running macvhost's listener (`--take-over`): `listener` was handed over
+    /// and is checked to be bound to the `--socket-path`; the file there stays as it is (no
+    /// unlink, no bind: a frontend reconnecting finds the same socket) and becomes ours to
+    /// remove on exit. With `--client` there is no listener.
+    pub(super) fn adopt(
+        endpoint: &'a Endpoint,
+        listener: Option<UnixListener>,
+        stopper: &'a Stopper,
+    ) -> Result<Self, ServerError> {
+        let (listener, file) = match (&endpoint.mode, listener) {
+            (SocketMode::Listen(path), Some(l)) => {
+                let refuse = |reason: String| ServerError::Listen {
+                    path: path.clone(),
+                    reason,
+                };
+                let meta = std::fs::symlink_metadata(path)
+                    .map_err(|e| refuse(format!("the socket taken over is not there: {e}")))?;
+                if !meta.file_type().is_socket() {
+                    return Err(refuse("the file taken over is not a socket".into()));
+                }
+                let file = SocketFile {
+                    path: path.clone(),
+                    dev: meta.dev(),
+                    ino: meta.ino(),
+                };
+                (Some(l), Some(file))
+            }
+            (SocketMode::Connect(_), None) => (None, None),
+            (mode, l) => {
+                return Err(ServerError::Listen {
+                    path: format!("{mode:?}").into(),
+                    reason: format!(
+                        "--take-over: {} listener handed over for this socket mode",
+                        if l.is_some() { "a" } else { "no" }
+                    ),
+                })
+            }
+        };
+        if let Some(l) = &listener {
+            l.set_nonblocking(true).map_err(|e| ServerError::Listen {
+                path: format!("{:?}", endpoint.mode).into(),
+                reason: e.to_string(),
+            })?;
+            tracing::info!(socket = ?endpoint.mode, "took over the listening socket");
+        }
+        Ok(Frontends {
+            endpoint,
+            listener,
+            file,
+            stopper,
+        })
+    }
+
+    /// The listening socket, when we listen (to hand over with `--take-over`).
+    pub(super) fn listener(&self) -> Option<&UnixListener> {
+        self.listener.as_ref()
+    }
+
     /// The next frontend: accepted, or connected to with backoff. An error means a stop or a
     /// failed listener.
     pub(super) fn next(&mut self) -> Result<UnixStream, String> {
@@ -127,8 +185,14 @@ pub(super) fn aside_path(path: &Path) -> PathBuf {
 
 impl Drop for Frontends<'_> {
     fn drop(&mut self) {
-        // The listener closes, then `file` removes the socket file if it is still ours.
+        // The listener closes, then `file` removes the socket file if it is still ours: not
+        // after a hand-over, when the new process serves it.
         self.listener = None;
+        if self.stopper.handed_over() {
+            if let Some(f) = self.file.as_mut() {
+                f.disown();
+            }
+        }
     }
 }
 
@@ -143,9 +207,16 @@ pub(super) struct SocketFile {
 }
 
 impl SocketFile {
-    /// Whether `path` names this file.
+    /// Whether `path` names this file (never, once disowned).
     fn is_at(&self, path: &Path) -> bool {
-        std::fs::symlink_metadata(path).is_ok_and(|m| m.dev() == self.dev && m.ino() == self.ino)
+        self.ino != 0
+            && std::fs::symlink_metadata(path)
+                .is_ok_and(|m| m.dev() == self.dev && m.ino() == self.ino)
+    }
+
+    /// Forgets the file: another process serves it now, dropping leaves it alone.
+    fn disown(&mut self) {
+        self.ino = 0;
     }
 
     /// Renames the file to `to`, which must not exist; a stale socket there (nobody listens,

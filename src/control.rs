@@ -164,11 +164,23 @@ impl StatsSource {
 pub struct ControlSocket {
     path: PathBuf,
     offer: Option<Arc<crate::takeover::Offer>>,
+    /// Held until [`ControlSocket::start`] for a listener taken over: the thread serves
+    /// nobody, and the file is not ours to remove, until the take-over is complete.
+    gate: Option<std::sync::mpsc::Sender<()>>,
+}
+
+impl ControlSocket {
+    /// The take-over is complete: serve the listener taken over, and own its file.
+    pub fn start(&mut self) {
+        if let Some(g) = self.gate.take() {
+            let _ = g.send(());
+        }
+    }
 }
 
 impl Drop for ControlSocket {
     fn drop(&mut self) {
-        if self.offer.as_ref().is_some_and(|o| o.control_taken()) {
+        if self.gate.is_some() || self.offer.as_ref().is_some_and(|o| o.control_taken()) {
             return;
         }
         let _ = std::fs::remove_file(&self.path);
@@ -193,22 +205,30 @@ pub fn bind_control_socket(path: &Path) -> Result<UnixListener, ControlError> {
 
 /// Starts the control socket thread.
 pub fn serve_control_socket(path: &Path, src: StatsSource) -> Result<ControlSocket, ControlError> {
-    serve_control_on(path, bind_control_socket(path)?, src, None)
+    serve_control_on(path, bind_control_socket(path)?, src, None, false)
 }
 
 /// Starts the control socket thread on `listener` (bound at `path`). Each client sends one
 /// request line: `stats` (or nothing) gets the JSON report; `take-over 1 …` is served by
-/// `offer` when there is one ([`crate::takeover`]).
+/// `offer` when there is one ([`crate::takeover`]). A listener `taken_over` from a running
+/// macvhost is served once [`ControlSocket::start`] is called.
 pub fn serve_control_on(
     path: &Path,
     listener: UnixListener,
     src: StatsSource,
     offer: Option<Arc<crate::takeover::Offer>>,
+    taken_over: bool,
 ) -> Result<ControlSocket, ControlError> {
     let served = offer.clone();
+    let (gate, gated) = std::sync::mpsc::channel::<()>();
+    let gate = taken_over.then_some(gate);
     std::thread::Builder::new()
         .name("control".into())
         .spawn(move || {
+            // Dropped without a start (the take-over failed): serve nothing.
+            if taken_over && gated.recv().is_err() {
+                return;
+            }
             for conn in listener.incoming() {
                 let Ok(mut conn) = conn else { continue };
                 let _ = conn.set_read_timeout(Some(REQUEST_WAIT));
@@ -232,6 +252,7 @@ pub fn serve_control_on(
     Ok(ControlSocket {
         path: path.to_path_buf(),
         offer,
+        gate,
     })
 }
 

@@ -75,10 +75,13 @@ impl<'a> Frontends<'a> {
                 if !meta.file_type().is_socket() {
                     return Err(refuse("the file taken over is not a socket".into()));
                 }
+                // Still the old process's until the take-over completes
+                // ([`Frontends::own_socket_file`]): a new process that fails leaves it alone.
                 let file = SocketFile {
                     path: path.clone(),
                     dev: meta.dev(),
                     ino: meta.ino(),
+                    owned: false,
                 };
                 (Some(l), Some(file))
             }
@@ -106,6 +109,13 @@ impl<'a> Frontends<'a> {
             file,
             stopper,
         })
+    }
+
+    /// The take-over is complete: the socket file taken over is ours to remove on exit.
+    pub(super) fn own_socket_file(&mut self) {
+        if let Some(f) = self.file.as_mut() {
+            f.owned = true;
+        }
     }
 
     /// The listening socket, when we listen (to hand over with `--take-over`).
@@ -204,19 +214,19 @@ pub(super) struct SocketFile {
     path: PathBuf,
     dev: u64,
     ino: u64,
+    /// False once handed over (or while a take-over is not complete): not ours to remove.
+    owned: bool,
 }
 
 impl SocketFile {
-    /// Whether `path` names this file (never, once disowned).
+    /// Whether `path` names this file.
     fn is_at(&self, path: &Path) -> bool {
-        self.ino != 0
-            && std::fs::symlink_metadata(path)
-                .is_ok_and(|m| m.dev() == self.dev && m.ino() == self.ino)
+        std::fs::symlink_metadata(path).is_ok_and(|m| m.dev() == self.dev && m.ino() == self.ino)
     }
 
     /// Forgets the file: another process serves it now, dropping leaves it alone.
     fn disown(&mut self) {
-        self.ino = 0;
+        self.owned = false;
     }
 
     /// Renames the file to `to`, which must not exist; a stale socket there (nobody listens,
@@ -286,7 +296,7 @@ fn is_stale_socket(path: &Path) -> bool {
 
 impl Drop for SocketFile {
     fn drop(&mut self) {
-        if self.is_at(&self.path) {
+        if self.owned && self.is_at(&self.path) {
             let _ = std::fs::remove_file(&self.path);
         }
     }
@@ -331,6 +341,7 @@ fn bind(path: &Path, perms: &SocketPerms) -> Result<(UnixListener, SocketFile), 
         path: path.to_path_buf(),
         dev: meta.dev(),
         ino: meta.ino(),
+        owned: true,
     };
     if let Some((uid, gid)) = perms.owner {
         std::os::unix::fs::chown(path, Some(uid), gid)

@@ -298,7 +298,7 @@ pub fn run(config: Settings, mut inherited: crate::systemd::ListenFds) -> Result
         .as_deref()
         .map(crate::takeover::request)
         .transpose()?;
-    let frontends = match &mut taken {
+    let mut frontends = match &mut taken {
         Some(t) => Frontends::adopt(&endpoint, taken_listener(t, &config)?, &stopper.0)?,
         None => Frontends::open(&endpoint, &stopper.0)?,
     };
@@ -442,9 +442,9 @@ pub fn run(config: Settings, mut inherited: crate::systemd::ListenFds) -> Result
         )?)),
         _ => None,
     };
-    let _control = match (&config.control_socket, control_listener) {
+    let mut control = match (&config.control_socket, control_listener) {
         (Some(p), Some(l)) => Some(
-            crate::control::serve_control_on(p, l, source.clone(), offer.clone())
+            crate::control::serve_control_on(p, l, source.clone(), offer.clone(), control_adopted)
                 .map_err(control_err)?,
         ),
         _ => None,
@@ -504,8 +504,13 @@ pub fn run(config: Settings, mut inherited: crate::systemd::ListenFds) -> Result
     // On failure `helper` drops on the way out and deletes a macvtap we created.
     let _sealed = seal(&config, helper.as_ref())?;
     if let Some(t) = taken {
-        // Ready: the old process lets go of its frontend; we serve once it has.
+        // Ready: the old process lets go of its frontend; we serve once it has. Until here a
+        // failure left the old process's socket files alone.
         t.ready(control_adopted)?;
+        frontends.own_socket_file();
+        if let Some(c) = control.as_mut() {
+            c.start();
+        }
     }
     let result = serve_on(frontends, identity, side, &stats, &stopper, &service);
     if let Some(o) = offer.as_ref().filter(|o| o.handed_over()) {
@@ -513,6 +518,7 @@ pub fn run(config: Settings, mut inherited: crate::systemd::ListenFds) -> Result
         o.release();
         tracing::info!("handed over to the new macvhost: exiting");
     }
+    drop(control);
     drop(host);
     // The helper deletes the macvtap we created (the sealed process cannot).
     drop(helper);

@@ -301,11 +301,11 @@ fn process(l: &mut List, o: &Opts) {
     l.allow(sys!(SYS_getpeername), "socket addresses");
     l.allow(
         sys!(SYS_sendmsg),
-        "vhost-user replies with fds; netlink dump requests",
+        "vhost-user replies with fds; netlink dump requests; --take-over offers (SCM_RIGHTS)",
     );
     l.allow(
         sys!(SYS_recvmsg),
-        "vhost-user messages with fds; netlink replies",
+        "vhost-user messages with fds; netlink replies; a --take-over's fds (before sealing)",
     );
     l.allow(
         sys!(SYS_sendto),
@@ -418,8 +418,14 @@ fn service(l: &mut List, o: &Opts) {
         vec![vec![Cond::Eq(1, libc::F_GETFD as u64)]],
         "control/metrics: F_GETFD only (debug builds of std check that an fd they close is open)",
     );
-    l.allow(sys!(SYS_setsockopt), "metrics: read timeout");
-    l.allow(sys!(SYS_read), "link-watch: eventfd; metrics: request");
+    l.allow(
+        sys!(SYS_setsockopt),
+        "metrics: read timeout; control: the request's read timeout",
+    );
+    l.allow(
+        sys!(SYS_read),
+        "link-watch: eventfd; metrics: request; control: the request line, a --take-over's ready",
+    );
     l.allow(
         sys!(SYS_recvfrom),
         "link-watch: netlink events; metrics: request",
@@ -429,7 +435,11 @@ fn service(l: &mut List, o: &Opts) {
         sys!(SYS_sendto),
         "link-watch: netlink dump request; control/metrics replies",
     );
-    l.allow(sys!(SYS_sendmsg), "link-watch: netlink");
+    l.allow(
+        sys!(SYS_sendmsg),
+        "link-watch: netlink; control: a --take-over's offer with the listener and queue fds \
+         (SCM_RIGHTS)",
+    );
     l.allow(sys!(SYS_ppoll), "link-watch: waits for events");
     #[cfg(target_arch = "x86_64")]
     l.allow(sys!(SYS_poll), "link-watch: waits for events (x86_64)");

@@ -315,8 +315,20 @@ fn restarts(tag: &str, server: bool) {
     } else {
         "reconnect=1"
     };
-    restart_case(&format!("{mode}, kill -9"), &ns, &vm, &mut mvh, Restart::Kill9);
-    restart_case(&format!("{mode}, SIGTERM"), &ns, &vm, &mut mvh, Restart::Sigterm);
+    restart_case(
+        &format!("{mode}, kill -9"),
+        &ns,
+        &vm,
+        &mut mvh,
+        Restart::Kill9,
+    );
+    restart_case(
+        &format!("{mode}, SIGTERM"),
+        &ns,
+        &vm,
+        &mut mvh,
+        Restart::Sigterm,
+    );
     let ifindex = ns.ifindex("mvt0");
     let flaps = carrier_changes(&ns);
     restart_case(

@@ -5,7 +5,8 @@
 //! socket file is the same inode, the control socket answers, and the frontend reconnecting
 //! passes traffic both ways through the new one. A take-over that fails (the new process goes
 //! away before its ack, names another device, another queue count, or talks to something that
-//! is not macvhost) exits 2 naming `--take-over`, and the old process keeps serving.
+//! is not macvhost, or the old one created its macvtap and deletes it on exit) exits 2 naming
+//! `--take-over`, and the old process keeps serving.
 //! Root (a macvtap in a network namespace), except the not-macvhost case.
 
 mod common;
@@ -187,7 +188,10 @@ fn take_over_keeps_the_macvtap_its_carrier_and_socket_and_the_old_process_exits_
     let peer = Peer::on_macvtap(&ns, &topo);
     let dir = tempfile::tempdir().unwrap();
     let (sock, ctl) = (dir.path().join("vu.sock"), dir.path().join("ctl.sock"));
-    let mut old = Mvh::spawn(&ns, dir.path().join("old.log"), &flags(dir.path()));
+    // The Prometheus listener is handed over too (binding it again would fail: in use).
+    let metrics: std::net::SocketAddr = "127.0.0.1:19464".parse().unwrap();
+    let flags = with(flags(dir.path()), &["--metrics-addr", &metrics.to_string()]);
+    let mut old = Mvh::spawn(&ns, dir.path().join("old.log"), &flags);
     wait_socket(&ctl, &mut old);
     let mut g = VuGuest::connect(&sock, 1, 256, FEATURES, Duration::from_secs(10));
     traffic_passes(&mut g, &peer, &topo, 1);
@@ -199,10 +203,7 @@ fn take_over_keeps_the_macvtap_its_carrier_and_socket_and_the_old_process_exits_
     let mut new = Mvh::spawn(
         &ns,
         dir.path().join("new.log"),
-        &with(
-            flags(dir.path()),
-            &["--take-over", &ctl.display().to_string()],
-        ),
+        &with(flags.clone(), &["--take-over", &ctl.display().to_string()]),
     );
     let status = old.wait_exit(Duration::from_secs(20));
     let handed = t.elapsed();
@@ -233,6 +234,13 @@ fn take_over_keeps_the_macvtap_its_carrier_and_socket_and_the_old_process_exits_
     assert_eq!(ino(&ctl), ctl_id, "the control socket file was replaced");
     let report = macvhost::control::fetch_stats(&ctl).expect("the new process serves stats");
     assert_eq!(report.iface, "mvt0");
+    let mut http = ns
+        .tcp_connect(metrics, Duration::from_secs(5))
+        .expect("the new process serves metrics on the address taken over");
+    http.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").unwrap();
+    let mut body = String::new();
+    std::io::Read::read_to_string(&mut http, &mut body).unwrap();
+    assert!(body.contains("macvhost_tx_frames{iface=\"mvt0\""), "{body}");
     let new_log = new.log_text();
     assert!(
         new_log.contains("reusing the host queues handed over"),
@@ -369,4 +377,63 @@ fn take_over_from_a_socket_that_is_not_macvhost_exits_2_naming_the_flag() {
         err.contains("--take-over") && err.contains("cannot reach"),
         "{err}"
     );
+}
+
+#[test]
+fn take_over_of_a_macvtap_the_old_process_created_and_deletes_is_refused() {
+    require!(HOST);
+    let ns = NetNs::quiet("takeover-created");
+    let topo = MacvtapTopo::create(&ns, "bridge");
+    let dir = tempfile::tempdir().unwrap();
+    let (sock, ctl) = (dir.path().join("vu.sock"), dir.path().join("ctl.sock"));
+    let old_flags: Vec<String> = flags(dir.path())
+        .into_iter()
+        .filter(|a| a != "mvt0" && a != "--macvtap")
+        .collect();
+    let mut old = Mvh::spawn(
+        &ns,
+        dir.path().join("old.log"),
+        &with(
+            old_flags.clone(),
+            &[
+                "--macvtap-parent",
+                topo.lower,
+                "--macvtap-name",
+                "mvhcreated0",
+            ],
+        ),
+    );
+    wait_socket(&ctl, &mut old);
+    let mut new = Mvh::spawn(
+        &ns,
+        dir.path().join("new.log"),
+        &with(
+            old_flags,
+            &[
+                "--macvtap",
+                "mvhcreated0",
+                "--take-over",
+                &ctl.display().to_string(),
+            ],
+        ),
+    );
+    let status = new.wait_exit(Duration::from_secs(20));
+    let log = new.log_text();
+    assert_eq!(status.code(), Some(2), "{log}");
+    assert!(
+        log.contains("--take-over") && log.contains("refused") && log.contains("--keep"),
+        "{log}"
+    );
+    old.assert_alive();
+    assert!(sock.exists() && ns.has_iface("mvhcreated0"));
+    drop(VuGuest::connect(
+        &sock,
+        1,
+        256,
+        FEATURES,
+        Duration::from_secs(10),
+    ));
+    assert!(old.sigterm().success());
+    // The old process still deletes what it created.
+    assert!(common::wait_until(Duration::from_secs(5), || !ns.has_iface("mvhcreated0")));
 }

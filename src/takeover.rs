@@ -19,6 +19,9 @@
 //! 5. The new one serves: it accepts on the same listener (QEMU `reconnect=`), or connects to
 //!    the frontend right after `released` (`--client`).
 //!
+//! While the old process waits for `ready` (at most 20 s) its control thread serves nobody else:
+//! a stats request waits.
+//!
 //! If the new process goes away (or refuses what it got) before step 3, the old one never
 //! stopped serving: it logs one line and goes on. The control socket is operator-trusted (its
 //! directory's permissions guard it), but every answer is still checked: a peer that is not a

@@ -695,7 +695,7 @@ fn taken_listener(
                 .local_addr()
                 .ok()
                 .and_then(|a| a.as_pathname().map(std::path::Path::to_path_buf));
-            if name.as_deref() != Some(p.as_path()) {
+            if !name.as_deref().is_some_and(|n| same_socket_path(n, p)) {
                 return Err(t
                     .mismatch(format!(
                         "the running macvhost listens on {}, not on --socket-path {}",
@@ -742,7 +742,17 @@ fn taken_control(
         .take_unix_listener(crate::takeover::CONTROL_FD_NAME)
         .ok()??;
     let name = l.local_addr().ok()?;
-    (name.as_pathname() == Some(path)).then_some(l)
+    same_socket_path(name.as_pathname()?, path).then_some(l)
+}
+
+/// Whether a socket's bound name and a path from our command line name the same file (spelled
+/// alike, or resolving alike: `./vm0.sock` and `/run/vm0.sock`).
+fn same_socket_path(bound: &std::path::Path, ours: &std::path::Path) -> bool {
+    bound == ours
+        || matches!(
+            (std::fs::canonicalize(bound), std::fs::canonicalize(ours)),
+            (Ok(a), Ok(b)) if a == b
+        )
 }
 
 /// The Prometheus listener handed over, when it listens on our `--metrics-addr`.

@@ -183,6 +183,12 @@ pub struct Args {
     /// macvtap. The guest can then take any MAC and receive every frame sent to it.
     #[arg(long)]
     pub trust_guest_rx_filters: bool,
+
+    /// Take the vhost-user socket and the host queues over from the macvhost running with this
+    /// --control-socket (an upgrade): it hands them over, ends its frontend connection once
+    /// this one is ready, and exits. Same flags as the running one otherwise.
+    #[arg(long, value_name = "CONTROL_SOCKET")]
+    pub take_over: Option<PathBuf>,
 }
 
 /// Subcommands.
@@ -254,6 +260,7 @@ impl TryFrom<Args> for Config {
 
         let socket_perms = socket_perms(&args, &socket)?;
         let qmp = qmp_settings(&args)?;
+        check_take_over(&args, &socket)?;
 
         if args.queues == 0 || args.queues > MAX_QUEUE_PAIRS {
             return Err(bad(
@@ -410,8 +417,42 @@ impl TryFrom<Args> for Config {
             control_socket: args.control_socket,
             metrics_addr: args.metrics_addr,
             qmp,
+            take_over: args.take_over,
         })
     }
+}
+
+/// `--take-over` takes a listener bound to `--socket-path` (or none with `--client`) and the
+/// queues of a named device: not an inherited listener, not a manager's queue fds, not a
+/// macvtap this process would create.
+fn check_take_over(args: &Args, socket: &SocketMode) -> Result<(), ConfigError> {
+    if args.take_over.is_none() {
+        return Ok(());
+    }
+    if matches!(socket, SocketMode::ListenFd(_)) {
+        return Err(bad(
+            "--take-over",
+            "needs --socket-path (with or without --client), not --fd or socket activation: a \
+             service manager keeps the socket itself (use its fd store: systemctl restart)",
+        ));
+    }
+    if args.macvtap_parent.is_some() {
+        return Err(bad(
+            "--take-over",
+            "cannot be used with --macvtap-parent: the running macvhost's macvtap is taken \
+             over, not created; name it with --macvtap (the running one must have --keep)",
+        ));
+    }
+    if !args.tap_fd.is_empty() {
+        return Err(bad(
+            "--take-over",
+            "cannot be used with --tap-fd: the queues are taken from the running macvhost; \
+             name the device with --macvtap or --tap",
+        ));
+    }
+    // --socket-owner/--socket-mode are accepted (the same flags as the running one) and have
+    // nothing to do: the socket file is taken over as it is.
+    Ok(())
 }
 
 /// `--no-sandbox`, `--seccomp`, `--user`, `--group` → options, with names resolved now (the
@@ -638,6 +679,58 @@ mod tests {
         .unwrap_err();
         assert_eq!(e.kind(), clap::error::ErrorKind::UnknownArgument);
         assert_eq!(e.exit_code(), 2);
+    }
+
+    #[test]
+    fn take_over_needs_a_socket_path_and_a_named_device() {
+        let c = parse(&[
+            "--socket-path",
+            "/s",
+            "--macvtap",
+            "mvt0",
+            "--take-over",
+            "/run/ctl",
+        ])
+        .unwrap();
+        assert_eq!(
+            c.take_over.as_deref(),
+            Some(std::path::Path::new("/run/ctl"))
+        );
+        let c = parse(&[
+            "--socket-path",
+            "/s",
+            "--client",
+            "--tap",
+            "t0",
+            "--take-over",
+            "/c",
+        ]);
+        assert!(c.is_ok());
+        for (argv, names) in [
+            (
+                &["--fd", "3", "--tap", "t0", "--take-over", "/c"][..],
+                "--fd",
+            ),
+            (
+                &[
+                    "--socket-path",
+                    "/s",
+                    "--macvtap-parent",
+                    "eth0",
+                    "--take-over",
+                    "/c",
+                ][..],
+                "--macvtap-parent",
+            ),
+            (
+                &["--socket-path", "/s", "--tap-fd", "3", "--take-over", "/c"][..],
+                "--tap-fd",
+            ),
+        ] {
+            let e = parse(argv).unwrap_err();
+            assert_eq!(e.flag, "--take-over", "{argv:?}");
+            assert!(e.reason.contains(names), "{argv:?}: {e}");
+        }
     }
 
     #[test]

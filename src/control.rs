@@ -158,30 +158,88 @@ impl StatsSource {
     }
 }
 
-/// Serves one JSON report per connection on a unix socket at `path` (removed on drop).
+/// Serves one JSON report per connection on a unix socket at `path` (removed on drop, unless a
+/// `--take-over` process serves it now).
 #[derive(Debug)]
 pub struct ControlSocket {
     path: PathBuf,
+    offer: Option<Arc<crate::takeover::Offer>>,
+    /// Held until [`ControlSocket::start`] for a listener taken over: the thread serves
+    /// nobody, and the file is not ours to remove, until the take-over is complete.
+    gate: Option<std::sync::mpsc::Sender<()>>,
+}
+
+impl ControlSocket {
+    /// The take-over is complete: serve the listener taken over, and own its file.
+    pub fn start(&mut self) {
+        if let Some(g) = self.gate.take() {
+            let _ = g.send(());
+        }
+    }
 }
 
 impl Drop for ControlSocket {
     fn drop(&mut self) {
+        if self.gate.is_some() || self.offer.as_ref().is_some_and(|o| o.control_taken()) {
+            return;
+        }
         let _ = std::fs::remove_file(&self.path);
     }
 }
 
-/// Starts the control socket thread.
-pub fn serve_control_socket(path: &Path, src: StatsSource) -> Result<ControlSocket, ControlError> {
+/// How long the control thread waits for a client's request line before it answers with the
+/// stats anyway (a client that sends nothing: `socat`, a `macvhost stats` of an older version).
+const REQUEST_WAIT: Duration = Duration::from_millis(250);
+
+/// The request a `macvhost stats` client sends.
+const STATS_REQUEST: &str = "stats";
+
+/// Binds the control socket at `path`, replacing what is there.
+pub fn bind_control_socket(path: &Path) -> Result<UnixListener, ControlError> {
     let _ = std::fs::remove_file(path);
-    let listener = UnixListener::bind(path).map_err(|source| ControlError::Listen {
+    UnixListener::bind(path).map_err(|source| ControlError::Listen {
         what: path.display().to_string(),
         source,
-    })?;
+    })
+}
+
+/// Starts the control socket thread.
+pub fn serve_control_socket(path: &Path, src: StatsSource) -> Result<ControlSocket, ControlError> {
+    serve_control_on(path, bind_control_socket(path)?, src, None, false)
+}
+
+/// Starts the control socket thread on `listener` (bound at `path`). Each client sends one
+/// request line: `stats` (or nothing) gets the JSON report; `take-over 1 …` is served by
+/// `offer` when there is one ([`crate::takeover`]). A listener `taken_over` from a running
+/// macvhost is served once [`ControlSocket::start`] is called.
+pub fn serve_control_on(
+    path: &Path,
+    listener: UnixListener,
+    src: StatsSource,
+    offer: Option<Arc<crate::takeover::Offer>>,
+    taken_over: bool,
+) -> Result<ControlSocket, ControlError> {
+    let served = offer.clone();
+    let (gate, gated) = std::sync::mpsc::channel::<()>();
+    let gate = taken_over.then_some(gate);
     std::thread::Builder::new()
         .name("control".into())
         .spawn(move || {
+            // Dropped without a start (the take-over failed): serve nothing.
+            if taken_over && gated.recv().is_err() {
+                return;
+            }
             for conn in listener.incoming() {
                 let Ok(mut conn) = conn else { continue };
+                let _ = conn.set_read_timeout(Some(REQUEST_WAIT));
+                let request = crate::takeover::read_line(&mut conn, 64).unwrap_or_default();
+                match &served {
+                    Some(o) if request.starts_with(crate::takeover::REQUEST) => {
+                        o.serve(conn, &request);
+                        continue;
+                    }
+                    _ => {}
+                }
                 let body = serde_json::to_string(&src.report()).unwrap_or_default();
                 let _ = conn.write_all(body.as_bytes());
                 let _ = conn.write_all(b"\n");
@@ -193,16 +251,35 @@ pub fn serve_control_socket(path: &Path, src: StatsSource) -> Result<ControlSock
         })?;
     Ok(ControlSocket {
         path: path.to_path_buf(),
+        offer,
+        gate,
+    })
+}
+
+/// Binds the Prometheus endpoint's listener.
+pub fn bind_metrics(addr: SocketAddr) -> Result<TcpListener, ControlError> {
+    TcpListener::bind(addr).map_err(|source| ControlError::Listen {
+        what: addr.to_string(),
+        source,
     })
 }
 
 /// Starts the Prometheus endpoint thread (plain HTTP/1.0, any path answers the metrics).
 pub fn serve_metrics(addr: SocketAddr, src: StatsSource) -> Result<SocketAddr, ControlError> {
-    let listener = TcpListener::bind(addr).map_err(|source| ControlError::Listen {
-        what: addr.to_string(),
-        source,
-    })?;
-    let bound = listener.local_addr().unwrap_or(addr);
+    serve_metrics_on(bind_metrics(addr)?, src)
+}
+
+/// [`serve_metrics`] on a listener already bound (or handed over by `--take-over`).
+pub fn serve_metrics_on(
+    listener: TcpListener,
+    src: StatsSource,
+) -> Result<SocketAddr, ControlError> {
+    let bound = listener
+        .local_addr()
+        .map_err(|source| ControlError::Listen {
+            what: "the metrics listener".into(),
+            source,
+        })?;
     std::thread::Builder::new()
         .name("metrics".into())
         .spawn(move || {
@@ -224,7 +301,7 @@ pub fn serve_metrics(addr: SocketAddr, src: StatsSource) -> Result<SocketAddr, C
             }
         })
         .map_err(|source| ControlError::Listen {
-            what: addr.to_string(),
+            what: bound.to_string(),
             source,
         })?;
     Ok(bound)
@@ -237,6 +314,8 @@ pub fn fetch_stats(path: &Path) -> Result<StatsReport, ControlError> {
         source,
     })?;
     let _ = conn.set_read_timeout(Some(Duration::from_secs(5)));
+    // Said at once, so the answer does not wait for the request timeout.
+    let _ = conn.write_all(format!("{STATS_REQUEST}\n").as_bytes());
     let mut body = String::new();
     conn.read_to_string(&mut body)
         .map_err(|source| ControlError::Connect {
@@ -308,6 +387,20 @@ mod tests {
             row.split_whitespace().collect::<Vec<_>>(),
             ["tx_frames", "5", "7", "12"]
         );
+    }
+
+    #[test]
+    fn a_client_that_sends_no_request_still_gets_the_stats() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ctl.sock");
+        let _guard = serve_control_socket(&path, source()).unwrap();
+        // What `socat` or an older `macvhost stats` does: connect and read.
+        let mut conn = UnixStream::connect(&path).unwrap();
+        conn.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut body = String::new();
+        conn.read_to_string(&mut body).unwrap();
+        let report: StatsReport = serde_json::from_str(&body).unwrap();
+        assert_eq!(report.iface, "mvt0");
     }
 
     #[test]

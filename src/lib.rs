@@ -21,6 +21,7 @@
 //! | 5 | [`datapath`] | the frame path over `virtio-queue` + `vm-memory`, no vhost-user types; vnet header and offload table; IGMP/MLD learning ([`datapath::mcast`]); the dirty-page log | host |
 //! | 6 | [`host`] | tap/macvtap queue fds, their ioctls, link facts, the multicast filter ([`host::mcfilter`]), rtnetlink: create, inspect, watch, delete ([`host::netlink`]) | — |
 //! | - | [`ratelimit`] | token buckets (pure leaf) | — |
+//! | - | [`takeover`] | `--take-over`: the listener and host queue fds handed from a running macvhost to its successor over the control socket (used by server and control) | systemd, host |
 //! | - | [`systemd`] | socket activation, `sd_notify` (readiness, status, watchdog), the fd store (leaf) | — |
 //! | - | [`sandbox`] | sealing after start-up: capabilities, the empty root, Landlock, seccomp per thread kind, the privileged link helper (`docs/security.md`) | host |
 //! | - | `testkit` (feature `test-utils`) | `require`, guest ring driver, fake host queue, netns topologies, daemon guard, fuzz entry points; above everything, imported only by test code | anything |
@@ -62,7 +63,8 @@
 //! [`datapath::vnet`] (`ByteValued` for the header), [`vhost_user::shim`] (in `wire`: fds
 //! received with `SCM_RIGHTS`), [`vhost_user::vring`] (the kick fd borrowed under the vring
 //! lock, the fd watchdog's signal), [`vhost_user::backend`] (closing fds vhost-user-backend
-//! leaks), [`systemd`] (adopting the fds a service manager or parent passed at exec) and
+//! leaks), [`systemd`] (adopting the fds a service manager or parent passed at exec), [`takeover`]
+//! (owning the fds received with `SCM_RIGHTS`) and
 //! [`sandbox`] (raw syscalls for capabilities, namespaces, Landlock and seccomp, and
 //! async-signal-safe handlers). In test code: the test kit's fuzz frontend (`testkit::fuzz`,
 //! ignoring SIGPIPE) and `host::mcfilter`'s tests (`capget`/`capset`). Every block says which
@@ -90,6 +92,8 @@ pub mod sandbox;
 pub mod server;
 #[allow(unsafe_code)] // adopts the fds a service manager or parent passed at exec
 pub mod systemd;
+#[allow(unsafe_code)] // owns the fds a running macvhost hands over with SCM_RIGHTS
+pub mod takeover;
 #[cfg(any(test, feature = "test-utils"))]
 pub mod testkit;
 pub mod vhost_user;

@@ -306,6 +306,12 @@ impl ListenFds {
         Ok(ListenFds { fds })
     }
 
+    /// A set of fds already owned and named (the fds a `--take-over` received), so that they
+    /// are sorted out like the service manager's.
+    pub fn from_named(fds: Vec<NamedFd>) -> ListenFds {
+        ListenFds { fds }
+    }
+
     /// Number of fds not yet taken.
     pub fn len(&self) -> usize {
         self.fds.len()

@@ -1,7 +1,9 @@
 //! What a guest loses while macvhost restarts (issue 12, the restart-gap test), with real QEMU
 //! (TCG, `vectors=0`): the peer in the test's namespace pings the guest every 10 ms (iputils
 //! `ping -i 0.01`) while a TCP stream runs into the guest, and macvhost is killed (SIGKILL) or
-//! stopped (SIGTERM) and started again. Measured: pings lost, the longest run of missing
+//! stopped (SIGTERM) and started again, or replaced by a new macvhost with `--take-over` (the
+//! planned upgrade: the new one takes the listener and queue fds over the control socket, the
+//! old one ends its frontend connection once the new one is ready). Measured: pings lost, the longest run of missing
 //! sequence numbers (the gap), and whether the stream arrived intact (no reset, same sha256).
 //!
 //! Two ways to run macvhost:
@@ -39,16 +41,29 @@ struct Mvh {
     ns: String,
     args: Vec<String>,
     log: PathBuf,
+    control: PathBuf,
     child: Option<Child>,
+}
+
+/// How macvhost is replaced under traffic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Restart {
+    Kill9,
+    Sigterm,
+    /// `--take-over` by a new process with the same flags.
+    TakeOver,
 }
 
 impl Mvh {
     fn new(ns: &NetNs, dir: &Path, socket: &Path, client: bool) -> Mvh {
+        let control = dir.join("control.sock");
         let mut args = vec![
             "--socket-path".to_string(),
             socket.display().to_string(),
             "--macvtap".into(),
             "mvt0".into(),
+            "--control-socket".into(),
+            control.display().to_string(),
         ];
         if client {
             args.push("--client".into());
@@ -60,6 +75,7 @@ impl Mvh {
             ns: ns.name().to_string(),
             args,
             log: dir.join("macvhost.log"),
+            control,
             child: None,
         };
         m.start();
@@ -67,6 +83,10 @@ impl Mvh {
     }
 
     fn start(&mut self) {
+        self.spawn(&[]);
+    }
+
+    fn spawn(&mut self, extra: &[String]) {
         let out = OpenOptions::new()
             .create(true)
             .append(true)
@@ -75,12 +95,33 @@ impl Mvh {
         let child = NetNs::attach(&self.ns)
             .command(Daemon::binary())
             .args(&self.args)
+            .args(extra)
             .stdin(Stdio::null())
             .stdout(out.try_clone().unwrap())
             .stderr(out)
             .spawn()
             .unwrap();
         self.child = Some(child);
+    }
+
+    /// Starts a new macvhost with `--take-over` and waits for the old one to hand over and
+    /// exit 0.
+    fn take_over(&mut self) {
+        let mut old = self.child.take().expect("running");
+        self.spawn(&["--take-over".into(), self.control.display().to_string()]);
+        let t = Instant::now();
+        let status = loop {
+            if let Some(s) = old.try_wait().unwrap() {
+                break s;
+            }
+            assert!(
+                t.elapsed() < secs(20),
+                "the old macvhost did not hand over; log:\n{}",
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        };
+        assert!(status.success(), "{status}; log:\n{}", self.log_text());
     }
 
     fn kill9(&mut self) {
@@ -188,16 +229,19 @@ fn ping_across(ns: &NetNs, restart: impl FnOnce()) -> Pings {
 }
 
 /// One restart with the stream running: figures printed, stream checked, gap bounded.
-fn restart_case(label: &str, ns: &NetNs, vm: &Qemu, mvh: &mut Mvh, kill9: bool) -> Pings {
+fn restart_case(label: &str, ns: &NetNs, vm: &Qemu, mvh: &mut Mvh, how: Restart) -> Pings {
     let mark = vm.mark();
     let sender = guest::stream_into_guest(ns, vm, STREAM);
-    let pings = ping_across(ns, || {
-        if kill9 {
+    let pings = ping_across(ns, || match how {
+        Restart::Kill9 => {
             mvh.kill9();
-        } else {
-            mvh.sigterm();
+            mvh.start();
         }
-        mvh.start();
+        Restart::Sigterm => {
+            mvh.sigterm();
+            mvh.start();
+        }
+        Restart::TakeOver => mvh.take_over(),
     });
     vm.wait_for_line_from(mark, "MVH-RESULT stream_sha", secs(120))
         .unwrap_or_else(|e| {
@@ -240,8 +284,9 @@ fn restart_case(label: &str, ns: &NetNs, vm: &Qemu, mvh: &mut Mvh, kill9: bool) 
     pings
 }
 
-/// Boots a guest on macvhost (`server`: QEMU listens and macvhost connects) and restarts
-/// macvhost twice under traffic: SIGKILL, then SIGTERM.
+/// Boots a guest on macvhost (`server`: QEMU listens and macvhost connects) and replaces
+/// macvhost three times under traffic: SIGKILL, SIGTERM, then `--take-over` (one VM boot for
+/// all three).
 fn restarts(tag: &str, server: bool) {
     let _lock = one_at_a_time();
     let ns = NetNs::new(tag);
@@ -270,8 +315,42 @@ fn restarts(tag: &str, server: bool) {
     } else {
         "reconnect=1"
     };
-    restart_case(&format!("{mode}, kill -9"), &ns, &vm, &mut mvh, true);
-    restart_case(&format!("{mode}, SIGTERM"), &ns, &vm, &mut mvh, false);
+    restart_case(
+        &format!("{mode}, kill -9"),
+        &ns,
+        &vm,
+        &mut mvh,
+        Restart::Kill9,
+    );
+    restart_case(
+        &format!("{mode}, SIGTERM"),
+        &ns,
+        &vm,
+        &mut mvh,
+        Restart::Sigterm,
+    );
+    let ifindex = ns.ifindex("mvt0");
+    let flaps = carrier_changes(&ns);
+    restart_case(
+        &format!("{mode}, --take-over"),
+        &ns,
+        &vm,
+        &mut mvh,
+        Restart::TakeOver,
+    );
+    assert_eq!(ns.ifindex("mvt0"), ifindex, "take-over: the same macvtap");
+    assert_eq!(
+        carrier_changes(&ns),
+        flaps,
+        "take-over: the macvtap's carrier changed"
+    );
+}
+
+fn carrier_changes(ns: &NetNs) -> u64 {
+    ns.read_file("/sys/class/net/mvt0/carrier_changes")
+        .trim()
+        .parse()
+        .unwrap()
 }
 
 #[test]

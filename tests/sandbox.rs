@@ -1195,6 +1195,12 @@ impl HelperUnderTest {
             .stderr(Stdio::piped())
             .spawn()
             .expect("spawn link-helper");
+        let mut ready = [0u8; 1];
+        (&ours)
+            .read_exact(&mut ready)
+            .expect("the helper says it dropped privileges");
+        assert_eq!(ready[0], helper::READY);
+        assert_helper_holds_only_net_admin(child.id());
         HelperUnderTest { child, sock: ours }
     }
 

@@ -305,8 +305,8 @@ const PROCESS: &[Row] = rows! {
         "metrics read timeout; the guest's multicast groups as packet-socket memberships";
     SYS_getsockname: "socket addresses (vhost Listener)";
     SYS_getpeername: "socket addresses";
-    SYS_sendmsg: "vhost-user replies with fds; netlink dump requests";
-    SYS_recvmsg: "vhost-user messages with fds; netlink replies";
+    SYS_sendmsg: "vhost-user replies with fds; netlink dump requests; --take-over offers (SCM_RIGHTS)";
+    SYS_recvmsg: "vhost-user messages with fds; netlink replies; a --take-over's fds (before sealing)";
     SYS_sendto: "control/metrics replies; netlink requests";
     SYS_recvfrom: "metrics request; netlink events";
     // Event loops.
@@ -358,12 +358,13 @@ const SERVICE: &[Row] = rows! {
     SYS_accept4: "control/metrics: clients";
     SYS_fcntl if fcntl_getfd:
         "control/metrics: F_GETFD only (debug builds of std check that an fd they close is open)";
-    SYS_setsockopt: "metrics: read timeout";
-    SYS_read: "link-watch: eventfd; metrics: request";
+    SYS_setsockopt: "metrics: read timeout; control: the request's read timeout";
+    SYS_read: "link-watch: eventfd; metrics: request; control: the request line, a --take-over's ready";
     SYS_recvfrom: "link-watch: netlink events; metrics: request";
     SYS_recvmsg: "link-watch: netlink";
     SYS_sendto: "link-watch: netlink dump request; control/metrics replies";
-    SYS_sendmsg: "link-watch: netlink";
+    SYS_sendmsg:
+        "link-watch: netlink; control: a --take-over's offer with the listener and queue fds (SCM_RIGHTS)";
     SYS_ppoll: "link-watch: waits for events";
     #[cfg(target_arch = "x86_64")]
     SYS_poll: "link-watch: waits for events (x86_64)";

@@ -47,6 +47,8 @@ use crate::host::MacAddr;
 
 /// Bytes in a request and in an answer.
 pub const RECORD: usize = 16;
+/// The byte the helper writes once it holds only `CAP_NET_ADMIN`.
+pub const READY: u8 = 0x52;
 
 /// MAC changes are paced to at most one per this interval: a guest flipping its MAC in a loop
 /// costs the host at most ten `RTM_SETLINK`s a second.
@@ -265,6 +267,12 @@ impl LinkHelper {
             .stdout(Stdio::null())
             .spawn()
             .map_err(SandboxError::step("starting the link helper"))?;
+        // One byte once the helper holds only CAP_NET_ADMIN: the "link helper started" line that
+        // follows, and the seal after it, never describe a helper still holding everything.
+        let mut ready = [0u8; 1];
+        (&ours).read_exact(&mut ready).map_err(SandboxError::step(
+            "waiting for the link helper to drop privileges",
+        ))?;
         Ok(LinkHelper {
             chan: Arc::new(Mutex::new(Some(ours))),
             child,
@@ -410,6 +418,10 @@ pub fn run(args: &LinkHelperArgs) -> ExitCode {
     }
     // SAFETY: fd 0 is the socketpair end we were started with, owned by nobody else here.
     let mut sock = unsafe { UnixStream::from_raw_fd(0) };
+    // Privileges are down: say so (the daemon waits for this byte before going on).
+    if sock.write_all(&[READY]).is_err() {
+        return ExitCode::FAILURE;
+    }
     let mut said = [false; Refusal::ALL.len() + 1];
     let mut last_mac_change: Option<Instant> = None;
     loop {

@@ -55,6 +55,74 @@ impl<'a> Frontends<'a> {
         })
     }
 
+    /// Takes over a running macvhost's listener (`--take-over`): `listener` was handed over
+    /// and is checked to be bound to the `--socket-path`; the file there stays as it is (no
+    /// unlink, no bind: a frontend reconnecting finds the same socket) and becomes ours to
+    /// remove on exit. With `--client` there is no listener.
+    pub(super) fn adopt(
+        endpoint: &'a Endpoint,
+        listener: Option<UnixListener>,
+        stopper: &'a Stopper,
+    ) -> Result<Self, ServerError> {
+        let (listener, file) = match (&endpoint.mode, listener) {
+            (SocketMode::Listen(path), Some(l)) => {
+                let refuse = |reason: String| ServerError::Listen {
+                    path: path.clone(),
+                    reason,
+                };
+                let meta = std::fs::symlink_metadata(path)
+                    .map_err(|e| refuse(format!("the socket taken over is not there: {e}")))?;
+                if !meta.file_type().is_socket() {
+                    return Err(refuse("the file taken over is not a socket".into()));
+                }
+                // Still the old process's until the take-over completes
+                // ([`Frontends::own_socket_file`]): a new process that fails leaves it alone.
+                let file = SocketFile {
+                    path: path.clone(),
+                    dev: meta.dev(),
+                    ino: meta.ino(),
+                    owned: false,
+                };
+                (Some(l), Some(file))
+            }
+            (SocketMode::Connect(_), None) => (None, None),
+            (mode, l) => {
+                return Err(ServerError::Listen {
+                    path: format!("{mode:?}").into(),
+                    reason: format!(
+                        "--take-over: {} listener handed over for this socket mode",
+                        if l.is_some() { "a" } else { "no" }
+                    ),
+                })
+            }
+        };
+        if let Some(l) = &listener {
+            l.set_nonblocking(true).map_err(|e| ServerError::Listen {
+                path: format!("{:?}", endpoint.mode).into(),
+                reason: e.to_string(),
+            })?;
+            tracing::info!(socket = ?endpoint.mode, "took over the listening socket");
+        }
+        Ok(Frontends {
+            endpoint,
+            listener,
+            file,
+            stopper,
+        })
+    }
+
+    /// The take-over is complete: the socket file taken over is ours to remove on exit.
+    pub(super) fn own_socket_file(&mut self) {
+        if let Some(f) = self.file.as_mut() {
+            f.owned = true;
+        }
+    }
+
+    /// The listening socket, when we listen (to hand over with `--take-over`).
+    pub(super) fn listener(&self) -> Option<&UnixListener> {
+        self.listener.as_ref()
+    }
+
     /// The next frontend: accepted, or connected to with backoff. An error means a stop or a
     /// failed listener.
     pub(super) fn next(&mut self) -> Result<UnixStream, String> {
@@ -127,8 +195,14 @@ pub(super) fn aside_path(path: &Path) -> PathBuf {
 
 impl Drop for Frontends<'_> {
     fn drop(&mut self) {
-        // The listener closes, then `file` removes the socket file if it is still ours.
+        // The listener closes, then `file` removes the socket file if it is still ours: not
+        // after a hand-over, when the new process serves it.
         self.listener = None;
+        if self.stopper.handed_over() {
+            if let Some(f) = self.file.as_mut() {
+                f.disown();
+            }
+        }
     }
 }
 
@@ -140,12 +214,19 @@ pub(super) struct SocketFile {
     path: PathBuf,
     dev: u64,
     ino: u64,
+    /// False once handed over (or while a take-over is not complete): not ours to remove.
+    owned: bool,
 }
 
 impl SocketFile {
     /// Whether `path` names this file.
     fn is_at(&self, path: &Path) -> bool {
         std::fs::symlink_metadata(path).is_ok_and(|m| m.dev() == self.dev && m.ino() == self.ino)
+    }
+
+    /// Forgets the file: another process serves it now, dropping leaves it alone.
+    fn disown(&mut self) {
+        self.owned = false;
     }
 
     /// Renames the file to `to`, which must not exist; a stale socket there (nobody listens,
@@ -215,7 +296,7 @@ fn is_stale_socket(path: &Path) -> bool {
 
 impl Drop for SocketFile {
     fn drop(&mut self) {
-        if self.is_at(&self.path) {
+        if self.owned && self.is_at(&self.path) {
             let _ = std::fs::remove_file(&self.path);
         }
     }
@@ -260,6 +341,7 @@ fn bind(path: &Path, perms: &SocketPerms) -> Result<(UnixListener, SocketFile), 
         path: path.to_path_buf(),
         dev: meta.dev(),
         ino: meta.ino(),
+        owned: true,
     };
     if let Some((uid, gid)) = perms.owner {
         std::os::unix::fs::chown(path, Some(uid), gid)

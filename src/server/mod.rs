@@ -121,6 +121,9 @@ pub struct Settings {
     /// QEMU's QMP socket to follow the guest's rx filter on (`--qmp`, `--qmp-nic`,
     /// `--trust-guest-rx-filters`).
     pub qmp: Option<qmp::QmpSettings>,
+    /// The control socket of a running macvhost to take the listener and host queues from
+    /// (`--take-over`, [`crate::takeover`]).
+    pub take_over: Option<PathBuf>,
 }
 
 /// Why the server could not start or keep going.
@@ -177,6 +180,10 @@ pub enum ServerError {
     /// The QMP watcher could not start (host).
     #[error("--qmp: {0}")]
     Qmp(qmp::QmpError),
+    /// Taking over from a running macvhost failed (operator: path or flags; the running one
+    /// keeps serving).
+    #[error(transparent)]
+    TakeOver(#[from] crate::takeover::TakeOverError),
 }
 
 fn device_identity(config: &Settings, host: &HostDevice) -> Result<DeviceIdentity, HostError> {
@@ -222,6 +229,7 @@ impl ServerError {
             ServerError::Signals(_) => false,
             ServerError::Sandbox(e) => e.is_operator_error(),
             ServerError::Qmp(e) => e.is_operator_error(),
+            ServerError::TakeOver(_) => true,
         }
     }
 }
@@ -283,7 +291,17 @@ pub fn run(config: Settings, mut inherited: crate::systemd::ListenFds) -> Result
         mode: config.socket.clone(),
         perms: config.socket_perms,
     };
-    let frontends = Frontends::open(&endpoint, &stopper.0)?;
+    // --take-over: the running macvhost's fds, checked against our flags before anything
+    // else is opened (on any error here it keeps serving).
+    let mut taken = config
+        .take_over
+        .as_deref()
+        .map(crate::takeover::request)
+        .transpose()?;
+    let mut frontends = match &mut taken {
+        Some(t) => Frontends::adopt(&endpoint, taken_listener(t, &config)?, &stopper.0)?,
+        None => Frontends::open(&endpoint, &stopper.0)?,
+    };
     crate::worker::set_poll_us(config.poll_us);
 
     // With --macvtap-parent, create the macvtap first; it is deleted when `created` drops at the
@@ -312,12 +330,34 @@ pub fn run(config: Settings, mut inherited: crate::systemd::ListenFds) -> Result
     let flag = host_flag(&config);
     let host_err = |source| ServerError::Host { flag, source };
     let service = Service::from_env();
-    let stored = inherited.take_queues();
-    let host = match reuse_stored_queues(&config, &stored, &service) {
-        Some(h) => h,
-        None => HostDevice::open(&host_spec, config.queue_pairs).map_err(host_err)?,
+    let host = match &mut taken {
+        Some(t) => {
+            if t.facts.queue_pairs != config.queue_pairs {
+                return Err(t
+                    .mismatch(format!(
+                        "the running macvhost serves {} queue pairs: start this one with \
+                         --queues {}",
+                        t.facts.queue_pairs, t.facts.queue_pairs
+                    ))
+                    .into());
+            }
+            let stored = t.fds.take_queues();
+            let host = adopt_queues(&config, &stored).map_err(|r| t.mismatch(r))?;
+            tracing::info!(
+                iface = host.ifname(),
+                queues = stored.len(),
+                "reusing the host queues handed over by the running macvhost"
+            );
+            host
+        }
+        None => {
+            let stored = inherited.take_queues();
+            match reuse_stored_queues(&config, &stored, &service) {
+                Some(h) => h,
+                None => HostDevice::open(&host_spec, config.queue_pairs).map_err(host_err)?,
+            }
+        }
     };
-    drop(stored);
     for leftover in inherited.into_remaining() {
         tracing::warn!(name = %leftover.name, "closing an inherited fd macvhost has no use for");
     }
@@ -362,21 +402,55 @@ pub fn run(config: Settings, mut inherited: crate::systemd::ListenFds) -> Result
     let l2_stats = Arc::new(crate::worker::l2::L2Stats::default());
     let source =
         crate::control::StatsSource::new(host.ifname(), stats.clone()).with_l2(l2_stats.clone());
-    let _control = config
-        .control_socket
-        .as_deref()
-        .map(|p| crate::control::serve_control_socket(p, source.clone()))
-        .transpose()
-        .map_err(|source| ServerError::Control {
-            flag: "--control-socket",
-            source,
-        })?;
-    if let Some(addr) = config.metrics_addr {
-        let bound =
-            crate::control::serve_metrics(addr, source).map_err(|source| ServerError::Control {
-                flag: "--metrics-addr",
-                source,
-            })?;
+    let control_err = |source| ServerError::Control {
+        flag: "--control-socket",
+        source,
+    };
+    let metrics_err = |source| ServerError::Control {
+        flag: "--metrics-addr",
+        source,
+    };
+    // A listener handed over at the same address is served as it is; otherwise bound.
+    let mut control_adopted = false;
+    let control_listener = match &config.control_socket {
+        Some(p) => Some(match taken.as_mut().and_then(|t| taken_control(t, p)) {
+            Some(l) => {
+                control_adopted = true;
+                l
+            }
+            None => crate::control::bind_control_socket(p).map_err(control_err)?,
+        }),
+        None => None,
+    };
+    let metrics_listener = match config.metrics_addr {
+        Some(addr) => Some(match taken.as_mut().and_then(|t| taken_metrics(t, addr)) {
+            Some(l) => l,
+            None => crate::control::bind_metrics(addr).map_err(metrics_err)?,
+        }),
+        None => None,
+    };
+    // What a successor's --take-over gets (served by the control thread, which is the only
+    // way to ask for it).
+    let offer = match (&config.control_socket, &control_listener) {
+        (Some(_), Some(c)) => Some(Arc::new(takeover_offer(
+            &config,
+            &frontends,
+            c,
+            metrics_listener.as_ref(),
+            &host,
+            &stopper,
+        )?)),
+        _ => None,
+    };
+    let mut control = match (&config.control_socket, control_listener) {
+        (Some(p), Some(l)) => Some(
+            crate::control::serve_control_on(p, l, source.clone(), offer.clone(), control_adopted)
+                .map_err(control_err)?,
+        ),
+        _ => None,
+    };
+    if let Some(l) = metrics_listener {
+        let bound = crate::control::serve_metrics_on(l, source).map_err(metrics_err)?;
         tracing::info!("Prometheus metrics on http://{bound}/metrics");
     }
 
@@ -429,7 +503,22 @@ pub fn run(config: Settings, mut inherited: crate::systemd::ListenFds) -> Result
     // Start-up is over: drop every privilege before the first frontend (docs/security.md).
     // On failure `helper` drops on the way out and deletes a macvtap we created.
     let _sealed = seal(&config, helper.as_ref())?;
+    if let Some(t) = taken {
+        // Ready: the old process lets go of its frontend; we serve once it has. Until here a
+        // failure left the old process's socket files alone.
+        t.ready(control_adopted)?;
+        frontends.own_socket_file();
+        if let Some(c) = control.as_mut() {
+            c.start();
+        }
+    }
     let result = serve_on(frontends, identity, side, &stats, &stopper, &service);
+    if let Some(o) = offer.as_ref().filter(|o| o.handed_over()) {
+        // The frontend connection is over and the workers are joined: the successor may serve.
+        o.release();
+        tracing::info!("handed over to the new macvhost: exiting");
+    }
+    drop(control);
     drop(host);
     // The helper deletes the macvtap we created (the sealed process cannot).
     drop(helper);
@@ -532,42 +621,219 @@ fn reuse_stored_queues(
     stored: &std::collections::BTreeMap<usize, std::os::fd::OwnedFd>,
     service: &Service,
 ) -> Option<HostDevice> {
-    use std::os::fd::AsRawFd;
     if stored.is_empty() {
         return None;
     }
-    let want = match (&config.create_macvtap, &config.host) {
-        (None, HostSpec::Macvtap { iface } | HostSpec::Tap { iface }) => iface.as_str(),
-        _ => {
-            service.forget_queues(stored.keys().copied());
-            return None;
+    match adopt_queues(config, stored) {
+        Ok(h) => {
+            tracing::info!(
+                iface = h.ifname(),
+                queues = stored.len(),
+                "reusing the host queues kept by the service manager"
+            );
+            Some(h)
         }
-    };
-    let complete = stored.len() == usize::from(config.queue_pairs)
-        && stored
-            .keys()
-            .copied()
-            .eq(0..usize::from(config.queue_pairs));
-    let fds: Vec<_> = stored.values().map(|fd| fd.as_raw_fd()).collect();
-    let reused = complete
-        .then(|| HostDevice::open(&HostSpec::TapFds { fds }, config.queue_pairs))
-        .and_then(Result::ok)
-        .filter(|h| h.ifname() == want);
-    match &reused {
-        Some(h) => tracing::info!(
-            iface = h.ifname(),
-            queues = stored.len(),
-            "reusing the host queues kept by the service manager"
-        ),
-        None => {
+        Err(why) => {
             tracing::info!(
                 stored = stored.len(),
-                "the stored host queues are stale or incomplete; opening {want} afresh"
+                "the stored host queues are not usable ({why}); opening the device afresh"
             );
             service.forget_queues(stored.keys().copied());
+            None
         }
     }
-    reused
+}
+
+/// Host queue fds kept across a restart (the fd store) or handed over (`--take-over`), as the
+/// device: one per queue pair, each a queue of the configured `--macvtap`/`--tap` in our
+/// network namespace with a vnet header (`TUNGETIFF`, checked like `--tap-fd`). Why not, when
+/// they are not.
+fn adopt_queues(
+    config: &Settings,
+    stored: &std::collections::BTreeMap<usize, std::os::fd::OwnedFd>,
+) -> Result<HostDevice, String> {
+    use std::os::fd::AsRawFd;
+    let want = match (&config.create_macvtap, &config.host) {
+        (None, HostSpec::Macvtap { iface } | HostSpec::Tap { iface }) => iface.as_str(),
+        _ => return Err("queues are reused only for --macvtap or --tap".into()),
+    };
+    let pairs = usize::from(config.queue_pairs);
+    if stored.len() != pairs || !stored.keys().copied().eq(0..pairs) {
+        return Err(format!(
+            "{} queue fds ({:?}) for --queues {pairs}",
+            stored.len(),
+            stored.keys().collect::<Vec<_>>()
+        ));
+    }
+    let fds: Vec<_> = stored.values().map(|fd| fd.as_raw_fd()).collect();
+    let host = HostDevice::open(&HostSpec::TapFds { fds }, config.queue_pairs)
+        .map_err(|e| format!("the queue fds are not usable: {e}"))?;
+    if host.ifname() != want {
+        return Err(format!(
+            "the queues belong to {:?}, not to the configured {want:?}",
+            host.ifname()
+        ));
+    }
+    Ok(host)
+}
+
+/// The vhost-user listener handed over by `--take-over`, checked against our socket flags:
+/// a listening unix stream socket bound to our `--socket-path`; none with `--client` (then the
+/// old process must connect to the same path).
+fn taken_listener(
+    t: &mut crate::takeover::Taken,
+    config: &Settings,
+) -> Result<Option<std::os::unix::net::UnixListener>, ServerError> {
+    let l = t
+        .fds
+        .take_unix_listener(crate::systemd::VHOST_USER_FD_NAME)
+        .map_err(|_| t.mismatch("the handed-over vhost-user fd is not a listening unix socket"))?;
+    let (kind, old_path) = t.facts.socket.clone();
+    match (&config.socket, l) {
+        (SocketMode::Listen(p), Some(l)) => {
+            let name = l
+                .local_addr()
+                .ok()
+                .and_then(|a| a.as_pathname().map(std::path::Path::to_path_buf));
+            if !name.as_deref().is_some_and(|n| same_socket_path(n, p)) {
+                return Err(t
+                    .mismatch(format!(
+                        "the running macvhost listens on {}, not on --socket-path {}",
+                        name.map_or("an unnamed socket".into(), |n| n.display().to_string()),
+                        p.display()
+                    ))
+                    .into());
+            }
+            Ok(Some(l))
+        }
+        (SocketMode::Listen(_), None) => Err(t
+            .mismatch(format!(
+                "the running macvhost does not listen (it connects to {}): start this one with \
+                 --client too",
+                old_path.display()
+            ))
+            .into()),
+        (SocketMode::Connect(p), None) if kind == "connect" && old_path == *p => Ok(None),
+        (SocketMode::Connect(p), None) => Err(t
+            .mismatch(format!(
+                "the running macvhost connects to {}, not to --socket-path {}",
+                old_path.display(),
+                p.display()
+            ))
+            .into()),
+        (SocketMode::Connect(_), Some(_)) => Err(t
+            .mismatch("the running macvhost listens on its socket: start this one without --client")
+            .into()),
+        (SocketMode::ListenFd(_), _) => Err(t
+            .mismatch(
+                "cannot take over with --fd or socket activation (the fd store is the way there)",
+            )
+            .into()),
+    }
+}
+
+/// The control listener handed over, when it is bound at our `--control-socket` path.
+fn taken_control(
+    t: &mut crate::takeover::Taken,
+    path: &std::path::Path,
+) -> Option<std::os::unix::net::UnixListener> {
+    let l = t
+        .fds
+        .take_unix_listener(crate::takeover::CONTROL_FD_NAME)
+        .ok()??;
+    let name = l.local_addr().ok()?;
+    same_socket_path(name.as_pathname()?, path).then_some(l)
+}
+
+/// Whether a socket's bound name and a path from our command line name the same file (spelled
+/// alike, or resolving alike: `./vm0.sock` and `/run/vm0.sock`).
+fn same_socket_path(bound: &std::path::Path, ours: &std::path::Path) -> bool {
+    bound == ours
+        || matches!(
+            (std::fs::canonicalize(bound), std::fs::canonicalize(ours)),
+            (Ok(a), Ok(b)) if a == b
+        )
+}
+
+/// The Prometheus listener handed over, when it listens on our `--metrics-addr`.
+fn taken_metrics(
+    t: &mut crate::takeover::Taken,
+    addr: std::net::SocketAddr,
+) -> Option<std::net::TcpListener> {
+    use std::os::fd::AsFd;
+    let fd = t.fds.take(crate::takeover::METRICS_FD_NAME)?;
+    (crate::takeover::tcp_listener_addr(fd.as_fd()) == Some(addr)).then(|| fd.into())
+}
+
+/// What a successor's `--take-over` gets: duplicates of the vhost-user listener (when we
+/// listen), the control and metrics listeners and every host queue fd. A macvtap we created
+/// and delete on exit is not handed over (the request is refused).
+fn takeover_offer(
+    config: &Settings,
+    frontends: &Frontends<'_>,
+    control: &std::os::unix::net::UnixListener,
+    metrics: Option<&std::net::TcpListener>,
+    host: &HostDevice,
+    stopper: &StopHandle,
+) -> Result<crate::takeover::Offer, ServerError> {
+    use crate::systemd::NamedFd;
+    use std::os::fd::{AsRawFd, OwnedFd};
+    let dup_err = |e: std::io::Error| ServerError::Control {
+        flag: "--control-socket",
+        source: control::ControlError::Listen {
+            what: "a duplicate for --take-over".into(),
+            source: e,
+        },
+    };
+    let mut fds = Vec::new();
+    if let Some(l) = frontends.listener() {
+        fds.push(NamedFd {
+            name: crate::systemd::VHOST_USER_FD_NAME.into(),
+            fd: OwnedFd::from(l.try_clone().map_err(dup_err)?),
+        });
+    }
+    fds.push(NamedFd {
+        name: crate::takeover::CONTROL_FD_NAME.into(),
+        fd: OwnedFd::from(control.try_clone().map_err(dup_err)?),
+    });
+    if let Some(m) = metrics {
+        fds.push(NamedFd {
+            name: crate::takeover::METRICS_FD_NAME.into(),
+            fd: OwnedFd::from(m.try_clone().map_err(dup_err)?),
+        });
+    }
+    for (i, q) in host.queues().iter().enumerate() {
+        fds.push(NamedFd {
+            name: crate::systemd::queue_fd_name(i),
+            fd: crate::host::dup_cloexec(q.as_raw_fd()).map_err(dup_err)?,
+        });
+    }
+    let socket = match &config.socket {
+        SocketMode::Listen(p) => ("listen".to_string(), p.clone()),
+        SocketMode::ListenFd(_) => ("listen".to_string(), PathBuf::new()),
+        SocketMode::Connect(p) => ("connect".to_string(), p.clone()),
+    };
+    let refusal = (config.create_macvtap.is_some() && !config.keep_macvtap).then(|| {
+        "it created its macvtap (--macvtap-parent without --keep) and deletes it when it \
+         exits; stop it and start the new one instead"
+            .to_string()
+    });
+    let stop = stopper.0.clone();
+    Ok(crate::takeover::Offer::new(
+        crate::takeover::Facts {
+            macvhost: String::new(),
+            version: 0,
+            pid: std::process::id(),
+            iface: host.ifname().to_string(),
+            ifindex: host.ifindex(),
+            queue_pairs: config.queue_pairs,
+            socket,
+            fds: Vec::new(),
+        },
+        fds,
+        refusal,
+        Box::new(move || stop.hand_over()),
+    ))
 }
 
 /// The serve loop over frontends already set up.

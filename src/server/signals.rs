@@ -16,6 +16,9 @@ use super::ServerError;
 /// What the signal thread needs to stop whatever the server is doing.
 pub(super) struct Stopper {
     requested: AtomicBool,
+    /// The stop is a hand-over to a `--take-over` process: what it took (the socket file) is
+    /// not ours to remove any more.
+    handed_over: AtomicBool,
     connection: Mutex<Option<ShutdownHandle>>,
     /// Readable once a stop is requested: the serve loop waits on it beside the listener (a
     /// `shutdown()` of the listener would also stop it for a service manager that holds it).
@@ -26,6 +29,7 @@ impl Default for Stopper {
     fn default() -> Self {
         Stopper {
             requested: AtomicBool::new(false),
+            handed_over: AtomicBool::new(false),
             connection: Mutex::new(None),
             wake: EventFd::from_flags(EfdFlags::EFD_NONBLOCK | EfdFlags::EFD_CLOEXEC)
                 .expect("eventfd for the stop signal"),
@@ -39,6 +43,17 @@ impl Stopper {
         self.end_connection();
         // Saturating is fine: the fd stays readable.
         let _ = self.wake.write(1);
+    }
+
+    /// Stops for a hand-over to a `--take-over` process (see [`Stopper::handed_over`]).
+    pub(super) fn hand_over(&self) {
+        self.handed_over.store(true, Ordering::SeqCst);
+        self.stop();
+    }
+
+    /// Whether the stop is a hand-over.
+    pub(super) fn handed_over(&self) -> bool {
+        self.handed_over.load(Ordering::SeqCst)
     }
 
     /// Waits up to `timeout` (forever: `None`) for `fd` to be readable; false when a stop came

@@ -3,8 +3,9 @@
 #
 #   tests/guest/build-guest.sh OUTDIR
 #
-# Produces OUTDIR/vmlinuz (a copy of the installed Debian kernel) and
-# OUTDIR/initrd.img (a gzip'ed newc cpio) containing:
+# Produces OUTDIR/vmlinuz (a copy of the installed Debian kernel), OUTDIR/kernel
+# (what QEMU boots: the kernel's decompressed ELF image when it carries a PVH
+# entry note, else the same bzImage) and OUTDIR/initrd.img (a gzip'ed newc cpio) containing:
 #   * busybox-static with applet symlinks,
 #   * the virtio-net-over-PCI kernel modules (+ qemu_fw_cfg) for that kernel,
 #     decompressed and listed in load order in /etc/mvh/modules,
@@ -84,7 +85,8 @@ INPUTS=("${BASH_SOURCE[0]}" "$INIT_SRC" "$LIB_SRC" "$MCAST_SRC" "$KERNEL" "$BUSY
 # ------------------------------------------------------------ up to date? ----
 up_to_date() {
     [ "${MACVHOST_GUEST_FORCE:-0}" = 1 ] && return 1
-    [ -s "$OUT/initrd.img" ] && [ -s "$OUT/vmlinuz" ] && [ -r "$OUT/kver" ] || return 1
+    [ -s "$OUT/initrd.img" ] && [ -s "$OUT/vmlinuz" ] && [ -s "$OUT/kernel" ] && [ -r "$OUT/kver" ] ||
+        return 1
     [ "$(cat "$OUT/kver")" = "$KVER" ] || return 1
     local f
     for f in "${INPUTS[@]}"; do
@@ -210,9 +212,38 @@ CPIO=$(command -v cpio || true)
     fi
 ) | gzip -6 -n >"$STAGE/initrd.img"
 
+# The kernel QEMU boots. Under TCG a bzImage spends ~8 s decompressing itself (measured: 13.3 s
+# to READY with the bzImage, 5.6 s with the same kernel's ELF image booted through its PVH entry
+# note, same kernel and initrd). So: find the compressed payload inside the bzImage, decompress it,
+# and keep the ELF only when it has a PVH note (Xen note type 18; QEMU refuses an ELF without it).
+pvh_elf() {
+    local magic off tool
+    for magic in '\xfd7zXZ\x00:xz' '\x28\xb5\x2f\xfd:zstd' '\x1f\x8b\x08\x00:gzip'; do
+        tool=${magic##*:}
+        command -v "$tool" >/dev/null || continue
+        for off in $(LC_ALL=C grep -obUaP "${magic%:*}" "$KERNEL" | cut -d: -f1 | head -5); do
+            tail -c +$((off + 1)) "$KERNEL" | "$tool" -dc 2>/dev/null >"$STAGE/vmlinux" || true
+            if [ "$(head -c 4 "$STAGE/vmlinux" | od -An -tx1 | tr -d ' ')" = 7f454c46 ] &&
+                LC_ALL=C grep -qaP '\x04\x00\x00\x00[\x04\x08]\x00\x00\x00\x12\x00\x00\x00Xen\x00' \
+                    "$STAGE/vmlinux"; then
+                return 0
+            fi
+        done
+    done
+    rm -f "$STAGE/vmlinux"
+    return 1
+}
 cp "$KERNEL" "$STAGE/vmlinuz"
+if pvh_elf; then
+    mv -f "$STAGE/vmlinux" "$STAGE/kernel"
+    log "kernel: the ELF image with its PVH entry ($(du -h "$STAGE/kernel" | cut -f1))"
+else
+    cp "$KERNEL" "$STAGE/kernel"
+    log "kernel: the bzImage (no PVH entry found)"
+fi
 mv -f "$STAGE/vmlinuz" "$OUT/vmlinuz"
+mv -f "$STAGE/kernel" "$OUT/kernel"
 echo "$KVER" >"$OUT/kver"
 # initrd.img last: its mtime marks a complete build.
 mv -f "$STAGE/initrd.img" "$OUT/initrd.img"
-log "done: $OUT/vmlinuz $OUT/initrd.img ($(du -h "$OUT/initrd.img" | cut -f1))"
+log "done: $OUT/kernel $OUT/initrd.img ($(du -h "$OUT/initrd.img" | cut -f1))"

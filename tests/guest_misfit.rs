@@ -10,10 +10,11 @@ mod guest;
 
 use std::fs::{self, File};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Stdio};
+use std::process::Child;
 use std::time::{Duration, Instant};
 
 use guest::{one_at_a_time, require, secs, Daemon, NetNs, Qemu, QemuConfig, GUEST};
+use macvhost::testkit::daemon::spawn_logging_to;
 
 /// The window the log is counted over, and the bound.
 const WINDOW: Duration = Duration::from_secs(10);
@@ -30,17 +31,13 @@ impl Operator {
     fn start(ns: &NetNs, dir: &Path, args: &[&str]) -> Operator {
         let socket = dir.join("macvhost.sock");
         let log = dir.join("macvhost.log");
-        let out = File::create(&log).unwrap();
-        let child = ns
-            .command(Daemon::binary())
-            .arg("--socket-path")
-            .arg(&socket)
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(out.try_clone().unwrap())
-            .stderr(out)
-            .spawn()
-            .unwrap();
+        let child = spawn_logging_to(
+            ns.command(Daemon::binary())
+                .arg("--socket-path")
+                .arg(&socket)
+                .args(args),
+            File::create(&log).unwrap(),
+        );
         let t = Instant::now();
         while !socket.exists() {
             assert!(t.elapsed() < secs(20), "no socket; log:\n{}", read(&log));

@@ -25,7 +25,7 @@ use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 use guest::{one_at_a_time, require, secs, Daemon, Need, NetNs, Qemu, QemuConfig, GUEST};
-use macvhost::testkit::daemon::terminate;
+use macvhost::testkit::daemon::{spawn_logging_to, terminate};
 use nix::sys::signal::Signal;
 
 /// The stream into the guest across each restart.
@@ -92,15 +92,13 @@ impl Mvh {
             .append(true)
             .open(&self.log)
             .unwrap();
-        let child = NetNs::attach(&self.ns)
-            .command(Daemon::binary())
-            .args(&self.args)
-            .args(extra)
-            .stdin(Stdio::null())
-            .stdout(out.try_clone().unwrap())
-            .stderr(out)
-            .spawn()
-            .unwrap();
+        let child = spawn_logging_to(
+            NetNs::attach(&self.ns)
+                .command(Daemon::binary())
+                .args(&self.args)
+                .args(extra),
+            out,
+        );
         self.child = Some(child);
     }
 

@@ -24,7 +24,7 @@ use std::process::{Child, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use common::{require, Daemon, MacvtapTopo, NetNs, Peer, HOST};
-use macvhost::testkit::daemon::terminate;
+use macvhost::testkit::daemon::{spawn_logging_to, terminate};
 use nix::sys::signal::Signal;
 use support::vu_driver::VuGuest;
 
@@ -39,15 +39,12 @@ struct Mvh {
 
 impl Mvh {
     fn spawn(ns: &NetNs, log: PathBuf, args: &[String]) -> Mvh {
-        let out = fs::File::create(&log).unwrap();
-        let child = NetNs::attach(ns.name())
-            .command(Daemon::binary())
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(out.try_clone().unwrap())
-            .stderr(out)
-            .spawn()
-            .unwrap();
+        let child = spawn_logging_to(
+            NetNs::attach(ns.name())
+                .command(Daemon::binary())
+                .args(args),
+            fs::File::create(&log).unwrap(),
+        );
         Mvh {
             child: Some(child),
             log,

@@ -7,7 +7,7 @@
 //! SIGTERM, a wait, SIGKILL after 5 s; when the test is failing, the log's tail is printed.
 
 use std::collections::BTreeMap;
-use std::fs::{self, OpenOptions};
+use std::fs::{self, File, OpenOptions};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
@@ -94,20 +94,18 @@ impl Daemon {
             .append(true)
             .open(&self.log)
             .expect("create macvhost log");
-        let child = NetNs::attach(&self.netns)
-            .command(Self::binary())
-            .arg("--socket-path")
-            .arg(&self.socket)
-            .arg("--control-socket")
-            .arg(&self.control)
-            .args(&self.args)
-            .args(["--log-level", "debug"])
-            .env("RUST_BACKTRACE", "1")
-            .stdin(Stdio::null())
-            .stdout(out.try_clone().expect("dup log fd"))
-            .stderr(out)
-            .spawn()
-            .expect("spawn macvhost");
+        let child = spawn_logging_to(
+            NetNs::attach(&self.netns)
+                .command(Self::binary())
+                .arg("--socket-path")
+                .arg(&self.socket)
+                .arg("--control-socket")
+                .arg(&self.control)
+                .args(&self.args)
+                .args(["--log-level", "debug"])
+                .env("RUST_BACKTRACE", "1"),
+            out,
+        );
         self.child = Some(child);
         let t = Instant::now();
         while !is_socket(&self.socket) {
@@ -240,6 +238,16 @@ impl Drop for Daemon {
 fn is_socket(p: &Path) -> bool {
     use std::os::unix::fs::FileTypeExt;
     fs::symlink_metadata(p).is_ok_and(|m| m.file_type().is_socket())
+}
+
+/// Spawns `cmd` (a macvhost command line; a suite that runs macvhost without [`Daemon`]'s
+/// defaults builds its own) with no stdin, stdout and stderr both written to `log`.
+pub fn spawn_logging_to(cmd: &mut Command, log: File) -> Child {
+    cmd.stdin(Stdio::null())
+        .stdout(log.try_clone().expect("dup log fd"))
+        .stderr(log)
+        .spawn()
+        .expect("spawn macvhost")
 }
 
 /// Sends `sig`, then waits up to `timeout`; on timeout SIGKILLs and returns `Err(status)`.

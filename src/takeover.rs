@@ -574,41 +574,34 @@ mod tests {
         assert_eq!(names, ["vhost-user", "queue-0"]);
     }
 
+    /// Asserts `parse_offer(line, fds)` fails as not macvhost's, with a reason containing `says`.
+    fn assert_bad(line: &str, fds: Vec<OwnedFd>, says: &str) {
+        let e = parse_offer(line, fds).unwrap_err();
+        assert!(
+            matches!(e, Parsed::Bad(ref r) if r.contains(says)),
+            "{line}: {e:?}"
+        );
+    }
+
     #[test]
     fn an_answer_that_is_not_an_offer_is_not_macvhost() {
         // What a macvhost without take-over answers: its stats.
         let stats = r#"{"iface":"mvt0","queues":[],"device":{}}"#;
-        let e = parse_offer(stats, vec![]).unwrap_err();
-        assert!(
-            matches!(e, Parsed::Bad(ref r) if r.contains("not a take-over offer")),
-            "{e:?}"
-        );
-        let e = parse_offer("HTTP/1.0 200 OK", vec![]).unwrap_err();
-        assert!(matches!(e, Parsed::Bad(_)));
+        assert_bad(stats, vec![], "not a take-over offer");
+        assert_bad("HTTP/1.0 200 OK", vec![], "");
         let mut f = facts();
         f.version = 2;
-        let e = parse_offer(&serde_json::to_string(&f).unwrap(), two_fds()).unwrap_err();
-        assert!(
-            matches!(e, Parsed::Bad(ref r) if r.contains("version 2")),
-            "{e:?}"
-        );
+        assert_bad(&serde_json::to_string(&f).unwrap(), two_fds(), "version 2");
     }
 
     #[test]
     fn an_offer_with_missing_or_unknown_fds_is_refused() {
         let line = serde_json::to_string(&facts()).unwrap();
-        let e = parse_offer(&line, two_fds().into_iter().take(1).collect()).unwrap_err();
-        assert!(
-            matches!(e, Parsed::Bad(ref r) if r.contains("2 fds but 1")),
-            "{e:?}"
-        );
+        let one_fd = two_fds().into_iter().take(1).collect();
+        assert_bad(&line, one_fd, "2 fds but 1");
         let mut f = facts();
         f.fds[1] = "../etc".into();
-        let e = parse_offer(&serde_json::to_string(&f).unwrap(), two_fds()).unwrap_err();
-        assert!(
-            matches!(e, Parsed::Bad(ref r) if r.contains("unknown fd")),
-            "{e:?}"
-        );
+        assert_bad(&serde_json::to_string(&f).unwrap(), two_fds(), "unknown fd");
     }
 
     #[test]

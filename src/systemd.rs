@@ -195,11 +195,7 @@ impl ListenVars {
         let Some(pid) = &self.pid else {
             return Ok(Vec::new());
         };
-        let pid: u32 = pid.trim().parse().map_err(|_| SystemdError::BadVariable {
-            var: "LISTEN_PID",
-            value: pid.clone(),
-            what: "process id",
-        })?;
+        let pid: u32 = parse_var("LISTEN_PID", pid, "process id")?;
         if pid != our_pid {
             // Inherited from a parent that was activated itself: not ours.
             return Ok(Vec::new());
@@ -207,11 +203,7 @@ impl ListenVars {
         let Some(fds) = &self.fds else {
             return Ok(Vec::new());
         };
-        let n: usize = fds.trim().parse().map_err(|_| SystemdError::BadVariable {
-            var: "LISTEN_FDS",
-            value: fds.clone(),
-            what: "fd count",
-        })?;
+        let n: usize = parse_var("LISTEN_FDS", fds, "fd count")?;
         if n > MAX_LISTEN_FDS {
             return Err(SystemdError::TooManyFds(n));
         }
@@ -626,26 +618,39 @@ pub fn watchdog_timeout(
         return Ok(None);
     };
     if let Some(pid) = pid {
-        let pid: u32 = pid.trim().parse().map_err(|_| SystemdError::BadVariable {
-            var: "WATCHDOG_PID",
-            value: pid.to_string(),
-            what: "process id",
-        })?;
+        let pid: u32 = parse_var("WATCHDOG_PID", pid, "process id")?;
         if pid != our_pid {
             return Ok(None);
         }
     }
-    let bad = || SystemdError::BadVariable {
-        var: "WATCHDOG_USEC",
-        value: usec.to_string(),
-        what: "timeout in microseconds (1 or more)",
-    };
-    let us: u64 = usec.trim().parse().map_err(|_| bad())?;
+    const USEC: &str = "timeout in microseconds (1 or more)";
+    let us: u64 = parse_var("WATCHDOG_USEC", usec, USEC)?;
     // 0 and u64::MAX (infinity) are not timeouts (sd_watchdog_enabled refuses them too).
     if us == 0 || us == u64::MAX {
-        return Err(bad());
+        return Err(bad_variable("WATCHDOG_USEC", usec, USEC));
     }
     Ok(Some(Duration::from_micros(us)))
+}
+
+/// The number in `value`, the manager's variable `var` (surrounding blanks allowed); else
+/// the manager's fault, saying `what` it should have been.
+fn parse_var<T: std::str::FromStr>(
+    var: &'static str,
+    value: &str,
+    what: &'static str,
+) -> Result<T, SystemdError> {
+    value
+        .trim()
+        .parse()
+        .map_err(|_| bad_variable(var, value, what))
+}
+
+fn bad_variable(var: &'static str, value: &str, what: &'static str) -> SystemdError {
+    SystemdError::BadVariable {
+        var,
+        value: value.to_string(),
+        what,
+    }
 }
 
 impl Watchdog {

@@ -47,37 +47,37 @@ fn same_file(a: impl AsFd, b: impl AsFd) -> bool {
 
 // ------------------------------------------------------------ activation variables ---
 
+/// Activation variables that parse, and the fds they give process 42: none unless they are
+/// addressed to it.
 #[test]
-fn without_listen_pid_there_are_no_fds() {
-    let v = vars(None, Some("2"), Some("a:b"));
-    assert!(v.names_for(42).unwrap().is_empty());
-}
-
-#[test]
-fn listen_fds_addressed_to_another_pid_are_not_ours() {
-    let v = vars(Some("41"), Some("2"), Some("a:b"));
-    assert!(v.names_for(42).unwrap().is_empty());
-}
-
-#[test]
-fn listen_fds_for_us_are_named_in_order() {
-    let v = vars(Some("42"), Some("3"), Some("vhost-user:queue-0:queue-1"));
-    assert_eq!(
-        v.names_for(42).unwrap(),
-        ["vhost-user", "queue-0", "queue-1"]
-    );
-}
-
-#[test]
-fn listen_fds_without_fdnames_are_named_unknown() {
-    let v = vars(Some("42"), Some("2"), None);
-    assert_eq!(v.names_for(42).unwrap(), ["unknown", "unknown"]);
-}
-
-#[test]
-fn listen_fds_zero_with_empty_fdnames_is_no_fds() {
-    let v = vars(Some("42"), Some("0"), Some(""));
-    assert!(v.names_for(42).unwrap().is_empty());
+fn listen_variables_name_only_our_fds() {
+    let names = "vhost-user:queue-0:queue-1";
+    let cases: [(&str, ListenVars, &[&str]); 5] = [
+        ("no LISTEN_PID", vars(None, Some("2"), Some("a:b")), &[]),
+        (
+            "another pid's",
+            vars(Some("41"), Some("2"), Some("a:b")),
+            &[],
+        ),
+        (
+            "ours, named in order",
+            vars(Some("42"), Some("3"), Some(names)),
+            &["vhost-user", "queue-0", "queue-1"],
+        ),
+        (
+            "no LISTEN_FDNAMES",
+            vars(Some("42"), Some("2"), None),
+            &["unknown", "unknown"],
+        ),
+        (
+            "LISTEN_FDS=0, LISTEN_FDNAMES empty",
+            vars(Some("42"), Some("0"), Some("")),
+            &[],
+        ),
+    ];
+    for (case, v, want) in cases {
+        assert_eq!(v.names_for(42).unwrap(), want, "{case}");
+    }
 }
 
 #[test]

@@ -98,6 +98,17 @@ impl Drop for Mvh {
     }
 }
 
+/// What every take-over test between two macvhosts starts from: a namespace with a
+/// bridge-mode macvtap, a directory for the processes' logs, and in it the sockets [`flags`]
+/// names (`vu.sock`, `ctl.sock`).
+fn rig(ns_name: &str) -> (NetNs, MacvtapTopo, tempfile::TempDir, PathBuf, PathBuf) {
+    let ns = NetNs::quiet(ns_name);
+    let topo = MacvtapTopo::create(&ns, "bridge");
+    let dir = tempfile::tempdir().unwrap();
+    let (sock, ctl) = (dir.path().join("vu.sock"), dir.path().join("ctl.sock"));
+    (ns, topo, dir, sock, ctl)
+}
+
 /// The flags both processes run with.
 fn flags(dir: &Path) -> Vec<String> {
     [
@@ -180,11 +191,8 @@ fn ino(p: &Path) -> (u64, u64) {
 #[test]
 fn take_over_keeps_the_macvtap_its_carrier_and_socket_and_the_old_process_exits_0() {
     require!(HOST);
-    let ns = NetNs::quiet("takeover");
-    let topo = MacvtapTopo::create(&ns, "bridge");
+    let (ns, topo, dir, sock, ctl) = rig("takeover");
     let peer = Peer::on_macvtap(&ns, &topo);
-    let dir = tempfile::tempdir().unwrap();
-    let (sock, ctl) = (dir.path().join("vu.sock"), dir.path().join("ctl.sock"));
     // The Prometheus listener is handed over too (binding it again would fail: in use).
     let metrics: std::net::SocketAddr = "127.0.0.1:19464".parse().unwrap();
     let flags = with(flags(dir.path()), &["--metrics-addr", &metrics.to_string()]);
@@ -258,13 +266,10 @@ fn take_over_keeps_the_macvtap_its_carrier_and_socket_and_the_old_process_exits_
 #[test]
 fn a_failed_take_over_leaves_the_old_process_serving() {
     require!(HOST);
-    let ns = NetNs::quiet("takeover-fail");
-    let topo = MacvtapTopo::create(&ns, "bridge");
+    let (ns, topo, dir, sock, ctl) = rig("takeover-fail");
     ns.add_macvtap(topo.lower, "mvt1", "bridge");
     ns.set_up(&["mvt1"]);
     let peer = Peer::on_macvtap(&ns, &topo);
-    let dir = tempfile::tempdir().unwrap();
-    let (sock, ctl) = (dir.path().join("vu.sock"), dir.path().join("ctl.sock"));
     let mut old = Mvh::spawn(&ns, dir.path().join("old.log"), &flags(dir.path()));
     wait_socket(&ctl, &mut old);
     let mut g = VuGuest::connect(&sock, 1, 256, FEATURES, Duration::from_secs(10));
@@ -379,10 +384,7 @@ fn take_over_from_a_socket_that_is_not_macvhost_exits_2_naming_the_flag() {
 #[test]
 fn take_over_of_a_macvtap_the_old_process_created_and_deletes_is_refused() {
     require!(HOST);
-    let ns = NetNs::quiet("takeover-created");
-    let topo = MacvtapTopo::create(&ns, "bridge");
-    let dir = tempfile::tempdir().unwrap();
-    let (sock, ctl) = (dir.path().join("vu.sock"), dir.path().join("ctl.sock"));
+    let (ns, topo, dir, sock, ctl) = rig("takeover-created");
     let old_flags: Vec<String> = flags(dir.path())
         .into_iter()
         .filter(|a| a != "mvt0" && a != "--macvtap")

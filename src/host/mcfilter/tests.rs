@@ -135,6 +135,23 @@ fn open_queue() -> (HostDevice, OwnedFd) {
     (dev, peer)
 }
 
+/// Runs `body` in a fresh [`setup`] namespace with a filter on mvt0.
+fn with_filter(body: impl FnOnce(&mut McFilter) + Send) {
+    setup().run(|| body(&mut McFilter::open(ifindex("mvt0")).unwrap()));
+}
+
+/// Runs `body` in a fresh [`setup`] namespace with mvt0's queue, the wire end (veth1's packet
+/// socket), a filter on mvt0 and a group whose frames do not reach the queue yet.
+fn with_undelivered_group(body: impl FnOnce(&mut McFilter, &OwnedFd, &TapQueue, [u8; 6]) + Send) {
+    setup().run(|| {
+        let (dev, peer) = open_queue();
+        let q = &dev.queues()[0];
+        let mut filter = McFilter::open(ifindex("mvt0")).unwrap();
+        let group = undelivered_group(&peer, q);
+        body(&mut filter, &peer, q, group);
+    });
+}
+
 fn assert_not_promisc_nor_allmulti(iface: &str) {
     let flags = sys_flags(iface);
     assert_eq!(
@@ -153,27 +170,22 @@ fn assert_not_promisc_nor_allmulti(iface: &str) {
 #[test]
 fn group_frame_reaches_the_macvtap_only_after_add_and_not_after_remove() {
     require!(ROOT);
-    let ns = setup();
-    ns.run(|| {
-        let (dev, peer) = open_queue();
-        let q = &dev.queues()[0];
-        let filter = McFilter::open(ifindex("mvt0")).unwrap();
-        let group = undelivered_group(&peer, q);
+    with_undelivered_group(|filter, peer, q, group| {
         assert!(
-            !delivered(&peer, q, group, "before"),
+            !delivered(peer, q, group, "before"),
             "delivered before the add"
         );
 
         filter.add(group).unwrap();
         assert_not_promisc_nor_allmulti("mvt0");
         assert!(
-            delivered(&peer, q, group, "after-add"),
+            delivered(peer, q, group, "after-add"),
             "not delivered after the add"
         );
 
         filter.remove(group).unwrap();
         assert!(
-            !delivered(&peer, q, group, "after-remove"),
+            !delivered(peer, q, group, "after-remove"),
             "delivered after the remove"
         );
         assert_not_promisc_nor_allmulti("mvt0");
@@ -183,32 +195,24 @@ fn group_frame_reaches_the_macvtap_only_after_add_and_not_after_remove() {
 #[test]
 fn allmulti_delivers_every_group_until_turned_off() {
     require!(ROOT);
-    let ns = setup();
-    ns.run(|| {
-        let (dev, peer) = open_queue();
-        let q = &dev.queues()[0];
-        let mut filter = McFilter::open(ifindex("mvt0")).unwrap();
-        let group = undelivered_group(&peer, q);
-
+    with_undelivered_group(|filter, peer, q, group| {
         filter.set_allmulti(true).unwrap();
         assert!(filter.allmulti());
         assert_ne!(sys_flags("mvt0") & IFF_ALLMULTI, 0);
-        assert!(delivered(&peer, q, group, "allmulti"));
+        assert!(delivered(peer, q, group, "allmulti"));
         let ipv4_group = [0x01, 0, 0x5e, 0x42, 0x17, 0x01];
-        assert!(delivered(&peer, q, ipv4_group, "allmulti-v4"));
+        assert!(delivered(peer, q, ipv4_group, "allmulti-v4"));
 
         filter.set_allmulti(false).unwrap();
         assert_eq!(sys_flags("mvt0") & IFF_ALLMULTI, 0);
-        assert!(!delivered(&peer, q, group, "allmulti-off"));
+        assert!(!delivered(peer, q, group, "allmulti-off"));
     });
 }
 
 #[test]
 fn added_address_is_listed_and_removed_address_is_gone() {
     require!(ROOT);
-    let ns = setup();
-    ns.run(|| {
-        let filter = McFilter::open(ifindex("mvt0")).unwrap();
+    with_filter(|filter| {
         let (a, b) = (
             [0x33, 0x33, 0xff, 0x12, 0x34, 0x56],
             [0x01, 0, 0x5e, 0x01, 2, 3],
@@ -232,9 +236,7 @@ fn added_address_is_listed_and_removed_address_is_gone() {
 #[test]
 fn unicast_mac_is_refused() {
     require!(ROOT);
-    let ns = setup();
-    ns.run(|| {
-        let filter = McFilter::open(ifindex("mvt0")).unwrap();
+    with_filter(|filter| {
         let err = filter.add([0x02, 0, 0, 0, 0, 1]).unwrap_err();
         assert!(matches!(err, McFilterError::NotMulticast { .. }), "{err}");
         assert!(maddrs("mvt0").iter().all(|m| m != "02:00:00:00:00:01"));

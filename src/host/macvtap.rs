@@ -124,6 +124,19 @@ fn open_node(path: &Path, dev: libc::dev_t) -> Result<OwnedFd, HostError> {
     Ok(file.into())
 }
 
+/// Makes the char device node `path` for `dev`, readable and writable by us only; `Ok(false)`
+/// when the name exists already (someone made it first: the caller looks again or picks another).
+fn make_node(path: &Path, dev: libc::dev_t) -> Result<bool, HostError> {
+    match mknod(path, SFlag::S_IFCHR, Mode::S_IRUSR | Mode::S_IWUSR, dev) {
+        Ok(()) => Ok(true),
+        Err(nix::errno::Errno::EEXIST) => Ok(false),
+        Err(e) => Err(HostError::Mknod {
+            path: path.to_owned(),
+            source: e.into(),
+        }),
+    }
+}
+
 /// The node we open the macvtap through: `/dev/tapN` itself, or a private node unlinked on drop.
 #[derive(Debug)]
 pub struct DevNode {
@@ -165,22 +178,13 @@ impl DevNode {
                     return Self::private(dir, ifindex, dev);
                 }
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                    match mknod(&path, SFlag::S_IFCHR, Mode::S_IRUSR | Mode::S_IWUSR, dev) {
-                        Ok(()) => {
-                            tracing::info!(node = %path.display(), dev = %fmt_dev(dev),
-                                "created missing macvtap device node");
-                            return Ok(DevNode {
-                                path,
-                                private: false,
-                            });
-                        }
-                        Err(nix::errno::Errno::EEXIST) => continue,
-                        Err(e) => {
-                            return Err(HostError::Mknod {
-                                path,
-                                source: e.into(),
-                            })
-                        }
+                    if make_node(&path, dev)? {
+                        tracing::info!(node = %path.display(), dev = %fmt_dev(dev),
+                            "created missing macvtap device node");
+                        return Ok(DevNode {
+                            path,
+                            private: false,
+                        });
                     }
                 }
                 Err(source) => return Err(HostError::Open { path, source }),
@@ -200,20 +204,11 @@ impl DevNode {
             let seq = PRIVATE_SEQ.fetch_add(1, Ordering::Relaxed);
             let path = dir.join(format!(".macvhost-tap{ifindex}-{pid}-{seq}"));
             // mknod fails on an existing name, so we never reuse someone else's file.
-            match mknod(&path, SFlag::S_IFCHR, Mode::S_IRUSR | Mode::S_IWUSR, dev) {
-                Ok(()) => {
-                    return Ok(DevNode {
-                        path,
-                        private: true,
-                    })
-                }
-                Err(nix::errno::Errno::EEXIST) => continue,
-                Err(e) => {
-                    return Err(HostError::Mknod {
-                        path,
-                        source: e.into(),
-                    })
-                }
+            if make_node(&path, dev)? {
+                return Ok(DevNode {
+                    path,
+                    private: true,
+                });
             }
         }
     }

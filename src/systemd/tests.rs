@@ -318,6 +318,12 @@ impl FakeManager {
         }
     }
 
+    /// The manager, and a notifier that reaches it.
+    fn with_notifier(self) -> (FakeManager, Notifier) {
+        let n = Notifier::new(&self.spec).unwrap();
+        (self, n)
+    }
+
     /// One datagram: its text and the fds that came with it.
     fn recv(&self) -> (String, Vec<OwnedFd>) {
         self.sock
@@ -358,8 +364,7 @@ impl FakeManager {
 
 #[test]
 fn readiness_status_watchdog_and_stopping_reach_a_path_notify_socket() {
-    let m = FakeManager::at_path();
-    let n = Notifier::new(&m.spec).unwrap();
+    let (m, n) = FakeManager::at_path().with_notifier();
     assert_eq!(n.address(), m.spec);
     n.ready("serving /run/macvhost/vm0.sock, link up").unwrap();
     assert_eq!(
@@ -378,16 +383,14 @@ fn readiness_status_watchdog_and_stopping_reach_a_path_notify_socket() {
 
 #[test]
 fn an_abstract_notify_socket_is_reached_by_its_at_name() {
-    let m = FakeManager::abstract_name();
-    let n = Notifier::new(&m.spec).unwrap();
+    let (m, n) = FakeManager::abstract_name().with_notifier();
     n.watchdog().unwrap();
     assert_eq!(m.recv().0, "WATCHDOG=1\n");
 }
 
 #[test]
 fn fdstore_sends_the_queue_fd_with_scm_rights() {
-    let m = FakeManager::at_path();
-    let n = Notifier::new(&m.spec).unwrap();
+    let (m, n) = FakeManager::at_path().with_notifier();
     let (r, _w) = nix::unistd::pipe().unwrap();
     n.store_queue(3, &r).unwrap();
     let (text, fds) = m.recv();
@@ -408,8 +411,7 @@ fn fdstore_sends_the_queue_fd_with_scm_rights() {
 
 #[test]
 fn fdstore_without_fds_is_refused() {
-    let m = FakeManager::at_path();
-    let n = Notifier::new(&m.spec).unwrap();
+    let (_manager, n) = FakeManager::at_path().with_notifier();
     assert!(matches!(
         n.store_fds("queue-0", &[], false),
         Err(SystemdError::BadMessage(_))

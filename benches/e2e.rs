@@ -1555,7 +1555,8 @@ fn median(mut v: Vec<f64>) -> f64 {
     if v.is_empty() {
         return f64::NAN;
     }
-    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    // total_cmp: a ratio over a zero rate (NaN) sorts last instead of panicking.
+    v.sort_by(f64::total_cmp);
     let n = v.len();
     if n % 2 == 1 {
         v[n / 2]
@@ -1740,28 +1741,35 @@ fn inside(opts: &Opts) {
                         }
                         continue;
                     }
-                    let lim_row = Row {
+                    // A row of `s`'s medians, its rate against the limit of the same repetition.
+                    let measured = |who: &str, s: &[Sample]| Row {
                         kind: kind.clone(),
                         queues: nq,
                         size,
                         mode: mode.clone(),
-                        who: "limit".into(),
-                        mpps: median(lim.iter().map(|s| s.mpps).collect()),
-                        gbps: median(lim.iter().map(|s| s.mpps * s.frame_bytes * 8e-3).collect()),
+                        who: who.to_string(),
+                        mpps: median(s.iter().map(|x| x.mpps).collect()),
+                        gbps: median(s.iter().map(|x| x.mpps * x.frame_bytes * 8e-3).collect()),
+                        ratio: median(s.iter().zip(&lim).map(|(m, l)| m.mpps / l.mpps).collect()),
+                        cpu: median(s.iter().map(|x| x.cpu_per_mframe).collect()),
+                        rss_mib: median(s.iter().map(|x| x.rss_kib as f64).collect()) / 1024.0,
+                        drops: s.iter().map(|x| x.drops).sum(),
+                        unaccounted: s.iter().map(|x| x.unaccounted).max().unwrap_or(0),
+                        runs: s.iter().map(|x| x.mpps).collect(),
+                        note: String::new(),
+                    };
+                    let lim_row = Row {
                         ratio: f64::NAN,
-                        cpu: median(lim.iter().map(|s| s.cpu_per_mframe).collect()),
                         rss_mib: 0.0,
                         drops: 0,
                         unaccounted: 0,
-                        runs: lim.iter().map(|s| s.mpps).collect(),
                         note: size_note(size, lim.iter().map(|s| s.frame_bytes).collect()),
+                        ..measured("limit", &lim)
                     };
                     println!("{}", fmt_row(&lim_row));
                     rows.push(lim_row);
                     for (vi, (name, _)) in opts.variants.iter().enumerate() {
                         let s = &mv[vi];
-                        let ratios: Vec<f64> =
-                            s.iter().zip(&lim).map(|(m, l)| m.mpps / l.mpps).collect();
                         let size_seen = size_note(size, s.iter().map(|x| x.frame_bytes).collect());
                         let notes: Vec<&str> = s
                             .iter()
@@ -1770,20 +1778,8 @@ fn inside(opts: &Opts) {
                             .filter(|n| !n.is_empty())
                             .collect();
                         let row = Row {
-                            kind: kind.clone(),
-                            queues: nq,
-                            size,
-                            mode: mode.clone(),
-                            who: name.clone(),
-                            mpps: median(s.iter().map(|x| x.mpps).collect()),
-                            gbps: median(s.iter().map(|x| x.mpps * x.frame_bytes * 8e-3).collect()),
-                            ratio: median(ratios),
-                            cpu: median(s.iter().map(|x| x.cpu_per_mframe).collect()),
-                            rss_mib: median(s.iter().map(|x| x.rss_kib as f64).collect()) / 1024.0,
-                            drops: s.iter().map(|x| x.drops).sum(),
-                            unaccounted: s.iter().map(|x| x.unaccounted).max().unwrap_or(0),
-                            runs: s.iter().map(|x| x.mpps).collect(),
                             note: notes.join("; "),
+                            ..measured(name, s)
                         };
                         println!("{}", fmt_row(&row));
                         rows.push(row);
@@ -1799,29 +1795,14 @@ fn inside(opts: &Opts) {
                             .map(|(m, d)| m.cpu_per_mframe / d.cpu_per_mframe)
                             .collect();
                         let row = Row {
-                            kind: kind.clone(),
-                            queues: nq,
-                            size,
-                            mode: mode.clone(),
-                            who: "dpdk".into(),
-                            mpps: median(dp.iter().map(|x| x.mpps).collect()),
-                            gbps: median(
-                                dp.iter().map(|x| x.mpps * x.frame_bytes * 8e-3).collect(),
-                            ),
-                            ratio: median(
-                                dp.iter().zip(&lim).map(|(d, l)| d.mpps / l.mpps).collect(),
-                            ),
-                            cpu: median(dp.iter().map(|x| x.cpu_per_mframe).collect()),
-                            rss_mib: median(dp.iter().map(|x| x.rss_kib as f64).collect()) / 1024.0,
                             drops: 0,
-                            unaccounted: dp.iter().map(|x| x.unaccounted).max().unwrap_or(0),
-                            runs: dp.iter().map(|x| x.mpps).collect(),
                             note: format!(
                                 "{}/dpdk: Mpps {:.2}, CPU per frame {:.2}",
                                 opts.variants[0].0,
                                 median(rate),
                                 median(cpu)
                             ),
+                            ..measured("dpdk", &dp)
                         };
                         println!("{}", fmt_row(&row));
                         rows.push(row);

@@ -310,31 +310,28 @@ pub enum QmpError {
 impl QmpError {
     /// True when the operator must fix something (socket path, `--qmp-nic`).
     pub fn is_operator_error(&self) -> bool {
-        matches!(
-            self,
-            QmpError::Connect { .. }
-                | QmpError::NotQmp { .. }
-                | QmpError::NoNic
-                | QmpError::AmbiguousNic { .. }
-                | QmpError::NicNotFound { .. }
-        )
+        self.class().1
     }
 
-    /// The failure class, for logging each class once.
-    fn class(&self) -> &'static str {
+    /// The failure class, for logging each class once, and whether the operator must fix it
+    /// (the rest are QEMU's, the connection's or the host's): one exhaustive table, so a new
+    /// variant cannot go unclassified.
+    fn class(&self) -> (&'static str, bool) {
+        const OPERATOR: bool = true;
+        const OTHERS: bool = false;
         match self {
-            QmpError::Connect { .. } => "connect",
-            QmpError::NotQmp { .. } => "not-qmp",
-            QmpError::NoNic => "no-nic",
-            QmpError::AmbiguousNic { .. } => "ambiguous-nic",
-            QmpError::NicNotFound { .. } => "nic-not-found",
-            QmpError::Start(_) => "start",
-            QmpError::Closed => "closed",
-            QmpError::Io(_) => "io",
-            QmpError::LineTooLong => "line-too-long",
-            QmpError::Timeout { .. } => "timeout",
-            QmpError::Refused { .. } => "refused",
-            QmpError::BadAnswer { .. } => "bad-answer",
+            QmpError::Connect { .. } => ("connect", OPERATOR),
+            QmpError::NotQmp { .. } => ("not-qmp", OPERATOR),
+            QmpError::NoNic => ("no-nic", OPERATOR),
+            QmpError::AmbiguousNic { .. } => ("ambiguous-nic", OPERATOR),
+            QmpError::NicNotFound { .. } => ("nic-not-found", OPERATOR),
+            QmpError::Start(_) => ("start", OTHERS),
+            QmpError::Closed => ("closed", OTHERS),
+            QmpError::Io(_) => ("io", OTHERS),
+            QmpError::LineTooLong => ("line-too-long", OTHERS),
+            QmpError::Timeout { .. } => ("timeout", OTHERS),
+            QmpError::Refused { .. } => ("refused", OTHERS),
+            QmpError::BadAnswer { .. } => ("bad-answer", OTHERS),
         }
     }
 }
@@ -472,7 +469,7 @@ impl<F: FnMut(&RxFilter)> Run<F> {
                     }
                     let level_info = established && matches!(e, QmpError::Closed);
                     self.logged
-                        .once(e.class(), level_info, || format!("{e}; connecting again"));
+                        .once(e.class().0, level_info, || format!("{e}; connecting again"));
                 }
             }
             if wait(&self.stop, None, Some(Instant::now() + backoff)) == Wake::Stop {

@@ -38,8 +38,8 @@ use virtio_queue::QueueT;
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 
-use crate::datapath::rx::{process_rx, RxOptions, RxScratch};
-use crate::datapath::tx::{process_tx, TxOptions, TxScratch, TxWatch};
+use crate::datapath::rx::{process_rx, RxOptions, RxOutcome, RxScratch};
+use crate::datapath::tx::{process_tx, TxOptions, TxOutcome, TxScratch, TxWatch};
 use crate::datapath::{vnet, DirtyLog, DirtyLogState, HostQueue, QueueStats, BATCH};
 use crate::host::QueueControl;
 use state::{Event, Live, PairState, RxRound, TxRound, Watches};
@@ -289,6 +289,24 @@ impl<'a, H, Q, V> Pass<'a, H, Q, V> {
             rx: self.rx,
             tx: self.tx,
         }
+    }
+}
+
+/// What `PairWorker::on_ring` needs from a datapath pass's outcome.
+trait PassOutcome {
+    /// The guest wants a used-buffer notification.
+    fn notify(&self) -> bool;
+}
+
+impl PassOutcome for TxOutcome {
+    fn notify(&self) -> bool {
+        self.notify
+    }
+}
+
+impl PassOutcome for RxOutcome {
+    fn notify(&self) -> bool {
+        self.notify
     }
 }
 
@@ -625,26 +643,29 @@ impl<Q: PairQueue> PairWorker<Q> {
         }
     }
 
-    /// Ends a round on one ring: marks its used ring dirty for a migrating frontend and, when
-    /// the round asks for it, notifies the guest. Never blocks: a notification the frontend's
-    /// call fd cannot take is dropped and counted (the vring logs it once).
-    fn end_round<V: PairVring>(
+    /// Runs one datapath pass on `vring`'s queue under its lock and ends the round there:
+    /// marks the used ring dirty for a migrating frontend and, when the pass asks for it,
+    /// notifies the guest. Never blocks: a notification the frontend's call fd cannot take is
+    /// dropped and counted (the vring logs it once).
+    fn on_ring<V: PairVring, O: PassOutcome>(
         &self,
         vring: &V,
-        q: &virtio_queue::Queue,
         log: Option<DirtyLog<'_>>,
-        notify: bool,
         notifications: &AtomicU64,
-    ) {
+        pass: impl FnOnce(&mut virtio_queue::Queue) -> O,
+    ) -> O {
+        let mut vs = vring.get_mut();
+        let out = pass(vs.get_queue_mut());
         if let Some(log) = log {
-            log_used_ring(log, q);
+            log_used_ring(log, vs.get_queue());
         }
-        if notify {
+        if out.notify() {
             if vring.signal_used_queue().is_err() {
                 QueueStats::inc(&self.stats.notify_dropped);
             }
             QueueStats::inc(notifications);
         }
+        out
     }
 
     /// One TX round; returns whether TX has more to do right away.
@@ -653,27 +674,20 @@ impl<Q: PairQueue> PairWorker<Q> {
         inner: &mut Inner,
         pass: Pass<'_, H, Q, V>,
     ) -> bool {
-        let mut vs = pass.tx.get_mut();
-        let out = process_tx(
-            vs.get_queue_mut(),
-            pass.mem,
-            pass.host,
-            &self.stats,
-            &mut inner.tx_scratch,
-            &TxOptions {
-                hdr_len: inner.settings.hdr_len,
-                budget: BATCH,
-            },
-        );
-        let q = vs.get_queue();
-        self.end_round(
-            pass.tx,
-            q,
-            pass.log,
-            out.notify,
-            &self.stats.tx_notifications,
-        );
-        drop(vs);
+        let opts = TxOptions {
+            hdr_len: inner.settings.hdr_len,
+            budget: BATCH,
+        };
+        let out = self.on_ring(pass.tx, pass.log, &self.stats.tx_notifications, |q| {
+            process_tx(
+                q,
+                pass.mem,
+                pass.host,
+                &self.stats,
+                &mut inner.tx_scratch,
+                &opts,
+            )
+        });
         if out.broken {
             tracing::error!(
                 queue_pair = self.index,
@@ -717,30 +731,27 @@ impl<Q: PairQueue> PairWorker<Q> {
         pass: Pass<'_, H, Q, V>,
     ) -> bool {
         let settings = inner.settings;
-        let mut vs = pass.rx.get_mut();
-        let out = process_rx(
-            vs.get_queue_mut(),
-            pass.mem,
-            pass.host,
-            &self.stats,
-            &mut inner.rx_scratch,
-            &RxOptions {
-                hdr_len: settings.hdr_len,
-                mrg_rxbuf: settings.mrg_rxbuf,
-                max_frame_len: settings.rx_max_frame_len,
-                budget: BATCH,
-            },
-            pass.log,
-        );
-        let q = vs.get_queue();
-        self.end_round(
-            pass.rx,
-            q,
-            pass.log,
-            out.notify,
-            &self.stats.rx_notifications,
-        );
+        let opts = RxOptions {
+            hdr_len: settings.hdr_len,
+            mrg_rxbuf: settings.mrg_rxbuf,
+            max_frame_len: settings.rx_max_frame_len,
+            budget: BATCH,
+        };
+        let out = self.on_ring(pass.rx, pass.log, &self.stats.rx_notifications, |q| {
+            let scratch = &mut inner.rx_scratch;
+            process_rx(
+                q,
+                pass.mem,
+                pass.host,
+                &self.stats,
+                scratch,
+                &opts,
+                pass.log,
+            )
+        });
         if out.no_buffers && tracing::enabled!(tracing::Level::DEBUG) {
+            // Debug only: the ring is locked again to say where it stands.
+            let vs = pass.rx.get_mut();
             let q = vs.get_queue();
             tracing::debug!(
                 queue_pair = self.index,
@@ -749,7 +760,6 @@ impl<Q: PairQueue> PairWorker<Q> {
                 "RX: no guest buffers; waiting for a kick"
             );
         }
-        drop(vs);
         if out.broken {
             tracing::error!(
                 queue_pair = self.index,

@@ -12,9 +12,8 @@ use crate::host::{HostSpec, MacAddr};
 use crate::server::{SocketMode, SocketPerms};
 use crate::worker::l2::RxFilterMode;
 
+pub use crate::datapath::MAX_QUEUE_SIZE;
 pub use crate::host::MAX_QUEUE_PAIRS;
-/// Largest virtqueue size accepted (virtio-net in QEMU allows 1024).
-pub const MAX_QUEUE_SIZE: u16 = 1024;
 /// Default `--queue-size`: every size QEMU can ask for. Measured: a macvhost serving 1024-entry
 /// rings has 20 KiB more anonymous memory than with 256-entry ones (README, "Command line").
 pub const DEFAULT_QUEUE_SIZE: u16 = MAX_QUEUE_SIZE;

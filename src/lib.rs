@@ -7,16 +7,14 @@
 //! # Layers
 //!
 //! Modules point one way, top to bottom: the last column lists what each module's non-test code
-//! names (`crate::B`). The one upward edge today: [`vhost_user::shim::fit`] reads
-//! [`config::MAX_QUEUE_SIZE`] to name `--queue-size` in its error, which closes the cycle
-//! config → server → vhost_user → config. No two modules import each other.
+//! names (`crate::B`). No module imports one above it, and no two import each other.
 //!
 //! | layer | module | what it owns | imports |
 //! |---|---|---|---|
 //! | 1 | [`config`] | command line (`Args`) → validated [`server::Settings`]; operator errors (exit status 2) | server, worker, datapath, host, sandbox, ratelimit |
 //! | 2 | [`server`] | start-up (host device, link watcher, link helper, control socket, seal), where frontends come from, the serve loop, signals, failure pacing, the QMP watcher ([`server::qmp`]) | control, vhost_user, worker, datapath, host, sandbox, systemd, ratelimit |
 //! | 2 | [`control`] | the stats control socket and the Prometheus endpoint | worker, datapath |
-//! | 3 | [`vhost_user`] | one frontend connection ([`vhost_user::connection`]): the `VhostUserBackend` impl ([`vhost_user::backend`]: features, config space, dispatch), the message shim in front of vhost-user-backend ([`vhost_user::shim`]), the vring wrapper ([`vhost_user::vring`]) | worker, datapath, host, sandbox, ratelimit (and config, above) |
+//! | 3 | [`vhost_user`] | one frontend connection ([`vhost_user::connection`]): the `VhostUserBackend` impl ([`vhost_user::backend`]: features, config space, dispatch), the message shim in front of vhost-user-backend ([`vhost_user::shim`]), the vring wrapper ([`vhost_user::vring`]) | worker, datapath, host, sandbox, ratelimit |
 //! | 4 | [`worker`] | one queue pair: its state machine ([`worker::state`]), rate limiters ([`worker::throttle`]), the guest's L2 filter ([`worker::l2`]), the calls into the datapath | datapath, host, ratelimit |
 //! | 5 | [`datapath`] | the frame path over `virtio-queue` + `vm-memory`, no vhost-user types; vnet header and offload table; IGMP/MLD learning ([`datapath::mcast`]); the dirty-page log | host |
 //! | 6 | [`host`] | tap/macvtap queue fds, their ioctls, link facts, the multicast filter ([`host::mcfilter`]), rtnetlink: create, inspect, watch, delete ([`host::netlink`]) | — |

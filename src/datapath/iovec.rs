@@ -116,61 +116,55 @@ impl<'m> IoVecBuf<'m> {
         self.total -= gone;
     }
 
-    /// Copies `src` into the list's bytes starting at byte `offset`. Returns how many bytes fit.
-    /// Used for the few fields the backend itself writes (the RX header's `num_buffers`).
-    pub fn write_at(&self, mut offset: usize, src: &[u8]) -> usize {
+    /// Walks the list's bytes from byte `offset` for at most `len` bytes, handing `copy` each
+    /// piece that lies in one segment: where it starts in guest memory, where it starts in the
+    /// caller's `len`-byte buffer, and its length. Returns how many bytes were walked.
+    fn for_each_piece(
+        &self,
+        mut offset: usize,
+        len: usize,
+        mut copy: impl FnMut(*mut u8, usize, usize),
+    ) -> usize {
         let mut done = 0;
         for iov in &self.iovs {
-            if done == src.len() {
+            if done == len {
                 break;
             }
             if offset >= iov.iov_len {
                 offset -= iov.iov_len;
                 continue;
             }
-            let n = (iov.iov_len - offset).min(src.len() - done);
-            // SAFETY: `iov` was built in `push` from a VolatileSlice of mapped guest memory that
-            // stays mapped for `'m`; `offset + n <= iov_len`, so the write stays inside it.
-            // Guest memory may be concurrently modified by the guest, which is why this is a
-            // byte copy through a raw pointer and never a Rust reference.
-            unsafe {
-                std::ptr::copy_nonoverlapping(
-                    src.as_ptr().add(done),
-                    iov.iov_base.cast::<u8>().add(offset),
-                    n,
-                );
-            }
+            let n = (iov.iov_len - offset).min(len - done);
+            // `offset < iov_len`: the piece starts inside the segment and `n` bytes from there
+            // stay inside it.
+            copy(iov.iov_base.cast::<u8>().wrapping_add(offset), done, n);
             done += n;
             offset = 0;
         }
         done
     }
 
+    /// Copies `src` into the list's bytes starting at byte `offset`. Returns how many bytes fit.
+    /// Used for the few fields the backend itself writes (the RX header's `num_buffers`).
+    pub fn write_at(&self, offset: usize, src: &[u8]) -> usize {
+        self.for_each_piece(offset, src.len(), |guest, at, n| {
+            let src = &src[at..at + n];
+            // SAFETY: `guest` lies in a segment `push` built from a VolatileSlice of guest memory
+            // that stays mapped for `'m`, with at least `n` bytes left in it (`for_each_piece`).
+            // Guest memory may be concurrently modified by the guest, which is why this is a
+            // byte copy through a raw pointer and never a Rust reference.
+            unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), guest, n) }
+        })
+    }
+
     /// Copies the list's bytes from byte `offset` into `dst`. Returns how many bytes were copied.
-    pub fn read_at(&self, mut offset: usize, dst: &mut [u8]) -> usize {
-        let mut done = 0;
-        for iov in &self.iovs {
-            if done == dst.len() {
-                break;
-            }
-            if offset >= iov.iov_len {
-                offset -= iov.iov_len;
-                continue;
-            }
-            let n = (iov.iov_len - offset).min(dst.len() - done);
+    pub fn read_at(&self, offset: usize, dst: &mut [u8]) -> usize {
+        self.for_each_piece(offset, dst.len(), |guest, at, n| {
+            let dst = &mut dst[at..at + n];
             // SAFETY: as in `write_at`; the source range lies inside one mapped segment and the
-            // destination is a distinct host buffer of at least `done + n` bytes.
-            unsafe {
-                std::ptr::copy_nonoverlapping(
-                    iov.iov_base.cast::<u8>().add(offset),
-                    dst.as_mut_ptr().add(done),
-                    n,
-                );
-            }
-            done += n;
-            offset = 0;
-        }
-        done
+            // destination is a distinct host buffer of `n` bytes.
+            unsafe { std::ptr::copy_nonoverlapping(guest.cast_const(), dst.as_mut_ptr(), n) }
+        })
     }
 
     /// The raw iovecs, for callers that hand them to the kernel.
@@ -218,13 +212,19 @@ mod tests {
             .unwrap()
     }
 
+    /// The list covering `len` bytes of `m` from `addr` (one segment per region it crosses).
+    fn list_over(m: &GuestMemoryMmap, addr: u64, len: usize) -> IoVecBuf<'_> {
+        let mut buf = IoVecBuf::with_capacity(4);
+        for s in m.get_slices(GuestAddress(addr), len) {
+            buf.push(&s.unwrap());
+        }
+        buf
+    }
+
     #[test]
     fn write_and_read_across_segments() {
         let m = mem();
-        let mut buf = IoVecBuf::with_capacity(4);
-        for s in m.get_slices(GuestAddress(0xff8), 16) {
-            buf.push(&s.unwrap());
-        }
+        let buf = list_over(&m, 0xff8, 16);
         assert_eq!(buf.len(), 2);
         assert_eq!(buf.total_len(), 16);
         assert_eq!(buf.write_at(6, &[1, 2, 3, 4]), 4);
@@ -237,10 +237,7 @@ mod tests {
     #[test]
     fn truncate_cuts_last_segment() {
         let m = mem();
-        let mut buf = IoVecBuf::with_capacity(4);
-        for s in m.get_slices(GuestAddress(0xff0), 64) {
-            buf.push(&s.unwrap());
-        }
+        let mut buf = list_over(&m, 0xff0, 64);
         buf.truncate(20);
         assert_eq!(buf.len(), 2);
         assert_eq!(buf.as_iovecs()[1].iov_len, 4);

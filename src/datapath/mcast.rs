@@ -501,6 +501,56 @@ impl Input<'_> {
     }
 }
 
+/// A parse step: `Ok` is the verdict of a frame read to its end, `Err` one that ends the parse
+/// early (not a report, malformed, incomplete); either is the frame's verdict.
+type Step = Result<Verdict, Verdict>;
+
+/// The fixed part of an IP header, as far as telling a report goes.
+struct IpFixed {
+    /// Offset of the byte that names the protocol (IPv4 protocol, IPv6 next header).
+    proto_at: usize,
+    /// Length of the fixed header.
+    len: usize,
+    version: u8,
+    layer: Layer,
+    bad_version: fn(u8) -> MalformedReport,
+}
+
+const IPV4: IpFixed = IpFixed {
+    proto_at: 9,
+    len: 20,
+    version: 4,
+    layer: Layer::Ipv4,
+    bad_version: MalformedReport::Ipv4Version,
+};
+
+const IPV6: IpFixed = IpFixed {
+    proto_at: 6,
+    len: 40,
+    version: 6,
+    layer: Layer::Ipv6,
+    bad_version: MalformedReport::Ipv6Version,
+};
+
+impl Input<'_> {
+    /// Reads the IP header at `l3` as far as telling a report: its protocol byte (not a report
+    /// when the frame ends before it or `ours` rejects it), then the fixed header (malformed when
+    /// the frame ends inside it or the version is wrong). Returns the protocol byte.
+    fn ip_header(&self, l3: usize, ip: &IpFixed, ours: impl Fn(u8) -> bool) -> Result<u8, Verdict> {
+        self.need(l3 + ip.proto_at + 1, Verdict::NotAReport)?;
+        let proto = self.b[l3 + ip.proto_at];
+        if !ours(proto) {
+            return Err(Verdict::NotAReport);
+        }
+        self.need(l3 + ip.len, malformed(MalformedReport::Truncated(ip.layer)))?;
+        let version = self.b[l3] >> 4;
+        if version != ip.version {
+            return Err(malformed((ip.bad_version)(version)));
+        }
+        Ok(proto)
+    }
+}
+
 fn malformed(m: MalformedReport) -> Verdict {
     Verdict::Malformed(m)
 }
@@ -526,10 +576,7 @@ pub fn parse_report(frame: &[u8], wire_len: usize, mut visit: impl FnMut(Members
     }
 }
 
-fn parse_multicast(
-    inp: &Input<'_>,
-    visit: &mut impl FnMut(Membership),
-) -> Result<Verdict, Verdict> {
+fn parse_multicast(inp: &Input<'_>, visit: &mut impl FnMut(Membership)) -> Step {
     let v6_mac = inp.b[0] == 0x33;
     inp.need(ETH_HLEN, Verdict::NotAReport)?;
     let mut l3 = ETH_HLEN;
@@ -550,24 +597,11 @@ fn parse_multicast(
     }
 }
 
-fn ipv4(
-    inp: &Input<'_>,
-    l3: usize,
-    vlan: Option<u16>,
-    visit: &mut impl FnMut(Membership),
-) -> Result<Verdict, Verdict> {
-    // Not IGMP (multicast UDP streams, mostly): out before any checksum.
-    inp.need(l3 + 10, Verdict::NotAReport)?;
-    if inp.b[l3 + 9] != IPPROTO_IGMP {
-        return Err(Verdict::NotAReport);
-    }
-    // From here on the frame claims to be IGMP.
-    inp.need(l3 + 20, malformed(MalformedReport::Truncated(Layer::Ipv4)))?;
+fn ipv4(inp: &Input<'_>, l3: usize, vlan: Option<u16>, visit: &mut impl FnMut(Membership)) -> Step {
+    // Not IGMP (multicast UDP streams, mostly): out before any checksum. From there on the
+    // frame claims to be IGMP.
+    inp.ip_header(l3, &IPV4, |proto| proto == IPPROTO_IGMP)?;
     let b = inp.b;
-    let version = b[l3] >> 4;
-    if version != 4 {
-        return Err(malformed(MalformedReport::Ipv4Version(version)));
-    }
     let ihl = usize::from(b[l3] & 0x0f) * 4;
     if ihl < 20 {
         return Err(malformed(MalformedReport::Ipv4HeaderLength(ihl)));
@@ -615,24 +649,12 @@ fn igmp(
     }
 }
 
-fn ipv6(
-    inp: &Input<'_>,
-    l3: usize,
-    vlan: Option<u16>,
-    visit: &mut impl FnMut(Membership),
-) -> Result<Verdict, Verdict> {
-    inp.need(l3 + 7, Verdict::NotAReport)?;
-    let mut nh = inp.b[l3 + 6];
-    if nh != IPPROTO_ICMPV6 && nh != IPPROTO_HOPOPTS {
-        return Err(Verdict::NotAReport);
-    }
+fn ipv6(inp: &Input<'_>, l3: usize, vlan: Option<u16>, visit: &mut impl FnMut(Membership)) -> Step {
     // ICMPv6 or hop-by-hop (in multicast, the Router Alert of MLD): may be MLD.
-    inp.need(l3 + 40, malformed(MalformedReport::Truncated(Layer::Ipv6)))?;
+    let mut nh = inp.ip_header(l3, &IPV6, |nh| {
+        nh == IPPROTO_ICMPV6 || nh == IPPROTO_HOPOPTS
+    })?;
     let b = inp.b;
-    let version = b[l3] >> 4;
-    if version != 6 {
-        return Err(malformed(MalformedReport::Ipv6Version(version)));
-    }
     let plen = usize::from(be16(b, l3 + 4));
     let end = l3 + 40 + plen;
     if plen == 0 || end > inp.wire {

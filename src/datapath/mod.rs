@@ -31,6 +31,11 @@ use std::os::fd::AsRawFd;
 /// batch size; everything else derives from it.
 pub const BATCH: usize = 64;
 
+/// Largest virtqueue size macvhost accepts (QEMU's virtio-net allows up to 1024). Here, the layer
+/// every other one may import: `config` checks `--queue-size` against it and the vhost-user shim
+/// names it when a frontend asks for more.
+pub const MAX_QUEUE_SIZE: u16 = 1024;
+
 /// `len` bytes at guest address `addr` as one slice when they lie inside one memory region;
 /// `None` when they do not (or are not guest memory): the caller then takes vm-memory's general
 /// `get_slices` path, which splits across regions and reports the error. Per descriptor this

@@ -145,6 +145,19 @@ impl SharedMac {
     pub fn set(&self, mac: [u8; 6]) {
         self.0.store(Self::pack(mac), Ordering::Relaxed);
     }
+
+    /// Debug output for a `holder` whose one printable field (`field`) is this MAC: the rest
+    /// (sinks, locked tables) is left out.
+    pub fn fmt_holder(
+        &self,
+        f: &mut std::fmt::Formatter<'_>,
+        holder: &str,
+        field: &str,
+    ) -> std::fmt::Result {
+        f.debug_struct(holder)
+            .field(field, self)
+            .finish_non_exhaustive()
+    }
 }
 
 /// Gets a copy of a multicast frame's start and the frame's real length.
@@ -154,9 +167,7 @@ pub type ForeignSink = Box<dyn FnMut([u8; 6]) + Send>;
 
 impl std::fmt::Debug for TxWatch {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("TxWatch")
-            .field("own_mac", &self.own_mac)
-            .finish_non_exhaustive()
+        self.own_mac.fmt_holder(f, "TxWatch", "own_mac")
     }
 }
 

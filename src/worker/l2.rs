@@ -310,9 +310,7 @@ pub struct GuestL2 {
 
 impl std::fmt::Debug for GuestL2 {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("GuestL2")
-            .field("guest_mac", &self.guest_mac)
-            .finish_non_exhaustive()
+        self.guest_mac.fmt_holder(f, "GuestL2", "guest_mac")
     }
 }
 

@@ -25,7 +25,7 @@ pub mod throttle;
 
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -38,8 +38,8 @@ use virtio_queue::QueueT;
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 
-use crate::datapath::rx::{process_rx, RxOptions, RxScratch};
-use crate::datapath::tx::{process_tx, TxOptions, TxScratch, TxWatch};
+use crate::datapath::rx::{process_rx, RxOptions, RxOutcome, RxScratch};
+use crate::datapath::tx::{process_tx, TxOptions, TxOutcome, TxScratch, TxWatch};
 use crate::datapath::{vnet, DirtyLog, DirtyLogState, HostQueue, QueueStats, BATCH};
 use crate::host::QueueControl;
 use state::{Event, Live, PairState, RxRound, TxRound, Watches};
@@ -251,6 +251,62 @@ impl<Q: PairQueue> Watches for Io<'_, Q> {
             }
             Err(e) => tracing::warn!(queue_pair = self.index, "{what} host queue failed: {e}"),
         }
+    }
+}
+
+/// What the rounds of one service call share: the guest memory snapshot, the dirty log (while
+/// the frontend migrates the guest), the host queue the datapath talks to, and the rate
+/// limiter (`None`: no limits, `host` is the queue itself), and the pair's two rings.
+struct Pass<'a, H, Q, V> {
+    mem: &'a GuestMemoryMmap<()>,
+    log: Option<DirtyLog<'a>>,
+    host: &'a H,
+    throttle: Option<&'a Throttle<'a, Q>>,
+    rx: &'a V,
+    tx: &'a V,
+}
+
+// By hand: derived impls would ask `H: Copy` and `Q: Copy`, and only references are copied.
+impl<H, Q, V> Clone for Pass<'_, H, Q, V> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+
+impl<H, Q, V> Copy for Pass<'_, H, Q, V> {}
+
+impl<'a, H, Q, V> Pass<'a, H, Q, V> {
+    /// The same pass talking to another host queue (one that injects frames first).
+    fn with_host<'b, G>(self, host: &'b G) -> Pass<'b, G, Q, V>
+    where
+        'a: 'b,
+    {
+        Pass {
+            mem: self.mem,
+            log: self.log,
+            host,
+            throttle: self.throttle,
+            rx: self.rx,
+            tx: self.tx,
+        }
+    }
+}
+
+/// What `PairWorker::on_ring` needs from a datapath pass's outcome.
+trait PassOutcome {
+    /// The guest wants a used-buffer notification.
+    fn notify(&self) -> bool;
+}
+
+impl PassOutcome for TxOutcome {
+    fn notify(&self) -> bool {
+        self.notify
+    }
+}
+
+impl PassOutcome for RxOutcome {
+    fn notify(&self) -> bool {
+        self.notify
     }
 }
 
@@ -542,37 +598,43 @@ impl<Q: PairQueue> PairWorker<Q> {
         let hdr_len = inner.settings.hdr_len;
         if !self.limits.any() {
             // The common case: the datapath talks to the host queue directly.
-            return self.rounds(inner, &mem, log, &*self.tap, None, rx, tx);
+            let pass = Pass {
+                mem: &mem,
+                log,
+                host: &*self.tap,
+                throttle: None,
+                rx,
+                tx,
+            };
+            return self.rounds(inner, pass);
         }
         let now_ns = u64::try_from(self.epoch.elapsed().as_nanos()).unwrap_or(u64::MAX);
         let throttle = Throttle::new(&*self.tap, &self.limits, now_ns, hdr_len);
-        self.rounds(inner, &mem, log, &throttle, Some(&throttle), rx, tx);
+        let pass = Pass {
+            mem: &mem,
+            log,
+            host: &throttle,
+            throttle: Some(&throttle),
+            rx,
+            tx,
+        };
+        self.rounds(inner, pass);
     }
 
     /// Alternates TX and RX rounds of at most [`BATCH`] chains each until neither has more.
-    #[allow(clippy::too_many_arguments)]
-    fn rounds<H: HostQueue, V: PairVring>(
-        &self,
-        inner: &mut Inner,
-        mem: &GuestMemoryMmap<()>,
-        log: Option<DirtyLog<'_>>,
-        host: &H,
-        throttle: Option<&Throttle<'_, Q>>,
-        rx: &V,
-        tx: &V,
-    ) {
+    fn rounds<H: HostQueue, V: PairVring>(&self, inner: &mut Inner, pass: Pass<'_, H, Q, V>) {
         loop {
             let mut more = false;
-            if inner.state.tx_runs() && vring_live(tx) {
-                more |= self.tx_round(inner, mem, log, host, throttle, tx);
+            if inner.state.tx_runs() && vring_live(pass.tx) {
+                more |= self.tx_round(inner, pass);
             }
-            if inner.state.rx_runs() && vring_live(rx) {
+            if inner.state.rx_runs() && vring_live(pass.rx) {
                 more |= match self.injector.as_deref() {
                     Some(inj) if inj.has_pending() => {
-                        let host = l2::Injecting::new(host, inj, inner.settings.hdr_len);
-                        self.rx_round(inner, mem, log, &host, throttle, rx)
+                        let host = l2::Injecting::new(pass.host, inj, inner.settings.hdr_len);
+                        self.rx_round(inner, pass.with_host(&host))
                     }
-                    _ => self.rx_round(inner, mem, log, host, throttle, rx),
+                    _ => self.rx_round(inner, pass),
                 };
             }
             if !more {
@@ -581,40 +643,51 @@ impl<Q: PairQueue> PairWorker<Q> {
         }
     }
 
+    /// Runs one datapath pass on `vring`'s queue under its lock and ends the round there:
+    /// marks the used ring dirty for a migrating frontend and, when the pass asks for it,
+    /// notifies the guest. Never blocks: a notification the frontend's call fd cannot take is
+    /// dropped and counted (the vring logs it once).
+    fn on_ring<V: PairVring, O: PassOutcome>(
+        &self,
+        vring: &V,
+        log: Option<DirtyLog<'_>>,
+        notifications: &AtomicU64,
+        pass: impl FnOnce(&mut virtio_queue::Queue) -> O,
+    ) -> O {
+        let mut vs = vring.get_mut();
+        let out = pass(vs.get_queue_mut());
+        if let Some(log) = log {
+            log_used_ring(log, vs.get_queue());
+        }
+        if out.notify() {
+            if vring.signal_used_queue().is_err() {
+                QueueStats::inc(&self.stats.notify_dropped);
+            }
+            QueueStats::inc(notifications);
+        }
+        out
+    }
+
     /// One TX round; returns whether TX has more to do right away.
     fn tx_round<H: HostQueue, V: PairVring>(
         &self,
         inner: &mut Inner,
-        mem: &GuestMemoryMmap<()>,
-        log: Option<DirtyLog<'_>>,
-        host: &H,
-        throttle: Option<&Throttle<'_, Q>>,
-        tx: &V,
+        pass: Pass<'_, H, Q, V>,
     ) -> bool {
-        let mut vs = tx.get_mut();
-        let out = process_tx(
-            vs.get_queue_mut(),
-            mem,
-            host,
-            &self.stats,
-            &mut inner.tx_scratch,
-            &TxOptions {
-                hdr_len: inner.settings.hdr_len,
-                budget: BATCH,
-            },
-        );
-        if let Some(log) = log {
-            log_used_ring(log, vs.get_queue());
-        }
-        if out.notify {
-            // Never blocks; a notification the frontend's call fd cannot take is dropped (the
-            // vring logs it once).
-            if tx.signal_used_queue().is_err() {
-                QueueStats::inc(&self.stats.notify_dropped);
-            }
-            QueueStats::inc(&self.stats.tx_notifications);
-        }
-        drop(vs);
+        let opts = TxOptions {
+            hdr_len: inner.settings.hdr_len,
+            budget: BATCH,
+        };
+        let out = self.on_ring(pass.tx, pass.log, &self.stats.tx_notifications, |q| {
+            process_tx(
+                q,
+                pass.mem,
+                pass.host,
+                &self.stats,
+                &mut inner.tx_scratch,
+                &opts,
+            )
+        });
         if out.broken {
             tracing::error!(
                 queue_pair = self.index,
@@ -638,7 +711,7 @@ impl<Q: PairQueue> PairWorker<Q> {
             }
             _ => {}
         }
-        let limited_ns = throttle.map_or(0, |t| t.take_tx_wait());
+        let limited_ns = pass.throttle.map_or(0, |t| t.take_tx_wait());
         if out.blocked && limited_ns > 0 {
             QueueStats::inc(&self.stats.tx_throttled);
         }
@@ -655,54 +728,45 @@ impl<Q: PairQueue> PairWorker<Q> {
     fn rx_round<H: HostQueue, V: PairVring>(
         &self,
         inner: &mut Inner,
-        mem: &GuestMemoryMmap<()>,
-        log: Option<DirtyLog<'_>>,
-        host: &H,
-        throttle: Option<&Throttle<'_, Q>>,
-        rx: &V,
+        pass: Pass<'_, H, Q, V>,
     ) -> bool {
         let settings = inner.settings;
-        let mut vs = rx.get_mut();
-        let out = process_rx(
-            vs.get_queue_mut(),
-            mem,
-            host,
-            &self.stats,
-            &mut inner.rx_scratch,
-            &RxOptions {
-                hdr_len: settings.hdr_len,
-                mrg_rxbuf: settings.mrg_rxbuf,
-                max_frame_len: settings.rx_max_frame_len,
-                budget: BATCH,
-            },
-            log,
-        );
-        if let Some(log) = log {
-            log_used_ring(log, vs.get_queue());
-        }
-        if out.notify {
-            if rx.signal_used_queue().is_err() {
-                QueueStats::inc(&self.stats.notify_dropped);
-            }
-            QueueStats::inc(&self.stats.rx_notifications);
-        }
+        let opts = RxOptions {
+            hdr_len: settings.hdr_len,
+            mrg_rxbuf: settings.mrg_rxbuf,
+            max_frame_len: settings.rx_max_frame_len,
+            budget: BATCH,
+        };
+        let out = self.on_ring(pass.rx, pass.log, &self.stats.rx_notifications, |q| {
+            let scratch = &mut inner.rx_scratch;
+            process_rx(
+                q,
+                pass.mem,
+                pass.host,
+                &self.stats,
+                scratch,
+                &opts,
+                pass.log,
+            )
+        });
         if out.no_buffers && tracing::enabled!(tracing::Level::DEBUG) {
+            // Debug only: the ring is locked again to say where it stands.
+            let vs = pass.rx.get_mut();
             let q = vs.get_queue();
             tracing::debug!(
                 queue_pair = self.index,
                 next_avail = q.next_avail(),
-                avail_idx = ?q.avail_idx(mem, Ordering::Acquire).ok(),
+                avail_idx = ?q.avail_idx(pass.mem, Ordering::Acquire).ok(),
                 "RX: no guest buffers; waiting for a kick"
             );
         }
-        drop(vs);
         if out.broken {
             tracing::error!(
                 queue_pair = self.index,
                 "guest broke the RX ring (avail index out of range); RX stopped until reset"
             );
         }
-        let limited_ns = throttle.map_or(0, |t| t.take_rx_wait());
+        let limited_ns = pass.throttle.map_or(0, |t| t.take_rx_wait());
         if limited_ns > 0 {
             // Over --rx-rate: frames wait in the host queue until the timer fires.
             QueueStats::inc(&self.stats.rx_throttled);

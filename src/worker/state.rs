@@ -343,15 +343,41 @@ mod tests {
         rx: false,
         tx: true,
     };
+    const RX_ONLY: Live = Live {
+        rx: true,
+        tx: false,
+    };
     const NONE: Live = Live {
         rx: false,
         tx: false,
     };
 
+    /// The round a datapath pass reports when it reported what `set` writes (all else: nothing
+    /// happened), e.g. `round(|r: &mut TxRound| r.blocked = true)`.
+    fn round<R: Default>(set: impl FnOnce(&mut R)) -> R {
+        let mut r = R::default();
+        set(&mut r);
+        r
+    }
+
     fn active() -> (PairState, Fake) {
         let mut s = PairState::default();
         let mut w = Fake::default();
         s.on_event(Event::VringState, BOTH, &mut w);
+        (s, w)
+    }
+
+    /// An active pair after one TX round that reported what `set` writes.
+    fn active_after_tx(set: impl FnOnce(&mut TxRound)) -> (PairState, Fake) {
+        let (mut s, mut w) = active();
+        s.after_tx(round(set), &mut w);
+        (s, w)
+    }
+
+    /// An active pair after one RX round that reported what `set` writes.
+    fn active_after_rx(set: impl FnOnce(&mut RxRound)) -> (PairState, Fake) {
+        let (mut s, mut w) = active();
+        s.after_rx(round(set), &mut w);
         (s, w)
     }
 
@@ -384,14 +410,7 @@ mod tests {
 
     #[test]
     fn both_rings_stopping_detaches_once_and_unwatches_everything() {
-        let (mut s, mut w) = active();
-        s.after_tx(
-            TxRound {
-                blocked: true,
-                ..Default::default()
-            },
-            &mut w,
-        );
+        let (mut s, mut w) = active_after_tx(|r| r.blocked = true);
         assert!(w.host_out);
         s.on_event(Event::VringState, NONE, &mut w);
         assert!(!w.attached && !w.host_in && !w.host_out && !w.timer_watched);
@@ -403,14 +422,7 @@ mod tests {
 
     #[test]
     fn tx_eagain_waits_for_writable_and_kicks_do_not_run_tx_meanwhile() {
-        let (mut s, mut w) = active();
-        s.after_tx(
-            TxRound {
-                blocked: true,
-                ..Default::default()
-            },
-            &mut w,
-        );
+        let (mut s, mut w) = active_after_tx(|r| r.blocked = true);
         assert_eq!(s.tx, TxState::WaitingForHost);
         assert!(w.host_out && !s.tx_runs());
         s.on_event(Event::TxKick, BOTH, &mut w);
@@ -421,15 +433,7 @@ mod tests {
 
     #[test]
     fn tx_over_the_rate_limit_arms_the_timer_and_resumes_when_it_fires() {
-        let (mut s, mut w) = active();
-        s.after_tx(
-            TxRound {
-                blocked: true,
-                limited_ns: 5_000,
-                ..Default::default()
-            },
-            &mut w,
-        );
+        let (mut s, mut w) = active_after_tx(|r| (r.blocked, r.limited_ns) = (true, 5_000));
         assert_eq!(s.tx, TxState::Throttled);
         assert_eq!(w.armed_ns, Some(5_000));
         assert!(!w.host_out, "a throttled TX does not wait for EPOLLOUT");
@@ -441,40 +445,19 @@ mod tests {
 
     #[test]
     fn guest_breaking_the_tx_ring_stops_tx_until_the_ring_is_reinitialised() {
-        let (mut s, mut w) = active();
-        s.after_tx(
-            TxRound {
-                broken: true,
-                ..Default::default()
-            },
-            &mut w,
-        );
+        let (mut s, mut w) = active_after_tx(|r| r.broken = true);
         s.on_event(Event::TxKick, BOTH, &mut w);
         assert_eq!(s.tx, TxState::Broken);
         assert!(!s.tx_runs() && s.rx_runs(), "RX keeps working");
         // The frontend stops the TX ring (GET_VRING_BASE) and starts it again.
-        s.on_event(
-            Event::VringState,
-            Live {
-                rx: true,
-                tx: false,
-            },
-            &mut w,
-        );
+        s.on_event(Event::VringState, RX_ONLY, &mut w);
         s.on_event(Event::VringState, BOTH, &mut w);
         assert!(s.tx_runs());
     }
 
     #[test]
     fn guest_breaking_the_rx_ring_unwatches_the_host_queue_until_reset() {
-        let (mut s, mut w) = active();
-        s.after_rx(
-            RxRound {
-                broken: true,
-                ..Default::default()
-            },
-            &mut w,
-        );
+        let (mut s, mut w) = active_after_rx(|r| r.broken = true);
         assert_eq!(s.rx, RxState::Broken);
         assert!(!w.host_in);
         s.on_event(Event::RxKick, BOTH, &mut w);
@@ -486,14 +469,7 @@ mod tests {
 
     #[test]
     fn rx_without_guest_buffers_unwatches_and_rechecks_once_per_episode() {
-        let (mut s, mut w) = active();
-        s.after_rx(
-            RxRound {
-                no_buffers: true,
-                ..Default::default()
-            },
-            &mut w,
-        );
+        let (mut s, mut w) = active_after_rx(|r| r.no_buffers = true);
         assert_eq!(s.rx, RxState::NoBuffers { recheck: true });
         assert!(!w.host_in);
         assert_eq!(w.armed_ns, Some(RX_RECHECK_NS));
@@ -501,13 +477,7 @@ mod tests {
         s.on_event(Event::Timer, BOTH, &mut w);
         assert!(w.host_in && s.rx_rechecked);
         // Still no buffers: no second recheck in the same episode (no polling).
-        s.after_rx(
-            RxRound {
-                no_buffers: true,
-                ..Default::default()
-            },
-            &mut w,
-        );
+        s.after_rx(round(|r: &mut RxRound| r.no_buffers = true), &mut w);
         assert_eq!(s.rx, RxState::NoBuffers { recheck: false });
         assert_eq!(w.armed_ns, None);
         s.on_event(Event::Timer, BOTH, &mut w);
@@ -518,13 +488,7 @@ mod tests {
         // The guest posts buffers: watching again; a delivered frame ends the episode.
         s.on_event(Event::RxKick, BOTH, &mut w);
         assert!(w.host_in);
-        s.after_rx(
-            RxRound {
-                frames: 3,
-                ..Default::default()
-            },
-            &mut w,
-        );
+        s.after_rx(round(|r: &mut RxRound| r.frames = 3), &mut w);
         assert!(!s.rx_rechecked);
     }
 
@@ -532,13 +496,7 @@ mod tests {
     fn rx_recheck_does_not_override_an_armed_rate_limit_timer() {
         let (mut s, mut w) = active();
         w.armed_ns = Some(1_000);
-        s.after_rx(
-            RxRound {
-                no_buffers: true,
-                ..Default::default()
-            },
-            &mut w,
-        );
+        s.after_rx(round(|r: &mut RxRound| r.no_buffers = true), &mut w);
         assert_eq!(w.armed_ns, Some(1_000));
         s.on_event(Event::Timer, BOTH, &mut w);
         assert!(w.host_in, "the earlier timer serves the recheck too");
@@ -546,15 +504,7 @@ mod tests {
 
     #[test]
     fn rx_over_the_rate_limit_stops_watching_until_the_timer_even_if_the_guest_kicks() {
-        let (mut s, mut w) = active();
-        s.after_rx(
-            RxRound {
-                frames: 1,
-                limited_ns: 7_000,
-                ..Default::default()
-            },
-            &mut w,
-        );
+        let (mut s, mut w) = active_after_rx(|r| (r.frames, r.limited_ns) = (1, 7_000));
         assert_eq!(s.rx, RxState::Throttled);
         assert!(!w.host_in);
         assert_eq!(w.armed_ns, Some(7_000));
@@ -575,41 +525,20 @@ mod tests {
         );
         s.on_event(Event::RxKick, BOTH, &mut w);
         assert!(w.host_in);
-        s.after_rx(
-            RxRound {
-                host_failed: true,
-                ..Default::default()
-            },
-            &mut w,
-        );
+        s.after_rx(round(|r: &mut RxRound| r.host_failed = true), &mut w);
         assert!(!w.host_in);
     }
 
     #[test]
     fn teardown_detaches_and_unwatches_whatever_the_state() {
-        for round in [
-            RxRound {
-                no_buffers: true,
-                ..Default::default()
-            },
-            RxRound {
-                limited_ns: 1,
-                ..Default::default()
-            },
-            RxRound {
-                broken: true,
-                ..Default::default()
-            },
-        ] {
-            let (mut s, mut w) = active();
-            s.after_rx(round, &mut w);
-            s.after_tx(
-                TxRound {
-                    blocked: true,
-                    ..Default::default()
-                },
-                &mut w,
-            );
+        let rx_states: [fn(&mut RxRound); 3] = [
+            |r| r.no_buffers = true,
+            |r| r.limited_ns = 1,
+            |r| r.broken = true,
+        ];
+        for rx_state in rx_states {
+            let (mut s, mut w) = active_after_rx(rx_state);
+            s.after_tx(round(|r: &mut TxRound| r.blocked = true), &mut w);
             s.teardown(&mut w);
             assert!(!w.attached && !w.host_in && !w.host_out && !w.timer_watched);
             assert_eq!(s, PairState::default());

@@ -49,6 +49,24 @@ fn assert_not_a_report(f: &[u8]) {
     assert!(out.is_empty());
 }
 
+/// `f` cut at every length in `cuts` parses as `want` and emits nothing.
+fn assert_cuts(f: &[u8], cuts: std::ops::Range<usize>, want: Verdict) {
+    for n in cuts {
+        let (v, out) = parse(&f[..n]);
+        assert_eq!(v, want, "cut at {n}");
+        assert!(out.is_empty(), "cut at {n}: emitted {out:?}");
+    }
+}
+
+/// `f` (untagged) cut inside its IP header: not a report while the cut leaves out the byte that
+/// names the protocol (it ends at `names_protocol`), truncated at `layer` from there until the
+/// header's end (`header_end`).
+fn assert_truncated_ip_header(f: &[u8], names_protocol: usize, header_end: usize, layer: Layer) {
+    assert_cuts(f, L3..names_protocol, Verdict::NotAReport);
+    let truncated = Verdict::Malformed(MalformedReport::Truncated(layer));
+    assert_cuts(f, names_protocol..header_end, truncated);
+}
+
 /// Offset of the IP header in an untagged frame.
 const L3: usize = 14;
 /// IGMP offset in frames from `ipv4_igmp` (IHL 6).
@@ -326,27 +344,20 @@ fn double_tagged_frame_is_not_a_report() {
 #[test]
 fn truncated_ethernet_header_is_not_a_report() {
     let f = igmp_v2(IGMPV2_REPORT, g4(), None);
-    for n in 4..L3 {
-        assert_eq!(parse(&f[..n]).0, Verdict::NotAReport, "cut at {n}");
-    }
+    assert_cuts(&f, 4..L3, Verdict::NotAReport);
 }
 
 #[test]
 fn truncated_vlan_tag_is_not_a_report() {
     let f = igmp_v2(IGMPV2_REPORT, g4(), Some(7));
-    for n in L3..L3 + 4 {
-        assert_eq!(parse(&f[..n]).0, Verdict::NotAReport, "cut at {n}");
-    }
+    assert_cuts(&f, L3..L3 + 4, Verdict::NotAReport);
 }
 
 #[test]
 fn truncated_ipv4_header_is_malformed() {
     let f = igmp_v2(IGMPV2_REPORT, g4(), None);
     // Before the protocol byte nothing says IGMP.
-    assert_eq!(parse(&f[..L3 + 9]).0, Verdict::NotAReport);
-    for n in L3 + 10..L3 + 20 {
-        assert_malformed(&f[..n], MalformedReport::Truncated(Layer::Ipv4));
-    }
+    assert_truncated_ip_header(&f, L3 + 10, L3 + 20, Layer::Ipv4);
     // Inside the options: the IHL runs past the frame.
     assert_malformed(&f[..L3 + 22], MalformedReport::Ipv4HeaderLength(24));
 }
@@ -354,9 +365,11 @@ fn truncated_ipv4_header_is_malformed() {
 #[test]
 fn frame_cut_inside_the_igmp_message_is_malformed() {
     let f = igmp_v2(IGMPV2_REPORT, g4(), None);
-    for n in IGMP..f.len() {
-        assert_malformed(&f[..n], MalformedReport::Ipv4TotalLength(32));
-    }
+    assert_cuts(
+        &f,
+        IGMP..f.len(),
+        Verdict::Malformed(MalformedReport::Ipv4TotalLength(32)),
+    );
 }
 
 #[test]
@@ -371,10 +384,8 @@ fn igmp_message_shorter_than_eight_bytes_is_malformed() {
 #[test]
 fn truncated_ipv6_header_is_malformed() {
     let f = mld_v1(MLDV1_REPORT, g6(), None);
-    assert_eq!(parse(&f[..L3 + 6]).0, Verdict::NotAReport);
-    for n in L3 + 7..L3 + 40 {
-        assert_malformed(&f[..n], MalformedReport::Truncated(Layer::Ipv6));
-    }
+    // Before the next-header byte nothing says ICMPv6 or hop-by-hop.
+    assert_truncated_ip_header(&f, L3 + 7, L3 + 40, Layer::Ipv6);
 }
 
 #[test]
@@ -403,9 +414,11 @@ fn truncated_mld_message_is_malformed() {
 #[test]
 fn ipv6_payload_length_beyond_frame_is_malformed() {
     let f = mld_v1(MLDV1_REPORT, g6(), None);
-    for n in L3 + 40..f.len() {
-        assert_malformed(&f[..n], MalformedReport::Ipv6PayloadLength(32));
-    }
+    assert_cuts(
+        &f,
+        L3 + 40..f.len(),
+        Verdict::Malformed(MalformedReport::Ipv6PayloadLength(32)),
+    );
 }
 
 #[test]

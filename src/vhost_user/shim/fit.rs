@@ -95,7 +95,7 @@ pub enum FitError {
         size: u32,
         /// The vring.
         index: u32,
-        /// [`crate::config::MAX_QUEUE_SIZE`].
+        /// [`crate::datapath::MAX_QUEUE_SIZE`].
         limit: u16,
     },
 }
@@ -210,7 +210,7 @@ impl Fit {
             Some((index, size)) if code == FrontendReq::SET_VRING_NUM => {
                 if size <= u32::from(self.queue_size) {
                     Verdict::Pass
-                } else if size <= u32::from(crate::config::MAX_QUEUE_SIZE) {
+                } else if size <= u32::from(crate::datapath::MAX_QUEUE_SIZE) {
                     Verdict::Misfit(FitError::RingSize {
                         size,
                         index,
@@ -220,7 +220,7 @@ impl Fit {
                     Verdict::Misfit(FitError::RingTooLarge {
                         size,
                         index,
-                        limit: crate::config::MAX_QUEUE_SIZE,
+                        limit: crate::datapath::MAX_QUEUE_SIZE,
                     })
                 }
             }

@@ -523,6 +523,15 @@ fn metrics_addr_from_log(m: &Daemon) -> String {
     }
 }
 
+/// What most sealed-daemon tests start from: a scratch directory, the test's namespace and a
+/// bridge-mode macvtap on a veth in it (dropped in reverse: topology, namespace, directory).
+fn bridge_macvtap() -> (tempfile::TempDir, NetNs, MacvtapTopo) {
+    let dir = tempfile::tempdir().unwrap();
+    let ns = NetNs::new("sbx");
+    let topo = MacvtapTopo::create(&ns, "bridge");
+    (dir, ns, topo)
+}
+
 /// Checks the sealed daemon's threads and root while `pmd` forwards; returns thread names.
 fn check_sealed_daemon(mvh: &Daemon) -> Vec<String> {
     // The socket is bound early in start-up; sealing comes at its end.
@@ -538,9 +547,7 @@ fn check_sealed_daemon(mvh: &Daemon) -> Vec<String> {
 #[test]
 fn sealed_daemon_passes_traffic_and_no_thread_holds_privilege() {
     require!(E2E);
-    let dir = tempfile::tempdir().unwrap();
-    let ns = NetNs::new("sbx");
-    let topo = MacvtapTopo::create(&ns, "bridge");
+    let (dir, ns, topo) = bridge_macvtap();
     let mut mvh = Daemon::spawn(
         &ns,
         dir.path(),
@@ -620,9 +627,7 @@ fn sealed_daemon_passes_traffic_and_no_thread_holds_privilege() {
 #[test]
 fn sealed_daemon_in_client_mode_reconnects_to_a_restarted_frontend() {
     require!(E2E);
-    let dir = tempfile::tempdir().unwrap();
-    let ns = NetNs::new("sbx");
-    let topo = MacvtapTopo::create(&ns, "bridge");
+    let (dir, ns, topo) = bridge_macvtap();
     let sock = dir.path().join("macvhost.sock");
     let mut cfg = TestpmdConfig::macswap(1, topo.macvtap_mac);
     cfg.vdev_extra = "server=1".into();
@@ -755,9 +760,7 @@ fn sealed_daemon_as_nobody_logs_dirty_pages_for_migration() {
 fn sealed_daemon_moves_its_socket_aside_across_link_loss_keeping_owner_and_mode() {
     require!(E2E);
     use std::os::unix::fs::MetadataExt;
-    let dir = tempfile::tempdir().unwrap();
-    let ns = NetNs::new("sbx");
-    let topo = MacvtapTopo::create(&ns, "bridge");
+    let (dir, ns, topo) = bridge_macvtap();
     let mut mvh = Daemon::spawn(
         &ns,
         dir.path(),
@@ -840,9 +843,7 @@ fn sealed_daemon_moves_its_socket_aside_across_link_loss_keeping_owner_and_mode(
 #[test]
 fn link_loss_with_the_aside_name_taken_refuses_connections_in_place() {
     require!(E2E);
-    let dir = tempfile::tempdir().unwrap();
-    let ns = NetNs::new("sbx");
-    let topo = MacvtapTopo::create(&ns, "bridge");
+    let (dir, ns, topo) = bridge_macvtap();
     let aside = dir.path().join(".macvhost.sock.link-down");
     // A stale socket: bound, then its listener closed.
     drop(std::os::unix::net::UnixListener::bind(&aside).unwrap());
@@ -900,9 +901,7 @@ fn link_loss_with_the_aside_name_taken_refuses_connections_in_place() {
 #[test]
 fn sealed_daemon_serves_five_hundred_connections_in_a_row() {
     require!(E2E);
-    let dir = tempfile::tempdir().unwrap();
-    let ns = NetNs::new("sbx");
-    let topo = MacvtapTopo::create(&ns, "bridge");
+    let (dir, ns, topo) = bridge_macvtap();
     let mut mvh = Daemon::spawn(
         &ns,
         dir.path(),
@@ -931,9 +930,7 @@ fn sealed_daemon_serves_five_hundred_connections_in_a_row() {
 fn sealed_daemon_follows_the_guests_multicast_groups() {
     require!(E2E);
     use macvhost::datapath::mcast::frames as tf;
-    let dir = tempfile::tempdir().unwrap();
-    let ns = NetNs::new("sbx");
-    let topo = MacvtapTopo::create(&ns, "bridge");
+    let (dir, ns, topo) = bridge_macvtap();
     let mut mvh = Daemon::spawn(&ns, dir.path(), &["--macvtap", topo.macvtap]);
     let mut g = VuGuest::connect(mvh.socket(), 1, 256, u64::MAX, Duration::from_secs(10));
     g.post_rx(0, 128, 2048);

@@ -7,6 +7,7 @@
 //! - [`iovec`]: iovec lists over guest memory and the `readv`/`writev` calls (`unsafe`).
 //! - [`vnet`]: the 12-byte `virtio_net_hdr_v1`, the offload table (features ⇄ tap bits).
 //! - [`tx`]: guest → host, one `writev` per frame.
+//! - `ring`: the avail ring and descriptor tables, read from one slice per call.
 //! - [`rx`]: host → guest, one `readv` per frame, MRG_RXBUF across chains.
 //! - [`stats`]: per-queue-pair counters, one per drop reason.
 //! - [`mcast`]: IGMP/MLD report parsing and the guest's multicast membership table.
@@ -17,6 +18,7 @@ pub mod dirty;
 #[allow(unsafe_code)] // readv/writev on guest memory
 pub mod iovec;
 pub mod mcast;
+mod ring;
 pub mod rx;
 pub mod stats;
 pub mod tx;

@@ -59,12 +59,13 @@
 
 use std::io;
 
-use virtio_queue::{DescriptorChain, Queue, QueueT};
+use virtio_queue::{Queue, QueueT};
 use vm_memory::{GuestAddress, GuestMemory, Permissions};
 
 use super::dirty::DirtyLog;
+use super::ring::{rewind_avail, Pop, Ring};
 use super::stats::QueueStats;
-use super::tx::{errno_of, pop_batch, rewind_avail, Pop, MAX_SEGMENTS};
+use super::tx::{errno_of, MAX_SEGMENTS};
 use super::used::UsedBatch;
 use super::vnet::{
     has, rx_max_frame_len, vnet_hdr_len, NUM_BUFFERS_OFFSET, VIRTIO_NET_F_MRG_RXBUF,
@@ -174,6 +175,7 @@ pub fn process_rx<M: GuestMemory, H: HostQueue>(
     scratch.held.clear();
     scratch.segs.clear();
     let used = UsedBatch::new(queue);
+    let ring = Ring::new(queue, mem);
     let mut rx = Rx {
         queue,
         mem,
@@ -195,7 +197,8 @@ pub fn process_rx<M: GuestMemory, H: HostQueue>(
         used,
         recheck: false,
         out: RxOutcome::default(),
-        ahead: std::array::from_fn(|_| None),
+        ring,
+        ahead: [0; POP_AHEAD],
         ahead_start: 0,
         ahead_end: 0,
     };
@@ -243,9 +246,11 @@ struct Rx<'a, 'm, M: GuestMemory, H> {
     /// Kicks were re-enabled and the guest's index said "more": the next gather must pop.
     recheck: bool,
     out: RxOutcome,
-    /// Chains popped ahead of the window with one read of the avail index
+    /// The avail ring and descriptor table, found once for the call.
+    ring: Ring<'m, M>,
+    /// Heads popped ahead of the window with one read of the avail index
     /// (`ahead[ahead_start..ahead_end]`), taken in avail order by [`Rx::next_chain`].
-    ahead: [Option<DescriptorChain<&'m M>>; POP_AHEAD],
+    ahead: [u16; POP_AHEAD],
     ahead_start: usize,
     ahead_end: usize,
 }
@@ -399,31 +404,27 @@ impl<'m, M: GuestMemory, H: HostQueue> Rx<'_, 'm, M, H> {
     /// The next avail chain: from the chains popped ahead, or from a fresh batch (one read of the
     /// avail index for up to [`POP_AHEAD`] chains, fewer when the window already holds many, so
     /// that everything to give back at the end stays within the queue size).
-    fn next_chain(&mut self) -> Pop<DescriptorChain<&'m M>> {
+    fn next_chain(&mut self) -> Pop<u16> {
         if self.ahead_start == self.ahead_end {
             self.ahead_start = 0;
             self.ahead_end = 0;
             let held = self.held.len() - self.front;
             let want = POP_AHEAD.min(usize::from(self.queue.size()).saturating_sub(held));
-            match pop_batch(self.queue, self.mem, &mut self.ahead, want) {
+            match self.ring.pop_batch(self.queue, &mut self.ahead, want) {
                 Pop::Chain(n) => self.ahead_end = n,
                 Pop::Empty => return Pop::Empty,
                 Pop::NotReady => return Pop::NotReady,
                 Pop::Broken => return Pop::Broken,
             }
         }
-        let c = self.ahead[self.ahead_start].take();
+        let head = self.ahead[self.ahead_start];
         self.ahead_start += 1;
-        match c {
-            Some(c) => Pop::Chain(c),
-            None => Pop::Empty,
-        }
+        Pop::Chain(head)
     }
 
     /// Checks a freshly popped chain and appends it to the window (and to `iov` when valid).
-    fn hold(&mut self, chain: DescriptorChain<&'m M>) {
+    fn hold(&mut self, head: u16) {
         let mem: &'m M = self.mem;
-        let head = chain.head_index();
         let seg_start = self.segs.len();
         let iov_mark = self.iov.total_len();
         let mut h = Held {
@@ -439,8 +440,8 @@ impl<'m, M: GuestMemory, H: HostQueue> Rx<'_, 'm, M, H> {
             h.dead = Some(Dead::BadHead);
         } else {
             let mut last_has_next = false;
-            'walk: for desc in chain {
-                // `desc` is virtio-queue's private copy of the guest descriptor.
+            'walk: for desc in self.ring.chain(head) {
+                // `desc` is our private copy of the guest descriptor (read once by `ring`).
                 h.descs += 1;
                 last_has_next = desc.has_next();
                 if !desc.is_write_only() {

@@ -3,7 +3,7 @@
 //! [`process_tx`] drains the TX virtqueue in batches of at most `budget` chains.
 //!
 //! # Per chain
-//! The descriptors are walked once (virtio-queue reads each descriptor once into a local copy;
+//! The descriptors are walked once (`ring` reads each descriptor once into a local copy;
 //! nothing here re-reads guest memory). A chain is dropped — returned with used length 0 and
 //! counted — when:
 //! - a descriptor is device-writable, a range is not mapped guest memory, the chain is cut short
@@ -48,10 +48,11 @@ use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
+use virtio_queue::{Queue, QueueT};
 use vm_memory::{GuestMemory, Permissions};
 
 use super::mcast;
+use super::ring::{rewind_avail, Chain, Pop, Ring};
 use super::stats::QueueStats;
 use super::used::UsedBatch;
 use super::vnet::{
@@ -234,55 +235,6 @@ enum TxDrop {
     TooBig,
 }
 
-/// One pop from the avail ring (`queue.iter` tells an empty ring from a broken one, which
-/// `pop_descriptor_chain` hides).
-pub(super) enum Pop<C> {
-    Chain(C),
-    Empty,
-    NotReady,
-    Broken,
-}
-
-/// Gives the last `n` popped chains back to the avail ring: the next pop returns them again, in
-/// the same order. `n` is at most one batch.
-pub(super) fn rewind_avail(queue: &mut Queue, n: usize) {
-    // Ring indices count modulo 2^16, so subtracting n's low 16 bits is subtracting n.
-    #[allow(clippy::cast_possible_truncation)]
-    let n = n as u16;
-    queue.set_next_avail(queue.next_avail().wrapping_sub(n));
-}
-
-/// Pops up to `want` chains (at least one, at most `chains.len()`) into `chains[..n]` with one
-/// read of the avail index: `Chain(n)` with `n > 0`, or why none came.
-pub(super) fn pop_batch<'m, M: GuestMemory>(
-    queue: &mut Queue,
-    mem: &'m M,
-    chains: &mut [Option<DescriptorChain<&'m M>>],
-    want: usize,
-) -> Pop<usize> {
-    let want = want.max(1).min(chains.len());
-    let mut it = match queue.iter(mem) {
-        Ok(it) => it,
-        Err(virtio_queue::Error::QueueNotReady) => return Pop::NotReady,
-        Err(_) => return Pop::Broken,
-    };
-    let mut n = 0;
-    while n < want {
-        match it.next() {
-            Some(c) => {
-                chains[n] = Some(c);
-                n += 1;
-            }
-            None => break,
-        }
-    }
-    if n == 0 {
-        Pop::Empty
-    } else {
-        Pop::Chain(n)
-    }
-}
-
 /// The errno of a host error (`EIO` when the error carries none).
 pub(super) fn errno_of(e: &io::Error) -> i32 {
     e.raw_os_error().unwrap_or(libc::EIO)
@@ -325,14 +277,15 @@ fn tx_batch<'m, M: GuestMemory, H: HostQueue>(
     // Set when the guest's avail index said "more" after kicks were re-enabled: the next pass
     // must then pop something, or the ring entry is unreadable and we would spin.
     let mut recheck = false;
-    // Chains popped with one read of the avail index (the guest rewrites it all the time: one
+    // Heads popped with one read of the avail index (the guest rewrites it all the time: one
     // cache-line transfer per batch instead of one per frame).
-    let mut chains: [Option<DescriptorChain<&'m M>>; POP_BATCH] = std::array::from_fn(|_| None);
+    let ring = Ring::new(queue, mem);
+    let mut heads = [0u16; POP_BATCH];
     'batch: while !out.broken {
         let mut popped = 0usize;
         while done < budget {
             let want = (budget - done).min(POP_BATCH);
-            let n = match pop_batch(queue, mem, &mut chains, want) {
+            let n = match ring.pop_batch(queue, &mut heads, want) {
                 Pop::Chain(n) => n,
                 Pop::Empty => 0,
                 Pop::NotReady => break 'batch,
@@ -348,27 +301,17 @@ fn tx_batch<'m, M: GuestMemory, H: HostQueue>(
                 }
                 break;
             }
-            for k in 0..n {
-                let Some(chain) = chains[k].take() else {
-                    continue;
-                };
+            for (k, &head) in heads[..n].iter().enumerate() {
                 // Chains `k..n` go back to the avail ring when the batch stops at `k`.
-                let put_back =
-                    |queue: &mut Queue, chains: &mut [Option<DescriptorChain<&'m M>>]| {
-                        for c in chains[k + 1..n].iter_mut() {
-                            *c = None;
-                        }
-                        rewind_avail(queue, n - k);
-                    };
+                let put_back = |queue: &mut Queue| rewind_avail(queue, n - k);
                 done += 1;
                 popped += 1;
-                let head = chain.head_index();
                 if head >= queue.size() {
                     QueueStats::inc(&stats.tx_drop_bad_chain);
                     continue;
                 }
                 iov.clear();
-                match gather_tx(chain, mem, iov, opts.hdr_len, max_len) {
+                match gather_tx(ring.chain(head), mem, iov, opts.hdr_len, max_len) {
                     Err(TxDrop::BadChain) => QueueStats::inc(&stats.tx_drop_bad_chain),
                     Err(TxDrop::TooShort) => QueueStats::inc(&stats.tx_drop_too_short),
                     Err(TxDrop::TooBig) => QueueStats::inc(&stats.tx_drop_too_big),
@@ -378,13 +321,13 @@ fn tx_batch<'m, M: GuestMemory, H: HostQueue>(
                             sent(iov, len, opts, stats, watch.as_deref_mut());
                         }
                         Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                            put_back(queue, &mut chains);
+                            put_back(queue);
                             QueueStats::inc(&stats.tx_eagain);
                             out.blocked = true;
                             break 'batch;
                         }
                         Err(e) if e.kind() == io::ErrorKind::Interrupted => {
-                            put_back(queue, &mut chains);
+                            put_back(queue);
                             out.more = true;
                             break 'batch;
                         }
@@ -395,9 +338,6 @@ fn tx_batch<'m, M: GuestMemory, H: HostQueue>(
                     },
                 }
                 if used.add(queue, mem, head, 0).is_err() {
-                    for c in chains[k + 1..n].iter_mut() {
-                        *c = None;
-                    }
                     out.broken = true;
                     break 'batch;
                 }
@@ -463,7 +403,7 @@ fn count_gso(iov: &IoVecBuf<'_>, stats: &QueueStats) {
 
 /// Walks one TX chain into `iov`. Returns the frame length (header included).
 fn gather_tx<'m, M: GuestMemory>(
-    chain: DescriptorChain<&'m M>,
+    chain: Chain<'m, M>,
     mem: &'m M,
     iov: &mut IoVecBuf<'m>,
     hdr_len: usize,
@@ -473,8 +413,8 @@ fn gather_tx<'m, M: GuestMemory>(
     let mut ndesc = 0usize;
     let mut last_has_next = false;
     for desc in chain {
-        // `desc` is virtio-queue's private copy of the guest descriptor: each field is read here
-        // once and never fetched again.
+        // `desc` is our private copy of the guest descriptor (read once by `ring`): each field
+        // is used from it, never fetched again.
         ndesc += 1;
         last_has_next = desc.has_next();
         if desc.is_write_only() {

@@ -646,6 +646,40 @@ mod tests {
     }
 
     #[test]
+    fn the_tick_expires_a_group_not_refreshed_within_max_age_and_keeps_a_refreshed_one() {
+        let max_age = Duration::from_secs(2);
+        let (l2, rec, stats) = setup_with(TableConfig {
+            max_age,
+            ..TableConfig::default()
+        });
+        let (silent, refreshed) = (igmp(0x16, 1), igmp(0x16, 2));
+        let t0 = Instant::now();
+        l2.learn(&silent, silent.len());
+        l2.learn(&refreshed, refreshed.len());
+        std::thread::sleep(max_age * 6 / 10);
+        l2.learn(&refreshed, refreshed.len());
+        l2.tick();
+        assert_eq!(
+            rec.lock().unwrap().macs.len(),
+            2,
+            "nothing is older than max_age yet"
+        );
+        assert_eq!(stats.snapshot().table.expiries, 0);
+        std::thread::sleep((max_age + Duration::from_millis(200)).saturating_sub(t0.elapsed()));
+        // Only the tick removes it: no frame arrives in between.
+        assert_eq!(rec.lock().unwrap().macs.len(), 2);
+        l2.tick();
+        let want = tf::v4(239, 128, 0, 2).mac();
+        assert_eq!(
+            rec.lock().unwrap().macs,
+            vec![want],
+            "the silent group left"
+        );
+        let s = stats.snapshot().table;
+        assert_eq!((s.expiries, s.groups, s.refreshes), (1, 1, 1));
+    }
+
+    #[test]
     fn an_overflow_ended_by_the_disconnect_says_so_once() {
         let (l2, rec, _) = setup_with(TableConfig {
             max_groups: 2,

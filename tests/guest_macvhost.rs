@@ -992,6 +992,10 @@ fn ten_thousand_joins_fill_the_cap_turn_allmulticast_on_and_all_clear_at_disconn
     assert!(added <= cap, "{added} > {cap}");
     assert_eq!(dev["mcast_groups"], cap as u64);
     assert!(dev["mcast_refused_joins"] > 0);
+    // Counted and said once, not once per refused join.
+    let warned = format!("the guest joined more than --max-groups {cap} multicast groups");
+    let log = s.mvh.log_text();
+    assert_eq!(log.matches(&warned).count(), 1, "{log}");
     // Still serving: the guest answers the peer.
     let out =
         s.ns.command("ping")
@@ -1010,5 +1014,9 @@ fn ten_thousand_joins_fill_the_cap_turn_allmulticast_on_and_all_clear_at_disconn
         macvtap_maddrs(&s),
         macvtap_promisc_allmulti(&s).1
     );
+    let log = s.mvh.log_text();
+    assert_eq!(log.matches(&warned).count(), 1, "{log}");
+    let ended = "the frontend disconnected: the macvtap leaves allmulticast";
+    assert_eq!(log.matches(ended).count(), 1, "{log}");
     s.mvh.shutdown_clean();
 }

@@ -211,6 +211,10 @@ fn qmp_reports_the_guests_new_mac_and_multicast_group_under_vhost_user() {
     assert_eq!(log.matches(&said).count(), 1, "{log}");
     assert!(log.contains("QMP connected"), "{log}");
     assert_eq!(net.ns.mac(net.topo.macvtap), net.topo.macvtap_mac);
+    // Counted once, whether QMP or the TX path saw it first; nothing applied.
+    let dev = mvh.device_stats();
+    assert_eq!(dev["guest_mac_changes_seen"], 1, "{dev:?}");
+    assert_eq!(dev["guest_mac_changes_applied"], 0, "{dev:?}");
 
     drop(watcher);
     let st = vm.shutdown(secs(120)).expect("guest did not power off");

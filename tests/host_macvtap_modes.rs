@@ -11,7 +11,7 @@ mod support {
 
 use std::time::Duration;
 
-use common::{require, Daemon, MacAddr, NetNs, Peer, HOST};
+use common::{require, wait_until, Daemon, MacAddr, MacvtapTopo, NetNs, Peer, HOST};
 
 use support::vu_driver::VuGuest;
 
@@ -195,4 +195,58 @@ fn passthru_takes_the_parent_and_a_second_macvtap_is_refused() {
     g.kick(g.tx(0));
     drop(g);
     a.shutdown_clean();
+}
+
+/// `IFF_ALLMULTI` in the interface's sysfs `flags`.
+fn allmulti(ns: &NetNs, iface: &str) -> bool {
+    let text = ns.read_file(&format!("/sys/class/net/{iface}/flags"));
+    let flags = u32::from_str_radix(text.trim().trim_start_matches("0x"), 16).unwrap();
+    flags & 0x200 != 0
+}
+
+#[test]
+fn rx_filter_allmulti_holds_allmulticast_while_running_and_follow_does_not() {
+    require!(HOST);
+    let ns = NetNs::quiet("allmulti");
+    let topo = MacvtapTopo::create(&ns, "bridge");
+    let dir = tempfile::tempdir().unwrap();
+    assert!(!allmulti(&ns, topo.macvtap), "allmulticast before macvhost");
+
+    let mut mvh = Daemon::spawn(
+        &ns,
+        dir.path(),
+        &["--macvtap", topo.macvtap, "--rx-filter", "allmulti"],
+    );
+    let on = wait_until(Duration::from_secs(5), || allmulti(&ns, topo.macvtap));
+    assert!(
+        on,
+        "no IFF_ALLMULTI with --rx-filter allmulti:\n{}",
+        mvh.log_text()
+    );
+    // Held for the process's life, also with a frontend that comes and goes.
+    let g = VuGuest::connect(mvh.socket(), 1, 256, u64::MAX, Duration::from_secs(10));
+    drop(g);
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(allmulti(&ns, topo.macvtap), "dropped with the frontend");
+    let log = mvh.log_text();
+    assert!(log.contains("(--rx-filter allmulti)"), "{log}");
+    mvh.shutdown_clean();
+    assert!(
+        !allmulti(&ns, topo.macvtap),
+        "allmulticast outlived macvhost's SIGTERM"
+    );
+
+    // The default (follow) asks for no allmulticast, with or without a frontend.
+    let mut mvh = Daemon::spawn(&ns, dir.path(), &["--macvtap", topo.macvtap]);
+    let g = VuGuest::connect(mvh.socket(), 1, 256, u64::MAX, Duration::from_secs(10));
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        !allmulti(&ns, topo.macvtap),
+        "IFF_ALLMULTI in follow mode:\n{}",
+        mvh.log_text()
+    );
+    assert_eq!(mvh.device_stats()["mcast_overflows"], 0);
+    drop(g);
+    mvh.shutdown_clean();
+    assert!(!allmulti(&ns, topo.macvtap));
 }

@@ -139,10 +139,8 @@ pub(super) fn follow(
         settings.nic.clone(),
         Some(device_mac),
     );
-    Watcher::spawn(cfg, move |f: &RxFilter| match trust.as_mut() {
-        Some(t) => t.apply(f),
-        None if f.mac != device_mac => l2.guest_left_its_mac(f.mac.0, device_mac.0),
-        None => {}
+    Watcher::spawn(cfg, move |f: &RxFilter| {
+        super::trust::on_filter(trust.as_mut(), f, device_mac, &l2)
     })
 }
 

@@ -293,6 +293,9 @@ struct Inner {
     filter: Option<Arc<Mutex<dyn FilterSink>>>,
     /// The last apply failed: the next change resyncs the whole list.
     failing: bool,
+    /// The overflow to allmulticast was said (one warn line per episode, one info line when it
+    /// ends), never once per refused join.
+    overflow_told: bool,
     next_query: Duration,
 }
 
@@ -333,6 +336,7 @@ impl GuestL2 {
                 table: MembershipTable::new(cfg),
                 filter,
                 failing: false,
+                overflow_told: false,
                 next_query: FIRST_QUERY_AFTER,
             }),
             epoch: Instant::now(),
@@ -416,7 +420,43 @@ impl GuestL2 {
         let mut inner = self.lock();
         let Inner { table, diff, .. } = &mut *inner;
         table.clear(diff);
+        if inner.overflow_told {
+            inner.overflow_told = false;
+            tracing::info!(
+                "the frontend disconnected: the macvtap leaves allmulticast with the guest's \
+                 multicast groups"
+            );
+        }
         self.apply(&mut inner);
+    }
+
+    /// Says the table's overflow to allmulticast once when it starts and once when it ends
+    /// (the table turns it on at the first refused join and off only after its hold).
+    fn tell_overflow(&self, inner: &mut Inner) {
+        let on = inner.table.allmulti();
+        if on == inner.overflow_told {
+            return;
+        }
+        inner.overflow_told = on;
+        let cfg = inner.table.config();
+        if on {
+            tracing::warn!(
+                "the guest joined more than --max-groups {} multicast groups: the macvtap takes \
+                 every multicast frame (allmulticast) until the guest has fewer than {} groups \
+                 and no join was refused for {:?}",
+                cfg.max_groups,
+                cfg.max_groups,
+                cfg.overflow_hold,
+            );
+        } else {
+            tracing::info!(
+                "the guest's {} multicast groups fit --max-groups {} again and no join was \
+                 refused for {:?}: the macvtap leaves allmulticast",
+                inner.table.groups(),
+                cfg.max_groups,
+                cfg.overflow_hold,
+            );
+        }
     }
 
     /// Groups in the table now.
@@ -425,6 +465,7 @@ impl GuestL2 {
     }
 
     fn apply(&self, inner: &mut Inner) {
+        self.tell_overflow(inner);
         let counters = inner.table.counters();
         *self
             .stats
@@ -500,16 +541,164 @@ mod tests {
     }
 
     fn setup() -> (Arc<GuestL2>, Arc<Mutex<Recorder>>, Arc<L2Stats>) {
+        setup_with(TableConfig::default())
+    }
+
+    fn setup_with(cfg: TableConfig) -> (Arc<GuestL2>, Arc<Mutex<Recorder>>, Arc<L2Stats>) {
         let rec = Arc::new(Mutex::new(Recorder::default()));
         let stats = Arc::new(L2Stats::default());
         let l2 = GuestL2::new(
-            TableConfig::default(),
+            cfg,
             Some(rec.clone()),
             Arc::new(SharedMac::new([0x52, 0x54, 0, 1, 2, 3])),
             stats.clone(),
         )
         .unwrap();
         (l2, rec, stats)
+    }
+
+    /// What `f` logs at info and above on this thread, as the daemon prints it.
+    fn logged<R>(f: impl FnOnce() -> R) -> (R, String) {
+        #[derive(Clone, Default)]
+        struct Buf(Arc<Mutex<Vec<u8>>>);
+        impl io::Write for Buf {
+            fn write(&mut self, b: &[u8]) -> io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(b);
+                Ok(b.len())
+            }
+            fn flush(&mut self) -> io::Result<()> {
+                Ok(())
+            }
+        }
+        impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Buf {
+            type Writer = Buf;
+            fn make_writer(&'a self) -> Buf {
+                self.clone()
+            }
+        }
+        let buf = Buf::default();
+        let sub = tracing_subscriber::fmt()
+            .with_writer(buf.clone())
+            .with_ansi(false)
+            .with_target(false)
+            .with_max_level(tracing::Level::INFO)
+            .finish();
+        let r = tracing::subscriber::with_default(sub, f);
+        let text = String::from_utf8(buf.0.lock().unwrap().clone()).unwrap();
+        (r, text)
+    }
+
+    /// An IGMPv2 join (0x16) or leave (0x17) of the `i`-th group of 239.128.0.0/9.
+    fn igmp(kind: u8, i: u32) -> Vec<u8> {
+        let [_, b, c, d] = i.to_be_bytes();
+        tf::igmp_v2(kind, tf::v4(239, 128 | b, c, d), None)
+    }
+
+    #[test]
+    fn ten_thousand_joins_past_the_cap_log_one_warning_and_the_end_one_info_line() {
+        let hold = Duration::from_millis(200);
+        let (l2, rec, stats) = setup_with(TableConfig {
+            max_groups: 8,
+            max_age: Duration::from_secs(3600),
+            overflow_hold: hold,
+        });
+        let ((), log) = logged(|| {
+            for i in 0..10_000 {
+                let f = igmp(0x16, i);
+                l2.learn(&f, f.len());
+            }
+        });
+        print!("{log}");
+        let s = stats.snapshot().table;
+        assert_eq!((s.groups, s.refused_joins, s.overflows), (8, 9_992, 1));
+        assert!(rec.lock().unwrap().allmulti);
+        assert_eq!(
+            log.lines().count(),
+            1,
+            "one line for 9,992 refused joins:\n{log}"
+        );
+        assert!(log.contains("WARN"), "{log}");
+        assert!(
+            log.contains("more than --max-groups 8 multicast groups")
+                && log.contains("allmulticast")
+                && log.contains("fewer than 8 groups and no join was refused for 200ms"),
+            "{log}"
+        );
+
+        // The episode ends: below the cap once the hold is over (a leave, or the tick).
+        std::thread::sleep(hold + Duration::from_millis(20));
+        let ((), log) = logged(|| {
+            let f = igmp(0x17, 0);
+            l2.learn(&f, f.len());
+            l2.tick();
+            let f = igmp(0x17, 1);
+            l2.learn(&f, f.len());
+        });
+        print!("{log}");
+        assert!(!rec.lock().unwrap().allmulti);
+        assert_eq!(log.lines().count(), 1, "{log}");
+        assert!(
+            log.contains("INFO")
+                && log.contains("7 multicast groups fit --max-groups 8 again")
+                && log.contains("leaves allmulticast"),
+            "{log}"
+        );
+    }
+
+    #[test]
+    fn the_tick_expires_a_group_not_refreshed_within_max_age_and_keeps_a_refreshed_one() {
+        let max_age = Duration::from_secs(2);
+        let (l2, rec, stats) = setup_with(TableConfig {
+            max_age,
+            ..TableConfig::default()
+        });
+        let (silent, refreshed) = (igmp(0x16, 1), igmp(0x16, 2));
+        let t0 = Instant::now();
+        l2.learn(&silent, silent.len());
+        l2.learn(&refreshed, refreshed.len());
+        std::thread::sleep(max_age * 6 / 10);
+        l2.learn(&refreshed, refreshed.len());
+        l2.tick();
+        assert_eq!(
+            rec.lock().unwrap().macs.len(),
+            2,
+            "nothing is older than max_age yet"
+        );
+        assert_eq!(stats.snapshot().table.expiries, 0);
+        std::thread::sleep((max_age + Duration::from_millis(200)).saturating_sub(t0.elapsed()));
+        // Only the tick removes it: no frame arrives in between.
+        assert_eq!(rec.lock().unwrap().macs.len(), 2);
+        l2.tick();
+        let want = tf::v4(239, 128, 0, 2).mac();
+        assert_eq!(
+            rec.lock().unwrap().macs,
+            vec![want],
+            "the silent group left"
+        );
+        let s = stats.snapshot().table;
+        assert_eq!((s.expiries, s.groups, s.refreshes), (1, 1, 1));
+    }
+
+    #[test]
+    fn an_overflow_ended_by_the_disconnect_says_so_once() {
+        let (l2, rec, _) = setup_with(TableConfig {
+            max_groups: 2,
+            ..TableConfig::default()
+        });
+        let ((), log) = logged(|| {
+            for i in 0..100 {
+                let f = igmp(0x16, i);
+                l2.learn(&f, f.len());
+            }
+            l2.clear();
+            l2.clear();
+        });
+        print!("{log}");
+        assert!(!rec.lock().unwrap().allmulti);
+        let lines: Vec<&str> = log.lines().collect();
+        assert_eq!(lines.len(), 2, "{log}");
+        assert!(lines[0].contains("WARN") && lines[0].contains("--max-groups 2"));
+        assert!(lines[1].contains("INFO") && lines[1].contains("frontend disconnected"));
     }
 
     #[test]

@@ -49,16 +49,16 @@ type RegionBitmap<'m, M> =
 /// A one-region slice of `M`'s memory.
 type Slice<'m, M> = VolatileSlice<'m, RegionBitmap<'m, M>>;
 
-/// `len` bytes of guest memory at `base`: one slice when they lie in one region, else read piece
-/// by piece through `GuestMemory` (which also reports what is not guest memory).
-struct Area<'m, M: GuestMemory> {
+/// `len` bytes of guest memory at `base`: one slice when they lie in one region, else read or
+/// written piece by piece through `GuestMemory` (which also reports what is not guest memory).
+pub(super) struct Area<'m, M: GuestMemory> {
     mem: &'m M,
     base: GuestAddress,
     slice: Option<Slice<'m, M>>,
 }
 
 impl<'m, M: GuestMemory> Area<'m, M> {
-    fn new(mem: &'m M, base: GuestAddress, len: usize) -> Self {
+    pub(super) fn new(mem: &'m M, base: GuestAddress, len: usize) -> Self {
         let slice = mem
             .physical_memory()
             .and_then(|p| super::one_region_slice(p, base, len));
@@ -70,6 +70,18 @@ impl<'m, M: GuestMemory> Area<'m, M> {
         match &self.slice {
             Some(s) => s.get_ref::<Descriptor>(off).ok().map(|r| r.load()),
             None => self.mem.read_obj(self.base.checked_add(off as u64)?).ok(),
+        }
+    }
+
+    /// Writes `bytes` at byte `off` (the dirty bitmap of the region is marked as by
+    /// `GuestMemory::write_slice`); `None` when they are not all guest memory.
+    pub(super) fn write(&self, off: usize, bytes: &[u8]) -> Option<()> {
+        match &self.slice {
+            Some(s) => s.write_slice(bytes, off).ok(),
+            None => self
+                .mem
+                .write_slice(bytes, self.base.checked_add(off as u64)?)
+                .ok(),
         }
     }
 

@@ -174,7 +174,7 @@ pub fn process_rx<M: GuestMemory, H: HostQueue>(
 ) -> RxOutcome {
     scratch.held.clear();
     scratch.segs.clear();
-    let used = UsedBatch::new(queue);
+    let used = UsedBatch::new(queue, mem);
     let ring = Ring::new(queue, mem);
     let mut rx = Rx {
         queue,
@@ -242,7 +242,7 @@ struct Rx<'a, 'm, M: GuestMemory, H> {
     /// Descriptors held in the window, dead chains included.
     win_descs: usize,
     work: usize,
-    used: UsedBatch,
+    used: UsedBatch<'m, M>,
     /// Kicks were re-enabled and the guest's index said "more": the next gather must pop.
     recheck: bool,
     out: RxOutcome,
@@ -597,11 +597,7 @@ impl<'m, M: GuestMemory, H: HostQueue> Rx<'_, 'm, M, H> {
             // take <= n, the length of one frame (at most `rx_max_frame_len`), far below
             // u32::MAX; saturating only guards against a length that would wrap.
             let used_len = u32::try_from(take).unwrap_or(u32::MAX);
-            if self
-                .used
-                .add(self.queue, self.mem, h.head, used_len)
-                .is_err()
-            {
+            if self.used.add(self.queue, h.head, used_len).is_err() {
                 self.out.broken = true;
                 // The chains before this one are in the used ring already: they must not be
                 // given back by the rewind in `finish` (that would let them be popped again).
@@ -675,7 +671,7 @@ impl<'m, M: GuestMemory, H: HostQueue> Rx<'_, 'm, M, H> {
         if h.dead == Some(Dead::BadHead) {
             return;
         }
-        if self.used.add(self.queue, self.mem, h.head, 0).is_err() {
+        if self.used.add(self.queue, h.head, 0).is_err() {
             self.out.broken = true;
         }
     }

@@ -269,7 +269,7 @@ fn tx_batch<'m, M: GuestMemory, H: HostQueue>(
     let budget = opts.budget.max(1);
     let max_len = tx_max_frame_len(opts.hdr_len);
     let mut done = 0usize;
-    let mut used = UsedBatch::new(queue);
+    let mut used = UsedBatch::new(queue, mem);
 
     if queue.disable_notification(mem).is_err() {
         out.broken = true;
@@ -337,7 +337,7 @@ fn tx_batch<'m, M: GuestMemory, H: HostQueue>(
                         }
                     },
                 }
-                if used.add(queue, mem, head, 0).is_err() {
+                if used.add(queue, head, 0).is_err() {
                     out.broken = true;
                     break 'batch;
                 }

@@ -16,32 +16,41 @@ use std::sync::atomic::{fence, Ordering};
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemory};
 
+use super::ring::Area;
+
+/// `flags` and `idx` before the used ring's elements.
+const USED_HEADER: usize = 4;
+/// Bytes per used element (`id`, `len`).
+const USED_ELEM: usize = 8;
+
 /// The ring is unusable (an element or the index lies outside guest memory, or a head index is
 /// out of range): the caller marks the queue broken.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) struct UsedRingError;
 
 /// Used entries added in one call, published together.
-#[derive(Debug)]
-pub(super) struct UsedBatch {
+pub(super) struct UsedBatch<'m, M: GuestMemory> {
     /// `next_used` when the batch began (the last index the guest was told about).
     old: u16,
     added: u16,
+    /// The used ring's elements, found once for the call (one slice when in one region).
+    elems: Area<'m, M>,
 }
 
-impl UsedBatch {
-    pub(super) fn new(queue: &Queue) -> UsedBatch {
+impl<'m, M: GuestMemory> UsedBatch<'m, M> {
+    pub(super) fn new(queue: &Queue, mem: &'m M) -> Self {
+        let elems = usize::from(queue.size()) * USED_ELEM;
         UsedBatch {
             old: queue.next_used(),
             added: 0,
+            elems: Area::new(mem, GuestAddress(queue.used_ring()), USED_HEADER + elems),
         }
     }
 
     /// Writes the used element `(head, len)` at `next_used` and advances it, without publishing.
-    pub(super) fn add<M: GuestMemory>(
+    pub(super) fn add(
         &mut self,
         queue: &mut Queue,
-        mem: &M,
         head: u16,
         len: u32,
     ) -> Result<(), UsedRingError> {
@@ -50,25 +59,18 @@ impl UsedBatch {
             return Err(UsedRingError);
         }
         let next = queue.next_used();
-        let offset = 4 + 8 * u64::from(next % size);
-        let addr = GuestAddress(queue.used_ring())
-            .checked_add(offset)
-            .ok_or(UsedRingError)?;
-        let mut elem = [0u8; 8];
+        let offset = USED_HEADER + USED_ELEM * usize::from(next % size);
+        let mut elem = [0u8; USED_ELEM];
         elem[..4].copy_from_slice(&u32::from(head).to_le_bytes());
         elem[4..].copy_from_slice(&len.to_le_bytes());
-        mem.write_slice(&elem, addr).map_err(|_| UsedRingError)?;
+        self.elems.write(offset, &elem).ok_or(UsedRingError)?;
         queue.set_next_used(next.wrapping_add(1));
         self.added = self.added.wrapping_add(1);
         Ok(())
     }
 
     /// Publishes `used.idx` (release: the elements are visible first). No-op for an empty batch.
-    pub(super) fn publish<M: GuestMemory>(
-        &self,
-        queue: &Queue,
-        mem: &M,
-    ) -> Result<(), UsedRingError> {
+    pub(super) fn publish(&self, queue: &Queue, mem: &M) -> Result<(), UsedRingError> {
         if self.added == 0 {
             return Ok(());
         }
@@ -82,7 +84,7 @@ impl UsedBatch {
     /// Whether the guest asked to be told about this batch (call after [`UsedBatch::publish`]).
     /// Without EVENT_IDX always (as `Queue::needs_notification`); an unreadable `used_event`
     /// means a broken ring, and notifying is the safe answer.
-    pub(super) fn needs_notification<M: GuestMemory>(&self, queue: &Queue, mem: &M) -> bool {
+    pub(super) fn needs_notification(&self, queue: &Queue, mem: &M) -> bool {
         if self.added == 0 {
             return false;
         }

@@ -440,21 +440,6 @@ mod tests {
     }
 
     #[test]
-    fn queue_not_ready_pops_nothing() {
-        let mem = test_memory();
-        let mut gq = GuestQueue::new(&mem, 16);
-        gq.add_desc_chain(&[(DATA_BASE, 100, 0)]);
-        let mut q = gq.create_queue();
-        q.set_ready(false);
-        let ring = Ring::new(&q, &mem);
-        let mut heads = [0u16; 8];
-        assert!(matches!(
-            ring.pop_batch(&mut q, &mut heads, 8),
-            Pop::NotReady
-        ));
-    }
-
-    #[test]
     fn descriptor_table_straddling_two_regions_reads_the_same_chains() {
         // The table's first half in one region, its second half in the next: entry-by-entry
         // reads through GuestMemory, same descriptors.

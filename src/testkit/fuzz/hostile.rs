@@ -3,7 +3,7 @@
 //!
 //! Used by `tests/vu_hostile_frontend.rs` (issue 15's four sequences, one regression test
 //! each), `tests/vu_hostile_fuzz.rs` (the randomized run, bounded in CI) and
-//! `tests/host_hostile_binary.rs` (the same against the release binary). A [`Target`] is a
+//! `tests/host_hostile_binary.rs` (both against the binary, sealed). A [`Target`] is a
 //! socket path and the process behind it: the in-process serve loop (`tests/support/rig.rs`)
 //! or a `macvhost` child.
 //!

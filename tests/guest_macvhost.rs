@@ -884,11 +884,7 @@ fn the_host_reaches_its_guest_through_a_macvlan_sibling_not_through_the_parent()
 
 /// The link-layer multicast addresses in `ip maddr show dev mvt0`.
 fn macvtap_maddrs(s: &Setup) -> Vec<String> {
-    let out = s.ns.ip(&["maddr", "show", "dev", "mvt0"]);
-    out.lines()
-        .filter_map(|l| l.trim().strip_prefix("link "))
-        .map(|l| l.split_whitespace().next().unwrap_or_default().to_string())
-        .collect()
+    s.ns.maddrs("mvt0")
 }
 
 fn wait_for<T>(limit: Duration, mut f: impl FnMut() -> Option<T>) -> Option<(Duration, T)> {

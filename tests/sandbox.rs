@@ -544,13 +544,46 @@ fn check_sealed_daemon(mvh: &Daemon) -> Vec<String> {
     names
 }
 
+/// The sealed daemon started with `args` on `topo`, testpmd forwarding (macswap, `pairs`
+/// queue pairs) and the peer, once a probe frame has come back through all three.
+fn sealed_forwarding(
+    dir: &Path,
+    ns: &NetNs,
+    topo: &MacvtapTopo,
+    pairs: u16,
+    args: &[&str],
+) -> (Daemon, Testpmd, Peer) {
+    let mut mvh = Daemon::spawn(ns, dir, args);
+    let mut pmd = Testpmd::spawn(
+        mvh.socket(),
+        dir,
+        &TestpmdConfig::macswap(pairs, topo.macvtap_mac),
+    );
+    let peer = Peer::on_macvtap(ns, topo);
+    peer.wait_for_echo(FrameKind::Udp, READY_TIMEOUT, || {
+        mvh.check_alive();
+        pmd.check_alive();
+    });
+    (mvh, pmd, peer)
+}
+
+/// The end of a forwarding test: threads and root checked, testpmd stopped, a clean exit.
+fn end_sealed(mut mvh: Daemon, pmd: Testpmd) {
+    check_sealed_daemon(&mvh);
+    mvh.check_alive();
+    pmd.stop();
+    mvh.shutdown_clean();
+}
+
 #[test]
 fn sealed_daemon_passes_traffic_and_no_thread_holds_privilege() {
     require!(E2E);
     let (dir, ns, topo) = bridge_macvtap();
-    let mut mvh = Daemon::spawn(
-        &ns,
+    let (mut mvh, pmd, peer) = sealed_forwarding(
         dir.path(),
+        &ns,
+        &topo,
+        2,
         &[
             "--macvtap",
             topo.macvtap,
@@ -566,16 +599,6 @@ fn sealed_daemon_passes_traffic_and_no_thread_holds_privilege() {
         ],
     );
     let metrics = metrics_addr_from_log(&mvh);
-    let mut pmd = Testpmd::spawn(
-        mvh.socket(),
-        dir.path(),
-        &TestpmdConfig::macswap(2, topo.macvtap_mac),
-    );
-    let peer = Peer::open(&ns, topo.peer, topo.peer_mac, topo.macvtap_mac);
-    peer.wait_for_echo(FrameKind::Udp, READY_TIMEOUT, || {
-        mvh.check_alive();
-        pmd.check_alive();
-    });
     // Sample the threads while frames flow.
     let (report, names) = std::thread::scope(|s| {
         let traffic = s.spawn(|| peer.roundtrip(&Traffic::udp(4000, 8)));
@@ -679,6 +702,142 @@ fn killed_daemon_still_has_its_macvtap_deleted() {
     let gone = wait_until(Duration::from_secs(5), || !ns.has_iface("mvk0"));
     drop(mvh);
     assert!(gone, "mvk0 outlived the killed macvhost");
+}
+
+/// A binding `--tx-rate`/`--rx-rate` in the sealed daemon (the limiter's timers and waits run
+/// under the worker filter): traffic passes, every frame back, both limiters hold frames
+/// (their throttle counters move) and the achieved rate stays at the limit.
+#[test]
+fn sealed_daemon_with_a_binding_rate_limit_holds_traffic_to_it() {
+    require!(E2E);
+    const RATE: u64 = 2_000_000; // bytes/s, each way
+    let (dir, ns, topo) = bridge_macvtap();
+    let limit = format!("average={RATE}");
+    let (mvh, pmd, peer) = sealed_forwarding(
+        dir.path(),
+        &ns,
+        &topo,
+        1,
+        &[
+            "--macvtap",
+            topo.macvtap,
+            "--tx-rate",
+            &limit,
+            "--rx-rate",
+            &limit,
+        ],
+    );
+    let throttled = |mvh: &Daemon| {
+        let q = &mvh.stats()[0];
+        (q["tx_throttled"], q["rx_throttled"])
+    };
+    let (tx0, rx0) = throttled(&mvh);
+    // About 2.4 MB each way: 1.2 s at the limit.
+    let report = peer.roundtrip(&Traffic::raw(3000));
+    let (tx1, rx1) = throttled(&mvh);
+    let rate = report.sent_bytes as f64 / report.elapsed.as_secs_f64();
+    println!(
+        "{}: [{report}] {rate:.0} B/s for a limit of {RATE} B/s; throttled rounds tx {tx0} → \
+         {tx1}, rx {rx0} → {rx1}",
+        test_name()
+    );
+    report.assert_lossless_byte_exact();
+    assert!(tx1 > tx0 && rx1 > rx0, "a limiter never held a frame back");
+    // The default burst (10 ms of the average) lets a little through ahead of the rate.
+    assert!(
+        rate <= RATE as f64 * 1.05,
+        "{rate:.0} B/s through a {RATE} B/s limit"
+    );
+    end_sealed(mvh, pmd);
+}
+
+/// `--tap-fd`: queue fds of a macvtap opened by the test (as libvirt would) and inherited by
+/// the sealed daemon, which opens nothing of the host side itself: traffic on both pairs.
+#[test]
+fn sealed_daemon_on_macvtap_queue_fds_it_was_given_passes_traffic() {
+    require!(E2E);
+    use std::os::fd::AsRawFd;
+    let (dir, ns, topo) = bridge_macvtap();
+    let node = macvtap_node(&ns, &topo, dir.path());
+    // Opened blocking and without O_CLOEXEC, as `3<>/dev/tapN` in a manager's shell: the
+    // daemon's process inherits them.
+    let fds: Vec<std::fs::File> = (0..2)
+        .map(|_| {
+            let f = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(&node)
+                .unwrap_or_else(|e| panic!("open {node:?}: {e}"));
+            nix::fcntl::fcntl(
+                &f,
+                nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::empty()),
+            )
+            .expect("clear FD_CLOEXEC");
+            f
+        })
+        .collect();
+    let list = fds
+        .iter()
+        .map(|f| f.as_raw_fd().to_string())
+        .collect::<Vec<_>>()
+        .join(",");
+    let (mvh, pmd, peer) = sealed_forwarding(
+        dir.path(),
+        &ns,
+        &topo,
+        2,
+        &["--tap-fd", &list, "--queues", "2"],
+    );
+    // Ours go; the daemon holds its own copies.
+    drop(fds);
+    let report = peer.roundtrip(&Traffic::udp(2000, 8));
+    println!(
+        "{}: [{report}] over inherited --tap-fd {list}; RX frames per queue {:?}",
+        test_name(),
+        mvh.stats()
+            .iter()
+            .map(|q| q["rx_frames"])
+            .collect::<Vec<_>>()
+    );
+    report.assert_lossless_byte_exact();
+    // The macvtap spreads the 8 flows over both queues it was given.
+    let per_queue: Vec<u64> = mvh.stats().iter().map(|q| q["rx_frames"]).collect();
+    assert!(per_queue.iter().all(|&n| n > 0), "{per_queue:?}");
+    end_sealed(mvh, pmd);
+}
+
+/// `--no-sandbox`: the explicit opt-out starts, says so in its log, and keeps what sealing
+/// would take (capabilities, no seccomp, no no_new_privs, the host's filesystem), while
+/// serving a frontend.
+#[test]
+fn no_sandbox_logs_its_warning_and_keeps_capabilities() {
+    require!(E2E);
+    let (dir, ns, topo) = bridge_macvtap();
+    let mut mvh = Daemon::spawn(
+        &ns,
+        dir.path(),
+        &["--macvtap", topo.macvtap, "--no-sandbox"],
+    );
+    let g = VuGuest::connect(mvh.socket(), 1, 256, u64::MAX, Duration::from_secs(10));
+    let log = mvh.log_text();
+    assert_eq!(
+        log.matches("--no-sandbox: macvhost keeps its capabilities")
+            .count(),
+        1,
+        "{log}"
+    );
+    assert!(!log.contains("sandbox sealed"), "{log}");
+    for t in thread_status(mvh.pid()) {
+        let name = &t["Name"];
+        assert_ne!(t["CapEff"], ZERO_CAPS, "thread {name}");
+        assert_eq!(t["NoNewPrivs"], "0", "thread {name}");
+        assert_eq!(t["Seccomp"], "0", "thread {name}");
+    }
+    let root = root_entries(mvh.pid());
+    assert!(root.iter().any(|e| e == "etc"), "{root:?}");
+    drop(g);
+    mvh.check_alive();
+    mvh.shutdown_clean();
 }
 
 /// Live-migration logging in the sealed daemon, running as an unprivileged user: the relay
@@ -925,7 +1084,8 @@ fn sealed_daemon_serves_five_hundred_connections_in_a_row() {
 
 /// The guest's multicast groups in the sealed daemon: its IGMP join (guest TX) becomes a
 /// packet-socket membership on the macvtap (`setsockopt` on the worker, no capability), so a
-/// group frame from the wire reaches the guest; when the frontend leaves, the membership goes.
+/// group frame from the wire reaches the guest; when the frontend leaves, the membership goes
+/// (the group's MAC leaves `ip maddr` within 2 s).
 #[test]
 fn sealed_daemon_follows_the_guests_multicast_groups() {
     require!(E2E);
@@ -968,14 +1128,28 @@ fn sealed_daemon_follows_the_guests_multicast_groups() {
         "the group frame never reached the guest after its join"
     );
     check_sealed_daemon(&mvh);
+    let group_mac = MacAddr(group.mac()).to_string();
+    let maddrs = ns.maddrs(topo.macvtap);
+    assert!(maddrs.contains(&group_mac), "{group_mac} not in {maddrs:?}");
     drop(g);
     // The frontend left: the group leaves the macvtap's filter (from a sealed thread too).
-    let g = VuGuest::connect(mvh.socket(), 1, 256, u64::MAX, Duration::from_secs(10));
-    drop(g);
+    let t = Instant::now();
+    let left = wait_until(Duration::from_secs(2), || {
+        !ns.maddrs(topo.macvtap).contains(&group_mac)
+    });
+    assert!(
+        left,
+        "{group_mac} still on {} 2 s after the frontend left: {:?}",
+        topo.macvtap,
+        ns.maddrs(topo.macvtap)
+    );
+    mvh.check_alive();
     mvh.shutdown_clean();
     println!(
-        "{}: joined 239.1.2.3 through the sealed daemon",
-        test_name()
+        "{}: joined 239.1.2.3 through the sealed daemon; its MAC left the macvtap {:?} after \
+         the frontend",
+        test_name(),
+        t.elapsed()
     );
 }
 

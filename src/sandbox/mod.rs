@@ -397,10 +397,19 @@ fn seal_inner(config: &SandboxConfig) -> Result<Sealed, SandboxError> {
 }
 
 /// Settles what the C library would otherwise look up lazily from files that are gone once
-/// sealed. glibc's malloc counts CPUs (opening `/sys/devices/system/cpu/online`, then
-/// `/proc/stat`) the first time a thread needs a new arena, which could be a worker under its
-/// narrow filter: fixing the arena limit now (to glibc's own default, 8 per CPU) means it never
-/// looks.
+/// sealed, where the look-up (an `openat`) would kill the process under the filters:
+/// - glibc's malloc counts CPUs (opening `/sys/devices/system/cpu/online`, then `/proc/stat`)
+///   the first time a thread needs a new arena, which could be a worker under its narrow
+///   filter: fixing the arena limit now (to glibc's own default, 8 per CPU) means it never
+///   looks.
+/// - glibc reads `/proc/sys/vm/overcommit_memory` the first time a thread arena's heap shrinks
+///   (`check_may_shrink_heap`), and caches the answer for the process. A worker freeing its
+///   buffers at exit did that after sealing and died of SIGSYS (found by the hostile fuzzer
+///   against the sealed binary, `tests/host_hostile_binary.rs`). A thread shrinks one heap
+///   now: it takes 4 × 96 KiB from its arena (below glibc's smallest mmap threshold, 128 KiB)
+///   and frees them with the trim threshold at 0, so the freed top is trimmed at once. The
+///   threshold then goes back to glibc's initial 128 KiB (fixed from now on: setting it stops
+///   glibc's dynamic adjustment).
 fn prime_libc() {
     #[cfg(target_env = "gnu")]
     {
@@ -408,6 +417,32 @@ fn prime_libc() {
         let arenas = libc::c_int::try_from(cpus.saturating_mul(8)).unwrap_or(libc::c_int::MAX);
         // SAFETY: mallopt with integer arguments; only changes an allocator limit.
         unsafe { libc::mallopt(libc::M_ARENA_MAX, arenas) };
+        // SAFETY: as above (the trim threshold).
+        unsafe { libc::mallopt(libc::M_TRIM_THRESHOLD, 0) };
+        let shrink = std::thread::Builder::new()
+            .name("prime-libc".into())
+            .spawn(|| {
+                let blocks: Vec<Vec<u8>> = (0..4)
+                    .map(|_| std::hint::black_box(Vec::<u8>::with_capacity(96 << 10)))
+                    .collect();
+                // Freed last-allocated first: each merges into the arena's top, which is then
+                // trimmed (and the file read).
+                blocks.into_iter().rev().for_each(drop);
+                // SAFETY: gettid takes no arguments.
+                unsafe { libc::gettid() }
+            });
+        // Without the thread the look-up may come later; sealing goes on either way.
+        if let Ok(Ok(tid)) = shrink.map(std::thread::JoinHandle::join) {
+            // Joined is not yet gone from /proc/self/task, which sealing lists next (and
+            // would signal): wait, briefly, until the kernel has reaped it.
+            let task = format!("/proc/self/task/{tid}");
+            let deadline = std::time::Instant::now() + std::time::Duration::from_millis(200);
+            while std::path::Path::new(&task).exists() && std::time::Instant::now() < deadline {
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+        }
+        // SAFETY: as above.
+        unsafe { libc::mallopt(libc::M_TRIM_THRESHOLD, 128 << 10) };
     }
 }
 

@@ -161,6 +161,16 @@ impl NetNs {
         self.try_ip(&["link", "show", "dev", iface]).is_ok()
     }
 
+    /// The link-layer multicast addresses on `iface` (`ip maddr show dev IFACE`), as
+    /// `01:00:5e:…` strings.
+    pub fn maddrs(&self, iface: &str) -> Vec<String> {
+        self.ip(&["maddr", "show", "dev", iface])
+            .lines()
+            .filter_map(|l| l.trim().strip_prefix("link "))
+            .map(|l| l.split_whitespace().next().unwrap_or_default().to_string())
+            .collect()
+    }
+
     /// A file (sysfs included) as seen from inside the namespace, trimmed.
     pub fn read_file(&self, path: &str) -> String {
         let path = path.to_owned();

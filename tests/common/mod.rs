@@ -1102,19 +1102,26 @@ pub struct MacvtapReflector {
     handles: Vec<thread::JoinHandle<u64>>,
 }
 
+/// `topo`'s macvtap character device as a private node in `dir` (made on first use): `/dev`
+/// may lack `/dev/tapN`, or hold another namespace's. Each open of it adds one queue.
+pub fn macvtap_node(ns: &NetNs, topo: &MacvtapTopo, dir: &Path) -> PathBuf {
+    let (major, minor) = topo.chardev(ns);
+    let node = dir.join(format!("macvtap-{major}-{minor}"));
+    if !node.exists() {
+        nix::sys::stat::mknod(
+            &node,
+            nix::sys::stat::SFlag::S_IFCHR,
+            nix::sys::stat::Mode::from_bits_truncate(0o600),
+            nix::sys::stat::makedev(major, minor),
+        )
+        .expect("mknod private macvtap node");
+    }
+    node
+}
+
 impl MacvtapReflector {
     pub fn start(ns: &NetNs, topo: &MacvtapTopo, dir: &Path, queues: usize) -> MacvtapReflector {
-        let (major, minor) = topo.chardev(ns);
-        let node = dir.join(format!("macvtap-{major}-{minor}"));
-        if !node.exists() {
-            nix::sys::stat::mknod(
-                &node,
-                nix::sys::stat::SFlag::S_IFCHR,
-                nix::sys::stat::Mode::from_bits_truncate(0o600),
-                nix::sys::stat::makedev(major, minor),
-            )
-            .expect("mknod private macvtap node");
-        }
+        let node = macvtap_node(ns, topo, dir);
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let mut handles = Vec::new();
         for _ in 0..queues {

@@ -3,7 +3,7 @@
 //!
 //! Used by `tests/vu_hostile_frontend.rs` (issue 15's four sequences, one regression test
 //! each), `tests/vu_hostile_fuzz.rs` (the randomized run, bounded in CI) and
-//! `tests/host_hostile_binary.rs` (the same against the release binary). A [`Target`] is a
+//! `tests/host_hostile_binary.rs` (both against the binary, sealed). A [`Target`] is a
 //! socket path and the process behind it: the in-process serve loop (`tests/support/rig.rs`)
 //! or a `macvhost` child.
 //!
@@ -20,9 +20,13 @@
 //! - a new frontend gets GET_FEATURES answered within [`SERVE_BOUND`];
 //! - the target's fd count is back to its baseline (within [`FD_SLACK`]);
 //! - every [`IDLE_EVERY`] connections, the target burns no CPU while idle;
-//! - at the end, RSS has not grown by more than [`RSS_SLACK_KIB`].
+//! - at the end, RSS has not grown by more than [`RSS_SLACK_KIB`];
+//! - the target process is still alive (a sealed `macvhost` child dies of SIGSYS if an error
+//!   path makes a syscall its filters do not allow).
 //!
 //! A failed check panics with the seed and the connection number: rerun with that seed.
+//! [`fuzz_from_env`] is how the tests run it: a fixed seed plus a random one (printed), or the
+//! seed and duration given in `MACVHOST_HOSTILE_SEED` / `MACVHOST_HOSTILE_SECS`.
 
 use std::fs::File;
 use std::io::{self, IoSlice, Read, Write};
@@ -119,6 +123,18 @@ impl Proc {
         let t0 = self.cpu_ticks();
         std::thread::sleep(window);
         self.cpu_ticks().saturating_sub(t0)
+    }
+
+    /// Whether the process has exited (a zombie, or gone): a child killed by SIGSYS is a
+    /// zombie until its parent waits for it.
+    pub fn exited(self) -> bool {
+        match std::fs::read_to_string(format!("/proc/{}/stat", self.0)) {
+            Ok(s) => s
+                .rsplit_once(')')
+                .and_then(|(_, r)| r.split_whitespace().next())
+                .is_some_and(|state| state == "Z" || state == "X"),
+            Err(_) => true,
+        }
     }
 }
 
@@ -794,6 +810,11 @@ pub fn fuzz(target: &Target<'_>, cfg: FuzzConfig) -> FuzzReport {
         r.connections = n;
         r.messages += messages;
         r.closed_by_target += u64::from(closed);
+        // A sealed target that made a syscall outside its allowlist is dead (SIGSYS), and
+        // every frontend with it: say so rather than "not served".
+        if p.exited() {
+            fail(n, format!("the target process {} died", p.0));
+        }
         match probe(&target.socket, SERVE_BOUND) {
             Ok(t) => r.slowest_probe = r.slowest_probe.max(t),
             Err(e) => fail(n, format!("the next frontend was not served: {e}")),
@@ -837,6 +858,78 @@ pub fn fuzz(target: &Target<'_>, cfg: FuzzConfig) -> FuzzReport {
         );
     }
     r
+}
+
+impl std::fmt::Display for FuzzReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} connections ({} ended by macvhost), {} messages; fds {} at the start, {} at most \
+             after a connection; RSS {} → {} KiB (max {}); slowest next-frontend probe {:?}; \
+             most idle CPU {} ticks / 200 ms; RSS trend {:?} KiB",
+            self.connections,
+            self.closed_by_target,
+            self.messages,
+            self.fds_baseline,
+            self.fds_max,
+            self.rss_start_kib,
+            self.rss_end_kib,
+            self.rss_max_kib,
+            self.slowest_probe,
+            self.idle_ticks_max,
+            self.rss_trend_kib
+        )
+    }
+}
+
+/// The seed every bounded run plays first.
+pub const FIXED_SEED: u64 = 0x15_15_15;
+
+/// `name` from the environment, decimal or `0x` hex.
+pub fn env_u64(name: &str) -> Option<u64> {
+    let v = std::env::var(name).ok()?;
+    match v.strip_prefix("0x") {
+        Some(hex) => u64::from_str_radix(hex, 16).ok(),
+        None => v.parse().ok(),
+    }
+}
+
+fn random_seed() -> u64 {
+    let mut b = [0u8; 8];
+    File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut b))
+        .expect("read /dev/urandom");
+    u64::from_ne_bytes(b)
+}
+
+/// [`fuzz`] as the tests run it: [`FIXED_SEED`] then a random seed, or only
+/// `MACVHOST_HOSTILE_SEED` when set; each for `MACVHOST_HOSTILE_SECS` seconds, `default_secs`
+/// when unset. Each seed is printed before its run (a failure can be replayed) and the report
+/// after it; `what` names the target in those lines. Panics as [`fuzz`] does, and when a run
+/// played no connection.
+pub fn fuzz_from_env(target: &Target<'_>, what: &str, default_secs: u64) -> Vec<FuzzReport> {
+    let secs = env_u64("MACVHOST_HOSTILE_SECS").unwrap_or(default_secs);
+    let seeds = match env_u64("MACVHOST_HOSTILE_SEED") {
+        Some(s) => vec![s],
+        None => vec![FIXED_SEED, random_seed()],
+    };
+    let mut reports = Vec::new();
+    for seed in seeds {
+        println!(
+            "hostile fuzz, {what}: seed {seed:#x}, {secs} s (MACVHOST_HOSTILE_SEED={seed:#x})"
+        );
+        let r = fuzz(
+            target,
+            FuzzConfig {
+                seed,
+                duration: Duration::from_secs(secs),
+            },
+        );
+        println!("hostile fuzz, {what}: seed {seed:#x}: {r}");
+        assert!(r.connections > 0, "seed {seed:#x}: no connection played");
+        reports.push(r);
+    }
+    reports
 }
 
 /// Plays one connection; returns (messages sent, whether the target ended it, what the

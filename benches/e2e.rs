@@ -853,11 +853,7 @@ fn start_macvhost_testpmd(ctx: &Ctx<'_>, tag: &str, extra: &[String]) -> Procs {
         .iter()
         .map(|q| inheritable_dup(q.as_raw_fd()))
         .collect();
-    let fdlist = dups
-        .iter()
-        .map(|d| d.as_raw_fd().to_string())
-        .collect::<Vec<_>>()
-        .join(",");
+    let fdlist = macvhost::testkit::fd_list(&dups);
     let q = ctx.queues.len().to_string();
     let mvh_log = dir.join(format!("{tag}.mvh.log"));
     let (bin, extra) = match extra.first().and_then(|a| a.strip_prefix('@')) {

@@ -24,7 +24,12 @@ mod binary {
 
     const TAP: &str = "hx0";
 
-    /// macvhost on a tap it creates, 2 queue pairs, in a fresh namespace.
+    /// The test's namespace and scratch directory.
+    fn scratch() -> (NetNs, tempfile::TempDir) {
+        (NetNs::new("sbx"), tempfile::tempdir().unwrap())
+    }
+
+    /// macvhost on a tap it creates, 2 queue pairs, in the test's namespace.
     fn spawn(ns: &NetNs, dir: &std::path::Path, name: &str) -> Daemon {
         Daemon::spawn_named(ns, dir, name, &["--tap", TAP, "--queues", "2"])
     }
@@ -95,8 +100,7 @@ mod binary {
     #[test]
     fn hostile_frontends_neither_kill_the_sealed_binary_nor_stop_it_serving() {
         require!(E2E);
-        let ns = NetNs::new("sbx");
-        let dir = tempfile::tempdir().unwrap();
+        let (ns, dir) = scratch();
         let mut m = spawn(&ns, dir.path(), "fuzz");
         let pid = m.pid();
         assert!(
@@ -137,8 +141,7 @@ mod binary {
     #[test]
     fn issue_15_sequences_leave_the_binary_flat_and_serving() {
         require!(E2E);
-        let ns = NetNs::new("sbx");
-        let dir = tempfile::tempdir().unwrap();
+        let (ns, dir) = scratch();
         let mut m = spawn(&ns, dir.path(), "flat");
         let p = Proc(m.pid());
         let set_link = |up: bool| {
@@ -215,8 +218,7 @@ mod binary {
     #[test]
     fn sigterm_ends_the_binary_within_2s_in_every_state() {
         require!(E2E);
-        let ns = NetNs::new("sbx");
-        let dir = tempfile::tempdir().unwrap();
+        let (ns, dir) = scratch();
         for state in [
             State::Idle,
             State::MidMessage,

@@ -756,7 +756,6 @@ fn sealed_daemon_with_a_binding_rate_limit_holds_traffic_to_it() {
 #[test]
 fn sealed_daemon_on_macvtap_queue_fds_it_was_given_passes_traffic() {
     require!(E2E);
-    use std::os::fd::AsRawFd;
     let (dir, ns, topo) = bridge_macvtap();
     let node = macvtap_node(&ns, &topo, dir.path());
     // Opened blocking and without O_CLOEXEC, as `3<>/dev/tapN` in a manager's shell: the
@@ -776,11 +775,7 @@ fn sealed_daemon_on_macvtap_queue_fds_it_was_given_passes_traffic() {
             f
         })
         .collect();
-    let list = fds
-        .iter()
-        .map(|f| f.as_raw_fd().to_string())
-        .collect::<Vec<_>>()
-        .join(",");
+    let list = macvhost::testkit::fd_list(&fds);
     let (mvh, pmd, peer) = sealed_forwarding(
         dir.path(),
         &ns,

@@ -128,6 +128,12 @@ pub fn is_root() -> bool {
     nix::unistd::geteuid().is_root()
 }
 
+/// The fds as a `--tap-fd` / `--fd` list: `3,4,5`.
+pub fn fd_list<F: std::os::fd::AsRawFd>(fds: &[F]) -> String {
+    let nums: Vec<String> = fds.iter().map(|f| f.as_raw_fd().to_string()).collect();
+    nums.join(",")
+}
+
 /// Finds an executable on `PATH`, then in the sbin directories (`ip` lives in `/usr/sbin`,
 /// which a non-root `PATH` may lack).
 pub fn which(prog: &str) -> Option<PathBuf> {

@@ -114,38 +114,169 @@ fn frame(len: usize, seed: u8) -> Vec<u8> {
 
 #[test]
 fn tx_allocates_nothing_per_frame() {
-    tx_no_alloc(TxScratch::new);
+    for size in [64, 1500, 65536] {
+        tx_no_alloc(&format!("TX {size} B"), TxScratch::new(), &[frame(size, 1)]);
+    }
 }
 
-fn tx_no_alloc(new_scratch: impl Fn() -> TxScratch) {
-    for size in [64, 1500, 65536] {
-        let mem = memory();
-        let mut ring = SplitRing::at(&mem, 0, 256).without_ledger();
-        fill::fill_tx(&mut ring, DATA, HDR, &frame(size, 1), 256);
-        let mut q = ring.create_queue_event_idx();
-        let host = FakeHostQueue::new();
-        let stats = QueueStats::default();
-        let mut scratch = new_scratch();
-        let opts = TxOptions {
-            hdr_len: HDR,
-            budget: BUDGET,
-        };
-        let mut sink = vec![0u8; 1 << 17];
-        let mut tally = Tally::default();
-        while !tally.done() {
-            let (out, n) = counted(|| process_tx(&mut q, &mem, &host, &stats, &mut scratch, &opts));
-            assert!(out.frames > 0 && !out.broken, "{out:?}");
-            tally.add(out.frames, n);
-            for _ in 0..out.frames {
-                assert_eq!(host.peer().recv(&mut sink).unwrap(), HDR + size);
-            }
-            ring.recycle();
+/// Sends the `frames` (each behind its vnet header, posted round-robin until the ring is full,
+/// then recycled as a guest does) through `process_tx` with `scratch` until [`FRAMES`] went
+/// out after the warm-up, and asserts no allocation.
+fn tx_no_alloc(what: &str, mut scratch: TxScratch, frames: &[Vec<u8>]) {
+    let mem = memory();
+    let mut ring = SplitRing::at(&mem, 0, 256).without_ledger();
+    // The host-side length of each posted chain, in ring order (the order they go out in).
+    let mut lens = Vec::new();
+    let mut addr = DATA;
+    for f in frames.iter().cycle() {
+        if fill::fill_tx(&mut ring, addr, HDR, f, 1) == 0 {
+            break;
         }
-        tally.assert_none(&format!("TX {size} B"));
-        let s = stats.snapshot();
-        assert_eq!(s.tx_frames, tally.frames as u64);
-        assert_eq!(s.tx_drop_host_error + s.tx_drop_bad_chain, 0, "{s:?}");
+        lens.push(f.len());
+        addr += fill::tx_footprint(f.len() - HDR);
     }
+    let mut q = ring.create_queue_event_idx();
+    let host = FakeHostQueue::new();
+    let stats = QueueStats::default();
+    let opts = TxOptions {
+        hdr_len: HDR,
+        budget: BUDGET,
+    };
+    let mut sink = vec![0u8; 1 << 17];
+    let mut tally = Tally::default();
+    while !tally.done() {
+        let (out, n) = counted(|| process_tx(&mut q, &mem, &host, &stats, &mut scratch, &opts));
+        assert!(out.frames > 0 && !out.broken, "{what}: {out:?}");
+        for k in tally.frames..tally.frames + out.frames {
+            assert_eq!(host.peer().recv(&mut sink).unwrap(), lens[k % lens.len()]);
+        }
+        tally.add(out.frames, n);
+        ring.recycle();
+    }
+    tally.assert_none(what);
+    let s = stats.snapshot();
+    assert_eq!(s.tx_frames, tally.frames as u64);
+    assert_eq!(
+        s.tx_drop_host_error + s.tx_drop_bad_chain,
+        0,
+        "{what}: {s:?}"
+    );
+}
+
+/// The same TX path with the multicast watch installed as a connection installs it
+/// ([`GuestL2::watch`](macvhost::worker::l2::GuestL2::watch)): every frame's MACs are read,
+/// multicast frames copied, parsed and learned into the real membership table, and each diff
+/// applied to a recording filter sink. The guest sends unicast (small, full-size, GSO-sized,
+/// one from a MAC not its own) mixed with IGMPv2/v3 and MLDv1/v2 joins and leaves, more groups
+/// than the cap (refusals and allmulticast), so every cycle adds and removes groups.
+#[cfg(feature = "test-utils")]
+#[test]
+fn tx_with_the_multicast_watch_allocates_nothing_per_frame() {
+    use std::sync::{Arc, Mutex};
+
+    use macvhost::datapath::mcast::frames::{self, Record};
+    use macvhost::datapath::mcast::{Diff, TableConfig};
+    use macvhost::datapath::tx::SharedMac;
+    use macvhost::host::mcfilter::McFilterError;
+    use macvhost::worker::l2::{FilterSink, GuestL2, L2Stats};
+
+    /// What the macvtap's filter would hold, in room reserved up front (the sink runs inside
+    /// the counted datapath call).
+    #[derive(Debug)]
+    struct Recording {
+        macs: Vec<[u8; 6]>,
+        allmulti: bool,
+        applied: usize,
+    }
+
+    impl FilterSink for Recording {
+        fn apply(&mut self, diff: &Diff) -> Result<(), McFilterError> {
+            self.macs.retain(|m| !diff.remove.contains(m));
+            for m in &diff.add {
+                assert!(!self.macs.contains(m), "added twice: {m:02x?}");
+                assert!(self.macs.len() < self.macs.capacity(), "past the cap");
+                self.macs.push(*m);
+            }
+            if let Some(on) = diff.allmulti {
+                self.allmulti = on;
+            }
+            self.applied += 1;
+            Ok(())
+        }
+    }
+
+    let cap = 8;
+    let filter = Arc::new(Mutex::new(Recording {
+        macs: Vec::with_capacity(cap),
+        allmulti: false,
+        applied: 0,
+    }));
+    let stats = Arc::new(L2Stats::default());
+    let l2 = GuestL2::new(
+        TableConfig {
+            max_groups: cap,
+            ..TableConfig::default()
+        },
+        Some(filter.clone()),
+        Arc::new(SharedMac::new(frames::GUEST_MAC)),
+        stats.clone(),
+    )
+    .unwrap();
+    let mut scratch = TxScratch::new();
+    scratch.set_watch(Some(l2.watch()));
+
+    // IGMPv3 CHANGE_TO_EXCLUDE({}) joins / CHANGE_TO_INCLUDE({}) leaves (RFC 3376 4.2.12).
+    let (to_ex, to_in) = (4, 3);
+    let v4 = |i: u8| frames::v4(239, 9, 0, i);
+    let v6 = |i: u16| frames::v6(&format!("ff05::9:{i:x}"));
+    let igmpv3 = |t, groups: &[u8]| {
+        let recs: Vec<Record> = groups.iter().map(|&g| Record::new(t, v4(g), 0)).collect();
+        frames::igmpv3_report(&recs, None)
+    };
+    let mldv2 = |t, groups: &[u16]| {
+        let recs: Vec<Record> = groups.iter().map(|&g| Record::new(t, v6(g), 0)).collect();
+        frames::mldv2_report(&recs, true, None)
+    };
+    let mut foreign = frames::unicast_udp(1514);
+    foreign[6..12].copy_from_slice(&[0x02, 0x6d, 0x76, 0x68, 0xee, 0xee]);
+    let mix = [
+        frames::unicast_udp(1514),
+        igmpv3(to_ex, &[1, 2, 3, 4]),
+        frames::unicast_udp(64),
+        mldv2(to_ex, &[1, 2, 3, 4, 5]),
+        frames::unicast_udp(1514),
+        frames::igmp_v2(0x16, v4(10), None),
+        frames::mld_v1(131, v6(10), None),
+        frames::unicast_udp(9000),
+        frames::igmp_v2(0x17, v4(10), None),
+        foreign,
+        frames::mld_v1(132, v6(10), None),
+        igmpv3(to_in, &[2, 4]),
+        mldv2(to_in, &[1, 3, 5]),
+        frames::unicast_udp(65536),
+    ];
+    let mix: Vec<Vec<u8>> = mix
+        .into_iter()
+        .map(|f| [vec![0u8; HDR], f].concat())
+        .collect();
+    tx_no_alloc("TX with the multicast watch", scratch, &mix);
+
+    let l2s = stats.snapshot();
+    let t = l2s.table;
+    let rec = filter.lock().unwrap();
+    assert_eq!(t.malformed, 0, "{l2s:?}");
+    assert!(
+        t.reports > (WARMUP + FRAMES) as u64 / 3 && t.joins > 0 && t.leaves > 0,
+        "{l2s:?}"
+    );
+    assert!(
+        t.refused_joins > 0 && t.overflows >= 1 && rec.allmulti,
+        "{l2s:?}"
+    );
+    assert_eq!(l2s.guest_mac_changes_seen, 1, "{l2s:?}");
+    // The filter holds what the table holds.
+    assert_eq!(rec.macs.len(), l2.groups(), "{rec:?}");
+    assert!(rec.applied > 1000, "{rec:?}");
 }
 
 /// (name, MRG_RXBUF, max frame, buffer length, descriptors per chain, queue size, sizes)

@@ -72,9 +72,9 @@
 //!   querier; in IGMPv2/MLDv1 mode a guest also suppresses its report when it hears another
 //!   host's. So the caller must send its own general query toward the guest
 //!   ([`igmpv3_general_query`], [`mldv2_general_query`], on virtio RX only, never on the wire)
-//!   at connection start (memberships come back within the 10 s response time, not minutes)
-//!   and every [`QUERY_INTERVAL`]. Other hosts answer the link's querier, not ours, so the
-//!   guest's answer to ours is not suppressed.
+//!   at connection start (with a 1 s max response: memberships come back in about a second,
+//!   not minutes) and every [`QUERY_INTERVAL`] (10 s max response). Other hosts answer the
+//!   link's querier, not ours, so the guest's answer to ours is not suppressed.
 //! - Cap: a join past the cap is refused (counted) and the table goes to allmulticast, reported
 //!   once in the diff. It leaves allmulticast when the group count is below the cap and no join
 //!   was refused for `overflow_hold` (default: `max_age`): by then every group the guest still
@@ -103,8 +103,12 @@ pub const MAX_GROUPS_LIMIT: usize = 65_536;
 pub const ROBUSTNESS: u8 = 2;
 /// Query interval (RFC 3376 §8.2, RFC 3810 §9.2).
 pub const QUERY_INTERVAL: Duration = Duration::from_secs(125);
-/// Query response interval: the max response time our queries carry.
+/// Query response interval: the max response time our periodic queries carry.
 pub const QUERY_RESPONSE_INTERVAL: Duration = Duration::from_secs(10);
+/// The max response time of the first query after a frontend connects: the guest's groups are
+/// back on the macvtap about a second after a restart or a take-over, not up to 10 s (a querier
+/// picks its max response time, RFC 3376 §8.3; the guest only spreads its reports less).
+pub const STARTUP_QUERY_RESPONSE_INTERVAL: Duration = Duration::from_secs(1);
 /// Group membership interval = robustness × query interval + query response interval (260 s).
 pub const DEFAULT_MEMBERSHIP_TIMEOUT: Duration = Duration::from_secs(
     ROBUSTNESS as u64 * QUERY_INTERVAL.as_secs() + QUERY_RESPONSE_INTERVAL.as_secs(),
@@ -716,27 +720,66 @@ pub const IGMPV3_QUERY_FRAME_LEN: usize = ETH_HLEN + 24 + 12;
 /// Length of [`mldv2_general_query`]'s frame.
 pub const MLDV2_QUERY_FRAME_LEN: usize = ETH_HLEN + 40 + 8 + 28;
 
+/// Which general query: the first after a frontend connects ([`QueryRound::Startup`], max
+/// response [`STARTUP_QUERY_RESPONSE_INTERVAL`]) or a periodic one ([`QueryRound::Periodic`],
+/// [`QUERY_RESPONSE_INTERVAL`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QueryRound {
+    /// Right after a frontend connected: memberships back fast.
+    Startup,
+    /// Every [`QUERY_INTERVAL`]: reports spread over the response interval.
+    Periodic,
+}
+
+impl QueryRound {
+    /// IGMPv3 Max Resp Code (RFC 3376 §4.1.1): deciseconds, exact below 128.
+    fn igmp_code(self) -> u8 {
+        match self {
+            QueryRound::Startup => STARTUP_MAX_RESP_DECISECONDS,
+            QueryRound::Periodic => QUERY_MAX_RESP_DECISECONDS,
+        }
+    }
+
+    /// MLDv2 Maximum Response Code (RFC 3810 §5.1.3): milliseconds, exact below 32768.
+    fn mld_code(self) -> u16 {
+        match self {
+            QueryRound::Startup => STARTUP_MAX_RESP_MS,
+            QueryRound::Periodic => QUERY_MAX_RESP_MS,
+        }
+    }
+}
+
 /// Max Resp Code / QQIC encoding (RFC 3376 §4.1.1): values below 128 are exact. The casts keep
 /// every bit: the assertion below holds the values under 128.
 #[allow(clippy::cast_possible_truncation)]
 const QUERY_MAX_RESP_DECISECONDS: u8 = (QUERY_RESPONSE_INTERVAL.as_millis() / 100) as u8;
+#[allow(clippy::cast_possible_truncation)]
+const STARTUP_MAX_RESP_DECISECONDS: u8 = (STARTUP_QUERY_RESPONSE_INTERVAL.as_millis() / 100) as u8;
 #[allow(clippy::cast_possible_truncation)]
 const QQIC_SECONDS: u8 = QUERY_INTERVAL.as_secs() as u8;
 /// MLDv2 Maximum Response Code (RFC 3810 §5.1.3): milliseconds, exact below 32768 (asserted
 /// below, so the cast keeps every bit).
 #[allow(clippy::cast_possible_truncation)]
 const QUERY_MAX_RESP_MS: u16 = QUERY_RESPONSE_INTERVAL.as_millis() as u16;
+#[allow(clippy::cast_possible_truncation)]
+const STARTUP_MAX_RESP_MS: u16 = STARTUP_QUERY_RESPONSE_INTERVAL.as_millis() as u16;
 const _: () = assert!(
     QUERY_MAX_RESP_DECISECONDS < 128
+        && STARTUP_QUERY_RESPONSE_INTERVAL.as_millis() < QUERY_RESPONSE_INTERVAL.as_millis()
         && QQIC_SECONDS < 128
         && QUERY_RESPONSE_INTERVAL.as_millis() < 32768
         && ROBUSTNESS < 8
 );
 
-/// An IGMPv3 general query (to 224.0.0.1, TTL 1, Router Alert, max response 10 s, QRV 2,
-/// QQIC 125 s) from `src_mac` / `src_ip` (0.0.0.0 is fine: RFC 4541 §2.1.1 queriers use it and
-/// Linux accepts it for IGMP), for the guest's RX queue. Guests in IGMPv2 mode answer it too.
-pub fn igmpv3_general_query(src_mac: [u8; 6], src_ip: [u8; 4]) -> [u8; IGMPV3_QUERY_FRAME_LEN] {
+/// An IGMPv3 general query (to 224.0.0.1, TTL 1, Router Alert, max response as `round` says,
+/// QRV 2, QQIC 125 s) from `src_mac` / `src_ip` (0.0.0.0 is fine: RFC 4541 §2.1.1 queriers use
+/// it and Linux accepts it for IGMP), for the guest's RX queue. Guests in IGMPv2 mode answer it
+/// too.
+pub fn igmpv3_general_query(
+    src_mac: [u8; 6],
+    src_ip: [u8; 4],
+    round: QueryRound,
+) -> [u8; IGMPV3_QUERY_FRAME_LEN] {
     let mut f = [0u8; IGMPV3_QUERY_FRAME_LEN];
     let group = GroupAddr::V4([224, 0, 0, 1]);
     f[..6].copy_from_slice(&group.mac());
@@ -755,7 +798,7 @@ pub fn igmpv3_general_query(src_mac: [u8; 6], src_ip: [u8; 4]) -> [u8; IGMPV3_QU
     ip[10..12].copy_from_slice(&c.to_be_bytes());
     let q = &mut f[ETH_HLEN + 24..];
     q[0] = IGMP_QUERY;
-    q[1] = QUERY_MAX_RESP_DECISECONDS;
+    q[1] = round.igmp_code();
     // Group 0.0.0.0 (general), S = 0, QRV, QQIC, no sources.
     q[8] = ROBUSTNESS;
     q[9] = QQIC_SECONDS;
@@ -780,11 +823,11 @@ pub fn link_local_of(mac: [u8; 6]) -> [u8; 16] {
     a
 }
 
-/// An MLDv2 general query (to ff02::1, hop limit 1, hop-by-hop Router Alert 0, max response
-/// 10 s, QRV 2, QQIC 125 s) from `src_mac` and its link-local address: RFC 3810 §6.2 makes
+/// An MLDv2 general query (to ff02::1, hop limit 1, hop-by-hop Router Alert 0, max response as
+/// `round` says, QRV 2, QQIC 125 s) from `src_mac` and its link-local address: RFC 3810 §6.2 makes
 /// hosts drop queries without a link-local source, hop limit 1 and the Router Alert, and Linux
 /// does. `src_mac` must not be the guest's own MAC.
-pub fn mldv2_general_query(src_mac: [u8; 6]) -> [u8; MLDV2_QUERY_FRAME_LEN] {
+pub fn mldv2_general_query(src_mac: [u8; 6], round: QueryRound) -> [u8; MLDV2_QUERY_FRAME_LEN] {
     let mut f = [0u8; MLDV2_QUERY_FRAME_LEN];
     let all_nodes = [0xff, 0x02, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
     f[..6].copy_from_slice(&GroupAddr::V6(all_nodes).mac());
@@ -804,7 +847,7 @@ pub fn mldv2_general_query(src_mac: [u8; 6]) -> [u8; MLDV2_QUERY_FRAME_LEN] {
     f[ETH_HLEN + 40..ETH_HLEN + 48].copy_from_slice(&[IPPROTO_ICMPV6, 0, 5, 2, 0, 0, 1, 0]);
     let q = &mut f[ETH_HLEN + 48..];
     q[0] = MLD_QUERY;
-    q[4..6].copy_from_slice(&QUERY_MAX_RESP_MS.to_be_bytes());
+    q[4..6].copy_from_slice(&round.mld_code().to_be_bytes());
     // Multicast address :: (general), S = 0, QRV, QQIC, no sources.
     q[24] = ROBUSTNESS;
     q[25] = QQIC_SECONDS;

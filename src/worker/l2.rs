@@ -20,7 +20,7 @@ use nix::sys::eventfd::{EfdFlags, EventFd};
 use serde::Serialize;
 
 use crate::datapath::mcast::{
-    self, Diff, McastCounters, MembershipTable, TableConfig, IGMPV3_QUERY_FRAME_LEN,
+    self, Diff, McastCounters, MembershipTable, QueryRound, TableConfig, IGMPV3_QUERY_FRAME_LEN,
     MLDV2_QUERY_FRAME_LEN,
 };
 use crate::datapath::tx::{SharedMac, TxWatch};
@@ -283,7 +283,9 @@ impl std::fmt::Debug for L2Host {
 }
 
 /// When the first query goes out after a connection starts: the guest's driver is up by then
-/// on any frontend we know, and its memberships come back within the query's 10 s response time.
+/// on any frontend we know. That query asks for answers within
+/// [`mcast::STARTUP_QUERY_RESPONSE_INTERVAL`] (1 s), so the guest's memberships are back about
+/// 2 s after a restart or a take-over; the periodic ones within 10 s.
 pub const FIRST_QUERY_AFTER: Duration = Duration::from_secs(1);
 
 struct Inner {
@@ -402,10 +404,16 @@ impl GuestL2 {
             table.expire(now, diff);
         }
         if now >= inner.next_query {
+            let round = if inner.next_query == FIRST_QUERY_AFTER {
+                QueryRound::Startup
+            } else {
+                QueryRound::Periodic
+            };
             inner.next_query = now + mcast::QUERY_INTERVAL;
             let igmp: [u8; IGMPV3_QUERY_FRAME_LEN] =
-                mcast::igmpv3_general_query(self.querier_mac, [0; 4]);
-            let mld: [u8; MLDV2_QUERY_FRAME_LEN] = mcast::mldv2_general_query(self.querier_mac);
+                mcast::igmpv3_general_query(self.querier_mac, [0; 4], round);
+            let mld: [u8; MLDV2_QUERY_FRAME_LEN] =
+                mcast::mldv2_general_query(self.querier_mac, round);
             for q in [&igmp[..], &mld[..]] {
                 if self.injector.push(q) {
                     self.stats.queries_sent.fetch_add(1, Ordering::Relaxed);
@@ -747,7 +755,7 @@ mod tests {
     }
 
     #[test]
-    fn the_first_tick_after_a_second_queues_both_general_queries() {
+    fn the_first_tick_after_a_second_queues_both_general_queries_with_a_short_response_time() {
         let (l2, _, stats) = setup();
         l2.tick();
         assert!(
@@ -759,8 +767,15 @@ mod tests {
         assert_eq!(stats.snapshot().queries_sent, 2);
         let igmp = l2.injector.pop().unwrap();
         let mld = l2.injector.pop().unwrap();
-        assert_eq!(igmp.len(), IGMPV3_QUERY_FRAME_LEN);
-        assert_eq!(mld.len(), MLDV2_QUERY_FRAME_LEN);
+        assert_eq!(
+            igmp[..],
+            mcast::igmpv3_general_query(l2.querier_mac, [0; 4], QueryRound::Startup)[..],
+            "the first round asks for answers within 1 s"
+        );
+        assert_eq!(
+            mld[..],
+            mcast::mldv2_general_query(l2.querier_mac, QueryRound::Startup)[..]
+        );
         assert_ne!(
             &igmp[6..12],
             &[0x52, 0x54, 0, 1, 2, 3],

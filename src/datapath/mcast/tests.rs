@@ -737,7 +737,14 @@ fn node_local_ipv6_groups_are_ignored() {
 #[test]
 fn igmpv3_general_query_is_a_valid_query() {
     let src = [0x02, 0, 0, 0, 0, 0x51];
-    let f = igmpv3_general_query(src, [0, 0, 0, 0]);
+    let f = igmpv3_general_query(src, [0, 0, 0, 0], QueryRound::Periodic);
+    let startup = igmpv3_general_query(src, [0, 0, 0, 0], QueryRound::Startup);
+    assert_eq!(startup[IGMP + 1], 10, "startup max response 1 s");
+    assert_eq!(
+        fold(sum16(&startup[IGMP..], 0)),
+        0xffff,
+        "startup IGMP checksum"
+    );
     assert_eq!(parse(&f).0, Verdict::Query);
     assert_eq!(f[..6], [0x01, 0, 0x5e, 0, 0, 1]);
     assert_eq!(f[6..12], src);
@@ -758,7 +765,14 @@ fn igmpv3_general_query_is_a_valid_query() {
 #[test]
 fn mldv2_general_query_is_a_valid_query() {
     let src = [0x02, 0, 0, 0, 0, 0x51];
-    let f = mldv2_general_query(src);
+    let f = mldv2_general_query(src, QueryRound::Periodic);
+    let startup = mldv2_general_query(src, QueryRound::Startup);
+    assert_eq!(
+        startup[MLD + 4..MLD + 6],
+        1000u16.to_be_bytes(),
+        "startup max response 1 s"
+    );
+    assert_eq!(parse(&startup).0, Verdict::Query, "startup query checksum");
     assert_eq!(parse(&f).0, Verdict::Query);
     assert_eq!(f[..6], [0x33, 0x33, 0, 0, 0, 1]);
     let ip = &f[L3..L3 + 40];

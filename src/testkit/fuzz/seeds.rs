@@ -84,12 +84,19 @@ fn mcast() -> Vec<(&'static str, Vec<u8>)> {
     raw(
         &mut e,
         0,
-        &crate::datapath::mcast::igmpv3_general_query([2, 0, 0, 0, 0, 1], [0; 4]),
+        &crate::datapath::mcast::igmpv3_general_query(
+            [2, 0, 0, 0, 0, 1],
+            [0; 4],
+            crate::datapath::mcast::QueryRound::Periodic,
+        ),
     );
     raw(
         &mut e,
         0,
-        &crate::datapath::mcast::mldv2_general_query([2, 0, 0, 0, 0, 1]),
+        &crate::datapath::mcast::mldv2_general_query(
+            [2, 0, 0, 0, 0, 1],
+            crate::datapath::mcast::QueryRound::Periodic,
+        ),
     );
     raw(&mut e, 0, &frames::unicast_udp(64));
     out.push(("raw-queries-and-unicast", e.finish()));

@@ -16,7 +16,7 @@
 //! | 2 | [`control`] | the stats control socket and the Prometheus endpoint | worker, datapath |
 //! | 3 | [`vhost_user`] | one frontend connection ([`vhost_user::connection`]): the `VhostUserBackend` impl ([`vhost_user::backend`]: features, config space, dispatch), the message shim in front of vhost-user-backend ([`vhost_user::shim`]), the vring wrapper ([`vhost_user::vring`]) | worker, datapath, host, sandbox, ratelimit |
 //! | 4 | [`worker`] | one queue pair: its state machine ([`worker::state`]), rate limiters ([`worker::throttle`]), the guest's L2 filter ([`worker::l2`]), the calls into the datapath | datapath, host, ratelimit |
-//! | 5 | [`datapath`] | the frame path over `virtio-queue` + `vm-memory`, no vhost-user types; vnet header and offload table; IGMP/MLD learning ([`datapath::mcast`]); the dirty-page log | host |
+//! | 5 | [`datapath`] | the frame path over a `virtio-queue` `Queue`'s addresses + `vm-memory`, no vhost-user types (its own split-ring reader: avail ring, descriptor tables and used ring found once per call); vnet header and offload table; IGMP/MLD learning ([`datapath::mcast`]); the dirty-page log | host |
 //! | 6 | [`host`] | tap/macvtap queue fds, their ioctls, link facts, the multicast filter ([`host::mcfilter`]), rtnetlink: create, inspect, watch, delete ([`host::netlink`]) | — |
 //! | - | [`ratelimit`] | token buckets (pure leaf) | — |
 //! | - | [`takeover`] | `--take-over`: the listener and host queue fds handed from a running macvhost to its successor over the control socket (used by server and control) | systemd, host |
